@@ -1,0 +1,91 @@
+"""The ``sgw`` command: one sub-command group per area."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from sgw import __version__
+from sgw.common.errors import ConfigError, SgwError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a wrong flag in one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sgw", description="Storage gateway appliance.")
+    parser.add_argument("--version", action="version", version=f"sgw {__version__}")
+    areas = parser.add_subparsers(dest="area", required=True, parser_class=_Parser)
+
+    gateway = areas.add_parser("gateway", help="the gateway daemon on the appliance")
+    gcmds = gateway.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = gcmds.add_parser(
+        "serve",
+        help="run the gateway daemon",
+        description="Run the gateway: serve volumes over NBD from a durable write log.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve.add_argument("--data-dir", metavar="DIR", help="state directory (log, volume disks)")
+    serve.add_argument(
+        "--volume",
+        metavar="NAME:SIZE",
+        action="append",
+        help="a stored volume, e.g. vol0:10G (repeatable)",
+    )
+    serve.add_argument(
+        "--nbd",
+        metavar="ADDR",
+        action="append",
+        help="listen on unix:PATH or tcp:HOST:PORT (repeatable)",
+    )
+    serve.add_argument("--log-size", metavar="SIZE", help="write log size for a file (1G)")
+    serve.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sgw`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.area == "gateway" and args.command == "serve":
+            return _gateway_serve(args)
+    except ConfigError as exc:
+        print(f"sgw: error: {exc}", file=sys.stderr)
+        return 2
+    except SgwError as exc:
+        print(f"sgw: error: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _gateway_serve(args: argparse.Namespace) -> int:
+    from sgw.common.logs import setup_logging
+    from sgw.gateway import config as cfg
+    from sgw.gateway.daemon import serve
+
+    config = cfg.load(
+        args.config,
+        data_dir=args.data_dir,
+        volumes=args.volume,
+        nbd=args.nbd,
+        log_size=args.log_size,
+        log_level=args.log_level,
+    )
+    setup_logging(config.log_level)
+    try:
+        import uvloop
+
+        return int(uvloop.run(serve(config)))
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        import asyncio
+
+        return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

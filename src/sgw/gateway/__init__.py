@@ -1,0 +1,1 @@
+"""The gateway daemon that runs on the appliance."""

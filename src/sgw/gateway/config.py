@@ -1,0 +1,232 @@
+"""Gateway configuration: a TOML file and/or quick-start flags, validated into a dataclass.
+
+Example (every key optional except what a volume needs)::
+
+    data_dir = "/var/lib/sgw"
+    log_level = "info"
+
+    [write_log]
+    path = "/dev/disk/by-label/sgw-log"   # default: DATA_DIR/writelog
+    size = "1G"                           # for a file; a device is used whole
+
+    [destage]
+    start_fill = 0.05     # start destaging when the log is this full (0..1)
+    idle_seconds = 1.0    # ...or when it has been idle this long
+    batch = "32M"         # log bytes per destage batch
+
+    [nbd]
+    listen = ["unix:/run/sgw/nbd.sock", "tcp:127.0.0.1:10809"]
+
+    [[volumes]]
+    name = "vol0"
+    size = "10G"
+    path = "/dev/disk/by-label/sgw-vol0"  # default: DATA_DIR/volumes/NAME.img
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from sgw.common.errors import ConfigError
+from sgw.gateway.volume.engine import VolumeSpec
+from sgw.gateway.volume.wal import DATA_START, MIN_DATA_SIZE
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_SIZE = 1 << 30
+
+
+def parse_size(text: str | int, what: str) -> int:
+    """Parses ``4096``, ``512M``, ``10G``, ``1TiB`` (binary units) into bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _SIZE.match(str(text))
+        if not m:
+            raise ConfigError(f"{what}: {text!r} is not a size (examples: 4096, 512M, 10G)")
+        value = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise ConfigError(f"{what}: size must be positive, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Listener:
+    """An NBD listening address: ``unix:PATH`` or ``tcp:HOST:PORT``."""
+
+    kind: str
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Listener:
+        kind, _, rest = text.partition(":")
+        if kind == "unix" and rest:
+            return cls("unix", path=rest)
+        if kind == "tcp":
+            host, _, port = rest.rpartition(":")
+            host = host.strip("[]")
+            if host and port.isdigit() and 0 <= int(port) < 65536:
+                return cls("tcp", host=host, port=int(port))
+        raise ConfigError(
+            f"--nbd {text!r}: expected unix:PATH or tcp:HOST:PORT (e.g. tcp:127.0.0.1:10809)"
+        )
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DestageConfig:
+    """When and how much the destager moves from the log to the base stores."""
+
+    start_fill: float = 0.05  # fraction of the log that starts a destage
+    idle_seconds: float = 1.0  # or: seconds without writes with anything in the log
+    batch_bytes: int = 32 << 20  # log bytes per batch
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything ``sgw gateway serve`` needs."""
+
+    data_dir: str
+    volumes: tuple[VolumeSpec, ...]
+    listeners: tuple[Listener, ...]
+    log_path: str
+    log_size: int = DEFAULT_LOG_SIZE
+    destage: DestageConfig = field(default_factory=DestageConfig)
+    log_level: str = "info"
+
+
+def parse_volume_flag(text: str) -> tuple[str, int]:
+    """``NAME:SIZE`` from ``--volume``."""
+    name, sep, size = text.partition(":")
+    if not sep:
+        raise ConfigError(f"--volume {text!r}: expected NAME:SIZE, for example vol0:10G")
+    return _check_name(name), parse_size(size, f"--volume {name}")
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"volume name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-'"
+        )
+    return name
+
+
+def load(
+    config_file: str | None = None,
+    *,
+    data_dir: str | None = None,
+    volumes: list[str] | None = None,
+    nbd: list[str] | None = None,
+    log_size: str | None = None,
+    log_level: str | None = None,
+) -> GatewayConfig:
+    """Builds the configuration from a TOML file, then applies the flags on top."""
+    doc: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+    known = {"data_dir", "log_level", "write_log", "destage", "nbd", "volumes"}
+    for key in doc:
+        if key not in known:
+            raise ConfigError(f"config: unknown key {key!r} (known: {', '.join(sorted(known))})")
+
+    ddir = data_dir or doc.get("data_dir")
+    if not ddir or not isinstance(ddir, str):
+        raise ConfigError("no data directory: pass --data-dir DIR or set data_dir in the config")
+    ddir = os.path.abspath(ddir)
+
+    wl = _table(doc, "write_log", {"path", "size"})
+    log_path = str(wl.get("path") or os.path.join(ddir, "writelog"))
+    lsize = parse_size(log_size or wl.get("size", DEFAULT_LOG_SIZE), "write_log.size")
+    if lsize < MIN_DATA_SIZE + DATA_START:
+        raise ConfigError(
+            f"write_log.size: {lsize} bytes is too small; use at least "
+            f"{(MIN_DATA_SIZE + DATA_START + (1 << 20) - 1) >> 20}M"
+        )
+
+    ds = _table(doc, "destage", {"start_fill", "idle_seconds", "batch"})
+    destage = DestageConfig(
+        start_fill=_number(ds, "start_fill", 0.05, 0.0, 1.0),
+        idle_seconds=_number(ds, "idle_seconds", 1.0, 0.0, 86400.0),
+        batch_bytes=parse_size(ds.get("batch", 32 << 20), "destage.batch"),
+    )
+
+    specs: list[VolumeSpec] = []
+    raw_vols = doc.get("volumes", [])
+    if not isinstance(raw_vols, list):
+        raise ConfigError("config: volumes must be an array of tables ([[volumes]])")
+    for i, entry in enumerate(raw_vols):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config: volumes[{i}] must be a table")
+        extra = set(entry) - {"name", "size", "path"}
+        if extra:
+            raise ConfigError(f"config: volumes[{i}] has unknown key(s) {sorted(extra)}")
+        if "name" not in entry or "size" not in entry:
+            raise ConfigError(f"config: volumes[{i}] needs a name and a size")
+        name = _check_name(str(entry["name"]))
+        size = parse_size(entry["size"], f"volume {name} size")
+        path = str(entry.get("path") or os.path.join(ddir, "volumes", f"{name}.img"))
+        specs.append(VolumeSpec(name, size, path))
+    for text in volumes or []:
+        name, size = parse_volume_flag(text)
+        specs.append(VolumeSpec(name, size, os.path.join(ddir, "volumes", f"{name}.img")))
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise ConfigError(f"volume {spec.name} is configured twice")
+        if spec.size % 4096:
+            raise ConfigError(f"volume {spec.name}: size {spec.size} is not a multiple of 4 KiB")
+        seen.add(spec.name)
+    if not specs:
+        raise ConfigError("no volumes: pass --volume NAME:SIZE or add [[volumes]] to the config")
+
+    nbd_table = _table(doc, "nbd", {"listen"})
+    addrs = list(nbd_table.get("listen", [])) + list(nbd or [])
+    if not addrs:
+        addrs = [f"unix:{os.path.join(ddir, 'nbd.sock')}"]
+    listeners = tuple(Listener.parse(str(a)) for a in addrs)
+
+    level = str(log_level or doc.get("log_level", "info")).lower()
+    if level not in _LEVELS:
+        raise ConfigError(f"log_level {level!r} is not one of {', '.join(_LEVELS)}")
+    return GatewayConfig(
+        data_dir=ddir,
+        volumes=tuple(specs),
+        listeners=listeners,
+        log_path=log_path,
+        log_size=lsize,
+        destage=destage,
+        log_level=level,
+    )
+
+
+def _table(doc: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"config: [{key}] must be a table")
+    extra = set(value) - allowed
+    if extra:
+        raise ConfigError(f"config: [{key}] has unknown key(s) {sorted(extra)}")
+    return value
+
+
+def _number(table: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ConfigError(f"destage.{key}: {value!r} must be a number from {lo} to {hi}")
+    return float(value)

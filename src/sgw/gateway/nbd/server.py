@@ -1,0 +1,528 @@
+"""The NBD server: listeners on unix and TCP sockets, one protocol object per connection.
+
+Requests are handled inline on the event loop as they are parsed (reads and log appends
+hit the page cache), replies produced while handling one received batch leave in one
+``writelines``; only FLUSH and FUA wait, for the log's group commit. Payloads are received
+straight into their final buffer. A full log stalls the connection (reading paused) until
+the destager frees space: writers slow down, they do not fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any, cast
+
+from sgw.common.errors import SgwError
+from sgw.gateway.nbd import protocol as p
+from sgw.gateway.nbd.negotiation import ExportInfo, Negotiation, greeting
+from sgw.gateway.volume.engine import VolumeEngine
+from sgw.gateway.volume.volume import Volume
+
+LOG = logging.getLogger(__name__)
+
+# Receive buffer: holds many small requests per read; large payloads bypass it.
+RECV_BUFFER = 512 * 1024
+# A request with no more than this left to receive is finished in the shared buffer.
+_REQ = p.REQUEST.size
+_WRITE_FLAGS = p.CMD_FLAG_FUA
+_ZERO_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO
+_READ_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_DF
+_STATUS_FLAGS = p.CMD_FLAG_REQ_ONE
+_simple = p.SIMPLE_REPLY.pack
+_structured = p.STRUCTURED_REPLY.pack
+_u64 = struct.Struct(">Q").pack
+
+
+class NbdServer:
+    """Serves the engine's volumes as NBD exports."""
+
+    def __init__(
+        self,
+        engine: VolumeEngine,
+        *,
+        default_export: str | None = None,
+        on_write: Callable[[], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.default_export = default_export or next(iter(engine.volumes), None)
+        self.on_write = on_write or (lambda: None)
+        self.connections: set[NbdConnection] = set()
+        self.servers: list[asyncio.Server] = []
+        self.shutting_down = False
+        self.requests = 0
+
+    # -- exports ----------------------------------------------------------------------
+
+    def volume(self, name: str) -> Volume | None:
+        """The volume an export name refers to; "" is the default export."""
+        if name == "" and self.default_export is not None:
+            name = self.default_export
+        return self.engine.volumes.get(name)
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        vol = self.volume(name)
+        if vol is None:
+            return None
+        return ExportInfo(vol.name, vol.size, f"sgw volume {vol.name}")
+
+    def listing(self) -> list[ExportInfo]:
+        return [ExportInfo(v.name, v.size, f"sgw volume {v.name}") for v in self.engine.volumes.values()]
+
+    # -- listeners --------------------------------------------------------------------
+
+    async def listen_unix(self, path: str) -> None:
+        """Listens on a unix socket (replacing a stale socket file)."""
+        if os.path.exists(path):
+            os.unlink(path)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: NbdConnection(self), path)
+        os.chmod(path, 0o660)
+        self.servers.append(server)
+        LOG.info("nbd listening", extra={"address": f"unix:{path}"})
+
+    async def listen_tcp(self, host: str, port: int) -> int:
+        """Listens on TCP; returns the port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: NbdConnection(self), host, port)
+        self.servers.append(server)
+        bound = int(server.sockets[0].getsockname()[1])
+        LOG.info("nbd listening", extra={"address": f"tcp:{host}:{bound}"})
+        return bound
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stops accepting, lets every connection finish the requests it received, closes."""
+        self.shutting_down = True
+        for server in self.servers:
+            server.close()
+        conns = list(self.connections)
+        for conn in conns:
+            conn.drain_and_close()
+        waiters = [conn.closed for conn in conns]
+        if waiters:
+            _, pending = await asyncio.wait(waiters, timeout=timeout)
+            for conn in conns:
+                if not conn.closed.done():
+                    conn.abort("shutdown timeout")
+        for server in self.servers:
+            await server.wait_closed()
+
+
+class NbdConnection(asyncio.BufferedProtocol):
+    """One client connection: handshake, then transmission."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.log = server.engine.log
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._transport: asyncio.Transport | None = None
+        self._negotiation: Negotiation | None = Negotiation(
+            server.lookup, server.listing, lambda: server.shutting_down
+        )
+        self._volume: Volume | None = None
+        self._structured = False
+        self._contexts: dict[int, str] = {}
+        # A WRITE whose payload is being received into its own buffer.
+        self._payload: bytearray | None = None
+        self._payload_view: memoryview | None = None
+        self._payload_got = 0
+        self._payload_req: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._stalled = False
+        self._write_paused = False
+        self._draining = False
+        self._inflight = 0
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stall_resume: Callable[[], None] = lambda: None
+        self.peer = ""
+
+    # -- asyncio protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        if self.server.shutting_down:
+            transport.close()
+            return
+        self._transport.write(greeting())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self._transport = None
+        self._payload = self._payload_view = None  # a half-received write is never applied
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._payload_view is not None:
+            return self._payload_view[self._payload_got :]
+        if self._end == len(self._buf):
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._payload_view is not None:
+            self._payload_got += nbytes
+            if self._payload_got < len(self._payload_view):
+                return
+            payload, flags, cookie, offset = self._payload, *self._payload_req[:3]
+            self._payload = self._payload_view = None
+            self._out_begin()
+            assert payload is not None
+            self._write(flags, cookie, offset, payload)
+            self._out_flush()
+            if not self._stalled:
+                self._process()
+            return
+        self._end += nbytes
+        self._process()
+
+    def _compact(self) -> None:
+        n = self._end - self._start
+        if self._start:
+            self._buf[:n] = self._buf[self._start : self._end]
+        self._start, self._end = 0, n
+
+    # -- reading control -------------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        t = self._transport
+        if t is None or t.is_closing():
+            return
+        if self._stalled or self._write_paused or self._draining:
+            t.pause_reading()
+        else:
+            t.resume_reading()
+
+    def abort(self, reason: str) -> None:
+        """Drops the connection at once (protocol violation, shutdown timeout)."""
+        LOG.warning("nbd connection dropped", extra={"peer": self.peer, "reason": reason})
+        if self._transport is not None:
+            self._transport.abort()
+
+    def drain_and_close(self) -> None:
+        """Stops reading; closes once the requests already received have been answered."""
+        self._draining = True
+        self._update_reading()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._draining and not self._inflight and not self._stalled:
+            if self._transport is not None:
+                self._transport.close()
+
+    # -- output ----------------------------------------------------------------------
+
+    def _out_begin(self) -> None:
+        self._out = []
+
+    def _out_flush(self) -> None:
+        if self._out and self._transport is not None:
+            self._transport.writelines(self._out)
+        self._out = []
+
+    def _send_now(self, *parts: bytes | bytearray | memoryview) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(parts)
+
+    # -- parsing -------------------------------------------------------------------
+
+    def _process(self) -> None:
+        self._out_begin()
+        try:
+            if self._negotiation is not None:
+                self._handshake()
+            if self._volume is not None:
+                self._transmission()
+        finally:
+            self._out_flush()
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._maybe_close()
+
+    def _handshake(self) -> None:
+        neg = self._negotiation
+        assert neg is not None
+        used = neg.feed(self._view[self._start : self._end])
+        self._start += used
+        self._out.extend(neg.out)
+        neg.out.clear()
+        if neg.closed:
+            self._out_flush()
+            LOG.info("nbd handshake ended", extra={"peer": self.peer, "reason": neg.close_reason})
+            if self._transport is not None:
+                self._transport.close()
+            self._negotiation = None
+        elif neg.done:
+            assert neg.export is not None
+            self._volume = self.server.volume(neg.export.name)
+            self._structured = neg.structured
+            self._contexts = dict(neg.meta_contexts)
+            self._negotiation = None
+            LOG.info(
+                "nbd client connected",
+                extra={"peer": self.peer, "export": neg.export.name, "structured": neg.structured},
+            )
+
+    def _transmission(self) -> None:
+        buf, view = self._buf, self._view
+        pos, end = self._start, self._end
+        unpack = p.REQUEST.unpack_from
+        while not self._stalled and end - pos >= _REQ:
+            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            if magic != p.REQUEST_MAGIC:
+                self._start = pos
+                self.abort("bad request magic")
+                self._volume = None
+                return
+            if cmd == p.CMD_WRITE:
+                if length > p.MAX_PAYLOAD:
+                    self._start = pos
+                    self.abort(f"write of {length} bytes exceeds the {p.MAX_PAYLOAD} maximum")
+                    self._volume = None
+                    return
+                have = end - pos - _REQ
+                if have < length:
+                    payload = bytearray(length)
+                    payload[:have] = view[pos + _REQ : end]
+                    self._payload = payload
+                    self._payload_view = memoryview(payload)
+                    self._payload_got = have
+                    self._payload_req = (flags, cookie, offset, length)
+                    pos = end
+                    break
+                data = view[pos + _REQ : pos + _REQ + length]
+                pos += _REQ + length
+                self._write(flags, cookie, offset, data)
+                continue
+            pos += _REQ
+            self.server.requests += 1
+            if cmd == p.CMD_READ:
+                self._read(flags, cookie, offset, length)
+            elif cmd == p.CMD_FLUSH:
+                self._async(cookie, self.engine.flush())
+            elif cmd == p.CMD_WRITE_ZEROES or cmd == p.CMD_TRIM:
+                self._zero(cmd, flags, cookie, offset, length)
+            elif cmd == p.CMD_BLOCK_STATUS:
+                self._block_status(flags, cookie, offset, length)
+            elif cmd == p.CMD_DISC:
+                self._start = pos
+                self.drain_and_close()
+                self._volume = None
+                return
+            else:
+                self._error(cookie, p.EINVAL)
+        self._start, self._end = pos, end
+
+    # -- replies ------------------------------------------------------------------------
+
+    def _ok(self, cookie: int) -> None:
+        self._out.append(_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def _error(self, cookie: int, error: int, read: bool = False, message: str = "") -> None:
+        if read and self._structured:
+            msg = message.encode()[: p.MAX_STRING]
+            payload = struct.pack(">IH", error, len(msg)) + msg
+            self._out.append(
+                _structured(
+                    p.STRUCTURED_REPLY_MAGIC,
+                    p.REPLY_FLAG_DONE,
+                    p.REPLY_TYPE_ERROR,
+                    cookie,
+                    len(payload),
+                )
+                + payload
+            )
+        else:
+            self._out.append(_simple(p.SIMPLE_REPLY_MAGIC, error, cookie))
+
+    def _async(self, cookie: int, work: Any) -> None:
+        """Replies to ``cookie`` when ``work`` (a coroutine) is done; other requests go on."""
+        self._inflight += 1
+        task = asyncio.get_running_loop().create_task(work)
+        task.add_done_callback(lambda t: self._async_done(t, cookie))
+
+    def _async_done(self, task: asyncio.Task[None], cookie: int) -> None:
+        self._inflight -= 1
+        error = 0
+        if task.cancelled():
+            error = p.ESHUTDOWN
+        elif task.exception() is not None:
+            LOG.error("flush failed", exc_info=task.exception(), extra={"peer": self.peer})
+            error = p.EIO
+        self._send_now(_simple(p.SIMPLE_REPLY_MAGIC, error, cookie))
+        self._maybe_close()
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        vol = self._volume
+        assert vol is not None
+        if flags & ~_READ_FLAGS or length > p.MAX_PAYLOAD or offset + length > vol.size:
+            self._error(cookie, p.EINVAL, True, "read out of range or bad flags")
+            return
+        try:
+            data = vol.read(offset, length)
+        except OSError as exc:
+            LOG.error("read failed", extra={"volume": vol.name, "error": str(exc)})
+            self._error(cookie, p.EIO, True, "read failed")
+            return
+        if self._structured:
+            hdr = _structured(
+                p.STRUCTURED_REPLY_MAGIC,
+                p.REPLY_FLAG_DONE,
+                p.REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                8 + length,
+            )
+            self._out.append(hdr + _u64(offset))
+        else:
+            self._out.append(_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie))
+        self._out.append(data)
+
+    def _write(self, flags: int, cookie: int, offset: int, data: memoryview | bytearray) -> None:
+        vol = self._volume
+        assert vol is not None
+        self.server.requests += 1
+        length = len(data)
+        if flags & ~_WRITE_FLAGS:
+            self._error(cookie, p.EINVAL)
+            return
+        if offset + length > vol.size:
+            self._error(cookie, p.ENOSPC)
+            return
+        need = vol.log_bytes_for_write(offset, length)
+        if self.log.space_waiters or not self.log.fits(need):
+            # Copy the payload: the receive buffer is reused while this write waits.
+            held = bytearray(data) if isinstance(data, memoryview) else data
+            self._stall(need, lambda: self._do_write(vol, flags, cookie, offset, held))
+            return
+        self._do_write(vol, flags, cookie, offset, data)
+
+    def _do_write(
+        self, vol: Volume, flags: int, cookie: int, offset: int, data: memoryview | bytearray
+    ) -> None:
+        try:
+            vol.write(offset, data)
+        except (OSError, SgwError) as exc:
+            LOG.error("write failed", extra={"volume": vol.name, "error": str(exc)})
+            self._error(cookie, p.EIO)
+            return
+        self.server.on_write()
+        if flags & p.CMD_FLAG_FUA:
+            self._async(cookie, self.engine.flush())
+        else:
+            self._ok(cookie)
+
+    def _zero(self, cmd: int, flags: int, cookie: int, offset: int, length: int) -> None:
+        vol = self._volume
+        assert vol is not None
+        allowed = _ZERO_FLAGS if cmd == p.CMD_WRITE_ZEROES else _WRITE_FLAGS
+        if flags & ~allowed:
+            self._error(cookie, p.EINVAL)
+            return
+        if offset + length > vol.size:
+            self._error(cookie, p.ENOSPC)
+            return
+        if length == 0:
+            self._ok(cookie)
+            return
+
+        def run() -> None:
+            try:
+                if cmd == p.CMD_TRIM:
+                    vol.trim(offset, length)
+                else:
+                    vol.write_zeroes(offset, length, punch=not flags & p.CMD_FLAG_NO_HOLE)
+            except (OSError, SgwError) as exc:
+                LOG.error("zero failed", extra={"volume": vol.name, "error": str(exc)})
+                self._error(cookie, p.EIO)
+                return
+            self.server.on_write()
+            if flags & p.CMD_FLAG_FUA:
+                self._async(cookie, self.engine.flush())
+            else:
+                self._ok(cookie)
+
+        need = vol.log_bytes_for_zero()
+        if self.log.space_waiters or not self.log.fits(need):
+            self._stall(need, run)
+            return
+        run()
+
+    def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        vol = self._volume
+        assert vol is not None
+        if not self._structured or not self._contexts:
+            self._error(cookie, p.EINVAL)
+            return
+        if flags & ~_STATUS_FLAGS or length == 0 or offset + length > vol.size:
+            self._error(cookie, p.EINVAL)
+            return
+        try:
+            extents = vol.block_status(offset, length)
+        except OSError:
+            self._error(cookie, p.EIO)
+            return
+        if flags & p.CMD_FLAG_REQ_ONE:
+            extents = extents[:1]
+        ctx_id = next(iter(self._contexts))
+        body = struct.pack(">I", ctx_id) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+        self._out.append(
+            _structured(
+                p.STRUCTURED_REPLY_MAGIC,
+                p.REPLY_FLAG_DONE,
+                p.REPLY_TYPE_BLOCK_STATUS,
+                cookie,
+                len(body),
+            )
+            + body
+        )
+
+    # -- waiting for log space -------------------------------------------------------------
+
+    def _stall(self, need: int, resume: Callable[[], None]) -> None:
+        self._stalled = True
+        self._update_reading()
+        self._stall_resume = resume
+        LOG.debug("write stalled: log full", extra={"peer": self.peer})
+        self.log.wait_for_space(need).add_done_callback(self._unstall)
+
+    def _unstall(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():
+            return
+        try:
+            if self._transport is not None:
+                self._out_begin()
+                self._stall_resume()
+                self._out_flush()
+        finally:
+            self.log.waiter_done()
+            self._stalled = False
+        if self._transport is None:
+            return
+        self._update_reading()
+        self._process()

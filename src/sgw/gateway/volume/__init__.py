@@ -1,0 +1,1 @@
+"""Write log, extent index, base stores, destager."""
