@@ -16,12 +16,20 @@ $(STAMP): pyproject.toml scripts/install-host-deps
 
 setup: $(STAMP)
 
+RUN_DIR := run-data
 run: $(STAMP)
-	$(VENV)/bin/python scripts/run-gateway
+	@mkdir -p $(RUN_DIR)
+	@echo "Gateway starting: volume vol0 (1 GiB) in $(RUN_DIR)/. Connect with, for example:"
+	@echo "  nbdinfo 'nbd+unix:///vol0?socket=$(CURDIR)/$(RUN_DIR)/nbd.sock'"
+	@echo "  qemu-io -f raw -c 'write -P 0x5a 0 1M' nbd://127.0.0.1:10809/vol0"
+	@echo "  nbdcopy disk.img nbd://127.0.0.1:10809/vol0"
+	@echo "Ctrl-C stops it (writes are flushed first)."
+	exec $(VENV)/bin/sgw gateway serve --data-dir $(RUN_DIR) --volume vol0:1G \
+		--nbd unix:$(CURDIR)/$(RUN_DIR)/nbd.sock --nbd tcp:127.0.0.1:10809
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench scripts/run-gateway
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench bench/datapath
+	$(VENV)/bin/ruff format --check src tests bench bench/datapath
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -77,14 +77,9 @@ def _gateway_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
     )
     setup_logging(config.log_level)
-    try:
-        import uvloop
+    import uvloop
 
-        return int(uvloop.run(serve(config)))
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        import asyncio
-
-        return asyncio.run(serve(config))
+    return int(uvloop.run(serve(config)))
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ class Negotiation:
         if self._state == _AWAIT_FLAGS:
             if len(data) < 4:
                 return 0
-            (flags,) = struct.unpack_from(">I", data)
+            flags: int = struct.unpack_from(">I", data)[0]
             if flags & ~p.CLIENT_FLAGS_KNOWN:
                 self._close(f"unknown client flags {flags:#x}")
             elif not flags & p.FLAG_FIXED_NEWSTYLE:
@@ -121,7 +121,7 @@ class Negotiation:
         if length > p.MAX_OPTION_DATA:
             self._close(f"option data of {length} bytes is too large")
             return p.OPTION_HEADER.size
-        total = p.OPTION_HEADER.size + length
+        total: int = p.OPTION_HEADER.size + length
         if len(data) < total:
             return 0
         self._option(option, bytes(data[p.OPTION_HEADER.size : total]))
@@ -194,7 +194,9 @@ class Negotiation:
         for info in self._listing():
             name = info.name.encode()
             self._reply(
-                option, p.REP_SERVER, struct.pack(">I", len(name)) + name + info.description.encode()
+                option,
+                p.REP_SERVER,
+                struct.pack(">I", len(name)) + name + info.description.encode(),
             )
         self._reply(option, p.REP_ACK)
 
@@ -233,9 +235,7 @@ class Negotiation:
         self._reply(
             option,
             p.REP_INFO,
-            struct.pack(
-                ">HIII", p.INFO_BLOCK_SIZE, p.MIN_BLOCK, p.PREFERRED_BLOCK, p.MAX_PAYLOAD
-            ),
+            struct.pack(">HIII", p.INFO_BLOCK_SIZE, p.MIN_BLOCK, p.PREFERRED_BLOCK, p.MAX_PAYLOAD),
         )
         self._reply(option, p.REP_ACK)
         if option == p.OPT_GO:

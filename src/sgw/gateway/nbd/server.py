@@ -71,7 +71,9 @@ class NbdServer:
         return ExportInfo(vol.name, vol.size, f"sgw volume {vol.name}")
 
     def listing(self) -> list[ExportInfo]:
-        return [ExportInfo(v.name, v.size, f"sgw volume {v.name}") for v in self.engine.volumes.values()]
+        return [
+            ExportInfo(v.name, v.size, f"sgw volume {v.name}") for v in self.engine.volumes.values()
+        ]
 
     # -- listeners --------------------------------------------------------------------
 
@@ -104,7 +106,7 @@ class NbdServer:
             conn.drain_and_close()
         waiters = [conn.closed for conn in conns]
         if waiters:
-            _, pending = await asyncio.wait(waiters, timeout=timeout)
+            _, _pending = await asyncio.wait(waiters, timeout=timeout)
             for conn in conns:
                 if not conn.closed.done():
                     conn.abort("shutdown timeout")
@@ -230,9 +232,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._maybe_close()
 
     def _maybe_close(self) -> None:
-        if self._draining and not self._inflight and not self._stalled:
-            if self._transport is not None:
-                self._transport.close()
+        if self._draining and not self._inflight and not self._stalled and self._transport:
+            self._transport.close()
 
     # -- output ----------------------------------------------------------------------
 
@@ -324,7 +325,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._read(flags, cookie, offset, length)
             elif cmd == p.CMD_FLUSH:
                 self._async(cookie, self.engine.flush())
-            elif cmd == p.CMD_WRITE_ZEROES or cmd == p.CMD_TRIM:
+            elif cmd in (p.CMD_WRITE_ZEROES, p.CMD_TRIM):
                 self._zero(cmd, flags, cookie, offset, length)
             elif cmd == p.CMD_BLOCK_STATUS:
                 self._block_status(flags, cookie, offset, length)

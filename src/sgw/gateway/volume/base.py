@@ -131,7 +131,7 @@ class FileBaseStore:
                 data = os.lseek(self._fd, pos, os.SEEK_DATA)
             except OSError as exc:
                 if exc.errno != errno.ENXIO:
-                    return out + [(end - pos, False)]
+                    return [*out, (end - pos, False)]
                 data = end
             if data > pos:
                 n = min(data, end) - pos

@@ -11,6 +11,7 @@ released before the base stores (and the upload step) have the data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -201,10 +202,8 @@ class Destager:
         while not self._stopping:
             if not self._due():
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=0.1)
-                except TimeoutError:
-                    pass
                 continue
             try:
                 await self.destage_once()

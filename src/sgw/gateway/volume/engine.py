@@ -67,26 +67,27 @@ class VolumeEngine:
         registry_path = os.path.join(data_dir, REGISTRY_FILE)
         registry = _load_registry(registry_path)
         changed = False
-        next_id = max((int(v["id"]) for v in registry.values()), default=0) + 1
+        next_id = max((v.id for v in registry.values()), default=0) + 1
         for spec in specs:
             known = registry.get(spec.name)
             if known is None:
-                registry[spec.name] = {"id": next_id, "size": spec.size, "path": spec.path}
+                registry[spec.name] = RegistryEntry(next_id, spec.size, spec.path)
                 next_id += 1
                 changed = True
-            elif int(known["size"]) != spec.size:
+            elif known.size != spec.size:
                 raise VolumeStateError(
-                    f"volume {spec.name} exists with size {known['size']} bytes but is "
+                    f"volume {spec.name} exists with size {known.size} bytes but is "
                     f"configured with {spec.size}; resizing is not supported, "
                     "configure the existing size"
                 )
-            elif known["path"] != spec.path:
+            elif known.path != spec.path:
                 raise VolumeStateError(
-                    f"volume {spec.name} lives on {known['path']} but is configured on "
+                    f"volume {spec.name} lives on {known.path} but is configured on "
                     f"{spec.path}; move the disk back or fix the configuration"
                 )
         if changed:
-            write_atomically(registry_path, json.dumps(registry, indent=2).encode())
+            doc = {name: vars(entry) for name, entry in registry.items()}
+            write_atomically(registry_path, json.dumps(doc, indent=2).encode())
 
         if not os.path.exists(log_path):
             WriteLog.create(log_path, log_size)
@@ -101,7 +102,7 @@ class VolumeEngine:
                     )
                 os.makedirs(os.path.dirname(os.path.abspath(spec.path)), exist_ok=True)
                 base = FileBaseStore(spec.path, spec.size, create=True)
-                volumes[spec.name] = Volume(spec.name, int(entry["id"]), spec.size, base, log)
+                volumes[spec.name] = Volume(spec.name, entry.id, spec.size, base, log)
             engine = cls(log, volumes)
             engine._replay(records, registry)
         except BaseException:
@@ -111,8 +112,8 @@ class VolumeEngine:
             raise
         return engine
 
-    def _replay(self, records: list[Record], registry: dict[str, dict[str, object]]) -> None:
-        names = {int(str(v["id"])): k for k, v in registry.items()}
+    def _replay(self, records: list[Record], registry: dict[str, RegistryEntry]) -> None:
+        names = {v.id: k for k, v in registry.items()}
         for rec in records:
             vol = self.by_id.get(rec.volume)
             if vol is None:
@@ -143,7 +144,16 @@ class VolumeEngine:
             v.base.close()
 
 
-def _load_registry(path: str) -> dict[str, dict[str, object]]:
+@dataclass
+class RegistryEntry:
+    """A volume's permanent facts: its id in log records, its size and its disk."""
+
+    id: int
+    size: int
+    path: str
+
+
+def _load_registry(path: str) -> dict[str, RegistryEntry]:
     try:
         with open(path, "rb") as f:
             data = json.load(f)
@@ -151,6 +161,10 @@ def _load_registry(path: str) -> dict[str, dict[str, object]]:
         return {}
     except (OSError, ValueError) as exc:
         raise VolumeStateError(f"volume registry {path} is unreadable: {exc}") from exc
-    if not isinstance(data, dict):
-        raise VolumeStateError(f"volume registry {path} is not a JSON object")
-    return data
+    try:
+        return {
+            str(name): RegistryEntry(int(e["id"]), int(e["size"]), str(e["path"]))
+            for name, e in data.items()
+        }
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise VolumeStateError(f"volume registry {path} is malformed: {exc}") from exc

@@ -174,7 +174,9 @@ class WriteLog:
         while True:
             found = self._record_at(pos, seq, min_epoch)
             if found is None and pos % self.data_size != 0:
-                found = self._record_at((pos // self.data_size + 1) * self.data_size, seq, min_epoch)
+                found = self._record_at(
+                    (pos // self.data_size + 1) * self.data_size, seq, min_epoch
+                )
             if found is None:
                 return
             rec, min_epoch = found
@@ -297,9 +299,7 @@ class WriteLog:
             raise LogFullError("write log has no room for this record; wait for space first")
         seq = self.next_seq
         header = bytearray(
-            HEADER.pack(
-                _REC_MAGIC, kind, 0, 0, self.epoch, seq, virt, volume, offset, length, 0
-            )
+            HEADER.pack(_REC_MAGIC, kind, 0, 0, self.epoch, seq, virt, volume, offset, length, 0)
         )
         crc = _crc_header(header)
         if payload is not None:
