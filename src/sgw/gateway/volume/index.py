@@ -116,7 +116,8 @@ class ExtentIndex:
         if not self.blocks and not self.intervals:
             yield SEG_BASE, first_block, nblocks, 0
             return
-        ivs = [iv for iv in self.intervals if iv.start < end and iv.end > first_block]
+        # Newest first: with overlapping intervals the newest decides hole or not.
+        ivs = [iv for iv in reversed(self.intervals) if iv.start < end and iv.end > first_block]
         get = self.blocks.get
         run_kind, run_start, run_pos = -1, first_block, 0
         expect = 0  # the value that would extend the current run
