@@ -27,8 +27,9 @@ LOG = logging.getLogger(__name__)
 
 # Receive buffer: holds many small requests per read; large payloads bypass it.
 RECV_BUFFER = 512 * 1024
-# A request with no more than this left to receive is finished in the shared buffer.
 _REQ = p.REQUEST.size
+# Largest payload buffer a connection keeps for reuse (bytes).
+_KEEP_PAYLOAD_BUFFER = 4 * 1024 * 1024
 _WRITE_FLAGS = p.CMD_FLAG_FUA
 _ZERO_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO
 _READ_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_DF
@@ -133,7 +134,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._structured = False
         self._contexts: dict[int, str] = {}
         # A WRITE whose payload is being received into its own buffer.
-        self._payload: bytearray | None = None
+        # Reused for every large payload of this connection (a write is appended to the log
+        # before the next one is received; a write that must wait copies its payload).
+        self._payload_buf = bytearray()
         self._payload_view: memoryview | None = None
         self._payload_got = 0
         self._payload_req: tuple[int, int, int, int] = (0, 0, 0, 0)
@@ -163,7 +166,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self._transport = None
-        self._payload = self._payload_view = None  # a half-received write is never applied
+        self._payload_view = None  # a half-received write is never applied
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -190,10 +193,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._payload_got += nbytes
             if self._payload_got < len(self._payload_view):
                 return
-            payload, flags, cookie, offset = self._payload, *self._payload_req[:3]
-            self._payload = self._payload_view = None
+            payload, flags, cookie, offset = self._payload_view, *self._payload_req[:3]
+            self._payload_view = None
             self._out_begin()
-            assert payload is not None
             self._write(flags, cookie, offset, payload)
             self._out_flush()
             if not self._stalled:
@@ -307,10 +309,15 @@ class NbdConnection(asyncio.BufferedProtocol):
                     return
                 have = end - pos - _REQ
                 if have < length:
-                    payload = bytearray(length)
+                    if len(self._payload_buf) < length:
+                        buf_new = bytearray(length)
+                        if length <= _KEEP_PAYLOAD_BUFFER:
+                            self._payload_buf = buf_new
+                        payload = memoryview(buf_new)
+                    else:
+                        payload = memoryview(self._payload_buf)[:length]
                     payload[:have] = view[pos + _REQ : end]
-                    self._payload = payload
-                    self._payload_view = memoryview(payload)
+                    self._payload_view = payload
                     self._payload_got = have
                     self._payload_req = (flags, cookie, offset, length)
                     pos = end

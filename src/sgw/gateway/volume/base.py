@@ -23,6 +23,7 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_WRITE_CHUNK = 8 * 1024 * 1024
+_COPY_CHUNK = 4 * 1024 * 1024
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
@@ -51,6 +52,9 @@ class BaseStore(Protocol):
 
     def zero(self, offset: int, length: int, punch: bool) -> None:
         """Makes the range read as zeroes; ``punch`` allows releasing the space."""
+
+    def copy_from(self, src_fd: int, src_offset: int, offset: int, length: int) -> None:
+        """Writes ``length`` bytes read from ``src_fd`` at ``src_offset`` (not yet durable)."""
 
     def sync(self) -> None:
         """Makes every write and zero so far durable."""
@@ -84,6 +88,7 @@ class FileBaseStore:
         elif st.st_size < size:
             os.ftruncate(self._fd, size)
         self.size = size
+        self._kernel_copy = True
 
     def readinto(self, buf: memoryview, offset: int) -> None:
         n = os.preadv(self._fd, [buf], offset)
@@ -116,6 +121,30 @@ class FileBaseStore:
             n = min(len(chunk), end - offset)
             self.write(offset, memoryview(chunk)[:n])
             offset += n
+
+    def copy_from(self, src_fd: int, src_offset: int, offset: int, length: int) -> None:
+        if self._kernel_copy:
+            try:
+                while length:
+                    n = os.copy_file_range(src_fd, self._fd, length, src_offset, offset)
+                    if n <= 0:
+                        break
+                    src_offset, offset, length = src_offset + n, offset + n, length - n
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self._kernel_copy = False
+                LOG.info(
+                    "copy_file_range unavailable; copying through memory",
+                    extra={"path": self.path, "error": exc.strerror},
+                )
+        while length:
+            data = os.pread(src_fd, min(length, _COPY_CHUNK), src_offset)
+            if not data:
+                raise StorageError(f"short read from the write log at {src_offset}")
+            self.write(offset, data)
+            n = len(data)
+            src_offset, offset, length = src_offset + n, offset + n, length - n
 
     def sync(self) -> None:
         os.fdatasync(self._fd)

@@ -1,11 +1,13 @@
 """The destager: moves log records to the base stores and frees log space.
 
-One pass: read a batch of records in sequence order (from the tail), merge them per volume
-so that a block written many times is written once, hand the merged batch to the upload
-step (none in stored mode without a remote store; the remote data plane plugs in here),
-apply it to the base stores and make them durable, drop the index entries that still
-point into the batch, then persist the new tail and release the space. Log space is never
-released before the base stores (and the upload step) have the data.
+One pass: read a batch of record headers in sequence order (from the tail), merge them
+per volume so that only the newest version of each block is written (the index says which
+record that is), hand the merged batch to the upload step (none in stored mode without a
+remote store; the remote data plane plugs in here), apply it to the base stores (a kernel
+copy from the log file: no payload passes through Python) and make them durable, drop the
+index entries that still point into the batch, then persist the new tail and release the
+space. Log space is never released before the base stores (and the upload step) have the
+data.
 """
 
 from __future__ import annotations
@@ -18,90 +20,74 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from sgw.gateway.volume.engine import VolumeEngine
-from sgw.gateway.volume.index import BLOCK, BLOCK_SHIFT, SMALL_ZERO_BLOCKS
-from sgw.gateway.volume.wal import HEADER_SIZE, KIND_DATA, KIND_TRIM, Record, WriteLog
+from sgw.gateway.volume.index import BLOCK, BLOCK_SHIFT, SMALL_ZERO_BLOCKS, zero_marker
+from sgw.gateway.volume.wal import KIND_DATA, KIND_TRIM, Record
 
 LOG = logging.getLogger(__name__)
 
-# os.pwritev takes at most IOV_MAX (1024) buffers per call.
-_IOV_MAX = 1024
-
-
-@dataclass
-class VolumeChanges:
-    """The merged effect of a batch on one volume, applied zero ranges first.
-
-    ``zero_ranges``: ``(offset, length, punch)`` of large zeroed ranges, in log order.
-    ``blocks``: block number -> its new 4 KiB (a view into the batch buffer), or
-    ``True``/``False`` for a block zeroed with/without punching. Every entry is newer than
-    any zero range that covers it.
-    """
-
-    zero_ranges: list[tuple[int, int, bool]] = field(default_factory=list)
-    blocks: dict[int, memoryview | bool] = field(default_factory=dict)
-
-    def add(self, rec: Record, payload: memoryview | None) -> None:
-        first, n = rec.offset >> BLOCK_SHIFT, rec.length >> BLOCK_SHIFT
-        blocks = self.blocks
-        if payload is not None:
-            for i in range(n):
-                blocks[first + i] = payload[i << BLOCK_SHIFT : (i + 1) << BLOCK_SHIFT]
-            return
-        punch = rec.kind == KIND_TRIM
-        if n <= SMALL_ZERO_BLOCKS:
-            for i in range(n):
-                blocks[first + i] = punch
-            return
-        end = first + n
-        if n <= len(blocks):
-            for b in range(first, end):
-                blocks.pop(b, None)
-        else:
-            for b in [b for b in blocks if first <= b < end]:
-                del blocks[b]
-        self.zero_ranges.append((rec.offset, rec.length, punch))
-
-    def runs(self) -> list[Run]:
-        """The per-block entries coalesced into runs of adjacent blocks, in block order."""
-        out: list[Run] = []
-        cur: Run | None = None
-        for b in sorted(self.blocks):
-            v = self.blocks[b]
-            offset = b << BLOCK_SHIFT
-            if cur is not None and offset == cur.offset + cur.length:
-                if isinstance(v, memoryview):
-                    if cur.views is not None and len(cur.views) < _IOV_MAX:
-                        cur.views.append(v)
-                        cur.length += BLOCK
-                        continue
-                elif cur.views is None and cur.punch == v:
-                    cur.length += BLOCK
-                    continue
-            if isinstance(v, memoryview):
-                cur = Run(offset, BLOCK, [v], False)
-            else:
-                cur = Run(offset, BLOCK, None, v)
-            out.append(cur)
-        return out
+# Values of VolumeChanges.blocks that are not log offsets.
+ZERO_KEEP = -1  # the block reads as zeroes, space stays allocated
+ZERO_PUNCH = -2  # the block reads as zeroes, space may be released
+# Largest run handed to one copy (bytes).
+_MAX_RUN = 8 * 1024 * 1024
 
 
 @dataclass(slots=True)
 class Run:
-    """Adjacent blocks with new data (``views``) or zeroed (``views`` is None)."""
+    """``length`` bytes at volume ``offset``: from log file offset ``source`` (>= 0), or
+    zeroes (ZERO_KEEP / ZERO_PUNCH)."""
 
     offset: int
     length: int
-    views: list[memoryview] | None
-    punch: bool
+    source: int
+
+
+@dataclass
+class VolumeChanges:
+    """The merged effect of a batch on one volume; zero ranges are applied first.
+
+    ``zero_ranges``: ``(offset, length, punch)`` of large zeroed ranges, in log order.
+    ``blocks``: block number -> log file offset of its newest bytes, or ZERO_KEEP /
+    ZERO_PUNCH. Only the newest version of each block is kept: a block that a newer record
+    overwrote is left to that record (the log is synced before the tail moves, so that
+    newer record is durable by then).
+    """
+
+    zero_ranges: list[tuple[int, int, bool]] = field(default_factory=list)
+    blocks: dict[int, int] = field(default_factory=dict)
+
+    def runs(self) -> list[Run]:
+        """The blocks coalesced into runs, adjacent on the volume and in the log."""
+        out: list[Run] = []
+        cur: Run | None = None
+        blocks = self.blocks
+        for b in sorted(blocks):
+            v = blocks[b]
+            offset = b << BLOCK_SHIFT
+            if (
+                cur is not None
+                and offset == cur.offset + cur.length
+                and cur.length < _MAX_RUN
+                and (v == cur.source + cur.length if v >= 0 else v == cur.source)
+            ):
+                cur.length += BLOCK
+                continue
+            cur = Run(offset, BLOCK, v)
+            out.append(cur)
+        return out
 
 
 @dataclass
 class Batch:
-    """Records from ``records[0]`` to ``records[-1]`` merged per volume id."""
+    """Records from ``records[0]`` to ``records[-1]``, merged per volume id."""
 
     records: list[Record]
     volumes: dict[int, VolumeChanges]
-    nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes in the batch."""
+        return sum(r.length for r in self.records if r.kind == KIND_DATA)
 
     @property
     def end(self) -> tuple[int, int]:
@@ -113,39 +99,38 @@ class Batch:
 UploadStep = Callable[[Batch], Awaitable[None]]
 
 
-def read_batch(log: WriteLog, tail: int, tail_seq: int, head: int, max_bytes: int) -> Batch:
-    """Reads and merges the records from the tail (blocking; runs in a worker thread)."""
-    records = log.read_records(tail, tail_seq, head, max_bytes)
+def merge(engine: VolumeEngine, records: list[Record]) -> Batch:
+    """Merges records per volume, keeping only what the index says is newest.
+
+    Runs on the event loop, which owns the index.
+    """
     volumes: dict[int, VolumeChanges] = {}
-    nbytes = 0
-    i = 0
-    while i < len(records):
-        # Read physically contiguous records with one pread.
-        j = i + 1
-        while (
-            j < len(records)
-            and records[j].payload_pos
-            == records[j - 1].payload_pos + _payload_len(records[j - 1]) + HEADER_SIZE
-        ):
-            j += 1
-        first, last = records[i], records[j - 1]
-        start = first.payload_pos
-        span = last.payload_pos + _payload_len(last) - start
-        buf = memoryview(log.read(start, span))
-        for rec in records[i:j]:
-            changes = volumes.setdefault(rec.volume, VolumeChanges())
-            if rec.kind == KIND_DATA:
-                off = rec.payload_pos - start
-                changes.add(rec, buf[off : off + rec.length])
-                nbytes += rec.length
-            else:
-                changes.add(rec, None)
-        i = j
-    return Batch(records, volumes, nbytes)
-
-
-def _payload_len(rec: Record) -> int:
-    return rec.length if rec.kind == KIND_DATA else 0
+    for rec in records:
+        vol = engine.by_id.get(rec.volume)
+        if vol is None:
+            continue
+        changes = volumes.get(rec.volume)
+        if changes is None:
+            changes = volumes[rec.volume] = VolumeChanges()
+        first, n = rec.offset >> BLOCK_SHIFT, rec.length >> BLOCK_SHIFT
+        current = vol.index.blocks.get
+        out = changes.blocks
+        if rec.kind == KIND_DATA:
+            pos = rec.payload_pos
+            for b in range(first, first + n):
+                if current(b) == pos:
+                    out[b] = pos
+                pos += BLOCK
+        elif n <= SMALL_ZERO_BLOCKS:
+            punch = rec.kind == KIND_TRIM
+            marker = zero_marker(rec.virt, punch)
+            value = ZERO_PUNCH if punch else ZERO_KEEP
+            for b in range(first, first + n):
+                if current(b) == marker:
+                    out[b] = value
+        else:
+            changes.zero_ranges.append((rec.offset, rec.length, rec.kind == KIND_TRIM))
+    return Batch(records, volumes)
 
 
 class Destager:
@@ -222,11 +207,12 @@ class Destager:
         log = engine.log
         if log.used == 0:
             return False
-        batch = await asyncio.to_thread(
-            read_batch, log, log.tail, log.tail_seq, log.head, self.batch_bytes
+        records = await asyncio.to_thread(
+            log.read_records, log.tail, log.tail_seq, log.head, self.batch_bytes
         )
-        if not batch.records:
+        if not records:
             return False
+        batch = merge(engine, records)
         if self.upload is not None:
             await self.upload(batch)
         await asyncio.to_thread(self._apply, batch)
@@ -244,18 +230,14 @@ class Destager:
         return True
 
     def _apply(self, batch: Batch) -> None:
+        log_fd = self.engine.log.fileno()
         for vol_id, changes in batch.volumes.items():
-            vol = self.engine.by_id.get(vol_id)
-            if vol is None:
-                continue
-            base = vol.base
+            base = self.engine.by_id[vol_id].base
             for offset, length, punch in changes.zero_ranges:
                 base.zero(offset, length, punch)
             for run in changes.runs():
-                if run.views is None:
-                    base.zero(run.offset, run.length, run.punch)
-                elif len(run.views) == 1:
-                    base.write(run.offset, run.views[0])
+                if run.source >= 0:
+                    base.copy_from(log_fd, run.source, run.offset, run.length)
                 else:
-                    base.write(run.offset, b"".join(run.views))
+                    base.zero(run.offset, run.length, run.source == ZERO_PUNCH)
             base.sync()

@@ -340,6 +340,10 @@ class WriteLog:
 
     # -- reading back and freeing ------------------------------------------------------
 
+    def fileno(self) -> int:
+        """The log's file descriptor (for kernel copies to the base stores)."""
+        return self._fd
+
     def read(self, pos: int, length: int) -> bytes:
         """Reads ``length`` bytes at file offset ``pos`` (a payload, or part of one)."""
         return os.pread(self._fd, length, pos)
