@@ -10,7 +10,7 @@ Example (every key optional except what a volume needs)::
     size = "1G"                           # for a file; a device is used whole
 
     [destage]
-    start_fill = 0.05     # start destaging when the log is this full (0..1)
+    start_fill = 0.5      # destage while writes go on once the log is this full (0..1)
     idle_seconds = 1.0    # ...or when it has been idle this long
     batch = "32M"         # log bytes per destage batch
 
@@ -87,7 +87,7 @@ class Listener:
 class DestageConfig:
     """When and how much the destager moves from the log to the base stores."""
 
-    start_fill: float = 0.05  # fraction of the log that starts a destage
+    start_fill: float = 0.5  # fraction of the log that starts a destage
     idle_seconds: float = 1.0  # or: seconds without writes with anything in the log
     batch_bytes: int = 32 << 20  # log bytes per batch
 
@@ -161,7 +161,7 @@ def load(
 
     ds = _table(doc, "destage", {"start_fill", "idle_seconds", "batch"})
     destage = DestageConfig(
-        start_fill=_number(ds, "start_fill", 0.05, 0.0, 1.0),
+        start_fill=_number(ds, "start_fill", 0.5, 0.0, 1.0),
         idle_seconds=_number(ds, "idle_seconds", 1.0, 0.0, 86400.0),
         batch_bytes=parse_size(ds.get("batch", 32 << 20), "destage.batch"),
     )

@@ -141,7 +141,7 @@ class Destager:
         engine: VolumeEngine,
         *,
         batch_bytes: int = 32 * 1024 * 1024,
-        start_fill: float = 0.05,
+        start_fill: float = 0.5,
         idle_seconds: float = 1.0,
         upload: UploadStep | None = None,
     ) -> None:
