@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except SgwError as exc:
         print(f"sgw: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path or address that cannot be used, found at start
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"sgw: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     return 2
 
 

@@ -138,7 +138,7 @@ def load(
                 doc = tomllib.load(f)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
     known = {"data_dir", "log_level", "write_log", "destage", "nbd", "volumes"}
     for key in doc:
@@ -196,7 +196,10 @@ def load(
         raise ConfigError("no volumes: pass --volume NAME:SIZE or add [[volumes]] to the config")
 
     nbd_table = _table(doc, "nbd", {"listen"})
-    addrs = list(nbd_table.get("listen", [])) + list(nbd or [])
+    listen = nbd_table.get("listen", [])
+    if not isinstance(listen, list) or not all(isinstance(a, str) for a in listen):
+        raise ConfigError('config: nbd.listen must be a list of strings like "unix:/run/x.sock"')
+    addrs = list(listen) + list(nbd or [])
     if not addrs:
         addrs = [f"unix:{os.path.join(ddir, 'nbd.sock')}"]
     listeners = tuple(Listener.parse(str(a)) for a in addrs)

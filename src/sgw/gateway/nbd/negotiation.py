@@ -250,7 +250,8 @@ class Negotiation:
             self._error(option, p.REP_ERR_INVALID, "malformed meta context request")
             return
         name, queries = parsed
-        if self._lookup(name) is None:
+        target = self._lookup(name)
+        if target is None:
             self._error(option, p.REP_ERR_UNKNOWN, f"no export named {name!r}")
             return
         matched = False
@@ -264,7 +265,7 @@ class Negotiation:
             self._reply(option, p.REP_META_CONTEXT, body)
         if option == p.OPT_SET_META_CONTEXT:
             self.meta_contexts = {META_CONTEXT_ID: p.META_BASE_ALLOCATION} if matched else {}
-            self._meta_export = name
+            self._meta_export = target.name  # "" and the default export's name agree
         self._reply(option, p.REP_ACK)
 
 

@@ -392,6 +392,16 @@ class NbdConnection(asyncio.BufferedProtocol):
         if flags & ~_READ_FLAGS or length > p.MAX_PAYLOAD or offset + length > vol.size:
             self._error(cookie, p.EINVAL, True, "read out of range or bad flags")
             return
+        if length == 0:  # an OFFSET_DATA chunk cannot be empty
+            if self._structured:
+                self._out.append(
+                    _structured(
+                        p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, cookie, 0
+                    )
+                )
+            else:
+                self._ok(cookie)
+            return
         try:
             data = vol.read(offset, length)
         except OSError as exc:
