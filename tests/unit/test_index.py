@@ -35,8 +35,8 @@ def test_segments_match_model(steps: list[tuple[str, int, int]]) -> None:
     records: list[tuple[str, int, int, int]] = []  # kind, first, n, pos/virt
     pos = 0
     virt = 0
-    for kind, first, n in steps:
-        n = min(n, NBLOCKS - first)
+    for kind, first, count in steps:
+        n = min(count, NBLOCKS - first)
         if kind == "reclaim":
             if not records:
                 continue

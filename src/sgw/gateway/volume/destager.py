@@ -89,12 +89,6 @@ class Batch:
         """Payload bytes in the batch."""
         return sum(r.length for r in self.records if r.kind == KIND_DATA)
 
-    @property
-    def end(self) -> tuple[int, int]:
-        """The new tail (position and sequence number) once the batch is destaged."""
-        last = self.records[-1]
-        return last.virt + last.size, last.seq + 1
-
 
 UploadStep = Callable[[Batch], Awaitable[None]]
 
@@ -218,9 +212,9 @@ class Destager:
         await asyncio.to_thread(self._apply, batch)
         for rec in batch.records:
             engine.reclaim(rec)
-        tail, tail_seq = batch.end
-        await asyncio.to_thread(log.persist_tail, tail, tail_seq)
-        log.release(tail, tail_seq)
+        last = batch.records[-1]
+        await asyncio.to_thread(log.persist_tail, last)
+        log.release(last)
         self.batches += 1
         self.bytes_destaged += batch.nbytes
         LOG.debug(

@@ -17,9 +17,14 @@ records of a previous lap fail the position check; stale records left behind a t
 by a run that crashed fail the epoch check once newer records have been written over the
 tail.
 
-The superblock holds the tail (the oldest record not yet destaged); it is written to the
+The superblock holds the tail (the oldest record not yet destaged) and the epoch of the
+record just before it, the least epoch the walk accepts at the tail; it is written to the
 two slots alternately and made durable before freed space is reused, so recovery never
-starts from a tail whose records were overwritten.
+starts from a tail whose records were overwritten. The log remembers where its writer
+skipped to the next lap (and recovery where it found such a skip), so the destager never
+mistakes a torn header left at the end of a lap for a record. A new log file is formatted
+under a temporary name and renamed into place, so a crash at first start leaves no file
+without a superblock.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ DATA_START = 64 * 1024
 # Smallest useful log: room for a few maximum-size records (32 MiB each) and headers.
 MIN_DATA_SIZE = 128 * 1024 * 1024
 
-_SUPER = struct.Struct("<8sIQIQQQ")  # magic, version, generation, epoch, data_size, tail, seq
+# magic, version, generation, epoch, data_size, tail, tail_seq, tail_epoch (the epoch of the
+# record just before the tail: the least the record at the tail may have)
+_SUPER = struct.Struct("<8sIQIQQQI")
 _SUPER_MAGIC = b"SGWLOG01"
 _SUPER_VERSION = 1
 
@@ -70,6 +77,7 @@ class Record:
     offset: int
     length: int
     payload_pos: int
+    epoch: int = 0
 
     @property
     def size(self) -> int:
@@ -92,6 +100,7 @@ class WriteLog:
         self._generation = generation
         self.tail = 0  # virtual position of the oldest live record
         self.tail_seq = 0
+        self.tail_epoch = 0  # least epoch of the record at the tail
         self.head = 0  # virtual position where the next record goes
         self.next_seq = 0
         self._durable_seq = -1  # every record with seq <= this is on stable storage
@@ -101,13 +110,21 @@ class WriteLog:
         )
         self.syncs = 0
         self._max_epoch = epoch
+        # Where the writer left the rest of a lap unused -> where it went on.
+        self._skips: dict[int, int] = {}
 
     # -- creation and recovery -------------------------------------------------------
 
     @classmethod
     def create(cls, path: str, size: int) -> None:
-        """Formats ``path`` as an empty log; a regular file is created and preallocated."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        """Formats ``path`` as an empty log; a regular file is created and preallocated.
+
+        A new file is formatted under a temporary name and renamed into place, so that a
+        crash in the middle never leaves a file at ``path`` without a superblock.
+        """
+        is_new = not os.path.exists(path)
+        target = f"{path}.new" if is_new else path
+        fd = os.open(target, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if is_new else 0), 0o600)
         try:
             if stat.S_ISREG(os.fstat(fd).st_mode):
                 os.ftruncate(fd, size)
@@ -130,6 +147,13 @@ class WriteLog:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if is_new:
+            os.replace(target, path)
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
     @classmethod
     def open(cls, path: str) -> tuple[WriteLog, list[Record]]:
@@ -140,9 +164,9 @@ class WriteLog:
         fd = os.open(path, os.O_RDWR)
         try:
             sup = _read_super(fd, path)
-            generation, epoch, data_size, tail, tail_seq = sup
+            generation, epoch, data_size, tail, tail_seq, tail_epoch = sup
             log = cls(fd, path, data_size, epoch, generation)
-            log.tail, log.tail_seq = tail, tail_seq
+            log.tail, log.tail_seq, log.tail_epoch = tail, tail_seq, tail_epoch
             records = list(log._scan())
             if records:
                 last = records[-1]
@@ -170,13 +194,14 @@ class WriteLog:
         return log, records
 
     def _scan(self) -> Iterator[Record]:
-        pos, seq, min_epoch = self.tail, self.tail_seq, 0
+        pos, seq, min_epoch = self.tail, self.tail_seq, self.tail_epoch
         while True:
             found = self._record_at(pos, seq, min_epoch)
             if found is None and pos % self.data_size != 0:
-                found = self._record_at(
-                    (pos // self.data_size + 1) * self.data_size, seq, min_epoch
-                )
+                lap = (pos // self.data_size + 1) * self.data_size
+                found = self._record_at(lap, seq, min_epoch)
+                if found is not None:
+                    self._skips[pos] = lap
             if found is None:
                 return
             rec, min_epoch = found
@@ -207,11 +232,13 @@ class WriteLog:
             value = crc32c(payload, value)
         if value != crc:
             return None
-        return Record(kind, seq, virt, vol, off, length, phys + HEADER_SIZE), epoch
+        return Record(kind, seq, virt, vol, off, length, phys + HEADER_SIZE, epoch), epoch
 
     # -- superblock ------------------------------------------------------------------
 
-    def _write_super(self, tail: int | None = None, tail_seq: int | None = None) -> None:
+    def _write_super(
+        self, tail: int | None = None, tail_seq: int | None = None, tail_epoch: int | None = None
+    ) -> None:
         self._generation += 1
         body = _SUPER.pack(
             _SUPER_MAGIC,
@@ -221,6 +248,7 @@ class WriteLog:
             self.data_size,
             self.tail if tail is None else tail,
             self.tail_seq if tail_seq is None else tail_seq,
+            self.tail_epoch if tail_epoch is None else tail_epoch,
         )
         block = body + struct.pack("<I", crc32c(body))
         slot = self._generation % 2
@@ -312,9 +340,11 @@ class WriteLog:
             written = os.pwrite(self._fd, header, phys)
         if written != size:
             raise StorageError(f"short write to write log {self.path}: {written} of {size}")
+        if virt != self.head:
+            self._skips[self.head] = virt
         self.head = virt + size
         self.next_seq = seq + 1
-        return Record(kind, seq, virt, volume, offset, length, phys + HEADER_SIZE)
+        return Record(kind, seq, virt, volume, offset, length, phys + HEADER_SIZE, self.epoch)
 
     async def sync(self) -> None:
         """Returns once every record appended before the call is durable (group commit)."""
@@ -359,34 +389,37 @@ class WriteLog:
         pos, seq = start, start_seq
         limit = start + max_bytes
         while pos < end and (not out or pos < limit):
-            room = self.data_size - pos % self.data_size
-            if room < HEADER_SIZE:
-                pos += room
+            lap = self._skips.get(pos)
+            if lap is not None:  # the writer left the rest of this lap unused
+                pos = lap
                 continue
             phys = DATA_START + pos % self.data_size
             raw = os.pread(self._fd, HEADER_SIZE, phys)
-            magic, kind, _f, _r, _e, rseq, rvirt, vol, off, length, _crc = HEADER.unpack(raw)
+            magic, kind, _f, _r, epoch, rseq, rvirt, vol, off, length, _crc = HEADER.unpack(raw)
             if magic != _REC_MAGIC or rseq != seq or rvirt != pos:
-                # The writer skipped the rest of this lap.
-                pos += room
-                continue
-            rec = Record(kind, seq, pos, vol, off, length, phys + HEADER_SIZE)
+                raise LogCorruptError(f"write log record {seq} is missing at {pos}")
+            rec = Record(kind, seq, pos, vol, off, length, phys + HEADER_SIZE, epoch)
             out.append(rec)
             pos, seq = pos + rec.size, seq + 1
         return out
 
-    def persist_tail(self, tail: int, tail_seq: int) -> None:
-        """Records ``tail`` durably as the oldest live record (blocking: run it off the loop).
+    def persist_tail(self, last: Record) -> None:
+        """Records durably that everything up to ``last`` is destaged: the tail moves past
+        it (blocking: run it off the event loop).
 
-        The space before it stays reserved until ``release`` runs on the event loop, so no
-        append can overwrite records that a crash right now would still look for.
+        The space before the new tail stays reserved until ``release`` runs on the event
+        loop, so no append can overwrite records that a crash right now would still look
+        for. The superblock also keeps ``last``'s epoch, the least epoch the record at the
+        tail may have, so that a stale record sitting right at the new tail stays dead.
         """
-        self._write_super(tail, tail_seq)
+        self._write_super(last.virt + last.size, last.seq + 1, last.epoch)
         os.fdatasync(self._fd)
 
-    def release(self, tail: int, tail_seq: int) -> None:
-        """On the event loop, after ``persist_tail``: frees the space and wakes writers."""
-        self.tail, self.tail_seq = tail, tail_seq
+    def release(self, last: Record) -> None:
+        """On the event loop, after ``persist_tail(last)``: frees the space, wakes writers."""
+        tail = last.virt + last.size
+        self.tail, self.tail_seq, self.tail_epoch = tail, last.seq + 1, last.epoch
+        self._skips = {p: lap for p, lap in self._skips.items() if p >= tail}
         self._wake_space_waiters()
 
     def close(self) -> None:
@@ -398,20 +431,22 @@ def _device_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-def _read_super(fd: int, path: str) -> tuple[int, int, int, int, int]:
-    best: tuple[int, int, int, int, int] | None = None
+def _read_super(fd: int, path: str) -> tuple[int, int, int, int, int, int]:
+    best: tuple[int, int, int, int, int, int] | None = None
     for slot in (0, 1):
         raw = os.pread(fd, _SUPER.size + 4, slot * SUPER_SLOT_SIZE)
         if len(raw) < _SUPER.size + 4:
             continue
-        body, (crc,) = raw[: _SUPER.size], struct.unpack("<I", raw[_SUPER.size :])
+        body, (crc,) = raw[: _SUPER.size], struct.unpack_from("<I", raw, _SUPER.size)
         if crc32c(body) != crc:
             continue
-        magic, version, generation, epoch, data_size, tail, tail_seq = _SUPER.unpack(body)
+        magic, version, generation, epoch, data_size, tail, tail_seq, tail_epoch = _SUPER.unpack(
+            body
+        )
         if magic != _SUPER_MAGIC or version != _SUPER_VERSION:
             continue
         if best is None or generation > best[0]:
-            best = (generation, epoch, data_size, tail, tail_seq)
+            best = (generation, epoch, data_size, tail, tail_seq, tail_epoch)
     if best is None:
         raise LogCorruptError(
             f"{path} has no valid write-log superblock; it is not a write log of this "
