@@ -142,9 +142,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._volume: Volume | None = None
         self._structured = False
         self._contexts: dict[int, str] = {}
-        # A WRITE whose payload is being received into its own buffer.
-        # Reused for every large payload of this connection (a write is appended to the log
-        # before the next one is received; a write that must wait copies its payload).
+        # A WRITE payload larger than what is buffered is received straight into
+        # _payload_view, a view of _payload_buf, which is reused (a write is appended to
+        # the log before the next payload arrives; a write that must wait copies it).
         self._payload_buf = bytearray()
         self._payload_view: memoryview | None = None
         self._payload_got = 0
