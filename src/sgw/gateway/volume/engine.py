@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sgw.common.errors import VolumeStateError
+from sgw.common.files import write_atomically
 from sgw.gateway.volume.base import FileBaseStore
 from sgw.gateway.volume.index import BLOCK
 from sgw.gateway.volume.volume import Volume
@@ -30,23 +31,6 @@ class VolumeSpec:
     name: str
     size: int
     path: str
-
-
-def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replaces ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class VolumeEngine:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from crc32c import crc32c
 
 from sgw.common.errors import LogCorruptError, LogFullError, StorageError
+from sgw.common.files import fsync_directory
 
 LOG = logging.getLogger(__name__)
 
@@ -149,11 +150,7 @@ class WriteLog:
             os.close(fd)
         if is_new:
             os.replace(target, path)
-            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_directory(path)
 
     @classmethod
     def open(cls, path: str) -> tuple[WriteLog, list[Record]]:
