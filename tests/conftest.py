@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.postgres"]
+
 SGW = str(Path(sys.executable).with_name("sgw"))
 # The smallest log the gateway accepts (128 MiB of data area plus the superblocks).
 SMALL_LOG = "129M"

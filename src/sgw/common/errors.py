@@ -29,3 +29,35 @@ class VolumeStateError(StorageError):
 
 class ProtocolError(SgwError):
     """A peer broke the NBD protocol; the connection is closed."""
+
+
+class ChunkError(SgwError):
+    """A stored chunk cannot be turned back into its data."""
+
+
+class ChunkCorruptError(ChunkError):
+    """A chunk's bytes are damaged or not a chunk (bad magic, bad length, bad checksum)."""
+
+
+class ChunkKeyError(ChunkError):
+    """A chunk is encrypted and the key is missing or wrong (authentication failed)."""
+
+
+class ObjectStoreError(SgwError):
+    """The object store (a directory or an S3 bucket) failed or refused a request."""
+
+
+class ObjectNotFoundError(ObjectStoreError):
+    """No object under the requested key."""
+
+
+class DatabaseError(SgwError):
+    """The provider's database refused or failed an operation."""
+
+
+class VersionConflictError(DatabaseError):
+    """A chunk-map commit was based on a version that is no longer current."""
+
+
+class NotFoundError(DatabaseError):
+    """A volume, snapshot or other record does not exist (or is not the caller's)."""

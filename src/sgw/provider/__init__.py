@@ -1,0 +1,1 @@
+"""The provider side: block service, database, control plane."""

@@ -1,0 +1,1 @@
+"""Object stores, chunk maps and snapshots of the block service."""
