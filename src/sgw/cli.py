@@ -45,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-size", metavar="SIZE", help="write log size for a file (1G)")
     serve.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+
+    provider = areas.add_parser("provider", help="the provider side (block service, API)")
+    pcmds = provider.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    pserve = pcmds.add_parser(
+        "serve",
+        help="run the provider's HTTP API",
+        description="Run the provider: block service over HTTP (loopback by default).",
+    )
+    pserve.add_argument("--data-dir", metavar="DIR", help="state directory (database, objects)")
+    pserve.add_argument("--listen", metavar="HOST:PORT", help="address (127.0.0.1:8480)")
+    pserve.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default: SQLite in DIR)")
+    pserve.add_argument(
+        "--store", metavar="URL", help="object store: file:///dir or s3://bucket/prefix"
+    )
+    pserve.add_argument("--log-level", metavar="LEVEL", default="info", help="log level")
     return parser
 
 
@@ -54,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.area == "gateway" and args.command == "serve":
             return _gateway_serve(args)
+        if args.area == "provider" and args.command == "serve":
+            return _provider_serve(args)
     except ConfigError as exc:
         print(f"sgw: error: {exc}", file=sys.stderr)
         return 2
@@ -84,6 +101,16 @@ def _gateway_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     return int(uvloop.run(serve(config)))
+
+
+def _provider_serve(args: argparse.Namespace) -> int:
+    from sgw.common.logs import setup_logging
+    from sgw.provider import config as pcfg
+    from sgw.provider.server import serve
+
+    config = pcfg.load(args.data_dir, listen=args.listen, db_url=args.db, store_url=args.store)
+    setup_logging(args.log_level)
+    return serve(config)
 
 
 if __name__ == "__main__":
