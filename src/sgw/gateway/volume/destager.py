@@ -93,10 +93,14 @@ class Batch:
 UploadStep = Callable[[Batch], Awaitable[None]]
 
 
-def merge(engine: VolumeEngine, records: list[Record]) -> Batch:
-    """Merges records per volume, keeping only what the index says is newest.
+def merge(engine: VolumeEngine, records: list[Record], point_in_time: bool = False) -> Batch:
+    """Merges records per volume (runs on the event loop, which owns the index).
 
-    Runs on the event loop, which owns the index.
+    By default a block is taken from the batch only if the index says its newest version is
+    there: a version that a later record overwrote is skipped (the later record carries
+    the block). ``point_in_time`` keeps each block's last version within the batch
+    instead, so that the merged batch is the volume exactly as of its last record: what an
+    upload that ends at a snapshot marker needs.
     """
     volumes: dict[int, VolumeChanges] = {}
     for rec in records:
@@ -112,7 +116,7 @@ def merge(engine: VolumeEngine, records: list[Record]) -> Batch:
         if rec.kind == KIND_DATA:
             pos = rec.payload_pos
             for b in range(first, first + n):
-                if current(b) == pos:
+                if point_in_time or current(b) == pos:
                     out[b] = pos
                 pos += BLOCK
         elif n <= SMALL_ZERO_BLOCKS:
@@ -120,9 +124,17 @@ def merge(engine: VolumeEngine, records: list[Record]) -> Batch:
             marker = zero_marker(rec.virt, punch)
             value = ZERO_PUNCH if punch else ZERO_KEEP
             for b in range(first, first + n):
-                if current(b) == marker:
+                if point_in_time or current(b) == marker:
                     out[b] = value
         else:
+            if point_in_time:  # older versions in the batch are now zeroes
+                end = first + n
+                if n <= len(out):
+                    for b in range(first, end):
+                        out.pop(b, None)
+                else:
+                    for b in [b for b in out if first <= b < end]:
+                        del out[b]
             changes.zero_ranges.append((rec.offset, rec.length, rec.kind == KIND_TRIM))
     return Batch(records, volumes)
 
@@ -206,7 +218,9 @@ class Destager:
         )
         if not records:
             return False
-        batch = merge(engine, records)
+        # An upload must see each batch as a real point in time; a local apply may skip
+        # versions that later records overwrite.
+        batch = merge(engine, records, point_in_time=self.upload is not None)
         if self.upload is not None:
             await self.upload(batch)
         await asyncio.to_thread(self._apply, batch)
