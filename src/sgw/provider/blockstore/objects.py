@@ -1,0 +1,498 @@
+"""Object stores: where the provider keeps chunk data.
+
+One small interface (``ObjectStore``) with three implementations: a local directory (the
+embedded default), any S3-compatible service through boto3 (AWS S3, MinIO, Ceph RGW) and
+memory (for unit tests of the logic above). ``open_store`` turns a configured URL into
+one of them.
+
+Keys are "/"-separated paths such as ``chunks/ab/abcdef...``. All stores accept the same
+keys (``check_key``), so data can move between them: segments are non-empty, do not
+start with "." (that also rules out "." and "..", and leaves dot-names free for the
+directory store's temporary files), hold no control characters or backslashes; a key
+has at most 1024 UTF-8 bytes (S3's limit) and a segment at most 255 (a file name's).
+A directory cannot hold both ``a`` and ``a/b``; S3 can, but our keys never need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from sgw.common.errors import ConfigError, ObjectNotFoundError, ObjectStoreError
+
+LOG = logging.getLogger(__name__)
+
+MAX_KEY_BYTES = 1024  # S3's limit on an object key
+MAX_SEGMENT_BYTES = 255  # NAME_MAX on Linux file systems
+_TEMP_SUFFIX = ".tmp"
+
+
+class ObjectStore(Protocol):
+    """A flat namespace of immutable-by-convention objects under string keys."""
+
+    def put(self, key: str, data: bytes) -> None:
+        """Stores ``data`` under ``key`` atomically: readers see all of it or none.
+
+        Putting a key again replaces the object; putting the same data again is harmless.
+        """
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; ObjectNotFoundError if there is none."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """True if an object is stored under ``key``."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Removes the object; deleting a missing key is not an error."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """The keys that start with ``prefix``, in sorted (UTF-8 byte) order."""
+        ...
+
+
+def check_key(key: str) -> None:
+    """Raises ObjectStoreError if ``key`` is not a key every store accepts."""
+    if not key:
+        raise ObjectStoreError("object key is empty")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise ObjectStoreError(f"object key is longer than {MAX_KEY_BYTES} bytes: {key[:64]!r}...")
+    for segment in key.split("/"):
+        if not segment:
+            raise ObjectStoreError(
+                f"object key {key!r} has an empty segment (leading, trailing or double '/')"
+            )
+        if segment.startswith("."):
+            raise ObjectStoreError(
+                f"object key {key!r} has a segment starting with '.' ({segment!r})"
+            )
+        if "\\" in segment or any(ord(c) < 0x20 or c == "\x7f" for c in segment):
+            raise ObjectStoreError(
+                f"object key {key!r} contains a backslash or a control character"
+            )
+        if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
+            raise ObjectStoreError(
+                f"object key {key!r} has a segment longer than {MAX_SEGMENT_BYTES} bytes"
+            )
+
+
+def check_prefix(prefix: str) -> None:
+    """Raises ObjectStoreError unless ``prefix`` is empty or the start of a valid key."""
+    if prefix:
+        check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+
+
+class MemoryStore:
+    """Objects in a dict: for unit tests of the logic that uses a store."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({len(self._objects)} objects)"
+
+    def put(self, key: str, data: bytes) -> None:
+        check_key(key)
+        with self._lock:
+            self._objects[key] = bytes(data)
+
+    def get(self, key: str) -> bytes:
+        check_key(key)
+        with self._lock:
+            try:
+                return self._objects[key]
+            except KeyError:
+                raise ObjectNotFoundError(f"no object {key!r} in memory store") from None
+
+    def exists(self, key: str) -> bool:
+        check_key(key)
+        with self._lock:
+            return key in self._objects
+
+    def delete(self, key: str) -> None:
+        check_key(key)
+        with self._lock:
+            self._objects.pop(key, None)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        check_prefix(prefix)
+        with self._lock:
+            keys = sorted(k for k in self._objects if k.startswith(prefix))
+        return iter(keys)
+
+
+class DirectoryStore:
+    """Objects as files under a root directory: the embedded default.
+
+    A put writes a uniquely named temporary file (``.<name>.<random>.tmp``) next to the
+    target, fsyncs it, renames it over the target and fsyncs the directory, so concurrent
+    writers of one key never mix their bytes and a crash leaves the old object, the new
+    one or nothing, plus at worst a temporary file that ``remove_temp_files`` cleans up.
+    Files are created mode 0600, directories 0700. Empty directories are left behind by
+    delete: removing them would race with a concurrent put into the same directory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise ObjectStoreError(f"cannot create object store directory {self.root}: {e}") from e
+
+    def __repr__(self) -> str:
+        return f"DirectoryStore({self.root!r})"
+
+    def path(self, key: str) -> str:
+        """The file that holds ``key`` (after checking the key)."""
+        check_key(key)
+        return os.path.join(self.root, *key.split("/"))
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}{_TEMP_SUFFIX}")
+        try:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                self._make_dirs(directory)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(directory)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            raise ObjectStoreError(f"cannot store object {key!r} in {self.root}: {e}") from e
+
+    def get(self, key: str) -> bytes:
+        path = self.path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFoundError(f"no object {key!r} in {self.root}") from None
+        except OSError as e:
+            raise ObjectStoreError(f"cannot read object {key!r} in {self.root}: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self.path(key))
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as e:
+            raise ObjectStoreError(f"cannot delete object {key!r} in {self.root}: {e}") from e
+        _fsync_dir(os.path.dirname(path))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        check_prefix(prefix)
+        # Walk only the directory the prefix names; its last partial segment filters names.
+        head, _, tail = prefix.rpartition("/")
+        start = os.path.join(self.root, *head.split("/")) if head else self.root
+        return self._walk(start, f"{head}/" if head else "", tail)
+
+    def remove_temp_files(self, older_than: float = 3600.0) -> int:
+        """Deletes temporary files left by puts that crashed; returns how many.
+
+        Only files older than ``older_than`` seconds are touched, so running puts are safe.
+        """
+        limit = time.time() - older_than
+        removed = 0
+        for directory, dirs, files in os.walk(self.root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in files:
+                if not (name.startswith(".") and name.endswith(_TEMP_SUFFIX)):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    if os.lstat(path).st_mtime < limit:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        if removed:
+            LOG.info("removed %d stale temporary files under %s", removed, self.root)
+        return removed
+
+    def _walk(self, directory: str, key_prefix: str, name_prefix: str) -> Iterator[str]:
+        """Keys below ``directory`` in sorted order, first level filtered by name prefix.
+
+        A directory sorts as its name plus "/", so that ``a/b`` comes after ``a-b`` and
+        before ``a0`` exactly as the keys compare.
+        """
+        try:
+            with os.scandir(directory) as it:
+                entries = [
+                    (e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e)
+                    for e in it
+                    if e.name.startswith(name_prefix) and not e.name.startswith(".")
+                ]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as e:
+            raise ObjectStoreError(f"cannot list {directory} in {self.root}: {e}") from e
+        entries.sort(key=lambda pair: pair[0])
+        for sort_name, entry in entries:
+            if sort_name.endswith("/"):
+                yield from self._walk(entry.path, key_prefix + sort_name, "")
+            elif entry.is_file(follow_symlinks=False):
+                yield key_prefix + entry.name
+
+    def _make_dirs(self, directory: str) -> None:
+        """Creates ``directory`` and its missing parents below the root, each one durable."""
+        missing: list[str] = []
+        while directory != self.root and not os.path.isdir(directory):
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+        for path in reversed(missing):
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                if not os.path.isdir(path):
+                    raise
+                continue
+            _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+# Seconds. Connect fails fast so retries can find a healthy endpoint; a read may wait for
+# a large object on a slow link. Standard-mode retries back off exponentially with jitter
+# and cover throttling (503 SlowDown), 5xx and connection errors.
+S3_CONNECT_TIMEOUT = 5.0
+S3_READ_TIMEOUT = 30.0
+S3_MAX_ATTEMPTS = 5
+# Uploads run in parallel (the destager's thread pool); each thread needs a connection.
+S3_MAX_POOL_CONNECTIONS = 32
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+class S3Store:
+    """Objects in an S3 bucket (AWS S3, MinIO, Ceph RGW), optionally under a key prefix.
+
+    Credentials not given here come from boto3's usual sources (environment, shared
+    config, instance metadata). A custom ``endpoint_url`` uses path-style addressing,
+    which every S3-compatible service supports. The client is thread-safe; share a store
+    between threads. A HEAD response has no body, so ``exists`` cannot tell a missing
+    bucket from a missing key and answers False for both; the other calls name the bucket.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        prefix: str = "",
+    ) -> None:
+        if not bucket:
+            raise ConfigError("S3 bucket name is empty")
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        if self.prefix:
+            check_prefix(self.prefix)
+        config = botocore.config.Config(
+            retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
+            connect_timeout=S3_CONNECT_TIMEOUT,
+            read_timeout=S3_READ_TIMEOUT,
+            max_pool_connections=S3_MAX_POOL_CONNECTIONS,
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+        )
+        session = boto3.session.Session(
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            region_name=region,
+        )
+        self._client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+
+    def __repr__(self) -> str:
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        return f"S3Store(s3://{self.bucket}/{self.prefix}{where})"
+
+    def put(self, key: str, data: bytes) -> None:
+        check_key(key)
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=bytes(data))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise self._error("store", key, e) from e
+
+    def get(self, key: str) -> bytes:
+        check_key(key)
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+            data: bytes = response["Body"].read()
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            if _error_code(e) in _NOT_FOUND_CODES:
+                raise ObjectNotFoundError(
+                    f"no object {self.prefix + key!r} in S3 bucket {self.bucket!r}"
+                ) from None
+            raise self._error("read", key, e) from e
+        return data
+
+    def exists(self, key: str) -> bool:
+        check_key(key)
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            if _error_code(e) in _NOT_FOUND_CODES:
+                return False
+            raise self._error("look up", key, e) from e
+        return True
+
+    def delete(self, key: str) -> None:
+        check_key(key)
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            if _error_code(e) in _NOT_FOUND_CODES:
+                return
+            raise self._error("delete", key, e) from e
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        check_prefix(prefix)
+        return self._list(prefix)
+
+    def ensure_bucket(self) -> None:
+        """Creates the bucket if it does not exist (for development and tests)."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except botocore.exceptions.ClientError as e:
+            if _error_code(e) not in {"404", "NoSuchBucket", "NotFound"}:
+                raise self._error("look up", None, e) from e
+        except botocore.exceptions.BotoCoreError as e:
+            raise self._error("look up", None, e) from e
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.region and self.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            self._client.create_bucket(**kwargs)
+        except botocore.exceptions.ClientError as e:
+            if _error_code(e) != "BucketAlreadyOwnedByYou":  # else another account has it
+                raise self._error("create", None, e) from e
+        except botocore.exceptions.BotoCoreError as e:
+            raise self._error("create", None, e) from e
+        LOG.info("created S3 bucket %s", self.bucket)
+
+    def _list(self, prefix: str) -> Iterator[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        strip = len(self.prefix)
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", ()):
+                    yield str(item["Key"])[strip:]
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise self._error("list", prefix + "*", e) from e
+
+    def _error(self, action: str, key: str | None, e: Exception) -> ObjectStoreError:
+        what = f"object {self.prefix + key!r} in " if key is not None else ""
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        return ObjectStoreError(f"cannot {action} {what}S3 bucket {self.bucket!r}{where}: {e}")
+
+
+def _error_code(e: Exception) -> str:
+    """The S3 error code of a ClientError ("NoSuchKey", "404", ...), else ""."""
+    if isinstance(e, botocore.exceptions.ClientError):
+        return str(e.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+_S3_OPTIONS = {"endpoint", "region"}
+
+
+def open_store(url: str) -> ObjectStore:
+    """The store a configuration URL names.
+
+    ``file:///srv/sgw/objects`` or a plain path: a DirectoryStore there.
+    ``s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1``: an S3Store;
+    both options are optional, credentials come from boto3's usual sources.
+    """
+    if not url:
+        raise ConfigError("object store URL is empty: give a directory or an s3:// URL")
+    parsed = urllib.parse.urlsplit(url)
+    if not parsed.scheme:
+        return DirectoryStore(url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in {"", "localhost"}:
+            raise ConfigError(
+                f"object store URL {url!r} names host {parsed.netloc!r}: a file URL must be "
+                "local, as in file:///srv/sgw/objects"
+            )
+        if parsed.query or parsed.fragment:
+            raise ConfigError(f"object store URL {url!r}: a file URL takes no options")
+        path = urllib.parse.unquote(parsed.path)
+        if not path:
+            raise ConfigError(f"object store URL {url!r} names no directory")
+        return DirectoryStore(path)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ConfigError(f"object store URL {url!r} names no bucket: use s3://bucket/prefix")
+        options: dict[str, str] = {}
+        for name, value in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True):
+            if name not in _S3_OPTIONS:
+                raise ConfigError(
+                    f"object store URL {url!r} has unknown option {name!r}; "
+                    f"known: {', '.join(sorted(_S3_OPTIONS))}"
+                )
+            options[name] = value
+        endpoint = options.get("endpoint") or None
+        if endpoint is not None and urllib.parse.urlsplit(endpoint).scheme not in {
+            "http",
+            "https",
+        }:
+            raise ConfigError(
+                f"object store URL {url!r}: endpoint {endpoint!r} must be an http(s) URL"
+            )
+        prefix = urllib.parse.unquote(parsed.path).strip("/")
+        try:
+            return S3Store(
+                parsed.netloc,
+                endpoint_url=endpoint,
+                region=options.get("region") or None,
+                prefix=prefix,
+            )
+        except ObjectStoreError as e:
+            raise ConfigError(f"object store URL {url!r}: bad prefix: {e}") from e
+    raise ConfigError(
+        f"object store URL {url!r} has unsupported scheme {parsed.scheme!r}: "
+        "use a directory path, file:///path or s3://bucket/prefix"
+    )
