@@ -1,0 +1,256 @@
+"""The provider's relational schema: accounts, gateways, volumes, chunk maps, snapshots.
+
+A volume's chunk map (chunk index -> chunk id, the SHA-256 hex of the chunk's plaintext)
+is stored in immutable *segments*, each holding the entries of ``SEGMENT_CHUNKS``
+consecutive chunk indexes, plus one *pointer* row per non-empty segment saying which
+segment row is current for that part of the volume. A commit writes new segment rows only
+for the segments it touches and swaps their pointers, so updating a 1 TiB volume rewrites a
+few kilobytes, not the whole map. A snapshot copies the pointers (at most one row per GiB
+of volume at the default sizes), never chunk data and never segment contents, so it is
+incremental by construction; a cached volume created from a snapshot copies them too.
+
+Segment encoding (``MapSegment.data``): a format byte (``SEGMENT_FORMAT``) followed by
+entries sorted by offset, each a 2-byte big-endian offset inside the segment and the
+32-byte raw digest. A zero chunk has no entry and an empty segment has no row at all. Maps
+are sparse for most of their lives (new volumes, thin hosts), where this costs 34 bytes
+per written chunk instead of 32 KiB per touched segment for a dense array of digests; a
+fully written segment costs 6% more than the dense form, which is the price of never
+paying for holes. The format byte lets a later revision change the encoding per row.
+
+Segment rows are shared by every pointer that names them (a volume and all snapshots
+taken while that part did not change) and deleted as soon as the last pointer to them
+goes, in the same transaction; foreign keys from both pointer tables forbid deleting one
+that is still named. There is deliberately no ``chunks`` table with reference counts:
+keeping counts exact would turn a snapshot into one row update per chunk instead of a
+pointer copy. Garbage collection instead enumerates the referenced chunk ids from the
+segment rows that some pointer names and sweeps objects that are not among them and are
+older than a grace period, the grace covering chunks uploaded for a commit that has not
+landed yet. (Writers delete the segment rows they orphan; the rare row two concurrent
+PostgreSQL transactions leave behind is removed by ``ChunkMaps.sweep_segments``.)
+
+Identifiers of user-visible records are UUID strings (portable between SQLite and
+PostgreSQL, safe to expose); timestamps are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import DateTime, TypeDecorator
+
+# Chunk indexes per map segment: 1 GiB of volume at the default 1 MiB chunk, at most
+# 34 KiB per segment row, 1024 pointer rows for a full 1 TiB volume. Smaller segments
+# make scattered commits cheaper and snapshots of big volumes dearer. Offsets fit 2 bytes.
+SEGMENT_CHUNKS = 1024
+# First byte of every segment row's data: the sparse (offset, digest) encoding above.
+SEGMENT_FORMAT = 1
+# Longest names (accounts, gateways, volumes) and idempotency keys, in characters.
+NAME_MAX = 255
+KEY_MAX = 255
+
+# Constraint names are part of the schema that later migrations must name; a convention
+# keeps them identical on SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# An integer primary key that autoincrements on both backends (SQLite only does so for
+# INTEGER PRIMARY KEY).
+_SERIAL = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class VolumeMode(enum.StrEnum):
+    """Where a volume's primary copy lives (DESIGN.md section 1)."""
+
+    CACHED = "cached"
+    STORED = "stored"
+
+
+class SnapshotStatus(enum.StrEnum):
+    """A snapshot is ``pending`` while blocks are put into it, then immutable."""
+
+    PENDING = "pending"
+    COMPLETED = "completed"
+    ERROR = "error"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite stores no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware (UTC) datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Account(Base):
+    """A customer of the provider; owns gateways, volumes and snapshots."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
+    created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class Gateway(Base):
+    """An appliance belonging to an account (activation and credentials come later)."""
+
+    __tablename__ = "gateways"
+    __table_args__ = (UniqueConstraint("account_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class Volume(Base):
+    """A block volume and the version of its chunk map (bumped by every commit)."""
+
+    __tablename__ = "volumes"
+    __table_args__ = (
+        UniqueConstraint("account_id", "name"),
+        CheckConstraint("mode IN ('cached', 'stored')", name="mode"),
+        CheckConstraint("size > 0", name="size"),
+        CheckConstraint("chunk_size > 0", name="chunk_size"),
+        CheckConstraint("map_version >= 0", name="map_version"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    gateway_id: Mapped[str | None] = mapped_column(
+        ForeignKey("gateways.id", ondelete="SET NULL"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    size: Mapped[int] = mapped_column(BigInteger)
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    mode: Mapped[str] = mapped_column(String(16))
+    map_version: Mapped[int] = mapped_column(BigInteger, default=0)
+    created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class MapSegment(Base):
+    """Immutable entries of SEGMENT_CHUNKS consecutive chunk indexes (encoding above)."""
+
+    __tablename__ = "map_segments"
+
+    id: Mapped[int] = mapped_column(_SERIAL, primary_key=True, autoincrement=True)
+    # Number of entries in ``data``: statistics without decoding.
+    chunk_count: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class VolumeSegment(Base):
+    """The current segment of one part of a volume's map; absent means all zero."""
+
+    __tablename__ = "volume_segments"
+    __table_args__ = (CheckConstraint("segment_index >= 0", name="segment_index"),)
+
+    volume_id: Mapped[str] = mapped_column(
+        ForeignKey("volumes.id", ondelete="CASCADE"), primary_key=True
+    )
+    segment_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    segment_id: Mapped[int] = mapped_column(ForeignKey("map_segments.id"), index=True)
+
+
+class Snapshot(Base):
+    """An immutable chunk map: of a volume at ``map_version``, or built block by block.
+
+    ``volume_id`` is empty for snapshots started through the block API without a volume
+    and after the volume is deleted (snapshots outlive their volumes).
+    """
+
+    __tablename__ = "snapshots"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'completed', 'error')", name="status"),
+        CheckConstraint("volume_size > 0", name="volume_size"),
+        CheckConstraint("chunk_size > 0", name="chunk_size"),
+        Index(None, "account_id", "created"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    volume_id: Mapped[str | None] = mapped_column(
+        ForeignKey("volumes.id", ondelete="SET NULL"), index=True
+    )
+    parent_snapshot_id: Mapped[str | None] = mapped_column(
+        ForeignKey("snapshots.id", ondelete="SET NULL")
+    )
+    status: Mapped[str] = mapped_column(String(16))
+    volume_size: Mapped[int] = mapped_column(BigInteger)
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    # The volume's map version captured; None for a snapshot built through the block API.
+    map_version: Mapped[int | None] = mapped_column(BigInteger)
+    description: Mapped[str | None] = mapped_column(String(NAME_MAX))
+    created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    completed: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class SnapshotSegment(Base):
+    """A snapshot's segment pointers: a copy of its volume's at snapshot time."""
+
+    __tablename__ = "snapshot_segments"
+    __table_args__ = (CheckConstraint("segment_index >= 0", name="segment_index"),)
+
+    snapshot_id: Mapped[str] = mapped_column(
+        ForeignKey("snapshots.id", ondelete="CASCADE"), primary_key=True
+    )
+    segment_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    segment_id: Mapped[int] = mapped_column(ForeignKey("map_segments.id"), index=True)
+
+
+class CommitRecord(Base):
+    """The version a chunk-map commit produced, by idempotency key, so retries are no-ops.
+
+    ``changes_digest`` (SHA-256 hex of the canonical change list) tells a retry from a
+    different commit that reuses a key. Only the newest records per volume are kept.
+    """
+
+    __tablename__ = "commit_records"
+    __table_args__ = (Index(None, "volume_id", "version"),)
+
+    volume_id: Mapped[str] = mapped_column(
+        ForeignKey("volumes.id", ondelete="CASCADE"), primary_key=True
+    )
+    idempotency_key: Mapped[str] = mapped_column(String(KEY_MAX), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+    changes_digest: Mapped[str] = mapped_column(String(64))
+    created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

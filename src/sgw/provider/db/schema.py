@@ -1,0 +1,118 @@
+"""Engines, sessions and schema upgrades for the provider's database.
+
+SQLite (the embedded default) and PostgreSQL (``postgresql+psycopg://``; a plain
+``postgresql://`` URL is given that driver). Every process that opens the database may call
+``upgrade`` at start: on PostgreSQL an advisory lock makes concurrent upgrades wait for
+each other.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+LOG = logging.getLogger(__name__)
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+# How long a SQLite connection waits for another writer before failing (seconds). Provider
+# transactions are short; this only has to outlast a burst of concurrent commits.
+_SQLITE_BUSY_TIMEOUT_S = 30.0
+# pg_advisory_xact_lock key serialising schema upgrades ("sgw-mig" in ASCII).
+_MIGRATION_LOCK_KEY = 0x7367772D6D6967
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for ``url`` with the connection settings this schema relies on.
+
+    SQLite: foreign keys on (segment rows must not be deleted while named, deletes
+    cascade), WAL journal (readers do not block the writer) with full fsync (a commit the
+    provider acknowledged must survive power loss: the gateway frees its log after it).
+    ``kwargs`` go to ``sqlalchemy.create_engine``.
+    """
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "sqlite":
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        connect_args.setdefault("timeout", _SQLITE_BUSY_TIMEOUT_S)
+        engine = create_engine(parsed, connect_args=connect_args, **kwargs)
+        event.listen(engine, "connect", _sqlite_on_connect)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(parsed, **kwargs)
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+    finally:
+        cursor.close()
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions whose loaded objects stay readable after commit."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config() -> Config:
+    """The Alembic configuration of the packaged migrations (no alembic.ini needed)."""
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    """The newest migration's revision id."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations found in {_MIGRATIONS}; the package is incomplete")
+    return head
+
+
+def current_revision(url: str) -> str | None:
+    """The revision the database at ``url`` is at; None before the first upgrade."""
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str) -> None:
+    """Brings the database at ``url`` (empty or older) to the newest schema revision."""
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+                )
+            before = MigrationContext.configure(conn).get_current_revision()
+            config = alembic_config()
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+            after = MigrationContext.configure(conn).get_current_revision()
+        if before != after:
+            LOG.info(
+                "database schema upgraded",
+                extra={
+                    "url": engine.url.render_as_string(hide_password=True),
+                    "from_revision": before,
+                    "to_revision": after,
+                },
+            )
+    finally:
+        engine.dispose()
