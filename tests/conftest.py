@@ -133,3 +133,100 @@ def need(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is not installed; run `make setup` (scripts/install-host-deps)")
     return path
+
+
+@dataclass
+class ProviderProcess:
+    """A running ``sgw provider serve`` on loopback; restartable on the same data directory.
+
+    ``env`` is added to this process's environment only (e.g. S3 credentials).
+    """
+
+    data_dir: Path
+    insecure_dev: bool = True
+    db_url: str | None = None
+    store_url: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    stderr_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def args(self) -> list[str]:
+        args = [SGW, "provider", "serve", "--data-dir", str(self.data_dir)]
+        args += ["--listen", f"127.0.0.1:{self.port}"]
+        if self.db_url is not None:
+            args += ["--db", self.db_url]
+        if self.store_url is not None:
+            args += ["--store", self.store_url]
+        if self.insecure_dev:
+            args.append("--insecure-dev")
+        return args
+
+    def start(self, timeout: float = 20.0) -> ProviderProcess:
+        """Starts it and waits until /v1/health answers."""
+        import httpx
+
+        self.stderr_path = self.data_dir.with_suffix(".stderr")
+        with open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                self.args(),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env={**os.environ, **self.env},
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"provider exited {self.proc.returncode}: {self.log_text()}")
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        self.proc.kill()
+        self.proc.wait(10)
+        raise RuntimeError(f"provider did not answer /v1/health: {self.log_text()}")
+
+    def log_text(self) -> str:
+        if self.stderr_path and self.stderr_path.exists():
+            return self.stderr_path.read_text(errors="replace")[-4000:]
+        return ""
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def provider_factory() -> Iterator[type[ProviderProcess]]:
+    """``ProviderProcess`` whose instances are killed at the end of the test if running."""
+    started: list[ProviderProcess] = []
+
+    class Factory(ProviderProcess):
+        def start(self, timeout: float = 20.0) -> ProviderProcess:
+            started.append(self)
+            return super().start(timeout)
+
+    yield Factory
+    for p in started:
+        p.kill()
+
+
+@pytest.fixture
+def provider(tmp_path: Path, provider_factory: type[ProviderProcess]) -> ProviderProcess:
+    """One provider in ``--insecure-dev`` mode: SQLite and a directory store in tmp_path."""
+    return provider_factory(tmp_path / "provider").start()

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-size", metavar="SIZE", help="write log size for a file (1G)")
     serve.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+    serve.add_argument(
+        "--provider",
+        metavar="URL",
+        help="upload to the provider's block API at URL (sets [remote] url)",
+    )
 
     provider = areas.add_parser("provider", help="the provider side (block service, API)")
     pcmds = provider.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -58,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     pserve.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default: SQLite in DIR)")
     pserve.add_argument(
         "--store", metavar="URL", help="object store: file:///dir or s3://bucket/prefix"
+    )
+    pserve.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="development only: no authentication, every request acts for account 'dev'",
     )
     pserve.add_argument("--log-level", metavar="LEVEL", default="info", help="log level")
     return parser
@@ -96,6 +106,7 @@ def _gateway_serve(args: argparse.Namespace) -> int:
         nbd=args.nbd,
         log_size=args.log_size,
         log_level=args.log_level,
+        provider=args.provider,
     )
     setup_logging(config.log_level)
     import uvloop
@@ -108,7 +119,13 @@ def _provider_serve(args: argparse.Namespace) -> int:
     from sgw.provider import config as pcfg
     from sgw.provider.server import serve
 
-    config = pcfg.load(args.data_dir, listen=args.listen, db_url=args.db, store_url=args.store)
+    config = pcfg.load(
+        args.data_dir,
+        listen=args.listen,
+        db_url=args.db,
+        store_url=args.store,
+        insecure_dev=args.insecure_dev,
+    )
     setup_logging(args.log_level)
     return serve(config)
 

@@ -61,3 +61,72 @@ class VersionConflictError(DatabaseError):
 
 class NotFoundError(DatabaseError):
     """A volume, snapshot or other record does not exist (or is not the caller's)."""
+
+
+class RemoteError(SgwError):
+    """The provider's block API failed or refused a request.
+
+    ``status`` is the HTTP status (None when no answer came), ``code`` the provider's
+    error code from the body when it sent one.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class RemoteUnavailableError(RemoteError):
+    """No usable answer (connection refused or broken, timeout, 5xx): worth retrying."""
+
+
+class RemoteRejectedError(RemoteError):
+    """The provider refused the request (4xx): retrying the same request cannot help."""
+
+
+class RemoteNotFoundError(RemoteRejectedError):
+    """The volume (or chunk) does not exist at the provider (404)."""
+
+
+class RemoteConflictError(RemoteRejectedError):
+    """A commit was based on a map version that is no longer current (409)."""
+
+
+class MasterKeyError(ConfigError):
+    """The provider's master key file is missing, unreadable or not safe to use."""
+
+
+class StoredChunkError(ObjectStoreError):
+    """A chunk a map names is missing from the store, damaged or cannot be decrypted."""
+
+
+class RequestError(SgwError):
+    """A client's request cannot be served as asked; nothing was changed (a 4xx)."""
+
+
+class UnauthenticatedError(RequestError):
+    """The request carries no credentials the provider accepts."""
+
+
+class BadRequestError(RequestError):
+    """The request is malformed or asks for something impossible (a 400)."""
+
+
+class ChecksumMismatchError(BadRequestError):
+    """Uploaded data does not have the SHA-256 the request claims."""
+
+
+class MissingChunksError(BadRequestError):
+    """A commit names chunks that the store does not hold; upload them first."""
+
+    def __init__(self, message: str, chunk_ids: list[str]) -> None:
+        super().__init__(message)
+        self.chunk_ids = chunk_ids
+
+
+class PayloadTooLargeError(BadRequestError):
+    """A request body is larger than the call accepts (a 413)."""
+
+
+class UnsupportedEncodingError(BadRequestError):
+    """A request body has a Content-Encoding the provider does not decode (a 415)."""

@@ -17,6 +17,11 @@ Example (every key optional except what a volume needs)::
     [nbd]
     listen = ["unix:/run/sgw/nbd.sock", "tcp:127.0.0.1:10809"]
 
+    [remote]                              # upload to a provider (default: local only)
+    url = "http://127.0.0.1:8480"         # the provider's block API
+    concurrency = 8                       # chunk uploads in flight
+    bandwidth = "100M"                    # bytes per second (default: unlimited)
+
     [[volumes]]
     name = "vol0"
     size = "10G"
@@ -28,6 +33,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +99,16 @@ class DestageConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    """Where and how fast the destager uploads: each volume is bound to a remote volume
+    that the gateway creates at the provider on first use (its id kept in volumes.json)."""
+
+    url: str  # the provider's base URL, e.g. http://127.0.0.1:8480
+    concurrency: int = 8  # chunk uploads in flight at once
+    bandwidth: int | None = None  # bytes per second on the wire; None: unlimited
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything ``sgw gateway serve`` needs."""
 
@@ -103,6 +119,7 @@ class GatewayConfig:
     log_size: int = DEFAULT_LOG_SIZE
     destage: DestageConfig = field(default_factory=DestageConfig)
     log_level: str = "info"
+    remote: RemoteConfig | None = None
 
 
 def parse_volume_flag(text: str) -> tuple[str, int]:
@@ -129,6 +146,7 @@ def load(
     nbd: list[str] | None = None,
     log_size: str | None = None,
     log_level: str | None = None,
+    provider: str | None = None,
 ) -> GatewayConfig:
     """Builds the configuration from a TOML file, then applies the flags on top."""
     doc: dict[str, Any] = {}
@@ -140,7 +158,7 @@ def load(
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
-    known = {"data_dir", "log_level", "write_log", "destage", "nbd", "volumes"}
+    known = {"data_dir", "log_level", "write_log", "destage", "nbd", "volumes", "remote"}
     for key in doc:
         if key not in known:
             raise ConfigError(f"config: unknown key {key!r} (known: {', '.join(sorted(known))})")
@@ -204,6 +222,8 @@ def load(
         addrs = [f"unix:{os.path.join(ddir, 'nbd.sock')}"]
     listeners = tuple(Listener.parse(str(a)) for a in addrs)
 
+    remote = _remote(_table(doc, "remote", {"url", "concurrency", "bandwidth"}), provider)
+
     level = str(log_level or doc.get("log_level", "info")).lower()
     if level not in _LEVELS:
         raise ConfigError(f"log_level {level!r} is not one of {', '.join(_LEVELS)}")
@@ -215,7 +235,39 @@ def load(
         log_size=lsize,
         destage=destage,
         log_level=level,
+        remote=remote,
     )
+
+
+def check_url(text: str, what: str) -> str:
+    """An ``http(s)://HOST[:PORT][/PATH]`` base URL, without a trailing slash."""
+    parts = urllib.parse.urlsplit(text.strip())
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ConfigError(
+            f"{what}: {text!r} is not an http(s) URL (example: http://127.0.0.1:8480)"
+        )
+    return urllib.parse.urlunsplit(parts).rstrip("/")
+
+
+def _remote(table: dict[str, Any], provider: str | None) -> RemoteConfig | None:
+    url = provider or table.get("url")
+    if url is None:
+        if table:
+            raise ConfigError("config: [remote] needs a url (the provider's block API)")
+        return None
+    what = "--provider" if provider else "remote.url"
+    if not isinstance(url, str):
+        raise ConfigError(f'{what}: must be a string like "http://127.0.0.1:8480"')
+    conc = table.get("concurrency", 8)
+    if isinstance(conc, bool) or not isinstance(conc, int) or not 1 <= conc <= 256:
+        raise ConfigError(f"remote.concurrency: {conc!r} must be a whole number from 1 to 256")
+    bw = table.get("bandwidth")
+    bandwidth = None if bw is None else parse_size(bw, "remote.bandwidth (bytes per second)")
+    return RemoteConfig(check_url(url, what), concurrency=conc, bandwidth=bandwidth)
 
 
 def _table(doc: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:

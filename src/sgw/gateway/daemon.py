@@ -19,6 +19,8 @@ from sgw.gateway.config import GatewayConfig
 from sgw.gateway.nbd.server import NbdServer
 from sgw.gateway.volume.destager import Destager
 from sgw.gateway.volume.engine import VolumeEngine
+from sgw.gateway.volume.remote import BlockApiClient
+from sgw.gateway.volume.upload import Uploader
 
 LOG = logging.getLogger(__name__)
 
@@ -40,12 +42,22 @@ class Gateway:
         self.engine = VolumeEngine.open(
             config.data_dir, config.log_path, config.log_size, config.volumes
         )
+        self.uploader: Uploader | None = None
+        if config.remote is None:
+            _mark_unsynced(self.engine)
+        else:
+            r = config.remote
+            client = BlockApiClient(r.url, max_connections=r.concurrency + 2)
+            self.uploader = Uploader(
+                self.engine, client, concurrency=r.concurrency, bandwidth=r.bandwidth
+            )
         d = config.destage
         self.destager = Destager(
             self.engine,
             batch_bytes=d.batch_bytes,
             start_fill=d.start_fill,
             idle_seconds=d.idle_seconds,
+            upload=self.uploader,
         )
         self.server = NbdServer(self.engine, on_write=self.destager.kick)
 
@@ -64,10 +76,27 @@ class Gateway:
         await self.server.shutdown()
         await self.engine.flush()
         await self.destager.stop()
+        if self.uploader is not None:
+            await self.uploader.close()
         self.engine.close()
         for listener in self.config.listeners:
             if listener.kind == "unix" and os.path.exists(listener.path):
                 os.unlink(listener.path)
+
+
+def _mark_unsynced(engine: VolumeEngine) -> None:
+    """Without [remote], batches are destaged without uploading: a volume bound to a remote
+    volume must upload in full (what differs) once the remote is configured again."""
+    stale = [e for e in engine.registry.values() if e.remote_id is not None and e.remote_synced]
+    if stale:
+        for entry in stale:
+            entry.remote_synced = False
+        engine.save_registry()
+        LOG.warning(
+            "no [remote] configured: volumes bound to a remote volume will upload in full "
+            "when it is configured again",
+            extra={"volumes": len(stale)},
+        )
 
 
 async def serve(config: GatewayConfig) -> int:
@@ -85,6 +114,7 @@ async def serve(config: GatewayConfig) -> int:
             "volumes": [v.name for v in config.volumes],
             "nbd": [str(listener) for listener in config.listeners],
             "io_flusher": io_flusher,
+            "provider": config.remote.url if config.remote else None,
             "pid": os.getpid(),
         },
     )

@@ -16,6 +16,8 @@ class ProviderConfig:
 
     ``db_url`` is an SQLAlchemy URL (SQLite by default, PostgreSQL when one machine is
     outgrown); ``store_url`` names the object store (``file:///dir`` or ``s3://bucket``).
+    ``insecure_dev``: serve the API without authentication, every request acting for the
+    built-in account ``dev`` (development machines only, until the management plane).
     """
 
     data_dir: str
@@ -23,6 +25,7 @@ class ProviderConfig:
     port: int
     db_url: str
     store_url: str
+    insecure_dev: bool = False
 
 
 def load(
@@ -31,6 +34,7 @@ def load(
     listen: str | None = None,
     db_url: str | None = None,
     store_url: str | None = None,
+    insecure_dev: bool = False,
 ) -> ProviderConfig:
     """Builds the configuration from flags, with embedded defaults under ``data_dir``."""
     if not data_dir:
@@ -46,4 +50,5 @@ def load(
         port=int(port),
         db_url=db_url or f"sqlite:///{os.path.join(ddir, 'provider.db')}",
         store_url=store_url or f"file://{os.path.join(ddir, 'objects')}",
+        insecure_dev=insecure_dev,
     )

@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from sgw.common.errors import SgwError
 from sgw.gateway.volume.engine import VolumeEngine
 from sgw.gateway.volume.index import BLOCK, BLOCK_SHIFT, SMALL_ZERO_BLOCKS, zero_marker
 from sgw.gateway.volume.wal import KIND_DATA, KIND_TRIM, Record
@@ -30,6 +32,11 @@ ZERO_KEEP = -1  # the block reads as zeroes, space stays allocated
 ZERO_PUNCH = -2  # the block reads as zeroes, space may be released
 # Largest run handed to one copy (bytes).
 _MAX_RUN = 8 * 1024 * 1024
+# After a failed batch (the provider down, a disk error) the destager waits this long,
+# doubling per consecutive failure up to RETRY_MAX (seconds, with jitter): quick recovery
+# from a blip, no hot loop and little log noise during an outage of hours.
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
 
 
 @dataclass(slots=True)
@@ -157,8 +164,11 @@ class Destager:
         self.idle_seconds = idle_seconds
         self.upload = upload
         self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._uploading: asyncio.Future[None] | None = None
+        self.failures = 0  # consecutive failed batches
         self.last_append = time.monotonic()
         self.batches = 0
         self.bytes_destaged = 0
@@ -168,11 +178,15 @@ class Destager:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="destager")
 
     async def stop(self) -> None:
-        """Lets the current batch finish, then stops."""
+        """Lets the current batch finish, then stops. An upload still in progress (the
+        provider may be slow or down) is abandoned: its batch stays in the log."""
         self._stopping = True
         self._wake.set()
+        self._stopped.set()
+        if self._uploading is not None:
+            self._uploading.cancel()
         if self._task is not None:
-            await self._task
+            await asyncio.wait([self._task])
 
     def kick(self) -> None:
         """Tells the destager that there may be work (cheap; call after appends)."""
@@ -198,9 +212,18 @@ class Destager:
                 continue
             try:
                 await self.destage_once()
-            except Exception:
-                LOG.exception("destage failed; retrying in 1 s")
-                await asyncio.sleep(1.0)
+                self.failures = 0
+            except Exception as exc:
+                self.failures += 1
+                delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (self.failures - 1))
+                delay *= random.uniform(0.5, 1.0)
+                extra = {"retry_in_s": round(delay, 2), "failures": self.failures}
+                if isinstance(exc, SgwError):  # expected kinds: the message says it all
+                    LOG.warning("destage failed: %s", exc, extra=extra)
+                else:
+                    LOG.exception("destage failed", extra=extra)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), timeout=delay)
 
     async def drain(self) -> None:
         """Destages everything in the log now (tests, shutdown of a volume)."""
@@ -222,7 +245,11 @@ class Destager:
         # versions that later records overwrite.
         batch = merge(engine, records, point_in_time=self.upload is not None)
         if self.upload is not None:
-            await self.upload(batch)
+            self._uploading = asyncio.ensure_future(self.upload(batch))
+            try:
+                await self._uploading
+            finally:
+                self._uploading = None
         await asyncio.to_thread(self._apply, batch)
         for rec in batch.records:
             engine.reclaim(rec)

@@ -1,7 +1,9 @@
 """The volume engine: the gateway's write log, its volumes and their persistent registry.
 
 The registry (``volumes.json`` in the data directory) gives each volume a stable numeric id
-used in log records, its size and its disk. It is written atomically.
+used in log records, its size and its disk, and, once it uploads to a provider, the remote
+volume it is bound to and the map version the gateway last committed. It is written
+atomically; files written before the remote fields existed still load.
 """
 
 from __future__ import annotations
@@ -36,10 +38,18 @@ class VolumeSpec:
 class VolumeEngine:
     """Owns the write log and the volumes; recovers them at start."""
 
-    def __init__(self, log: WriteLog, volumes: dict[str, Volume]) -> None:
+    def __init__(
+        self,
+        log: WriteLog,
+        volumes: dict[str, Volume],
+        registry: dict[str, RegistryEntry] | None = None,
+        registry_path: str | None = None,
+    ) -> None:
         self.log = log
         self.volumes = volumes
         self.by_id = {v.id: v for v in volumes.values()}
+        self.registry = registry if registry is not None else {}
+        self.registry_path = registry_path
 
     @classmethod
     def open(
@@ -70,8 +80,7 @@ class VolumeEngine:
                     f"{spec.path}; move the disk back or fix the configuration"
                 )
         if changed:
-            doc = {name: vars(entry) for name, entry in registry.items()}
-            write_atomically(registry_path, json.dumps(doc, indent=2).encode())
+            _save_registry(registry_path, registry)
 
         if not os.path.exists(log_path):
             WriteLog.create(log_path, log_size)
@@ -87,7 +96,7 @@ class VolumeEngine:
                 os.makedirs(os.path.dirname(os.path.abspath(spec.path)), exist_ok=True)
                 base = FileBaseStore(spec.path, spec.size, create=True)
                 volumes[spec.name] = Volume(spec.name, entry.id, spec.size, base, log)
-            engine = cls(log, volumes)
+            engine = cls(log, volumes, registry, registry_path)
             engine._replay(records, registry)
         except BaseException:
             for v in volumes.values():
@@ -110,6 +119,13 @@ class VolumeEngine:
         if records:
             LOG.info("write log replayed", extra={"records": len(records)})
 
+    def save_registry(self) -> None:
+        """Writes the registry (after changing an entry's remote fields) atomically and
+        durably (blocking: run it off the event loop)."""
+        if self.registry_path is None:
+            raise VolumeStateError("this engine has no registry file to save")
+        _save_registry(self.registry_path, self.registry)
+
     async def flush(self) -> None:
         """Every write acknowledged so far is durable when this returns."""
         await self.log.sync()
@@ -130,11 +146,32 @@ class VolumeEngine:
 
 @dataclass
 class RegistryEntry:
-    """A volume's permanent facts: its id in log records, its size and its disk."""
+    """A volume's permanent facts: its id in log records, its size and its disk.
+
+    The remote fields bind it to a volume at the provider: ``remote_id``; the map version
+    the gateway last committed (``remote_version``); ``remote_pending``, the first log
+    sequence number of a batch whose commit was sent but whose answer was not recorded
+    (a crash in between), so that a restart can tell its own lost commit from a foreign
+    writer; and ``remote_synced``, False until the first commit after binding, which also
+    uploads what the local disk held before the volume was bound.
+    """
 
     id: int
     size: int
     path: str
+    remote_id: str | None = None
+    remote_version: int | None = None
+    remote_pending: int | None = None
+    remote_synced: bool = False
+
+
+def _save_registry(path: str, registry: dict[str, RegistryEntry]) -> None:
+    doc = {name: vars(entry) for name, entry in registry.items()}
+    write_atomically(path, json.dumps(doc, indent=2).encode())
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
 
 
 def _load_registry(path: str) -> dict[str, RegistryEntry]:
@@ -147,7 +184,15 @@ def _load_registry(path: str) -> dict[str, RegistryEntry]:
         raise VolumeStateError(f"volume registry {path} is unreadable: {exc}") from exc
     try:
         return {
-            str(name): RegistryEntry(int(e["id"]), int(e["size"]), str(e["path"]))
+            str(name): RegistryEntry(
+                int(e["id"]),
+                int(e["size"]),
+                str(e["path"]),
+                remote_id=None if e.get("remote_id") is None else str(e["remote_id"]),
+                remote_version=_optional_int(e.get("remote_version")),
+                remote_pending=_optional_int(e.get("remote_pending")),
+                remote_synced=bool(e.get("remote_synced", False)),
+            )
             for name, e in data.items()
         }
     except (AttributeError, KeyError, TypeError, ValueError) as exc:

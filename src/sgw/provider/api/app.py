@@ -1,54 +1,139 @@
-"""The HTTP application: routes, and the mapping of our errors to HTTP statuses.
+"""The HTTP application: what it is built from, its routes, and how errors become statuses.
 
 Every error a client can cause is a 4xx with a JSON body ``{"error": CODE, "message": ...}``
-that names the thing and the fix; anything else is a 500 that is logged.
+that names the thing and the fix; anything else is a 5xx that is logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sgw import __version__
+from sgw.common.chunks import MAX_CHUNK_SIZE
 from sgw.common.errors import (
+    BadRequestError,
+    ChecksumMismatchError,
     ChunkError,
+    MissingChunksError,
     NotFoundError,
+    ObjectStoreError,
+    PayloadTooLargeError,
     SgwError,
+    StoredChunkError,
+    UnauthenticatedError,
+    UnsupportedEncodingError,
     VersionConflictError,
 )
+from sgw.provider.api import blocks
+from sgw.provider.api.auth import DEV_ACCOUNT_ID, DEV_ACCOUNT_NAME, ensure_account
+from sgw.provider.blockstore.keys import open_keyring
+from sgw.provider.blockstore.maps import (
+    ChunkMaps,
+    IdempotencyKeyError,
+    NameTakenError,
+    SnapshotStateError,
+)
+from sgw.provider.blockstore.objects import ObjectStore, open_store
+from sgw.provider.blockstore.service import BlockService
 from sgw.provider.config import ProviderConfig
+from sgw.provider.db import schema
 
 LOG = logging.getLogger(__name__)
 
 # Our exceptions -> (HTTP status, error code); the first match in order wins.
 _STATUS: list[tuple[type[SgwError], int, str]] = [
+    (UnauthenticatedError, 401, "unauthenticated"),
+    (PayloadTooLargeError, 413, "payload_too_large"),
+    (UnsupportedEncodingError, 415, "unsupported_encoding"),
+    (MissingChunksError, 400, "missing_chunks"),
+    (ChecksumMismatchError, 400, "checksum_mismatch"),
+    (BadRequestError, 400, "bad_request"),
     (NotFoundError, 404, "not_found"),
     (VersionConflictError, 409, "version_conflict"),
+    (NameTakenError, 409, "name_taken"),
+    (SnapshotStateError, 409, "snapshot_state"),
+    (IdempotencyKeyError, 409, "idempotency_key_reused"),
     (ChunkError, 400, "bad_chunk"),
+    (StoredChunkError, 500, "chunk_unreadable"),
+    (ObjectStoreError, 503, "store_unavailable"),
 ]
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+# Largest request body of any call (bytes): a zstd-framed chunk of the largest chunk size.
+# JSON bodies are bounded by it too, since the framework buffers them whole.
+MAX_REQUEST_BODY = blocks.zstd_bound(MAX_CHUNK_SIZE)
 
 
 def create_app(config: ProviderConfig) -> FastAPI:
-    """The provider's application for ``config``."""
+    """The provider's application for ``config``, with everything it serves from.
+
+    Upgrades the database schema, opens the object store and the master key (made at
+    first start), and creates the development account in ``--insecure-dev`` mode, so a
+    misconfiguration fails here, before the server listens.
+    """
+    os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+    schema.upgrade(config.db_url)
+    engine = schema.make_engine(config.db_url)
+    sessions = schema.session_factory(engine)
+    store = open_store(config.store_url)
+    keys = open_keyring(config.data_dir, may_create=not _holds_chunks(store))
+    if config.insecure_dev:
+        ensure_account(sessions, DEV_ACCOUNT_ID, DEV_ACCOUNT_NAME)
+        LOG.warning("insecure development mode: every request acts for account %s", DEV_ACCOUNT_ID)
+    service = BlockService(ChunkMaps(sessions), store, keys)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()
+        engine.dispose()
+
     app = FastAPI(
         title="sgw provider",
         version=__version__,
         description="Block service, management and control plane of the storage gateway.",
+        lifespan=lifespan,
     )
     app.state.config = config
+    app.state.blocks = service
+    app.include_router(blocks.router)
+    app.add_middleware(_BodyLimit, limit=MAX_REQUEST_BODY)
 
     @app.exception_handler(SgwError)
     async def _sgw_error(request: Request, exc: SgwError) -> JSONResponse:
-        for cls, status, code in _STATUS:
-            if isinstance(exc, cls):
-                return JSONResponse({"error": code, "message": str(exc)}, status_code=status)
-        LOG.error("request failed", exc_info=exc, extra={"path": request.url.path})
-        return JSONResponse(
-            {"error": "internal", "message": "internal error; see the provider's log"},
-            status_code=500,
+        status, code = next(((s, c) for cls, s, c in _STATUS if isinstance(exc, cls)), (500, ""))
+        if not code:
+            LOG.error("request failed", exc_info=exc, extra={"path": request.url.path})
+            return _error(500, "internal", "internal error; see the provider's log")
+        headers = {"WWW-Authenticate": 'Bearer realm="sgw"'} if status == 401 else None
+        message = str(exc)
+        if status >= 500:
+            LOG.error("request failed", exc_info=exc, extra={"path": request.url.path})
+            if status == 503:
+                message = "the object store failed; retry later (details in the provider's log)"
+        extra = {"chunk_ids": exc.chunk_ids} if isinstance(exc, MissingChunksError) else {}
+        return _error(status, code, message, headers, **extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
+        return _error(422, "invalid_request", f"{problems} (the API is described at /openapi.json)")
+
+    @app.exception_handler(HTTPException)
+    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail), exc.headers)
 
     @app.get("/v1/health", tags=["status"])
     def health() -> dict[str, str]:
@@ -56,3 +141,54 @@ def create_app(config: ProviderConfig) -> FastAPI:
         return {"status": "ok", "version": __version__}
 
     return app
+
+
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": code, "message": message, **extra}, status_code=status, headers=headers
+    )
+
+
+def _holds_chunks(store: ObjectStore) -> bool:
+    """True if the store holds any chunk (then a missing master key must not be remade)."""
+    return next(iter(store.list("chunks/")), None) is not None
+
+
+class _BodyLimit:
+    """Refuses request bodies over ``limit`` bytes (413), by Content-Length up front and
+    by counting while the application reads, so no call buffers an unbounded body."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = (
+            f"request body is larger than {self.limit} bytes, the most any call accepts; "
+            "send at most one chunk per request"
+        )
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _error(413, "payload_too_large", message)(scope, receive, send)
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(413, message)
+            return msg
+
+        await self.app(scope, limited, send)

@@ -124,6 +124,8 @@ class VolumeInfo:
     mode: VolumeMode
     map_version: int
     created: datetime
+    # Which key encrypts the volume's chunks and where they are stored (see the KeyRing).
+    key_scope: str
 
     @property
     def chunk_count(self) -> int:
@@ -143,6 +145,7 @@ class SnapshotInfo:
     description: str | None
     created: datetime
     completed: datetime | None
+    key_scope: str
 
     @property
     def chunk_count(self) -> int:
@@ -184,7 +187,9 @@ class ChunkMaps:
         """A new volume of ``size`` bytes, all zero or with the map of a completed snapshot.
 
         From a snapshot only the segment pointers are copied (instant at any size);
-        ``chunk_size`` then defaults to the snapshot's and must equal it.
+        ``chunk_size`` then defaults to the snapshot's and must equal it, and the volume
+        shares the snapshot's key scope (its chunks are the snapshot's). A new empty
+        volume starts a key scope of its own, named by its id.
         """
         if not name or len(name) > NAME_MAX:
             raise ValueError(f"volume name {name!r}: give 1 to {NAME_MAX} characters")
@@ -226,8 +231,9 @@ class ChunkMaps:
                 raise NameTakenError(
                     f"account {account_id} already has a volume named {name!r}; pick another name"
                 )
+            volume_id = str(uuid.uuid4())
             volume = Volume(
-                id=str(uuid.uuid4()),
+                id=volume_id,
                 account_id=account_id,
                 gateway_id=gateway_id,
                 name=name,
@@ -235,6 +241,7 @@ class ChunkMaps:
                 chunk_size=chunk_size,
                 mode=mode.value,
                 map_version=0,
+                key_scope=volume_id if source is None else source.key_scope,
                 created=utcnow(),
             )
             s.add(volume)
@@ -302,12 +309,47 @@ class ChunkMaps:
                         f"volume {volume_id} is at map version {volume.map_version}, "
                         f"not {version}; read the current version"
                     )
-        result: dict[int, str] = {}
-        for segment_index, data in rows:
-            base = segment_index * SEGMENT_CHUNKS
-            for offset, digest in _decode(data).items():
-                result[base + offset] = digest.hex()
-        return result
+        return _entries(rows)
+
+    def read_volume_map(self, volume_id: str) -> tuple[int, dict[int, str]]:
+        """The volume's map version and its whole map, read in one statement (consistent)."""
+        with self._sessions() as s:
+            volume, rows = _volume_segments(s, volume_id, None)
+            version = volume.map_version
+        return version, _entries(rows)
+
+    def list_snapshot_chunks(
+        self, snapshot_id: str, start: int, limit: int
+    ) -> tuple[list[tuple[int, str]], int | None]:
+        """One page of a snapshot's non-zero chunks: up to ``limit`` (index, chunk id)
+        pairs from index ``start`` on, sorted, and the index the next page starts at
+        (None after the last page). Reads only the segments the page needs."""
+        if start < 0 or limit < 1:
+            raise ValueError(f"page start {start} and limit {limit}: start >= 0, limit >= 1")
+        page: list[tuple[int, str]] = []
+        with self._sessions() as s:
+            if s.get(Snapshot, snapshot_id) is None:
+                raise NotFoundError(f"snapshot {snapshot_id} not found")
+            rows = s.execute(
+                select(SnapshotSegment.segment_index, MapSegment.data)
+                .join(MapSegment, MapSegment.id == SnapshotSegment.segment_id)
+                .where(
+                    SnapshotSegment.snapshot_id == snapshot_id,
+                    SnapshotSegment.segment_index >= start // SEGMENT_CHUNKS,
+                )
+                .order_by(SnapshotSegment.segment_index)
+                .execution_options(yield_per=_SCAN_BATCH)
+            )
+            for segment_index, data in rows:
+                base = segment_index * SEGMENT_CHUNKS
+                for offset, digest in sorted(_decode(data).items()):
+                    index = base + offset
+                    if index < start:
+                        continue
+                    if len(page) == limit:
+                        return page, index
+                    page.append((index, digest.hex()))
+        return page, None
 
     def lookup(
         self, volume_id: str | None, chunk_index: int, *, snapshot_id: str | None = None
@@ -402,7 +444,10 @@ class ChunkMaps:
     # Snapshots
 
     def create_snapshot(self, volume_id: str, description: str | None = None) -> str:
-        """A completed snapshot of the volume's current map (a pointer copy); its id."""
+        """A completed snapshot of the volume's current map (a pointer copy); its id.
+
+        It shares the volume's key scope: its chunks are the volume's.
+        """
         _check_description(description)
         with self._sessions.begin() as s:
             volume = _lock_volume(s, volume_id)
@@ -416,6 +461,7 @@ class ChunkMaps:
                 chunk_size=volume.chunk_size,
                 map_version=volume.map_version,
                 description=description,
+                key_scope=volume.key_scope,
                 created=now,
                 completed=now,
             )
@@ -441,15 +487,19 @@ class ChunkMaps:
     ) -> str:
         """A pending snapshot to put chunks into (block API); its id.
 
-        With a parent, it starts as a copy of the parent's map (incremental upload).
+        With a parent, it starts as a copy of the parent's map (incremental upload) and
+        shares the parent's key scope; without one it starts a key scope named by its id.
         """
         _check_description(description)
         _check_chunk_size(chunk_size)
         if volume_size <= 0:
             raise ValueError(f"snapshot volume size {volume_size} must be a positive number")
+        snapshot_id = str(uuid.uuid4())
+        key_scope = snapshot_id
         with self._sessions.begin() as s:
             if parent_snapshot_id is not None:
                 parent = _lock_snapshot(s, parent_snapshot_id)
+                key_scope = parent.key_scope
                 if parent.account_id != account_id:
                     raise NotFoundError(f"snapshot {parent_snapshot_id} not found")
                 if parent.status != SnapshotStatus.COMPLETED:
@@ -466,7 +516,7 @@ class ChunkMaps:
             if s.get(Account, account_id) is None:
                 raise NotFoundError(f"account {account_id} does not exist")
             snapshot = Snapshot(
-                id=str(uuid.uuid4()),
+                id=snapshot_id,
                 account_id=account_id,
                 volume_id=None,
                 parent_snapshot_id=parent_snapshot_id,
@@ -475,6 +525,7 @@ class ChunkMaps:
                 chunk_size=chunk_size,
                 map_version=None,
                 description=description,
+                key_scope=key_scope,
                 created=utcnow(),
             )
             s.add(snapshot)
@@ -651,6 +702,16 @@ def _decode(data: bytes) -> dict[int, bytes]:
     return dict(_ENTRY.iter_unpack(memoryview(data)[1:]))
 
 
+def _entries(rows: Iterable[tuple[int, bytes]]) -> dict[int, str]:
+    """The sparse map (chunk index -> chunk id) that segment rows hold."""
+    result: dict[int, str] = {}
+    for segment_index, data in rows:
+        base = segment_index * SEGMENT_CHUNKS
+        for offset, digest in _decode(data).items():
+            result[base + offset] = digest.hex()
+    return result
+
+
 def _apply(s: Session, owner: _Owner, changes: Mapping[int, bytes | None]) -> int:
     """Rewrites the segments of ``owner``'s map that ``changes`` touch; how many changed."""
     by_segment: dict[int, dict[int, bytes | None]] = {}
@@ -797,13 +858,15 @@ def _snapshot_segments(
     return rows[0][0], [(i, data) for _, i, data in rows if i is not None]
 
 
-def _lock_volume(s: Session, volume_id: str) -> Row[str, int, int, int]:
+def _lock_volume(s: Session, volume_id: str) -> Row[str, int, int, int, str]:
     """Locks the volume's row for this transaction (a no-op update) and returns it."""
     row = s.execute(
         update(Volume)
         .where(Volume.id == volume_id)
         .values(map_version=Volume.map_version)
-        .returning(Volume.account_id, Volume.size, Volume.chunk_size, Volume.map_version)
+        .returning(
+            Volume.account_id, Volume.size, Volume.chunk_size, Volume.map_version, Volume.key_scope
+        )
         .execution_options(synchronize_session=False)
     ).one_or_none()
     if row is None:
@@ -811,13 +874,19 @@ def _lock_volume(s: Session, volume_id: str) -> Row[str, int, int, int]:
     return row
 
 
-def _lock_snapshot(s: Session, snapshot_id: str) -> Row[str, str, int, int]:
+def _lock_snapshot(s: Session, snapshot_id: str) -> Row[str, str, int, int, str]:
     """Locks the snapshot's row for this transaction (a no-op update) and returns it."""
     row = s.execute(
         update(Snapshot)
         .where(Snapshot.id == snapshot_id)
         .values(status=Snapshot.status)
-        .returning(Snapshot.account_id, Snapshot.status, Snapshot.volume_size, Snapshot.chunk_size)
+        .returning(
+            Snapshot.account_id,
+            Snapshot.status,
+            Snapshot.volume_size,
+            Snapshot.chunk_size,
+            Snapshot.key_scope,
+        )
         .execution_options(synchronize_session=False)
     ).one_or_none()
     if row is None:
@@ -913,6 +982,7 @@ def _volume_info(v: Volume) -> VolumeInfo:
         mode=VolumeMode(v.mode),
         map_version=v.map_version,
         created=v.created,
+        key_scope=v.key_scope,
     )
 
 
@@ -929,4 +999,5 @@ def _snapshot_info(snap: Snapshot) -> SnapshotInfo:
         description=snap.description,
         created=snap.created,
         completed=snap.completed,
+        key_scope=snap.key_scope,
     )

@@ -61,6 +61,8 @@ SEGMENT_FORMAT = 1
 # Longest names (accounts, gateways, volumes) and idempotency keys, in characters.
 NAME_MAX = 255
 KEY_MAX = 255
+# Longest key scope: scopes are the id of the volume or snapshot that started them.
+KEY_SCOPE_MAX = 36
 
 # Constraint names are part of the schema that later migrations must name; a convention
 # keeps them identical on SQLite and PostgreSQL.
@@ -164,6 +166,9 @@ class Volume(Base):
     chunk_size: Mapped[int] = mapped_column(Integer)
     mode: Mapped[str] = mapped_column(String(16))
     map_version: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Which chunk key encrypts this volume's chunks, and the object-key prefix they live
+    # under: the volume's own id, or that of the snapshot it was made from (see KeyRing).
+    key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX))
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
@@ -220,6 +225,8 @@ class Snapshot(Base):
     # The volume's map version captured; None for a snapshot built through the block API.
     map_version: Mapped[int | None] = mapped_column(BigInteger)
     description: Mapped[str | None] = mapped_column(String(NAME_MAX))
+    # The key scope of its chunks: its volume's, its parent's, or its own id.
+    key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX))
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     completed: Mapped[datetime | None] = mapped_column(UtcDateTime())
 

@@ -64,6 +64,7 @@ def upgrade() -> None:
         sa.Column("chunk_size", sa.Integer(), nullable=False),
         sa.Column("mode", sa.String(16), nullable=False),
         sa.Column("map_version", sa.BigInteger(), nullable=False),
+        sa.Column("key_scope", sa.String(36), nullable=False),
         sa.Column("created", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("mode IN ('cached', 'stored')", name=op.f("ck_volumes_mode")),
         sa.CheckConstraint("chunk_size > 0", name=op.f("ck_volumes_chunk_size")),
@@ -111,6 +112,7 @@ def upgrade() -> None:
         sa.Column("chunk_size", sa.Integer(), nullable=False),
         sa.Column("map_version", sa.BigInteger(), nullable=True),
         sa.Column("description", sa.String(255), nullable=True),
+        sa.Column("key_scope", sa.String(36), nullable=False),
         sa.Column("created", sa.DateTime(timezone=True), nullable=False),
         sa.Column("completed", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint(

@@ -1,0 +1,439 @@
+"""The upload step: ships each destage batch to the provider before the log space is freed.
+
+For every volume in a batch: bind it to a remote volume (created at the provider on first
+use, its id kept in the volume registry), build the new versions of the chunks the batch
+touches (``chunker``), upload the non-zero ones in parallel under a concurrency and a
+bandwidth limit, then commit every change of the volume in one commit based on the map
+version the gateway last committed. The destager applies the batch locally and frees the
+log only after this returns; any failure raises, and the destager retries the batch.
+
+Crash safety. Before a commit the registry records which batch (its first sequence
+number) is being committed (``remote_pending``); after it, the new version. A crash in
+between leaves the provider one commit ahead of the registry. After the restart the
+destager re-reads the same log from the same tail, so the next batch starts at that same
+record and covers every chunk the lost commit touched (records are made durable before
+an upload, so none of them can vanish in the crash): committing it on top of the newer
+version gives exactly the volume as of the batch's end. A map that moved on without such
+a pending batch was changed by someone else, and the upload fails loudly rather than
+overwrite it. A retry whose reply was lost carries the same idempotency key (derived
+from the batch and its changes), so the provider applies it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+from sgw.common.errors import (
+    RemoteConflictError,
+    RemoteNotFoundError,
+    RemoteRejectedError,
+    VolumeStateError,
+)
+from sgw.gateway.volume.chunker import ChunkVersion, iter_chunks
+from sgw.gateway.volume.destager import Batch, VolumeChanges
+from sgw.gateway.volume.engine import RegistryEntry, VolumeEngine
+from sgw.gateway.volume.index import BLOCK
+from sgw.gateway.volume.remote import BlockApiClient, prepare_chunk
+from sgw.gateway.volume.volume import Volume
+
+LOG = logging.getLogger(__name__)
+
+# How much the chunker builds per trip to a worker thread: enough to amortise the hop,
+# little enough to bound memory (chunks in flight add ``concurrency`` chunks to it).
+_TAKE_BYTES = 8 << 20
+_TAKE_ITEMS = 4096  # all-zero chunks cost no memory; this bounds one trip's time
+
+
+class TokenBucket:
+    """Limits a byte rate: ``acquire(n)`` waits until ``n`` bytes may go.
+
+    Tokens accrue at ``rate`` per second up to ``burst``; a request larger than what is
+    there goes into debt and waits it off, so a 1 MiB chunk under a 100 KiB/s limit still
+    goes (after about ten seconds) and the long-run rate is exact. ``rate`` None: no limit.
+    """
+
+    def __init__(
+        self,
+        rate: int | None,
+        burst: int | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if rate is not None and rate <= 0:
+            raise ValueError(f"bandwidth limit {rate} must be positive")
+        self.rate = rate
+        self.burst = float(burst if burst is not None else (rate or 0))
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.burst
+        self._stamp = clock()
+
+    def delay_for(self, n: int) -> float:
+        """Takes ``n`` tokens now; returns how long the taker must wait (seconds)."""
+        if self.rate is None:
+            return 0.0
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= n
+        return -self._tokens / self.rate if self._tokens < 0 else 0.0
+
+    async def acquire(self, n: int) -> None:
+        """Waits until ``n`` bytes may be sent (no wait without a limit)."""
+        delay = self.delay_for(n)
+        if delay > 0:
+            await self._sleep(delay)
+
+
+def idempotency_key(
+    remote_id: str, first_seq: int, last_seq: int, base: int, changes: dict[int, str | None]
+) -> str:
+    """The same batch with the same changes on the same base always gets the same key."""
+    h = hashlib.sha256(f"{remote_id}\n{first_seq}\n{last_seq}\n{base}\n".encode())
+    h.update(json.dumps(sorted(changes.items())).encode())
+    return f"sgw-{first_seq}-{last_seq}-{h.hexdigest()[:40]}"
+
+
+@dataclass
+class VolumeResult:
+    """A volume's new chunk versions: non-zero chunk ids and runs of all-zero indexes."""
+
+    data: dict[int, str] = field(default_factory=dict)
+    zero_runs: list[list[int]] = field(default_factory=list)  # [first, end) index runs
+
+    def add_zero(self, index: int) -> None:
+        runs = self.zero_runs
+        if runs and runs[-1][1] == index:
+            runs[-1][1] = index + 1
+        else:
+            runs.append([index, index + 1])
+
+    def diff(self, current: dict[int, str]) -> dict[int, str | None]:
+        """The commit that makes a map equal to ``current`` hold these versions."""
+        out: dict[int, str | None] = {i: c for i, c in self.data.items() if current.get(i) != c}
+        keys: list[int] | None = None
+        for a, b in self.zero_runs:
+            if b - a <= len(current):
+                out.update({i: None for i in range(a, b) if i in current})
+            else:
+                if keys is None:
+                    keys = sorted(current)
+                out.update({i: None for i in keys if a <= i < b})
+        return dict(sorted(out.items()))
+
+
+@dataclass
+class _Binding:
+    """A volume's remote side as this process knows it: id, chunk size, and the map at
+    ``map_version`` (kept up to date by our own commits)."""
+
+    remote_id: str
+    chunk_size: int
+    map_version: int
+    chunks: dict[int, str]
+
+
+class Uploader:
+    """The destager's upload step (``Destager(upload=uploader)``)."""
+
+    def __init__(
+        self,
+        engine: VolumeEngine,
+        client: BlockApiClient,
+        *,
+        concurrency: int = 8,
+        bandwidth: int | None = None,
+        mode: str = "stored",
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("upload concurrency must be at least 1")
+        self.engine = engine
+        self.client = client
+        self.concurrency = concurrency
+        self.bucket = TokenBucket(bandwidth)
+        self.mode = mode
+        self._bindings: dict[int, _Binding] = {}
+        # Volumes whose last commit was sent without a definite answer (a crash before
+        # this process started, a timeout): only such a commit may explain a moved map.
+        self._unanswered: set[int] = set()
+        # The registry in memory is ahead of the file (a save failed): save at next chance.
+        self._registry_dirty = False
+        self.chunks_uploaded = 0
+        self.bytes_sent = 0
+        self.commits = 0
+
+    async def close(self) -> None:
+        """Closes the HTTP client."""
+        await self.client.aclose()
+
+    async def __call__(self, batch: Batch) -> None:
+        if not batch.volumes:
+            return
+        # What goes to the provider must survive a crash here too, or the remote could
+        # keep writes that the restarted gateway no longer has.
+        await self.engine.flush()
+        first, last = batch.records[0].seq, batch.records[-1].seq
+        for vol_id, changes in batch.volumes.items():
+            vol = self.engine.by_id[vol_id]
+            await self._upload_volume(vol, changes, first, last)
+
+    # -- one volume ----------------------------------------------------------------------
+
+    async def _upload_volume(
+        self, vol: Volume, changes: VolumeChanges, first: int, last: int
+    ) -> None:
+        entry = self.engine.registry[vol.name]
+        binding = await self._bind(vol, entry)
+        if binding.map_version != entry.remote_version:
+            await self._reconcile(vol, entry, binding, first)
+        extra: list[tuple[int, int]] = []
+        if not entry.remote_synced:
+            # What the disk holds that the remote may lack (data from before the volume was
+            # bound, or destaged while no remote was configured), and what the remote holds
+            # that the disk may no longer have.
+            extra = await asyncio.to_thread(_allocated_chunks, vol, binding.chunk_size)
+            extra += [(i, i + 1) for i in binding.chunks]
+        started = time.monotonic()
+        result = await self._build_and_upload(vol, changes, binding, extra)
+        await self._commit(vol, entry, binding, result, first=first, last=last)
+        LOG.debug(
+            "volume batch uploaded",
+            extra={
+                "volume": vol.name,
+                "chunks": len(result.data),
+                "zero_runs": len(result.zero_runs),
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+
+    async def _bind(self, vol: Volume, entry: RegistryEntry) -> _Binding:
+        binding = self._bindings.get(vol.id)
+        if binding is not None:
+            return binding
+        if entry.remote_id is None:
+            rv = await self.client.create_volume(vol.name, vol.size, mode=self.mode)
+            entry.remote_id, entry.remote_version = rv.id, rv.map_version
+            entry.remote_pending, entry.remote_synced = None, False
+            await self._save_registry()
+            LOG.info("remote volume created", extra={"volume": vol.name, "remote_id": rv.id})
+            chunks: dict[int, str] = {}
+            version = rv.map_version
+        else:
+            try:
+                rv = await self.client.get_volume(entry.remote_id)
+            except RemoteNotFoundError as exc:
+                raise VolumeStateError(
+                    f"volume {vol.name} is bound to remote volume {entry.remote_id}, which "
+                    f"the provider at {self.client.base_url} does not have; if it is gone for "
+                    "good, remove remote_id from volumes.json (with the gateway stopped) and "
+                    "the volume is uploaded again in full to a new remote volume"
+                ) from exc
+            remote_map = await self.client.get_map(rv.id)
+            chunks, version = remote_map.chunks, remote_map.version
+            if entry.remote_version is None:
+                entry.remote_version = version
+        if rv.size != vol.size:
+            raise VolumeStateError(
+                f"volume {vol.name} is {vol.size} bytes but its remote volume {rv.id} is "
+                f"{rv.size}; configure the same size or bind a new remote volume"
+            )
+        if rv.chunk_size <= 0 or rv.chunk_size % BLOCK:
+            raise VolumeStateError(
+                f"remote volume {rv.id} has chunk size {rv.chunk_size}, not a multiple of 4 KiB"
+            )
+        binding = _Binding(rv.id, rv.chunk_size, version, chunks)
+        self._bindings[vol.id] = binding
+        if entry.remote_pending is not None:
+            self._unanswered.add(vol.id)
+        return binding
+
+    async def _reconcile(
+        self, vol: Volume, entry: RegistryEntry, binding: _Binding, first: int
+    ) -> None:
+        """The provider's map is not at the version we last committed: re-read it and
+        accept it only if our own unrecorded commit of a batch from this tail explains it."""
+        remote_map = await self.client.get_map(binding.remote_id)
+        binding.chunks, binding.map_version = remote_map.chunks, remote_map.version
+        if remote_map.version == entry.remote_version:
+            return
+        if entry.remote_pending == first and vol.id in self._unanswered:
+            LOG.warning(
+                "the provider holds a commit this gateway did not record (a crash or a lost "
+                "reply); this batch covers every chunk it changed and is committed on top",
+                extra={
+                    "volume": vol.name,
+                    "recorded_version": entry.remote_version,
+                    "remote_version": remote_map.version,
+                },
+            )
+            entry.remote_version = remote_map.version
+            return
+        raise RemoteConflictError(
+            f"remote volume {binding.remote_id} of volume {vol.name} is at map version "
+            f"{remote_map.version} but this gateway last committed {entry.remote_version}: "
+            "something else writes to it. Stop the other writer, or bind this volume to a "
+            "new remote volume (remove its remote_id from volumes.json); uploads are held "
+            "in the write log meanwhile",
+            status=409,
+        )
+
+    async def _build_and_upload(
+        self,
+        vol: Volume,
+        changes: VolumeChanges,
+        binding: _Binding,
+        extra: list[tuple[int, int]],
+    ) -> VolumeResult:
+        result = VolumeResult()
+        gen = iter_chunks(
+            changes,
+            vol.base,
+            self.engine.log,
+            size=vol.size,
+            chunk_size=binding.chunk_size,
+            extra=extra,
+        )
+        slots = asyncio.Semaphore(self.concurrency)
+        sent_ids: set[str] = set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                while True:
+                    items = await asyncio.to_thread(_take, gen)
+                    if not items:
+                        break
+                    for index, data in items:
+                        if data is None:
+                            result.add_zero(index)
+                            continue
+                        await slots.acquire()
+                        tg.create_task(
+                            self._put(
+                                binding, index, data, result=result, sent_ids=sent_ids, slots=slots
+                            )
+                        )
+        except BaseExceptionGroup as group:
+            first_exc = group.exceptions[0]
+            while isinstance(first_exc, BaseExceptionGroup):
+                first_exc = first_exc.exceptions[0]
+            raise first_exc from group
+        finally:
+            gen.close()
+        return result
+
+    async def _put(
+        self,
+        binding: _Binding,
+        index: int,
+        data: bytes,
+        *,
+        result: VolumeResult,
+        sent_ids: set[str],
+        slots: asyncio.Semaphore,
+    ) -> None:
+        try:
+            chunk = await asyncio.to_thread(prepare_chunk, data)
+            result.data[index] = chunk.id
+            # The provider holds it already: at this index of the map, or sent in this batch.
+            if binding.chunks.get(index) == chunk.id or chunk.id in sent_ids:
+                return
+            sent_ids.add(chunk.id)
+            await self.bucket.acquire(len(chunk.body))
+            await self.client.put_chunk(binding.remote_id, chunk)
+            self.chunks_uploaded += 1
+            self.bytes_sent += len(chunk.body)
+        finally:
+            slots.release()
+
+    async def _commit(
+        self,
+        vol: Volume,
+        entry: RegistryEntry,
+        binding: _Binding,
+        result: VolumeResult,
+        *,
+        first: int,
+        last: int,
+    ) -> None:
+        for attempt in (1, 2):
+            changes = result.diff(binding.chunks)
+            base = entry.remote_version
+            assert base is not None and entry.remote_id is not None
+            if not changes:
+                version = base
+                break
+            if entry.remote_pending != first or self._registry_dirty:
+                entry.remote_pending = first
+                await self._save_registry()
+            key = idempotency_key(entry.remote_id, first, last, base, changes)
+            try:
+                version = await self.client.commit(entry.remote_id, base, changes, key)
+            except RemoteConflictError:  # a definite answer: this attempt changed nothing
+                if attempt == 2:
+                    raise
+                await self._reconcile(vol, entry, binding, first)
+                continue
+            except RemoteRejectedError:  # refused: nothing was applied
+                raise
+            except BaseException:  # no answer: the commit may or may not have happened
+                self._unanswered.add(vol.id)
+                raise
+            self._unanswered.discard(vol.id)
+            break
+        else:  # pragma: no cover - the loop breaks or raises
+            raise AssertionError("unreachable")
+        if changes:
+            self.commits += 1
+            for i, c in changes.items():
+                if c is None:
+                    binding.chunks.pop(i, None)
+                else:
+                    binding.chunks[i] = c
+        binding.map_version = version
+        done = (version, None, True)
+        if (entry.remote_version, entry.remote_pending, entry.remote_synced) != done or (
+            self._registry_dirty
+        ):
+            entry.remote_version, entry.remote_pending, entry.remote_synced = done
+            await self._save_registry()
+
+    async def _save_registry(self) -> None:
+        """Writes the registry durably (in a worker thread); a failure is retried at the
+        next save even if nothing changed in memory since."""
+        self._registry_dirty = True
+        await asyncio.to_thread(self.engine.save_registry)
+        self._registry_dirty = False
+
+
+def _take(gen: Iterator[ChunkVersion]) -> list[ChunkVersion]:
+    """The next few chunk versions (in a worker thread: the chunker reads disks)."""
+    out: list[ChunkVersion] = []
+    nbytes = 0
+    for item in gen:
+        out.append(item)
+        if item[1] is not None:
+            nbytes += len(item[1])
+        if nbytes >= _TAKE_BYTES or len(out) >= _TAKE_ITEMS:
+            break
+    return out
+
+
+def _allocated_chunks(vol: Volume, chunk_size: int) -> list[tuple[int, int]]:
+    """Runs of chunk indexes where the base store holds anything but holes."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for length, hole in vol.base.allocated(0, vol.size):
+        if not hole:
+            a, b = pos // chunk_size, (pos + length - 1) // chunk_size + 1
+            if out and a <= out[-1][1]:
+                out[-1] = (out[-1][0], max(b, out[-1][1]))
+            else:
+                out.append((a, b))
+        pos += length
+    return out

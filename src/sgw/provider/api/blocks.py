@@ -1,0 +1,463 @@
+"""Routes of the block API (docs/block-api.md): volumes, chunks, maps, commits, snapshots.
+
+The routes only translate HTTP to ``BlockService`` calls and back. Chunk and block bodies
+are read here, as raw bytes with a size limit (the chunk size, or its zstd bound for a
+``Content-Encoding: zstd`` body) enforced while reading, so an oversized upload is refused
+with 413 after at most that many bytes and never buffered whole.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import zstandard
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from sgw.common.errors import (
+    BadRequestError,
+    ChecksumMismatchError,
+    PayloadTooLargeError,
+    UnsupportedEncodingError,
+)
+from sgw.provider.api.auth import CurrentAccount
+from sgw.provider.blockstore.maps import SnapshotInfo, VolumeInfo, VolumeMode
+from sgw.provider.blockstore.service import (
+    DEFAULT_PAGE,
+    MAX_PAGE,
+    BlockPage,
+    BlockService,
+    check_chunk_id,
+)
+
+# Slack on top of zstd's worst-case expansion (ZSTD_compressBound) for frame headers,
+# checksums and a few concatenated frames (bytes).
+_ZSTD_FRAMING = 4096
+_OCTETS = "application/octet-stream"
+# Upper bound of sizes, versions and indexes: what the database's 64-bit integers hold.
+_INT64_MAX = (1 << 63) - 1
+_BINARY_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {_OCTETS: {"schema": {"type": "string", "format": "binary"}}},
+        "description": "the plaintext data; `Content-Encoding: zstd` allowed",
+    }
+}
+_BINARY_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {_OCTETS: {"schema": {"type": "string", "format": "binary"}}},
+        "description": "the plaintext data; `x-sgw-sha256` carries its SHA-256",
+    }
+}
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. not_found")
+    message: str = Field(description="what is wrong and how to fix it")
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorOut} for status in (401, *statuses)}
+
+
+class VolumeCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="unique within the account, 1 to 255 characters")
+    size: int = Field(le=_INT64_MAX, description="bytes")
+    mode: Literal["cached", "stored"]
+    chunk_size: int | None = Field(
+        None, description="bytes, a power of two; default 1 MiB, or the snapshot's"
+    )
+    from_snapshot_id: str | None = Field(None, description="start from a completed snapshot")
+    gateway_id: str | None = None
+
+
+class VolumeOut(BaseModel):
+    id: str
+    name: str
+    size: int
+    chunk_size: int
+    mode: Literal["cached", "stored"]
+    map_version: int
+    created: datetime
+
+    @classmethod
+    def of(cls, v: VolumeInfo) -> VolumeOut:
+        return cls(
+            id=v.id,
+            name=v.name,
+            size=v.size,
+            chunk_size=v.chunk_size,
+            mode=v.mode.value,
+            map_version=v.map_version,
+            created=v.created,
+        )
+
+
+class ChunkStored(BaseModel):
+    chunk_id: str
+
+
+class ChunkMap(BaseModel):
+    version: int
+    chunks: dict[str, str] = Field(description="chunk index -> chunk id; zero chunks absent")
+
+
+class CommitIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_version: int = Field(
+        ge=0, le=_INT64_MAX, description="the map version the changes are based on"
+    )
+    idempotency_key: str = Field(description="the same key and changes on a retry")
+    changes: dict[str, str | None] = Field(
+        description="chunk index -> chunk id, or null for an all-zero chunk"
+    )
+
+
+class CommitOut(BaseModel):
+    version: int
+
+
+class VolumeSnapshotCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str | None = None
+
+
+class SnapshotCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    volume_size: int = Field(le=_INT64_MAX, description="bytes")
+    chunk_size: int | None = Field(None, description="block size; default 1 MiB or the parent's")
+    parent_snapshot_id: str | None = Field(None, description="start from its blocks")
+    description: str | None = None
+
+
+class SnapshotOut(BaseModel):
+    id: str
+    volume_id: str | None
+    parent_snapshot_id: str | None
+    status: Literal["pending", "completed", "error"]
+    volume_size: int
+    chunk_size: int
+    description: str | None
+    created: datetime
+    completed: datetime | None
+
+    @classmethod
+    def of(cls, s: SnapshotInfo) -> SnapshotOut:
+        return cls(
+            id=s.id,
+            volume_id=s.volume_id,
+            parent_snapshot_id=s.parent_snapshot_id,
+            status=s.status.value,
+            volume_size=s.volume_size,
+            chunk_size=s.chunk_size,
+            description=s.description,
+            created=s.created,
+            completed=s.completed,
+        )
+
+
+class Block(BaseModel):
+    index: int
+    chunk_id: str | None = Field(description="null: the block is (now) all zero")
+
+
+class BlockList(BaseModel):
+    blocks: list[Block]
+    next: int | None = Field(description="the start of the next page; null after the last")
+
+    @classmethod
+    def of(cls, page: BlockPage) -> BlockList:
+        return cls(blocks=[Block(index=i, chunk_id=c) for i, c in page.blocks], next=page.next)
+
+
+def _service(request: Request) -> BlockService:
+    service: BlockService = request.app.state.blocks
+    return service
+
+
+Service = Annotated[BlockService, Depends(_service)]
+Sha256Header = Annotated[
+    str, Header(alias="x-sgw-sha256", description="lowercase hex SHA-256 of the plaintext")
+]
+Start = Annotated[int, Query(ge=0, le=_INT64_MAX, description="first block index")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="most blocks per page")]
+
+router = APIRouter(prefix="/v1")
+
+
+# Volumes
+
+
+@router.post("/volumes", status_code=201, tags=["volumes"], responses=_errors(400, 404, 409, 422))
+def create_volume(body: VolumeCreate, account: CurrentAccount, service: Service) -> VolumeOut:
+    """Creates a volume, all zero or with the blocks of a completed snapshot."""
+    volume = service.create_volume(
+        account,
+        body.name,
+        body.size,
+        mode=VolumeMode(body.mode),
+        chunk_size=body.chunk_size,
+        from_snapshot_id=body.from_snapshot_id,
+        gateway_id=body.gateway_id,
+    )
+    return VolumeOut.of(volume)
+
+
+@router.get("/volumes/{volume_id}", tags=["volumes"], responses=_errors(404))
+def get_volume(volume_id: str, account: CurrentAccount, service: Service) -> VolumeOut:
+    return VolumeOut.of(service.get_volume(account, volume_id))
+
+
+@router.delete("/volumes/{volume_id}", status_code=204, tags=["volumes"], responses=_errors(404))
+def delete_volume(volume_id: str, account: CurrentAccount, service: Service) -> Response:
+    """Deletes the volume and its map; its snapshots stay."""
+    service.delete_volume(account, volume_id)
+    return Response(status_code=204)
+
+
+@router.put(
+    "/volumes/{volume_id}/chunks/{chunk_id}",
+    status_code=201,
+    tags=["volumes"],
+    openapi_extra=_BINARY_BODY,
+    responses={
+        200: {"model": ChunkStored, "description": "the chunk was already stored"},
+        201: {"model": ChunkStored, "description": "the chunk was stored"},
+        **_errors(400, 404, 413, 415, 422),
+    },
+)
+async def put_chunk(
+    *,
+    volume_id: str,
+    chunk_id: str,
+    request: Request,
+    response: Response,
+    sha256: Sha256Header,
+    account: CurrentAccount,
+    service: Service,
+) -> ChunkStored:
+    """Stores a chunk (plaintext, at most the chunk size, not all zero) for a commit."""
+    volume = await run_in_threadpool(service.get_volume, account, volume_id)
+    check_chunk_id(chunk_id, "chunk id in the path")
+    check_chunk_id(sha256, "x-sgw-sha256")
+    if sha256 != chunk_id:
+        raise ChecksumMismatchError(
+            f"x-sgw-sha256 {sha256} differs from the chunk id {chunk_id} in the path; "
+            "both are the SHA-256 of the chunk's plaintext"
+        )
+    data = await _read_body(request, volume.chunk_size, f"chunk {chunk_id}")
+    created = await run_in_threadpool(service.put_chunk, account, volume.id, chunk_id, data)
+    response.status_code = 201 if created else 200
+    return ChunkStored(chunk_id=chunk_id)
+
+
+@router.get(
+    "/volumes/{volume_id}/chunks/{chunk_id}",
+    tags=["volumes"],
+    response_class=Response,
+    responses={**_BINARY_ANSWER, **_errors(400, 404)},
+)
+def get_chunk(volume_id: str, chunk_id: str, account: CurrentAccount, service: Service) -> Response:
+    """The plaintext of a chunk stored for the volume."""
+    data = service.get_chunk(account, volume_id, chunk_id)
+    return Response(data, media_type=_OCTETS, headers={"x-sgw-sha256": chunk_id})
+
+
+@router.get("/volumes/{volume_id}/map", tags=["volumes"], responses=_errors(404))
+def get_map(volume_id: str, account: CurrentAccount, service: Service) -> ChunkMap:
+    """The volume's whole chunk map and its version."""
+    version, chunks = service.read_map(account, volume_id)
+    return ChunkMap(version=version, chunks={str(i): c for i, c in sorted(chunks.items())})
+
+
+@router.post(
+    "/volumes/{volume_id}/commits", tags=["volumes"], responses=_errors(400, 404, 409, 422)
+)
+def commit(volume_id: str, body: CommitIn, account: CurrentAccount, service: Service) -> CommitOut:
+    """Applies changes to the map atomically; 409 if ``base_version`` is stale."""
+    version = service.commit(
+        account, volume_id, body.base_version, body.idempotency_key, body.changes
+    )
+    return CommitOut(version=version)
+
+
+@router.post(
+    "/volumes/{volume_id}/snapshots",
+    status_code=201,
+    tags=["snapshots"],
+    responses=_errors(400, 404, 422),
+)
+def snapshot_volume(
+    volume_id: str,
+    account: CurrentAccount,
+    service: Service,
+    body: VolumeSnapshotCreate | None = None,
+) -> SnapshotOut:
+    """A completed snapshot of the volume's current map."""
+    description = body.description if body is not None else None
+    return SnapshotOut.of(service.snapshot_volume(account, volume_id, description))
+
+
+# Snapshots (block API)
+
+
+@router.post("/snapshots", status_code=201, tags=["snapshots"], responses=_errors(400, 404, 409))
+def start_snapshot(body: SnapshotCreate, account: CurrentAccount, service: Service) -> SnapshotOut:
+    """A pending snapshot to put blocks into (from its parent's blocks if given)."""
+    snapshot = service.start_snapshot(
+        account,
+        body.volume_size,
+        chunk_size=body.chunk_size,
+        parent_snapshot_id=body.parent_snapshot_id,
+        description=body.description,
+    )
+    return SnapshotOut.of(snapshot)
+
+
+@router.get("/snapshots/{snapshot_id}", tags=["snapshots"], responses=_errors(404))
+def get_snapshot(snapshot_id: str, account: CurrentAccount, service: Service) -> SnapshotOut:
+    return SnapshotOut.of(service.get_snapshot(account, snapshot_id))
+
+
+@router.put(
+    "/snapshots/{snapshot_id}/blocks/{index}",
+    status_code=201,
+    tags=["snapshots"],
+    openapi_extra=_BINARY_BODY,
+    responses=_errors(400, 404, 409, 413, 415, 422),
+)
+async def put_block(
+    *,
+    snapshot_id: str,
+    index: int,
+    request: Request,
+    sha256: Sha256Header,
+    account: CurrentAccount,
+    service: Service,
+) -> Block:
+    """Sets a block of a pending snapshot (exactly the block's length; zeroes allowed)."""
+    snapshot = await run_in_threadpool(service.get_snapshot, account, snapshot_id)
+    length = service.upload_length(snapshot, index)
+    check_chunk_id(sha256, "x-sgw-sha256")
+    data = await _read_body(request, length, f"block {index}")
+    chunk = await run_in_threadpool(service.put_block, account, snapshot.id, index, data, sha256)
+    return Block(index=index, chunk_id=chunk)
+
+
+@router.get(
+    "/snapshots/{snapshot_id}/blocks/{index}",
+    tags=["snapshots"],
+    response_class=Response,
+    responses={**_BINARY_ANSWER, **_errors(400, 404)},
+)
+def get_block(snapshot_id: str, index: int, account: CurrentAccount, service: Service) -> Response:
+    """A block's data; 404 if the block is not in the snapshot (it reads as zeroes)."""
+    chunk, data = service.get_block(account, snapshot_id, index)
+    return Response(data, media_type=_OCTETS, headers={"x-sgw-sha256": chunk})
+
+
+@router.get("/snapshots/{snapshot_id}/blocks", tags=["snapshots"], responses=_errors(404, 422))
+def list_blocks(
+    snapshot_id: str,
+    account: CurrentAccount,
+    service: Service,
+    start: Start = 0,
+    limit: Limit = DEFAULT_PAGE,
+) -> BlockList:
+    """The snapshot's non-zero blocks, a page at a time, by index."""
+    return BlockList.of(service.list_blocks(account, snapshot_id, start, limit))
+
+
+@router.get(
+    "/snapshots/{snapshot_id}/changed-blocks",
+    tags=["snapshots"],
+    responses=_errors(400, 404, 409, 422),
+)
+def changed_blocks(
+    *,
+    snapshot_id: str,
+    account: CurrentAccount,
+    service: Service,
+    first_snapshot_id: Annotated[
+        str | None, Query(description="compare with it; omitted: with nothing")
+    ] = None,
+    start: Start = 0,
+    limit: Limit = DEFAULT_PAGE,
+) -> BlockList:
+    """Blocks that differ from ``first_snapshot_id`` (both completed), a page at a time."""
+    page = service.changed_blocks(account, snapshot_id, first_snapshot_id, start, limit)
+    return BlockList.of(page)
+
+
+@router.post("/snapshots/{snapshot_id}/complete", tags=["snapshots"], responses=_errors(404, 409))
+def complete_snapshot(snapshot_id: str, account: CurrentAccount, service: Service) -> SnapshotOut:
+    """Makes the snapshot immutable; completing it again is harmless."""
+    return SnapshotOut.of(service.complete_snapshot(account, snapshot_id))
+
+
+@router.delete(
+    "/snapshots/{snapshot_id}", status_code=204, tags=["snapshots"], responses=_errors(404)
+)
+def delete_snapshot(snapshot_id: str, account: CurrentAccount, service: Service) -> Response:
+    service.delete_snapshot(account, snapshot_id)
+    return Response(status_code=204)
+
+
+# Bodies
+
+
+def zstd_bound(size: int) -> int:
+    """The most bytes a zstd stream of ``size`` bytes of data may take (with framing)."""
+    small = ((128 << 10) - size) >> 11 if size < (128 << 10) else 0
+    return size + (size >> 8) + small + _ZSTD_FRAMING
+
+
+async def _read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request's plaintext body, at most ``limit`` bytes, decoding zstd if sent so."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in {"identity", "zstd"}:
+        raise UnsupportedEncodingError(
+            f"{what}: Content-Encoding {encoding!r} is not supported; send the data as is "
+            "or compressed with zstd (Content-Encoding: zstd)"
+        )
+    wire_limit = limit if encoding == "identity" else zstd_bound(limit)
+    too_large = PayloadTooLargeError(
+        f"{what} is larger than {limit} bytes, the most this call accepts (the chunk size); "
+        "send at most one chunk of data"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > wire_limit:
+        raise too_large
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > wire_limit:
+            raise too_large
+    if encoding == "identity":
+        return bytes(body)
+    return _inflate(bytes(body), limit, what, too_large)
+
+
+def _inflate(data: bytes, limit: int, what: str, too_large: PayloadTooLargeError) -> bytes:
+    """Decompresses zstd frames, refusing more than ``limit`` bytes of output."""
+    out = bytearray()
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+        with reader:
+            while piece := reader.read(limit + 1 - len(out)):
+                out += piece
+                if len(out) > limit:
+                    raise too_large
+    except zstandard.ZstdError as e:
+        raise BadRequestError(
+            f"{what}: the body is sent with Content-Encoding zstd but is not valid zstd ({e}); "
+            "compress it with zstd or drop the header"
+        ) from e
+    return bytes(out)

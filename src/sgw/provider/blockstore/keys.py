@@ -1,0 +1,162 @@
+"""The provider's chunk keys: one master key on disk, one derived key per key scope.
+
+Chunks are encrypted at rest (AES-256-GCM, ``sgw.common.chunks``) with a key derived from
+the master key and the chunk's *key scope*: the id of the volume or snapshot that started
+the lineage (a volume made from a snapshot, and every snapshot of a volume, share the
+scope of where they came from, so no chunk is ever re-encrypted). Deriving instead of
+storing per-scope keys leaves exactly one secret to protect and back up.
+
+The master key is ``DATA_DIR/master.key``: 32 random bytes, mode 0600, made at first
+start. Losing it makes every stored chunk unreadable; the provider refuses to make a new
+one when the store already holds chunks (see ``open_keyring``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import stat
+import threading
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from sgw.common.chunks import KEY_SIZE
+from sgw.common.errors import MasterKeyError
+
+LOG = logging.getLogger(__name__)
+
+MASTER_KEY_FILE = "master.key"
+MASTER_KEY_SIZE = 32
+# HKDF "info" prefix; the scope follows. Changing it changes every key: never do that.
+_INFO_PREFIX = b"sgw chunk key "
+
+
+class KeyRing:
+    """Derives (and caches) the chunk key of each key scope from the master key."""
+
+    def __init__(self, master_key: bytes) -> None:
+        if len(master_key) != MASTER_KEY_SIZE:
+            raise MasterKeyError(
+                f"master key must be {MASTER_KEY_SIZE} bytes, got {len(master_key)}"
+            )
+        self._master = bytes(master_key)
+        self._keys: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"KeyRing({len(self._keys)} scopes cached)"
+
+    def key(self, scope: str) -> bytes:
+        """The 32-byte chunk key of ``scope``: HKDF-SHA256(master, info=prefix + scope)."""
+        if not scope:
+            raise ValueError("key scope is empty")
+        with self._lock:
+            key = self._keys.get(scope)
+            if key is None:
+                key = derive_key(self._master, scope)
+                self._keys[scope] = key
+            return key
+
+
+def derive_key(master_key: bytes, scope: str) -> bytes:
+    """The chunk key of ``scope`` under ``master_key`` (also what tests use to check)."""
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=KEY_SIZE,
+        salt=None,
+        info=_INFO_PREFIX + scope.encode("utf-8"),
+    )
+    return hkdf.derive(master_key)
+
+
+def open_keyring(data_dir: str, *, may_create: bool = True) -> KeyRing:
+    """The key ring of the master key in ``data_dir``, made there if there is none.
+
+    ``may_create=False`` (the store already holds chunks) turns a missing key file into
+    an error instead of a new key that could not read them. A key file readable by group
+    or others, not a regular file, or of the wrong size is refused (MasterKeyError).
+    """
+    path = os.path.join(data_dir, MASTER_KEY_FILE)
+    try:
+        return KeyRing(read_master_key(path))
+    except FileNotFoundError:
+        if not may_create:
+            raise MasterKeyError(
+                f"master key {path} is missing but the object store already holds chunks "
+                "encrypted with it; restore the file from backup (a new key cannot read them)"
+            ) from None
+    _create_master_key(path)
+    return KeyRing(read_master_key(path))
+
+
+def read_master_key(path: str) -> bytes:
+    """The key in ``path`` after checking the file; FileNotFoundError if there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise MasterKeyError(
+            f"cannot open master key {path}: {e.strerror or e}; it must be a regular file "
+            "(not a symbolic link) readable by the provider's user"
+        ) from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MasterKeyError(f"master key {path} is not a regular file; restore it")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise MasterKeyError(
+                f"master key {path} has mode {mode:04o}, so other users may read it; "
+                f"restrict it to its owner: chmod 600 {path}"
+            )
+        data = os.read(fd, MASTER_KEY_SIZE + 1)
+    finally:
+        os.close(fd)
+    if len(data) != MASTER_KEY_SIZE:
+        raise MasterKeyError(
+            f"master key {path} holds {len(data)}{'+' if len(data) > MASTER_KEY_SIZE else ''} "
+            f"bytes, not {MASTER_KEY_SIZE}: it is damaged or not a master key; restore it "
+            "from backup"
+        )
+    return data
+
+
+def _create_master_key(path: str) -> None:
+    """Writes a new random key to ``path`` atomically, unless another process did first.
+
+    The key goes to a private temporary file that is fsynced and then hard-linked to
+    ``path``: a link never replaces an existing file, so two providers starting at once
+    agree on one key, and a crash leaves no half-written key behind.
+    """
+    directory = os.path.dirname(path)
+    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(MASTER_KEY_SIZE))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            LOG.info("master key was created by another process", extra={"path": path})
+            return
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise MasterKeyError(f"cannot create master key {path}: {e.strerror or e}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    LOG.warning(
+        "new master key created; back it up: chunks cannot be read without it",
+        extra={"path": path},
+    )

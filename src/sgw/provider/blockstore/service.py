@@ -1,0 +1,423 @@
+"""The block service: what the block API (docs/block-api.md) does, between HTTP and storage.
+
+It checks every request completely before it stores anything (a refused request stores
+nothing), keeps chunk objects and chunk maps consistent (a map only ever names chunks the
+store holds: upload first, then commit) and turns the repository's ``ValueError`` into
+``BadRequestError``, so each client mistake reaches HTTP as a 4xx naming the fix.
+
+Chunk objects live under ``chunks/<key scope>/<id[:2]>/<id>``, encoded by
+``sgw.common.chunks`` and encrypted with the scope's key (``KeyRing``). Putting a chunk
+that is already there is a no-op, so uploads are idempotent and may run in parallel.
+
+Which chunks a volume may read (``get_chunk``): any chunk stored in the volume's key
+scope, not only those its current map names. A reader holding map version N must still
+get its chunks after version N+1 replaced them (until garbage collection), checking
+membership would mean decoding the whole map on every read, and a chunk id is the
+SHA-256 of the content, so knowing one means already knowing the data. Scopes never
+cross accounts (volumes are made only from the account's own snapshots); if snapshots are
+ever shared between accounts, a volume made from a shared snapshot must get a scope of
+its own, or the other account could test which content the original volume holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from sgw.common.chunks import chunk_id as sha256_id
+from sgw.common.chunks import decode_chunk, encode_chunk, is_zero
+from sgw.common.errors import (
+    BadRequestError,
+    ChecksumMismatchError,
+    ChunkError,
+    MissingChunksError,
+    NotFoundError,
+    ObjectNotFoundError,
+    StoredChunkError,
+)
+from sgw.provider.blockstore.keys import KeyRing
+from sgw.provider.blockstore.maps import (
+    DEFAULT_CHUNK_SIZE,
+    ChunkMaps,
+    SnapshotInfo,
+    SnapshotStateError,
+    SnapshotStatus,
+    VolumeInfo,
+    VolumeMode,
+)
+from sgw.provider.blockstore.objects import ObjectStore
+
+LOG = logging.getLogger(__name__)
+
+_CHUNK_ID = re.compile(r"[0-9a-f]{64}")
+_INDEX = re.compile(r"-?[0-9]{1,20}")
+# Longest page of a block listing: large enough that a 1 TiB volume lists in ~100 calls
+# at 1 MiB chunks, small enough that one answer stays around a megabyte of JSON.
+MAX_PAGE = 10_000
+DEFAULT_PAGE = 1_000
+# Parallel existence checks of one commit's chunks: one S3 HEAD costs a round trip each.
+_EXISTS_WORKERS = 16
+# Missing chunk ids named in a refused commit's message (all are in the error's field).
+_MISSING_NAMED = 10
+
+
+def chunk_key(scope: str, chunk_id: str) -> str:
+    """The object key of a chunk in the store."""
+    return f"chunks/{scope}/{chunk_id[:2]}/{chunk_id}"
+
+
+def check_chunk_id(value: str, what: str) -> str:
+    """``value`` if it is a chunk id (64 lowercase hex digits), else BadRequestError."""
+    if not _CHUNK_ID.fullmatch(value):
+        raise BadRequestError(
+            f"{what} {value[:80]!r} is not a chunk id: give the lowercase hex SHA-256 of the "
+            "chunk's plaintext (64 characters)"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class BlockPage:
+    """One page of a block listing: (index, chunk id or None for zero) and the next start."""
+
+    blocks: list[tuple[int, str | None]]
+    next: int | None
+
+
+@contextlib.contextmanager
+def _client_errors() -> Iterator[None]:
+    """The repository reports a caller's bad value as ValueError: a 400 here."""
+    try:
+        yield
+    except ValueError as e:
+        raise BadRequestError(str(e)) from e
+
+
+class BlockService:
+    """Volumes, chunks, commits and snapshots of the block API, for one account at a time.
+
+    Every method takes the acting account first and treats records of other accounts as
+    missing (NotFoundError). Thread-safe: each call uses its own database transactions.
+    """
+
+    def __init__(self, maps: ChunkMaps, store: ObjectStore, keys: KeyRing) -> None:
+        self.maps = maps
+        self.store = store
+        self.keys = keys
+        self._pool = ThreadPoolExecutor(_EXISTS_WORKERS, thread_name_prefix="sgw-exists")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # Volumes
+
+    def create_volume(
+        self,
+        account: str,
+        name: str,
+        size: int,
+        *,
+        mode: VolumeMode,
+        chunk_size: int | None = None,
+        from_snapshot_id: str | None = None,
+        gateway_id: str | None = None,
+    ) -> VolumeInfo:
+        with _client_errors():
+            return self.maps.create_volume(
+                account,
+                name,
+                size,
+                chunk_size=chunk_size,
+                mode=mode,
+                gateway_id=gateway_id,
+                from_snapshot_id=from_snapshot_id,
+            )
+
+    def get_volume(self, account: str, volume_id: str) -> VolumeInfo:
+        return self.maps.get_volume(account, volume_id)
+
+    def delete_volume(self, account: str, volume_id: str) -> None:
+        """Deletes the volume and its map; its chunks stay for its snapshots (GC later)."""
+        self.maps.delete_volume(self.get_volume(account, volume_id).id)
+
+    def put_chunk(self, account: str, volume_id: str, chunk_id: str, data: bytes) -> bool:
+        """Stores a chunk for the volume; True if it was new, False if already there.
+
+        ``chunk_id`` must be the SHA-256 of ``data``; ``data`` at most the volume's chunk
+        size and not all zero (zero chunks are a null map entry, never an object).
+        """
+        volume = self.get_volume(account, volume_id)
+        check_chunk_id(chunk_id, "chunk id")
+        if len(data) > volume.chunk_size:
+            raise BadRequestError(
+                f"chunk {chunk_id} has {len(data)} bytes, more than volume {volume.id}'s "
+                f"chunk size of {volume.chunk_size}; split the data into chunks"
+            )
+        _verify(data, chunk_id, f"chunk {chunk_id}")
+        if is_zero(data):
+            raise BadRequestError(
+                f"chunk {chunk_id} is all zero; zero chunks are not stored: commit null "
+                "for its index instead"
+            )
+        return self._store_chunk(volume.key_scope, chunk_id, data)
+
+    def get_chunk(self, account: str, volume_id: str, chunk_id: str) -> bytes:
+        """The plaintext of a chunk stored in the volume's key scope (see the module doc)."""
+        volume = self.get_volume(account, volume_id)
+        check_chunk_id(chunk_id, "chunk id")
+        try:
+            return self._read_chunk(volume.key_scope, chunk_id)
+        except ObjectNotFoundError:
+            raise NotFoundError(
+                f"chunk {chunk_id} is not stored for volume {volume.id}; upload it with "
+                f"PUT /v1/volumes/{volume.id}/chunks/{chunk_id}"
+            ) from None
+
+    def read_map(self, account: str, volume_id: str) -> tuple[int, dict[int, str]]:
+        """The volume's map version and map (index -> chunk id; zero chunks absent)."""
+        return self.maps.read_volume_map(self.get_volume(account, volume_id).id)
+
+    def commit(
+        self,
+        account: str,
+        volume_id: str,
+        base_version: int,
+        idempotency_key: str,
+        changes: Mapping[str, str | None] | Mapping[int, str | None],
+    ) -> int:
+        """Applies ``changes`` (index -> chunk id or None) to the map; the new version.
+
+        Refused before anything changes if an index is not a chunk of the volume, an id
+        is malformed, or the store does not hold a named chunk (MissingChunksError).
+        """
+        volume = self.get_volume(account, volume_id)
+        parsed: dict[int, str | None] = {}
+        for key, value in changes.items():
+            index = _parse_index(key)
+            if value is not None:
+                check_chunk_id(value, f"change of chunk {index}: value")
+            parsed[index] = value
+        bad = sorted(i for i in parsed if not 0 <= i < volume.chunk_count)
+        if bad:
+            raise BadRequestError(
+                f"volume {volume.id} has chunks 0 to {volume.chunk_count - 1} ({volume.size} "
+                f"bytes in {volume.chunk_size}-byte chunks); chunk index {bad[0]} is out of range"
+            )
+        wanted = sorted({v for v in parsed.values() if v is not None})
+        present = self._exist(volume.key_scope, wanted)
+        missing = [c for c, ok in zip(wanted, present, strict=True) if not ok]
+        if missing:
+            named = ", ".join(missing[:_MISSING_NAMED])
+            extra = len(missing) - _MISSING_NAMED
+            more = f" and {extra} more" if extra > 0 else ""
+            raise MissingChunksError(
+                f"volume {volume.id}: the commit names {len(missing)} chunk(s) the store does "
+                f"not hold: {named}{more}; upload them with PUT /v1/volumes/{volume.id}/chunks/"
+                "{chunk_id} and retry the commit",
+                missing,
+            )
+        with _client_errors():
+            return self.maps.commit_changes(volume.id, base_version, parsed, idempotency_key)
+
+    def snapshot_volume(
+        self, account: str, volume_id: str, description: str | None = None
+    ) -> SnapshotInfo:
+        """A completed snapshot of the volume's current map."""
+        volume = self.get_volume(account, volume_id)
+        with _client_errors():
+            snapshot_id = self.maps.create_snapshot(volume.id, description)
+        return self.maps.get_snapshot(account, snapshot_id)
+
+    # Snapshots (block API)
+
+    def start_snapshot(
+        self,
+        account: str,
+        volume_size: int,
+        *,
+        chunk_size: int | None = None,
+        parent_snapshot_id: str | None = None,
+        description: str | None = None,
+    ) -> SnapshotInfo:
+        """A pending snapshot to put blocks into; from its parent's map if given."""
+        if parent_snapshot_id is not None:
+            parent = self.get_snapshot(account, parent_snapshot_id)
+            chunk_size = parent.chunk_size if chunk_size is None else chunk_size
+        with _client_errors():
+            snapshot_id = self.maps.start_snapshot(
+                account,
+                volume_size,
+                chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
+                parent_snapshot_id=parent_snapshot_id,
+                description=description,
+            )
+        return self.maps.get_snapshot(account, snapshot_id)
+
+    def get_snapshot(self, account: str, snapshot_id: str) -> SnapshotInfo:
+        return self.maps.get_snapshot(account, snapshot_id)
+
+    def block_length(self, snapshot: SnapshotInfo, index: int) -> int:
+        """How many bytes block ``index`` of the snapshot has (the last may be shorter)."""
+        if not 0 <= index < snapshot.chunk_count:
+            raise BadRequestError(
+                f"snapshot {snapshot.id} has blocks 0 to {snapshot.chunk_count - 1} "
+                f"({snapshot.volume_size} bytes in {snapshot.chunk_size}-byte blocks); "
+                f"block index {index} is out of range"
+            )
+        return min(snapshot.chunk_size, snapshot.volume_size - index * snapshot.chunk_size)
+
+    def upload_length(self, snapshot: SnapshotInfo, index: int) -> int:
+        """``block_length`` if the snapshot takes blocks (pending), else SnapshotStateError."""
+        _check_pending(snapshot)
+        return self.block_length(snapshot, index)
+
+    def put_block(
+        self, account: str, snapshot_id: str, index: int, data: bytes, sha256: str
+    ) -> str | None:
+        """Sets block ``index`` of a pending snapshot; its chunk id (None: all zero).
+
+        ``data`` must be exactly the block's length and have SHA-256 ``sha256``. An
+        all-zero block is recorded as zero (it may hide the parent's block) and not stored.
+        """
+        snapshot = self.get_snapshot(account, snapshot_id)
+        length = self.upload_length(snapshot, index)
+        check_chunk_id(sha256, "x-sgw-sha256")
+        if len(data) != length:
+            raise BadRequestError(
+                f"block {index} of snapshot {snapshot.id} must be exactly {length} bytes, "
+                f"got {len(data)}; send whole blocks"
+            )
+        _verify(data, sha256, f"block {index}")
+        chunk: str | None = None
+        if not is_zero(data):
+            chunk = sha256
+            self._store_chunk(snapshot.key_scope, chunk, data)
+        with _client_errors():
+            self.maps.put_snapshot_chunks(snapshot.id, {index: chunk})
+        return chunk
+
+    def get_block(self, account: str, snapshot_id: str, index: int) -> tuple[str, bytes]:
+        """The chunk id and data of block ``index``; NotFoundError if it is all zero."""
+        snapshot = self.get_snapshot(account, snapshot_id)
+        self.block_length(snapshot, index)
+        with _client_errors():
+            chunk = self.maps.lookup(None, index, snapshot_id=snapshot.id)
+        if chunk is None:
+            raise NotFoundError(
+                f"block {index} is not in snapshot {snapshot.id}: it reads as zeroes"
+            )
+        try:
+            return chunk, self._read_chunk(snapshot.key_scope, chunk)
+        except ObjectNotFoundError as e:
+            LOG.error(
+                "chunk named by a snapshot is missing from the store",
+                extra={"snapshot": snapshot.id, "index": index, "chunk": chunk},
+            )
+            raise StoredChunkError(
+                f"chunk {chunk} of block {index} of snapshot {snapshot.id} is missing from "
+                "the object store; the provider's operator must restore it"
+            ) from e
+
+    def list_blocks(self, account: str, snapshot_id: str, start: int, limit: int) -> BlockPage:
+        """The snapshot's non-zero blocks from index ``start``, at most ``limit``."""
+        snapshot = self.get_snapshot(account, snapshot_id)
+        _check_page(start, limit)
+        with _client_errors():
+            blocks, after = self.maps.list_snapshot_chunks(snapshot.id, start, limit)
+        return BlockPage(list(blocks), after)
+
+    def changed_blocks(
+        self,
+        account: str,
+        snapshot_id: str,
+        first_snapshot_id: str | None,
+        start: int,
+        limit: int,
+    ) -> BlockPage:
+        """Blocks that differ between ``first_snapshot_id`` (or nothing) and the snapshot,
+        from index ``start``, at most ``limit``; the chunk id is None where it became zero."""
+        snapshot = self.get_snapshot(account, snapshot_id)
+        if first_snapshot_id is not None:
+            self.get_snapshot(account, first_snapshot_id)
+        _check_page(start, limit)
+        with _client_errors():
+            changed = self.maps.list_changed_chunks(first_snapshot_id, snapshot.id)
+        rest = [item for item in changed if item[0] >= start]
+        after = rest[limit][0] if len(rest) > limit else None
+        return BlockPage(rest[:limit], after)
+
+    def complete_snapshot(self, account: str, snapshot_id: str) -> SnapshotInfo:
+        """Makes a pending snapshot immutable; completing it again is harmless."""
+        snapshot = self.get_snapshot(account, snapshot_id)
+        self.maps.complete_snapshot(snapshot.id)
+        return self.maps.get_snapshot(account, snapshot.id)
+
+    def delete_snapshot(self, account: str, snapshot_id: str) -> None:
+        self.maps.delete_snapshot(self.get_snapshot(account, snapshot_id).id)
+
+    # Chunk objects
+
+    def _store_chunk(self, scope: str, chunk_id: str, data: bytes) -> bool:
+        key = chunk_key(scope, chunk_id)
+        if self.store.exists(key):
+            return False
+        self.store.put(key, encode_chunk(data, self.keys.key(scope)))
+        LOG.debug("chunk stored", extra={"scope": scope, "chunk": chunk_id, "bytes": len(data)})
+        return True
+
+    def _read_chunk(self, scope: str, chunk_id: str) -> bytes:
+        blob = self.store.get(chunk_key(scope, chunk_id))
+        try:
+            return decode_chunk(blob, self.keys.key(scope), expected_id=chunk_id)
+        except ChunkError as e:
+            LOG.error(
+                "stored chunk is unreadable", extra={"scope": scope, "chunk": chunk_id, "error": e}
+            )
+            raise StoredChunkError(
+                f"stored chunk {chunk_id} (key scope {scope}) is damaged or does not decrypt "
+                f"with the provider's master key: {e}"
+            ) from e
+
+    def _exist(self, scope: str, chunk_ids: list[str]) -> list[bool]:
+        keys = [chunk_key(scope, c) for c in chunk_ids]
+        if len(keys) <= 1:
+            return [self.store.exists(k) for k in keys]
+        return list(self._pool.map(self.store.exists, keys))
+
+
+def _verify(data: bytes, expected: str, what: str) -> None:
+    actual = sha256_id(data)
+    if actual != expected:
+        raise ChecksumMismatchError(
+            f"{what}: the data's SHA-256 is {actual}, the request says {expected}; the upload "
+            "was damaged or the checksum computed over other data: send it again"
+        )
+
+
+def _parse_index(key: str | int) -> int:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and _INDEX.fullmatch(key):
+        return int(key)
+    raise BadRequestError(
+        f"change key {key!r} is not a chunk index: use the decimal index as the key"
+    )
+
+
+def _check_pending(snapshot: SnapshotInfo) -> None:
+    if snapshot.status != SnapshotStatus.PENDING:
+        raise SnapshotStateError(
+            f"snapshot {snapshot.id} is {snapshot.status}; put blocks only into pending "
+            "snapshots (start a new one with POST /v1/snapshots)"
+        )
+
+
+def _check_page(start: int, limit: int) -> None:
+    if start < 0 or not 1 <= limit <= MAX_PAGE:
+        raise BadRequestError(
+            f"page start={start}, limit={limit}: start must be >= 0 and limit 1 to {MAX_PAGE}"
+        )

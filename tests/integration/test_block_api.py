@@ -1,0 +1,625 @@
+"""The block API (docs/block-api.md) through a real `sgw provider serve --insecure-dev`.
+
+Most tests share one server per object store (a directory and S3 on the moto server,
+SQLite metadata) and make their own volumes; the end-to-end test runs on each database
+(SQLite, PostgreSQL) and each store with a server of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import stat
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import zstandard
+
+from sgw.common.chunks import decode_chunk
+from sgw.provider.blockstore.keys import derive_key
+from tests.conftest import ProviderProcess
+from tests.fixtures.s3 import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY
+
+KIB = 1 << 10
+MIB = 1 << 20
+SMALL = 4 * KIB  # the smallest chunk size: keeps bodies small and volumes many-chunked
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def chunk(tag: object, size: int = SMALL) -> bytes:
+    """Distinct, non-zero, somewhat compressible data."""
+    seed = hashlib.sha256(repr(tag).encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+@dataclass
+class Api:
+    """A running provider, an HTTP client for it, and a raw view of its object store."""
+
+    process: ProviderProcess
+    client: httpx.Client
+    store: str  # "dir" or "s3"
+    s3: Any = None
+    bucket: str = ""
+
+    @property
+    def data_dir(self) -> Path:
+        return self.process.data_dir
+
+    def keys(self) -> set[str]:
+        """Every object key in the store."""
+        if self.store == "s3":
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+            return {item["Key"] for page in pages for item in page.get("Contents", ())}
+        root = self.data_dir / "objects"
+        return {
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        }
+
+    def raw(self, key: str) -> bytes:
+        if self.store == "s3":
+            return bytes(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        return (self.data_dir / "objects" / key).read_bytes()
+
+    def volume(
+        self, size: int = 64 * SMALL, chunk_size: int | None = SMALL, **kw: Any
+    ) -> dict[str, Any]:
+        body = {"name": f"vol-{uuid.uuid4().hex[:8]}", "size": size, "mode": "cached"}
+        body.update(chunk_size=chunk_size, **kw)
+        r = self.client.post("/v1/volumes", json=body)
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    def put_chunk(self, volume_id: str, data: bytes, **headers: str) -> httpx.Response:
+        cid = sha(data)
+        return self.client.put(
+            f"/v1/volumes/{volume_id}/chunks/{cid}",
+            content=data,
+            headers={"x-sgw-sha256": cid, **headers},
+        )
+
+    def commit(
+        self, volume_id: str, base: int, changes: Mapping[int, str | None], key: str | None = None
+    ) -> httpx.Response:
+        return self.client.post(
+            f"/v1/volumes/{volume_id}/commits",
+            json={
+                "base_version": base,
+                "idempotency_key": key or uuid.uuid4().hex,
+                "changes": {str(i): c for i, c in changes.items()},
+            },
+        )
+
+    def map(self, volume_id: str) -> tuple[int, dict[int, str]]:
+        r = self.client.get(f"/v1/volumes/{volume_id}/map")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        return body["version"], {int(i): c for i, c in body["chunks"].items()}
+
+    def put_block(self, snapshot_id: str, index: int, data: bytes) -> httpx.Response:
+        return self.client.put(
+            f"/v1/snapshots/{snapshot_id}/blocks/{index}",
+            content=data,
+            headers={"x-sgw-sha256": sha(data)},
+        )
+
+    def pages(self, path: str, limit: int, **params: str) -> list[tuple[int, str | None]]:
+        """Every item of a paginated block listing, following ``next``."""
+        items: list[tuple[int, str | None]] = []
+        start: int | None = 0
+        while start is not None:
+            r = self.client.get(path, params={**params, "start": start, "limit": limit})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert len(body["blocks"]) <= limit
+            items += [(b["index"], b["chunk_id"]) for b in body["blocks"]]
+            start = body["next"]
+        return items
+
+
+def _start(
+    data_dir: Path, store: str, request: pytest.FixtureRequest, db_url: str | None = None
+) -> tuple[ProviderProcess, dict[str, Any]]:
+    """A started provider on ``store`` and the Api fields describing that store."""
+    if store == "dir":
+        return ProviderProcess(data_dir, db_url=db_url).start(), {}
+    endpoint = request.getfixturevalue("s3_endpoint")
+    s3 = request.getfixturevalue("_s3_admin")
+    bucket = f"sgw-api-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}?endpoint={endpoint}&region={S3_REGION}"
+    process = ProviderProcess(data_dir, db_url=db_url, store_url=url, env=S3_ENV).start()
+    return process, {"s3": s3, "bucket": bucket}
+
+
+@pytest.fixture(scope="module", params=["dir", "s3"])
+def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """One provider per object store for the whole module (tests make their own volumes)."""
+    store = request.param
+    process, extra = _start(tmp_path_factory.mktemp(f"api-{store}") / "provider", store, request)
+    try:
+        with httpx.Client(base_url=process.url, timeout=30) as client:
+            yield Api(process, client, store, **extra)
+        assert process.stop() == 0
+    finally:
+        process.kill()
+
+
+def test_volume_create_get_delete(api: Api) -> None:
+    vol = api.volume(size=10 * MIB, chunk_size=MIB)
+    assert set(vol) == {"id", "name", "size", "chunk_size", "mode", "map_version", "created"}
+    assert (vol["size"], vol["chunk_size"], vol["mode"], vol["map_version"]) == (
+        10 * MIB,
+        MIB,
+        "cached",
+        0,
+    )
+    assert api.client.get(f"/v1/volumes/{vol['id']}").json() == vol
+    again = api.client.post(
+        "/v1/volumes", json={"name": vol["name"], "size": MIB, "mode": "stored"}
+    )
+    assert again.status_code == 409 and vol["name"] in again.json()["message"]
+    default = api.client.post(
+        "/v1/volumes", json={"name": f"d-{uuid.uuid4().hex[:6]}", "size": MIB, "mode": "stored"}
+    ).json()
+    assert (default["chunk_size"], default["mode"]) == (MIB, "stored")
+    bad_size = api.client.post("/v1/volumes", json={"name": "x", "size": 0, "mode": "cached"})
+    assert bad_size.status_code == 400 and "size" in bad_size.json()["message"]
+    bad_chunk = api.client.post(
+        "/v1/volumes", json={"name": "x", "size": MIB, "mode": "cached", "chunk_size": 3000}
+    )
+    assert bad_chunk.status_code == 400 and "power of two" in bad_chunk.json()["message"]
+    bad_mode = api.client.post("/v1/volumes", json={"name": "x", "size": MIB, "mode": "hot"})
+    assert bad_mode.status_code == 422 and bad_mode.json()["error"] == "invalid_request"
+    assert api.client.delete(f"/v1/volumes/{vol['id']}").status_code == 204
+    gone = api.client.get(f"/v1/volumes/{vol['id']}")
+    assert gone.status_code == 404 and gone.json()["error"] == "not_found"
+    assert vol["id"] in gone.json()["message"]
+    assert api.client.delete(f"/v1/volumes/{vol['id']}").status_code == 404
+
+
+def test_chunk_put_is_idempotent_reads_back_and_accepts_zstd(api: Api) -> None:
+    vol = api.volume()
+    data = chunk("a")
+    before = api.keys()
+    first = api.put_chunk(vol["id"], data)
+    assert first.status_code == 201 and first.json() == {"chunk_id": sha(data)}
+    assert api.put_chunk(vol["id"], data).status_code == 200
+    got = api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha(data)}")
+    assert got.status_code == 200 and got.content == data
+    assert got.headers["x-sgw-sha256"] == sha(data)
+    assert got.headers["content-type"] == "application/octet-stream"
+    # A zstd body (here much smaller than the chunk) is stored as its plaintext.
+    packed = chunk("z")
+    wire = zstandard.ZstdCompressor().compress(packed)
+    assert len(wire) < len(packed)
+    zput = api.client.put(
+        f"/v1/volumes/{vol['id']}/chunks/{sha(packed)}",
+        content=wire,
+        headers={"x-sgw-sha256": sha(packed), "content-encoding": "zstd"},
+    )
+    assert zput.status_code == 201, zput.text
+    assert api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha(packed)}").content == packed
+    # A short chunk (the end of a volume) is fine.
+    short = chunk("short", 100)
+    assert api.put_chunk(vol["id"], short).status_code == 201
+    assert api.keys() - before == {
+        f"chunks/{vol['id']}/{c[:2]}/{c}" for c in (sha(data), sha(packed), sha(short))
+    }
+    missing = api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha(b'nope')}")
+    assert missing.status_code == 404 and "PUT" in missing.json()["message"]
+
+
+def test_commit_map_conflicts_retries_and_missing_chunks(api: Api) -> None:
+    vol = api.volume()
+    vid = vol["id"]
+    a, b = chunk("a"), chunk("b")
+    for data in (a, b):
+        assert api.put_chunk(vid, data).status_code in {200, 201}
+    assert api.map(vid) == (0, {})
+    r = api.commit(vid, 0, {0: sha(a), 5: sha(b)}, key="k1")
+    assert r.status_code == 200 and r.json() == {"version": 1}
+    assert api.map(vid) == (1, {0: sha(a), 5: sha(b)})
+    assert api.client.get(f"/v1/volumes/{vid}").json()["map_version"] == 1
+    # A stale base is refused and changes nothing.
+    stale = api.commit(vid, 0, {1: sha(a)}, key="k2")
+    assert stale.status_code == 409 and stale.json()["error"] == "version_conflict"
+    assert "version 1" in stale.json()["message"]
+    # A retry (same key, same changes) answers the first version and applies nothing.
+    retry = api.commit(vid, 0, {0: sha(a), 5: sha(b)}, key="k1")
+    assert retry.status_code == 200 and retry.json() == {"version": 1}
+    reused = api.commit(vid, 1, {0: sha(b)}, key="k1")
+    assert reused.status_code == 409 and reused.json()["error"] == "idempotency_key_reused"
+    # Naming a chunk the store does not hold: 400 naming it, nothing changes.
+    ghost = sha(b"never uploaded")
+    missing = api.commit(vid, 1, {2: sha(a), 3: ghost})
+    assert missing.status_code == 400, missing.text
+    assert missing.json()["error"] == "missing_chunks" and ghost in missing.json()["message"]
+    assert missing.json()["chunk_ids"] == [ghost]
+    for bad, fragment in (
+        ({64: sha(a)}, "out of range"),
+        ({-1: sha(a)}, "out of range"),
+        ({1: "ABC"}, "not a chunk id"),
+        ({1: sha(a).upper()}, "not a chunk id"),
+    ):
+        r = api.commit(vid, 1, bad)
+        assert r.status_code == 400 and fragment in r.json()["message"], r.text
+    not_index = api.client.post(
+        f"/v1/volumes/{vid}/commits",
+        json={"base_version": 1, "idempotency_key": "x", "changes": {"first": sha(a)}},
+    )
+    assert not_index.status_code == 400 and "first" in not_index.json()["message"]
+    assert api.map(vid) == (1, {0: sha(a), 5: sha(b)})
+    # null: the chunk is all zero now.
+    assert api.commit(vid, 1, {5: None, 1: sha(b)}).json() == {"version": 2}
+    assert api.map(vid) == (2, {0: sha(a), 1: sha(b)})
+    unknown = api.commit(str(uuid.uuid4()), 0, {})
+    assert unknown.status_code == 404
+
+
+def test_snapshot_of_a_volume_is_immutable_after_later_commits(api: Api) -> None:
+    vid = api.volume()["id"]
+    old, new = chunk("old"), chunk("new")
+    api.put_chunk(vid, old)
+    api.put_chunk(vid, new)
+    assert api.commit(vid, 0, {3: sha(old), 7: sha(old)}).status_code == 200
+    r = api.client.post(f"/v1/volumes/{vid}/snapshots", json={"description": "before"})
+    assert r.status_code == 201, r.text
+    snap = r.json()
+    assert (snap["status"], snap["volume_id"], snap["description"]) == ("completed", vid, "before")
+    assert snap["completed"] is not None and snap["chunk_size"] == SMALL
+    assert api.commit(vid, 1, {3: sha(new), 7: None, 9: sha(new)}).status_code == 200
+    listed = api.pages(f"/v1/snapshots/{snap['id']}/blocks", limit=10)
+    assert listed == [(3, sha(old)), (7, sha(old))]
+    block = api.client.get(f"/v1/snapshots/{snap['id']}/blocks/3")
+    assert block.status_code == 200 and block.content == old
+    assert block.headers["x-sgw-sha256"] == sha(old)
+    assert api.client.get(f"/v1/snapshots/{snap['id']}/blocks/9").status_code == 404
+    sneaky = api.put_block(snap["id"], 3, new)
+    assert sneaky.status_code == 409 and sneaky.json()["error"] == "snapshot_state"
+    # No body: a snapshot without description.
+    bare = api.client.post(f"/v1/volumes/{vid}/snapshots")
+    assert bare.status_code == 201 and bare.json()["description"] is None
+
+
+def test_block_api_flow_with_changed_blocks_and_volume_from_snapshot(api: Api) -> None:
+    size = 40 * SMALL + 1000  # the last block is short
+    r = api.client.post(
+        "/v1/snapshots", json={"volume_size": size, "chunk_size": SMALL, "description": "base"}
+    )
+    assert r.status_code == 201, r.text
+    base = r.json()
+    assert (base["status"], base["volume_id"], base["completed"]) == ("pending", None, None)
+    assert api.client.get(f"/v1/snapshots/{base['id']}").json() == base
+    blocks = {i: chunk(("base", i)) for i in (0, 1, 2, 10, 20, 30)}
+    blocks[40] = chunk("last", 1000)
+    for i, data in blocks.items():
+        put = api.put_block(base["id"], i, data)
+        assert put.status_code == 201, put.text
+        assert put.json() == {"index": i, "chunk_id": sha(data)}
+    wrong_length = api.put_block(base["id"], 5, chunk("x", SMALL - 1))
+    assert wrong_length.status_code == 400 and "exactly" in wrong_length.json()["message"]
+    out_of_range = api.put_block(base["id"], 41, chunk("x"))
+    assert out_of_range.status_code == 400 and "out of range" in out_of_range.json()["message"]
+    expected = sorted((i, sha(d)) for i, d in blocks.items())
+    assert api.pages(f"/v1/snapshots/{base['id']}/blocks", limit=3) == expected
+    assert api.pages(f"/v1/snapshots/{base['id']}/blocks", limit=1000) == expected
+    page = api.client.get(f"/v1/snapshots/{base['id']}/blocks", params={"start": 2, "limit": 2})
+    assert page.json() == {
+        "blocks": [{"index": i, "chunk_id": sha(blocks[i])} for i in (2, 10)],
+        "next": 20,
+    }
+    done = api.client.post(f"/v1/snapshots/{base['id']}/complete")
+    assert done.status_code == 200 and done.json()["status"] == "completed"
+    assert done.json()["completed"] is not None
+    assert api.client.post(f"/v1/snapshots/{base['id']}/complete").status_code == 200
+    late = api.put_block(base["id"], 3, chunk("late"))
+    assert late.status_code == 409 and "pending" in late.json()["message"]
+    # An incremental child: changes some blocks, zeroes one (a zero block is allowed here).
+    child = api.client.post(
+        "/v1/snapshots", json={"volume_size": size, "parent_snapshot_id": base["id"]}
+    ).json()
+    assert child["chunk_size"] == SMALL and child["parent_snapshot_id"] == base["id"]
+    changed = {1: chunk("c1"), 5: chunk("c5"), 30: chunk("c30"), 39: chunk("c39")}
+    for i, data in changed.items():
+        assert api.put_block(child["id"], i, data).status_code == 201
+    zero = api.put_block(child["id"], 10, bytes(SMALL))
+    assert zero.status_code == 201 and zero.json() == {"index": 10, "chunk_id": None}
+    pending_diff = api.client.get(
+        f"/v1/snapshots/{child['id']}/changed-blocks", params={"first_snapshot_id": base["id"]}
+    )
+    assert pending_diff.status_code == 409
+    assert api.client.post(f"/v1/snapshots/{child['id']}/complete").status_code == 200
+    diff = api.pages(
+        f"/v1/snapshots/{child['id']}/changed-blocks", limit=2, first_snapshot_id=base["id"]
+    )
+    assert diff == sorted([(i, sha(d)) for i, d in changed.items()] + [(10, None)])
+    everything = api.pages(f"/v1/snapshots/{child['id']}/changed-blocks", limit=4)
+    final = {**blocks, **changed}
+    del final[10]
+    assert everything == sorted((i, sha(d)) for i, d in final.items())
+    assert api.client.get(f"/v1/snapshots/{child['id']}/blocks/10").status_code == 404
+    assert api.client.get(f"/v1/snapshots/{child['id']}/blocks/0").content == blocks[0]
+    assert api.client.get(f"/v1/snapshots/{child['id']}/blocks/40").content == blocks[40]
+    # A volume from the snapshot reads the same chunks (same key scope, nothing copied).
+    keys = api.keys()
+    vol = api.volume(size=size, chunk_size=None, from_snapshot_id=child["id"])
+    assert vol["chunk_size"] == SMALL
+    version, vmap = api.map(vol["id"])
+    assert version == 0 and vmap == dict(everything)
+    for i, cid in vmap.items():
+        got = api.client.get(f"/v1/volumes/{vol['id']}/chunks/{cid}")
+        assert got.status_code == 200 and got.content == final[i]
+    assert api.keys() == keys
+    # The volume's own uploads land in the snapshot lineage's scope too.
+    api.put_chunk(vol["id"], chunk("restored"))
+    assert {k.split("/")[1] for k in api.keys() - keys} == {base["id"]}
+    # Deleting the base leaves the child (and the volume) readable.
+    assert api.client.delete(f"/v1/snapshots/{base['id']}").status_code == 204
+    assert api.client.get(f"/v1/snapshots/{base['id']}").status_code == 404
+    assert api.client.get(f"/v1/snapshots/{child['id']}/blocks/0").content == blocks[0]
+
+
+def test_bad_requests_are_refused_and_store_nothing(api: Api) -> None:
+    vol = api.volume()
+    vid = vol["id"]
+    snap = api.client.post("/v1/snapshots", json={"volume_size": 8 * SMALL, "chunk_size": SMALL})
+    sid = snap.json()["id"]
+    data = chunk("good")
+    cid = sha(data)
+    before = api.keys()
+    cases: list[tuple[str, httpx.Response, int, str]] = [
+        (
+            "wrong checksum",
+            api.client.put(
+                f"/v1/volumes/{vid}/chunks/{sha(b'other')}",
+                content=data,
+                headers={"x-sgw-sha256": sha(b"other")},
+            ),
+            400,
+            "SHA-256",
+        ),
+        (
+            "header differs from path",
+            api.client.put(
+                f"/v1/volumes/{vid}/chunks/{cid}", content=data, headers={"x-sgw-sha256": "0" * 64}
+            ),
+            400,
+            "differs",
+        ),
+        ("larger than the chunk size", api.put_chunk(vid, chunk("big", SMALL + 1)), 413, "larger"),
+        (
+            "zstd inflating past the chunk size",
+            api.client.put(
+                f"/v1/volumes/{vid}/chunks/{sha(chunk('bomb', 64 * KIB))}",
+                content=zstandard.ZstdCompressor().compress(chunk("bomb", 64 * KIB)),
+                headers={
+                    "x-sgw-sha256": sha(chunk("bomb", 64 * KIB)),
+                    "content-encoding": "zstd",
+                },
+            ),
+            413,
+            "larger",
+        ),
+        (
+            "not zstd",
+            api.put_chunk(vid, data, **{"content-encoding": "zstd"}),
+            400,
+            "not valid zstd",
+        ),
+        ("unknown encoding", api.put_chunk(vid, data, **{"content-encoding": "br"}), 415, "br"),
+        ("all-zero chunk", api.put_chunk(vid, bytes(SMALL)), 400, "zero"),
+        ("unknown volume", api.put_chunk(str(uuid.uuid4()), data), 404, "not found"),
+        (
+            "malformed chunk id",
+            api.client.put(
+                f"/v1/volumes/{vid}/chunks/xyz", content=data, headers={"x-sgw-sha256": "xyz"}
+            ),
+            400,
+            "not a chunk id",
+        ),
+        (
+            "missing x-sgw-sha256",
+            api.client.put(f"/v1/volumes/{vid}/chunks/{cid}", content=data),
+            422,
+            "x-sgw-sha256",
+        ),
+        ("block index out of range", api.put_block(sid, 8, data), 400, "out of range"),
+        ("negative block index", api.put_block(sid, -1, data), 400, "out of range"),
+        (
+            "block with wrong checksum",
+            api.client.put(
+                f"/v1/snapshots/{sid}/blocks/0", content=data, headers={"x-sgw-sha256": "1" * 64}
+            ),
+            400,
+            "SHA-256",
+        ),
+        ("block too large", api.put_block(sid, 0, chunk("big", SMALL + 1)), 413, "larger"),
+        ("unknown snapshot", api.put_block(str(uuid.uuid4()), 0, data), 404, "not found"),
+    ]
+    for name, response, status, fragment in cases:
+        assert response.status_code == status, (name, response.text)
+        body = response.json()
+        assert set(body) >= {"error", "message"}, name
+        assert fragment in body["message"], (name, body)
+    assert api.keys() == before
+    assert api.map(vid) == (0, {})
+    assert api.pages(f"/v1/snapshots/{sid}/blocks", limit=10) == []
+    bad_page = api.client.get(f"/v1/snapshots/{sid}/blocks", params={"limit": 0})
+    assert bad_page.status_code == 422
+    far = api.client.get(f"/v1/snapshots/{sid}/blocks", params={"start": 1 << 70})
+    assert far.status_code == 422
+    huge_base = api.commit(vid, 1 << 70, {})
+    assert huge_base.status_code == 422 and "base_version" in huge_base.json()["message"]
+    # Without Content-Length (chunked), the limit applies while reading.
+    big = chunk("streamed", 2 * SMALL)
+    streamed = api.client.put(
+        f"/v1/volumes/{vid}/chunks/{sha(big)}",
+        content=iter([big[:SMALL], big[SMALL:]]),
+        headers={"x-sgw-sha256": sha(big)},
+    )
+    assert streamed.status_code == 413, streamed.text
+    assert api.keys() == before
+    # A body declared larger than any call accepts is refused before it is read.
+    with socket.create_connection(("127.0.0.1", api.process.port), timeout=10) as conn:
+        conn.sendall(
+            b"POST /v1/volumes HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1099511627776\r\n\r\n{"
+        )
+        assert conn.recv(65536).startswith(b"HTTP/1.1 413")
+
+
+def test_chunks_at_rest_are_encrypted_under_the_volume_scope_key(api: Api) -> None:
+    vol = api.volume()
+    data = b"plaintext that must not be visible at rest " * 90
+    assert api.put_chunk(vol["id"], data).status_code == 201
+    key = f"chunks/{vol['id']}/{sha(data)[:2]}/{sha(data)}"
+    blob = api.raw(key)
+    assert b"plaintext that must not" not in blob
+    master_path = api.data_dir / "master.key"
+    assert stat.S_IMODE(master_path.stat().st_mode) == 0o600
+    master = master_path.read_bytes()
+    assert len(master) == 32
+    assert decode_chunk(blob, derive_key(master, vol["id"]), expected_id=sha(data)) == data
+    # A snapshot of the volume, and a volume made from that, share its scope.
+    assert api.commit(vol["id"], 0, {0: sha(data)}).status_code == 200
+    snap = api.client.post(f"/v1/volumes/{vol['id']}/snapshots").json()
+    copy = api.volume(from_snapshot_id=snap["id"])
+    assert api.client.get(f"/v1/volumes/{copy['id']}/chunks/{sha(data)}").content == data
+    if api.store == "dir":
+        assert stat.S_IMODE((api.data_dir / "objects" / key).stat().st_mode) == 0o600
+
+
+def test_openapi_describes_the_block_api(api: Api) -> None:
+    spec = api.client.get("/openapi.json").json()
+    put = spec["paths"]["/v1/volumes/{volume_id}/chunks/{chunk_id}"]["put"]
+    assert "application/octet-stream" in put["requestBody"]["content"]
+    assert {p["name"] for p in put["parameters"]} >= {"volume_id", "chunk_id", "x-sgw-sha256"}
+    for path in (
+        "/v1/volumes",
+        "/v1/volumes/{volume_id}/map",
+        "/v1/volumes/{volume_id}/commits",
+        "/v1/snapshots/{snapshot_id}/changed-blocks",
+        "/v1/snapshots/{snapshot_id}/complete",
+    ):
+        assert path in spec["paths"]
+    assert "VolumeOut" in spec["components"]["schemas"]
+
+
+def test_without_insecure_dev_every_call_but_health_is_401(
+    tmp_path: Path, provider_factory: type[ProviderProcess]
+) -> None:
+    p = provider_factory(tmp_path / "locked", insecure_dev=False).start()
+    assert httpx.get(f"{p.url}/v1/health").status_code == 200
+    assert httpx.get(f"{p.url}/openapi.json").status_code == 200
+    for method, path in (
+        ("POST", "/v1/volumes"),
+        ("GET", f"/v1/volumes/{uuid.uuid4()}"),
+        ("PUT", f"/v1/volumes/{uuid.uuid4()}/chunks/{'0' * 64}"),
+        ("POST", "/v1/snapshots"),
+        ("GET", f"/v1/snapshots/{uuid.uuid4()}/changed-blocks"),
+    ):
+        r = httpx.request(method, f"{p.url}{path}", content=b"{}")
+        assert r.status_code == 401, (method, path, r.text)
+        assert r.json()["error"] == "unauthenticated"
+        assert "--insecure-dev" in r.json()["message"]
+        assert "management plane" in r.json()["message"]
+    assert p.stop() == 0
+
+
+def test_master_key_is_refused_when_loose_or_lost(
+    provider: ProviderProcess, provider_factory: type[ProviderProcess]
+) -> None:
+    p = provider
+    data_dir = p.data_dir
+    key_file = data_dir / "master.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    master = key_file.read_bytes()
+    vid = httpx.post(
+        f"{p.url}/v1/volumes", json={"name": "v", "size": MIB, "mode": "cached"}
+    ).json()["id"]
+    data = chunk("keep")
+    put = httpx.put(
+        f"{p.url}/v1/volumes/{vid}/chunks/{sha(data)}",
+        content=data,
+        headers={"x-sgw-sha256": sha(data)},
+    )
+    assert put.status_code == 201
+    assert p.stop() == 0
+
+    def refused() -> str:
+        p2 = provider_factory(data_dir)
+        with pytest.raises(RuntimeError, match="exited 2") as failure:
+            p2.start()
+        return str(failure.value)
+
+    key_file.chmod(0o644)
+    assert "chmod 600" in refused()
+    key_file.chmod(0o600)
+    key_file.write_bytes(master[:16])
+    assert "not 32" in refused()
+    key_file.unlink()
+    assert "restore" in refused()
+    assert not key_file.exists()  # no new key that could not read the stored chunks
+    key_file.write_bytes(master)
+    key_file.chmod(0o600)
+    p3 = provider_factory(data_dir).start()
+    got = httpx.get(f"{p3.url}/v1/volumes/{vid}/chunks/{sha(data)}")
+    assert got.status_code == 200 and got.content == data
+    assert p3.stop() == 0
+
+
+@pytest.mark.parametrize("store", ["dir", "s3"])
+def test_end_to_end_on_each_database_and_store(
+    store: str, empty_db_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    process, extra = _start(tmp_path / "e2e", store, request, db_url=empty_db_url)
+    try:
+        with httpx.Client(base_url=process.url, timeout=30) as client:
+            api = Api(process, client, store, **extra)
+            vid = api.volume(size=16 * SMALL)["id"]
+            a, b = chunk("e2e-a"), chunk("e2e-b")
+            assert api.put_chunk(vid, a).status_code == 201
+            assert api.put_chunk(vid, a).status_code == 200
+            assert api.commit(vid, 0, {0: sha(a), 15: sha(a)}, key="one").json() == {"version": 1}
+            assert api.commit(vid, 0, {0: sha(a), 15: sha(a)}, key="one").json() == {"version": 1}
+            assert api.commit(vid, 0, {1: sha(a)}).status_code == 409
+            assert api.commit(vid, 1, {2: sha(b)}).status_code == 400
+            first = client.post(f"/v1/volumes/{vid}/snapshots").json()
+            assert api.put_chunk(vid, b).status_code == 201
+            assert api.commit(vid, 1, {0: None, 2: sha(b)}).json() == {"version": 2}
+            second = client.post(f"/v1/volumes/{vid}/snapshots").json()
+            diff = api.pages(
+                f"/v1/snapshots/{second['id']}/changed-blocks",
+                limit=1,
+                first_snapshot_id=first["id"],
+            )
+            assert diff == [(0, None), (2, sha(b))]
+            listed = api.pages(f"/v1/snapshots/{second['id']}/blocks", limit=1)
+            assert listed == [(2, sha(b)), (15, sha(a))]
+            copy = api.volume(size=16 * SMALL, from_snapshot_id=first["id"])
+            assert api.map(copy["id"]) == (0, {0: sha(a), 15: sha(a)})
+            assert client.get(f"/v1/volumes/{copy['id']}/chunks/{sha(a)}").content == a
+            assert client.delete(f"/v1/volumes/{vid}").status_code == 204
+            assert client.get(f"/v1/snapshots/{first['id']}/blocks/0").content == a
+        assert process.stop() == 0
+    finally:
+        process.kill()
