@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", metavar="DIR", help="state directory (log, volume disks)")
     serve.add_argument(
         "--volume",
-        metavar="NAME:SIZE",
+        metavar="NAME:SIZE[:MODE]",
         action="append",
-        help="a stored volume, e.g. vol0:10G (repeatable)",
+        help="a volume, e.g. vol0:10G (stored) or vol1:10G:cached (repeatable)",
     )
     serve.add_argument(
         "--nbd",
@@ -70,6 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="development only: no authentication, every request acts for account 'dev'",
     )
     pserve.add_argument("--log-level", metavar="LEVEL", default="info", help="log level")
+    pgc = pcmds.add_parser(
+        "gc",
+        help="delete chunk objects no volume or snapshot references",
+        description=(
+            "One garbage collection pass over the provider's object store; safe while the "
+            "provider serves. Prints a one-line summary."
+        ),
+    )
+    pgc.add_argument("--data-dir", metavar="DIR", help="the provider's state directory")
+    pgc.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default: SQLite in DIR)")
+    pgc.add_argument("--store", metavar="URL", help="object store: file:///dir or s3://bucket")
+    pgc.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        type=float,
+        help="keep unreferenced objects younger than this (default: 86400, one day)",
+    )
+    pgc.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    pgc.add_argument("--log-level", metavar="LEVEL", default="warning", help="log level")
     return parser
 
 
@@ -81,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return _gateway_serve(args)
         if args.area == "provider" and args.command == "serve":
             return _provider_serve(args)
+        if args.area == "provider" and args.command == "gc":
+            return _provider_gc(args)
     except ConfigError as exc:
         print(f"sgw: error: {exc}", file=sys.stderr)
         return 2
@@ -128,6 +149,38 @@ def _provider_serve(args: argparse.Namespace) -> int:
     )
     setup_logging(args.log_level)
     return serve(config)
+
+
+def _provider_gc(args: argparse.Namespace) -> int:
+    import os
+
+    from sgw.common.logs import setup_logging
+    from sgw.provider import config as pcfg
+    from sgw.provider.blockstore import gc
+    from sgw.provider.blockstore.maps import ChunkMaps
+    from sgw.provider.blockstore.objects import open_store
+    from sgw.provider.db import schema
+
+    config = pcfg.load(args.data_dir, db_url=args.db, store_url=args.store)
+    if not os.path.isdir(config.data_dir):
+        raise ConfigError(
+            f"--data-dir {config.data_dir} does not exist: give the provider's state directory"
+        )
+    grace = gc.DEFAULT_GRACE_SECONDS if args.grace is None else args.grace
+    if grace < 0:
+        raise ConfigError(f"--grace {args.grace}: give 0 or more seconds")
+    setup_logging(args.log_level)
+    schema.upgrade(config.db_url)
+    engine = schema.make_engine(config.db_url)
+    try:
+        maps = ChunkMaps(schema.session_factory(engine))
+        report = gc.collect(
+            maps, open_store(config.store_url), grace_seconds=grace, dry_run=args.dry_run
+        )
+    finally:
+        engine.dispose()
+    print(report.summary())
+    return 1 if report.errors else 0
 
 
 if __name__ == "__main__":

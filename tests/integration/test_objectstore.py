@@ -7,6 +7,7 @@ import contextlib
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,6 +116,31 @@ def test_list_is_sorted_and_filtered_by_prefix(store: ObjectStore) -> None:
     assert list(store.list("chunks/zz/")) == []
     for key in keys:
         assert store.get(key) == key.encode()
+
+
+def test_stat_and_list_with_times(store: ObjectStore) -> None:
+    """Sizes and write times (what garbage collection's grace period is judged by)."""
+    before = time.time()
+    keys = ["chunks/s1/ab/ab1", "chunks/s1/cd/cd2", "chunks/s2/ab/ab3", "maps/x"]
+    put_many(store, keys, lambda k: k.encode() * 3)
+    after = time.time()
+    assert store.stat("chunks/s1/ab/missing") is None
+    info = store.stat("chunks/s1/ab/ab1")
+    assert info is not None
+    assert (info.key, info.size) == ("chunks/s1/ab/ab1", len(b"chunks/s1/ab/ab1") * 3)
+    # S3's LastModified has whole seconds; allow for that and a little clock skew.
+    assert before - 2 <= info.modified <= after + 2
+    listed = list(store.list_with_times("chunks/"))
+    assert [i.key for i in listed] == list(store.list("chunks/")) == sorted(keys[:3])
+    for item in listed:
+        assert item.size == len(item.key) * 3
+        assert abs(item.modified - info.modified) <= 3
+    assert [i.key for i in store.list_with_times("chunks/s1/")] == keys[:2]
+    assert list(store.list_with_times("nothing/")) == []
+    store.delete("maps/x")
+    assert store.stat("maps/x") is None
+    with pytest.raises(ObjectStoreError):
+        store.stat("../escape")
 
 
 @pytest.mark.parametrize("store", ["directory", "s3", "memory"], indirect=True)

@@ -22,9 +22,15 @@ Example (every key optional except what a volume needs)::
     concurrency = 8                       # chunk uploads in flight
     bandwidth = "100M"                    # bytes per second (default: unlimited)
 
+    [cache]                               # the chunk cache of cached volumes
+    path = "/var/cache/sgw"               # a directory (default: DATA_DIR/cache)
+    size = "4G"                           # bytes of chunk data it keeps (LRU)
+    read_ahead = 4                        # chunks fetched ahead of sequential reads
+
     [[volumes]]
     name = "vol0"
     size = "10G"
+    mode = "stored"                       # or "cached" (needs [remote]; no path)
     path = "/dev/disk/by-label/sgw-vol0"  # default: DATA_DIR/volumes/NAME.img
 """
 
@@ -38,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sgw.common.errors import ConfigError
-from sgw.gateway.volume.engine import VolumeSpec
+from sgw.gateway.volume.engine import MODE_CACHED, MODE_STORED, MODES, VolumeSpec
 from sgw.gateway.volume.wal import DATA_START, MIN_DATA_SIZE
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
@@ -46,6 +52,9 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LOG_SIZE = 1 << 30
+DEFAULT_CACHE_SIZE = 4 << 30
+# The cache must hold the chunks of a few reads in flight (1 MiB chunks by default).
+MIN_CACHE_SIZE = 16 << 20
 
 
 def parse_size(text: str | int, what: str) -> int:
@@ -109,6 +118,16 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """The chunk cache that cached volumes share: a directory of chunk files for now (a
+    raw cache device later), bounded to ``size`` bytes of chunk data."""
+
+    path: str
+    size: int = DEFAULT_CACHE_SIZE
+    read_ahead: int = 4  # chunks fetched ahead of a sequential reader; 0: off
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything ``sgw gateway serve`` needs."""
 
@@ -120,14 +139,27 @@ class GatewayConfig:
     destage: DestageConfig = field(default_factory=DestageConfig)
     log_level: str = "info"
     remote: RemoteConfig | None = None
+    cache: CacheConfig | None = None  # set when a volume is cached
 
 
 def parse_volume_flag(text: str) -> tuple[str, int]:
     """``NAME:SIZE`` from ``--volume``."""
-    name, sep, size = text.partition(":")
+    name, size, _mode = parse_volume_flag_mode(text)
+    return name, size
+
+
+def parse_volume_flag_mode(text: str) -> tuple[str, int, str]:
+    """``NAME:SIZE[:MODE]`` from ``--volume``; MODE is stored (default) or cached."""
+    name, sep, rest = text.partition(":")
     if not sep:
         raise ConfigError(f"--volume {text!r}: expected NAME:SIZE, for example vol0:10G")
-    return _check_name(name), parse_size(size, f"--volume {name}")
+    size, _, mode = rest.partition(":")
+    mode = mode or MODE_STORED
+    if mode not in MODES:
+        raise ConfigError(
+            f"--volume {text!r}: mode {mode!r} is not stored or cached (e.g. vol0:10G:cached)"
+        )
+    return _check_name(name), parse_size(size, f"--volume {name}"), mode
 
 
 def _check_name(name: str) -> str:
@@ -158,7 +190,7 @@ def load(
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
-    known = {"data_dir", "log_level", "write_log", "destage", "nbd", "volumes", "remote"}
+    known = {"data_dir", "log_level", "write_log", "destage", "nbd", "volumes", "remote", "cache"}
     for key in doc:
         if key not in known:
             raise ConfigError(f"config: unknown key {key!r} (known: {', '.join(sorted(known))})")
@@ -191,18 +223,30 @@ def load(
     for i, entry in enumerate(raw_vols):
         if not isinstance(entry, dict):
             raise ConfigError(f"config: volumes[{i}] must be a table")
-        extra = set(entry) - {"name", "size", "path"}
+        extra = set(entry) - {"name", "size", "path", "mode"}
         if extra:
             raise ConfigError(f"config: volumes[{i}] has unknown key(s) {sorted(extra)}")
         if "name" not in entry or "size" not in entry:
             raise ConfigError(f"config: volumes[{i}] needs a name and a size")
         name = _check_name(str(entry["name"]))
         size = parse_size(entry["size"], f"volume {name} size")
-        path = str(entry.get("path") or os.path.join(ddir, "volumes", f"{name}.img"))
-        specs.append(VolumeSpec(name, size, path))
+        mode = entry.get("mode", MODE_STORED)
+        if mode not in MODES:
+            raise ConfigError(f'volume {name}: mode {mode!r} is not "stored" or "cached"')
+        if mode == MODE_CACHED:
+            if entry.get("path"):
+                raise ConfigError(
+                    f"volume {name} is cached: it has no disk of its own (its data lives at "
+                    "the provider and in [cache]); remove its path"
+                )
+            path = ""
+        else:
+            path = str(entry.get("path") or os.path.join(ddir, "volumes", f"{name}.img"))
+        specs.append(VolumeSpec(name, size, path, mode))
     for text in volumes or []:
-        name, size = parse_volume_flag(text)
-        specs.append(VolumeSpec(name, size, os.path.join(ddir, "volumes", f"{name}.img")))
+        name, size, mode = parse_volume_flag_mode(text)
+        path = "" if mode == MODE_CACHED else os.path.join(ddir, "volumes", f"{name}.img")
+        specs.append(VolumeSpec(name, size, path, mode))
     seen: set[str] = set()
     for spec in specs:
         if spec.name in seen:
@@ -223,6 +267,13 @@ def load(
     listeners = tuple(Listener.parse(str(a)) for a in addrs)
 
     remote = _remote(_table(doc, "remote", {"url", "concurrency", "bandwidth"}), provider)
+    cached = [s.name for s in specs if s.mode == MODE_CACHED]
+    if cached and remote is None:
+        raise ConfigError(
+            f"volume {cached[0]} is cached, so it needs a provider: set [remote] url or "
+            "pass --provider URL"
+        )
+    cache = _cache(_table(doc, "cache", {"path", "size", "read_ahead"}), ddir) if cached else None
 
     level = str(log_level or doc.get("log_level", "info")).lower()
     if level not in _LEVELS:
@@ -236,7 +287,23 @@ def load(
         destage=destage,
         log_level=level,
         remote=remote,
+        cache=cache,
     )
+
+
+def _cache(table: dict[str, Any], ddir: str) -> CacheConfig:
+    path = table.get("path") or os.path.join(ddir, "cache")
+    if not isinstance(path, str):
+        raise ConfigError('cache.path: must be a string like "/var/cache/sgw"')
+    size = parse_size(table.get("size", DEFAULT_CACHE_SIZE), "cache.size")
+    if size < MIN_CACHE_SIZE:
+        raise ConfigError(
+            f"cache.size: {size} bytes is too small; use at least {MIN_CACHE_SIZE >> 20}M"
+        )
+    ahead = table.get("read_ahead", 4)
+    if isinstance(ahead, bool) or not isinstance(ahead, int) or not 0 <= ahead <= 256:
+        raise ConfigError(f"cache.read_ahead: {ahead!r} must be a whole number of chunks, 0-256")
+    return CacheConfig(os.path.abspath(path), size, ahead)
 
 
 def check_url(text: str, what: str) -> str:

@@ -1,6 +1,8 @@
 """The gateway daemon: wiring, lifecycle and shutdown.
 
-Start: open the engine (recovering the log), start the destager, listen. SIGTERM or SIGINT:
+Start: open the engine (recovering the log), start the destager, listen; cached volumes
+load their remote maps in the background (status BOOTSTRAPPING, reads of their base wait)
+and a small monitor keeps every volume's status current. SIGTERM or SIGINT:
 stop accepting, let every connection finish what it received, flush the log, stop the
 destager after its current batch, close. The pieces are kept apart so that the blue-green
 handover can later flush the log and pass the listening sockets and connections on.
@@ -12,17 +14,32 @@ import asyncio
 import ctypes
 import logging
 import os
+import random
 import resource
 import signal
 
+from sgw.common.errors import SgwError
 from sgw.gateway.config import GatewayConfig
 from sgw.gateway.nbd.server import NbdServer
+from sgw.gateway.volume.cache import ChunkCache
 from sgw.gateway.volume.destager import Destager
 from sgw.gateway.volume.engine import VolumeEngine
-from sgw.gateway.volume.remote import BlockApiClient
+from sgw.gateway.volume.remote import BlockApiClient, RetryPolicy
 from sgw.gateway.volume.upload import Uploader
+from sgw.gateway.volume.volume import LOADING_MAP, Volume, VolumeStatus
 
 LOG = logging.getLogger(__name__)
+
+# Seconds between status checks: a stall shows within this, and the check is a few
+# attribute reads per volume.
+STATUS_INTERVAL = 0.25
+# Loading a cached volume's map is retried after this long, doubling up to the maximum
+# (seconds, jittered) while the provider is unreachable.
+BOOTSTRAP_RETRY_FIRST = 0.5
+BOOTSTRAP_RETRY_MAX = 15.0
+# A cache miss is a read the initiator waits for: fail it within seconds (it aborts a
+# command after about 15 s) rather than retry as long as an upload may.
+READ_RETRY = RetryPolicy(attempts=3, initial=0.2, max_wait=1.0)
 
 _PR_SET_IO_FLUSHER = 57
 
@@ -39,9 +56,23 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        self.cache: ChunkCache | None = None
+        read_ahead = 0
+        if config.cache is not None:
+            self.cache = ChunkCache.open(config.cache.path, config.cache.size)
+            read_ahead = config.cache.read_ahead
         self.engine = VolumeEngine.open(
-            config.data_dir, config.log_path, config.log_size, config.volumes
+            config.data_dir,
+            config.log_path,
+            config.log_size,
+            config.volumes,
+            cache=self.cache,
+            read_ahead=read_ahead,
         )
+        self.cached = [v for v in self.engine.volumes.values() if v.cached is not None]
+        self.read_client: BlockApiClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._bootstrap_errors: dict[str, str] = {}
         self.uploader: Uploader | None = None
         if config.remote is None:
             _mark_unsynced(self.engine)
@@ -62,7 +93,17 @@ class Gateway:
         self.server = NbdServer(self.engine, on_write=self.destager.kick)
 
     async def start(self) -> None:
-        """Starts the destager and the listeners."""
+        """Starts the destager, the cached volumes' bootstrap, the status monitor and the
+        listeners."""
+        if self.cached:
+            assert self.config.remote is not None and self.uploader is not None
+            self.read_client = BlockApiClient(self.config.remote.url, retry=READ_RETRY)
+            loop = asyncio.get_running_loop()
+            for vol in self.cached:
+                assert vol.cached is not None
+                vol.cached.attach(self.read_client)
+                self._tasks.append(loop.create_task(self._bootstrap(vol), name="bootstrap"))
+            self._tasks.append(loop.create_task(self._monitor(), name="status"))
         self.destager.start()
         for listener in self.config.listeners:
             if listener.kind == "unix":
@@ -75,13 +116,80 @@ class Gateway:
         """Drains the connections, flushes the log, stops the destager, closes files."""
         await self.server.shutdown()
         await self.engine.flush()
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
         await self.destager.stop()
+        for vol in self.cached:
+            assert vol.cached is not None
+            await vol.cached.aclose()
         if self.uploader is not None:
             await self.uploader.close()
+        if self.read_client is not None:
+            await self.read_client.aclose()
         self.engine.close()
         for listener in self.config.listeners:
             if listener.kind == "unix" and os.path.exists(listener.path):
                 os.unlink(listener.path)
+
+    async def _bootstrap(self, vol: Volume) -> None:
+        """Loads a cached volume's remote map, retrying while the provider is away."""
+        assert self.uploader is not None
+        failures = 0
+        while True:
+            try:
+                await self.uploader.bind_cached(vol)
+                break
+            except (SgwError, OSError) as exc:
+                failures += 1
+                delay = min(BOOTSTRAP_RETRY_MAX, BOOTSTRAP_RETRY_FIRST * 2 ** (failures - 1))
+                delay *= random.uniform(0.5, 1.0)
+                self._bootstrap_errors[vol.name] = str(exc)
+                vol.set_status(VolumeStatus.BOOTSTRAPPING, f"cannot load the remote map: {exc}")
+                LOG.warning(
+                    "cached volume: loading the remote map failed: %s",
+                    exc,
+                    extra={"volume": vol.name, "retry_in_s": round(delay, 2)},
+                )
+                await asyncio.sleep(delay)
+        self._bootstrap_errors.pop(vol.name, None)
+        assert vol.cached is not None
+        LOG.info(
+            "cached volume ready",
+            extra={
+                "volume": vol.name,
+                "remote_id": vol.cached.remote_id,
+                "chunks": len(vol.cached.chunks),
+                "chunk_size": vol.cached.chunk_size,
+            },
+        )
+        self._update_status()
+
+    async def _monitor(self) -> None:
+        while True:
+            self._update_status()
+            await asyncio.sleep(STATUS_INTERVAL)
+
+    def _update_status(self) -> None:
+        """Cached volumes: writes are stalled (not failed) when the log is full and cannot
+        drain because uploads fail; reads of cached chunks go on meanwhile."""
+        log = self.engine.log
+        full = bool(log.space_waiters) or not log.fits(Volume.log_bytes_for_write(0, 1 << 20))
+        for vol in self.cached:
+            assert vol.cached is not None
+            error = self._bootstrap_errors.get(vol.name)
+            if full and (self.destager.failures or error):
+                why = self.destager.last_error or error or "uploads are failing"
+                vol.set_status(
+                    VolumeStatus.WRITES_STALLED,
+                    f"write log full and it cannot drain to the provider: {why}",
+                )
+            elif not vol.cached.is_ready:
+                reason = f"cannot load the remote map: {error}" if error else LOADING_MAP
+                vol.set_status(VolumeStatus.BOOTSTRAPPING, reason)
+            else:
+                vol.set_status(VolumeStatus.AVAILABLE)
 
 
 def _mark_unsynced(engine: VolumeEngine) -> None:

@@ -24,6 +24,7 @@ from typing import Any, cast
 from sgw.common.errors import SgwError
 from sgw.gateway.nbd import protocol as p
 from sgw.gateway.nbd.negotiation import ExportInfo, Negotiation, greeting
+from sgw.gateway.volume.cached import CachedBaseStore
 from sgw.gateway.volume.engine import VolumeEngine
 from sgw.gateway.volume.volume import Volume
 
@@ -35,6 +36,9 @@ _REQ = p.REQUEST.size
 _SEND_BUFFER = 4 * 1024 * 1024
 # Reads at least this large that come from the base store alone run in a worker thread.
 _OFFLOAD_READ = 256 * 1024
+# A cached read whose chunks were fetched but evicted again before it ran (a cache far
+# too small for the reads in flight) is retried this many times, then fails with EIO.
+_CACHED_READ_ATTEMPTS = 3
 # Largest payload buffer a connection keeps for reuse (bytes).
 _KEEP_PAYLOAD_BUFFER = 4 * 1024 * 1024
 _WRITE_FLAGS = p.CMD_FLAG_FUA
@@ -401,6 +405,11 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         vol = self._volume
         assert vol is not None
+        self._read_from(vol, flags, cookie, offset, length)
+
+    def _read_from(
+        self, vol: Volume, flags: int, cookie: int, offset: int, length: int, *, attempt: int = 0
+    ) -> None:
         if flags & ~_READ_FLAGS or length > p.MAX_PAYLOAD or offset + length > vol.size:
             self._error(cookie, p.EINVAL, True, "read out of range or bad flags")
             return
@@ -414,6 +423,23 @@ class NbdConnection(asyncio.BufferedProtocol):
             else:
                 self._ok(cookie)
             return
+        cached = vol.cached
+        if cached is not None:
+            # A cached volume: the base's chunks may have to come from the provider first,
+            # which is awaited off this inline path (never blocking the loop).
+            spans = vol.base_spans(offset, length)
+            if not attempt:
+                cached.note_read(offset, length)
+            if spans and not cached.ready_for(spans):
+                if attempt >= _CACHED_READ_ATTEMPTS:
+                    LOG.error("read failed: chunks evicted before use", extra={"volume": vol.name})
+                    self._error(cookie, p.EIO, True, "chunk cache too small for this read")
+                    return
+                self._inflight += 1
+                task = asyncio.get_running_loop().create_task(cached.ensure(spans))
+                req = (flags, cookie, offset, length, attempt)
+                task.add_done_callback(lambda t: self._fetched(t, vol, cached, req))
+                return
         if length >= _OFFLOAD_READ and not vol.index.touches(offset >> 12, (length + 4095) >> 12):
             # A large read from the base store: copying it costs more than a thread hop, and
             # in a worker it overlaps with this loop's sends.
@@ -425,11 +451,39 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         try:
             data = vol.read(offset, length)
-        except OSError as exc:
+        except (OSError, SgwError) as exc:
             LOG.error("read failed", extra={"volume": vol.name, "error": str(exc)})
             self._error(cookie, p.EIO, True, "read failed")
             return
         self._read_reply(cookie, offset, length, data)
+
+    def _fetched(
+        self,
+        task: asyncio.Task[list[str]],
+        vol: Volume,
+        cached: CachedBaseStore,
+        req: tuple[int, int, int, int, int],
+    ) -> None:
+        """The chunks of a cached read are fetched and pinned: the read runs inline now."""
+        self._inflight -= 1
+        flags, cookie, offset, length, attempt = req
+        self._out_begin()
+        if task.cancelled():
+            self._error(cookie, p.ESHUTDOWN, True, "shutting down")
+        elif (exc := task.exception()) is not None:
+            LOG.error(
+                "read failed: chunks could not be fetched from the provider",
+                extra={"volume": vol.name, "offset": offset, "error": str(exc)},
+            )
+            self._error(cookie, p.EIO, True, "chunk fetch from the provider failed")
+        else:
+            pinned = task.result()
+            try:
+                self._read_from(vol, flags, cookie, offset, length, attempt=attempt + 1)
+            finally:
+                cached.unpin(pinned)
+        self._out_flush()
+        self._maybe_close()
 
     def _read_done(self, fut: asyncio.Future[bytes], cookie: int, offset: int, length: int) -> None:
         self._inflight -= 1

@@ -20,7 +20,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from sgw.common.errors import SgwError
+from sgw.common.errors import SgwError, VolumeStateError
+from sgw.gateway.volume.cached import CachedBaseStore, ChunkMapUpdate
 from sgw.gateway.volume.engine import VolumeEngine
 from sgw.gateway.volume.index import BLOCK, BLOCK_SHIFT, SMALL_ZERO_BLOCKS, zero_marker
 from sgw.gateway.volume.wal import KIND_DATA, KIND_TRIM, Record
@@ -86,10 +87,15 @@ class VolumeChanges:
 
 @dataclass
 class Batch:
-    """Records from ``records[0]`` to ``records[-1]``, merged per volume id."""
+    """Records from ``records[0]`` to ``records[-1]``, merged per volume id.
+
+    ``updates``: for cached volumes, the chunk versions the upload step committed (it put
+    their data into the chunk cache); applying the batch points the volume's map at them.
+    """
 
     records: list[Record]
     volumes: dict[int, VolumeChanges]
+    updates: dict[int, ChunkMapUpdate] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -169,6 +175,7 @@ class Destager:
         self._task: asyncio.Task[None] | None = None
         self._uploading: asyncio.Future[None] | None = None
         self.failures = 0  # consecutive failed batches
+        self.last_error = ""  # why the last batch failed (while failures > 0)
         self.last_append = time.monotonic()
         self.batches = 0
         self.bytes_destaged = 0
@@ -213,8 +220,10 @@ class Destager:
             try:
                 await self.destage_once()
                 self.failures = 0
+                self.last_error = ""
             except Exception as exc:
                 self.failures += 1
+                self.last_error = str(exc) or type(exc).__name__
                 delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (self.failures - 1))
                 delay *= random.uniform(0.5, 1.0)
                 extra = {"retry_in_s": round(delay, 2), "failures": self.failures}
@@ -250,6 +259,7 @@ class Destager:
                 await self._uploading
             finally:
                 self._uploading = None
+        self._apply_cached(batch)
         await asyncio.to_thread(self._apply, batch)
         for rec in batch.records:
             engine.reclaim(rec)
@@ -264,10 +274,27 @@ class Destager:
         )
         return True
 
+    def _apply_cached(self, batch: Batch) -> None:
+        """Cached volumes (on the loop, which reads their maps): the new chunk versions
+        are in the cache already; the map now points at them."""
+        for vol_id in batch.volumes:
+            vol = self.engine.by_id[vol_id]
+            if vol.cached is None:
+                continue
+            update = batch.updates.get(vol_id)
+            if update is None:
+                raise VolumeStateError(
+                    f"volume {vol.name} is cached and can only be destaged by uploading it; "
+                    "configure [remote]"
+                )
+            vol.cached.apply_update(update)
+
     def _apply(self, batch: Batch) -> None:
         log_fd = self.engine.log.fileno()
         for vol_id, changes in batch.volumes.items():
             base = self.engine.by_id[vol_id].base
+            if isinstance(base, CachedBaseStore):
+                continue
             for offset, length, punch in changes.zero_ranges:
                 base.zero(offset, length, punch)
             for run in changes.runs():

@@ -1,9 +1,11 @@
 """The volume engine: the gateway's write log, its volumes and their persistent registry.
 
 The registry (``volumes.json`` in the data directory) gives each volume a stable numeric id
-used in log records, its size and its disk, and, once it uploads to a provider, the remote
-volume it is bound to and the map version the gateway last committed. It is written
-atomically; files written before the remote fields existed still load.
+used in log records, its size, its mode (stored on a local disk, or cached: the primary
+copy at the provider, a chunk cache locally) and its disk, and, once it uploads to a
+provider, the remote volume it is bound to and the map version the gateway last
+committed. It is written atomically; files written before the remote and mode fields
+existed still load.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from dataclasses import dataclass
 
 from sgw.common.errors import VolumeStateError
 from sgw.common.files import write_atomically
-from sgw.gateway.volume.base import FileBaseStore
+from sgw.gateway.volume.base import BaseStore, FileBaseStore
+from sgw.gateway.volume.cache import ChunkCache
+from sgw.gateway.volume.cached import DEFAULT_READ_AHEAD, CachedBaseStore
 from sgw.gateway.volume.index import BLOCK
 from sgw.gateway.volume.volume import Volume
 from sgw.gateway.volume.wal import Record, WriteLog
@@ -24,15 +28,20 @@ from sgw.gateway.volume.wal import Record, WriteLog
 LOG = logging.getLogger(__name__)
 
 REGISTRY_FILE = "volumes.json"
+MODE_STORED = "stored"
+MODE_CACHED = "cached"
+MODES = (MODE_STORED, MODE_CACHED)
 
 
 @dataclass(frozen=True)
 class VolumeSpec:
-    """A volume as configured: name, size in bytes and the disk that holds it."""
+    """A volume as configured: name, size in bytes, the disk that holds it (stored mode;
+    empty for a cached volume, whose base is the shared chunk cache) and its mode."""
 
     name: str
     size: int
     path: str
+    mode: str = MODE_STORED
 
 
 class VolumeEngine:
@@ -53,9 +62,20 @@ class VolumeEngine:
 
     @classmethod
     def open(
-        cls, data_dir: str, log_path: str, log_size: int, specs: Iterable[VolumeSpec]
+        cls,
+        data_dir: str,
+        log_path: str,
+        log_size: int,
+        specs: Iterable[VolumeSpec],
+        *,
+        cache: ChunkCache | None = None,
+        read_ahead: int = DEFAULT_READ_AHEAD,
     ) -> VolumeEngine:
-        """Opens (creating on first start) the log and volumes, and replays the log."""
+        """Opens (creating on first start) the log and volumes, and replays the log.
+
+        Cached volumes need ``cache`` (shared by all of them); their maps are loaded from
+        the provider later (``CachedBaseStore.load``), reads of their base wait for it.
+        """
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         specs = list(specs)
         registry_path = os.path.join(data_dir, REGISTRY_FILE)
@@ -65,16 +85,22 @@ class VolumeEngine:
         for spec in specs:
             known = registry.get(spec.name)
             if known is None:
-                registry[spec.name] = RegistryEntry(next_id, spec.size, spec.path)
+                registry[spec.name] = RegistryEntry(next_id, spec.size, spec.path, mode=spec.mode)
                 next_id += 1
                 changed = True
+            elif known.mode != spec.mode:
+                raise VolumeStateError(
+                    f"volume {spec.name} is a {known.mode} volume but is configured as "
+                    f"{spec.mode}; changing the mode of a volume is not supported, configure "
+                    f'mode = "{known.mode}" (or a new volume under another name)'
+                )
             elif known.size != spec.size:
                 raise VolumeStateError(
                     f"volume {spec.name} exists with size {known.size} bytes but is "
                     f"configured with {spec.size}; resizing is not supported, "
                     "configure the existing size"
                 )
-            elif known.path != spec.path:
+            elif spec.mode == MODE_STORED and known.path != spec.path:
                 raise VolumeStateError(
                     f"volume {spec.name} lives on {known.path} but is configured on "
                     f"{spec.path}; move the disk back or fix the configuration"
@@ -93,8 +119,16 @@ class VolumeEngine:
                     raise VolumeStateError(
                         f"volume {spec.name}: size {spec.size} is not a multiple of 4 KiB"
                     )
-                os.makedirs(os.path.dirname(os.path.abspath(spec.path)), exist_ok=True)
-                base = FileBaseStore(spec.path, spec.size, create=True)
+                base: BaseStore
+                if spec.mode == MODE_CACHED:
+                    if cache is None:
+                        raise VolumeStateError(
+                            f"volume {spec.name} is cached but the gateway has no chunk cache"
+                        )
+                    base = CachedBaseStore(spec.name, spec.size, cache, read_ahead)
+                else:
+                    os.makedirs(os.path.dirname(os.path.abspath(spec.path)), exist_ok=True)
+                    base = FileBaseStore(spec.path, spec.size, create=True)
                 volumes[spec.name] = Volume(spec.name, entry.id, spec.size, base, log)
             engine = cls(log, volumes, registry, registry_path)
             engine._replay(records, registry)
@@ -146,7 +180,7 @@ class VolumeEngine:
 
 @dataclass
 class RegistryEntry:
-    """A volume's permanent facts: its id in log records, its size and its disk.
+    """A volume's permanent facts: its id in log records, its size, its disk and mode.
 
     The remote fields bind it to a volume at the provider: ``remote_id``; the map version
     the gateway last committed (``remote_version``); ``remote_pending``, the first log
@@ -163,6 +197,7 @@ class RegistryEntry:
     remote_version: int | None = None
     remote_pending: int | None = None
     remote_synced: bool = False
+    mode: str = MODE_STORED
 
 
 def _save_registry(path: str, registry: dict[str, RegistryEntry]) -> None:
@@ -192,6 +227,7 @@ def _load_registry(path: str) -> dict[str, RegistryEntry]:
                 remote_version=_optional_int(e.get("remote_version")),
                 remote_pending=_optional_int(e.get("remote_pending")),
                 remote_synced=bool(e.get("remote_synced", False)),
+                mode=str(e.get("mode", MODE_STORED)),
             )
             for name, e in data.items()
         }

@@ -35,11 +35,13 @@ from sgw.common.errors import (
     RemoteRejectedError,
     VolumeStateError,
 )
+from sgw.gateway.volume.cache import ChunkCache
+from sgw.gateway.volume.cached import ChunkMapUpdate
 from sgw.gateway.volume.chunker import ChunkVersion, iter_chunks
 from sgw.gateway.volume.destager import Batch, VolumeChanges
 from sgw.gateway.volume.engine import RegistryEntry, VolumeEngine
 from sgw.gateway.volume.index import BLOCK
-from sgw.gateway.volume.remote import BlockApiClient, prepare_chunk
+from sgw.gateway.volume.remote import BlockApiClient, PreparedChunk, prepare_chunk
 from sgw.gateway.volume.volume import Volume
 
 LOG = logging.getLogger(__name__)
@@ -182,19 +184,31 @@ class Uploader:
         first, last = batch.records[0].seq, batch.records[-1].seq
         for vol_id, changes in batch.volumes.items():
             vol = self.engine.by_id[vol_id]
-            await self._upload_volume(vol, changes, first, last)
+            result = await self._upload_volume(vol, changes, first, last)
+            if vol.cached is not None:  # the destager points the volume's map at them
+                batch.updates[vol_id] = ChunkMapUpdate(result.data, result.zero_runs)
+
+    async def bind_cached(self, vol: Volume) -> None:
+        """Binds a cached volume to its remote volume (created on first use) and loads
+        the remote map into its store, after which reads of its base may go on."""
+        assert vol.cached is not None
+        entry = self.engine.registry[vol.name]
+        binding = await self._bind(vol, entry)
+        vol.cached.load(binding.remote_id, binding.chunk_size, binding.map_version, binding.chunks)
 
     # -- one volume ----------------------------------------------------------------------
 
     async def _upload_volume(
         self, vol: Volume, changes: VolumeChanges, first: int, last: int
-    ) -> None:
+    ) -> VolumeResult:
         entry = self.engine.registry[vol.name]
+        if vol.cached is not None:  # bound by bind_cached; its map is the primary copy
+            await vol.cached.wait_ready()
         binding = await self._bind(vol, entry)
         if binding.map_version != entry.remote_version:
             await self._reconcile(vol, entry, binding, first)
         extra: list[tuple[int, int]] = []
-        if not entry.remote_synced:
+        if not entry.remote_synced and vol.cached is None:
             # What the disk holds that the remote may lack (data from before the volume was
             # bound, or destaged while no remote was configured), and what the remote holds
             # that the disk may no longer have.
@@ -212,13 +226,15 @@ class Uploader:
                 "seconds": round(time.monotonic() - started, 3),
             },
         )
+        return result
 
     async def _bind(self, vol: Volume, entry: RegistryEntry) -> _Binding:
         binding = self._bindings.get(vol.id)
         if binding is not None:
             return binding
         if entry.remote_id is None:
-            rv = await self.client.create_volume(vol.name, vol.size, mode=self.mode)
+            mode = vol.mode if vol.cached is not None else self.mode
+            rv = await self.client.create_volume(vol.name, vol.size, mode=mode)
             entry.remote_id, entry.remote_version = rv.id, rv.map_version
             entry.remote_pending, entry.remote_synced = None, False
             await self._save_registry()
@@ -301,6 +317,7 @@ class Uploader:
             extra=extra,
         )
         slots = asyncio.Semaphore(self.concurrency)
+        cache = vol.cached.cache if vol.cached is not None else None
         sent_ids: set[str] = set()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -315,7 +332,13 @@ class Uploader:
                         await slots.acquire()
                         tg.create_task(
                             self._put(
-                                binding, index, data, result=result, sent_ids=sent_ids, slots=slots
+                                binding,
+                                index,
+                                data,
+                                result=result,
+                                sent_ids=sent_ids,
+                                slots=slots,
+                                cache=cache,
                             )
                         )
         except BaseExceptionGroup as group:
@@ -336,9 +359,10 @@ class Uploader:
         result: VolumeResult,
         sent_ids: set[str],
         slots: asyncio.Semaphore,
+        cache: ChunkCache | None = None,
     ) -> None:
         try:
-            chunk = await asyncio.to_thread(prepare_chunk, data)
+            chunk = await asyncio.to_thread(_prepare, data, cache)
             result.data[index] = chunk.id
             # The provider holds it already: at this index of the map, or sent in this batch.
             if binding.chunks.get(index) == chunk.id or chunk.id in sent_ids:
@@ -409,6 +433,15 @@ class Uploader:
         self._registry_dirty = True
         await asyncio.to_thread(self.engine.save_registry)
         self._registry_dirty = False
+
+
+def _prepare(data: bytes, cache: ChunkCache | None) -> PreparedChunk:
+    """Hashes and compresses a chunk; a cached volume's new version also goes into the
+    chunk cache now, while its bytes are at hand (in a worker thread)."""
+    chunk = prepare_chunk(data)
+    if cache is not None:
+        cache.put(chunk.id, data)
+    return chunk
 
 
 def _take(gen: Iterator[ChunkVersion]) -> list[ChunkVersion]:

@@ -8,7 +8,11 @@ index stays per block and a destage never has to merge partial blocks.
 
 from __future__ import annotations
 
+import enum
+import logging
+
 from sgw.gateway.volume.base import BaseStore
+from sgw.gateway.volume.cached import CachedBaseStore
 from sgw.gateway.volume.index import (
     BLOCK,
     BLOCK_SHIFT,
@@ -26,6 +30,8 @@ from sgw.gateway.volume.wal import (
     WriteLog,
 )
 
+LOG = logging.getLogger(__name__)
+
 # NBD base:allocation flags.
 STATE_HOLE = 1
 STATE_ZERO = 2
@@ -33,6 +39,18 @@ STATE_ZERO = 2
 # (the protocol lets a server describe a prefix of the range).
 STATUS_SCAN_LIMIT = 64 * 1024 * 1024
 _MASK = BLOCK - 1
+
+
+LOADING_MAP = "loading the remote chunk map"
+
+
+class VolumeStatus(enum.StrEnum):
+    """What a volume can do right now (reported to the provider by the control channel)."""
+
+    AVAILABLE = "AVAILABLE"  # reads and writes served normally
+    BOOTSTRAPPING = "BOOTSTRAPPING"  # cached: the remote map is being loaded; reads wait
+    WRITES_STALLED = "WRITES_STALLED"  # cached: log full and uploads failing; reads go on
+    PASS_THROUGH = "PASS_THROUGH"  # stored: log full, writes go to the local disk only
 
 
 class Volume:
@@ -45,6 +63,56 @@ class Volume:
         self.base = base
         self.log = log
         self.index = ExtentIndex()
+        # The cached-mode store, or None: the NBD read path checks it before inline reads.
+        self.cached = base if isinstance(base, CachedBaseStore) else None
+        self.status = VolumeStatus.BOOTSTRAPPING if self.cached else VolumeStatus.AVAILABLE
+        self.status_reason = LOADING_MAP if self.cached else ""
+
+    @property
+    def mode(self) -> str:
+        """``cached`` or ``stored``."""
+        return "cached" if self.cached is not None else "stored"
+
+    def set_status(self, status: VolumeStatus, reason: str = "") -> None:
+        """Changes the status; a change of status (not of its reason alone, which may carry
+        a changing error text) is logged as one structured line."""
+        previous = self.status
+        self.status, self.status_reason = status, reason
+        if status == previous:
+            return
+        level = logging.WARNING if status == VolumeStatus.WRITES_STALLED else logging.INFO
+        LOG.log(
+            level,
+            "volume status changed",
+            extra={
+                "volume": self.name,
+                "status": str(status),
+                "previous": str(previous),
+                "reason": reason,
+            },
+        )
+
+    @property
+    def dirty_bytes(self) -> int:
+        """Bytes of this volume held only in the write log (not yet destaged: for a cached
+        volume, not yet uploaded). Zeroed ranges in the log cost no data and are not
+        counted."""
+        return len(self.index.blocks) << BLOCK_SHIFT
+
+    def base_spans(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The ``(offset, length)`` parts of a read that come from the base store."""
+        first = offset >> BLOCK_SHIFT
+        last = (offset + length + _MASK) >> BLOCK_SHIFT
+        if not self.index.touches(first, last - first):
+            return [(offset, length)]
+        end = offset + length
+        out: list[tuple[int, int]] = []
+        for kind, fb, n, _pos in self.index.segments(first, last - first):
+            if kind == SEG_BASE:
+                s = max(fb << BLOCK_SHIFT, offset)
+                e = min((fb + n) << BLOCK_SHIFT, end)
+                out.append((s, e - s))
+        return out
 
     # -- reads -----------------------------------------------------------------------
 

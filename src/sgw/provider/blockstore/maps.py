@@ -25,7 +25,7 @@ import logging
 import re
 import struct
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -42,6 +42,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    union,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -99,6 +100,12 @@ _SCAN_BATCH = 256
 
 # Changes to a map: chunk index -> new chunk id, or None for "all zero now".
 ChunkChanges = Mapping[int, str | None]
+# Called inside a writer's transaction, with the map's row locked, with the chunk ids the
+# change names (sorted, distinct): raises if the store does not hold one of them. Garbage
+# collection deletes chunks only while holding the rows of every map of the key scope
+# (``delete_unreferenced_chunks``), so a chunk checked here cannot vanish before the
+# change that names it is visible to the collector.
+ChunkCheck = Callable[[list[str]], None]
 
 
 class NameTakenError(DatabaseError):
@@ -377,13 +384,16 @@ class ChunkMaps:
         base_version: int,
         changes: ChunkChanges,
         idempotency_key: str,
+        *,
+        check_chunks: ChunkCheck | None = None,
     ) -> int:
         """Applies ``changes`` to the map at ``base_version`` atomically; the new version.
 
         A stale ``base_version`` raises VersionConflictError and changes nothing. Retrying
         with the same ``idempotency_key`` and changes returns the version the first attempt
         produced without applying anything again (the same key with other changes raises
-        IdempotencyKeyError). An index outside the volume raises ValueError.
+        IdempotencyKeyError). An index outside the volume raises ValueError. Whatever
+        ``check_chunks`` raises (it runs with the volume locked) refuses the commit.
         """
         if not idempotency_key or len(idempotency_key) > KEY_MAX:
             raise ValueError(f"idempotency key {idempotency_key!r}: give 1 to {KEY_MAX} characters")
@@ -414,6 +424,8 @@ class ChunkMaps:
                 )
             size, chunk_size, version = row
             _check_indexes(f"volume {volume_id}", size, chunk_size, parsed)
+            if check_chunks is not None:
+                check_chunks(_named_chunks(parsed))
             rewritten = _apply(s, _Owner(VolumeSegment, volume_id), parsed)
             s.add(
                 CommitRecord(
@@ -539,8 +551,11 @@ class ChunkMaps:
         LOG.info("snapshot started", extra={"snapshot": snapshot.id, "account": account_id})
         return snapshot.id
 
-    def put_snapshot_chunks(self, snapshot_id: str, changes: ChunkChanges) -> None:
-        """Sets chunks of a pending snapshot (None: the chunk is all zero)."""
+    def put_snapshot_chunks(
+        self, snapshot_id: str, changes: ChunkChanges, *, check_chunks: ChunkCheck | None = None
+    ) -> None:
+        """Sets chunks of a pending snapshot (None: the chunk is all zero); whatever
+        ``check_chunks`` raises (it runs with the snapshot locked) refuses the change."""
         parsed = _parse_changes(changes)
         with self._sessions.begin() as s:
             snap = _lock_snapshot(s, snapshot_id)
@@ -549,6 +564,8 @@ class ChunkMaps:
                     f"snapshot {snapshot_id} is {snap.status}; only pending snapshots take chunks"
                 )
             _check_indexes(f"snapshot {snapshot_id}", snap.volume_size, snap.chunk_size, parsed)
+            if check_chunks is not None:
+                check_chunks(_named_chunks(parsed))
             _apply(s, _Owner(SnapshotSegment, snapshot_id), parsed)
 
     def complete_snapshot(self, snapshot_id: str) -> None:
@@ -633,22 +650,54 @@ class ChunkMaps:
 
     # Garbage collection
 
-    def referenced_chunk_ids(self) -> Iterator[str]:
-        """Every chunk id some volume or snapshot map references (ids may repeat).
+    def referenced_chunk_ids(self, key_scope: str | None = None) -> Iterator[str]:
+        """Every chunk id some volume or snapshot map references (ids may repeat); with
+        ``key_scope``, only maps of that scope (whose chunks are stored under it).
 
         One streamed query, so the result is a consistent view as of its start and memory
         stays bounded. Chunks committed after that are not included: the sweep must spare
-        objects younger than the scan (and a grace period for uploads not committed yet).
+        objects younger than the scan (and a grace period for uploads not committed yet),
+        and delete only through ``delete_unreferenced_chunks``.
         """
         with self._sessions() as s:
-            rows = s.execute(
-                select(MapSegment.data)
-                .where(_is_referenced())
-                .execution_options(yield_per=_SCAN_BATCH)
-            ).scalars()
-            for data in rows:
-                for digest in set(_decode(data).values()):
-                    yield digest.hex()
+            yield from _referenced(s, key_scope)
+
+    def delete_unreferenced_chunks(
+        self, key_scope: str, chunk_ids: Iterable[str], delete: Callable[[str], None]
+    ) -> list[str]:
+        """Calls ``delete`` for each of ``chunk_ids`` that no map of ``key_scope``
+        references; the ids it was called for.
+
+        Runs in one transaction that first locks the row of every volume and snapshot of
+        the scope, so writers of the scope (commits, snapshot puts, pointer copies) wait
+        until the deletes are done, and every writer that got its chunk check in before
+        has committed and is seen here. New references in a scope only ever come from
+        those rows, hence nothing can start naming a chunk between the check and the
+        delete. Keep ``chunk_ids`` to a bounded batch: the writers wait for all of it.
+        """
+        wanted = list(dict.fromkeys(chunk_ids))
+        if not wanted:
+            return []
+        deleted: list[str] = []
+        with self._sessions.begin() as s:
+            s.execute(
+                update(Volume)
+                .where(Volume.key_scope == key_scope)
+                .values(map_version=Volume.map_version)
+                .execution_options(synchronize_session=False)
+            )
+            s.execute(
+                update(Snapshot)
+                .where(Snapshot.key_scope == key_scope)
+                .values(status=Snapshot.status)
+                .execution_options(synchronize_session=False)
+            )
+            referenced = set(_referenced(s, key_scope))
+            for chunk_id in wanted:
+                if chunk_id not in referenced:
+                    delete(chunk_id)
+                    deleted.append(chunk_id)
+        return deleted
 
     def sweep_segments(self) -> int:
         """Deletes segment rows that no map names; how many. Run before each GC pass.
@@ -684,6 +733,34 @@ class ChunkMaps:
 
 
 # Segment mechanics
+
+
+def _referenced(s: Session, key_scope: str | None) -> Iterator[str]:
+    """The chunk ids that maps (of ``key_scope``, or all) name, streamed; ids may repeat."""
+    if key_scope is None:
+        where = _is_referenced()
+    else:
+        where = MapSegment.id.in_(
+            union(
+                select(VolumeSegment.segment_id)
+                .join(Volume, Volume.id == VolumeSegment.volume_id)
+                .where(Volume.key_scope == key_scope),
+                select(SnapshotSegment.segment_id)
+                .join(Snapshot, Snapshot.id == SnapshotSegment.snapshot_id)
+                .where(Snapshot.key_scope == key_scope),
+            )
+        )
+    rows = s.execute(
+        select(MapSegment.data).where(where).execution_options(yield_per=_SCAN_BATCH)
+    ).scalars()
+    for data in rows:
+        for digest in set(_decode(data).values()):
+            yield digest.hex()
+
+
+def _named_chunks(changes: Mapping[int, bytes | None]) -> list[str]:
+    """The distinct chunk ids a parsed change names, sorted."""
+    return sorted({digest.hex() for digest in changes.values() if digest is not None})
 
 
 def _encode(entries: Mapping[int, bytes]) -> bytes:

@@ -19,10 +19,12 @@ import contextlib
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import boto3
@@ -36,6 +38,20 @@ LOG = logging.getLogger(__name__)
 MAX_KEY_BYTES = 1024  # S3's limit on an object key
 MAX_SEGMENT_BYTES = 255  # NAME_MAX on Linux file systems
 _TEMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What a listing or ``stat`` tells about one object.
+
+    ``modified``: when the object was last written, in POSIX seconds of the *store's*
+    clock (a file's mtime, S3's LastModified, which has whole-second resolution), so
+    comparing it with this machine's clock is only as exact as the two clocks agree.
+    """
+
+    key: str
+    size: int
+    modified: float
 
 
 class ObjectStore(Protocol):
@@ -62,6 +78,15 @@ class ObjectStore(Protocol):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """The keys that start with ``prefix``, in sorted (UTF-8 byte) order."""
+        ...
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size and last write time of the object; None if there is none."""
+        ...
+
+    def list_with_times(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """``list`` with each object's size and last write time (one listing, no extra
+        request per object). An object deleted while the listing runs may be left out."""
         ...
 
 
@@ -101,6 +126,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._objects: dict[str, bytes] = {}
+        self._times: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -110,6 +136,7 @@ class MemoryStore:
         check_key(key)
         with self._lock:
             self._objects[key] = bytes(data)
+            self._times[key] = time.time()
 
     def get(self, key: str) -> bytes:
         check_key(key)
@@ -128,12 +155,31 @@ class MemoryStore:
         check_key(key)
         with self._lock:
             self._objects.pop(key, None)
+            self._times.pop(key, None)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         check_prefix(prefix)
         with self._lock:
             keys = sorted(k for k in self._objects if k.startswith(prefix))
         return iter(keys)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        check_key(key)
+        with self._lock:
+            if key not in self._objects:
+                return None
+            return ObjectInfo(key, len(self._objects[key]), self._times[key])
+
+    def list_with_times(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        with self._lock:
+            infos = [
+                ObjectInfo(k, len(v), self._times[k])
+                for k, v in self._objects.items()
+                if k.startswith(prefix)
+            ]
+        infos.sort(key=lambda info: info.key)
+        return iter(infos)
 
 
 class DirectoryStore:
@@ -209,6 +255,34 @@ class DirectoryStore:
         _fsync_dir(os.path.dirname(path))
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        return (key for key, _ in self._list(prefix))
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        path = self.path(key)
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise ObjectStoreError(f"cannot look up object {key!r} in {self.root}: {e}") from e
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def list_with_times(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self._with_times(self._list(prefix))
+
+    def _with_times(self, entries: Iterator[tuple[str, os.DirEntry[str]]]) -> Iterator[ObjectInfo]:
+        for key, entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # deleted since the directory was read
+                continue
+            except OSError as e:
+                raise ObjectStoreError(f"cannot look up object {key!r} in {self.root}: {e}") from e
+            yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def _list(self, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
         check_prefix(prefix)
         # Walk only the directory the prefix names; its last partial segment filters names.
         head, _, tail = prefix.rpartition("/")
@@ -238,8 +312,11 @@ class DirectoryStore:
             LOG.info("removed %d stale temporary files under %s", removed, self.root)
         return removed
 
-    def _walk(self, directory: str, key_prefix: str, name_prefix: str) -> Iterator[str]:
-        """Keys below ``directory`` in sorted order, first level filtered by name prefix.
+    def _walk(
+        self, directory: str, key_prefix: str, name_prefix: str
+    ) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """Keys (and their entries) below ``directory`` in sorted order, first level
+        filtered by name prefix.
 
         A directory sorts as its name plus "/", so that ``a/b`` comes after ``a-b`` and
         before ``a0`` exactly as the keys compare.
@@ -260,7 +337,7 @@ class DirectoryStore:
             if sort_name.endswith("/"):
                 yield from self._walk(entry.path, key_prefix + sort_name, "")
             elif entry.is_file(follow_symlinks=False):
-                yield key_prefix + entry.name
+                yield key_prefix + entry.name, entry
 
     def _make_dirs(self, directory: str) -> None:
         """Creates ``directory`` and its missing parents below the root, each one durable."""
@@ -389,6 +466,20 @@ class S3Store:
 
     def list(self, prefix: str = "") -> Iterator[str]:
         check_prefix(prefix)
+        return (info.key for info in self._list(prefix))
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        check_key(key)
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            if _error_code(e) in _NOT_FOUND_CODES:
+                return None
+            raise self._error("look up", key, e) from e
+        return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
+
+    def list_with_times(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
         return self._list(prefix)
 
     def ensure_bucket(self) -> None:
@@ -413,13 +504,17 @@ class S3Store:
             raise self._error("create", None, e) from e
         LOG.info("created S3 bucket %s", self.bucket)
 
-    def _list(self, prefix: str) -> Iterator[str]:
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
         strip = len(self.prefix)
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", ()):
-                    yield str(item["Key"])[strip:]
+                    yield ObjectInfo(
+                        str(item["Key"])[strip:],
+                        int(item["Size"]),
+                        item["LastModified"].timestamp(),
+                    )
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise self._error("list", prefix + "*", e) from e
 

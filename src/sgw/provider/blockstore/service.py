@@ -7,7 +7,17 @@ store holds: upload first, then commit) and turns the repository's ``ValueError`
 
 Chunk objects live under ``chunks/<key scope>/<id[:2]>/<id>``, encoded by
 ``sgw.common.chunks`` and encrypted with the scope's key (``KeyRing``). Putting a chunk
-that is already there is a no-op, so uploads are idempotent and may run in parallel.
+that is already there stores nothing (it is only rewritten when it is old, which renews
+its time against garbage collection's grace period), so uploads are idempotent and may
+run in parallel.
+
+Garbage collection (``gc``) may delete a chunk that no map references at any moment, also
+one uploaded a moment ago whose commit has not come yet (a grace period makes that rare,
+not impossible). So a commit checks that its chunks exist *inside* its transaction, with
+the volume locked, where the collector cannot delete them unseen (see
+``ChunkMaps.delete_unreferenced_chunks``): a map never names a missing chunk, and a
+commit whose chunks were collected is refused (400 ``missing_chunks``) for the client
+to upload them again.
 
 Which chunks a volume may read (``get_chunk``): any chunk stored in the volume's key
 scope, not only those its current map names. A reader holding map version N must still
@@ -24,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,6 +74,13 @@ DEFAULT_PAGE = 1_000
 _EXISTS_WORKERS = 16
 # Missing chunk ids named in a refused commit's message (all are in the error's field).
 _MISSING_NAMED = 10
+# A chunk put again is rewritten if its object is older than this (seconds): that renews
+# its time, so an upload that reuses old, unreferenced content gets the whole grace
+# period of garbage collection (``gc.DEFAULT_GRACE_SECONDS``, far longer) before its
+# commit. Rewriting costs one object write per such chunk and hour at most.
+REFRESH_AGE = 3600.0
+# Tries of a block put whose chunk garbage collection removed between store and record.
+_PUT_BLOCK_TRIES = 3
 
 
 def chunk_key(scope: str, chunk_id: str) -> str:
@@ -192,7 +210,8 @@ class BlockService:
         """Applies ``changes`` (index -> chunk id or None) to the map; the new version.
 
         Refused before anything changes if an index is not a chunk of the volume, an id
-        is malformed, or the store does not hold a named chunk (MissingChunksError).
+        is malformed, or the store does not hold a named chunk (MissingChunksError,
+        checked with the volume locked against garbage collection).
         """
         volume = self.get_volume(account, volume_id)
         parsed: dict[int, str | None] = {}
@@ -207,21 +226,14 @@ class BlockService:
                 f"volume {volume.id} has chunks 0 to {volume.chunk_count - 1} ({volume.size} "
                 f"bytes in {volume.chunk_size}-byte chunks); chunk index {bad[0]} is out of range"
             )
-        wanted = sorted({v for v in parsed.values() if v is not None})
-        present = self._exist(volume.key_scope, wanted)
-        missing = [c for c, ok in zip(wanted, present, strict=True) if not ok]
-        if missing:
-            named = ", ".join(missing[:_MISSING_NAMED])
-            extra = len(missing) - _MISSING_NAMED
-            more = f" and {extra} more" if extra > 0 else ""
-            raise MissingChunksError(
-                f"volume {volume.id}: the commit names {len(missing)} chunk(s) the store does "
-                f"not hold: {named}{more}; upload them with PUT /v1/volumes/{volume.id}/chunks/"
-                "{chunk_id} and retry the commit",
-                missing,
-            )
         with _client_errors():
-            return self.maps.commit_changes(volume.id, base_version, parsed, idempotency_key)
+            return self.maps.commit_changes(
+                volume.id,
+                base_version,
+                parsed,
+                idempotency_key,
+                check_chunks=lambda ids: self._require_chunks(volume, ids),
+            )
 
     def snapshot_volume(
         self, account: str, volume_id: str, description: str | None = None
@@ -292,13 +304,26 @@ class BlockService:
                 f"got {len(data)}; send whole blocks"
             )
         _verify(data, sha256, f"block {index}")
-        chunk: str | None = None
-        if not is_zero(data):
-            chunk = sha256
-            self._store_chunk(snapshot.key_scope, chunk, data)
-        with _client_errors():
-            self.maps.put_snapshot_chunks(snapshot.id, {index: chunk})
-        return chunk
+        if is_zero(data):
+            with _client_errors():
+                self.maps.put_snapshot_chunks(snapshot.id, {index: None})
+            return None
+        for attempt in range(1, _PUT_BLOCK_TRIES + 1):
+            self._store_chunk(snapshot.key_scope, sha256, data)
+            try:
+                with _client_errors():
+                    self.maps.put_snapshot_chunks(
+                        snapshot.id,
+                        {index: sha256},
+                        check_chunks=lambda ids: self._require_chunks(snapshot, ids),
+                    )
+                break
+            except MissingChunksError:
+                # Collected between store and record (it was old and unreferenced).
+                if attempt == _PUT_BLOCK_TRIES:
+                    raise
+                LOG.info("block's chunk was collected before it was recorded; storing again")
+        return sha256
 
     def get_block(self, account: str, snapshot_id: str, index: int) -> tuple[str, bytes]:
         """The chunk id and data of block ``index``; NotFoundError if it is all zero."""
@@ -362,12 +387,18 @@ class BlockService:
     # Chunk objects
 
     def _store_chunk(self, scope: str, chunk_id: str, data: bytes) -> bool:
+        """Stores the chunk unless it is there; True if it was not. An old copy is
+        rewritten (see REFRESH_AGE) but still counts as there."""
         key = chunk_key(scope, chunk_id)
-        if self.store.exists(key):
+        info = self.store.stat(key)
+        if info is not None and time.time() - info.modified < REFRESH_AGE:
             return False
         self.store.put(key, encode_chunk(data, self.keys.key(scope)))
-        LOG.debug("chunk stored", extra={"scope": scope, "chunk": chunk_id, "bytes": len(data)})
-        return True
+        LOG.debug(
+            "chunk stored" if info is None else "old chunk rewritten",
+            extra={"scope": scope, "chunk": chunk_id, "bytes": len(data)},
+        )
+        return info is None
 
     def _read_chunk(self, scope: str, chunk_id: str) -> bytes:
         blob = self.store.get(chunk_key(scope, chunk_id))
@@ -381,6 +412,30 @@ class BlockService:
                 f"stored chunk {chunk_id} (key scope {scope}) is damaged or does not decrypt "
                 f"with the provider's master key: {e}"
             ) from e
+
+    def _require_chunks(self, owner: VolumeInfo | SnapshotInfo, chunk_ids: list[str]) -> None:
+        """MissingChunksError unless the store holds every one of ``chunk_ids`` in the
+        key scope of ``owner`` (a volume, or a snapshot taking blocks)."""
+        present = self._exist(owner.key_scope, chunk_ids)
+        missing = [c for c, ok in zip(chunk_ids, present, strict=True) if not ok]
+        if not missing:
+            return
+        named = ", ".join(missing[:_MISSING_NAMED])
+        extra = len(missing) - _MISSING_NAMED
+        more = f" and {extra} more" if extra > 0 else ""
+        if isinstance(owner, VolumeInfo):
+            what = f"volume {owner.id}: the commit"
+            fix = (
+                f"upload them with PUT /v1/volumes/{owner.id}/chunks/{{chunk_id}} and retry "
+                "the commit"
+            )
+        else:
+            what = f"snapshot {owner.id}: the block"
+            fix = "put the block again"
+        raise MissingChunksError(
+            f"{what} names {len(missing)} chunk(s) the store does not hold: {named}{more}; {fix}",
+            missing,
+        )
 
     def _exist(self, scope: str, chunk_ids: list[str]) -> list[bool]:
         keys = [chunk_key(scope, c) for c in chunk_ids]

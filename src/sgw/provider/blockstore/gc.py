@@ -1,0 +1,193 @@
+"""Garbage collection of chunk objects that no volume or snapshot map references any more.
+
+A pass (``collect``) first sweeps map segments no map names (``sweep_segments``), then
+walks the store's chunk objects one key scope at a time (keys are
+``chunks/<scope>/<id[:2]>/<id>``, so a sorted listing groups them by scope) and compares
+them with the chunk ids the maps *of that scope* reference. The same content stored under
+two scopes is two objects, and each is judged by its own scope's maps.
+
+An object is deleted only if it is unreferenced and older than the grace period. Safety
+against writers running at the same time does not rest on the grace period: every
+deletion happens inside ``ChunkMaps.delete_unreferenced_chunks``, which locks every map
+of the scope and re-reads its references first, while commits check that their chunks
+exist with their map locked (see ``service``). So a map never names a missing chunk, even
+with a grace of zero. The grace period spares what an upload sent but has not committed
+yet: without it such a commit is refused (400 ``missing_chunks``) and the client uploads
+again, which is correct but wasteful.
+
+"Older" is the object's last write time as the store reports it (file mtime, S3
+LastModified) against this machine's clock; the grace period must exceed the clock skew
+between the two, and the longest time a client takes from uploading a chunk to committing
+it. A chunk uploaded again while it is old is rewritten, which renews its time
+(``service.REFRESH_AGE``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from sqlalchemy.exc import OperationalError
+
+from sgw.common.errors import ObjectStoreError
+from sgw.provider.blockstore.maps import ChunkMaps
+from sgw.provider.blockstore.objects import ObjectInfo, ObjectStore
+from sgw.provider.blockstore.service import chunk_key
+
+__all__ = ["DEFAULT_GRACE_SECONDS", "GcReport", "collect"]
+
+LOG = logging.getLogger(__name__)
+
+# Seconds an unreferenced chunk object is kept after its last write. A gateway commits a
+# destage batch seconds to minutes after uploading it; a day also covers a first full
+# upload of a large volume on a slow link, clock skew and a provider that was down.
+DEFAULT_GRACE_SECONDS = 24 * 3600.0
+# Candidates deleted per locked transaction: the scope's writers wait for one batch, so
+# it must be quick even on S3 (one request per delete), and each batch re-reads the scope's
+# references once.
+DELETE_BATCH = 500
+
+_CHUNKS_PREFIX = "chunks/"
+_CHUNK_ID = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class GcReport:
+    """What one pass found and did (counts of chunk objects unless said otherwise)."""
+
+    dry_run: bool = False
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+    segments_swept: int = 0  # map segment rows (not objects) no map named
+    scopes: int = 0
+    objects: int = 0
+    referenced: int = 0
+    young: int = 0  # unreferenced but within the grace period: kept
+    rescued: int = 0  # unreferenced at the listing, referenced at the locked re-check
+    deleted: int = 0  # in a dry run: would be deleted
+    bytes_deleted: int = 0
+    foreign: int = 0  # objects under chunks/ that are not chunk objects: left alone
+    errors: int = 0  # deletes or scopes that failed (logged); the next pass retries
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One line for people and logs."""
+        verb = "would delete" if self.dry_run else "deleted"
+        return (
+            f"gc{' (dry run)' if self.dry_run else ''}: {verb} {self.deleted} of "
+            f"{self.objects} chunk objects ({self.bytes_deleted} bytes) in {self.scopes} key "
+            f"scopes; kept {self.referenced} referenced, {self.young} within the "
+            f"{self.grace_seconds:g} s grace period, {self.rescued} referenced meanwhile; "
+            f"{self.foreign} foreign objects, {self.segments_swept} map segments swept, "
+            f"{self.errors} errors, {self.seconds:.1f} s"
+        )
+
+
+def collect(
+    maps: ChunkMaps,
+    store: ObjectStore,
+    *,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    dry_run: bool = False,
+    clock: Callable[[], float] = time.time,
+) -> GcReport:
+    """One garbage collection pass over ``store``; what it did.
+
+    Safe to run while the provider serves (and in several processes at once). ``dry_run``
+    deletes nothing, sweeps no segments and reports what a pass would delete now.
+    ``clock`` (POSIX seconds) is what object times are compared with.
+    """
+    if grace_seconds < 0:
+        raise ValueError(f"grace period {grace_seconds} s: give 0 or more seconds")
+    started = time.monotonic()
+    report = GcReport(dry_run=dry_run, grace_seconds=grace_seconds)
+    if not dry_run:
+        report.segments_swept = maps.sweep_segments()
+    # Objects written after this instant are spared whatever the listing finds later.
+    cutoff = clock() - grace_seconds
+    for scope, infos in itertools.groupby(_chunk_objects(store, report), key=lambda p: p[0]):
+        report.scopes += 1
+        try:
+            _collect_scope(maps, store, scope, infos, cutoff=cutoff, report=report)
+        except OperationalError as e:  # e.g. a PostgreSQL deadlock victim: next pass
+            report.errors += 1
+            LOG.warning("gc skipped the rest of a key scope: %s", e, extra={"scope": scope})
+    report.seconds = time.monotonic() - started
+    LOG.info(report.summary())
+    return report
+
+
+def _collect_scope(
+    maps: ChunkMaps,
+    store: ObjectStore,
+    scope: str,
+    infos: Iterator[tuple[str, str, ObjectInfo]],
+    *,
+    cutoff: float,
+    report: GcReport,
+) -> None:
+    # A prefilter only: the locked re-check in delete_unreferenced_chunks decides.
+    referenced = set(maps.referenced_chunk_ids(scope))
+    candidates: dict[str, int] = {}
+    for _, chunk_id, info in infos:
+        if chunk_id in referenced:
+            report.referenced += 1
+        elif info.modified > cutoff:
+            report.young += 1
+        else:
+            candidates[chunk_id] = info.size
+            if len(candidates) >= DELETE_BATCH:
+                _delete(maps, store, scope, candidates, report)
+                candidates = {}
+    _delete(maps, store, scope, candidates, report)
+
+
+def _delete(
+    maps: ChunkMaps, store: ObjectStore, scope: str, candidates: dict[str, int], report: GcReport
+) -> None:
+    if not candidates:
+        return
+    if report.dry_run:
+        report.deleted += len(candidates)
+        report.bytes_deleted += sum(candidates.values())
+        return
+    failed: list[str] = []
+
+    def delete(chunk_id: str) -> None:
+        try:
+            store.delete(chunk_key(scope, chunk_id))
+        except ObjectStoreError as e:
+            failed.append(chunk_id)
+            LOG.warning("gc could not delete a chunk: %s", e, extra={"scope": scope})
+
+    called = maps.delete_unreferenced_chunks(scope, candidates, delete)
+    not_deleted = set(failed)
+    deleted = [c for c in called if c not in not_deleted]
+    report.deleted += len(deleted)
+    report.bytes_deleted += sum(candidates[c] for c in deleted)
+    report.rescued += len(candidates) - len(called)
+    report.errors += len(failed)
+    if len(called) < len(candidates):
+        LOG.info(
+            "gc spared chunks committed while it ran",
+            extra={"scope": scope, "chunks": len(candidates) - len(called)},
+        )
+
+
+def _chunk_objects(store: ObjectStore, report: GcReport) -> Iterator[tuple[str, str, ObjectInfo]]:
+    """(scope, chunk id, info) of every chunk object, grouped by scope (sorted keys)."""
+    for info in store.list_with_times(_CHUNKS_PREFIX):
+        parts = info.key.split("/")
+        if (
+            len(parts) != 4
+            or not _CHUNK_ID.fullmatch(parts[3])
+            or parts[2] != parts[3][:2]
+            or chunk_key(parts[1], parts[3]) != info.key
+        ):
+            report.foreign += 1
+            continue
+        report.objects += 1
+        yield parts[1], parts[3], info

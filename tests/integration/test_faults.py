@@ -1,0 +1,285 @@
+"""Faults between the gateway and the provider: a real gateway uploads to a real provider
+through a fault-injecting proxy (``tests.fixtures.faultproxy``) that answers 500/503
+itself, delays, drops connections in the middle of requests and of responses (after the
+provider acted: lost replies) and black-holes requests for a while; the provider and the
+gateway are also killed with SIGKILL in the middle of uploads. Every time, once the path
+is healthy again, the provider's map must equal the volume (read back over HTTP) and the
+gateway must still serve every acknowledged (flushed) write.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import nbd
+import pytest
+
+from tests.conftest import SMALL_LOG, GatewayProcess, ProviderProcess
+from tests.fixtures.faultproxy import Fault, FaultProxy
+
+MIB = 1 << 20
+VOL_SIZE = 16 * MIB + 64 * 1024  # 17 chunks of 1 MiB, the last one short
+# Seconds the gateway gets to converge once the faults stop: its destager backs off up
+# to 30 s after consecutive failed batches, so keep failures short and this generous.
+CONVERGE_TIMEOUT = 30.0
+
+# (fault, probability, seconds) phases the proxy cycles through while the gateway writes.
+PHASES: list[tuple[Fault, float, float]] = [
+    (Fault.ERROR_503, 0.5, 1.0),
+    (Fault.NONE, 1.0, 0.5),
+    (Fault.DROP_RESPONSE, 0.4, 1.5),
+    (Fault.DELAY, 0.5, 1.0),
+    (Fault.ERROR_500, 0.4, 1.0),
+    (Fault.DROP_REQUEST, 0.4, 1.0),
+    (Fault.NONE, 1.0, 0.5),
+    (Fault.BLACKHOLE, 1.0, 1.5),
+    (Fault.ERROR_503, 1.0, 0.7),
+    (Fault.DROP_RESPONSE, 1.0, 0.7),
+]
+
+
+@pytest.fixture
+def proxy_for() -> Iterator[Callable[[int], FaultProxy]]:
+    started: list[FaultProxy] = []
+
+    def make(upstream_port: int) -> FaultProxy:
+        p = FaultProxy(upstream_port, seed=len(started)).start()
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+def gateway_args(tmp_path: Path, provider_url: str) -> list[str]:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[destage]\nstart_fill = 0.0\nidle_seconds = 0.05\nbatch = "4M"\n')
+    return ["--config", str(cfg), "--provider", provider_url]
+
+
+def remote_id(gw: GatewayProcess) -> str | None:
+    try:
+        doc = json.loads((gw.data_dir / "volumes.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = doc.get("vol0", {}).get("remote_id")
+    return None if value is None else str(value)
+
+
+def remote_bytes(provider_url: str, volume_id: str) -> bytes:
+    """The volume as the provider holds it: its map's chunks, zeroes where absent."""
+    with httpx.Client(base_url=provider_url, timeout=10) as http:
+        vol = http.get(f"/v1/volumes/{volume_id}").raise_for_status().json()
+        size, chunk = vol["size"], vol["chunk_size"]
+        doc = http.get(f"/v1/volumes/{volume_id}/map").raise_for_status().json()
+        out = bytearray(size)
+        for index, cid in doc["chunks"].items():
+            r = http.get(f"/v1/volumes/{volume_id}/chunks/{cid}")
+            assert r.status_code == 200, f"the map names chunk {cid} but: {r.text}"
+            start = int(index) * chunk
+            assert len(r.content) == min(chunk, size - start), f"chunk {index}: wrong size"
+            out[start : start + len(r.content)] = r.content
+        return bytes(out)
+
+
+def wait_remote_equal(gw: GatewayProcess, provider_url: str, want: bytes) -> float:
+    started = time.monotonic()
+    last = "no remote volume bound yet"
+    while time.monotonic() - started < CONVERGE_TIMEOUT:
+        rid = remote_id(gw)
+        if rid is not None:
+            try:
+                got = remote_bytes(provider_url, rid)
+            except httpx.HTTPError as e:
+                last = f"provider: {e}"
+            else:
+                if got == want:
+                    return time.monotonic() - started
+                diff = [
+                    i // MIB
+                    for i in range(0, VOL_SIZE, MIB)
+                    if got[i : i + MIB] != want[i : i + MIB]
+                ]
+                last = f"chunks still differing: {diff}"
+        time.sleep(0.25)
+    pytest.fail(
+        f"the provider's copy did not converge in {CONVERGE_TIMEOUT} s: {last}\n{gw.log_text()}"
+    )
+
+
+def write_round(h: nbd.NBD, rng: random.Random, model: bytearray, ops: int) -> None:
+    """Block-aligned writes, zeroes and trims through NBD, mirrored in ``model``; flushed."""
+    for _ in range(ops):
+        kind = rng.choices(["write", "zero", "trim"], [8, 1, 1])[0]
+        off = rng.randrange(0, VOL_SIZE // 4096) * 4096
+        length = min(rng.choice([4096, 65536, 256 * 1024, MIB + 8192]), VOL_SIZE - off)
+        if kind == "write":
+            data = rng.randbytes(length)
+            h.pwrite(data, off)
+            model[off : off + length] = data
+        elif kind == "zero":
+            h.zero(length, off)
+            model[off : off + length] = bytes(length)
+        else:
+            h.trim(length, off)
+            model[off : off + length] = bytes(length)
+    h.flush()
+
+
+def write_for(h: nbd.NBD, rng: random.Random, model: bytearray, seconds: float) -> int:
+    """Write rounds for ``seconds``, paced so that the log never fills (a full log makes
+    writes wait for the provider, which is right, but would stall the test); how many."""
+    rounds = 0
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        write_round(h, rng, model, 4)
+        rounds += 1
+        time.sleep(0.1)
+    return rounds
+
+
+def read_all(gw: GatewayProcess) -> bytes:
+    h = nbd.NBD()
+    h.connect_uri(gw.uri())
+    try:
+        return b"".join(
+            bytes(h.pread(min(4 * MIB, VOL_SIZE - off), off)) for off in range(0, VOL_SIZE, 4 * MIB)
+        )
+    finally:
+        h.shutdown()
+
+
+class Cycler(threading.Thread):
+    """Cycles the proxy through PHASES until stopped, then heals it."""
+
+    def __init__(self, proxy: FaultProxy) -> None:
+        super().__init__(daemon=True)
+        self.proxy = proxy
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for fault, probability, seconds in PHASES:
+                self.proxy.set(fault, probability=probability, delay=0.4, seconds=seconds)
+                if self.done.wait(seconds):
+                    break
+        self.proxy.heal()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(10)
+        assert not self.is_alive()
+
+
+def full_log(gw: GatewayProcess) -> str:
+    assert gw.stderr_path is not None
+    return gw.stderr_path.read_text(errors="replace")
+
+
+def assert_clean_log(gw: GatewayProcess) -> None:
+    text = full_log(gw)
+    for bad in ("something else writes", "Traceback", '"level": "error"'):
+        assert bad not in text, f"{bad!r} in the gateway's log:\n{gw.log_text()}"
+
+
+@pytest.mark.timeout(45, method="thread")
+def test_uploads_through_a_faulty_network_converge(
+    tmp_path: Path,
+    provider_factory: type[ProviderProcess],
+    gateway_factory: type[GatewayProcess],
+    proxy_for: Callable[[int], FaultProxy],
+) -> None:
+    provider = provider_factory(tmp_path / "provider").start()
+    proxy = proxy_for(provider.port)
+    gw = gateway_factory(
+        tmp_path / "gw", [f"vol0:{VOL_SIZE}"], log_size=SMALL_LOG,
+        extra_args=gateway_args(tmp_path, proxy.url),
+    ).start()  # fmt: skip
+    rng = random.Random(11)
+    model = bytearray(VOL_SIZE)
+    cycler = Cycler(proxy)
+    cycler.start()
+    h = nbd.NBD()
+    h.connect_uri(gw.uri())
+    rounds = write_for(h, rng, model, 12)
+    h.shutdown()
+    cycler.stop()
+    took = wait_remote_equal(gw, provider.url, bytes(model))
+    assert read_all(gw) == model
+    print(f"{rounds} write rounds; faults {proxy.counts}; converged {took:.1f} s after healing")
+    for fault in ("503", "500", "drop-response", "drop-request", "blackhole", "delay"):
+        assert proxy.counts.get(fault, 0) > 0, f"no request got {fault}: {proxy.counts}"
+    assert_clean_log(gw)
+    assert gw.stop() == 0
+
+
+@pytest.mark.timeout(45, method="thread")
+def test_provider_killed_during_uploads_then_restarted_converges(
+    tmp_path: Path,
+    provider_factory: type[ProviderProcess],
+    gateway_factory: type[GatewayProcess],
+) -> None:
+    provider = provider_factory(tmp_path / "provider").start()
+    gw = gateway_factory(
+        tmp_path / "gw", [f"vol0:{VOL_SIZE}"], log_size=SMALL_LOG,
+        extra_args=gateway_args(tmp_path, provider.url),
+    ).start()  # fmt: skip
+    rng = random.Random(12)
+    model = bytearray(VOL_SIZE)
+    h = nbd.NBD()
+    h.connect_uri(gw.uri())
+    for _ in range(3):
+        write_for(h, rng, model, rng.uniform(1.0, 2.0))
+        provider.kill()  # kill -9 with uploads in flight
+        write_round(h, rng, model, 4)  # the gateway keeps taking writes meanwhile
+        provider.start()  # same data directory, same port
+    write_round(h, rng, model, 4)
+    h.shutdown()
+    took = wait_remote_equal(gw, provider.url, bytes(model))
+    assert read_all(gw) == model
+    print(f"converged {took:.1f} s after the last restart")
+    assert_clean_log(gw)
+    assert gw.stop() == 0
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_gateway_killed_during_faulty_uploads_then_restarted_converges(
+    tmp_path: Path,
+    provider_factory: type[ProviderProcess],
+    gateway_factory: type[GatewayProcess],
+    proxy_for: Callable[[int], FaultProxy],
+) -> None:
+    provider = provider_factory(tmp_path / "provider").start()
+    proxy = proxy_for(provider.port)
+    gw = gateway_factory(
+        tmp_path / "gw", [f"vol0:{VOL_SIZE}"], log_size=SMALL_LOG,
+        extra_args=gateway_args(tmp_path, proxy.url),
+    )  # fmt: skip
+    rng = random.Random(13)
+    model = bytearray(VOL_SIZE)
+    cycler = Cycler(proxy)
+    cycler.start()
+    for rnd in range(3):
+        gw.start()
+        assert read_all(gw) == model, f"round {rnd}: flushed data lost"
+        h = nbd.NBD()
+        h.connect_uri(gw.uri())
+        write_for(h, rng, model, rng.uniform(1.5, 3.0))
+        h.shutdown()
+        gw.kill()  # kill -9 in the middle of faulty uploads
+    cycler.stop()
+    gw.start()
+    assert read_all(gw) == model
+    took = wait_remote_equal(gw, provider.url, bytes(model))
+    print(f"faults {proxy.counts}; converged {took:.1f} s after healing")
+    # Bound once, and the binding kept across the kills.
+    assert full_log(gw).count("remote volume created") == 1, gw.log_text()
+    assert_clean_log(gw)
+    assert gw.stop() == 0

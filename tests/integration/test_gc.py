@@ -1,0 +1,475 @@
+"""Garbage collection of chunk objects on real databases (SQLite, PostgreSQL) and real
+stores (a directory, S3 on the moto server): what is referenced stays, what is not goes
+after the grace period, and uploads racing with collection never leave a map naming a
+missing chunk. Then the ``sgw provider gc`` command against a running provider."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import nbd
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from sgw.common.errors import MissingChunksError, NotFoundError
+from sgw.provider.api.auth import ensure_account
+from sgw.provider.blockstore import gc, service
+from sgw.provider.blockstore.keys import KeyRing
+from sgw.provider.blockstore.maps import ChunkMaps, VolumeMode
+from sgw.provider.blockstore.objects import DirectoryStore, ObjectStore
+from sgw.provider.blockstore.service import BlockService, chunk_key
+from sgw.provider.db.models import Snapshot, Volume
+from sgw.provider.db.schema import make_engine, session_factory
+from tests.conftest import SGW, GatewayProcess, ProviderProcess
+from tests.fixtures.s3 import s3_store
+from tests.integration.test_faults import (
+    VOL_SIZE,
+    full_log,
+    gateway_args,
+    read_all,
+    wait_remote_equal,
+    write_for,
+)
+
+KIB = 1 << 10
+CHUNK = 4 * KIB  # the smallest chunk size: many chunks, small bodies
+ACCOUNT = "acct"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def content(tag: object) -> bytes:
+    """Distinct, non-zero chunk data for ``tag``."""
+    seed = hashlib.sha256(repr(tag).encode()).digest()
+    return (seed * (CHUNK // len(seed) + 1))[:CHUNK]
+
+
+@dataclass
+class Env:
+    """A block service on a real database and store, as the provider builds it."""
+
+    blocks: BlockService
+    store: ObjectStore
+    sessions: sessionmaker[Session]
+
+    @property
+    def maps(self) -> ChunkMaps:
+        return self.blocks.maps
+
+    def volume(self, chunks: int = 16, from_snapshot_id: str | None = None) -> str:
+        name = f"vol-{uuid.uuid4().hex[:8]}"
+        info = self.blocks.create_volume(
+            ACCOUNT,
+            name,
+            chunks * CHUNK,
+            mode=VolumeMode.CACHED,
+            chunk_size=CHUNK,
+            from_snapshot_id=from_snapshot_id,
+        )
+        return info.id
+
+    def put(self, volume_id: str, data: bytes) -> str:
+        self.blocks.put_chunk(ACCOUNT, volume_id, sha(data), data)
+        return sha(data)
+
+    def commit(self, volume_id: str, changes: dict[int, str | None]) -> int:
+        base = self.blocks.get_volume(ACCOUNT, volume_id).map_version
+        return self.blocks.commit(ACCOUNT, volume_id, base, uuid.uuid4().hex, changes)
+
+    def scope(self, volume_id: str) -> str:
+        return self.blocks.get_volume(ACCOUNT, volume_id).key_scope
+
+    def has(self, scope: str, chunk_id: str) -> bool:
+        return self.store.exists(chunk_key(scope, chunk_id))
+
+    def collect(
+        self, grace: float = 0.0, *, dry_run: bool = False, clock: Callable[[], float] = time.time
+    ) -> gc.GcReport:
+        return gc.collect(self.maps, self.store, grace_seconds=grace, dry_run=dry_run, clock=clock)
+
+    def dangling(self) -> list[str]:
+        """Every (owner, chunk) that some map names but the store lacks: must be empty."""
+        missing: list[str] = []
+        with self.sessions() as s:
+            owners = [("volume", i, sc) for i, sc in s.execute(select(Volume.id, Volume.key_scope))]
+            owners += [
+                ("snapshot", i, sc) for i, sc in s.execute(select(Snapshot.id, Snapshot.key_scope))
+            ]
+        for kind, owner_id, scope in owners:
+            try:
+                if kind == "volume":
+                    chunks = self.maps.read_map(owner_id)
+                else:
+                    chunks = self.maps.read_map(None, snapshot_id=owner_id)
+            except NotFoundError:  # deleted meanwhile
+                continue
+            missing += [
+                f"{kind} {owner_id} index {i}: {c}"
+                for i, c in chunks.items()
+                if not self.has(scope, c)
+            ]
+        return missing
+
+
+@pytest.fixture(params=["directory", "s3"])
+def env(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[Env]:
+    if request.param == "directory":
+        store: ObjectStore = DirectoryStore(tmp_path / "objects")
+    else:
+        store = s3_store(
+            request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket")
+        )
+    engine = make_engine(db_url)
+    sessions = session_factory(engine)
+    ensure_account(sessions, ACCOUNT, ACCOUNT)
+    blocks = BlockService(ChunkMaps(sessions), store, KeyRing(os.urandom(32)))
+    yield Env(blocks, store, sessions)
+    blocks.close()
+    engine.dispose()
+
+
+def test_snapshots_keep_chunks_and_deleted_maps_release_them(env: Env) -> None:
+    vol = env.volume()
+    scope = env.scope(vol)
+    a, b, c = (env.put(vol, content(t)) for t in "abc")
+    env.commit(vol, {0: a, 1: b})
+    snap = env.blocks.snapshot_volume(ACCOUNT, vol).id
+    env.commit(vol, {0: c, 1: None})  # a and b now only in the snapshot
+    # Not chunk objects: left alone whatever their age.
+    env.store.put("chunks/readme", b"x")
+    env.store.put(f"chunks/{scope}/zz/not-a-chunk-id", b"x")
+
+    report = env.collect()
+    assert (report.deleted, report.referenced, report.foreign, report.errors) == (0, 3, 2, 0)
+    assert all(env.has(scope, x) for x in (a, b, c))
+
+    env.blocks.delete_snapshot(ACCOUNT, snap)
+    report = env.collect()
+    assert (report.deleted, report.referenced) == (2, 1)
+    assert report.bytes_deleted > 0
+    assert not env.has(scope, a) and not env.has(scope, b) and env.has(scope, c)
+
+    # A volume made from a snapshot shares its scope: its chunks outlive the original.
+    snap2 = env.blocks.snapshot_volume(ACCOUNT, vol).id
+    copy = env.volume(from_snapshot_id=snap2)
+    assert env.scope(copy) == scope
+    env.blocks.delete_volume(ACCOUNT, vol)
+    env.blocks.delete_snapshot(ACCOUNT, snap2)
+    assert env.collect().deleted == 0 and env.has(scope, c)
+    assert env.blocks.get_chunk(ACCOUNT, copy, c) == content("c")
+
+    env.blocks.delete_volume(ACCOUNT, copy)
+    report = env.collect()
+    assert report.deleted == 1 and not env.has(scope, c)
+    assert env.store.exists("chunks/readme")
+    assert env.dangling() == []
+
+
+def test_each_key_scope_is_judged_by_its_own_maps(env: Env) -> None:
+    """The same content under two volumes is two objects; one referenced only in the
+    other scope goes."""
+    one, two = env.volume(), env.volume()
+    x = env.put(one, content("x"))
+    assert env.put(two, content("x")) == x
+    env.commit(one, {3: x})
+    report = env.collect()
+    assert (report.scopes, report.deleted, report.referenced) == (2, 1, 1)
+    assert env.has(env.scope(one), x) and not env.has(env.scope(two), x)
+
+
+def test_block_api_snapshot_chunks_are_references(env: Env) -> None:
+    snap = env.blocks.start_snapshot(ACCOUNT, 8 * CHUNK, chunk_size=CHUNK).id
+    data = content("block")
+    env.blocks.put_block(ACCOUNT, snap, 2, data, sha(data))
+    env.blocks.complete_snapshot(ACCOUNT, snap)
+    assert env.collect().deleted == 0
+    assert env.blocks.get_block(ACCOUNT, snap, 2) == (sha(data), data)
+    env.blocks.delete_snapshot(ACCOUNT, snap)
+    assert env.collect().deleted == 1
+
+
+def test_uncommitted_chunks_survive_the_grace_period(env: Env) -> None:
+    vol = env.volume()
+    scope = env.scope(vol)
+    kept = env.put(vol, content("kept"))
+    env.commit(vol, {0: kept})
+    pending = env.put(vol, content("pending"))
+
+    report = env.collect(grace=3600)
+    assert (report.deleted, report.young, report.referenced) == (0, 1, 1)
+    dry = env.collect(grace=3600, dry_run=True, clock=lambda: time.time() + 7200)
+    assert (dry.deleted, dry.young) == (1, 0) and env.has(scope, pending)
+    assert "would delete 1 of 2 chunk objects" in dry.summary()
+
+    # Two hours later the upload's commit still has not come: the chunk goes ...
+    assert env.collect(grace=3600, clock=lambda: time.time() + 7200).deleted == 1
+    assert not env.has(scope, pending) and env.has(scope, kept)
+    # ... and the late commit is refused, naming it, until it is uploaded again.
+    with pytest.raises(MissingChunksError) as refused:
+        env.commit(vol, {1: pending, 2: kept})
+    assert refused.value.chunk_ids == [pending]
+    assert env.maps.read_map(vol) == {0: kept}
+    env.put(vol, content("pending"))
+    env.commit(vol, {1: pending, 2: kept})
+    assert env.collect().deleted == 0
+    assert env.dangling() == []
+
+
+def test_putting_an_old_chunk_again_renews_its_time(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload that reuses old, unreferenced content must not find it collected before
+    its commit: the provider rewrites an old object instead of just saying "have it"."""
+    vol = env.volume()
+    key = chunk_key(env.scope(vol), env.put(vol, content("old")))
+    first = env.store.get(key)
+
+    class Later:  # the provider's clock two hours on: the object is old now
+        @staticmethod
+        def time() -> float:
+            return time.time() + 7200
+
+    monkeypatch.setattr(service, "time", Later)
+    assert env.blocks.put_chunk(ACCOUNT, vol, sha(content("old")), content("old")) is False
+    monkeypatch.undo()
+    assert env.store.get(key) != first  # rewritten (a fresh nonce), so its time is new
+    # Old by the first write, young by the second: a collector with a one-hour grace
+    # period an hour and a half after the first write keeps it.
+    report = env.collect(grace=3600, clock=lambda: time.time() + 1800)
+    assert (report.deleted, report.young) == (0, 1)
+    # An object still young is not rewritten.
+    again = env.store.get(key)
+    assert env.blocks.put_chunk(ACCOUNT, vol, sha(content("old")), content("old")) is False
+    assert env.store.get(key) == again
+
+
+@pytest.mark.timeout(60)
+def test_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_chunk(
+    env: Env,
+) -> None:
+    """Writers upload and commit (re-uploading what a refused commit names, as the
+    gateway's destager does by retrying the batch), take and delete snapshots, while a
+    collector with no grace period at all runs again and again. After every pass every
+    chunk any map names is in the store, and at the end every map reads back right."""
+    rng = random.Random(7)
+    pool = [content(("pool", i)) for i in range(12)]  # few contents: lots of reuse
+    duration = 4.0
+    stop = threading.Event()
+    failures: list[str] = []
+    refused = [0]
+    passes: list[gc.GcReport] = []
+    # volume id -> index -> content number; snapshot id -> (its map, volume id)
+    models: dict[str, dict[int, int]] = {}
+    frozen: dict[str, dict[int, int]] = {}
+    lock = threading.Lock()
+
+    def writer(seed: int) -> None:
+        wrng = random.Random(seed)
+        vol = env.volume(chunks=8)
+        model: dict[int, int] = {}
+        snaps: list[str] = []
+        try:
+            while not stop.is_set():
+                changes: dict[int, int | None] = {}
+                for _ in range(wrng.randint(1, 4)):
+                    changes[wrng.randrange(8)] = (
+                        None if wrng.random() < 0.15 else wrng.randrange(len(pool))
+                    )
+                named = {i: None if n is None else sha(pool[n]) for i, n in changes.items()}
+                for n in {n for n in changes.values() if n is not None}:
+                    env.put(vol, pool[n])
+                for _ in range(50):
+                    try:
+                        env.commit(vol, named)
+                        break
+                    except MissingChunksError as e:
+                        with lock:
+                            refused[0] += 1
+                        by_id = {sha(pool[n]): pool[n] for n in changes.values() if n is not None}
+                        for missing in e.chunk_ids:
+                            env.put(vol, by_id[missing])
+                else:
+                    raise AssertionError("a commit was refused 50 times in a row")
+                for i, change in changes.items():
+                    if change is None:
+                        model.pop(i, None)
+                    else:
+                        model[i] = change
+                if wrng.random() < 0.2:
+                    snap = env.blocks.snapshot_volume(ACCOUNT, vol).id
+                    snaps.append(snap)
+                    with lock:
+                        frozen[snap] = dict(model)
+                if len(snaps) > 2 and wrng.random() < 0.3:
+                    gone = snaps.pop(wrng.randrange(len(snaps)))
+                    env.blocks.delete_snapshot(ACCOUNT, gone)
+                    with lock:
+                        del frozen[gone]
+        except Exception as e:
+            failures.append(f"writer {seed}: {e!r}")
+            stop.set()
+        with lock:
+            models[vol] = model
+
+    def collector() -> None:
+        try:
+            while not stop.is_set():
+                passes.append(env.collect(grace=0))
+                dangling = env.dangling()
+                if dangling:
+                    failures.append(f"after pass {len(passes)}: {dangling[:5]}")
+                    stop.set()
+        except Exception as e:
+            failures.append(f"collector: {e!r}")
+            stop.set()
+
+    threads = [threading.Thread(target=writer, args=(rng.randrange(1 << 30),)) for _ in range(2)]
+    threads.append(threading.Thread(target=collector))
+    for t in threads:
+        t.start()
+    stop.wait(duration)
+    stop.set()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive(), "a racing thread hung"
+    assert failures == []
+    final = env.collect(grace=0)
+    assert final.errors == 0 and env.dangling() == []
+    for vol, model in models.items():
+        assert env.maps.read_map(vol) == {i: sha(pool[n]) for i, n in model.items()}
+        for i, n in model.items():
+            assert env.blocks.get_chunk(ACCOUNT, vol, sha(pool[n])) == pool[n], i
+    for snap, model in frozen.items():
+        assert env.maps.read_map(None, snapshot_id=snap) == {
+            i: sha(pool[n]) for i, n in model.items()
+        }
+        for i, n in model.items():
+            assert env.blocks.get_block(ACCOUNT, snap, i)[1] == pool[n]
+    deleted = sum(p.deleted for p in passes)
+    print(
+        f"{len(passes)} gc passes deleted {deleted} objects; {refused[0]} commits refused "
+        f"and re-uploaded; {sum(p.rescued for p in passes)} candidates rescued at re-check"
+    )
+    assert len(passes) >= 3 and deleted > 0
+
+
+def test_gc_command(tmp_path: Path, provider: ProviderProcess) -> None:
+    """``sgw provider gc`` beside a running provider: one summary line, exit 0."""
+    with httpx.Client(base_url=provider.url, timeout=30) as http:
+        vol = http.post(
+            "/v1/volumes",
+            json={"name": "v", "size": 8 * CHUNK, "mode": "cached", "chunk_size": CHUNK},
+        ).json()["id"]
+        ids = []
+        for tag in ("committed", "orphan"):
+            data = content(tag)
+            ids.append(sha(data))
+            r = http.put(
+                f"/v1/volumes/{vol}/chunks/{sha(data)}",
+                content=data,
+                headers={"x-sgw-sha256": sha(data)},
+            )
+            assert r.status_code == 201, r.text
+        r = http.post(
+            f"/v1/volumes/{vol}/commits",
+            json={"base_version": 0, "idempotency_key": "k", "changes": {"0": ids[0]}},
+        )
+        assert r.status_code == 200, r.text
+
+        def run(*extra: str) -> subprocess.CompletedProcess[str]:
+            args = [SGW, "provider", "gc", "--data-dir", str(provider.data_dir), *extra]
+            return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+
+        young = run()  # the default grace period keeps the fresh orphan
+        assert young.returncode == 0, young.stderr
+        assert young.stdout.count("\n") == 1 and "deleted 0 of 2" in young.stdout
+        dry = run("--grace", "0", "--dry-run")
+        assert dry.returncode == 0 and "would delete 1 of 2" in dry.stdout, dry.stdout
+        real = run("--grace", "0")
+        assert real.returncode == 0 and "deleted 1 of 2" in real.stdout, real.stdout
+        assert http.get(f"/v1/volumes/{vol}/chunks/{ids[0]}").status_code == 200
+        assert http.get(f"/v1/volumes/{vol}/chunks/{ids[1]}").status_code == 404
+    bad = run("--grace", "-1")
+    assert bad.returncode == 2 and bad.stderr.startswith("sgw: error: --grace")
+    missing = subprocess.run(
+        [SGW, "provider", "gc", "--data-dir", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_gateway_uploads_converge_while_gc_runs_with_zero_grace(
+    tmp_path: Path,
+    provider: ProviderProcess,
+    gateway_factory: type[GatewayProcess],
+) -> None:
+    """A real gateway uploads while passes with no grace period run beside the provider
+    (on its database and store). A chunk collected between upload and commit makes the
+    commit fail with 400 missing_chunks; the destager retries the batch, which uploads it
+    again. Every pass leaves no dangling reference, and the remote copy converges."""
+    engine = make_engine(f"sqlite:///{provider.data_dir / 'provider.db'}")
+    store = DirectoryStore(provider.data_dir / "objects")
+    checker = Env(
+        BlockService(ChunkMaps(session_factory(engine)), store, KeyRing(os.urandom(32))),
+        store,
+        session_factory(engine),
+    )
+    gw = gateway_factory(
+        tmp_path / "gw", [f"vol0:{VOL_SIZE}"], extra_args=gateway_args(tmp_path, provider.url)
+    ).start()
+    stop = threading.Event()
+    problems: list[str] = []
+    reports: list[gc.GcReport] = []
+
+    def collector() -> None:
+        try:
+            while not stop.wait(0.2):
+                reports.append(checker.collect(grace=0))
+                dangling = checker.dangling()
+                if dangling:
+                    problems.append(f"pass {len(reports)}: {dangling[:3]}")
+        except Exception as e:
+            problems.append(repr(e))
+
+    thread = threading.Thread(target=collector)
+    thread.start()
+    model = bytearray(VOL_SIZE)
+    h = nbd.NBD()
+    h.connect_uri(gw.uri())
+    try:
+        write_for(h, random.Random(21), model, 8)
+    finally:
+        h.shutdown()
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive() and problems == []
+    wait_remote_equal(gw, provider.url, bytes(model))
+    assert read_all(gw) == model
+    assert checker.collect(grace=0).errors == 0 and checker.dangling() == []
+    wait_remote_equal(gw, provider.url, bytes(model))  # still whole after a last pass
+    refused = full_log(gw).count("missing_chunks") + full_log(gw).count("does not hold")
+    print(
+        f"{len(reports)} passes deleted {sum(r.deleted for r in reports)} objects; "
+        f"{refused} refused-commit log lines at the gateway"
+    )
+    checker.blocks.close()
+    engine.dispose()
+    assert gw.stop() == 0
