@@ -474,6 +474,34 @@ def test_failed_uploads_back_off_and_stop_does_not_wait_for_them(workdir: Path) 
     asyncio.run(run())
 
 
+def test_retries_stay_quick_while_writers_wait_for_log_space(workdir: Path) -> None:
+    """A full log with writers waiting: the provider's return must be noticed within
+    seconds, however long the outage lasted (no 30 s backoff)."""
+    calls: list[float] = []
+
+    async def failing(_: object) -> None:
+        calls.append(time.monotonic())
+        raise RemoteUnavailableError("provider down")
+
+    async def run() -> None:
+        engine = open_engine(workdir)
+        try:
+            destager = Destager(engine, idle_seconds=0.0, upload=failing)
+            destager.failures = 10  # a long outage so far: the normal backoff is at its cap
+            engine.volumes["v"].write(0, b"\x01" * 4096)
+            waiter = engine.log.wait_for_space(engine.log.data_size)  # never fits: waits
+            assert engine.log.space_waiters == 1
+            destager.start()
+            await asyncio.sleep(3.5)
+            await destager.stop()
+            waiter.cancel()
+            assert len(calls) >= 2, calls  # retried within 2 s, not after 15-30 s
+        finally:
+            engine.close()
+
+    asyncio.run(run())
+
+
 def test_stop_abandons_an_upload_in_progress(workdir: Path) -> None:
     started = asyncio.Event()
 

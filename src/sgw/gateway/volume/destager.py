@@ -38,6 +38,7 @@ _MAX_RUN = 8 * 1024 * 1024
 # from a blip, no hot loop and little log noise during an outage of hours.
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
+RETRY_MAX_STALLED = 2.0  # seconds, while writers wait for log space
 
 
 @dataclass(slots=True)
@@ -224,7 +225,9 @@ class Destager:
             except Exception as exc:
                 self.failures += 1
                 self.last_error = str(exc) or type(exc).__name__
-                delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (self.failures - 1))
+                # Writers waiting for log space want the provider's return noticed soon.
+                cap = RETRY_MAX_STALLED if self.engine.log.space_waiters else RETRY_MAX
+                delay = min(cap, RETRY_FIRST * 2 ** (self.failures - 1))
                 delay *= random.uniform(0.5, 1.0)
                 extra = {"retry_in_s": round(delay, 2), "failures": self.failures}
                 if isinstance(exc, SgwError):  # expected kinds: the message says it all
