@@ -28,8 +28,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class DaemonProcess:
+    """What the daemons started by the tests share: their stderr log and a clean stop."""
+
+    proc: subprocess.Popen[bytes] | None
+    stderr_path: Path | None
+
+    def log_text(self) -> str:
+        if self.stderr_path and self.stderr_path.exists():
+            return self.stderr_path.read_text(errors="replace")[-4000:]
+        return ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        return rc
+
+
 @dataclass
-class GatewayProcess:
+class GatewayProcess(DaemonProcess):
     """A running ``sgw gateway serve``; restartable on the same data directory."""
 
     data_dir: Path
@@ -81,19 +101,6 @@ class GatewayProcess:
             time.sleep(0.02)
         raise RuntimeError(f"gateway did not start: {self.log_text()}")
 
-    def log_text(self) -> str:
-        if self.stderr_path and self.stderr_path.exists():
-            return self.stderr_path.read_text(errors="replace")[-4000:]
-        return ""
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit status."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        self.proc = None
-        return rc
-
     def kill(self) -> None:
         """kill -9: no chance to flush anything."""
         assert self.proc is not None
@@ -136,7 +143,7 @@ def need(tool: str) -> str:
 
 
 @dataclass
-class ProviderProcess:
+class ProviderProcess(DaemonProcess):
     """A running ``sgw provider serve`` on loopback; restartable on the same data directory.
 
     ``env`` is added to this process's environment only (e.g. S3 credentials).
@@ -190,19 +197,6 @@ class ProviderProcess:
         self.proc.kill()
         self.proc.wait(10)
         raise RuntimeError(f"provider did not answer /v1/health: {self.log_text()}")
-
-    def log_text(self) -> str:
-        if self.stderr_path and self.stderr_path.exists():
-            return self.stderr_path.read_text(errors="replace")[-4000:]
-        return ""
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait; returns the exit status."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        self.proc = None
-        return rc
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

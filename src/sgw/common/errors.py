@@ -63,6 +63,18 @@ class NotFoundError(DatabaseError):
     """A volume, snapshot or other record does not exist (or is not the caller's)."""
 
 
+class NameTakenError(DatabaseError):
+    """The account already has a volume with this name."""
+
+
+class SnapshotStateError(DatabaseError):
+    """The snapshot's status does not allow the operation (e.g. putting into a completed one)."""
+
+
+class IdempotencyKeyError(DatabaseError):
+    """An idempotency key was reused for a different set of changes."""
+
+
 class RemoteError(SgwError):
     """The provider's block API failed or refused a request.
 

@@ -539,6 +539,10 @@ class NbdConnection(asyncio.BufferedProtocol):
             LOG.error("write failed", extra={"volume": vol.name, "error": str(exc)})
             self._error(cookie, p.EIO)
             return
+        self._written(flags, cookie)
+
+    def _written(self, flags: int, cookie: int) -> None:
+        """A write, zero or trim is in the log: reply now, or once durable if FUA."""
         self.server.on_write()
         if flags & p.CMD_FLAG_FUA:
             self._async(cookie, self.engine.flush())
@@ -569,11 +573,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 LOG.error("zero failed", extra={"volume": vol.name, "error": str(exc)})
                 self._error(cookie, p.EIO)
                 return
-            self.server.on_write()
-            if flags & p.CMD_FLAG_FUA:
-                self._async(cookie, self.engine.flush())
-            else:
-                self._ok(cookie)
+            self._written(flags, cookie)
 
         need = vol.log_bytes_for_zero()
         if self.log.space_waiters or not self.log.fits(need):

@@ -48,7 +48,14 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
-from sgw.common.errors import DatabaseError, NotFoundError, VersionConflictError
+from sgw.common.errors import (
+    DatabaseError,
+    IdempotencyKeyError,
+    NameTakenError,
+    NotFoundError,
+    SnapshotStateError,
+    VersionConflictError,
+)
 from sgw.provider.db.models import (
     KEY_MAX,
     NAME_MAX,
@@ -106,18 +113,6 @@ ChunkChanges = Mapping[int, str | None]
 # (``delete_unreferenced_chunks``), so a chunk checked here cannot vanish before the
 # change that names it is visible to the collector.
 ChunkCheck = Callable[[list[str]], None]
-
-
-class NameTakenError(DatabaseError):
-    """The account already has a volume with this name."""
-
-
-class SnapshotStateError(DatabaseError):
-    """The snapshot's status does not allow the operation (e.g. putting into a completed one)."""
-
-
-class IdempotencyKeyError(DatabaseError):
-    """An idempotency key was reused for a different set of changes."""
 
 
 @dataclass(frozen=True, slots=True)
