@@ -51,6 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="upload to the provider's block API at URL (sets [remote] url)",
     )
 
+    status = gcmds.add_parser(
+        "status",
+        help="show the running gateway's volumes, write log and snapshots",
+        description="Ask the running gateway (through its admin socket) for its state.",
+    )
+    status.add_argument("--data-dir", metavar="DIR", default="/var/lib/sgw")
+    status.add_argument("--output", choices=("table", "json"), default="table")
+    snap = gcmds.add_parser(
+        "snapshot",
+        help="snapshot a volume as of now",
+        description="Snapshot a volume of the running gateway: the snapshot holds every "
+        "write acknowledged before the command and none after it; the provider keeps it.",
+    )
+    snap.add_argument("volume", metavar="VOLUME")
+    snap.add_argument("--description", metavar="TEXT")
+    snap.add_argument(
+        "--wait", action="store_true", help="return once the provider holds the snapshot"
+    )
+    snap.add_argument("--data-dir", metavar="DIR", default="/var/lib/sgw")
+    snap.add_argument("--output", choices=("table", "json"), default="table")
+
     provider = areas.add_parser("provider", help="the provider side (block service, API)")
     pcmds = provider.add_subparsers(dest="command", required=True, parser_class=_Parser)
     pserve = pcmds.add_parser(
@@ -98,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.area == "gateway" and args.command == "serve":
             return _gateway_serve(args)
+        if args.area == "gateway" and args.command in ("status", "snapshot"):
+            return _gateway_admin(args)
         if args.area == "provider" and args.command == "serve":
             return _provider_serve(args)
         if args.area == "provider" and args.command == "gc":
@@ -133,6 +156,40 @@ def _gateway_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     return int(uvloop.run(serve(config)))
+
+
+def _gateway_admin(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from sgw.gateway import admin
+
+    path = admin.socket_path(args.data_dir)
+    if args.command == "status":
+        request: dict[str, object] = {"op": "status"}
+    else:
+        request = {
+            "op": "snapshot",
+            "volume": args.volume,
+            "description": args.description,
+            "wait": args.wait,
+        }
+    answer = asyncio.run(admin.call(path, request))
+    answer.pop("ok", None)
+    if args.output == "json":
+        print(json.dumps(answer, indent=2))
+    elif args.command == "status":
+        for vol in answer["volumes"]:
+            reason = f" ({vol['reason']})" if vol.get("reason") else ""
+            print(f"{vol['name']:16} {vol['mode']:7} {vol['size']:>16} {vol['status']}{reason}")
+        log = answer["write_log"]
+        print(f"write log: {log['used']} of {log['size']} bytes used")
+    else:
+        print(f"{answer['snapshot_id']} {answer['state']}")
+    if args.command == "snapshot" and answer.get("state") == "FAILED":
+        print(f"sgw: error: snapshot failed: {answer.get('error')}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _provider_serve(args: argparse.Namespace) -> int:

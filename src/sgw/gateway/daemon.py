@@ -19,6 +19,7 @@ import resource
 import signal
 
 from sgw.common.errors import SgwError
+from sgw.gateway.admin import AdminOps, AdminServer, socket_path
 from sgw.gateway.config import GatewayConfig
 from sgw.gateway.nbd.server import NbdServer
 from sgw.gateway.volume.cache import ChunkCache
@@ -91,6 +92,7 @@ class Gateway:
             upload=self.uploader,
         )
         self.server = NbdServer(self.engine, on_write=self.destager.kick)
+        self.admin = AdminServer(AdminOps(self.engine, self.destager), socket_path(config.data_dir))
 
     async def start(self) -> None:
         """Starts the destager, the cached volumes' bootstrap, the status monitor and the
@@ -105,6 +107,7 @@ class Gateway:
                 self._tasks.append(loop.create_task(self._bootstrap(vol), name="bootstrap"))
             self._tasks.append(loop.create_task(self._monitor(), name="status"))
         self.destager.start()
+        await self.admin.start()
         for listener in self.config.listeners:
             if listener.kind == "unix":
                 os.makedirs(os.path.dirname(os.path.abspath(listener.path)), exist_ok=True)
@@ -114,6 +117,7 @@ class Gateway:
 
     async def stop(self) -> None:
         """Drains the connections, flushes the log, stops the destager, closes files."""
+        await self.admin.stop()
         await self.server.shutdown()
         await self.engine.flush()
         for task in self._tasks:

@@ -7,7 +7,8 @@ remote store; the remote data plane plugs in here), apply it to the base stores 
 copy from the log file: no payload passes through Python) and make them durable, drop the
 index entries that still point into the batch, then persist the new tail and release the
 space. Log space is never released before the base stores (and the upload step) have the
-data.
+data. A batch ends at the first snapshot marker it meets, so the upload step sees the
+volume exactly as of the marker and can have the provider snapshot that commit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from sgw.common.errors import SgwError, VolumeStateError
 from sgw.gateway.volume.cached import CachedBaseStore, ChunkMapUpdate
 from sgw.gateway.volume.engine import VolumeEngine
 from sgw.gateway.volume.index import BLOCK, BLOCK_SHIFT, SMALL_ZERO_BLOCKS, zero_marker
-from sgw.gateway.volume.wal import KIND_DATA, KIND_TRIM, Record
+from sgw.gateway.volume.snapshots import SnapshotState
+from sgw.gateway.volume.wal import KIND_DATA, KIND_SNAPSHOT, KIND_TRIM, Record
 
 LOG = logging.getLogger(__name__)
 
@@ -124,6 +126,8 @@ def merge(engine: VolumeEngine, records: list[Record], point_in_time: bool = Fal
         changes = volumes.get(rec.volume)
         if changes is None:
             changes = volumes[rec.volume] = VolumeChanges()
+        if rec.kind == KIND_SNAPSHOT:  # changes no data; its volume must be uploaded
+            continue
         first, n = rec.offset >> BLOCK_SHIFT, rec.length >> BLOCK_SHIFT
         current = vol.index.blocks.get
         out = changes.blocks
@@ -203,11 +207,15 @@ class Destager:
         if log.used >= self.start_bytes or log.space_waiters:
             self._wake.set()
 
+    def kick_now(self) -> None:
+        """Wakes the destager now (a snapshot marker should not wait for the log to fill)."""
+        self._wake.set()
+
     def _due(self) -> bool:
         log = self.engine.log
         if log.used == 0:
             return False
-        if log.used >= self.start_bytes or log.space_waiters:
+        if log.used >= self.start_bytes or log.space_waiters or self.engine.pending_snapshots():
             return True
         return time.monotonic() - self.last_append >= self.idle_seconds
 
@@ -253,6 +261,11 @@ class Destager:
         )
         if not records:
             return False
+        # A batch never crosses a snapshot marker: it ends at the first one.
+        for i, rec in enumerate(records):
+            if rec.kind == KIND_SNAPSHOT:
+                del records[i + 1 :]
+                break
         # An upload must see each batch as a real point in time; a local apply may skip
         # versions that later records overwrite.
         batch = merge(engine, records, point_in_time=self.upload is not None)
@@ -269,6 +282,10 @@ class Destager:
         last = batch.records[-1]
         await asyncio.to_thread(log.persist_tail, last)
         log.release(last)
+        if last.kind == KIND_SNAPSHOT and self.upload is None:
+            engine.snapshot_for(last).finish(
+                SnapshotState.FAILED, "the gateway had no provider configured to keep it"
+            )
         self.batches += 1
         self.bytes_destaged += batch.nbytes
         LOG.debug(

@@ -10,6 +10,7 @@ existed still load.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -22,8 +23,15 @@ from sgw.gateway.volume.base import BaseStore, FileBaseStore
 from sgw.gateway.volume.cache import ChunkCache
 from sgw.gateway.volume.cached import DEFAULT_READ_AHEAD, CachedBaseStore
 from sgw.gateway.volume.index import BLOCK
-from sgw.gateway.volume.volume import Volume
-from sgw.gateway.volume.wal import Record, WriteLog
+from sgw.gateway.volume.snapshots import (
+    SnapshotRequest,
+    SnapshotState,
+    decode_marker,
+    encode_marker,
+    new_snapshot_id,
+)
+from sgw.gateway.volume.volume import Volume, VolumeStatus
+from sgw.gateway.volume.wal import HEADER_SIZE, KIND_SNAPSHOT, Record, WriteLog
 
 LOG = logging.getLogger(__name__)
 
@@ -31,6 +39,8 @@ REGISTRY_FILE = "volumes.json"
 MODE_STORED = "stored"
 MODE_CACHED = "cached"
 MODES = (MODE_STORED, MODE_CACHED)
+# Finished snapshot requests remembered for status queries (pending ones are all kept).
+KEEP_FINISHED_SNAPSHOTS = 256
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,10 @@ class VolumeEngine:
         self.by_id = {v.id: v for v in volumes.values()}
         self.registry = registry if registry is not None else {}
         self.registry_path = registry_path
+        # Snapshots requested since start (and those whose markers recovery found).
+        self.snapshots: dict[str, SnapshotRequest] = {}
+        # Set by whoever installs an upload step: without one, snapshots cannot be made.
+        self.snapshots_enabled = False
 
     @classmethod
     def open(
@@ -149,9 +163,78 @@ class VolumeEngine:
                     f"the write log holds data of volume {name} that is not configured; "
                     "configure it again so the data can be destaged"
                 )
+            if rec.kind == KIND_SNAPSHOT:
+                self._add_snapshot(vol, rec)
+                continue
             vol.replay(rec)
         if records:
             LOG.info("write log replayed", extra={"records": len(records)})
+
+    def pending_snapshots(self) -> bool:
+        """True while a snapshot marker waits in the log (the destager should not idle)."""
+        return any(r.state == SnapshotState.PENDING for r in self.snapshots.values())
+
+    def _forget_finished_snapshots(self) -> None:
+        finished = [k for k, r in self.snapshots.items() if r.state != SnapshotState.PENDING]
+        for k in finished[: max(0, len(finished) - KEEP_FINISHED_SNAPSHOTS)]:
+            del self.snapshots[k]
+
+    def _add_snapshot(self, vol: Volume, rec: Record) -> SnapshotRequest:
+        snapshot_id, description = decode_marker(self.log.read(rec.payload_pos, rec.length))
+        req = SnapshotRequest(snapshot_id, vol.name, description, rec.seq)
+        self.snapshots[snapshot_id] = req
+        return req
+
+    def snapshot_for(self, rec: Record) -> SnapshotRequest:
+        """The request a marker record stands for."""
+        vol = self.by_id[rec.volume]
+        snapshot_id, _ = decode_marker(self.log.read(rec.payload_pos, rec.length))
+        req = self.snapshots.get(snapshot_id)
+        return req if req is not None else self._add_snapshot(vol, rec)
+
+    async def request_snapshot(self, name: str, description: str | None = None) -> SnapshotRequest:
+        """Appends a durable snapshot marker for volume ``name``; the snapshot is the
+        volume as of now (every write acknowledged before this call, none after it)."""
+        vol = self.volumes.get(name)
+        if vol is None:
+            raise VolumeStateError(f"no volume named {name!r} on this gateway")
+        if not self.snapshots_enabled:
+            raise VolumeStateError(
+                "snapshots are kept by the provider and this gateway has none; configure "
+                "[remote] (or --provider)"
+            )
+        if vol.status == VolumeStatus.PASS_THROUGH:
+            raise VolumeStateError(
+                f"volume {name} is in pass-through (the provider was unreachable and the write "
+                "log filled up); take the snapshot once it is AVAILABLE again"
+            )
+        snapshot_id = new_snapshot_id()
+        payload = encode_marker(snapshot_id, description)
+        log = self.log
+        size = HEADER_SIZE + len(payload)
+        if log.space_waiters or not log.fits(size):
+            fut = log.wait_for_space(size)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    log.waiter_done()
+                raise
+            try:
+                rec = log.append(KIND_SNAPSHOT, vol.id, 0, len(payload), payload)
+            finally:
+                log.waiter_done()
+        else:
+            rec = log.append(KIND_SNAPSHOT, vol.id, 0, len(payload), payload)
+        req = SnapshotRequest(snapshot_id, name, description, rec.seq)
+        self._forget_finished_snapshots()
+        self.snapshots[snapshot_id] = req
+        await log.sync()
+        LOG.info(
+            "snapshot requested",
+            extra={"snapshot": snapshot_id, "volume": name, "seq": rec.seq},
+        )
+        return req
 
     def save_registry(self) -> None:
         """Writes the registry (after changing an entry's remote fields) atomically and

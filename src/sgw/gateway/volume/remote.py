@@ -139,12 +139,21 @@ class BlockApiClient:
     # -- calls -------------------------------------------------------------------------
 
     async def create_volume(
-        self, name: str, size: int, *, mode: str = "stored", chunk_size: int | None = None
+        self,
+        name: str,
+        size: int,
+        *,
+        mode: str = "stored",
+        chunk_size: int | None = None,
+        from_snapshot_id: str | None = None,
     ) -> RemoteVolume:
-        """Creates a volume (a retry after a lost reply may leave an unused empty one)."""
+        """Creates a volume, all zero or with a snapshot's map (a retry after a lost reply
+        may leave an unused one behind)."""
         body: dict[str, Any] = {"name": name, "size": size, "mode": mode}
         if chunk_size is not None:
             body["chunk_size"] = chunk_size
+        if from_snapshot_id is not None:
+            body["from_snapshot_id"] = from_snapshot_id
         doc = await self._json("POST", "/v1/volumes", f"create volume {name}", json=body)
         return _volume(doc)
 
@@ -205,6 +214,17 @@ class BlockApiClient:
             return int(doc["version"])
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteError(f"the provider's answer to {what} has no version") from exc
+
+    async def snapshot_volume(
+        self, volume_id: str, snapshot_id: str, map_version: int, description: str | None
+    ) -> None:
+        """Makes the completed snapshot ``snapshot_id`` of the volume's map at
+        ``map_version`` (idempotent: asking again for the same snapshot is harmless)."""
+        body: dict[str, Any] = {"snapshot_id": snapshot_id, "map_version": map_version}
+        if description:
+            body["description"] = description
+        what = f"snapshot {snapshot_id} of {volume_id} at map version {map_version}"
+        await self._json("POST", f"/v1/volumes/{volume_id}/snapshots", what, json=body)
 
     # -- machinery ---------------------------------------------------------------------
 

@@ -17,6 +17,11 @@ version gives exactly the volume as of the batch's end. A map that moved on with
 a pending batch was changed by someone else, and the upload fails loudly rather than
 overwrite it. A retry whose reply was lost carries the same idempotency key (derived
 from the batch and its changes), so the provider applies it once.
+
+Snapshots. A batch that ends at a snapshot marker is committed like any other, then the
+provider is asked for the snapshot named in the marker at the map version just committed:
+the volume exactly as of the marker. The request names the snapshot and the version, so
+asking again after a crash returns the same snapshot.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from sgw.gateway.volume.destager import Batch, VolumeChanges
 from sgw.gateway.volume.engine import RegistryEntry, VolumeEngine
 from sgw.gateway.volume.index import BLOCK
 from sgw.gateway.volume.remote import BlockApiClient, PreparedChunk, prepare_chunk
+from sgw.gateway.volume.snapshots import SnapshotState
 from sgw.gateway.volume.volume import Volume
+from sgw.gateway.volume.wal import KIND_SNAPSHOT, Record
 
 LOG = logging.getLogger(__name__)
 
@@ -157,6 +164,7 @@ class Uploader:
         if concurrency < 1:
             raise ValueError("upload concurrency must be at least 1")
         self.engine = engine
+        engine.snapshots_enabled = True
         self.client = client
         self.concurrency = concurrency
         self.bucket = TokenBucket(bandwidth)
@@ -187,6 +195,27 @@ class Uploader:
             result = await self._upload_volume(vol, changes, first, last)
             if vol.cached is not None:  # the destager points the volume's map at them
                 batch.updates[vol_id] = ChunkMapUpdate(result.data, result.zero_runs)
+        marker = batch.records[-1]
+        if marker.kind == KIND_SNAPSHOT:  # the batch ends at it: the map is that point
+            await self._snapshot(marker)
+
+    async def _snapshot(self, marker: Record) -> None:
+        req = self.engine.snapshot_for(marker)
+        if req.state != SnapshotState.PENDING:
+            return
+        binding = self._bindings.get(marker.volume)
+        if binding is None:  # the volume is no longer configured
+            req.finish(SnapshotState.FAILED, "the volume is no longer on this gateway")
+            return
+        try:
+            await self.client.snapshot_volume(
+                binding.remote_id, req.id, binding.map_version, req.description
+            )
+        except RemoteRejectedError as exc:
+            # Asking again cannot help, and holding the marker would stop the whole log.
+            req.finish(SnapshotState.FAILED, str(exc))
+            return
+        req.finish(SnapshotState.COMPLETED)
 
     async def bind_cached(self, vol: Volume) -> None:
         """Binds a cached volume to its remote volume (created on first use) and loads

@@ -24,6 +24,7 @@ from sgw.gateway.volume.index import (
 from sgw.gateway.volume.wal import (
     HEADER_SIZE,
     KIND_DATA,
+    KIND_SNAPSHOT,
     KIND_TRIM,
     KIND_ZERO,
     Record,
@@ -207,6 +208,8 @@ class Volume:
 
     def replay(self, rec: Record) -> None:
         """Puts a record found at recovery back into the index."""
+        if rec.kind == KIND_SNAPSHOT:
+            return
         first, n = rec.offset >> BLOCK_SHIFT, rec.length >> BLOCK_SHIFT
         if rec.kind == KIND_DATA:
             self.index.add_data(first, n, rec.payload_pos)
@@ -215,6 +218,8 @@ class Volume:
 
     def reclaim(self, rec: Record) -> None:
         """Forgets index entries that still point at a destaged record."""
+        if rec.kind == KIND_SNAPSHOT:
+            return
         first, n = rec.offset >> BLOCK_SHIFT, rec.length >> BLOCK_SHIFT
         if rec.kind == KIND_DATA:
             self.index.reclaim_data(first, n, rec.payload_pos)

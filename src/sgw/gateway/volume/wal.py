@@ -64,7 +64,11 @@ _REC_MAGIC = 0x4C575753  # "SWWL"
 KIND_DATA = 1  # payload follows; length = payload length
 KIND_ZERO = 2  # range reads as zeroes, space stays allocated; no payload
 KIND_TRIM = 3  # range reads as zeroes, space may be released; no payload
-_KINDS = (KIND_DATA, KIND_ZERO, KIND_TRIM)
+# A snapshot marker: the volume as of this record is to become a snapshot. Its payload
+# (``length`` bytes, offset 0) describes the snapshot; it changes no data.
+KIND_SNAPSHOT = 4
+_KINDS = (KIND_DATA, KIND_ZERO, KIND_TRIM, KIND_SNAPSHOT)
+PAYLOAD_KINDS = (KIND_DATA, KIND_SNAPSHOT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,7 @@ class Record:
     @property
     def size(self) -> int:
         """Bytes the record occupies in the data area."""
-        return HEADER_SIZE + (self.length if self.kind == KIND_DATA else 0)
+        return HEADER_SIZE + (self.length if self.kind in PAYLOAD_KINDS else 0)
 
 
 def _crc_header(header: bytes | bytearray | memoryview) -> int:
@@ -220,7 +224,7 @@ class WriteLog:
         if epoch < min_epoch:
             return None
         value = _crc_header(raw)
-        if kind == KIND_DATA:
+        if kind in PAYLOAD_KINDS:
             if HEADER_SIZE + length > room:
                 return None
             payload = os.pread(self._fd, length, phys + HEADER_SIZE)
@@ -317,7 +321,7 @@ class WriteLog:
 
         The record is in the page cache when this returns; ``sync`` makes it durable.
         """
-        plen = length if kind == KIND_DATA else 0
+        plen = length if kind in PAYLOAD_KINDS else 0
         size = HEADER_SIZE + plen
         virt = self._placement(size)
         if virt + size - self.tail > self.data_size:

@@ -126,6 +126,13 @@ class VolumeSnapshotCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     description: str | None = None
+    snapshot_id: str | None = Field(
+        None,
+        description="a UUID chosen by the caller: asking again returns the same snapshot",
+    )
+    map_version: int | None = Field(
+        None, ge=0, description="refuse (409) unless the volume's map is at this version"
+    )
 
 
 class SnapshotCreate(BaseModel):
@@ -292,7 +299,7 @@ def commit(volume_id: str, body: CommitIn, account: CurrentAccount, service: Ser
     "/volumes/{volume_id}/snapshots",
     status_code=201,
     tags=["snapshots"],
-    responses=_errors(400, 404, 422),
+    responses=_errors(400, 404, 409, 422),
 )
 def snapshot_volume(
     volume_id: str,
@@ -300,9 +307,17 @@ def snapshot_volume(
     service: Service,
     body: VolumeSnapshotCreate | None = None,
 ) -> SnapshotOut:
-    """A completed snapshot of the volume's current map."""
-    description = body.description if body is not None else None
-    return SnapshotOut.of(service.snapshot_volume(account, volume_id, description))
+    """A completed snapshot of the volume's current map (or of the given version)."""
+    body = body or VolumeSnapshotCreate(snapshot_id=None, map_version=None)
+    return SnapshotOut.of(
+        service.snapshot_volume(
+            account,
+            volume_id,
+            body.description,
+            snapshot_id=body.snapshot_id,
+            map_version=body.map_version,
+        )
+    )
 
 
 # Snapshots (block API)

@@ -450,17 +450,46 @@ class ChunkMaps:
 
     # Snapshots
 
-    def create_snapshot(self, volume_id: str, description: str | None = None) -> str:
+    def create_snapshot(
+        self,
+        volume_id: str,
+        description: str | None = None,
+        *,
+        snapshot_id: str | None = None,
+        map_version: int | None = None,
+    ) -> str:
         """A completed snapshot of the volume's current map (a pointer copy); its id.
 
-        It shares the volume's key scope: its chunks are the volume's.
+        It shares the volume's key scope: its chunks are the volume's. A gateway names the
+        snapshot itself (``snapshot_id``, a UUID it chose when the snapshot was requested)
+        and says at which ``map_version`` it must be taken: asking again for a snapshot
+        that exists already returns it (a retry whose answer was lost), and a volume whose
+        map is at another version is refused rather than snapshotted at the wrong point.
         """
         _check_description(description)
+        if snapshot_id is not None:
+            snapshot_id = _check_uuid(snapshot_id, "snapshot id")
         with self._sessions.begin() as s:
             volume = _lock_volume(s, volume_id)
+            if snapshot_id is not None:
+                existing = s.get(Snapshot, snapshot_id)
+                if existing is not None:
+                    if existing.volume_id != volume_id or (
+                        map_version is not None and existing.map_version != map_version
+                    ):
+                        raise SnapshotStateError(
+                            f"snapshot {snapshot_id} exists already and is not a snapshot of "
+                            f"volume {volume_id} at map version {map_version}"
+                        )
+                    return snapshot_id
+            if map_version is not None and volume.map_version != map_version:
+                raise SnapshotStateError(
+                    f"volume {volume_id} is at map version {volume.map_version}, not "
+                    f"{map_version}: the snapshot would not be the point in time asked for"
+                )
             now = utcnow()
             snapshot = Snapshot(
-                id=str(uuid.uuid4()),
+                id=snapshot_id or str(uuid.uuid4()),
                 account_id=volume.account_id,
                 volume_id=volume_id,
                 status=SnapshotStatus.COMPLETED.value,
@@ -1027,6 +1056,13 @@ def _check_chunk_size(chunk_size: int) -> None:
             f"chunk size {chunk_size}: use a power of two from {MIN_CHUNK_SIZE} to "
             f"{MAX_CHUNK_SIZE} bytes"
         )
+
+
+def _check_uuid(value: str, what: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not a UUID") from None
 
 
 def _check_description(description: str | None) -> None:

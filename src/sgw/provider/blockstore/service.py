@@ -236,12 +236,20 @@ class BlockService:
             )
 
     def snapshot_volume(
-        self, account: str, volume_id: str, description: str | None = None
+        self,
+        account: str,
+        volume_id: str,
+        description: str | None = None,
+        *,
+        snapshot_id: str | None = None,
+        map_version: int | None = None,
     ) -> SnapshotInfo:
-        """A completed snapshot of the volume's current map."""
+        """A completed snapshot of the volume's map (see ``ChunkMaps.create_snapshot``)."""
         volume = self.get_volume(account, volume_id)
         with _client_errors():
-            snapshot_id = self.maps.create_snapshot(volume.id, description)
+            snapshot_id = self.maps.create_snapshot(
+                volume.id, description, snapshot_id=snapshot_id, map_version=map_version
+            )
         return self.maps.get_snapshot(account, snapshot_id)
 
     # Snapshots (block API)

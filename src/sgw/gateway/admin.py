@@ -1,0 +1,188 @@
+"""The gateway's local admin socket: status and snapshots for ``sgw gateway ...`` on the
+appliance.
+
+A unix socket in the data directory (``admin.sock``, mode 0600: root on the appliance
+only; nothing listens on the network). One JSON request per line, one JSON answer per
+line: ``{"op": "status"}``, ``{"op": "snapshot", "volume": NAME, "description": TEXT,
+"wait": BOOL}``, ``{"op": "snapshot-status", "snapshot_id": ID}``. An answer is
+``{"ok": true, ...}`` or ``{"ok": false, "error": MESSAGE}``. The control channel from
+the provider calls the same operations (``AdminOps``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from sgw.common.errors import SgwError, VolumeStateError
+from sgw.gateway.volume.destager import Destager
+from sgw.gateway.volume.engine import VolumeEngine
+
+LOG = logging.getLogger(__name__)
+
+SOCKET_NAME = "admin.sock"
+_MAX_LINE = 64 * 1024
+
+
+def socket_path(data_dir: str) -> str:
+    """Where the admin socket of a gateway with this data directory is."""
+    return os.path.join(data_dir, SOCKET_NAME)
+
+
+class AdminOps:
+    """What an administrator may ask of the running gateway."""
+
+    def __init__(
+        self,
+        engine: VolumeEngine,
+        destager: Destager,
+        extra_status: Callable[[str], dict[str, Any]] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.destager = destager
+        self.extra_status = extra_status
+
+    def status(self) -> dict[str, Any]:
+        """Volumes, write log, destager and snapshots, as plain data."""
+        log = self.engine.log
+        volumes = []
+        for vol in self.engine.volumes.values():
+            entry = self.engine.registry.get(vol.name)
+            item: dict[str, Any] = {
+                "name": vol.name,
+                "mode": vol.mode,
+                "size": vol.size,
+                "status": str(vol.status),
+                "reason": vol.status_reason or None,
+                "dirty_bytes": vol.dirty_bytes,
+                "remote_id": entry.remote_id if entry else None,
+            }
+            if self.extra_status is not None:
+                item.update(self.extra_status(vol.name))
+            volumes.append(item)
+        return {
+            "volumes": volumes,
+            "write_log": {
+                "size": log.data_size,
+                "used": log.used,
+                "writers_waiting": log.space_waiters,
+            },
+            "destager": {
+                "batches": self.destager.batches,
+                "bytes": self.destager.bytes_destaged,
+                "failures": self.destager.failures,
+                "last_error": self.destager.last_error or None,
+            },
+            "snapshots": [r.describe() for r in self.engine.snapshots.values()],
+        }
+
+    async def snapshot(
+        self, volume: str, description: str | None = None, wait: bool = False
+    ) -> dict[str, Any]:
+        """Requests a snapshot of the volume as of now; with ``wait``, answers once the
+        provider holds it (or it failed)."""
+        req = await self.engine.request_snapshot(volume, description)
+        self.destager.kick_now()
+        if wait:
+            await req.wait()
+        return req.describe()
+
+    def snapshot_status(self, snapshot_id: str) -> dict[str, Any]:
+        """A requested snapshot's state."""
+        req = self.engine.snapshots.get(snapshot_id)
+        if req is None:
+            raise VolumeStateError(f"this gateway has no record of snapshot {snapshot_id}")
+        return req.describe()
+
+
+class AdminServer:
+    """Serves ``AdminOps`` on a unix socket."""
+
+    def __init__(self, ops: AdminOps, path: str) -> None:
+        self.ops = ops
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        """Listens (replacing a socket file left by a crash)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, self.path, limit=_MAX_LINE)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def stop(self) -> None:
+        """Stops listening and removes the socket file."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                answer = await self._answer(line)
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, ValueError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("a request is a JSON object")
+            op = req.get("op")
+            result: dict[str, Any]
+            if op == "status":
+                result = self.ops.status()
+            elif op == "snapshot":
+                result = await self.ops.snapshot(
+                    str(req["volume"]),
+                    None if req.get("description") is None else str(req["description"]),
+                    bool(req.get("wait", False)),
+                )
+            elif op == "snapshot-status":
+                result = self.ops.snapshot_status(str(req["snapshot_id"]))
+            else:
+                raise ValueError(f"unknown op {op!r}; try status, snapshot, snapshot-status")
+        except SgwError as exc:
+            return {"ok": False, "error": str(exc)}
+        except (ValueError, KeyError, TypeError) as exc:
+            return {"ok": False, "error": f"bad request: {exc}"}
+        return {"ok": True, **result}
+
+
+async def call(path: str, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Sends one request to a gateway's admin socket; returns its answer."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(path, limit=16 * _MAX_LINE)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise VolumeStateError(
+            f"no gateway is running with admin socket {path} (is `sgw gateway serve` "
+            "running with this data directory?)"
+        ) from exc
+    try:
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+    if not line:
+        raise VolumeStateError("the gateway closed the admin connection without answering")
+    answer: dict[str, Any] = json.loads(line)
+    if not answer.get("ok"):
+        raise VolumeStateError(str(answer.get("error")))
+    return answer

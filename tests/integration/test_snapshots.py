@@ -1,0 +1,182 @@
+"""Snapshots as markers in the write log, end to end: a real provider, a real gateway,
+writes through NBD, ``sgw gateway snapshot`` through the admin socket, and the snapshot
+read back over the block API.
+
+The snapshot must be exactly the volume at the marker: pattern A written, snapshot
+requested, pattern B written over everything while the snapshot still uploads (a
+bandwidth limit keeps it slow), and the snapshot reads A everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import nbd
+import pytest
+
+from tests.conftest import SGW, SMALL_LOG, GatewayProcess, ProviderProcess
+
+MIB = 1 << 20
+VOL_SIZE = 24 * MIB + 8192  # the last chunk is short
+
+
+def sgw(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([SGW, *args], check=False, capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def snapshot(gw: GatewayProcess, volume: str = "vol0", *, wait: bool = False) -> dict[str, str]:
+    args = ["gateway", "snapshot", volume, "--data-dir", str(gw.data_dir), "--output", "json"]
+    out = sgw(*args, *(["--wait"] if wait else []))
+    doc: dict[str, str] = json.loads(out.stdout)
+    return doc
+
+
+def snapshot_state(gw: GatewayProcess, snapshot_id: str) -> str:
+    out = sgw("gateway", "status", "--data-dir", str(gw.data_dir), "--output", "json")
+    for snap in json.loads(out.stdout)["snapshots"]:
+        if snap["snapshot_id"] == snapshot_id:
+            return str(snap["state"])
+    raise AssertionError(f"snapshot {snapshot_id} unknown to the gateway: {out.stdout}")
+
+
+def wait_completed(gw: GatewayProcess, snapshot_id: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = snapshot_state(gw, snapshot_id)
+        if state == "COMPLETED":
+            return
+        assert state == "PENDING", state
+        time.sleep(0.2)
+    pytest.fail(f"snapshot {snapshot_id} not completed in {timeout} s\n{gw.log_text()}")
+
+
+def snapshot_bytes(provider: ProviderProcess, snapshot_id: str) -> bytes:
+    """The snapshot as the provider holds it, read through the block API."""
+    with httpx.Client(base_url=provider.url, timeout=30) as http:
+        snap = http.get(f"/v1/snapshots/{snapshot_id}")
+        snap.raise_for_status()
+        assert snap.json()["status"] == "completed"
+        size, chunk = snap.json()["volume_size"], snap.json()["chunk_size"]
+        out = bytearray(size)
+        start: int | None = 0
+        while start is not None:
+            page = http.get(f"/v1/snapshots/{snapshot_id}/blocks", params={"start": start})
+            page.raise_for_status()
+            for block in page.json()["blocks"]:
+                index = block["index"]
+                r = http.get(f"/v1/snapshots/{snapshot_id}/blocks/{index}")
+                r.raise_for_status()
+                out[index * chunk : index * chunk + len(r.content)] = r.content
+            start = page.json()["next"]
+        return bytes(out)
+
+
+def pattern(tag: str, size: int) -> bytes:
+    """Incompressible data, different per tag."""
+    return random.Random(tag).randbytes(size)
+
+
+def write_all(gw: GatewayProcess, data: bytes) -> None:
+    h = nbd.NBD()
+    h.connect_uri(gw.uri())
+    try:
+        for off in range(0, len(data), 4 * MIB):
+            h.pwrite(data[off : off + 4 * MIB], off)
+        h.flush()
+    finally:
+        h.shutdown()
+
+
+def start_gateway(
+    factory: type[GatewayProcess], tmp_path: Path, provider: ProviderProcess, bandwidth: str
+) -> GatewayProcess:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        '[destage]\nstart_fill = 0.9\nidle_seconds = 30\nbatch = "4M"\n'
+        f'[remote]\nbandwidth = "{bandwidth}"\nconcurrency = 4\n'
+    )
+    return factory(
+        tmp_path / "gw",
+        [f"vol0:{VOL_SIZE}"],
+        log_size=SMALL_LOG,
+        extra_args=["--config", str(cfg), "--provider", provider.url],
+    ).start()
+
+
+@pytest.mark.timeout(240)
+def test_snapshot_is_the_volume_at_the_marker(
+    tmp_path: Path, gateway_factory: type[GatewayProcess], provider: ProviderProcess
+) -> None:
+    gw = start_gateway(gateway_factory, tmp_path, provider, "3M")
+    a, b = pattern("A", VOL_SIZE), pattern("B", VOL_SIZE)
+    write_all(gw, a)
+    snap_a = snapshot(gw)
+    assert snap_a["state"] == "PENDING"
+    write_all(gw, b)  # while A is still on its way to the provider
+    assert snapshot_state(gw, snap_a["snapshot_id"]) == "PENDING", "the test lost its race"
+    snap_b = snapshot(gw, wait=True)  # behind A in the log: waits for both
+    assert snap_b["state"] == "COMPLETED"
+    assert snapshot_state(gw, snap_a["snapshot_id"]) == "COMPLETED"
+    assert snapshot_bytes(provider, snap_a["snapshot_id"]) == a
+    assert snapshot_bytes(provider, snap_b["snapshot_id"]) == b
+    # Incremental by construction: every chunk changed between the two.
+    with httpx.Client(base_url=provider.url, timeout=30) as http:
+        r = http.get(
+            f"/v1/snapshots/{snap_b['snapshot_id']}/changed-blocks",
+            params={"first_snapshot_id": snap_a["snapshot_id"]},
+        )
+        r.raise_for_status()
+        assert len(r.json()["blocks"]) == (VOL_SIZE + MIB - 1) // MIB
+    # A snapshot of an unchanged volume is the same data again.
+    snap_c = snapshot(gw, wait=True)
+    assert snapshot_bytes(provider, snap_c["snapshot_id"]) == b
+    assert gw.stop() == 0
+
+
+@pytest.mark.timeout(240)
+def test_snapshot_marker_survives_kill_9(
+    tmp_path: Path,
+    gateway_factory: type[GatewayProcess],
+    provider_factory: type[ProviderProcess],
+) -> None:
+    provider = provider_factory(tmp_path / "provider").start()
+    gw = start_gateway(gateway_factory, tmp_path, provider, "100M")
+    a, b = pattern("A", VOL_SIZE), pattern("B", VOL_SIZE)
+    provider.kill()  # the snapshot cannot be made yet
+    write_all(gw, a)
+    snap_a = snapshot(gw)
+    write_all(gw, b)
+    time.sleep(0.5)
+    assert snapshot_state(gw, snap_a["snapshot_id"]) == "PENDING"
+    gw.kill()
+    provider.start()
+    gw.start()
+    wait_completed(gw, snap_a["snapshot_id"])
+    assert snapshot_bytes(provider, snap_a["snapshot_id"]) == a
+    assert gw.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_snapshot_needs_a_provider_and_a_known_volume(
+    tmp_path: Path, gateway_factory: type[GatewayProcess], provider: ProviderProcess
+) -> None:
+    alone = gateway_factory(tmp_path / "alone", [f"vol0:{VOL_SIZE}"]).start()
+    out = sgw("gateway", "snapshot", "vol0", "--data-dir", str(alone.data_dir), check=False)
+    assert out.returncode == 1
+    assert "configure [remote]" in out.stderr
+    assert alone.stop() == 0
+    out = sgw("gateway", "status", "--data-dir", str(alone.data_dir), check=False)
+    assert out.returncode == 1 and "no gateway is running" in out.stderr
+    gw = start_gateway(gateway_factory, tmp_path, provider, "100M")
+    out = sgw("gateway", "snapshot", "nope", "--data-dir", str(gw.data_dir), check=False)
+    assert out.returncode == 1 and "no volume named 'nope'" in out.stderr
+    assert (gw.data_dir / "admin.sock").stat().st_mode & 0o777 == 0o600
+    assert gw.stop() == 0
