@@ -180,3 +180,48 @@ def test_snapshot_needs_a_provider_and_a_known_volume(
     assert out.returncode == 1 and "no volume named 'nope'" in out.stderr
     assert (gw.data_dir / "admin.sock").stat().st_mode & 0o777 == 0o600
     assert gw.stop() == 0
+
+
+def read_all(gw: GatewayProcess, export: str, size: int) -> bytes:
+    h = nbd.NBD()
+    h.connect_uri(gw.uri(export))
+    try:
+        return b"".join(
+            bytes(h.pread(min(4 * MIB, size - off), off)) for off in range(0, size, 4 * MIB)
+        )
+    finally:
+        h.shutdown()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["cached", "stored"])
+def test_volume_from_snapshot_reads_the_snapshot(
+    tmp_path: Path, gateway_factory: type[GatewayProcess], provider: ProviderProcess, mode: str
+) -> None:
+    gw = start_gateway(gateway_factory, tmp_path, provider, "100M")
+    a, b = pattern("A", VOL_SIZE), pattern("B", VOL_SIZE)
+    write_all(gw, a)
+    snap_a = snapshot(gw)
+    write_all(gw, b)
+    wait_completed(gw, snap_a["snapshot_id"])
+    assert gw.stop() == 0
+    # Another gateway (a new appliance) creates a volume from the snapshot.
+    other = gateway_factory(
+        tmp_path / "other",
+        [f"copy:{VOL_SIZE}:{mode}:{snap_a['snapshot_id']}"],
+        extra_args=["--provider", provider.url],
+    ).start()
+    assert read_all(other, "copy", VOL_SIZE) == a
+    # It is a volume of its own: writes change it, not the snapshot.
+    h = nbd.NBD()
+    h.connect_uri(other.uri("copy"))
+    h.pwrite(b"\xee" * 8192, 5 * MIB)
+    h.flush()
+    h.shutdown()
+    want = bytearray(a)
+    want[5 * MIB : 5 * MIB + 8192] = b"\xee" * 8192
+    assert other.stop() == 0
+    other.start()
+    assert read_all(other, "copy", VOL_SIZE) == want
+    assert snapshot_bytes(provider, snap_a["snapshot_id"]) == a
+    assert other.stop() == 0

@@ -13,6 +13,8 @@ Example (every key optional except what a volume needs)::
     start_fill = 0.5      # destage while writes go on once the log is this full (0..1)
     idle_seconds = 1.0    # ...or when it has been idle this long
     batch = "32M"         # log bytes per destage batch
+    pass_through_after = 60  # provider away this long with the log full: stored volumes
+                             # are written to their disks only (re-synced later)
 
     [nbd]
     listen = ["unix:/run/sgw/nbd.sock", "tcp:127.0.0.1:10809"]
@@ -32,6 +34,7 @@ Example (every key optional except what a volume needs)::
     size = "10G"
     mode = "stored"                       # or "cached" (needs [remote]; no path)
     path = "/dev/disk/by-label/sgw-vol0"  # default: DATA_DIR/volumes/NAME.img
+    snapshot = "..."                      # optional: created from this snapshot (an id)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import os
 import re
 import tomllib
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +109,9 @@ class DestageConfig:
     start_fill: float = 0.5  # fraction of the log that starts a destage
     idle_seconds: float = 1.0  # or: seconds without writes with anything in the log
     batch_bytes: int = 32 << 20  # log bytes per batch
+    # Stored volumes go to pass-through once uploads have failed this long (seconds) while
+    # writers wait for log space.
+    pass_through_after: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -150,16 +157,32 @@ def parse_volume_flag(text: str) -> tuple[str, int]:
 
 def parse_volume_flag_mode(text: str) -> tuple[str, int, str]:
     """``NAME:SIZE[:MODE]`` from ``--volume``; MODE is stored (default) or cached."""
+    name, size, mode, _snapshot = parse_volume_flag_full(text)
+    return name, size, mode
+
+
+def parse_volume_flag_full(text: str) -> tuple[str, int, str, str | None]:
+    """``NAME:SIZE[:MODE[:SNAPSHOT]]`` from ``--volume``: MODE is stored (default) or
+    cached; SNAPSHOT, the id of a snapshot to create the volume from."""
     name, sep, rest = text.partition(":")
     if not sep:
         raise ConfigError(f"--volume {text!r}: expected NAME:SIZE, for example vol0:10G")
-    size, _, mode = rest.partition(":")
+    size, _, rest = rest.partition(":")
+    mode, _, snapshot = rest.partition(":")
     mode = mode or MODE_STORED
     if mode not in MODES:
         raise ConfigError(
             f"--volume {text!r}: mode {mode!r} is not stored or cached (e.g. vol0:10G:cached)"
         )
-    return _check_name(name), parse_size(size, f"--volume {name}"), mode
+    snap = _check_snapshot(snapshot, f"--volume {text!r}") if snapshot else None
+    return _check_name(name), parse_size(size, f"--volume {name}"), mode, snap
+
+
+def _check_snapshot(value: object, what: str) -> str:
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ConfigError(f"{what}: snapshot {value!r} is not a snapshot id (a UUID)") from None
 
 
 def _check_name(name: str) -> str:
@@ -209,11 +232,12 @@ def load(
             f"{(MIN_DATA_SIZE + DATA_START + (1 << 20) - 1) >> 20}M"
         )
 
-    ds = _table(doc, "destage", {"start_fill", "idle_seconds", "batch"})
+    ds = _table(doc, "destage", {"start_fill", "idle_seconds", "batch", "pass_through_after"})
     destage = DestageConfig(
         start_fill=_number(ds, "start_fill", 0.5, 0.0, 1.0),
         idle_seconds=_number(ds, "idle_seconds", 1.0, 0.0, 86400.0),
         batch_bytes=parse_size(ds.get("batch", 32 << 20), "destage.batch"),
+        pass_through_after=_number(ds, "pass_through_after", 60.0, 0.0, 86400.0),
     )
 
     specs: list[VolumeSpec] = []
@@ -223,7 +247,7 @@ def load(
     for i, entry in enumerate(raw_vols):
         if not isinstance(entry, dict):
             raise ConfigError(f"config: volumes[{i}] must be a table")
-        extra = set(entry) - {"name", "size", "path", "mode"}
+        extra = set(entry) - {"name", "size", "path", "mode", "snapshot"}
         if extra:
             raise ConfigError(f"config: volumes[{i}] has unknown key(s) {sorted(extra)}")
         if "name" not in entry or "size" not in entry:
@@ -242,11 +266,13 @@ def load(
             path = ""
         else:
             path = str(entry.get("path") or os.path.join(ddir, "volumes", f"{name}.img"))
-        specs.append(VolumeSpec(name, size, path, mode))
+        snap = entry.get("snapshot")
+        snap = None if snap is None else _check_snapshot(snap, f"volume {name}")
+        specs.append(VolumeSpec(name, size, path, mode, snap))
     for text in volumes or []:
-        name, size, mode = parse_volume_flag_mode(text)
+        name, size, mode, snap = parse_volume_flag_full(text)
         path = "" if mode == MODE_CACHED else os.path.join(ddir, "volumes", f"{name}.img")
-        specs.append(VolumeSpec(name, size, path, mode))
+        specs.append(VolumeSpec(name, size, path, mode, snap))
     seen: set[str] = set()
     for spec in specs:
         if spec.name in seen:
@@ -272,6 +298,12 @@ def load(
         raise ConfigError(
             f"volume {cached[0]} is cached, so it needs a provider: set [remote] url or "
             "pass --provider URL"
+        )
+    restored = [s.name for s in specs if s.snapshot]
+    if restored and remote is None:
+        raise ConfigError(
+            f"volume {restored[0]} is created from a snapshot, which the provider keeps: "
+            "set [remote] url or pass --provider URL"
         )
     cache = _cache(_table(doc, "cache", {"path", "size", "read_ahead"}), ddir) if cached else None
 

@@ -90,6 +90,7 @@ class Gateway:
             start_fill=d.start_fill,
             idle_seconds=d.idle_seconds,
             upload=self.uploader,
+            pass_through_after=d.pass_through_after,
         )
         self.server = NbdServer(self.engine, on_write=self.destager.kick)
         self.admin = AdminServer(AdminOps(self.engine, self.destager), socket_path(config.data_dir))
@@ -105,7 +106,7 @@ class Gateway:
                 assert vol.cached is not None
                 vol.cached.attach(self.read_client)
                 self._tasks.append(loop.create_task(self._bootstrap(vol), name="bootstrap"))
-            self._tasks.append(loop.create_task(self._monitor(), name="status"))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._monitor(), name="status"))
         self.destager.start()
         await self.admin.start()
         for listener in self.config.listeners:
@@ -180,6 +181,18 @@ class Gateway:
         drain because uploads fail; reads of cached chunks go on meanwhile."""
         log = self.engine.log
         full = bool(log.space_waiters) or not log.fits(Volume.log_bytes_for_write(0, 1 << 20))
+        for vol in self.engine.volumes.values():
+            if vol.cached is not None:
+                continue
+            if self.destager.pass_through:
+                why = self.destager.last_error or "uploads are failing"
+                vol.set_status(
+                    VolumeStatus.PASS_THROUGH,
+                    f"provider unreachable and the write log full: {why}; changes are kept "
+                    "on the local disk and uploaded when it is back",
+                )
+            elif vol.status == VolumeStatus.PASS_THROUGH:
+                vol.set_status(VolumeStatus.AVAILABLE)
         for vol in self.cached:
             assert vol.cached is not None
             error = self._bootstrap_errors.get(vol.name)

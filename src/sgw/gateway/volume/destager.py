@@ -99,6 +99,19 @@ class Batch:
     records: list[Record]
     volumes: dict[int, VolumeChanges]
     updates: dict[int, ChunkMapUpdate] = field(default_factory=dict)
+    # A batch without records (a re-sync of volumes changed in pass-through) is named by
+    # the log position it was made at.
+    at_seq: int = 0
+
+    @property
+    def first_seq(self) -> int:
+        """Sequence number of the first record (or ``at_seq``)."""
+        return self.records[0].seq if self.records else self.at_seq
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the last record (or ``at_seq - 1``)."""
+        return self.records[-1].seq if self.records else self.at_seq - 1
 
     @property
     def nbytes(self) -> int:
@@ -168,6 +181,7 @@ class Destager:
         start_fill: float = 0.5,
         idle_seconds: float = 1.0,
         upload: UploadStep | None = None,
+        pass_through_after: float = 60.0,
     ) -> None:
         self.engine = engine
         self.batch_bytes = batch_bytes
@@ -184,6 +198,12 @@ class Destager:
         self.last_append = time.monotonic()
         self.batches = 0
         self.bytes_destaged = 0
+        # Pass-through: uploads have failed for pass_through_after seconds while writers
+        # waited for log space; stored volumes are destaged to their disks alone.
+        self.pass_through_after = pass_through_after
+        self.pass_through = False
+        self._failing_since: float | None = None
+        self._next_try = 0.0
 
     def start(self) -> None:
         """Starts the background loop."""
@@ -213,14 +233,17 @@ class Destager:
 
     def _due(self) -> bool:
         log = self.engine.log
-        if log.used == 0:
-            return False
+        if log.used == 0:  # a re-sync of pass-through changes may be due
+            return self.upload is not None and bool(self._dirty_volumes())
         if log.used >= self.start_bytes or log.space_waiters or self.engine.pending_snapshots():
             return True
         return time.monotonic() - self.last_append >= self.idle_seconds
 
     async def _run(self) -> None:
         while not self._stopping:
+            if self.pass_through:
+                await self._pass_through_step()
+                continue
             if not self._due():
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -228,34 +251,161 @@ class Destager:
                 continue
             try:
                 await self.destage_once()
-                self.failures = 0
-                self.last_error = ""
+                self._succeeded()
             except Exception as exc:
-                self.failures += 1
-                self.last_error = str(exc) or type(exc).__name__
-                # Writers waiting for log space want the provider's return noticed soon.
-                cap = RETRY_MAX_STALLED if self.engine.log.space_waiters else RETRY_MAX
-                delay = min(cap, RETRY_FIRST * 2 ** (self.failures - 1))
-                delay *= random.uniform(0.5, 1.0)
-                extra = {"retry_in_s": round(delay, 2), "failures": self.failures}
-                if isinstance(exc, SgwError):  # expected kinds: the message says it all
-                    LOG.warning("destage failed: %s", exc, extra=extra)
-                else:
-                    LOG.exception("destage failed", extra=extra)
+                delay = self._failed(exc)
+                if self._should_pass_through():
+                    self._enter_pass_through()
+                    continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopped.wait(), timeout=delay)
+
+    def _succeeded(self) -> None:
+        self.failures = 0
+        self.last_error = ""
+        self._failing_since = None
+
+    def _failed(self, exc: Exception) -> float:
+        """Counts and logs a failed pass; returns how long to wait before the next try."""
+        self.failures += 1
+        self.last_error = str(exc) or type(exc).__name__
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        # Writers waiting for log space want the provider's return noticed soon.
+        cap = RETRY_MAX_STALLED if self.engine.log.space_waiters else RETRY_MAX
+        delay: float = min(cap, RETRY_FIRST * 2.0 ** (self.failures - 1))
+        delay *= random.uniform(0.5, 1.0)
+        extra = {"retry_in_s": round(delay, 2), "failures": self.failures}
+        if isinstance(exc, SgwError):  # expected kinds: the message says it all
+            LOG.warning("destage failed: %s", exc, extra=extra)
+        else:
+            LOG.exception("destage failed", extra=extra)
+        self._next_try = time.monotonic() + delay
+        return delay
+
+    # -- pass-through ------------------------------------------------------------------
+
+    def _should_pass_through(self) -> bool:
+        return (
+            self.upload is not None
+            and bool(self.engine.log.space_waiters)
+            and self._failing_since is not None
+            and time.monotonic() - self._failing_since >= self.pass_through_after
+            and any(v.cached is None for v in self.engine.volumes.values())
+        )
+
+    def _enter_pass_through(self) -> None:
+        self.pass_through = True
+        LOG.warning(
+            "provider unreachable and the write log is full: stored volumes go to "
+            "pass-through (written to their disks only, changes tracked for a re-sync)",
+            extra={"failing_for_s": round(time.monotonic() - (self._failing_since or 0), 1)},
+        )
+
+    async def _pass_through_step(self) -> None:
+        """One step in pass-through: try the provider again when the backoff says so (an
+        upload that also re-syncs what changed meanwhile), else destage locally."""
+        log = self.engine.log
+        if time.monotonic() >= self._next_try:
+            try:
+                await self.destage_once()
+            except Exception as exc:
+                self._failed(exc)
+            else:
+                self._succeeded()
+                self.pass_through = False
+                LOG.info("provider reachable again: pass-through ended")
+                return
+        if log.used >= self.start_bytes or log.space_waiters:
+            try:
+                if await self.destage_local_once():
+                    return
+            except Exception as exc:
+                LOG.exception("pass-through destage failed", extra={"error": str(exc)})
+        self._wake.clear()
+        wait = max(0.05, min(0.5, self._next_try - time.monotonic()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=wait)
+
+    async def destage_local_once(self) -> bool:
+        """Pass-through: destages the next batch of stored volumes' records to their disks
+        without uploading; the ranges it changes are recorded (durably, before the log
+        space is freed) for the re-sync. Snapshot markers met here fail: the provider cannot
+        snapshot what it does not have. Returns False if nothing could be destaged (the
+        oldest record belongs to a cached volume, which only an upload can destage)."""
+        engine = self.engine
+        log = engine.log
+        if log.used == 0:
+            return False
+        records = await asyncio.to_thread(
+            log.read_records, log.tail, log.tail_seq, log.head, self.batch_bytes
+        )
+        for i, rec in enumerate(records):
+            vol = engine.by_id.get(rec.volume)
+            if vol is not None and vol.cached is not None:
+                del records[i:]
+                break
+            if rec.kind == KIND_SNAPSHOT:
+                del records[i + 1 :]
+                break
+        if not records:
+            return False
+        batch = merge(engine, records)
+        await self._ensure_restored(batch)
+        changed = False
+        for vol_id, changes in batch.volumes.items():
+            entry = engine.registry[engine.by_id[vol_id].name]
+            if entry.remote_id is None or not entry.remote_synced:
+                continue  # its first upload sends everything anyway
+            for offset, length, _punch in changes.zero_ranges:
+                entry.add_dirty(offset, offset + length)
+            for run in changes.runs():
+                entry.add_dirty(run.offset, run.offset + run.length)
+            changed = True
+        if changed:
+            await asyncio.to_thread(engine.save_registry)
+        await asyncio.to_thread(self._apply, batch)
+        for rec in batch.records:
+            engine.reclaim(rec)
+        last = batch.records[-1]
+        await asyncio.to_thread(log.persist_tail, last)
+        log.release(last)
+        if last.kind == KIND_SNAPSHOT:
+            engine.snapshot_for(last).finish(
+                SnapshotState.FAILED,
+                "the volume was in pass-through (provider unreachable, write log full)",
+            )
+        self.batches += 1
+        self.bytes_destaged += batch.nbytes
+        return True
 
     async def drain(self) -> None:
         """Destages everything in the log now (tests, shutdown of a volume)."""
         while self.engine.log.used:
             await self.destage_once()
 
+    def _dirty_volumes(self) -> list[int]:
+        """Stored volumes with changes made in pass-through, not uploaded yet."""
+        registry = self.engine.registry
+        return [
+            v.id
+            for v in self.engine.volumes.values()
+            if v.cached is None and registry[v.name].dirty
+        ]
+
     async def destage_once(self) -> bool:
-        """Destages one batch; returns False if the log was empty."""
+        """Destages one batch; returns False if there was nothing to do."""
         engine = self.engine
         log = engine.log
         if log.used == 0:
-            return False
+            dirty = self._dirty_volumes() if self.upload is not None else []
+            if not dirty:
+                return False
+            assert self.upload is not None
+            # Nothing in the log, but changes made in pass-through to re-sync.
+            empty = Batch([], {v: VolumeChanges() for v in dirty}, at_seq=log.tail_seq)
+            await self.upload(empty)
+            return True
         records = await asyncio.to_thread(
             log.read_records, log.tail, log.tail_seq, log.head, self.batch_bytes
         )
@@ -269,7 +419,10 @@ class Destager:
         # An upload must see each batch as a real point in time; a local apply may skip
         # versions that later records overwrite.
         batch = merge(engine, records, point_in_time=self.upload is not None)
+        await self._ensure_restored(batch)
         if self.upload is not None:
+            for vol_id in self._dirty_volumes():  # re-synced along with this batch
+                batch.volumes.setdefault(vol_id, VolumeChanges())
             self._uploading = asyncio.ensure_future(self.upload(batch))
             try:
                 await self._uploading
@@ -293,6 +446,18 @@ class Destager:
             extra={"records": len(batch.records), "bytes": batch.nbytes, "used": log.used},
         )
         return True
+
+    async def _ensure_restored(self, batch: Batch) -> None:
+        """Volumes still restoring from a snapshot: the chunks the batch changes are made
+        local first, so the batch lands on the snapshot's data (and an upload reads it)."""
+        for vol_id, changes in batch.volumes.items():
+            restore = self.engine.by_id[vol_id].restore
+            if restore is None:
+                continue
+            for offset, length, _punch in changes.zero_ranges:
+                await restore.ensure(offset, length)
+            for run in changes.runs():
+                await restore.ensure(run.offset, run.length)
 
     def _apply_cached(self, batch: Batch) -> None:
         """Cached volumes (on the loop, which reads their maps): the new chunk versions

@@ -14,8 +14,9 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sgw.common.errors import VolumeStateError
 from sgw.common.files import write_atomically
@@ -39,6 +40,8 @@ REGISTRY_FILE = "volumes.json"
 MODE_STORED = "stored"
 MODE_CACHED = "cached"
 MODES = (MODE_STORED, MODE_CACHED)
+# Granularity of the ranges a volume in pass-through records as changed (bytes).
+DIRTY_GRAIN = 1 << 20
 # Finished snapshot requests remembered for status queries (pending ones are all kept).
 KEEP_FINISHED_SNAPSHOTS = 256
 
@@ -46,12 +49,14 @@ KEEP_FINISHED_SNAPSHOTS = 256
 @dataclass(frozen=True)
 class VolumeSpec:
     """A volume as configured: name, size in bytes, the disk that holds it (stored mode;
-    empty for a cached volume, whose base is the shared chunk cache) and its mode."""
+    empty for a cached volume, whose base is the shared chunk cache), its mode, and the
+    snapshot it is created from (None: it starts all zero)."""
 
     name: str
     size: int
     path: str
     mode: str = MODE_STORED
+    snapshot: str | None = None
 
 
 class VolumeEngine:
@@ -99,9 +104,26 @@ class VolumeEngine:
         for spec in specs:
             known = registry.get(spec.name)
             if known is None:
-                registry[spec.name] = RegistryEntry(next_id, spec.size, spec.path, mode=spec.mode)
+                registry[spec.name] = RegistryEntry(
+                    next_id,
+                    spec.size,
+                    spec.path,
+                    mode=spec.mode,
+                    snapshot=spec.snapshot,
+                    restore_token=(
+                        secrets.token_hex(16)
+                        if spec.snapshot and spec.mode == MODE_STORED
+                        else None
+                    ),
+                )
                 next_id += 1
                 changed = True
+            elif spec.snapshot is not None and known.snapshot != spec.snapshot:
+                origin = f"snapshot {known.snapshot}" if known.snapshot else "empty"
+                raise VolumeStateError(
+                    f"volume {spec.name} exists already (created {origin}) and cannot be "
+                    f"created again from snapshot {spec.snapshot}; use a new volume name"
+                )
             elif known.mode != spec.mode:
                 raise VolumeStateError(
                     f"volume {spec.name} is a {known.mode} volume but is configured as "
@@ -271,6 +293,11 @@ class RegistryEntry:
     (a crash in between), so that a restart can tell its own lost commit from a foreign
     writer; and ``remote_synced``, False until the first commit after binding, which also
     uploads what the local disk held before the volume was bound.
+
+    A volume created from a snapshot names it (``snapshot``); its remote volume starts as a
+    copy of the snapshot's map. A stored one restores its disk lazily (``restore``): the
+    ``restore_token`` tells its restore marks from data, ``restore_begun`` says the root
+    mark is on disk, ``restore_done`` that every chunk is local.
     """
 
     id: int
@@ -281,6 +308,36 @@ class RegistryEntry:
     remote_pending: int | None = None
     remote_synced: bool = False
     mode: str = MODE_STORED
+    snapshot: str | None = None
+    restore_token: str | None = None
+    restore_begun: bool = False
+    restore_done: bool = False
+    # Byte ranges [start, end) changed on the local disk without an upload (pass-through),
+    # aligned to DIRTY_GRAIN; uploaded again (and cleared) by the next commit.
+    dirty: list[list[int]] = field(default_factory=list)
+
+    def add_dirty(self, start: int, end: int) -> None:
+        """Records that ``[start, end)`` changed locally only."""
+        start -= start % DIRTY_GRAIN
+        end = min(self.size, -(-end // DIRTY_GRAIN) * DIRTY_GRAIN)
+        runs = [*self.dirty, [start, end]]
+        runs.sort()
+        merged: list[list[int]] = []
+        for a, b in runs:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.dirty = merged
+
+    def dirty_chunks(self, chunk_size: int) -> list[tuple[int, int]]:
+        """The dirty ranges as runs of chunk indexes."""
+        return [(a // chunk_size, -(-b // chunk_size)) for a, b in self.dirty]
+
+    @property
+    def restoring(self) -> bool:
+        """A stored volume created from a snapshot whose data is not all local yet."""
+        return self.restore_token is not None and not self.restore_done
 
 
 def _save_registry(path: str, registry: dict[str, RegistryEntry]) -> None:
@@ -311,6 +368,11 @@ def _load_registry(path: str) -> dict[str, RegistryEntry]:
                 remote_pending=_optional_int(e.get("remote_pending")),
                 remote_synced=bool(e.get("remote_synced", False)),
                 mode=str(e.get("mode", MODE_STORED)),
+                snapshot=None if e.get("snapshot") is None else str(e["snapshot"]),
+                restore_token=None if e.get("restore_token") is None else str(e["restore_token"]),
+                restore_begun=bool(e.get("restore_begun", False)),
+                restore_done=bool(e.get("restore_done", False)),
+                dirty=[[int(a), int(b)] for a, b in e.get("dirty", [])],
             )
             for name, e in data.items()
         }

@@ -189,14 +189,15 @@ class Uploader:
         # What goes to the provider must survive a crash here too, or the remote could
         # keep writes that the restarted gateway no longer has.
         await self.engine.flush()
-        first, last = batch.records[0].seq, batch.records[-1].seq
+        first, last = batch.first_seq, batch.last_seq
         for vol_id, changes in batch.volumes.items():
             vol = self.engine.by_id[vol_id]
             result = await self._upload_volume(vol, changes, first, last)
             if vol.cached is not None:  # the destager points the volume's map at them
                 batch.updates[vol_id] = ChunkMapUpdate(result.data, result.zero_runs)
-        marker = batch.records[-1]
-        if marker.kind == KIND_SNAPSHOT:  # the batch ends at it: the map is that point
+        marker = batch.records[-1] if batch.records else None
+        # A batch ends at a marker: the map just committed is the volume at the marker.
+        if marker is not None and marker.kind == KIND_SNAPSHOT:
             await self._snapshot(marker)
 
     async def _snapshot(self, marker: Record) -> None:
@@ -243,6 +244,8 @@ class Uploader:
             # that the disk may no longer have.
             extra = await asyncio.to_thread(_allocated_chunks, vol, binding.chunk_size)
             extra += [(i, i + 1) for i in binding.chunks]
+        elif entry.dirty:  # changed on the disk alone while in pass-through
+            extra = entry.dirty_chunks(binding.chunk_size)
         started = time.monotonic()
         result = await self._build_and_upload(vol, changes, binding, extra)
         await self._commit(vol, entry, binding, result, first=first, last=last)
@@ -263,13 +266,23 @@ class Uploader:
             return binding
         if entry.remote_id is None:
             mode = vol.mode if vol.cached is not None else self.mode
-            rv = await self.client.create_volume(vol.name, vol.size, mode=mode)
+            rv = await self.client.create_volume(
+                vol.name, vol.size, mode=mode, from_snapshot_id=entry.snapshot
+            )
             entry.remote_id, entry.remote_version = rv.id, rv.map_version
-            entry.remote_pending, entry.remote_synced = None, False
+            # From a snapshot, the local disk becomes the snapshot's copy (restored lazily
+            # before anything reads or changes it), never something to upload.
+            entry.remote_pending, entry.remote_synced = None, entry.snapshot is not None
             await self._save_registry()
-            LOG.info("remote volume created", extra={"volume": vol.name, "remote_id": rv.id})
+            LOG.info(
+                "remote volume created",
+                extra={"volume": vol.name, "remote_id": rv.id, "snapshot": entry.snapshot},
+            )
             chunks: dict[int, str] = {}
             version = rv.map_version
+            if entry.snapshot is not None:
+                remote_map = await self.client.get_map(rv.id)
+                chunks, version = remote_map.chunks, remote_map.version
         else:
             try:
                 rv = await self.client.get_volume(entry.remote_id)
@@ -450,10 +463,13 @@ class Uploader:
                     binding.chunks[i] = c
         binding.map_version = version
         done = (version, None, True)
-        if (entry.remote_version, entry.remote_pending, entry.remote_synced) != done or (
-            self._registry_dirty
+        if (
+            (entry.remote_version, entry.remote_pending, entry.remote_synced) != done
+            or entry.dirty
+            or self._registry_dirty
         ):
             entry.remote_version, entry.remote_pending, entry.remote_synced = done
+            entry.dirty = []
             await self._save_registry()
 
     async def _save_registry(self) -> None:

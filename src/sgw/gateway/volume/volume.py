@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from typing import Protocol
 
 from sgw.gateway.volume.base import BaseStore
 from sgw.gateway.volume.cached import CachedBaseStore
@@ -52,6 +53,19 @@ class VolumeStatus(enum.StrEnum):
     BOOTSTRAPPING = "BOOTSTRAPPING"  # cached: the remote map is being loaded; reads wait
     WRITES_STALLED = "WRITES_STALLED"  # cached: log full and uploads failing; reads go on
     PASS_THROUGH = "PASS_THROUGH"  # stored: log full, writes go to the local disk only
+    RESTORING = "RESTORING"  # stored, from a snapshot: served, missing chunks fetched first
+
+
+class LazyRestore(Protocol):
+    """A stored volume's restore from a snapshot, while chunks are still missing locally."""
+
+    def is_restored(self, offset: int, length: int) -> bool:
+        """True if every chunk under the range is known to be local (no I/O)."""
+        ...
+
+    async def ensure(self, offset: int, length: int) -> None:
+        """Makes every chunk under the range local."""
+        ...
 
 
 class Volume:
@@ -68,6 +82,9 @@ class Volume:
         self.cached = base if isinstance(base, CachedBaseStore) else None
         self.status = VolumeStatus.BOOTSTRAPPING if self.cached else VolumeStatus.AVAILABLE
         self.status_reason = LOADING_MAP if self.cached else ""
+        # Set while a stored volume restores from a snapshot: its base may not be read or
+        # written before ``restore.ensure`` covered the range.
+        self.restore: LazyRestore | None = None
 
     @property
     def mode(self) -> str:
@@ -251,6 +268,9 @@ class Volume:
         return _merge_extents(out)
 
     def _base_status(self, out: list[tuple[int, int]], offset: int, length: int) -> None:
+        if self.restore is not None and not self.restore.is_restored(offset, length):
+            out.append((length, 0))  # not local yet: data, whatever the disk says
+            return
         for n, hole in self.base.allocated(offset, length):
             out.append((n, STATE_HOLE | STATE_ZERO if hole else 0))
 
