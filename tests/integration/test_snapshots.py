@@ -211,14 +211,23 @@ def test_volume_from_snapshot_reads_the_snapshot(
         [f"copy:{VOL_SIZE}:{mode}:{snap_a['snapshot_id']}"],
         extra_args=["--provider", provider.url],
     ).start()
-    assert read_all(other, "copy", VOL_SIZE) == a
+    want = bytearray(a)
+    # First a write of part of a block that is not local yet: the rest of the block must
+    # come from the snapshot (sub-block writes are what a 512-byte-sector initiator sends).
+    h = nbd.NBD()
+    h.connect_uri(other.uri("copy"))
+    h.pwrite(b"\xdd" * 512, 9 * MIB + 1536)
+    h.zero(1000, 17 * MIB + 100)
+    want[9 * MIB + 1536 : 9 * MIB + 2048] = b"\xdd" * 512
+    want[17 * MIB + 100 : 17 * MIB + 1100] = bytes(1000)
+    h.shutdown()
+    assert read_all(other, "copy", VOL_SIZE) == want
     # It is a volume of its own: writes change it, not the snapshot.
     h = nbd.NBD()
     h.connect_uri(other.uri("copy"))
     h.pwrite(b"\xee" * 8192, 5 * MIB)
     h.flush()
     h.shutdown()
-    want = bytearray(a)
     want[5 * MIB : 5 * MIB + 8192] = b"\xee" * 8192
     assert other.stop() == 0
     other.start()

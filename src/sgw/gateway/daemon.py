@@ -26,6 +26,7 @@ from sgw.gateway.volume.cache import ChunkCache
 from sgw.gateway.volume.destager import Destager
 from sgw.gateway.volume.engine import VolumeEngine
 from sgw.gateway.volume.remote import BlockApiClient, RetryPolicy
+from sgw.gateway.volume.restoring import VolumeRestore
 from sgw.gateway.volume.upload import Uploader
 from sgw.gateway.volume.volume import LOADING_MAP, Volume, VolumeStatus
 
@@ -71,6 +72,11 @@ class Gateway:
             read_ahead=read_ahead,
         )
         self.cached = [v for v in self.engine.volumes.values() if v.cached is not None]
+        self.restores = [
+            VolumeRestore(self.engine, v, self.engine.registry[v.name])
+            for v in self.engine.volumes.values()
+            if v.cached is None and self.engine.registry[v.name].restoring
+        ]
         self.read_client: BlockApiClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._bootstrap_errors: dict[str, str] = {}
@@ -93,15 +99,19 @@ class Gateway:
             pass_through_after=d.pass_through_after,
         )
         self.server = NbdServer(self.engine, on_write=self.destager.kick)
-        self.admin = AdminServer(AdminOps(self.engine, self.destager), socket_path(config.data_dir))
+        self.admin = AdminServer(
+            AdminOps(self.engine, self.destager, self._volume_status), socket_path(config.data_dir)
+        )
 
     async def start(self) -> None:
         """Starts the destager, the cached volumes' bootstrap, the status monitor and the
         listeners."""
-        if self.cached:
+        if self.cached or self.restores:
             assert self.config.remote is not None and self.uploader is not None
             self.read_client = BlockApiClient(self.config.remote.url, retry=READ_RETRY)
             loop = asyncio.get_running_loop()
+            for restore in self.restores:
+                self._tasks.append(loop.create_task(self._restore(restore), name="restore"))
             for vol in self.cached:
                 assert vol.cached is not None
                 vol.cached.attach(self.read_client)
@@ -129,6 +139,8 @@ class Gateway:
         for vol in self.cached:
             assert vol.cached is not None
             await vol.cached.aclose()
+        for restore in self.restores:
+            await restore.aclose()
         if self.uploader is not None:
             await self.uploader.close()
         if self.read_client is not None:
@@ -137,6 +149,35 @@ class Gateway:
         for listener in self.config.listeners:
             if listener.kind == "unix" and os.path.exists(listener.path):
                 os.unlink(listener.path)
+
+    async def _restore(self, restore: VolumeRestore) -> None:
+        """Binds a stored volume created from a snapshot, then restores it in the
+        background, retrying while the provider is away."""
+        assert self.uploader is not None and self.read_client is not None
+        failures = 0
+        while True:
+            try:
+                if restore.tree is None:
+                    remote_id, chunk_size, chunks = await self.uploader.bind_restore(restore.vol)
+                    await restore.start(self.read_client, remote_id, chunk_size, chunks)
+                await restore.run()
+                return
+            except (SgwError, OSError) as exc:
+                failures += 1
+                delay = min(BOOTSTRAP_RETRY_MAX, BOOTSTRAP_RETRY_FIRST * 2 ** (failures - 1))
+                delay *= random.uniform(0.5, 1.0)
+                LOG.warning(
+                    "restore from snapshot: %s",
+                    exc,
+                    extra={"volume": restore.vol.name, "retry_in_s": round(delay, 2)},
+                )
+                await asyncio.sleep(delay)
+
+    def _volume_status(self, name: str) -> dict[str, object]:
+        for restore in self.restores:
+            if restore.vol.name == name and restore.vol.restore is not None:
+                return restore.progress
+        return {}
 
     async def _bootstrap(self, vol: Volume) -> None:
         """Loads a cached volume's remote map, retrying while the provider is away."""
@@ -192,7 +233,8 @@ class Gateway:
                     "on the local disk and uploaded when it is back",
                 )
             elif vol.status == VolumeStatus.PASS_THROUGH:
-                vol.set_status(VolumeStatus.AVAILABLE)
+                restoring = vol.restore is not None
+                vol.set_status(VolumeStatus.RESTORING if restoring else VolumeStatus.AVAILABLE)
         for vol in self.cached:
             assert vol.cached is not None
             error = self._bootstrap_errors.get(vol.name)

@@ -26,7 +26,8 @@ from sgw.gateway.nbd import protocol as p
 from sgw.gateway.nbd.negotiation import ExportInfo, Negotiation, greeting
 from sgw.gateway.volume.cached import CachedBaseStore
 from sgw.gateway.volume.engine import VolumeEngine
-from sgw.gateway.volume.volume import Volume
+from sgw.gateway.volume.index import BLOCK
+from sgw.gateway.volume.volume import LazyRestore, Volume
 
 LOG = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ _OFFLOAD_READ = 256 * 1024
 _CACHED_READ_ATTEMPTS = 3
 # Largest payload buffer a connection keeps for reuse (bytes).
 _KEEP_PAYLOAD_BUFFER = 4 * 1024 * 1024
+_BLOCK_MASK = BLOCK - 1
 _WRITE_FLAGS = p.CMD_FLAG_FUA
 _ZERO_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO
 _READ_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_DF
@@ -440,6 +442,16 @@ class NbdConnection(asyncio.BufferedProtocol):
                 req = (flags, cookie, offset, length, attempt)
                 task.add_done_callback(lambda t: self._fetched(t, vol, cached, req))
                 return
+        restore = vol.restore
+        if restore is not None and not restore.is_restored(offset, length):
+            # A volume restoring from a snapshot: the chunks under the read come first.
+            spans = vol.base_spans(offset, length)
+            if spans and not all(restore.is_restored(o, n) for o, n in spans):
+                self._inflight += 1
+                rtask = asyncio.get_running_loop().create_task(_ensure_all(restore, spans))
+                req = (flags, cookie, offset, length, attempt)
+                rtask.add_done_callback(lambda t: self._restored(t, vol, req))
+                return
         if length >= _OFFLOAD_READ and not vol.index.touches(offset >> 12, (length + 4095) >> 12):
             # A large read from the base store: copying it costs more than a thread hop, and
             # in a worker it overlaps with this loop's sends.
@@ -485,6 +497,26 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._out_flush()
         self._maybe_close()
 
+    def _restored(
+        self, task: asyncio.Task[None], vol: Volume, req: tuple[int, int, int, int, int]
+    ) -> None:
+        """The chunks of a read are restored from the snapshot: the read runs now."""
+        self._inflight -= 1
+        flags, cookie, offset, length, attempt = req
+        self._out_begin()
+        if task.cancelled():
+            self._error(cookie, p.ESHUTDOWN, True, "shutting down")
+        elif (exc := task.exception()) is not None:
+            LOG.error(
+                "read failed: chunks could not be restored from the snapshot",
+                extra={"volume": vol.name, "offset": offset, "error": str(exc)},
+            )
+            self._error(cookie, p.EIO, True, "restore from the snapshot failed")
+        else:
+            self._read_from(vol, flags, cookie, offset, length, attempt=attempt + 1)
+        self._out_flush()
+        self._maybe_close()
+
     def _read_done(self, fut: asyncio.Future[bytes], cookie: int, offset: int, length: int) -> None:
         self._inflight -= 1
         self._out_begin()
@@ -522,13 +554,100 @@ class NbdConnection(asyncio.BufferedProtocol):
         if offset + length > vol.size:
             self._error(cookie, p.ENOSPC)
             return
-        need = vol.log_bytes_for_write(offset, length)
+        if (offset | length) & _BLOCK_MASK and self._edges_missing(vol, offset, length):
+            # A partial block of a cached or restoring volume: the rest of the block comes
+            # from the provider first (off this inline path).
+            held = bytearray(data)
+            self._after_edges(
+                vol,
+                offset,
+                length,
+                cookie,
+                lambda: self._write_now(vol, flags, cookie, offset, held),
+            )
+            return
+        self._write_now(vol, flags, cookie, offset, data)
+
+    def _write_now(
+        self, vol: Volume, flags: int, cookie: int, offset: int, data: memoryview | bytearray
+    ) -> None:
+        need = vol.log_bytes_for_write(offset, len(data))
         if self.log.space_waiters or not self.log.fits(need):
             # Copy the payload: the receive buffer is reused while this write waits.
             held = bytearray(data) if isinstance(data, memoryview) else data
             self._stall(need, lambda: self._do_write(vol, flags, cookie, offset, held))
             return
         self._do_write(vol, flags, cookie, offset, data)
+
+    @staticmethod
+    def _edge_spans(vol: Volume, offset: int, length: int) -> list[tuple[int, int]]:
+        """The base-store parts of the partial blocks at the ends of a write."""
+        end = offset + length
+        edges = {offset & ~_BLOCK_MASK, (end - 1) & ~_BLOCK_MASK} if length else set()
+        spans: list[tuple[int, int]] = []
+        for start in sorted(edges):
+            if start == offset and start + BLOCK <= end:
+                continue  # whole block written at the front
+            if start + BLOCK == end and start >= offset:
+                continue  # whole block written at the back
+            spans += vol.base_spans(start, min(BLOCK, vol.size - start))
+        return spans
+
+    def _edges_missing(self, vol: Volume, offset: int, length: int) -> bool:
+        if vol.cached is None and vol.restore is None:
+            return False
+        spans = self._edge_spans(vol, offset, length)
+        if not spans:
+            return False
+        if vol.cached is not None:
+            return not vol.cached.ready_for(spans)
+        restore = vol.restore
+        assert restore is not None
+        return not all(restore.is_restored(o, n) for o, n in spans)
+
+    async def _fetch_edges(self, vol: Volume, offset: int, length: int) -> list[str]:
+        spans = self._edge_spans(vol, offset, length)
+        if vol.cached is not None:
+            return await vol.cached.ensure(spans)
+        if vol.restore is not None:
+            await _ensure_all(vol.restore, spans)
+        return []
+
+    def _after_edges(
+        self, vol: Volume, offset: int, length: int, cookie: int, cont: Callable[[], None]
+    ) -> None:
+        """Runs ``cont`` once the partial blocks at the ends of the range are local."""
+        self._inflight += 1
+        task = asyncio.get_running_loop().create_task(self._fetch_edges(vol, offset, length))
+        task.add_done_callback(lambda t: self._edges_fetched(t, vol, offset, cookie, cont))
+
+    def _edges_fetched(
+        self,
+        task: asyncio.Task[list[str]],
+        vol: Volume,
+        offset: int,
+        cookie: int,
+        cont: Callable[[], None],
+    ) -> None:
+        self._inflight -= 1
+        self._out_begin()
+        if task.cancelled():
+            self._error(cookie, p.ESHUTDOWN)
+        elif (exc := task.exception()) is not None:
+            LOG.error(
+                "write failed: the rest of a partial block could not be fetched",
+                extra={"volume": vol.name, "offset": offset, "error": str(exc)},
+            )
+            self._error(cookie, p.EIO)
+        else:
+            pinned = task.result()
+            try:
+                cont()
+            finally:
+                if pinned and vol.cached is not None:
+                    vol.cached.unpin(pinned)
+        self._out_flush()
+        self._maybe_close()
 
     def _do_write(
         self, vol: Volume, flags: int, cookie: int, offset: int, data: memoryview | bytearray
@@ -575,11 +694,21 @@ class NbdConnection(asyncio.BufferedProtocol):
                 return
             self._written(flags, cookie)
 
-        need = vol.log_bytes_for_zero()
-        if self.log.space_waiters or not self.log.fits(need):
-            self._stall(need, run)
+        def go() -> None:
+            need = vol.log_bytes_for_zero()
+            if self.log.space_waiters or not self.log.fits(need):
+                self._stall(need, run)
+                return
+            run()
+
+        if (
+            cmd != p.CMD_TRIM
+            and (offset | length) & _BLOCK_MASK
+            and self._edges_missing(vol, offset, length)
+        ):
+            self._after_edges(vol, offset, length, cookie, go)
             return
-        run()
+        go()
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
         vol = self._volume
@@ -634,3 +763,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         self._update_reading()
         self._process()
+
+
+async def _ensure_all(restore: LazyRestore, spans: list[tuple[int, int]]) -> None:
+    for offset, length in spans:
+        await restore.ensure(offset, length)

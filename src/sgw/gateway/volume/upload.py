@@ -226,6 +226,12 @@ class Uploader:
         binding = await self._bind(vol, entry)
         vol.cached.load(binding.remote_id, binding.chunk_size, binding.map_version, binding.chunks)
 
+    async def bind_restore(self, vol: Volume) -> tuple[str, int, dict[int, str]]:
+        """Binds a stored volume created from a snapshot (its remote volume is created
+        from the snapshot on first use); returns the remote id, chunk size and map."""
+        binding = await self._bind(vol, self.engine.registry[vol.name])
+        return binding.remote_id, binding.chunk_size, dict(binding.chunks)
+
     # -- one volume ----------------------------------------------------------------------
 
     async def _upload_volume(
