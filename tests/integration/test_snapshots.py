@@ -234,3 +234,67 @@ def test_volume_from_snapshot_reads_the_snapshot(
     assert read_all(other, "copy", VOL_SIZE) == want
     assert snapshot_bytes(provider, snap_a["snapshot_id"]) == a
     assert other.stop() == 0
+
+
+def volume_status(gw: GatewayProcess, name: str) -> dict[str, object]:
+    out = sgw("gateway", "status", "--data-dir", str(gw.data_dir), "--output", "json")
+    for vol in json.loads(out.stdout)["volumes"]:
+        if vol["name"] == name:
+            return dict(vol)
+    raise AssertionError(f"no volume {name}: {out.stdout}")
+
+
+@pytest.mark.timeout(240)
+def test_stored_restore_survives_kill_9_and_keeps_new_writes(
+    tmp_path: Path, gateway_factory: type[GatewayProcess], provider: ProviderProcess
+) -> None:
+    from tests.fixtures.faultproxy import Fault, FaultProxy
+
+    gw = start_gateway(gateway_factory, tmp_path, provider, "100M")
+    a = pattern("A", VOL_SIZE)
+    write_all(gw, a)
+    snap_a = snapshot(gw, wait=True)
+    assert snap_a["state"] == "COMPLETED"
+    assert gw.stop() == 0
+    # Every request to the provider takes a while: the restore is still running when the
+    # gateway is killed.
+    proxy = FaultProxy(provider.port).start()
+    try:
+        proxy.set(Fault.DELAY, delay=0.15)
+        other = gateway_factory(
+            tmp_path / "other",
+            [f"copy:{VOL_SIZE}:stored:{snap_a['snapshot_id']}"],
+            extra_args=["--provider", proxy.url],
+        ).start()
+        want = bytearray(a)
+        rng = random.Random(5)
+        killed_while_restoring = 0
+        for round_ in range(3):
+            h = nbd.NBD()
+            h.connect_uri(other.uri("copy"))
+            off = rng.randrange(0, VOL_SIZE // 4096) * 4096
+            assert bytes(h.pread(4096, off)) == want[off : off + 4096]
+            data = bytes([round_ + 1]) * 8192
+            off = rng.randrange(0, VOL_SIZE // 4096 - 2) * 4096
+            h.pwrite(data, off)
+            h.flush()
+            want[off : off + 8192] = data
+            h.shutdown()
+            status = volume_status(other, "copy")
+            assert status["status"] in ("RESTORING", "AVAILABLE"), status
+            killed_while_restoring += status["status"] == "RESTORING"
+            time.sleep(rng.uniform(0.1, 0.8))
+            other.kill()
+            other.start()
+        assert killed_while_restoring, "the restore finished before any kill"
+        proxy.heal()
+        deadline = time.monotonic() + 60
+        while volume_status(other, "copy")["status"] != "AVAILABLE":
+            assert time.monotonic() < deadline, other.log_text()
+            time.sleep(0.2)
+        assert read_all(other, "copy", VOL_SIZE) == want
+        registry = json.loads((other.data_dir / "volumes.json").read_text())
+        assert registry["copy"]["restore_done"] is True
+        assert other.stop() == 0
+    finally:
+        proxy.stop()
