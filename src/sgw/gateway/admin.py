@@ -42,10 +42,12 @@ class AdminOps:
         engine: VolumeEngine,
         destager: Destager,
         extra_status: Callable[[str], dict[str, Any]] | None = None,
+        writes_throttled: Callable[[], int] | None = None,
     ) -> None:
         self.engine = engine
         self.destager = destager
         self.extra_status = extra_status
+        self.writes_throttled = writes_throttled or (lambda: 0)
 
     def status(self) -> dict[str, Any]:
         """Volumes, write log, destager and snapshots, as plain data."""
@@ -71,6 +73,7 @@ class AdminOps:
                 "size": log.data_size,
                 "used": log.used,
                 "writers_waiting": log.space_waiters,
+                "writes_throttled": self.writes_throttled(),
             },
             "destager": {
                 "batches": self.destager.batches,

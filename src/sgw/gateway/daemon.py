@@ -100,7 +100,13 @@ class Gateway:
         )
         self.server = NbdServer(self.engine, on_write=self.destager.kick)
         self.admin = AdminServer(
-            AdminOps(self.engine, self.destager, self._volume_status), socket_path(config.data_dir)
+            AdminOps(
+                self.engine,
+                self.destager,
+                self._volume_status,
+                writes_throttled=lambda: self.server.throttled,
+            ),
+            socket_path(config.data_dir),
         )
 
     async def start(self) -> None:

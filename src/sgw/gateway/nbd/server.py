@@ -43,6 +43,10 @@ _CACHED_READ_ATTEMPTS = 3
 # Largest payload buffer a connection keeps for reuse (bytes).
 _KEEP_PAYLOAD_BUFFER = 4 * 1024 * 1024
 _BLOCK_MASK = BLOCK - 1
+# Writes are held back once the write log is this full (a fraction), by up to THROTTLE_MAX
+# seconds when it is full (see throttle_delay).
+THROTTLE_START = 0.8
+THROTTLE_MAX = 0.02
 _WRITE_FLAGS = p.CMD_FLAG_FUA
 _ZERO_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO
 _READ_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_DF
@@ -70,6 +74,7 @@ class NbdServer:
         self.read_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="nbd-read")
         self.shutting_down = False
         self.requests = 0
+        self.throttled = 0  # writes held back because the log was filling up
 
     # -- exports ----------------------------------------------------------------------
 
@@ -156,12 +161,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._payload_got = 0
         self._payload_req: tuple[int, int, int, int] = (0, 0, 0, 0)
         self._out: list[bytes | bytearray | memoryview] = []
-        self._stalled = False
+        self._stalls = 0  # writes of this connection waiting for log space
         self._write_paused = False
         self._draining = False
         self._inflight = 0
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._stall_resume: Callable[[], None] = lambda: None
         self.peer = ""
 
     # -- asyncio protocol --------------------------------------------------------------
@@ -569,8 +573,33 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._write_now(vol, flags, cookie, offset, data)
 
     def _write_now(
-        self, vol: Volume, flags: int, cookie: int, offset: int, data: memoryview | bytearray
+        self,
+        vol: Volume,
+        flags: int,
+        cookie: int,
+        offset: int,
+        data: memoryview | bytearray,
+        *,
+        throttled: bool = False,
     ) -> None:
+        delay = 0.0 if throttled else throttle_delay(self.log.used / self.log.data_size)
+        if delay:
+            # Backpressure, not a cliff: the fuller the log, the later the reply.
+            held_data = bytearray(data) if isinstance(data, memoryview) else data
+            self.server.throttled += 1
+            self._inflight += 1
+
+            def later() -> None:
+                self._inflight -= 1
+                if self._transport is None:
+                    return
+                self._out_begin()
+                self._write_now(vol, flags, cookie, offset, held_data, throttled=True)
+                self._out_flush()
+                self._maybe_close()
+
+            asyncio.get_running_loop().call_later(delay, later)
+            return
         need = vol.log_bytes_for_write(offset, len(data))
         if self.log.space_waiters or not self.log.fits(need):
             # Copy the payload: the receive buffer is reused while this write waits.
@@ -741,28 +770,45 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     # -- waiting for log space -------------------------------------------------------------
 
-    def _stall(self, need: int, resume: Callable[[], None]) -> None:
-        self._stalled = True
-        self._update_reading()
-        self._stall_resume = resume
-        LOG.debug("write stalled: log full", extra={"peer": self.peer})
-        self.log.wait_for_space(need).add_done_callback(self._unstall)
+    @property
+    def _stalled(self) -> bool:
+        """True while a write waits for log space: the connection stops reading."""
+        return self._stalls > 0
 
-    def _unstall(self, fut: asyncio.Future[None]) -> None:
+    def _stall(self, need: int, resume: Callable[[], None]) -> None:
+        # More than one write may wait (a held-back or fetched write can come back while
+        # another waits): each waits in the log's FIFO with its own continuation.
+        self._stalls += 1
+        self._update_reading()
+        LOG.debug("write stalled: log full", extra={"peer": self.peer})
+        self.log.wait_for_space(need).add_done_callback(lambda f: self._unstall(f, resume))
+
+    def _unstall(self, fut: asyncio.Future[None], resume: Callable[[], None]) -> None:
         if fut.cancelled():
             return
         try:
             if self._transport is not None:
                 self._out_begin()
-                self._stall_resume()
+                resume()
                 self._out_flush()
         finally:
             self.log.waiter_done()
-            self._stalled = False
+            self._stalls -= 1
         if self._transport is None:
             return
         self._update_reading()
         self._process()
+
+
+def throttle_delay(fill: float) -> float:
+    """Seconds to hold a write back when the write log is ``fill`` full (0..1): nothing
+    below THROTTLE_START, then rising with the square of the fill to THROTTLE_MAX when
+    full, so that write latency grows smoothly as the log fills rather than jumping from
+    microseconds to a stall."""
+    if fill <= THROTTLE_START:
+        return 0.0
+    x = min(1.0, (fill - THROTTLE_START) / (1.0 - THROTTLE_START))
+    return THROTTLE_MAX * x * x
 
 
 async def _ensure_all(restore: LazyRestore, spans: list[tuple[int, int]]) -> None:
