@@ -5,7 +5,7 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit setup bench clean
+.PHONY: run test test-appliance lint typecheck unit setup bench clean image
 
 $(STAMP): pyproject.toml scripts/install-host-deps
 	./scripts/install-host-deps
@@ -34,11 +34,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# The appliance image (dist/): Debian packages, Packer and Ansible; see docs/appliance.md.
+image: $(STAMP)
+	./image/build
+
 test: lint typecheck
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --ignore=tests/appliance
+
+# The appliance tests (tests/appliance) boot the image just built (work in progress: not
+# yet part of `make test`).
+test-appliance: lint typecheck image
+	SGW_APPLIANCE_REQUIRED=1 $(VENV)/bin/pytest -q tests/appliance
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/datapath
 
 clean:
-	rm -rf $(VENV) run-data bench-data
+	rm -rf $(VENV) run-data bench-data build dist

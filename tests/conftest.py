@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.postgres"]
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.postgres", "tests.fixtures.management"]
 
 SGW = str(Path(sys.executable).with_name("sgw"))
 # The smallest log the gateway accepts (128 MiB of data area plus the superblocks).

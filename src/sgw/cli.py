@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from sgw import __version__
+from sgw import __version__, admin
 from sgw.common.errors import ConfigError, SgwError
 
 
@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="upload to the provider's block API at URL (sets [remote] url)",
     )
+    serve.add_argument("--provider-ca", metavar="FILE", help="pin the provider's CA (PEM)")
+    serve.add_argument(
+        "--activation-listen", metavar="HOST:PORT", help="serve the activation page there"
+    )
+    admin.add_activation_key(gcmds)
 
     status = gcmds.add_parser(
         "status",
@@ -90,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="development only: no authentication, every request acts for account 'dev'",
     )
+    pserve.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="development only: plain HTTP beyond loopback even with TLS files",
+    )
+    pserve.add_argument(
+        "--advertise-url",
+        metavar="URL",
+        help="where the other control servers reach this one (default: the --listen address)",
+    )
+    admin.add_provider_init(pcmds)
     pserve.add_argument("--log-level", metavar="LEVEL", default="info", help="log level")
     pgc = pcmds.add_parser(
         "gc",
@@ -110,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pgc.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     pgc.add_argument("--log-level", metavar="LEVEL", default="warning", help="log level")
+    admin.register(areas)
     return parser
 
 
@@ -117,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sgw`` console script."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "handler", None) is not None:
+            return int(args.handler(args))
         if args.area == "gateway" and args.command == "serve":
             return _gateway_serve(args)
         if args.area == "gateway" and args.command in ("status", "snapshot"):
@@ -128,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sgw: error: {exc}", file=sys.stderr)
         return 2
+    except admin.ApiError as exc:
+        print(f"sgw: error: {exc}", file=sys.stderr)
+        return exc.exit_status
     except SgwError as exc:
         print(f"sgw: error: {exc}", file=sys.stderr)
         return 1
@@ -151,6 +173,8 @@ def _gateway_serve(args: argparse.Namespace) -> int:
         log_size=args.log_size,
         log_level=args.log_level,
         provider=args.provider,
+        provider_ca=args.provider_ca,
+        activation_listen=args.activation_listen,
     )
     setup_logging(config.log_level)
     import uvloop
@@ -203,6 +227,8 @@ def _provider_serve(args: argparse.Namespace) -> int:
         db_url=args.db,
         store_url=args.store,
         insecure_dev=args.insecure_dev,
+        insecure_http=args.insecure_http,
+        advertise_url=args.advertise_url,
     )
     setup_logging(args.log_level)
     return serve(config)

@@ -165,7 +165,9 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 def test_volume_create_get_delete(api: Api) -> None:
     vol = api.volume(size=10 * MIB, chunk_size=MIB)
-    assert set(vol) == {"id", "name", "size", "chunk_size", "mode", "map_version", "created"}
+    assert set(vol) == {
+        *("id", "name", "size", "chunk_size", "mode", "map_version", "created", "gateway_id")
+    }
     assert (vol["size"], vol["chunk_size"], vol["mode"], vol["map_version"]) == (
         10 * MIB,
         MIB,
@@ -218,11 +220,18 @@ def test_chunk_put_is_idempotent_reads_back_and_accepts_zstd(api: Api) -> None:
     )
     assert zput.status_code == 201, zput.text
     assert api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha(packed)}").content == packed
+    # So is a body of several zstd frames.
+    framed = chunk("frames")
+    half = len(framed) // 2
+    zc = zstandard.ZstdCompressor()
+    frames = zc.compress(framed[:half]) + zc.compress(framed[half:])
+    assert put_zstd(api, vol["id"], sha(framed), frames).status_code == 201
+    assert api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha(framed)}").content == framed
     # A short chunk (the end of a volume) is fine.
     short = chunk("short", 100)
     assert api.put_chunk(vol["id"], short).status_code == 201
     assert api.keys() - before == {
-        f"chunks/{vol['id']}/{c[:2]}/{c}" for c in (sha(data), sha(packed), sha(short))
+        f"chunks/{vol['id']}/{c[:2]}/{c}" for c in (sha(data), sha(packed), sha(framed), sha(short))
     }
     missing = api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha(b'nope')}")
     assert missing.status_code == 404 and "PUT" in missing.json()["message"]
@@ -378,6 +387,22 @@ def test_block_api_flow_with_changed_blocks_and_volume_from_snapshot(api: Api) -
     assert api.client.get(f"/v1/snapshots/{child['id']}/blocks/0").content == blocks[0]
 
 
+def put_zstd(api: Api, volume_id: str, chunk_id: str, body: bytes) -> httpx.Response:
+    """A chunk upload with a zstd body."""
+    return api.client.put(
+        f"/v1/volumes/{volume_id}/chunks/{chunk_id}",
+        content=body,
+        headers={"x-sgw-sha256": chunk_id, "content-encoding": "zstd"},
+    )
+
+
+def declaring(frame: bytes, size: int) -> bytes:
+    """A zstd frame of 256 to 65791 bytes whose header declares ``size`` bytes instead."""
+    assert frame[4] >> 6 == 1  # the content size is a 2-byte field holding size - 256
+    end = zstandard.frame_header_size(frame)
+    return frame[: end - 2] + (size - 256).to_bytes(2, "little") + frame[end:]
+
+
 def test_bad_requests_are_refused_and_store_nothing(api: Api) -> None:
     vol = api.volume()
     vid = vol["id"]
@@ -385,6 +410,7 @@ def test_bad_requests_are_refused_and_store_nothing(api: Api) -> None:
     sid = snap.json()["id"]
     data = chunk("good")
     cid = sha(data)
+    zc = zstandard.ZstdCompressor(level=1)
     before = api.keys()
     cases: list[tuple[str, httpx.Response, int, str]] = [
         (
@@ -424,6 +450,24 @@ def test_bad_requests_are_refused_and_store_nothing(api: Api) -> None:
             api.put_chunk(vid, data, **{"content-encoding": "zstd"}),
             400,
             "not valid zstd",
+        ),
+        (
+            "two zstd frames that are not the chunk",
+            put_zstd(api, vid, sha(data[:100]), zc.compress(data[:100]) + zc.compress(data[100:])),
+            400,
+            "SHA-256",
+        ),
+        (
+            "zstd frame whose header lies about its size",
+            put_zstd(api, vid, cid, declaring(zc.compress(data), SMALL - 100)),
+            400,
+            "not valid zstd",
+        ),
+        (
+            "zstd frame of other data",
+            put_zstd(api, vid, sha(chunk("other")), zc.compress(data)),
+            400,
+            "SHA-256",
         ),
         ("unknown encoding", api.put_chunk(vid, data, **{"content-encoding": "br"}), 415, "br"),
         ("all-zero chunk", api.put_chunk(vid, bytes(SMALL)), 400, "zero"),

@@ -55,8 +55,11 @@ def remote_id(gw: GatewayProcess) -> str | None:
         doc = json.loads((gw.data_dir / "volumes.json").read_text())
     except (OSError, ValueError):
         return None
-    value = doc.get("vol0", {}).get("remote_id")
-    return None if value is None else str(value)
+    entry = doc.get("vol0", {})
+    value = entry.get("remote_id")
+    if value is None or entry.get("remote_created") is False:  # chosen, not made yet
+        return None
+    return str(value)
 
 
 def remote_map(provider: ProviderProcess, rid: str) -> dict[int, str]:

@@ -69,8 +69,11 @@ def remote_id(gw: GatewayProcess) -> str | None:
         doc = json.loads((gw.data_dir / "volumes.json").read_text())
     except (OSError, ValueError):
         return None
-    value = doc.get("vol0", {}).get("remote_id")
-    return None if value is None else str(value)
+    entry = doc.get("vol0", {})
+    value = entry.get("remote_id")
+    if value is None or entry.get("remote_created") is False:  # chosen, not made yet
+        return None
+    return str(value)
 
 
 def remote_bytes(provider_url: str, volume_id: str) -> bytes:
@@ -282,4 +285,43 @@ def test_gateway_killed_during_faulty_uploads_then_restarted_converges(
     # Bound once, and the binding kept across the kills.
     assert full_log(gw).count("remote volume created") == 1, gw.log_text()
     assert_clean_log(gw)
+    assert gw.stop() == 0
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_lost_reply_to_volume_creation_makes_one_volume(
+    tmp_path: Path,
+    provider_factory: type[ProviderProcess],
+    gateway_factory: type[GatewayProcess],
+    proxy_for: Callable[[int], FaultProxy],
+) -> None:
+    """The provider creates the volume but the reply is lost (and the gateway is killed
+    before it could retry): after the restart the same volume is bound, none is left
+    orphaned and none is refused as a duplicate name."""
+    provider = provider_factory(tmp_path / "provider").start()
+    proxy = proxy_for(provider.port)
+    proxy.set(Fault.DROP_RESPONSE)
+    gw = gateway_factory(
+        tmp_path / "gw", [f"vol0:{VOL_SIZE}"], log_size=SMALL_LOG,
+        extra_args=gateway_args(tmp_path, proxy.url),
+    ).start()  # fmt: skip
+    model = bytearray(VOL_SIZE)
+    model[:MIB] = random.Random(13).randbytes(MIB)
+    h = nbd.NBD()
+    h.connect_uri(gw.uri())
+    h.pwrite(bytes(model[:MIB]), 0)
+    h.flush()
+    h.shutdown()
+    deadline = time.monotonic() + 20
+    while proxy.counts.get("drop-response", 0) == 0:
+        assert time.monotonic() < deadline, gw.log_text()
+        time.sleep(0.05)
+    gw.kill()
+    proxy.heal()
+    gw.start()
+    wait_remote_equal(gw, proxy.url, bytes(model))
+    with httpx.Client(base_url=provider.url, timeout=10) as http:
+        volumes = http.get("/v1/volumes").raise_for_status().json()
+    assert [v["name"] for v in volumes] == ["vol0"], volumes
+    assert volumes[0]["id"] == remote_id(gw)
     assert gw.stop() == 0

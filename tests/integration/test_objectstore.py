@@ -222,6 +222,18 @@ def test_encrypted_chunk_round_trip(store: ObjectStore) -> None:
     assert decode_chunk(blob, key, expected_id=cid) == data
 
 
+def test_sync_after_puts_that_are_not_durable(store: ObjectStore) -> None:
+    keys = [f"chunks/{n:02x}/object-{n}" for n in range(5)]
+    for key in keys:
+        store.put(key, key.encode(), durable=False)
+    assert store.sync(keys) == []
+    assert store.sync(keys, check=lambda blob: blob.startswith(b"chunks/")) == []
+    assert store.sync([]) == []
+    assert all(store.get(key) == key.encode() for key in keys)
+    with pytest.raises(ObjectStoreError):
+        store.sync(["../escape"])
+
+
 # DirectoryStore
 
 
@@ -293,6 +305,93 @@ def test_directory_root_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(ObjectStoreError, match="file"):
         DirectoryStore(tmp_path / "file")
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Makes ``os.fsync`` note the path of each descriptor it syncs (from any thread)."""
+    synced: list[str] = []
+    lock = threading.Lock()
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        with lock:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_directory_put_that_is_not_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It syncs nothing and never replaces an object that is there (durable or not)."""
+    store = DirectoryStore(tmp_path)
+    synced = record_fsyncs(monkeypatch)
+    store.put("chunks/ab/new", b"first", durable=False)
+    store.put("chunks/ab/new", b"second", durable=False)
+    assert synced == []
+    assert store.get("chunks/ab/new") == b"first"
+    assert sorted(os.listdir(tmp_path / "chunks" / "ab")) == ["new"]  # no temporary file
+    assert stat.S_IMODE((tmp_path / "chunks" / "ab" / "new").stat().st_mode) == 0o600
+    with pytest.raises(ObjectStoreError, match="chunks/ab"):
+        store.put("chunks/ab", b"a directory is there", durable=False)
+    store.put("chunks/ab/new", b"third")  # a durable put replaces, and syncs
+    assert store.get("chunks/ab/new") == b"third"
+    assert str(tmp_path / "chunks" / "ab") in synced
+
+
+def test_directory_sync_syncs_exactly_the_named_objects_and_their_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DirectoryStore(tmp_path / "objects")
+    named = ["chunks/s1/ab/one", "chunks/s1/cd/two", "chunks/s2/ef/three"]
+    for key in [*named, "chunks/s1/ab/other", "maps/unrelated"]:
+        store.put(key, key.encode(), durable=False)
+    synced = record_fsyncs(monkeypatch)
+    assert store.sync(named) == []
+    root = tmp_path / "objects"
+    directories = {"chunks/s1/ab", "chunks/s1/cd", "chunks/s2/ef", "chunks/s1", "chunks/s2"}
+    expected = [root / key for key in named] + [root / d for d in directories]
+    expected += [root / "chunks", root]
+    assert sorted(synced) == sorted(str(p) for p in expected)
+
+
+def test_directory_sync_reports_missing_and_damaged_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged object (as a power loss may leave one) is neither synced nor accepted."""
+    store = DirectoryStore(tmp_path)
+    store.put("chunks/ab/whole", b"whole object", durable=False)
+    store.put("chunks/ab/torn", b"whole object", durable=False)
+    os.truncate(tmp_path / "chunks" / "ab" / "torn", 5)
+    synced = record_fsyncs(monkeypatch)
+    keys = ["chunks/ab/whole", "chunks/ab/torn", "chunks/ab/missing"]
+    failed = store.sync(keys, check=lambda blob: blob == b"whole object")
+    assert failed == ["chunks/ab/torn", "chunks/ab/missing"]
+    assert str(tmp_path / "chunks" / "ab" / "whole") in synced
+    assert str(tmp_path / "chunks" / "ab" / "torn") not in synced
+    assert store.sync(["chunks/ab/torn"]) == []  # without a check it is only synced
+
+
+def test_directory_sync_that_fails_removes_the_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync the file's bytes on disk are unknown (and a retried fsync
+    may claim success), so it is removed for the next upload to write it anew."""
+    store = DirectoryStore(tmp_path)
+    store.put("chunks/ab/bad", b"data", durable=False)
+    store.put("chunks/ab/good", b"data", durable=False)
+    real = os.fsync
+
+    def failing(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("bad"):
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(ObjectStoreError, match="Input/output error"):
+        store.sync(["chunks/ab/good", "chunks/ab/bad"])
+    assert not store.exists("chunks/ab/bad")
+    assert store.get("chunks/ab/good") == b"data"
 
 
 # S3Store

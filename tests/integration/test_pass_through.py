@@ -56,7 +56,9 @@ def wait_remote(provider: ProviderProcess, gw: GatewayProcess, want: bytes) -> N
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         registry = json.loads((gw.data_dir / "volumes.json").read_text())
-        if registry["vol0"].get("remote_id") and remote_bytes(provider, gw) == want:
+        entry = registry["vol0"]
+        made = entry.get("remote_id") and entry.get("remote_created", True)
+        if made and remote_bytes(provider, gw) == want:
             return
         time.sleep(0.5)
     pytest.fail(f"the provider's copy did not converge\n{gw.log_text()}")

@@ -7,6 +7,7 @@ import random
 import struct
 
 import pytest
+import zstandard
 from crc32c import crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from sgw.common.chunks import (
     chunk_id,
     decode_chunk,
     encode_chunk,
+    inflate_frame,
     is_zero,
 )
 from sgw.common.errors import ChunkCorruptError, ChunkError, ChunkKeyError
@@ -286,3 +288,74 @@ def test_expected_id_mismatch() -> None:
 def test_too_large_to_encode() -> None:
     with pytest.raises(ValueError, match="maximum"):
         encode_chunk(bytes(MAX_CHUNK_SIZE + 1), None)
+
+
+# Storing the upload's own zstd frame
+
+
+def zstd1(data: bytes) -> bytes:
+    """One zstd frame that declares its content size, as the gateway sends."""
+    return zstandard.ZstdCompressor(level=1).compress(data)
+
+
+def with_declared_size(frame: bytes, size: int) -> bytes:
+    """``frame`` with another content size in its header (a frame whose header lies)."""
+    descriptor = frame[4]
+    field = {0: 1 if descriptor & 0x20 else 0, 1: 2, 2: 4, 3: 8}[descriptor >> 6]
+    end = zstandard.frame_header_size(frame)
+    value = size - 256 if field == 2 else size
+    return frame[: end - field] + value.to_bytes(field, "little") + frame[end:]
+
+
+@KEYS
+def test_a_frame_is_stored_as_it_is(key: bytes | None) -> None:
+    data = compressible()
+    frame = zstd1(data)
+    blob = encode_chunk(data, key, frame=frame)
+    assert check_chunk(blob).compressed
+    assert decode_chunk(blob, key, expected_id=chunk_id(data)) == data
+    extra = NONCE_SIZE + TAG_SIZE if key else 0
+    assert len(blob) == HEADER_SIZE + extra + len(frame)
+    if key is None:
+        assert bytes(blob[HEADER_SIZE:]) == frame
+
+
+def test_a_frame_that_does_not_shrink_the_data_means_raw_storage() -> None:
+    data = os.urandom(8192)
+    frame = zstd1(data)
+    assert len(frame) >= len(data)
+    blob = encode_chunk(data, KEY, frame=frame)
+    assert not check_chunk(blob).compressed
+    assert decode_chunk(blob, KEY) == data
+
+
+def test_a_frame_of_another_length_is_refused() -> None:
+    data = compressible(8192)
+    with pytest.raises(ValueError, match="declares 8191 bytes"):
+        encode_chunk(data, KEY, frame=zstd1(data[:-1]))
+    with pytest.raises(ValueError, match="declares -1 bytes"):
+        encode_chunk(data, KEY, frame=b"not zstd at all")
+
+
+def test_inflate_frame_takes_exactly_one_frame_of_declared_size() -> None:
+    data = compressible(32 * 1024)
+    frame = zstd1(data)
+    assert inflate_frame(frame, len(data)) == data
+    assert inflate_frame(zstd1(b""), 0) == b""
+    streamed = zstandard.ZstdCompressor(level=1).compressobj()
+    undeclared = streamed.compress(data) + streamed.flush()
+    assert zstandard.frame_content_size(undeclared) == -1
+    refused = {
+        "two frames": frame + zstd1(b"more"),
+        "trailing bytes": frame + b"x",
+        "truncated": frame[:-3],
+        "declares less": with_declared_size(frame, len(data) - 1000),
+        "declares more": with_declared_size(frame, len(data) + 1000),
+        "no declared size": undeclared,
+        "not zstd": data,
+        "empty": b"",
+    }
+    for name, body in refused.items():
+        assert inflate_frame(body, len(data) + 4096) is None, name
+    assert zstandard.frame_content_size(refused["declares less"]) == len(data) - 1000
+    assert inflate_frame(frame, len(data) - 1) is None  # more than the limit

@@ -532,10 +532,13 @@ def test_remote_config_from_toml_and_flag(tmp_path: Path) -> None:
     conf = tmp_path / "gw.toml"
     conf.write_text(
         '[remote]\nurl = "http://10.0.0.5:8480/"\nconcurrency = 4\nbandwidth = "100M"\n'
+        "insecure_http = true\n"
         '[[volumes]]\nname = "a"\nsize = "1G"\n'
     )
     cfg = load(str(conf), data_dir=str(tmp_path))
-    assert cfg.remote == RemoteConfig("http://10.0.0.5:8480", concurrency=4, bandwidth=100 << 20)
+    assert cfg.remote == RemoteConfig(
+        "http://10.0.0.5:8480", concurrency=4, bandwidth=100 << 20, insecure_http=True
+    )
     flagged = load(str(conf), data_dir=str(tmp_path), provider="https://p.example")
     assert flagged.remote is not None and flagged.remote.url == "https://p.example"
     assert flagged.remote.concurrency == 4

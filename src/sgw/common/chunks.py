@@ -106,38 +106,88 @@ def chunk_id(data: BytesLike) -> str:
 
 def is_zero(data: BytesLike) -> bool:
     """True if every byte is zero (an empty buffer too): such chunks are never stored."""
-    if isinstance(data, memoryview):
-        data = data.tobytes()  # memoryview == bytes compares item by item; bytes use memcmp
-    if len(data) == CHUNK_SIZE:
-        return data == _ZEROS
-    return data == bytes(len(data))
+    # bytes.startswith compares with memcmp and takes any buffer, without a copy (a
+    # memoryview == bytes comparison goes item by item).
+    with memoryview(data) as view, view.cast("B") as octets:
+        return all(
+            _ZEROS.startswith(octets[i : i + CHUNK_SIZE]) for i in range(0, len(octets), CHUNK_SIZE)
+        )
 
 
-def encode_chunk(data: BytesLike, key: BytesLike | None) -> bytes:
+def encode_chunk(
+    data: BytesLike, key: BytesLike | None, *, frame: BytesLike | None = None
+) -> bytearray:
     """Turns plaintext into a stored chunk: compressed if that helps, encrypted with
-    ``key`` (32 bytes, AES-256-GCM) if one is given, always checksummed."""
+    ``key`` (32 bytes, AES-256-GCM) if one is given, always checksummed.
+
+    ``frame``: a zstd frame of ``data`` that ``inflate_frame`` accepted (the upload's own
+    wire frame). It becomes the payload as it is when it is smaller than ``data``, which
+    saves compressing again; a frame that is not smaller means ``data`` is stored raw.
+    The blob is built in one buffer, without intermediate copies of the data.
+    """
     length = len(data)
     if length > MAX_CHUNK_SIZE:
         raise ValueError(f"chunk of {length} bytes exceeds the maximum of {MAX_CHUNK_SIZE}")
-    flags = 0
-    payload: BytesLike = data
-    if length:
-        compressed = _codecs.compressor.compress(data)
-        if len(compressed) < length:
-            payload = compressed
-            flags |= FLAG_ZSTD
-    if key is not None:
-        if len(key) != KEY_SIZE:
-            raise ValueError(f"chunk key must be {KEY_SIZE} bytes (AES-256), got {len(key)}")
-        flags |= FLAG_AES_GCM
+    if key is not None and len(key) != KEY_SIZE:
+        raise ValueError(f"chunk key must be {KEY_SIZE} bytes (AES-256), got {len(key)}")
+    payload, compressed = _compress(data, frame)
+    flags = (FLAG_ZSTD if compressed else 0) | (FLAG_AES_GCM if key is not None else 0)
     fields = _FIELDS.pack(MAGIC, FORMAT_VERSION, flags, 0, length)
-    if key is not None:
-        nonce = os.urandom(NONCE_SIZE)
-        body = nonce + AESGCM(key).encrypt(nonce, payload, fields)
+    body_start = HEADER_SIZE + (NONCE_SIZE if key is not None else 0)
+    blob = bytearray(body_start + len(payload) + (TAG_SIZE if key is not None else 0))
+    with memoryview(blob) as view:
+        view[: _FIELDS.size] = fields
+        if key is None:
+            view[body_start:] = payload
+        else:
+            nonce = os.urandom(NONCE_SIZE)
+            view[HEADER_SIZE:body_start] = nonce
+            AESGCM(key).encrypt_into(nonce, payload, fields, view[body_start:])
+        _CRC.pack_into(view, _FIELDS.size, crc32c(view[HEADER_SIZE:], crc32c(fields)))
+    return blob
+
+
+def inflate_frame(body: BytesLike, limit: int) -> bytes | None:
+    """The plaintext of ``body`` if it is exactly one zstd frame that declares its content
+    size (at most ``limit`` bytes) and inflates to exactly that many; else None.
+
+    Such a frame can be stored as a chunk's payload as it is (``encode_chunk(frame=...)``):
+    ``decode_chunk`` inflates it to the same bytes. None covers everything else (several
+    frames, trailing bytes, no declared size, more than ``limit``, damage), for the caller
+    to inflate the general way and report; nothing here raises for bad input.
+    """
+    try:
+        declared = zstandard.frame_content_size(body)
+    except zstandard.ZstdError:
+        return None
+    if not 0 <= declared <= limit:  # -1: the frame does not declare its size
+        return None
+    try:
+        # The output buffer is the declared size, so a frame cannot inflate past it.
+        data = _codecs.decompressor.decompress(body, allow_extra_data=False)
+    except zstandard.ZstdError:
+        return None
+    return data if len(data) == declared else None
+
+
+def _compress(data: BytesLike, frame: BytesLike | None) -> tuple[BytesLike, bool]:
+    """The payload for ``data`` and whether it is compressed."""
+    length = len(data)
+    if not length:
+        return data, False
+    if frame is not None:
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError:
+            declared = -1
+        if declared != length:
+            raise ValueError(f"zstd frame declares {declared} bytes, the chunk has {length}")
+        packed: BytesLike = frame
     else:
-        body = bytes(payload)
-    crc = crc32c(body, crc32c(fields))
-    return b"".join((fields, _CRC.pack(crc), body))
+        packed = _codecs.compressor.compress(data)
+    if len(packed) < length:
+        return packed, True
+    return data, False
 
 
 def check_chunk(blob: BytesLike) -> ChunkInfo:

@@ -142,3 +142,37 @@ class PayloadTooLargeError(BadRequestError):
 
 class UnsupportedEncodingError(BadRequestError):
     """A request body has a Content-Encoding the provider does not decode (a 415)."""
+
+
+class ForbiddenError(RequestError):
+    """The caller is authenticated but may not make this call (a 403), e.g. a gateway
+    calling an admin endpoint."""
+
+
+class ActivationKeyError(RequestError):
+    """An activation key is malformed, forged, expired or already used."""
+
+
+class AlreadyActivatedError(RequestError):
+    """The gateway behind an activation key is activated already (a 409)."""
+
+
+class IdentityError(ConfigError):
+    """The gateway's identity key or credentials file is missing, damaged or not safe."""
+
+
+class GatewayOfflineError(RequestError):
+    """A command needs its gateway online, and no control server holds its long-poll."""
+
+
+class ControlChannelError(SgwError):
+    """The gateway's control channel to the provider failed (a poll or a reply refused)."""
+
+
+class CommandError(SgwError):
+    """A command from the provider cannot be carried out as asked; the reply says why."""
+
+
+class IscsiExportError(SgwError):
+    """A volume cannot be exported over iSCSI: LIO (configfs, rtslib-fb) or its /dev/nbdN
+    attachment (nbd-client) failed or is missing."""

@@ -40,3 +40,7 @@ def setup_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request at info (each long-poll, chunk and doorbell): a line per
+    # request buries what matters; its warnings still show (and everything at debug).
+    debug = root.level <= logging.DEBUG
+    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)

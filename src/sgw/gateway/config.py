@@ -23,6 +23,16 @@ Example (every key optional except what a volume needs)::
     url = "http://127.0.0.1:8480"         # the provider's block API
     concurrency = 8                       # chunk uploads in flight
     bandwidth = "100M"                    # bytes per second (default: unlimited)
+    ca = "/etc/sgw/provider-ca.pem"       # pin the provider's CA (https URLs)
+    insecure_http = false                 # allow http:// beyond loopback (development)
+
+    [activation]                          # while not activated (docs/gateway.md)
+    listen = "0.0.0.0:80"                 # the activation page (default: none)
+    poll_interval = 5.0                   # seconds between asks for the credentials
+
+    [control]                             # commands from the provider's console
+    urls = ["https://p2.example.net:8480"]  # more control servers to fail over to
+    wait = 20                             # seconds a long-poll is held at most
 
     [cache]                               # the chunk cache of cached volumes
     path = "/var/cache/sgw"               # a directory (default: DATA_DIR/cache)
@@ -39,6 +49,7 @@ Example (every key optional except what a volume needs)::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -48,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sgw.common.errors import ConfigError
+from sgw.gateway.lio.settings import LIO_KEYS, LioConfig, parse_lio
 from sgw.gateway.volume.engine import MODE_CACHED, MODE_STORED, MODES, VolumeSpec
 from sgw.gateway.volume.wal import DATA_START, MIN_DATA_SIZE
 
@@ -122,6 +134,28 @@ class RemoteConfig:
     url: str  # the provider's base URL, e.g. http://127.0.0.1:8480
     concurrency: int = 8  # chunk uploads in flight at once
     bandwidth: int | None = None  # bytes per second on the wire; None: unlimited
+    ca: str | None = None  # PEM file of the provider's CA to pin; None: the system's CAs
+    insecure_http: bool = False  # plain http:// to a host beyond loopback
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """The activation page an unactivated gateway serves on its local network, and how
+    often it asks the provider for its credentials."""
+
+    host: str | None = None  # None: no activation page (the key from the CLI only)
+    port: int = 80
+    poll_interval: float = 5.0  # seconds
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The control channel: the gateway long-polls the provider for commands."""
+
+    # Other control servers of the provider to fail over to (besides [remote] url and
+    # those the provider names in its answers).
+    urls: tuple[str, ...] = ()
+    wait: float = 20.0  # seconds a poll is held at most
 
 
 @dataclass(frozen=True)
@@ -146,7 +180,10 @@ class GatewayConfig:
     destage: DestageConfig = field(default_factory=DestageConfig)
     log_level: str = "info"
     remote: RemoteConfig | None = None
-    cache: CacheConfig | None = None  # set when a volume is cached
+    cache: CacheConfig | None = None  # set when a volume is cached or [remote] is set
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    lio: LioConfig | None = None  # [lio]: iSCSI export through LIO (the appliance)
 
 
 def parse_volume_flag(text: str) -> tuple[str, int]:
@@ -202,6 +239,8 @@ def load(
     log_size: str | None = None,
     log_level: str | None = None,
     provider: str | None = None,
+    provider_ca: str | None = None,
+    activation_listen: str | None = None,
 ) -> GatewayConfig:
     """Builds the configuration from a TOML file, then applies the flags on top."""
     doc: dict[str, Any] = {}
@@ -213,7 +252,10 @@ def load(
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
-    known = {"data_dir", "log_level", "write_log", "destage", "nbd", "volumes", "remote", "cache"}
+    known = {
+        *("data_dir", "log_level", "write_log", "destage", "nbd", "volumes", "remote", "cache"),
+        *("activation", "control", "lio"),
+    }
     for key in doc:
         if key not in known:
             raise ConfigError(f"config: unknown key {key!r} (known: {', '.join(sorted(known))})")
@@ -280,8 +322,6 @@ def load(
         if spec.size % 4096:
             raise ConfigError(f"volume {spec.name}: size {spec.size} is not a multiple of 4 KiB")
         seen.add(spec.name)
-    if not specs:
-        raise ConfigError("no volumes: pass --volume NAME:SIZE or add [[volumes]] to the config")
 
     nbd_table = _table(doc, "nbd", {"listen"})
     listen = nbd_table.get("listen", [])
@@ -292,7 +332,20 @@ def load(
         addrs = [f"unix:{os.path.join(ddir, 'nbd.sock')}"]
     listeners = tuple(Listener.parse(str(a)) for a in addrs)
 
-    remote = _remote(_table(doc, "remote", {"url", "concurrency", "bandwidth"}), provider)
+    remote = _remote(
+        _table(doc, "remote", {"url", "concurrency", "bandwidth", "ca", "insecure_http"}),
+        provider,
+        provider_ca,
+    )
+    activation = _activation(
+        _table(doc, "activation", {"listen", "poll_interval"}), activation_listen
+    )
+    if not specs and remote is None:
+        raise ConfigError(
+            "no volumes: pass --volume NAME:SIZE or add [[volumes]] to the config (or "
+            "connect a provider with [remote] url to create them from its console)"
+        )
+    control = _control(_table(doc, "control", {"urls", "wait"}))
     cached = [s.name for s in specs if s.mode == MODE_CACHED]
     if cached and remote is None:
         raise ConfigError(
@@ -305,7 +358,9 @@ def load(
             f"volume {restored[0]} is created from a snapshot, which the provider keeps: "
             "set [remote] url or pass --provider URL"
         )
-    cache = _cache(_table(doc, "cache", {"path", "size", "read_ahead"}), ddir) if cached else None
+    # With a provider, cached volumes may also be created from its console at any time.
+    cache_table = _table(doc, "cache", {"path", "size", "read_ahead"})
+    cache = _cache(cache_table, ddir) if cached or remote is not None else None
 
     level = str(log_level or doc.get("log_level", "info")).lower()
     if level not in _LEVELS:
@@ -320,7 +375,20 @@ def load(
         log_level=level,
         remote=remote,
         cache=cache,
+        activation=activation,
+        control=control,
+        lio=parse_lio(_table(doc, "lio", LIO_KEYS)),
     )
+
+
+def _control(table: dict[str, Any]) -> ControlConfig:
+    urls = table.get("urls", [])
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise ConfigError('control.urls: must be a list of URLs like ["https://p2:8480"]')
+    wait = table.get("wait", 20.0)
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 1 <= wait <= 60:
+        raise ConfigError(f"control.wait: {wait!r} must be 1 to 60 seconds")
+    return ControlConfig(tuple(check_url(u, "control.urls") for u in urls), float(wait))
 
 
 def _cache(table: dict[str, Any], ddir: str) -> CacheConfig:
@@ -352,7 +420,35 @@ def check_url(text: str, what: str) -> str:
     return urllib.parse.urlunsplit(parts).rstrip("/")
 
 
-def _remote(table: dict[str, Any], provider: str | None) -> RemoteConfig | None:
+def _activation(table: dict[str, Any], listen: str | None) -> ActivationConfig:
+    interval = table.get("poll_interval", 5.0)
+    if isinstance(interval, bool) or not isinstance(interval, int | float):
+        interval = -1
+    if not 0.05 <= interval <= 3600:
+        raise ConfigError(f"activation.poll_interval: {interval!r} must be 0.05 to 3600 seconds")
+    text = listen or table.get("listen")
+    if text is None:
+        return ActivationConfig(poll_interval=float(interval))
+    what = "--activation-listen" if listen else "activation.listen"
+    host, sep, port = str(text).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{what} {text!r}: expected HOST:PORT, e.g. 0.0.0.0:80")
+    return ActivationConfig(host, int(port), float(interval))
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _remote(
+    table: dict[str, Any], provider: str | None, provider_ca: str | None = None
+) -> RemoteConfig | None:
     url = provider or table.get("url")
     if url is None:
         if table:
@@ -366,7 +462,29 @@ def _remote(table: dict[str, Any], provider: str | None) -> RemoteConfig | None:
         raise ConfigError(f"remote.concurrency: {conc!r} must be a whole number from 1 to 256")
     bw = table.get("bandwidth")
     bandwidth = None if bw is None else parse_size(bw, "remote.bandwidth (bytes per second)")
-    return RemoteConfig(check_url(url, what), concurrency=conc, bandwidth=bandwidth)
+    ca = provider_ca or table.get("ca")
+    if ca is not None and (not isinstance(ca, str) or not os.path.isfile(ca)):
+        raise ConfigError(
+            f"remote.ca: {ca!r} is not a file; give the provider's CA certificate (PEM), "
+            "the tls/ca.pem that `sgw provider init` made"
+        )
+    insecure = table.get("insecure_http", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError("remote.insecure_http: must be true or false")
+    url = check_url(url, what)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "http" and not insecure and not _loopback(parts.hostname or ""):
+        raise ConfigError(
+            f"{what}: {url} is plain http to another machine; use https (with remote.ca) "
+            "or set remote.insecure_http = true on a development network"
+        )
+    return RemoteConfig(
+        url,
+        concurrency=conc,
+        bandwidth=bandwidth,
+        ca=None if ca is None else os.path.abspath(ca),
+        insecure_http=insecure,
+    )
 
 
 def _table(doc: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:

@@ -19,15 +19,21 @@ import resource
 import signal
 
 from sgw.common.errors import SgwError
+from sgw.gateway.activation import Activation, tls_verify
 from sgw.gateway.admin import AdminOps, AdminServer, socket_path
+from sgw.gateway.commands import GatewayCommands
 from sgw.gateway.config import GatewayConfig
+from sgw.gateway.control import ControlChannel
+from sgw.gateway.identity import load_or_create_key
+from sgw.gateway.lio.exporter import LioExporter
 from sgw.gateway.nbd.server import NbdServer
+from sgw.gateway.request_signing import GatewayAuth
 from sgw.gateway.volume.cache import ChunkCache
 from sgw.gateway.volume.destager import Destager
 from sgw.gateway.volume.engine import VolumeEngine
 from sgw.gateway.volume.remote import BlockApiClient, RetryPolicy
 from sgw.gateway.volume.restoring import VolumeRestore
-from sgw.gateway.volume.upload import Uploader
+from sgw.gateway.volume.upload import TokenBucket, Uploader
 from sgw.gateway.volume.volume import LOADING_MAP, Volume, VolumeStatus
 
 LOG = logging.getLogger(__name__)
@@ -58,6 +64,10 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        # Identity and activation (sgw.gateway.activation): every provider request is
+        # signed once the gateway has its credentials.
+        self.auth = GatewayAuth(load_or_create_key(config.data_dir))
+        self.activation = Activation(config.data_dir, config.remote, config.activation, self.auth)
         self.cache: ChunkCache | None = None
         read_ahead = 0
         if config.cache is not None:
@@ -78,6 +88,8 @@ class Gateway:
             if v.cached is None and self.engine.registry[v.name].restoring
         ]
         self.read_client: BlockApiClient | None = None
+        # Limits chunk downloads (cached volumes, restores); set from the console.
+        self.download_bucket = TokenBucket(None)
         self._tasks: list[asyncio.Task[None]] = []
         self._bootstrap_errors: dict[str, str] = {}
         self.uploader: Uploader | None = None
@@ -85,7 +97,9 @@ class Gateway:
             _mark_unsynced(self.engine)
         else:
             r = config.remote
-            client = BlockApiClient(r.url, max_connections=r.concurrency + 2)
+            client = BlockApiClient(
+                r.url, max_connections=r.concurrency + 2, auth=self.auth, verify=tls_verify(r)
+            )
             self.uploader = Uploader(
                 self.engine, client, concurrency=r.concurrency, bandwidth=r.bandwidth
             )
@@ -108,32 +122,61 @@ class Gateway:
             ),
             socket_path(config.data_dir),
         )
+        # The control channel: commands from the provider's console (once activated).
+        self.commands = GatewayCommands(self)
+        self.control: ControlChannel | None = None
+        if config.remote is not None:
+            self.control = ControlChannel(
+                config.data_dir,
+                [config.remote.url, *config.control.urls],
+                self.commands,
+                auth=self.auth,
+                verify=tls_verify(config.remote),
+                wait=config.control.wait,
+                ready=self.activation.activated,
+            )
+            self.commands.channel = self.control
+        # iSCSI through LIO (the appliance): each volume on /dev/nbdN, one target each.
+        self.lio = LioExporter.from_config(config, self.auth.key)
 
     async def start(self) -> None:
         """Starts the destager, the cached volumes' bootstrap, the status monitor and the
         listeners."""
         if self.cached or self.restores:
             assert self.config.remote is not None and self.uploader is not None
-            self.read_client = BlockApiClient(self.config.remote.url, retry=READ_RETRY)
+            reader = self._reader()
             loop = asyncio.get_running_loop()
             for restore in self.restores:
-                self._tasks.append(loop.create_task(self._restore(restore), name="restore"))
+                name = f"restore:{restore.vol.name}"
+                self._tasks.append(loop.create_task(self._restore(restore), name=name))
             for vol in self.cached:
                 assert vol.cached is not None
-                vol.cached.attach(self.read_client)
-                self._tasks.append(loop.create_task(self._bootstrap(vol), name="bootstrap"))
+                vol.cached.attach(reader)
+                name = f"bootstrap:{vol.name}"
+                self._tasks.append(loop.create_task(self._bootstrap(vol), name=name))
         self._tasks.append(asyncio.get_running_loop().create_task(self._monitor(), name="status"))
+        await self.activation.start()
         self.destager.start()
         await self.admin.start()
+        self.commands.install()
+        if self.control is not None:
+            await self.control.start()
         for listener in self.config.listeners:
             if listener.kind == "unix":
                 os.makedirs(os.path.dirname(os.path.abspath(listener.path)), exist_ok=True)
                 await self.server.listen_unix(listener.path)
             else:
                 await self.server.listen_tcp(listener.host, listener.port)
+        if self.lio is not None:
+            await self.lio.start(self.engine)
 
     async def stop(self) -> None:
         """Drains the connections, flushes the log, stops the destager, closes files."""
+        if self.lio is not None:  # LIO's targets, then /dev/nbdN, before the server drains
+            await self.lio.stop()
+        if self.control is not None:
+            await self.control.stop()
+        await self.commands.close()
         await self.admin.stop()
         await self.server.shutdown()
         await self.engine.flush()
@@ -141,6 +184,7 @@ class Gateway:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks)
+        await self.activation.stop()
         await self.destager.stop()
         for vol in self.cached:
             assert vol.cached is not None
@@ -155,6 +199,55 @@ class Gateway:
         for listener in self.config.listeners:
             if listener.kind == "unix" and os.path.exists(listener.path):
                 os.unlink(listener.path)
+
+    def _reader(self) -> BlockApiClient:
+        """The client that fetches chunks (cached volumes, restores), made on first use."""
+        if self.read_client is None:
+            r = self.config.remote
+            assert r is not None
+            self.read_client = BlockApiClient(
+                r.url, retry=READ_RETRY, auth=self.auth, verify=tls_verify(r)
+            )
+            self.read_client.read_throttle = self.download_bucket.acquire
+        return self.read_client
+
+    def serve_new_volume(self, vol: Volume) -> None:
+        """Starts what a volume created at runtime needs: a cached volume's map load, a
+        stored volume's restore from its snapshot."""
+        loop = asyncio.get_running_loop()
+        entry = self.engine.registry[vol.name]
+        if vol.cached is not None:
+            vol.cached.attach(self._reader())
+            self.cached.append(vol)
+            task = loop.create_task(self._bootstrap(vol), name=f"bootstrap:{vol.name}")
+            self._tasks.append(task)
+        elif entry.restoring:
+            self._reader()
+            restore = VolumeRestore(self.engine, vol, entry)
+            self.restores.append(restore)
+            task = loop.create_task(self._restore(restore), name=f"restore:{vol.name}")
+            self._tasks.append(task)
+
+    async def retire_volume(self, vol: Volume) -> None:
+        """Stops what serves a volume about to be removed (its map load, its restore)."""
+        if self.lio is not None:
+            await self.lio.unexport(vol.name)
+        names = {f"bootstrap:{vol.name}", f"restore:{vol.name}"}
+        tasks = [t for t in self._tasks if t.get_name() in names]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self._tasks = [t for t in self._tasks if t not in tasks]
+        for restore in [r for r in self.restores if r.vol is vol]:
+            await restore.aclose()
+            self.restores.remove(restore)
+        if vol in self.cached:
+            self.cached.remove(vol)
+            assert vol.cached is not None
+            await vol.cached.aclose()
+        if self.uploader is not None:
+            self.uploader.forget(vol.id)
 
     async def _restore(self, restore: VolumeRestore) -> None:
         """Binds a stored volume created from a snapshot, then restores it in the

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 
 from sgw.common.errors import ConfigError
+from sgw.provider.tls import tls_files
 
 DEFAULT_LISTEN = "127.0.0.1:8480"
 
@@ -16,8 +19,10 @@ class ProviderConfig:
 
     ``db_url`` is an SQLAlchemy URL (SQLite by default, PostgreSQL when one machine is
     outgrown); ``store_url`` names the object store (``file:///dir`` or ``s3://bucket``).
-    ``insecure_dev``: serve the API without authentication, every request acting for the
-    built-in account ``dev`` (development machines only, until the management plane).
+    ``insecure_dev``: requests without credentials act for the built-in account ``dev``
+    (development machines only). ``tls_cert``/``tls_key``: serve HTTPS with them (made by
+    ``sgw provider init``); plain HTTP is served only on loopback or with
+    ``insecure_http``.
     """
 
     data_dir: str
@@ -26,6 +31,47 @@ class ProviderConfig:
     db_url: str
     store_url: str
     insecure_dev: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure_http: bool = False
+    # Where the other control servers reach this one (``--advertise-url``); default: the
+    # listening address (this machine's name when it listens on every address).
+    advertise_url: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    @property
+    def control_url(self) -> str:
+        """The URL peers ring this server's doorbell at."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def check_transport(self) -> None:
+        """ConfigError if the API would be served in plain HTTP beyond this machine."""
+        if self.tls_cert or self.insecure_http or self.insecure_dev or _loopback(self.host):
+            return
+        raise ConfigError(
+            f"--listen {self.host}:{self.port} is not loopback and there is no TLS "
+            f"certificate in {self.data_dir}/tls: run `sgw provider init`, or pass "
+            "--insecure-http on a development network"
+        )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load(
@@ -35,6 +81,8 @@ def load(
     db_url: str | None = None,
     store_url: str | None = None,
     insecure_dev: bool = False,
+    insecure_http: bool = False,
+    advertise_url: str | None = None,
 ) -> ProviderConfig:
     """Builds the configuration from flags, with embedded defaults under ``data_dir``."""
     if not data_dir:
@@ -44,6 +92,7 @@ def load(
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8480")
+    tls = tls_files(ddir)
     return ProviderConfig(
         data_dir=ddir,
         host=host,
@@ -51,4 +100,8 @@ def load(
         db_url=db_url or f"sqlite:///{os.path.join(ddir, 'provider.db')}",
         store_url=store_url or f"file://{os.path.join(ddir, 'objects')}",
         insecure_dev=insecure_dev,
+        tls_cert=None if insecure_http or not tls.exist() else tls.server_cert,
+        tls_key=None if insecure_http or not tls.exist() else tls.server_key,
+        insecure_http=insecure_http,
+        advertise_url=advertise_url,
     )

@@ -90,6 +90,11 @@ class NbdServer:
             return None
         return ExportInfo(vol.name, vol.size, f"sgw volume {vol.name}")
 
+    def connections_to(self, name: str) -> int:
+        """How many open connections serve the volume (it cannot be removed meanwhile)."""
+        vol = self.engine.volumes.get(name)
+        return sum(1 for c in self.connections if vol is not None and c.volume is vol)
+
     def listing(self) -> list[ExportInfo]:
         return [
             ExportInfo(v.name, v.size, f"sgw volume {v.name}") for v in self.engine.volumes.values()
@@ -167,6 +172,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._inflight = 0
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.peer = ""
+
+    @property
+    def volume(self) -> Volume | None:
+        """The volume the connection serves (None during the handshake)."""
+        return self._volume
 
     # -- asyncio protocol --------------------------------------------------------------
 

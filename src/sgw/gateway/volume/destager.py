@@ -204,6 +204,7 @@ class Destager:
         self.pass_through = False
         self._failing_since: float | None = None
         self._next_try = 0.0
+        self._hurry_until = -1  # destage at once up to this log record (hurry())
 
     def start(self) -> None:
         """Starts the background loop."""
@@ -231,11 +232,19 @@ class Destager:
         """Wakes the destager now (a snapshot marker should not wait for the log to fill)."""
         self._wake.set()
 
+    def hurry(self) -> None:
+        """Destages every record the log holds now, without waiting for it to fill or for
+        writes to pause (a volume about to be deleted is drained)."""
+        self._hurry_until = max(self._hurry_until, self.engine.log.next_seq - 1)
+        self._wake.set()
+
     def _due(self) -> bool:
         log = self.engine.log
         if log.used == 0:  # a re-sync of pass-through changes may be due
             return self.upload is not None and bool(self._dirty_volumes())
         if log.used >= self.start_bytes or log.space_waiters or self.engine.pending_snapshots():
+            return True
+        if log.tail_seq <= self._hurry_until:
             return True
         return time.monotonic() - self.last_append >= self.idle_seconds
 

@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import secrets
+import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -78,6 +80,9 @@ class VolumeEngine:
         self.snapshots: dict[str, SnapshotRequest] = {}
         # Set by whoever installs an upload step: without one, snapshots cannot be made.
         self.snapshots_enabled = False
+        # Registry saves run in worker threads: one at a time, each writing the registry
+        # as it is when the save starts, so the last save holds every change before it.
+        self._save_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -99,6 +104,9 @@ class VolumeEngine:
         specs = list(specs)
         registry_path = os.path.join(data_dir, REGISTRY_FILE)
         registry = _load_registry(registry_path)
+        # Volumes created at runtime (the control channel) open without configuration.
+        configured = {s.name for s in specs}
+        specs += [e.spec(n) for n, e in registry.items() if e.managed and n not in configured]
         changed = False
         next_id = max((v.id for v in registry.values()), default=0) + 1
         for spec in specs:
@@ -179,6 +187,8 @@ class VolumeEngine:
         names = {v.id: k for k, v in registry.items()}
         for rec in records:
             vol = self.by_id.get(rec.volume)
+            if vol is not None:
+                vol.last_seq = rec.seq
             if vol is None:
                 name = names.get(rec.volume, f"#{rec.volume}")
                 raise VolumeStateError(
@@ -248,6 +258,7 @@ class VolumeEngine:
                 log.waiter_done()
         else:
             rec = log.append(KIND_SNAPSHOT, vol.id, 0, len(payload), payload)
+        vol.last_seq = rec.seq
         req = SnapshotRequest(snapshot_id, name, description, rec.seq)
         self._forget_finished_snapshots()
         self.snapshots[snapshot_id] = req
@@ -263,7 +274,110 @@ class VolumeEngine:
         durably (blocking: run it off the event loop)."""
         if self.registry_path is None:
             raise VolumeStateError("this engine has no registry file to save")
-        _save_registry(self.registry_path, self.registry)
+        with self._save_lock:
+            _save_registry(self.registry_path, self.registry)
+
+    # -- volumes added and removed while the gateway runs (the control channel) ----------
+
+    def holds_log_data(self, name: str) -> bool:
+        """True while the write log holds a record of the volume (data not destaged yet,
+        or a snapshot marker not passed yet)."""
+        vol = self.volumes.get(name)
+        return vol is not None and vol.last_seq >= self.log.tail_seq
+
+    async def create_volume(
+        self,
+        spec: VolumeSpec,
+        *,
+        cache: ChunkCache | None = None,
+        read_ahead: int = DEFAULT_READ_AHEAD,
+        remote_id: str | None = None,
+    ) -> Volume:
+        """Adds a volume while the gateway runs: registered as managed (it opens at every
+        start without being configured), its disk made, served by the NBD listeners from
+        now on. ``remote_id``: the provider's volume it is bound to, made already."""
+        name = spec.name
+        if name in self.volumes or name in self.registry:
+            raise VolumeStateError(f"a volume named {name} exists on this gateway already")
+        if spec.size <= 0 or spec.size % BLOCK:
+            raise VolumeStateError(f"volume {name}: size {spec.size} is not a multiple of 4 KiB")
+        if spec.mode == MODE_CACHED and cache is None:
+            raise VolumeStateError(f"volume {name} is cached but the gateway has no chunk cache")
+        entry = RegistryEntry(
+            max((e.id for e in self.registry.values()), default=0) + 1,
+            spec.size,
+            spec.path,
+            mode=spec.mode,
+            snapshot=spec.snapshot,
+            restore_token=(
+                secrets.token_hex(16) if spec.snapshot and spec.mode == MODE_STORED else None
+            ),
+            managed=True,
+        )
+        if remote_id is not None:
+            # A snapshot's copy is never uploaded back; a new disk holds nothing to upload.
+            entry.remote_id, entry.remote_synced = remote_id, spec.snapshot is not None
+        if spec.mode == MODE_STORED:
+            await asyncio.to_thread(_remove_disk_file, spec.path)
+            disks = os.path.dirname(os.path.abspath(spec.path))
+            await asyncio.to_thread(os.makedirs, disks, 0o700, True)
+        self.registry[name] = entry
+        base: BaseStore
+        try:
+            await asyncio.to_thread(self.save_registry)
+            if spec.mode == MODE_CACHED:
+                assert cache is not None
+                base = CachedBaseStore(name, spec.size, cache, read_ahead)
+            else:
+                base = await asyncio.to_thread(FileBaseStore, spec.path, spec.size, True)
+        except BaseException:
+            self.registry.pop(name, None)
+            await asyncio.to_thread(self.save_registry)
+            raise
+        vol = Volume(name, entry.id, spec.size, base, self.log)
+        self.volumes[name] = vol
+        self.by_id[vol.id] = vol
+        LOG.info(
+            "volume created",
+            extra={"volume": name, "mode": spec.mode, "size": spec.size, "remote_id": remote_id},
+        )
+        return vol
+
+    async def remove_volume(self, name: str) -> None:
+        """Removes a volume created at runtime, with its disk file. Refused while the write
+        log holds any of its records (destage them first) or it has changes made in
+        pass-through that were not uploaded."""
+        vol = self.volumes.get(name)
+        entry = self.registry.get(name)
+        if vol is None or entry is None:
+            raise VolumeStateError(f"no volume named {name!r} on this gateway")
+        if not entry.managed:
+            raise VolumeStateError(
+                f"volume {name} is in the gateway's configuration: remove it there (and "
+                "restart the gateway) instead"
+            )
+        if self.holds_log_data(name):
+            raise VolumeStateError(
+                f"the write log still holds data of volume {name} that is not destaged; "
+                "delete it with drain (it waits for the destager) or after the data is uploaded"
+            )
+        if entry.dirty:
+            raise VolumeStateError(
+                f"volume {name} has changes made in pass-through that are not uploaded yet; "
+                "delete it once the provider is reachable and they are uploaded"
+            )
+        del self.volumes[name]
+        del self.by_id[vol.id]
+        del self.registry[name]
+        try:
+            await asyncio.to_thread(self.save_registry)
+        except BaseException:
+            self.registry[name], self.volumes[name], self.by_id[vol.id] = entry, vol, vol
+            raise
+        vol.base.close()
+        if entry.mode == MODE_STORED:
+            await asyncio.to_thread(_remove_disk_file, entry.path)
+        LOG.info("volume deleted", extra={"volume": name, "remote_id": entry.remote_id})
 
     async def flush(self) -> None:
         """Every write acknowledged so far is durable when this returns."""
@@ -308,6 +422,7 @@ class RegistryEntry:
     remote_pending: int | None = None
     remote_synced: bool = False
     mode: str = MODE_STORED
+    remote_created: bool = True  # False: remote_id chosen, the provider not yet asked
     snapshot: str | None = None
     restore_token: str | None = None
     restore_begun: bool = False
@@ -315,6 +430,12 @@ class RegistryEntry:
     # Byte ranges [start, end) changed on the local disk without an upload (pass-through),
     # aligned to DIRTY_GRAIN; uploaded again (and cleared) by the next commit.
     dirty: list[list[int]] = field(default_factory=list)
+    # Created at runtime (the control channel): opened at start without configuration.
+    managed: bool = False
+
+    def spec(self, name: str) -> VolumeSpec:
+        """The volume as if it were configured."""
+        return VolumeSpec(name, self.size, self.path, self.mode, self.snapshot)
 
     def add_dirty(self, start: int, end: int) -> None:
         """Records that ``[start, end)`` changed locally only."""
@@ -340,8 +461,20 @@ class RegistryEntry:
         return self.restore_token is not None and not self.restore_done
 
 
+def _remove_disk_file(path: str) -> None:
+    """Removes a volume's disk file that no registry entry names any more (left by a
+    crash between a delete's registry save and the unlink); devices are never touched."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode):
+        os.unlink(path)
+        LOG.info("volume disk file removed", extra={"path": path})
+
+
 def _save_registry(path: str, registry: dict[str, RegistryEntry]) -> None:
-    doc = {name: vars(entry) for name, entry in registry.items()}
+    doc = {name: vars(entry) for name, entry in list(registry.items())}
     write_atomically(path, json.dumps(doc, indent=2).encode())
 
 
@@ -368,11 +501,13 @@ def _load_registry(path: str) -> dict[str, RegistryEntry]:
                 remote_pending=_optional_int(e.get("remote_pending")),
                 remote_synced=bool(e.get("remote_synced", False)),
                 mode=str(e.get("mode", MODE_STORED)),
+                remote_created=bool(e.get("remote_created", True)),
                 snapshot=None if e.get("snapshot") is None else str(e["snapshot"]),
                 restore_token=None if e.get("restore_token") is None else str(e["restore_token"]),
                 restore_begun=bool(e.get("restore_begun", False)),
                 restore_done=bool(e.get("restore_done", False)),
                 dirty=[[int(a), int(b)] for a, b in e.get("dirty", [])],
+                managed=bool(e.get("managed", False)),
             )
             for name, e in data.items()
         }

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -93,6 +94,20 @@ class TokenBucket:
         self._stamp = now
         self._tokens -= n
         return -self._tokens / self.rate if self._tokens < 0 else 0.0
+
+    def set_rate(self, rate: int | None) -> None:
+        """Changes the limit from now on (None: no limit); the burst becomes one second's
+        worth. Tokens accrued so far count at the old rate; a debt is kept."""
+        if rate is not None and rate <= 0:
+            raise ValueError(f"bandwidth limit {rate} must be positive")
+        now = self._clock()
+        if self.rate is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        unlimited_before = self.rate is None
+        self.rate = rate
+        self.burst = float(rate or 0)
+        self._tokens = self.burst if unlimited_before else min(self._tokens, self.burst)
 
     async def acquire(self, n: int) -> None:
         """Waits until ``n`` bytes may be sent (no wait without a limit)."""
@@ -226,6 +241,17 @@ class Uploader:
         binding = await self._bind(vol, entry)
         vol.cached.load(binding.remote_id, binding.chunk_size, binding.map_version, binding.chunks)
 
+    async def bind(self, vol: Volume) -> str:
+        """Binds a volume to its remote volume now (created unless the registry names one
+        the provider made); returns the remote id."""
+        return (await self._bind(vol, self.engine.registry[vol.name])).remote_id
+
+    def forget(self, vol_id: int) -> None:
+        """Drops what this process knows of a removed volume's remote side (its id may be
+        given to a new volume later)."""
+        self._bindings.pop(vol_id, None)
+        self._unanswered.discard(vol_id)
+
     async def bind_restore(self, vol: Volume) -> tuple[str, int, dict[int, str]]:
         """Binds a stored volume created from a snapshot (its remote volume is created
         from the snapshot on first use); returns the remote id, chunk size and map."""
@@ -270,12 +296,22 @@ class Uploader:
         binding = self._bindings.get(vol.id)
         if binding is not None:
             return binding
-        if entry.remote_id is None:
+        if entry.remote_id is None or not entry.remote_created:
+            if entry.remote_id is None:
+                # The id is chosen here and recorded first: a retry after a lost reply (or
+                # a crash) asks for the same volume again instead of making another.
+                entry.remote_id, entry.remote_created = str(uuid.uuid4()), False
+                await self._save_registry()
             mode = vol.mode if vol.cached is not None else self.mode
             rv = await self.client.create_volume(
-                vol.name, vol.size, mode=mode, from_snapshot_id=entry.snapshot
+                vol.name,
+                vol.size,
+                mode=mode,
+                from_snapshot_id=entry.snapshot,
+                volume_id=entry.remote_id,
             )
             entry.remote_id, entry.remote_version = rv.id, rv.map_version
+            entry.remote_created = True
             # From a snapshot, the local disk becomes the snapshot's copy (restored lazily
             # before anything reads or changes it), never something to upload.
             entry.remote_pending, entry.remote_synced = None, entry.snapshot is not None

@@ -85,6 +85,9 @@ class Volume:
         # Set while a stored volume restores from a snapshot: its base may not be read or
         # written before ``restore.ensure`` covered the range.
         self.restore: LazyRestore | None = None
+        # Sequence number of the volume's newest log record (-1: none): the log holds
+        # records of the volume while this is at or past the log's tail.
+        self.last_seq = -1
 
     @property
     def mode(self) -> str:
@@ -189,6 +192,7 @@ class Volume:
             view[offset - start : offset - start + length] = data
             data, offset, length = buf, start, end - start
         rec = self.log.append(KIND_DATA, self.id, offset, length, data)
+        self.last_seq = rec.seq
         self.index.add_data(offset >> BLOCK_SHIFT, length >> BLOCK_SHIFT, rec.payload_pos)
         return rec
 
@@ -219,6 +223,7 @@ class Volume:
         """Appends a zero record for a block-aligned range."""
         kind = KIND_TRIM if punch else KIND_ZERO
         rec = self.log.append(kind, self.id, offset, length)
+        self.last_seq = rec.seq
         self.index.add_zero(offset >> BLOCK_SHIFT, length >> BLOCK_SHIFT, rec.virt, punch)
 
     # -- index upkeep (recovery and destage) --------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import ssl
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -21,9 +23,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sgw import __version__
 from sgw.common.chunks import MAX_CHUNK_SIZE
 from sgw.common.errors import (
+    ActivationKeyError,
+    AlreadyActivatedError,
     BadRequestError,
     ChecksumMismatchError,
     ChunkError,
+    ForbiddenError,
+    GatewayOfflineError,
     MissingChunksError,
     NotFoundError,
     ObjectStoreError,
@@ -34,9 +40,16 @@ from sgw.common.errors import (
     UnsupportedEncodingError,
     VersionConflictError,
 )
-from sgw.provider.api import blocks
-from sgw.provider.api.auth import DEV_ACCOUNT_ID, DEV_ACCOUNT_NAME, ensure_account
-from sgw.provider.blockstore.keys import open_keyring
+from sgw.provider.accounts import Accounts
+from sgw.provider.api import accounts, blocks, control, gateways, volume_admin
+from sgw.provider.api.auth import (
+    DEV_ACCOUNT_ID,
+    DEV_ACCOUNT_NAME,
+    Authenticator,
+    AuthMiddleware,
+    ensure_account,
+)
+from sgw.provider.blockstore.keys import MASTER_KEY_FILE, open_keyring, read_master_key
 from sgw.provider.blockstore.maps import (
     ChunkMaps,
     IdempotencyKeyError,
@@ -46,13 +59,25 @@ from sgw.provider.blockstore.maps import (
 from sgw.provider.blockstore.objects import ObjectStore, open_store
 from sgw.provider.blockstore.service import BlockService
 from sgw.provider.config import ProviderConfig
+from sgw.provider.control.commands import CommandPlanner
+from sgw.provider.control.hub import ControlHub
+from sgw.provider.control.peers import load_or_create_secret
+from sgw.provider.control.store import ControlStore
 from sgw.provider.db import schema
+from sgw.provider.gateways import Gateways
+from sgw.provider.nonces import NonceLedger
+from sgw.provider.tls import tls_files
+from sgw.provider.volume_settings import SecretBox, VolumeSettings
 
 LOG = logging.getLogger(__name__)
 
 # Our exceptions -> (HTTP status, error code); the first match in order wins.
 _STATUS: list[tuple[type[SgwError], int, str]] = [
     (UnauthenticatedError, 401, "unauthenticated"),
+    (ForbiddenError, 403, "forbidden"),
+    (ActivationKeyError, 400, "activation_key_invalid"),
+    (AlreadyActivatedError, 409, "already_activated"),
+    (GatewayOfflineError, 409, "gateway_offline"),
     (PayloadTooLargeError, 413, "payload_too_large"),
     (UnsupportedEncodingError, 415, "unsupported_encoding"),
     (MissingChunksError, 400, "missing_chunks"),
@@ -90,11 +115,29 @@ def create_app(config: ProviderConfig) -> FastAPI:
         ensure_account(sessions, DEV_ACCOUNT_ID, DEV_ACCOUNT_NAME)
         LOG.warning("insecure development mode: every request acts for account %s", DEV_ACCOUNT_ID)
     service = BlockService(ChunkMaps(sessions), store, keys)
+    nonces = NonceLedger(config.db_url)
+    account_repo = Accounts(sessions)
+    gateway_repo = Gateways(sessions)
+    master = read_master_key(os.path.join(config.data_dir, MASTER_KEY_FILE))
+    planner = CommandPlanner(service, gateway_repo)
+    control_store = ControlStore(config.db_url)
+    hub = ControlHub(
+        control_store,
+        server_id=str(uuid.uuid4()),
+        url=config.control_url,
+        secret=load_or_create_secret(config.data_dir),
+        verify=_peer_verify(config),
+        on_finished=planner.follow_up,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await hub.start()
         yield
+        await hub.stop()
+        control_store.close()
         service.close()
+        nonces.close()
         engine.dispose()
 
     app = FastAPI(
@@ -105,7 +148,19 @@ def create_app(config: ProviderConfig) -> FastAPI:
     )
     app.state.config = config
     app.state.blocks = service
+    app.state.accounts = account_repo
+    app.state.gateways = gateway_repo
+    app.state.volume_settings = VolumeSettings(sessions, SecretBox(master))
+    app.state.control = hub
+    app.state.commands = planner
     app.include_router(blocks.router)
+    app.include_router(control.router)
+    app.include_router(accounts.router)
+    app.include_router(gateways.router)
+    app.include_router(volume_admin.router)
+    # Outermost first: the body limit, then authentication, then the routes.
+    authenticator = Authenticator(account_repo, gateway_repo, nonces)
+    app.add_middleware(AuthMiddleware, authenticator=authenticator, limit=MAX_REQUEST_BODY)
     app.add_middleware(_BodyLimit, limit=MAX_REQUEST_BODY)
 
     @app.exception_handler(SgwError)
@@ -153,6 +208,14 @@ def _error(
     return JSONResponse(
         {"error": code, "message": message, **extra}, status_code=status, headers=headers
     )
+
+
+def _peer_verify(config: ProviderConfig) -> ssl.SSLContext | bool:
+    """How this server checks its peers' certificates: against the provider's own CA."""
+    ca = tls_files(config.data_dir).ca_cert
+    if config.scheme == "https" and os.path.exists(ca):
+        return ssl.create_default_context(cafile=ca)
+    return True
 
 
 def _holds_chunks(store: ObjectStore) -> bool:

@@ -3,26 +3,32 @@
 The routes only translate HTTP to ``BlockService`` calls and back. Chunk and block bodies
 are read here, as raw bytes with a size limit (the chunk size, or its zstd bound for a
 ``Content-Encoding: zstd`` body) enforced while reading, so an oversized upload is refused
-with 413 after at most that many bytes and never buffered whole.
+with 413 after at most that many bytes and never buffered whole. Decompressing and
+everything after it runs in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any, Literal
 
-import zstandard
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from sgw.common.errors import (
-    BadRequestError,
     ChecksumMismatchError,
     PayloadTooLargeError,
     UnsupportedEncodingError,
 )
-from sgw.provider.api.auth import CurrentAccount
+from sgw.provider.api.auth import (
+    CurrentAccount,
+    CurrentPrincipal,
+    check_snapshot,
+    record_snapshot,
+    volume_gateway,
+)
 from sgw.provider.blockstore.maps import SnapshotInfo, VolumeInfo, VolumeMode
 from sgw.provider.blockstore.service import (
     DEFAULT_PAGE,
@@ -30,6 +36,7 @@ from sgw.provider.blockstore.service import (
     BlockPage,
     BlockService,
     check_chunk_id,
+    inflate_body,
 )
 
 # Slack on top of zstd's worst-case expansion (ZSTD_compressBound) for frame headers,
@@ -73,6 +80,9 @@ class VolumeCreate(BaseModel):
     )
     from_snapshot_id: str | None = Field(None, description="start from a completed snapshot")
     gateway_id: str | None = None
+    id: str | None = Field(
+        None, description="a UUID chosen by the caller: asking again returns the same volume"
+    )
 
 
 class VolumeOut(BaseModel):
@@ -83,6 +93,7 @@ class VolumeOut(BaseModel):
     mode: Literal["cached", "stored"]
     map_version: int
     created: datetime
+    gateway_id: str | None = Field(None, description="the gateway it is on, if any")
 
     @classmethod
     def of(cls, v: VolumeInfo) -> VolumeOut:
@@ -94,6 +105,7 @@ class VolumeOut(BaseModel):
             mode=v.mode.value,
             map_version=v.map_version,
             created=v.created,
+            gateway_id=v.gateway_id,
         )
 
 
@@ -203,8 +215,15 @@ router = APIRouter(prefix="/v1")
 
 
 @router.post("/volumes", status_code=201, tags=["volumes"], responses=_errors(400, 404, 409, 422))
-def create_volume(body: VolumeCreate, account: CurrentAccount, service: Service) -> VolumeOut:
+def create_volume(
+    body: VolumeCreate,
+    account: CurrentAccount,
+    principal: CurrentPrincipal,
+    service: Service,
+    request: Request,
+) -> VolumeOut:
     """Creates a volume, all zero or with the blocks of a completed snapshot."""
+    gateway_id = volume_gateway(request, principal, body.gateway_id, body.from_snapshot_id)
     volume = service.create_volume(
         account,
         body.name,
@@ -212,7 +231,8 @@ def create_volume(body: VolumeCreate, account: CurrentAccount, service: Service)
         mode=VolumeMode(body.mode),
         chunk_size=body.chunk_size,
         from_snapshot_id=body.from_snapshot_id,
-        gateway_id=body.gateway_id,
+        gateway_id=gateway_id,
+        volume_id=body.id,
     )
     return VolumeOut.of(volume)
 
@@ -259,8 +279,12 @@ async def put_chunk(
             f"x-sgw-sha256 {sha256} differs from the chunk id {chunk_id} in the path; "
             "both are the SHA-256 of the chunk's plaintext"
         )
-    data = await _read_body(request, volume.chunk_size, f"chunk {chunk_id}")
-    created = await run_in_threadpool(service.put_chunk, account, volume.id, chunk_id, data)
+    what = f"chunk {chunk_id}"
+    encoding = _content_encoding(request, what)
+    body = await _read_wire_body(request, volume.chunk_size, encoding, what)
+    created = await run_in_threadpool(
+        partial(service.put_chunk, zstd=encoding == "zstd"), account, volume.id, chunk_id, body
+    )
     response.status_code = 201 if created else 200
     return ChunkStored(chunk_id=chunk_id)
 
@@ -302,30 +326,41 @@ def commit(volume_id: str, body: CommitIn, account: CurrentAccount, service: Ser
     responses=_errors(400, 404, 409, 422),
 )
 def snapshot_volume(
+    *,
     volume_id: str,
     account: CurrentAccount,
+    principal: CurrentPrincipal,
     service: Service,
+    request: Request,
     body: VolumeSnapshotCreate | None = None,
 ) -> SnapshotOut:
     """A completed snapshot of the volume's current map (or of the given version)."""
     body = body or VolumeSnapshotCreate(snapshot_id=None, map_version=None)
-    return SnapshotOut.of(
-        service.snapshot_volume(
-            account,
-            volume_id,
-            body.description,
-            snapshot_id=body.snapshot_id,
-            map_version=body.map_version,
-        )
+    snapshot = service.snapshot_volume(
+        account,
+        volume_id,
+        body.description,
+        snapshot_id=body.snapshot_id,
+        map_version=body.map_version,
     )
+    record_snapshot(request, principal, snapshot.id)
+    return SnapshotOut.of(snapshot)
 
 
 # Snapshots (block API)
 
 
 @router.post("/snapshots", status_code=201, tags=["snapshots"], responses=_errors(400, 404, 409))
-def start_snapshot(body: SnapshotCreate, account: CurrentAccount, service: Service) -> SnapshotOut:
+def start_snapshot(
+    body: SnapshotCreate,
+    account: CurrentAccount,
+    principal: CurrentPrincipal,
+    service: Service,
+    request: Request,
+) -> SnapshotOut:
     """A pending snapshot to put blocks into (from its parent's blocks if given)."""
+    if body.parent_snapshot_id is not None:
+        check_snapshot(request, principal, body.parent_snapshot_id)
     snapshot = service.start_snapshot(
         account,
         body.volume_size,
@@ -333,6 +368,7 @@ def start_snapshot(body: SnapshotCreate, account: CurrentAccount, service: Servi
         parent_snapshot_id=body.parent_snapshot_id,
         description=body.description,
     )
+    record_snapshot(request, principal, snapshot.id)
     return SnapshotOut.of(snapshot)
 
 
@@ -434,14 +470,20 @@ def zstd_bound(size: int) -> int:
     return size + (size >> 8) + small + _ZSTD_FRAMING
 
 
-async def _read_body(request: Request, limit: int, what: str) -> bytes:
-    """The request's plaintext body, at most ``limit`` bytes, decoding zstd if sent so."""
+def _content_encoding(request: Request, what: str) -> str:
+    """The body's Content-Encoding: "identity" or "zstd" (else 415)."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in {"identity", "zstd"}:
         raise UnsupportedEncodingError(
             f"{what}: Content-Encoding {encoding!r} is not supported; send the data as is "
             "or compressed with zstd (Content-Encoding: zstd)"
         )
+    return encoding
+
+
+async def _read_wire_body(request: Request, limit: int, encoding: str, what: str) -> bytes:
+    """The body as sent, refused (413) past what ``limit`` bytes of data can take on the
+    wire in ``encoding``."""
     wire_limit = limit if encoding == "identity" else zstd_bound(limit)
     too_large = PayloadTooLargeError(
         f"{what} is larger than {limit} bytes, the most this call accepts (the chunk size); "
@@ -450,29 +492,20 @@ async def _read_body(request: Request, limit: int, what: str) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > wire_limit:
         raise too_large
-    body = bytearray()
+    parts: list[bytes] = []
+    size = 0
     async for part in request.stream():
-        body += part
-        if len(body) > wire_limit:
+        size += len(part)
+        if size > wire_limit:
             raise too_large
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def _read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request's plaintext body, at most ``limit`` bytes, decoding zstd if sent so."""
+    encoding = _content_encoding(request, what)
+    body = await _read_wire_body(request, limit, encoding, what)
     if encoding == "identity":
-        return bytes(body)
-    return _inflate(bytes(body), limit, what, too_large)
-
-
-def _inflate(data: bytes, limit: int, what: str, too_large: PayloadTooLargeError) -> bytes:
-    """Decompresses zstd frames, refusing more than ``limit`` bytes of output."""
-    out = bytearray()
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-        with reader:
-            while piece := reader.read(limit + 1 - len(out)):
-                out += piece
-                if len(out) > limit:
-                    raise too_large
-    except zstandard.ZstdError as e:
-        raise BadRequestError(
-            f"{what}: the body is sent with Content-Encoding zstd but is not valid zstd ({e}); "
-            "compress it with zstd or drop the header"
-        ) from e
-    return bytes(out)
+        return body
+    return inflate_body(body, limit, what)

@@ -185,14 +185,33 @@ class ChunkMaps:
         mode: VolumeMode = VolumeMode.CACHED,
         gateway_id: str | None = None,
         from_snapshot_id: str | None = None,
+        volume_id: str | None = None,
     ) -> VolumeInfo:
         """A new volume of ``size`` bytes, all zero or with the map of a completed snapshot.
 
         From a snapshot only the segment pointers are copied (instant at any size);
         ``chunk_size`` then defaults to the snapshot's and must equal it, and the volume
         shares the snapshot's key scope (its chunks are the snapshot's). A new empty
-        volume starts a key scope of its own, named by its id.
+        volume starts a key scope of its own, named by its id. A caller may choose the id
+        (``volume_id``, a UUID): asking again for the same volume returns it, so a retry
+        after a lost reply does not fail or leave an orphan behind.
         """
+        if volume_id is not None:
+            volume_id = _check_uuid(volume_id, "volume id")
+            with self._sessions() as s:
+                existing = s.get(Volume, volume_id)
+                if existing is not None:
+                    same = (
+                        existing.account_id == account_id
+                        and existing.name == name
+                        and existing.size == size
+                        and existing.mode == VolumeMode(mode).value
+                    )
+                    if not same:
+                        raise NameTakenError(
+                            f"volume id {volume_id} is taken by another volume; choose another"
+                        )
+                    return _volume_info(existing)
         if not name or len(name) > NAME_MAX:
             raise ValueError(f"volume name {name!r}: give 1 to {NAME_MAX} characters")
         mode = VolumeMode(mode)
@@ -233,7 +252,7 @@ class ChunkMaps:
                 raise NameTakenError(
                     f"account {account_id} already has a volume named {name!r}; pick another name"
                 )
-            volume_id = str(uuid.uuid4())
+            volume_id = volume_id or str(uuid.uuid4())
             volume = Volume(
                 id=volume_id,
                 account_id=account_id,

@@ -23,7 +23,8 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +39,14 @@ LOG = logging.getLogger(__name__)
 MAX_KEY_BYTES = 1024  # S3's limit on an object key
 MAX_SEGMENT_BYTES = 255  # NAME_MAX on Linux file systems
 _TEMP_SUFFIX = ".tmp"
+# Files fsynced at once by ``DirectoryStore.sync``: concurrent fsyncs share the file
+# system's journal commits and keep the disk's queue full.
+_SYNC_WORKERS = 16
+
+# What puts take: any contiguous byte buffer (an encoded chunk is a bytearray).
+Data = bytes | bytearray | memoryview
+# Tells whether an object's bytes are intact (``sync``); it must not keep the buffer.
+ObjectCheck = Callable[[bytes], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +66,23 @@ class ObjectInfo:
 class ObjectStore(Protocol):
     """A flat namespace of immutable-by-convention objects under string keys."""
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Data, *, durable: bool = True) -> None:
         """Stores ``data`` under ``key`` atomically: readers see all of it or none.
 
         Putting a key again replaces the object; putting the same data again is harmless.
+        With ``durable=False`` the store may answer before the object would survive a
+        power loss (``sync`` makes it durable later), and it keeps an object already
+        stored under ``key`` instead of replacing it: a put that is not durable never
+        replaces one that is. Stores whose every put is durable ignore the flag.
+        """
+        ...
+
+    def sync(self, keys: Sequence[str], check: ObjectCheck | None = None) -> list[str]:
+        """Makes the objects under ``keys`` durable; returns the keys it could not, those
+        missing or (with ``check``) whose bytes ``check`` calls damaged: a put that was not
+        durable when the machine lost power may have left a truncated or zeroed file.
+
+        Stores whose every put is durable have nothing to do and return [] unchecked.
         """
         ...
 
@@ -132,11 +154,16 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._objects)} objects)"
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Data, *, durable: bool = True) -> None:
         check_key(key)
         with self._lock:
             self._objects[key] = bytes(data)
             self._times[key] = time.time()
+
+    def sync(self, keys: Sequence[str], check: ObjectCheck | None = None) -> list[str]:
+        for key in keys:
+            check_key(key)
+        return []
 
     def get(self, key: str) -> bytes:
         check_key(key)
@@ -186,15 +213,22 @@ class DirectoryStore:
     """Objects as files under a root directory: the embedded default.
 
     A put writes a uniquely named temporary file (``.<name>.<random>.tmp``) next to the
-    target, fsyncs it, renames it over the target and fsyncs the directory, so concurrent
-    writers of one key never mix their bytes and a crash leaves the old object, the new
-    one or nothing, plus at worst a temporary file that ``remove_temp_files`` cleans up.
-    Files are created mode 0600, directories 0700. Empty directories are left behind by
-    delete: removing them would race with a concurrent put into the same directory.
+    target and then gives it the target's name, so concurrent writers of one key never
+    mix their bytes and a crash leaves the old object, the new one or nothing, plus at
+    worst a temporary file that ``remove_temp_files`` cleans up. A durable put fsyncs the
+    file, renames it over the target and fsyncs the directory. A put with
+    ``durable=False`` links the file to the target name only if that is free (so it never
+    replaces an object, durable or not) and fsyncs nothing: ``sync`` does that later, for
+    many objects at once, and checks that each one survived; the directories such a put
+    makes are synced then too. Files are created mode 0600, directories 0700. Empty
+    directories are left behind by delete: removing them would race with a concurrent put
+    into the same directory.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
         except OSError as e:
@@ -208,7 +242,7 @@ class DirectoryStore:
         check_key(key)
         return os.path.join(self.root, *key.split("/"))
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Data, *, durable: bool = True) -> None:
         path = self.path(key)
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}{_TEMP_SUFFIX}")
@@ -216,20 +250,63 @@ class DirectoryStore:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileNotFoundError:
-                self._make_dirs(directory)
+                self._make_dirs(directory, durable=durable)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                with memoryview(data) as view:
+                    written = 0
+                    while written < len(view):
+                        written += os.write(fd, view[written:])
+                if durable:
+                    os.fsync(fd)
+                else:
+                    # Starts writing the pages back now (dirty pages are not dropped), so
+                    # that the sync that makes the object durable has less to wait for.
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
-            _fsync_dir(directory)
+            if durable:
+                os.replace(tmp, path)
+                _fsync_dir(directory)
+                return
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                if not os.path.isfile(path):  # a directory: the key cannot be an object
+                    raise
+            finally:
+                _unlink_quietly(tmp)
         except OSError as e:
             _unlink_quietly(tmp)
             raise ObjectStoreError(f"cannot store object {key!r} in {self.root}: {e}") from e
+
+    def sync(self, keys: Sequence[str], check: ObjectCheck | None = None) -> list[str]:
+        paths = [self.path(key) for key in keys]
+        synced = self._each(lambda path: _sync_file(path, check), paths)
+        # The names too: each file's directory and the directories above it up to the root
+        # (a put that is not durable does not sync the directories it makes either).
+        directories: set[str] = set()
+        for path, ok in zip(paths, synced, strict=True):
+            directory = os.path.dirname(path)
+            while ok and directory not in directories:
+                directories.add(directory)
+                if directory == self.root:
+                    break
+                directory = os.path.dirname(directory)
+        self._each(_sync_directory, sorted(directories))
+        return [key for key, ok in zip(keys, synced, strict=True) if not ok]
+
+    def _each(self, func: Callable[[str], bool], paths: list[str]) -> list[bool]:
+        """``func`` of every path, in parallel when there are several."""
+        if len(paths) <= 1:
+            return [func(path) for path in paths]
+        return list(self._sync_pool().map(func, paths))
+
+    def _sync_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_SYNC_WORKERS, thread_name_prefix="sgw-sync")
+            return self._pool
 
     def get(self, key: str) -> bytes:
         path = self.path(key)
@@ -339,8 +416,9 @@ class DirectoryStore:
             elif entry.is_file(follow_symlinks=False):
                 yield key_prefix + entry.name, entry
 
-    def _make_dirs(self, directory: str) -> None:
-        """Creates ``directory`` and its missing parents below the root, each one durable."""
+    def _make_dirs(self, directory: str, *, durable: bool) -> None:
+        """Creates ``directory`` and its missing parents below the root; ``durable``: each
+        one at once (else ``sync`` makes them durable with the objects in them)."""
         missing: list[str] = []
         while directory != self.root and not os.path.isdir(directory):
             missing.append(directory)
@@ -352,7 +430,8 @@ class DirectoryStore:
                 if not os.path.isdir(path):
                     raise
                 continue
-            _fsync_dir(os.path.dirname(path))
+            if durable:
+                _fsync_dir(os.path.dirname(path))
 
 
 def _fsync_dir(directory: str) -> None:
@@ -361,6 +440,50 @@ def _fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_file(path: str, check: ObjectCheck | None) -> bool:
+    """Fsyncs one object's file after ``check`` passed its bytes; False if it is missing
+    or damaged."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return False
+    except OSError as e:
+        raise ObjectStoreError(f"cannot sync {path}: {e}") from e
+    try:
+        if check is not None and not check(_read_all(fd)):
+            return False
+        try:
+            os.fsync(fd)
+        except OSError:
+            # What reached the disk is unknown now, and a later fsync may well report
+            # success: the file can never be trusted again. Without it, the next upload
+            # of the object writes a new one.
+            LOG.error("fsync failed; removing the object file", extra={"path": path})
+            _unlink_quietly(path)
+            raise
+        # Objects are written once and seldom read: keeping them cached would only push
+        # out other pages, and freed pages are the cheapest to write the next ones into.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as e:
+        raise ObjectStoreError(f"cannot sync {path}: {e}") from e
+    finally:
+        os.close(fd)
+    return True
+
+
+def _sync_directory(path: str) -> bool:
+    try:
+        _fsync_dir(path)
+    except OSError as e:
+        raise ObjectStoreError(f"cannot sync directory {path}: {e}") from e
+    return True
+
+
+def _read_all(fd: int) -> bytes:
+    """The file behind ``fd``, from its start (short only if it shrank meanwhile)."""
+    return os.pread(fd, os.fstat(fd).st_size, 0)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -425,12 +548,18 @@ class S3Store:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
         return f"S3Store(s3://{self.bucket}/{self.prefix}{where})"
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Data, *, durable: bool = True) -> None:
         check_key(key)
         try:
             self._client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=bytes(data))
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise self._error("store", key, e) from e
+
+    def sync(self, keys: Sequence[str], check: ObjectCheck | None = None) -> list[str]:
+        """Nothing to do: S3 has an object durably when its PUT is answered."""
+        for key in keys:
+            check_key(key)
+        return []
 
     def get(self, key: str) -> bytes:
         check_key(key)

@@ -11,6 +11,14 @@ that is already there stores nothing (it is only rewritten when it is old, which
 its time against garbage collection's grace period), so uploads are idempotent and may
 run in parallel.
 
+Durability. A chunk upload is answered before its object is durable (the directory store
+does not fsync it then); the commit that names chunks first makes them durable and checks
+that each is whole (``ObjectStore.sync``, inside the commit's transaction), so a committed
+map never names a chunk that a power loss could still take, or took part of. A damaged
+one is refused like a missing one (400 ``missing_chunks``), and uploading it again
+replaces it. A chunk body sent as one zstd frame that declares its size is stored as that
+frame (after inflating it to check the SHA-256), not compressed a second time.
+
 Garbage collection (``gc``) may delete a chunk that no map references at any moment, also
 one uploaded a moment ago whose commit has not come yet (a grace period makes that rare,
 not impossible). So a commit checks that its chunks exist *inside* its transaction, with
@@ -39,15 +47,25 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import zstandard
+
+from sgw.common.chunks import (
+    check_chunk,
+    decode_chunk,
+    encode_chunk,
+    inflate_frame,
+    is_zero,
+)
 from sgw.common.chunks import chunk_id as sha256_id
-from sgw.common.chunks import decode_chunk, encode_chunk, is_zero
 from sgw.common.errors import (
     BadRequestError,
     ChecksumMismatchError,
+    ChunkCorruptError,
     ChunkError,
     MissingChunksError,
     NotFoundError,
     ObjectNotFoundError,
+    PayloadTooLargeError,
     StoredChunkError,
 )
 from sgw.provider.blockstore.keys import KeyRing
@@ -143,6 +161,7 @@ class BlockService:
         chunk_size: int | None = None,
         from_snapshot_id: str | None = None,
         gateway_id: str | None = None,
+        volume_id: str | None = None,
     ) -> VolumeInfo:
         with _client_errors():
             return self.maps.create_volume(
@@ -153,6 +172,7 @@ class BlockService:
                 mode=mode,
                 gateway_id=gateway_id,
                 from_snapshot_id=from_snapshot_id,
+                volume_id=volume_id,
             )
 
     def get_volume(self, account: str, volume_id: str) -> VolumeInfo:
@@ -162,26 +182,40 @@ class BlockService:
         """Deletes the volume and its map; its chunks stay for its snapshots (GC later)."""
         self.maps.delete_volume(self.get_volume(account, volume_id).id)
 
-    def put_chunk(self, account: str, volume_id: str, chunk_id: str, data: bytes) -> bool:
+    def put_chunk(
+        self, account: str, volume_id: str, chunk_id: str, body: bytes, *, zstd: bool = False
+    ) -> bool:
         """Stores a chunk for the volume; True if it was new, False if already there.
 
-        ``chunk_id`` must be the SHA-256 of ``data``; ``data`` at most the volume's chunk
-        size and not all zero (zero chunks are a null map entry, never an object).
+        ``body`` is the chunk's plaintext, or with ``zstd`` its zstd compression (sent
+        ``Content-Encoding: zstd``). ``chunk_id`` must be the SHA-256 of the plaintext,
+        which must be at most the volume's chunk size and not all zero (zero chunks are a
+        null map entry, never an object). A body that is exactly one zstd frame declaring
+        its size is stored as it is after these checks, not compressed again.
         """
         volume = self.get_volume(account, volume_id)
         check_chunk_id(chunk_id, "chunk id")
+        what = f"chunk {chunk_id}"
+        frame: bytes | None = None
+        data = body
+        if zstd:
+            inflated = inflate_frame(body, volume.chunk_size)
+            if inflated is None:
+                data = inflate_body(body, volume.chunk_size, what)
+            else:
+                data, frame = inflated, body
         if len(data) > volume.chunk_size:
             raise BadRequestError(
                 f"chunk {chunk_id} has {len(data)} bytes, more than volume {volume.id}'s "
                 f"chunk size of {volume.chunk_size}; split the data into chunks"
             )
-        _verify(data, chunk_id, f"chunk {chunk_id}")
+        _verify(data, chunk_id, what)
         if is_zero(data):
             raise BadRequestError(
                 f"chunk {chunk_id} is all zero; zero chunks are not stored: commit null "
                 "for its index instead"
             )
-        return self._store_chunk(volume.key_scope, chunk_id, data)
+        return self._store_chunk(volume.key_scope, chunk_id, data, frame=frame)
 
     def get_chunk(self, account: str, volume_id: str, chunk_id: str) -> bytes:
         """The plaintext of a chunk stored in the volume's key scope (see the module doc)."""
@@ -394,19 +428,33 @@ class BlockService:
 
     # Chunk objects
 
-    def _store_chunk(self, scope: str, chunk_id: str, data: bytes) -> bool:
-        """Stores the chunk unless it is there; True if it was not. An old copy is
-        rewritten (see REFRESH_AGE) but still counts as there."""
+    def _store_chunk(
+        self, scope: str, chunk_id: str, data: bytes, *, frame: bytes | None = None
+    ) -> bool:
+        """Stores the chunk unless an intact copy is there; True if none was. An old copy
+        is rewritten (see REFRESH_AGE) but still counts as there.
+
+        A new object is put without waiting for it to be durable: the commit that names it
+        makes it so (``_require_chunks``). Replacing an object (an old or a damaged copy)
+        is durable at once, since a committed map may name it already.
+        """
         key = chunk_key(scope, chunk_id)
         info = self.store.stat(key)
+        damaged = False
         if info is not None and time.time() - info.modified < REFRESH_AGE:
-            return False
-        self.store.put(key, encode_chunk(data, self.keys.key(scope)))
+            damaged = bool(self.store.sync([key], check=_intact))
+            if not damaged:
+                return False
+            LOG.warning(
+                "stored chunk is damaged; replacing it", extra={"scope": scope, "chunk": chunk_id}
+            )
+        blob = encode_chunk(data, self.keys.key(scope), frame=frame)
+        self.store.put(key, blob, durable=info is not None)
         LOG.debug(
-            "chunk stored" if info is None else "old chunk rewritten",
+            "chunk stored" if info is None else "chunk rewritten",
             extra={"scope": scope, "chunk": chunk_id, "bytes": len(data)},
         )
-        return info is None
+        return info is None or damaged
 
     def _read_chunk(self, scope: str, chunk_id: str) -> bytes:
         blob = self.store.get(chunk_key(scope, chunk_id))
@@ -423,9 +471,21 @@ class BlockService:
 
     def _require_chunks(self, owner: VolumeInfo | SnapshotInfo, chunk_ids: list[str]) -> None:
         """MissingChunksError unless the store holds every one of ``chunk_ids`` in the
-        key scope of ``owner`` (a volume, or a snapshot taking blocks)."""
+        key scope of ``owner`` (a volume, or a snapshot taking blocks), whole; makes them
+        durable."""
         present = self._exist(owner.key_scope, chunk_ids)
         missing = [c for c, ok in zip(chunk_ids, present, strict=True) if not ok]
+        if not missing:
+            # Chunks are put without fsync; here, before a map names them, they are made
+            # durable, and checked: a put cut short by a power loss leaves a damaged file.
+            keys = [chunk_key(owner.key_scope, c) for c in chunk_ids]
+            failed = set(self.store.sync(keys, check=_intact))
+            missing = [c for c, k in zip(chunk_ids, keys, strict=True) if k in failed]
+            if missing:
+                LOG.error(
+                    "chunks named by a commit are damaged in the store; refusing it",
+                    extra={"scope": owner.key_scope, "chunks": missing[:_MISSING_NAMED]},
+                )
         if not missing:
             return
         named = ", ".join(missing[:_MISSING_NAMED])
@@ -441,7 +501,8 @@ class BlockService:
             what = f"snapshot {owner.id}: the block"
             fix = "put the block again"
         raise MissingChunksError(
-            f"{what} names {len(missing)} chunk(s) the store does not hold: {named}{more}; {fix}",
+            f"{what} names {len(missing)} chunk(s) the store does not hold intact: "
+            f"{named}{more}; {fix}",
             missing,
         )
 
@@ -450,6 +511,37 @@ class BlockService:
         if len(keys) <= 1:
             return [self.store.exists(k) for k in keys]
         return list(self._pool.map(self.store.exists, keys))
+
+
+def inflate_body(body: bytes, limit: int, what: str) -> bytes:
+    """Decompresses a ``Content-Encoding: zstd`` body (one or more frames), refusing more
+    than ``limit`` bytes of output (PayloadTooLargeError) and invalid zstd (400)."""
+    out = bytearray()
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
+        with reader:
+            while piece := reader.read(limit + 1 - len(out)):
+                out += piece
+                if len(out) > limit:
+                    raise PayloadTooLargeError(
+                        f"{what} is larger than {limit} bytes, the most this call accepts "
+                        "(the chunk size); send at most one chunk of data"
+                    )
+    except zstandard.ZstdError as e:
+        raise BadRequestError(
+            f"{what}: the body is sent with Content-Encoding zstd but is not valid zstd ({e}); "
+            "compress it with zstd or drop the header"
+        ) from e
+    return bytes(out)
+
+
+def _intact(blob: bytes) -> bool:
+    """True if a stored chunk's structure and checksum are whole (no key needed)."""
+    try:
+        check_chunk(blob)
+    except ChunkCorruptError:
+        return False
+    return True
 
 
 def _verify(data: bytes, expected: str, what: str) -> None:

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Dialect,
     ForeignKey,
@@ -47,7 +48,9 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime, TypeDecorator
@@ -63,6 +66,9 @@ NAME_MAX = 255
 KEY_MAX = 255
 # Longest key scope: scopes are the id of the volume or snapshot that started them.
 KEY_SCOPE_MAX = 36
+# A raw 32-byte Ed25519 public key, or a SHA-256 digest, in hex.
+PUBLIC_KEY_HEX = 64
+DIGEST_HEX = 64
 
 # Constraint names are part of the schema that later migrations must name; a convention
 # keeps them identical on SQLite and PostgreSQL.
@@ -84,6 +90,13 @@ class VolumeMode(enum.StrEnum):
 
     CACHED = "cached"
     STORED = "stored"
+
+
+class GatewayStatus(enum.StrEnum):
+    """An activated gateway is ``active`` until an admin deactivates it (for good)."""
+
+    ACTIVE = "active"
+    DEACTIVATED = "deactivated"
 
 
 class SnapshotStatus(enum.StrEnum):
@@ -130,18 +143,36 @@ class Account(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # The provider's operator account (made by ``sgw provider init``) may create accounts.
+    operator: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Gateway(Base):
-    """An appliance belonging to an account (activation and credentials come later)."""
+    """An appliance belonging to an account, known by the Ed25519 public key it activated
+    with; its requests are signed with that key (docs/adr/0003-gateway-authentication.md).
+    """
 
     __tablename__ = "gateways"
-    __table_args__ = (UniqueConstraint("account_id", "name"),)
+    __table_args__ = (
+        UniqueConstraint("account_id", "name"),
+        Index("ix_gateways_public_key", "public_key", unique=True),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
     name: Mapped[str] = mapped_column(String(NAME_MAX))
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # Raw Ed25519 public key as 64 lowercase hex digits; None for gateways made without
+    # activation (development), which cannot sign requests.
+    public_key: Mapped[str | None] = mapped_column(String(PUBLIC_KEY_HEX))
+    status: Mapped[str] = mapped_column(
+        String(16), default=GatewayStatus.ACTIVE.value, server_default=GatewayStatus.ACTIVE.value
+    )
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    activated: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    deactivated: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # Last authenticated request (updated at most once a minute per gateway).
+    last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class Volume(Base):
@@ -261,3 +292,164 @@ class CommitRecord(Base):
     version: Mapped[int] = mapped_column(BigInteger)
     changes_digest: Mapped[str] = mapped_column(String(64))
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class ApiToken(Base):
+    """An admin API token of an account, stored as the SHA-256 of the token.
+
+    Tokens are 256 random bits, so a plain digest cannot be reversed or guessed; a slow
+    password hash would only slow every request.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    token_hash: Mapped[str] = mapped_column(String(DIGEST_HEX), unique=True)
+    created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    last_used: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class UsedActivationKey(Base):
+    """An activation key that activated a gateway: each key works once.
+
+    Kept until the key expires (a key is valid for 30 minutes); ``digest`` is the SHA-256
+    of the key's signed part.
+    """
+
+    __tablename__ = "used_activation_keys"
+
+    digest: Mapped[str] = mapped_column(String(DIGEST_HEX), primary_key=True)
+    gateway_id: Mapped[str | None] = mapped_column(ForeignKey("gateways.id", ondelete="SET NULL"))
+    expires: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+
+
+class RequestNonce(Base):
+    """A signed request's nonce, kept while its timestamp is inside the clock-skew window
+    so that a replay of the request is refused."""
+
+    __tablename__ = "request_nonces"
+
+    key_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+
+
+class GatewaySnapshot(Base):
+    """Which gateway started a snapshot, so that it (and only it, among gateways) may use
+    the snapshot after its volume is gone or when it was built through the block API."""
+
+    __tablename__ = "gateway_snapshots"
+
+    snapshot_id: Mapped[str] = mapped_column(
+        ForeignKey("snapshots.id", ondelete="CASCADE"), primary_key=True
+    )
+    gateway_id: Mapped[str] = mapped_column(
+        ForeignKey("gateways.id", ondelete="CASCADE"), index=True
+    )
+
+
+class SnapshotSchedule(Base):
+    """When a volume is snapshotted automatically: every ``recurrence_hours`` hours from
+    ``start_hour`` (in the gateway's time zone), keeping the newest ``retain``."""
+
+    __tablename__ = "snapshot_schedules"
+    __table_args__ = (
+        CheckConstraint("start_hour >= 0 AND start_hour < 24", name="start_hour"),
+        CheckConstraint("recurrence_hours IN (1, 2, 4, 8, 12, 24)", name="recurrence_hours"),
+        CheckConstraint("retain IS NULL OR retain > 0", name="retain"),
+    )
+
+    volume_id: Mapped[str] = mapped_column(
+        ForeignKey("volumes.id", ondelete="CASCADE"), primary_key=True
+    )
+    start_hour: Mapped[int] = mapped_column(Integer)
+    recurrence_hours: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str | None] = mapped_column(String(NAME_MAX))
+    retain: Mapped[int | None] = mapped_column(Integer)
+    updated: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class ChapCredential(Base):
+    """A volume's CHAP credentials for one initiator; the secrets are encrypted (AES-GCM
+    under a key derived from the master key), since LIO needs them in the clear."""
+
+    __tablename__ = "chap_credentials"
+
+    volume_id: Mapped[str] = mapped_column(
+        ForeignKey("volumes.id", ondelete="CASCADE"), primary_key=True
+    )
+    initiator: Mapped[str] = mapped_column(String(NAME_MAX), primary_key=True)
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    # Mutual CHAP: the secret the target proves itself with; None for one-way CHAP.
+    target_secret: Mapped[bytes | None] = mapped_column(LargeBinary)
+    updated: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class ControlServer(Base):
+    """A running control server (a ``sgw provider serve`` process): where its peers reach
+    it, and its last heartbeat; one without a recent heartbeat is gone."""
+
+    __tablename__ = "control_servers"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    url: Mapped[str] = mapped_column(String(NAME_MAX))
+    started: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    heartbeat: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+
+
+class GatewayConnection(Base):
+    """Which control server holds a gateway's long-poll (the registration table): fresh
+    while that server's heartbeat is recent; the server removes it when the gateway's
+    connection closes or it stops polling. ``heartbeat``: when it was last registered."""
+
+    __tablename__ = "gateway_connections"
+
+    gateway_id: Mapped[str] = mapped_column(
+        ForeignKey("gateways.id", ondelete="CASCADE"), primary_key=True
+    )
+    server_id: Mapped[str] = mapped_column(String(36), index=True)
+    since: Mapped[datetime] = mapped_column(UtcDateTime())
+    heartbeat: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class ControlMessage(Base):
+    """A command for a gateway and its outcome (the control channel).
+
+    ``status``: queued -> delivered (sent in a poll's answer, sent again if not
+    acknowledged in time) -> acknowledged (the gateway holds it durably) -> succeeded or
+    failed (its reply); queued or delivered ones past ``expires`` become expired. The
+    gateway executes each ``idempotency_key`` once, however often it is delivered.
+    """
+
+    __tablename__ = "control_messages"
+    __table_args__ = (
+        UniqueConstraint("gateway_id", "idempotency_key"),
+        CheckConstraint(
+            "status IN ('queued', 'delivered', 'acknowledged', 'succeeded', 'failed', 'expired')",
+            name="status",
+        ),
+        Index(None, "status", "gateway_id"),
+        Index(None, "gateway_id", "created"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    gateway_id: Mapped[str] = mapped_column(ForeignKey("gateways.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(64))
+    args: Mapped[str] = mapped_column(Text)  # JSON object
+    idempotency_key: Mapped[str] = mapped_column(String(KEY_MAX))
+    status: Mapped[str] = mapped_column(String(16))
+    # The server that accepted the command: replies are forwarded there for its waiters.
+    origin_server: Mapped[str | None] = mapped_column(String(36))
+    created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    expires: Mapped[datetime] = mapped_column(UtcDateTime())
+    delivered: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    acknowledged: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    completed: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    result: Mapped[str | None] = mapped_column(Text)  # JSON object
+    error: Mapped[str | None] = mapped_column(Text)

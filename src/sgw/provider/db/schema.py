@@ -26,6 +26,11 @@ _MIGRATIONS = Path(__file__).with_name("migrations")
 # How long a SQLite connection waits for another writer before failing (seconds). Provider
 # transactions are short; this only has to outlast a burst of concurrent commits.
 _SQLITE_BUSY_TIMEOUT_S = 30.0
+# Connections an engine keeps open: as many as request threads use at once (anyio's
+# default of 40 worker threads), so that a burst of requests does not open and close a
+# connection each (PRAGMAs on SQLite, a new server process on PostgreSQL).
+_POOL_SIZE = 40
+_POOL_OVERFLOW = 10
 # pg_advisory_xact_lock key serialising schema upgrades ("sgw-mig" in ASCII).
 _MIGRATION_LOCK_KEY = 0x7367772D6D6967
 
@@ -39,6 +44,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     ``kwargs`` go to ``sqlalchemy.create_engine``.
     """
     parsed = make_url(url)
+    if "poolclass" not in kwargs and parsed.database not in (None, "", ":memory:"):
+        kwargs.setdefault("pool_size", _POOL_SIZE)
+        kwargs.setdefault("max_overflow", _POOL_OVERFLOW)
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":

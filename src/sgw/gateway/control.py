@@ -1,0 +1,346 @@
+"""The gateway's end of the control channel (DESIGN.md section 3).
+
+The provider never connects to a gateway: the gateway keeps one long-poll open,
+``GET /v1/gateway/messages?wait=20``, signed like every request it makes, and the
+control server holding it answers as soon as there are commands (or empty when the
+wait ends). Each answer is a batch; the gateway records the new commands durably
+(``ControlJournal``), acknowledges them with its next poll (``&ack=ID,...``), runs them
+one at a time in the order received, keeps each reply in its outbox and sends it
+(``POST /v1/gateway/messages/replies``) until the provider accepted it, also after a
+restart. The provider delivers at least once; the journal's idempotency keys make every
+command run once.
+
+Reconnecting: a poll that fails quickly (refused connection, an error status, an empty
+answer long before the wait was up) counts as an error and the next try waits a jittered,
+exponentially growing time (and goes to the next known control server); a poll that was
+held for a while and then ended, even by a dropped connection, is normal, and the next
+one goes out at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from sgw.common.errors import ControlChannelError, SgwError
+from sgw.gateway.control_journal import Command, ControlJournal, Reply
+
+LOG = logging.getLogger(__name__)
+
+MESSAGES_PATH = "/v1/gateway/messages"
+REPLIES_PATH = "/v1/gateway/messages/replies"
+# A poll answered in less than this (seconds) without commands, or failed that fast, was
+# an error, not a long-poll that ran its course.
+QUICK_S = 1.0
+# Backoff after errors (seconds): doubling from the first to the cap, times a random
+# factor in [0.5, 1) so that many gateways do not retry in step.
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+# Control servers remembered from the provider's answers (to fail over to).
+MAX_URLS = 16
+
+Executor = Callable[[Command], Awaitable[dict[str, Any]]]
+
+
+def backoff(failures: int, rng: Callable[[], float] = random.random) -> float:
+    """The wait before the next try after ``failures`` consecutive errors (seconds)."""
+    base = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0 ** max(0, failures - 1))
+    return base * (0.5 + 0.5 * rng())
+
+
+class ControlChannel:
+    """Polls for commands, runs them through ``execute`` and delivers the replies."""
+
+    def __init__(
+        self,
+        data_dir: str,
+        urls: Sequence[str],
+        execute: Executor,
+        *,
+        auth: httpx.Auth | None = None,
+        verify: ssl.SSLContext | bool = True,
+        wait: float = 20.0,
+        ready: asyncio.Event | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if not urls:
+            raise ValueError("the control channel needs the provider's URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.execute = execute
+        self.wait = wait
+        self.journal = ControlJournal(data_dir, clock=clock)
+        self._ready = ready
+        self._rng = rng
+        self._clock = clock
+        self._sleep = sleep
+        self._current = 0
+        self._acks: list[str] = []
+        self._queue: asyncio.Queue[Command] = asyncio.Queue()
+        self._outbox_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running: Command | None = None
+        self._http = httpx.AsyncClient(
+            auth=auth,
+            verify=verify,
+            transport=transport,
+            timeout=httpx.Timeout(wait + 15.0, connect=5.0),
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
+        )
+        self.connected = False
+        self.server: str | None = None  # the control server that answered last
+        self.stats = {"polls": 0, "errors": 0, "received": 0, "duplicates": 0, "executed": 0}
+
+    @property
+    def url(self) -> str:
+        return self.urls[self._current]
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads the journal and starts polling (once ``ready`` is set: the gateway is
+        activated), running and replying."""
+        to_run, cut_off = await asyncio.to_thread(self.journal.load)
+        for reply in cut_off:
+            LOG.warning("command cut off by a restart", extra={"command": reply.id})
+        for cmd in to_run:
+            self._queue.put_nowait(cmd)
+        if self.journal.unsent:
+            self._outbox_ready.set()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._poll_loop(), name="control-poll"),
+            loop.create_task(self._run_loop(), name="control-run"),
+            loop.create_task(self._reply_loop(), name="control-reply"),
+        ]
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stops polling; lets a running command finish for up to ``grace`` seconds (a
+        command cut off is answered as failed after the restart); sends what it can."""
+        poll, run, send = self._tasks or (None, None, None)
+        if poll is not None:
+            poll.cancel()
+        if run is not None and self._running is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._idle()), grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if send is not None and self.journal.unsent:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._send_replies(), 2.0)
+        await self._http.aclose()
+
+    async def _idle(self) -> None:
+        while self._running is not None:
+            await asyncio.sleep(0.05)
+
+    # -- polling -------------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        if self._ready is not None:
+            await self._ready.wait()
+        failures = 0
+        while True:
+            acks, self._acks = self._acks, []
+            params: dict[str, str] = {"wait": f"{self.wait:g}"}
+            if acks:
+                params["ack"] = ",".join(acks)
+            url = self.url
+            started = time.monotonic()
+            self.stats["polls"] += 1
+            try:
+                resp = await self._http.get(url + MESSAGES_PATH, params=params)
+                if resp.status_code != 200:
+                    raise ControlChannelError(
+                        f"the control server at {url} answered {resp.status_code}: {_message(resp)}"
+                    )
+                doc = resp.json()
+                commands = [_command(m) for m in doc["messages"]]
+            except (httpx.HTTPError, ControlChannelError, ValueError, KeyError, TypeError) as exc:
+                self._acks = acks + self._acks  # acknowledged with the next poll instead
+                elapsed = time.monotonic() - started
+                if elapsed >= QUICK_S:  # held, then ended: a long-poll that ran its course
+                    LOG.info("control poll ended: %s", exc or type(exc).__name__)
+                    continue
+                failures += 1
+                self._error(url, exc, failures)
+                await self._sleep(backoff(failures, self._rng))
+                continue
+            elapsed = time.monotonic() - started
+            self._learn(doc)
+            if not self.connected:
+                self.connected = True
+                LOG.info("control channel connected", extra={"server": self.server})
+            if commands:
+                failures = 0
+                await self._receive(commands)
+            elif elapsed < min(QUICK_S, self.wait / 2):
+                failures += 1  # answered empty at once: something is wrong over there
+                self._error(url, ControlChannelError("empty answer before the wait"), failures)
+                await self._sleep(backoff(failures, self._rng))
+            else:
+                failures = 0
+
+    def _error(self, url: str, exc: BaseException, failures: int) -> None:
+        self.stats["errors"] += 1
+        if self.connected:
+            self.connected = False
+        if len(self.urls) > 1:
+            self._current = (self._current + 1) % len(self.urls)
+        LOG.warning(
+            "control poll failed: %s",
+            exc or type(exc).__name__,
+            extra={"server": url, "failures": failures, "next": self.url},
+        )
+
+    def _learn(self, doc: dict[str, Any]) -> None:
+        """Remembers the control servers the provider names (to fail over to)."""
+        server = doc.get("server")
+        self.server = str(server) if server else self.url
+        for item in doc.get("servers") or []:
+            url = str(item).rstrip("/")
+            if url and url not in self.urls and len(self.urls) < MAX_URLS:
+                self.urls.append(url)
+
+    async def _receive(self, commands: list[Command]) -> None:
+        try:
+            new, dups = await self.journal.admit(commands)
+        except OSError as exc:  # not acknowledged: the provider delivers them again
+            LOG.error("control journal: cannot record commands: %s", exc)
+            await self._sleep(backoff(3, self._rng))
+            return
+        self.stats["received"] += len(new)
+        self.stats["duplicates"] += len(dups)
+        self._acks.extend(c.id for c in commands)
+        for cmd in new:
+            LOG.info(
+                "command received",
+                extra={"command": cmd.id, "type": cmd.type, "key": cmd.key},
+            )
+            self._queue.put_nowait(cmd)
+        for cmd in dups:
+            LOG.info("command delivered again: not run again", extra={"command": cmd.id})
+        if dups and self.journal.unsent:
+            self._outbox_ready.set()
+
+    # -- running -------------------------------------------------------------------------
+
+    async def _run_loop(self) -> None:
+        while True:
+            cmd = await self._queue.get()
+            self._running = cmd
+            try:
+                reply = await self._run(cmd)
+                failures = 0
+                while True:
+                    try:
+                        await self.journal.finish(cmd, reply)
+                        break
+                    except OSError as exc:  # a full or failing disk: keep the reply
+                        failures += 1
+                        LOG.error("control journal: cannot keep a reply: %s", exc)
+                        await self._sleep(backoff(failures, self._rng))
+            finally:
+                self._running = None
+            self._outbox_ready.set()
+
+    async def _run(self, cmd: Command) -> Reply:
+        if self._clock() > cmd.expires:
+            return Reply(cmd.id, "failed", None, "the command arrived after its deadline")
+        try:
+            await self.journal.start(cmd)
+        except OSError as exc:  # not started: cannot promise it runs once
+            return Reply(cmd.id, "failed", None, f"the gateway cannot record the command: {exc}")
+        started = time.monotonic()
+        try:
+            result = await self.execute(cmd)
+        except SgwError as exc:
+            LOG.warning("command refused: %s", exc, extra={"command": cmd.id, "type": cmd.type})
+            return Reply(cmd.id, "failed", None, str(exc) or type(exc).__name__)
+        except Exception as exc:
+            LOG.exception("command failed", extra={"command": cmd.id, "type": cmd.type})
+            return Reply(cmd.id, "failed", None, f"internal error on the gateway: {exc!r}")
+        self.stats["executed"] += 1
+        LOG.info(
+            "command done",
+            extra={
+                "command": cmd.id,
+                "type": cmd.type,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+        return Reply(cmd.id, "succeeded", result, None)
+
+    # -- replies -------------------------------------------------------------------------
+
+    async def _reply_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self.journal.unsent:
+                try:
+                    await self._send_replies()
+                    failures = 0
+                except (httpx.HTTPError, ControlChannelError, ValueError) as exc:
+                    failures += 1
+                    self._error(self.url, exc, failures)
+                    await self._sleep(backoff(failures, self._rng))
+
+    async def _send_replies(self) -> None:
+        batch = self.journal.outbox()
+        if not batch:
+            return
+        url = self.url
+        resp = await self._http.post(
+            url + REPLIES_PATH, json={"replies": [r.to_json() for r in batch]}
+        )
+        if resp.status_code != 200:
+            raise ControlChannelError(
+                f"the control server at {url} refused replies: {resp.status_code} {_message(resp)}"
+            )
+        doc = resp.json()
+        refused = [str(i) for i in doc.get("refused", [])]
+        if refused:
+            LOG.warning(
+                "replies refused by the provider (unknown commands)", extra={"ids": refused}
+            )
+        await self.journal.sent([str(i) for i in doc.get("accepted", [])] + refused)
+
+
+def _command(doc: dict[str, Any]) -> Command:
+    expires = datetime.fromisoformat(str(doc["expires"]).replace("Z", "+00:00")).timestamp()
+    args = doc.get("args") or {}
+    if not isinstance(args, dict):
+        raise ValueError("a command's args must be an object")
+    return Command(
+        id=str(doc["id"]),
+        type=str(doc["type"]),
+        args=args,
+        key=str(doc.get("idempotency_key") or doc["id"]),
+        expires=expires,
+    )
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        doc = resp.json()
+        if isinstance(doc, dict) and doc.get("message"):
+            return str(doc["message"])[:300]
+    except ValueError:
+        pass
+    return resp.text[:300]

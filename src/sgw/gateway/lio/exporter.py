@@ -1,0 +1,301 @@
+"""The gateway's iSCSI export: each volume's NBD export on ``/dev/nbdN``, exported by LIO.
+
+Applied at start and on every change (``apply`` with the volumes to export): LIO objects
+of volumes that went are removed before their devices are detached; new volumes are
+attached, then the live LIO objects are brought to the desired state
+(:mod:`sgw.gateway.lio.desired`). ``clear`` is the stop: every LIO object of the gateway
+goes, then every device is detached; only then may the NBD server drain (a device LIO
+still exports whose server is gone hangs the machine's shutdown).
+
+The attachments are recorded in ``RUNTIME_DIR/lio-exports.json`` so that a run that did
+not stop cleanly is cleared by the next start or by ``python -m sgw.gateway.lio cleanup``
+(the unit's ExecStopPost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sgw.common.errors import ConfigError, IscsiExportError, SgwError
+from sgw.common.files import write_atomically
+from sgw.common.signing import public_key_hex
+from sgw.gateway.chap import CHAP_FILE
+from sgw.gateway.lio.access import Access, load_access
+from sgw.gateway.lio.desired import (
+    Change,
+    Create,
+    ExportedVolume,
+    Remove,
+    default_iqn_base,
+    desired_state,
+    lun_serial,
+    plan,
+)
+from sgw.gateway.lio.kernel import LioBackend, RtslibLio
+from sgw.gateway.lio.nbd import NbdAttacher
+from sgw.gateway.lio.settings import LioConfig
+from sgw.gateway.volume.engine import VolumeEngine
+
+if TYPE_CHECKING:
+    from sgw.gateway.config import GatewayConfig
+
+LOG = logging.getLogger(__name__)
+
+STATE_FILE = "lio-exports.json"
+# Seconds between looks at the volumes and chap.json (a change is applied within this);
+# a volume that failed to export is retried every RETRY_INTERVAL seconds.
+WATCH_INTERVAL = 2.0
+RETRY_INTERVAL = 30.0
+
+
+def exported_volumes(engine: VolumeEngine, gateway_key_hex: str) -> list[ExportedVolume]:
+    """The engine's volumes with the stable serial numbers of their LUNs."""
+    return [
+        ExportedVolume(name, lun_serial(gateway_key_hex, engine.registry[name].id))
+        for name in sorted(engine.volumes)
+    ]
+
+
+def nbd_socket_of(config: GatewayConfig) -> str:
+    """The daemon's unix NBD socket, which nbd-client connects to."""
+    for listener in config.listeners:
+        if listener.kind == "unix":
+            return os.path.abspath(listener.path)
+    raise ConfigError(
+        '[lio] needs a unix NBD listener to attach volumes from: add "unix:/run/sgw/nbd.sock" '
+        "to nbd.listen"
+    )
+
+
+class LioExporter:
+    """Keeps LIO and the NBD attachments in step with the volumes."""
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig, key: Ed25519PrivateKey) -> LioExporter | None:
+        """The exporter of a gateway whose ``[lio]`` is enabled, else None."""
+        if config.lio is None or not config.lio.enabled:
+            return None
+        return cls(config.lio, config.data_dir, nbd_socket_of(config), public_key_hex(key))
+
+    def __init__(
+        self,
+        config: LioConfig,
+        data_dir: str,
+        nbd_socket: str,
+        gateway_key_hex: str,
+        *,
+        backend: LioBackend | None = None,
+        attacher: NbdAttacher | None = None,
+    ) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.iqn_base = config.iqn_base or default_iqn_base(gateway_key_hex)
+        self.attacher = attacher or NbdAttacher(
+            nbd_socket, block_size=config.block_size, max_sectors_kb=config.max_sectors_kb
+        )
+        self.state_path = os.path.join(config.runtime_dir, STATE_FILE)
+        self.devices: dict[str, str] = {}  # volume -> /dev/nbdN
+        self.iqns: set[str] = set()  # every target made, so a half-made one is found
+        self.errors: dict[str, str] = {}  # volume -> why it is not exported
+        self._backend = backend
+        self._lock = asyncio.Lock()
+        self._engine: VolumeEngine | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._key_hex = gateway_key_hex
+
+    async def start(self, engine: VolumeEngine) -> None:
+        """Clears what a run that did not stop cleanly left, exports the engine's volumes
+        and then follows them: volumes created or removed at runtime and changes of
+        ``chap.json`` are applied within WATCH_INTERVAL seconds."""
+        self._engine = engine
+        await self.clear()
+        await self.apply(exported_volumes(engine, self._key_hex))
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="lio")
+        LOG.info("iSCSI export ready", extra=self.status())
+
+    async def stop(self) -> None:
+        """Stops following the volumes, then clears (see ``clear``)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+        await self.clear()
+
+    async def unexport(self, volume: str) -> None:
+        """Removes one volume's target and detaches its device (before it is deleted)."""
+        if self._engine is not None:
+            others = [v for v in exported_volumes(self._engine, self._key_hex) if v.name != volume]
+            await self.apply(others)
+
+    async def _watch(self) -> None:
+        assert self._engine is not None
+        seen = self._fingerprint()
+        last_try = time.monotonic()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = self._fingerprint()
+            retry = self.errors and time.monotonic() - last_try >= RETRY_INTERVAL
+            if now == seen and not retry:
+                continue
+            seen, last_try = now, time.monotonic()
+            try:
+                await self.apply(exported_volumes(self._engine, self._key_hex))
+            except (SgwError, OSError) as exc:
+                LOG.error("iSCSI export not updated: %s", exc)
+
+    def _fingerprint(self) -> tuple[object, ...]:
+        """What a change of the export depends on: the volumes and chap.json."""
+        assert self._engine is not None
+        try:
+            st = os.stat(os.path.join(self.data_dir, CHAP_FILE))
+            chap: tuple[int, ...] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            chap = ()
+        return (tuple(sorted(self._engine.volumes)), chap)
+
+    async def apply(self, volumes: Sequence[ExportedVolume]) -> None:
+        """Exports exactly these volumes. A volume that fails is logged and left out
+        (``errors``); the others are exported."""
+        async with self._lock:
+            backend = await self._get_backend()
+            try:
+                rules = await asyncio.to_thread(load_access, self.data_dir)
+            except ConfigError as exc:
+                # Fail closed: nothing changes (nothing is exported at start) until the
+                # file is fixed; a volume must not lose its CHAP to a damaged file.
+                for vol in volumes:
+                    self._failed(vol.name, exc)
+                return
+            self.errors = {}  # what fails below is recorded again
+            wanted = {v.name for v in volumes}
+            kept = {n: d for n, d in self.devices.items() if n in wanted}
+            # Targets of volumes that went, before their devices are detached (a device
+            # whose target could not be removed stays attached).
+            stuck = await self._converge(backend, volumes, kept, rules)
+            for name in sorted(set(self.devices) - wanted - stuck):
+                await self._detach(name)
+            for vol in volumes:
+                if vol.name not in self.devices:
+                    try:
+                        self.devices[vol.name] = await self.attacher.attach(
+                            vol.name, set(self.devices.values())
+                        )
+                    except IscsiExportError as exc:
+                        self._failed(vol.name, exc)
+                    self._save()
+            await self._converge(backend, volumes, self.devices, rules)
+            self._save()
+
+    async def clear(self) -> None:
+        """Removes every LIO object of the gateway, then detaches every device."""
+        async with self._lock:
+            self._load_state()
+            try:
+                backend = await self._get_backend()
+            except IscsiExportError as exc:
+                LOG.warning("LIO not cleared: %s", exc)
+            else:
+                try:
+                    await self._converge(backend, (), {}, {})
+                except IscsiExportError as exc:
+                    LOG.error("LIO not cleared: %s", exc)
+            # Even if LIO refused to let go, the devices are detached: LIO's I/O then
+            # fails instead of waiting for a server that is about to stop.
+            for name in sorted(self.devices):
+                try:
+                    await self._detach(name)
+                except IscsiExportError as exc:
+                    self._failed(name, exc)
+            self.iqns.clear()
+            self._save()
+
+    def status(self) -> dict[str, Any]:
+        """What is exported, for status output and tests."""
+        return {
+            "iqn_base": self.iqn_base,
+            "portal": f"{self.config.portal_host}:{self.config.portal_port}",
+            "devices": dict(sorted(self.devices.items())),
+            "errors": dict(sorted(self.errors.items())),
+        }
+
+    async def _converge(
+        self,
+        backend: LioBackend,
+        volumes: Sequence[ExportedVolume],
+        devices: dict[str, str],
+        rules: dict[str, Access],
+    ) -> set[str]:
+        """Brings LIO to the desired state for ``devices``; returns the volumes whose
+        target could not be removed."""
+        desired = desired_state(volumes, devices, self.config, self.iqn_base, rules)
+        live = await asyncio.to_thread(backend.live, frozenset(self.iqns))
+        stuck: set[str] = set()
+        for change in plan(desired, live):
+            if isinstance(change, Create):
+                self.iqns.add(change.spec.iqn)
+                self._save()
+            if not await self._apply(backend, change) and isinstance(change, Remove):
+                stuck.add(change.live.volume)
+        try:
+            for name in await asyncio.to_thread(backend.orphan_backstores):
+                await asyncio.to_thread(backend.remove_backstore, name)
+        except IscsiExportError as exc:
+            LOG.error("%s", exc)
+        return stuck
+
+    async def _apply(self, backend: LioBackend, change: Change) -> bool:
+        """Carries out one change; a failure is logged and recorded for its volume."""
+        try:
+            await asyncio.to_thread(backend.apply, change)
+        except IscsiExportError as exc:
+            volume = change.live.volume if isinstance(change, Remove) else change.spec.volume
+            self._failed(volume, exc)
+            return False
+        if isinstance(change, Remove):
+            self.iqns.discard(change.live.iqn)
+        return True
+
+    async def _detach(self, name: str) -> None:
+        device = self.devices[name]
+        await self.attacher.detach(device)
+        del self.devices[name]
+        self._save()
+
+    async def _get_backend(self) -> LioBackend:
+        if self._backend is None:
+            self._backend = await asyncio.to_thread(RtslibLio)
+        return self._backend
+
+    def _failed(self, volume: str, exc: Exception) -> None:
+        self.errors[volume] = str(exc)
+        LOG.error("iSCSI export failed: %s", exc, extra={"volume": volume})
+
+    def _load_state(self) -> None:
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{self.state_path} is unreadable ({exc}); remove it") from exc
+        for name, device in dict(doc.get("devices", {})).items():
+            self.devices.setdefault(str(name), str(device))
+        self.iqns.update(str(i) for i in doc.get("iqns", []))
+
+    def _save(self) -> None:
+        doc = {"devices": self.devices, "iqns": sorted(self.iqns)}
+        try:
+            os.makedirs(self.config.runtime_dir, exist_ok=True)
+            write_atomically(self.state_path, json.dumps(doc).encode(), mode=0o644)
+        except OSError as exc:
+            raise IscsiExportError(
+                f"cannot record the NBD attachments in {self.state_path}: {exc}"
+            ) from exc

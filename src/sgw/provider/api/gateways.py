@@ -1,0 +1,137 @@
+"""Routes of gateways: activation, the gateways of an account, and the call with which a
+gateway fetches its own credentials (signed with its identity key)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from sgw.common.errors import ForbiddenError, NotFoundError, UnauthenticatedError
+from sgw.common.signing import GATEWAY_PREFIX
+from sgw.provider.api.accounts import errors
+from sgw.provider.api.auth import AdminPrincipal, CurrentPrincipal, Kind
+from sgw.provider.db.models import GatewayStatus
+from sgw.provider.gateways import GatewayInfo, Gateways
+
+
+class ActivationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    activation_key: str = Field(max_length=512, description="from the gateway, valid 30 min")
+    name: str = Field(description="unique within the account, 1 to 255 characters")
+    timezone: str | None = Field(None, description="IANA time zone, e.g. Europe/Berlin")
+
+
+class GatewayUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    timezone: str | None = None
+
+
+class GatewayOut(BaseModel):
+    id: str
+    name: str
+    status: str = Field(description="active or deactivated")
+    public_key: str | None = Field(description="Ed25519, hex")
+    timezone: str | None
+    created: datetime
+    activated: datetime | None
+    deactivated: datetime | None
+    last_seen: datetime | None
+    volumes: int
+
+    @classmethod
+    def of(cls, g: GatewayInfo) -> GatewayOut:
+        return cls(
+            id=g.id,
+            name=g.name,
+            status=g.status,
+            public_key=g.public_key,
+            timezone=g.timezone,
+            created=g.created,
+            activated=g.activated,
+            deactivated=g.deactivated,
+            last_seen=g.last_seen,
+            volumes=g.volumes,
+        )
+
+
+class Credentials(BaseModel):
+    gateway_id: str
+    account_id: str
+    name: str
+    timezone: str | None
+    key_id: str = Field(description="what the gateway signs its requests with")
+
+
+def _gateways(request: Request) -> Gateways:
+    gateways: Gateways = request.app.state.gateways
+    return gateways
+
+
+Repo = Annotated[Gateways, Depends(_gateways)]
+router = APIRouter(prefix="/v1", tags=["gateways"])
+
+
+@router.post("/activations", status_code=201, responses=errors(400, 409, 422))
+def activate(body: ActivationIn, principal: AdminPrincipal, repo: Repo) -> GatewayOut:
+    """Activates the gateway that made the key into the token's account."""
+    gateway = repo.activate(principal.account_id, body.activation_key, body.name, body.timezone)
+    return GatewayOut.of(gateway)
+
+
+@router.get("/gateways", responses=errors())
+def list_gateways(principal: AdminPrincipal, repo: Repo) -> list[GatewayOut]:
+    return [GatewayOut.of(g) for g in repo.list_gateways(principal.account_id)]
+
+
+@router.get("/gateways/{gateway_id}", responses=errors(404))
+def describe_gateway(gateway_id: str, principal: AdminPrincipal, repo: Repo) -> GatewayOut:
+    return GatewayOut.of(repo.get(principal.account_id, gateway_id))
+
+
+@router.patch("/gateways/{gateway_id}", responses=errors(400, 404, 409, 422))
+def update_gateway(
+    gateway_id: str, body: GatewayUpdate, principal: AdminPrincipal, repo: Repo
+) -> GatewayOut:
+    """Renames the gateway and/or sets its time zone."""
+    return GatewayOut.of(
+        repo.update(principal.account_id, gateway_id, name=body.name, timezone=body.timezone)
+    )
+
+
+@router.post("/gateways/{gateway_id}/deactivate", responses=errors(404))
+def deactivate_gateway(gateway_id: str, principal: AdminPrincipal, repo: Repo) -> GatewayOut:
+    """Revokes the gateway's credentials for good; its volumes stay in the account."""
+    return GatewayOut.of(repo.deactivate(principal.account_id, gateway_id))
+
+
+@router.get(
+    "/gateway/credentials",
+    tags=["gateway"],
+    responses=errors(404),
+)
+def credentials(principal: CurrentPrincipal, repo: Repo, response: Response) -> Credentials:
+    """A gateway's own credentials, once an admin activated it (the gateway polls this)."""
+    if principal.kind is Kind.GATEWAY and principal.gateway_id is not None:
+        gateway = repo.by_id(principal.gateway_id)
+    elif principal.kind is Kind.CANDIDATE and principal.public_key is not None:
+        gateway = repo.by_public_key(principal.public_key)
+    else:
+        raise UnauthenticatedError("sign this call with the gateway's identity key")
+    if gateway is None:
+        raise NotFoundError("this gateway is not activated yet; activate it with `sgw activate`")
+    if gateway.status != GatewayStatus.ACTIVE.value:
+        raise ForbiddenError(f"gateway {gateway.id} is deactivated; its credentials are revoked")
+    response.headers["cache-control"] = "no-store"
+    return Credentials(
+        gateway_id=gateway.id,
+        account_id=gateway.account_id,
+        name=gateway.name,
+        timezone=gateway.timezone,
+        key_id=GATEWAY_PREFIX + gateway.id,
+    )

@@ -1,0 +1,196 @@
+"""Admin routes of volumes and snapshots beyond the block API: listings, CHAP credentials
+and snapshot schedules. Create, describe and delete are the block API's own calls
+(docs/block-api.md), which an API token may make for its whole account."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from sgw.provider.api.accounts import errors
+from sgw.provider.api.auth import AdminPrincipal
+from sgw.provider.api.blocks import SnapshotOut
+from sgw.provider.volume_settings import (
+    CHAP_SECRET_MAX,
+    CHAP_SECRET_MIN,
+    ChapInfo,
+    ScheduleInfo,
+    VolumeSettings,
+)
+
+
+class VolumeListed(BaseModel):
+    id: str
+    name: str
+    gateway_id: str | None
+    size: int
+    chunk_size: int
+    mode: Literal["cached", "stored"]
+    map_version: int
+    created: datetime
+
+
+class ChapIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    initiator: str = Field(description="the initiator's iSCSI name (IQN)")
+    secret: str = Field(
+        description=f"{CHAP_SECRET_MIN} to {CHAP_SECRET_MAX} printable ASCII characters"
+    )
+    target_secret: str | None = Field(None, description="for mutual CHAP; differs from secret")
+
+
+class ChapOut(BaseModel):
+    initiator: str
+    mutual: bool
+    updated: datetime
+
+    @classmethod
+    def of(cls, c: ChapInfo) -> ChapOut:
+        return cls(initiator=c.initiator, mutual=c.mutual, updated=c.updated)
+
+
+class ScheduleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start_hour: int = Field(ge=0, le=23, description="hour of the first snapshot of a day")
+    recurrence_hours: Literal[1, 2, 4, 8, 12, 24]
+    description: str | None = Field(None, max_length=255)
+    retain: int | None = Field(None, ge=1, le=10_000, description="newest snapshots kept")
+
+
+class ScheduleOut(BaseModel):
+    volume_id: str
+    start_hour: int
+    recurrence_hours: int
+    description: str | None
+    retain: int | None
+    updated: datetime
+
+    @classmethod
+    def of(cls, s: ScheduleInfo) -> ScheduleOut:
+        return cls(
+            volume_id=s.volume_id,
+            start_hour=s.start_hour,
+            recurrence_hours=s.recurrence_hours,
+            description=s.description,
+            retain=s.retain,
+            updated=s.updated,
+        )
+
+
+def _settings(request: Request) -> VolumeSettings:
+    settings: VolumeSettings = request.app.state.volume_settings
+    return settings
+
+
+Repo = Annotated[VolumeSettings, Depends(_settings)]
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/volumes", tags=["volumes"], responses=errors())
+def list_volumes(
+    principal: AdminPrincipal,
+    repo: Repo,
+    gateway_id: Annotated[str | None, Query(description="only this gateway's")] = None,
+) -> list[VolumeListed]:
+    """The account's volumes."""
+    return [
+        VolumeListed(
+            id=v.id,
+            name=v.name,
+            gateway_id=v.gateway_id,
+            size=v.size,
+            chunk_size=v.chunk_size,
+            mode=v.mode.value,
+            map_version=v.map_version,
+            created=v.created,
+        )
+        for v in repo.list_volumes(principal.account_id, gateway_id)
+    ]
+
+
+@router.get("/snapshots", tags=["snapshots"], responses=errors())
+def list_snapshots(
+    principal: AdminPrincipal,
+    repo: Repo,
+    volume_id: Annotated[str | None, Query(description="only this volume's")] = None,
+) -> list[SnapshotOut]:
+    """The account's snapshots, oldest first."""
+    return [
+        SnapshotOut(
+            id=x.id,
+            volume_id=x.volume_id,
+            parent_snapshot_id=x.parent_snapshot_id,
+            status=x.status.value,
+            volume_size=x.volume_size,
+            chunk_size=x.chunk_size,
+            description=x.description,
+            created=x.created,
+            completed=x.completed,
+        )
+        for x in repo.list_snapshots(principal.account_id, volume_id)
+    ]
+
+
+@router.get("/volumes/{volume_id}/chap", tags=["volumes"], responses=errors(404))
+def list_chap(volume_id: str, principal: AdminPrincipal, repo: Repo) -> list[ChapOut]:
+    """The initiators with CHAP credentials on the volume (never the secrets)."""
+    return [ChapOut.of(c) for c in repo.list_chap(principal.account_id, volume_id)]
+
+
+@router.put("/volumes/{volume_id}/chap", tags=["volumes"], responses=errors(400, 404, 422))
+def set_chap(volume_id: str, body: ChapIn, principal: AdminPrincipal, repo: Repo) -> ChapOut:
+    """Sets (or replaces) an initiator's CHAP credentials on the volume."""
+    info = repo.set_chap(
+        principal.account_id, volume_id, body.initiator, body.secret, body.target_secret
+    )
+    return ChapOut.of(info)
+
+
+@router.delete(
+    "/volumes/{volume_id}/chap/{initiator}",
+    status_code=204,
+    tags=["volumes"],
+    responses=errors(404),
+)
+def delete_chap(volume_id: str, initiator: str, principal: AdminPrincipal, repo: Repo) -> Response:
+    repo.delete_chap(principal.account_id, volume_id, initiator)
+    return Response(status_code=204)
+
+
+@router.get("/volumes/{volume_id}/snapshot-schedule", tags=["volumes"], responses=errors(404))
+def get_schedule(volume_id: str, principal: AdminPrincipal, repo: Repo) -> ScheduleOut:
+    return ScheduleOut.of(repo.get_schedule(principal.account_id, volume_id))
+
+
+@router.put(
+    "/volumes/{volume_id}/snapshot-schedule", tags=["volumes"], responses=errors(400, 404, 422)
+)
+def set_schedule(
+    volume_id: str, body: ScheduleIn, principal: AdminPrincipal, repo: Repo
+) -> ScheduleOut:
+    """Snapshots the volume every ``recurrence_hours`` from ``start_hour`` (gateway time)."""
+    info = repo.set_schedule(
+        principal.account_id,
+        volume_id,
+        start_hour=body.start_hour,
+        recurrence_hours=body.recurrence_hours,
+        description=body.description,
+        retain=body.retain,
+    )
+    return ScheduleOut.of(info)
+
+
+@router.delete(
+    "/volumes/{volume_id}/snapshot-schedule",
+    status_code=204,
+    tags=["volumes"],
+    responses=errors(404),
+)
+def delete_schedule(volume_id: str, principal: AdminPrincipal, repo: Repo) -> Response:
+    repo.delete_schedule(principal.account_id, volume_id)
+    return Response(status_code=204)

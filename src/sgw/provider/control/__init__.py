@@ -1,0 +1,1 @@
+"""Gateway control servers: long-poll hub, registration, forwarding (DESIGN.md section 3)."""

@@ -1,0 +1,247 @@
+"""The commands an admin may send a gateway: validated, completed from the provider's
+records, and followed up when the gateway's reply (or the deadline) comes.
+
+| type           | admin gives                         | the gateway gets (``args``)            |
+|----------------|-------------------------------------|----------------------------------------|
+| describe       | -                                   | -                                      |
+| diagnostics    | -                                   | -                                      |
+| set_bandwidth  | upload, download (bytes/s, 0: none) | the same                               |
+| snapshot       | volume_id, description, wait        | + volume (its name on the gateway)     |
+| create_volume  | name, size, mode, from_snapshot_id  | + volume_id (made here), snapshot_id   |
+| delete_volume  | volume_id, drain                    | + volume                               |
+| sync_chap      | volume_id                           | + volume (it fetches the secrets)      |
+
+``create_volume`` makes the provider's volume record first (bound to the gateway), so
+the gateway binds to it and even a snapshot of another gateway's volume can be used;
+the record is deleted again if the gateway refuses or never takes the command.
+``delete_volume`` deletes the record once the gateway removed its volume. CHAP secrets
+never travel in a message (messages are stored in the clear): ``sync_chap`` makes the
+gateway fetch them with a signed request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sgw.common.errors import BadRequestError, NotFoundError
+from sgw.provider.blockstore.maps import VolumeInfo, VolumeMode
+from sgw.provider.blockstore.service import BlockService
+from sgw.provider.control.store import EXPIRED, FAILED, SUCCEEDED, MessageInfo
+from sgw.provider.gateways import Gateways
+
+LOG = logging.getLogger(__name__)
+
+TYPES = (
+    "describe",
+    "diagnostics",
+    "set_bandwidth",
+    "snapshot",
+    "create_volume",
+    "delete_volume",
+    "sync_chap",
+)
+# How long a command may wait for its gateway to take it (seconds): an admin waits for
+# these, so a command that cannot run soon is better refused than run by surprise later.
+INTERACTIVE_TTL_S = 120.0
+# CHAP credentials are desired state: delivered whenever the gateway comes back.
+QUEUED_TTL_S = 7 * 86400.0
+# Volume names on a gateway: what its NBD exports and disk files accept.
+_GATEWAY_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_INT64_MAX = (1 << 63) - 1
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _NoArgs(_Args):
+    pass
+
+
+class _Bandwidth(_Args):
+    upload: int | None = Field(None, ge=0, le=_INT64_MAX, description="bytes/s; 0: no limit")
+    download: int | None = Field(None, ge=0, le=_INT64_MAX, description="bytes/s; 0: no limit")
+
+
+class _Snapshot(_Args):
+    volume_id: str
+    description: str | None = Field(None, max_length=255)
+    wait: bool = True
+
+
+class _CreateVolume(_Args):
+    name: str
+    size: int = Field(gt=0, le=_INT64_MAX)
+    mode: Literal["cached", "stored"] = "cached"
+    from_snapshot_id: str | None = None
+
+
+class _DeleteVolume(_Args):
+    volume_id: str
+    drain: bool = False
+
+
+class _SyncChap(_Args):
+    volume_id: str
+
+
+_MODELS: dict[str, type[_Args]] = {
+    "describe": _NoArgs,
+    "diagnostics": _NoArgs,
+    "set_bandwidth": _Bandwidth,
+    "snapshot": _Snapshot,
+    "create_volume": _CreateVolume,
+    "delete_volume": _DeleteVolume,
+    "sync_chap": _SyncChap,
+}
+
+
+def requires_online(type_: str) -> bool:
+    """True for commands refused while the gateway is offline (all but ``sync_chap``)."""
+    return type_ != "sync_chap"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A command ready to post: what the gateway gets, and how long it may wait."""
+
+    type: str
+    args: dict[str, Any]
+    ttl_s: float
+    require_online: bool
+
+
+class CommandPlanner:
+    """Turns an admin's command into the gateway's, and follows up finished ones."""
+
+    def __init__(self, blocks: BlockService, gateways: Gateways) -> None:
+        self.blocks = blocks
+        self.gateways = gateways
+        # gateway id -> its account: a gateway never changes accounts, so once looked up
+        # the answer holds (bounded; most commands then need no database read here).
+        self._accounts: dict[str, str] = {}
+
+    def owner_known(self, account_id: str, gateway_id: str) -> bool:
+        """True if the gateway is known to be the account's without asking the database."""
+        return self._accounts.get(gateway_id) == account_id
+
+    def needs_database(self, type_: str) -> bool:
+        """True if preparing the command reads or writes the provider's records."""
+        return type_ in ("snapshot", "create_volume", "delete_volume", "sync_chap")
+
+    def check_owner(self, account_id: str, gateway_id: str) -> None:
+        """NotFoundError unless the gateway is the account's (blocking on a cache miss)."""
+        if self._accounts.get(gateway_id) == account_id:
+            return
+        gateway = self.gateways.by_id(gateway_id)
+        if gateway is None or gateway.account_id != account_id:
+            raise NotFoundError(f"gateway {gateway_id} not found in account {account_id}")
+        if len(self._accounts) >= 100_000:
+            self._accounts.clear()
+        self._accounts[gateway_id] = account_id
+
+    def check(self, account_id: str, gateway_id: str, type_: str, args: dict[str, Any]) -> Any:
+        """The validated arguments (BadRequestError naming what is wrong)."""
+        self.check_owner(account_id, gateway_id)
+        model = _MODELS.get(type_)
+        if model is None:
+            raise BadRequestError(f"unknown command {type_!r}; known: {', '.join(TYPES)}")
+        try:
+            return model.model_validate(args)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {e['msg']}" for e in exc.errors()
+            )
+            raise BadRequestError(f"command {type_}: {problems}") from None
+
+    def prepare(
+        self, account_id: str, gateway_id: str, type_: str, args: dict[str, Any]
+    ) -> Prepared:
+        """Validates the command and completes it from the provider's records; a
+        ``create_volume`` creates the volume record here (blocking: run in a thread)."""
+        a = self.check(account_id, gateway_id, type_, args)
+        if isinstance(a, _Bandwidth):
+            if a.upload is None and a.download is None:
+                raise BadRequestError("set_bandwidth: give upload and/or download (bytes/s)")
+            out = a.model_dump(exclude_none=True)
+            return Prepared(type_, out, INTERACTIVE_TTL_S, True)
+        if isinstance(a, _Snapshot):
+            vol = self._gateway_volume(account_id, gateway_id, a.volume_id)
+            out = {**a.model_dump(), "volume": vol.name}
+            return Prepared(type_, out, INTERACTIVE_TTL_S, True)
+        if isinstance(a, _DeleteVolume):
+            vol = self._gateway_volume(account_id, gateway_id, a.volume_id)
+            out = {**a.model_dump(), "volume": vol.name}
+            return Prepared(type_, out, INTERACTIVE_TTL_S, True)
+        if isinstance(a, _SyncChap):
+            vol = self._gateway_volume(account_id, gateway_id, a.volume_id)
+            out = {"volume_id": vol.id, "volume": vol.name}
+            return Prepared(type_, out, QUEUED_TTL_S, requires_online(type_))
+        if isinstance(a, _CreateVolume):
+            out = self._create_volume(account_id, gateway_id, a)
+            return Prepared(type_, out, INTERACTIVE_TTL_S, True)
+        return Prepared(type_, {}, INTERACTIVE_TTL_S, True)
+
+    def _create_volume(self, account_id: str, gateway_id: str, a: _CreateVolume) -> dict[str, Any]:
+        if not _GATEWAY_VOLUME_NAME.match(a.name):
+            raise BadRequestError(
+                f"volume name {a.name[:80]!r}: a gateway's volumes are named with 1 to 64 "
+                "letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+            )
+        if a.size % 4096:
+            raise BadRequestError(f"size {a.size}: give a multiple of 4 KiB (e.g. 10G)")
+        vol = self.blocks.create_volume(
+            account_id,
+            a.name,
+            a.size,
+            mode=VolumeMode(a.mode),
+            from_snapshot_id=a.from_snapshot_id,
+            gateway_id=gateway_id,
+        )
+        LOG.info(
+            "volume record created for the gateway",
+            extra={"volume": vol.id, "gateway": gateway_id, "volume_name": vol.name},
+        )
+        return {
+            "name": vol.name,
+            "size": vol.size,
+            "mode": vol.mode.value,
+            "volume_id": vol.id,
+            "snapshot_id": a.from_snapshot_id,
+        }
+
+    def _gateway_volume(self, account_id: str, gateway_id: str, volume_id: str) -> VolumeInfo:
+        vol = self.blocks.get_volume(account_id, volume_id)
+        if vol.gateway_id != gateway_id:
+            raise BadRequestError(
+                f"volume {volume_id} is not on gateway {gateway_id}"
+                + (f" but on {vol.gateway_id}" if vol.gateway_id else " (it is on no gateway)")
+            )
+        return vol
+
+    async def follow_up(self, info: MessageInfo) -> None:
+        """Follow-up of a finished command: a volume made for a refused or expired
+        ``create_volume`` goes again; a volume the gateway deleted goes at the provider
+        too."""
+        drop = (info.type == "create_volume" and info.status in (FAILED, EXPIRED)) or (
+            info.type == "delete_volume" and info.status == SUCCEEDED
+        )
+        if drop and isinstance(info.args.get("volume_id"), str):
+            await asyncio.to_thread(self._drop_volume, info)
+
+    def _drop_volume(self, info: MessageInfo) -> None:
+        volume_id = str(info.args["volume_id"])
+        try:
+            self.blocks.delete_volume(info.account_id, volume_id)
+        except NotFoundError:
+            return
+        LOG.info(
+            "volume record deleted",
+            extra={"volume": volume_id, "command": info.id, "status": info.status},
+        )

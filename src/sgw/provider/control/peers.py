@@ -1,0 +1,114 @@
+"""Calls between control servers, authenticated with a shared secret.
+
+Every control server of one provider reads the same ``DATA_DIR/control.secret`` (32
+random bytes as hex, mode 0600, made by ``sgw provider init`` or at first start; copy it
+to every machine, like ``master.key``). A call carries ``x-sgw-peer: SERVER_ID TS MAC``,
+the MAC an HMAC-SHA256 under the secret over the timestamp, method, path and the
+SHA-256 of the body; a call more than ``PEER_SKEW_S`` off the receiver's clock is
+refused. Peer calls only ring doorbells (the messages themselves are in the database),
+so a replayed call within the window can do no more than wake a poll early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import stat
+import time
+
+from sgw.common.errors import ConfigError
+from sgw.common.files import fsync_directory
+
+LOG = logging.getLogger(__name__)
+
+SECRET_FILE = "control.secret"
+HEADER = "x-sgw-peer"
+# Seconds a peer call's timestamp may differ from the receiver's clock.
+PEER_SKEW_S = 60
+_SECRET_BYTES = 32
+
+
+def load_or_create_secret(data_dir: str) -> bytes:
+    """The shared secret of the control servers, made (0600) if there is none yet."""
+    path = os.path.join(data_dir, SECRET_FILE)
+    try:
+        return _read(path)
+    except FileNotFoundError:
+        pass
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(_SECRET_BYTES).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # never replaces a secret another process made first
+        except FileExistsError:
+            return _read(path)
+        fsync_directory(path)
+    except OSError as e:
+        raise ConfigError(f"cannot create {path}: {e.strerror or e}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    LOG.info("control secret created", extra={"path": path})
+    return _read(path)
+
+
+def _read(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            raise ConfigError(
+                f"{path} has mode {mode:04o}, so other users may read it; restrict it: "
+                f"chmod 600 {path}"
+            )
+        text = os.read(fd, 1024).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        secret = b""
+    if len(secret) < 16:
+        raise ConfigError(
+            f"{path} does not hold a control secret (hex, at least 16 bytes); copy it from "
+            "another control server of this provider, or delete it to make a new one"
+        )
+    return secret
+
+
+def _mac(secret: bytes, server_id: str, ts: int, request: tuple[str, str, bytes]) -> str:
+    method, path, body = request
+    message = "\n".join(
+        [server_id, str(ts), method.upper(), path, hashlib.sha256(body).hexdigest()]
+    )
+    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+
+
+def sign(secret: bytes, server_id: str, method: str, path: str, body: bytes) -> str:
+    """The ``x-sgw-peer`` header value of a call."""
+    ts = int(time.time())
+    return f"{server_id} {ts} {_mac(secret, server_id, ts, (method, path, body))}"
+
+
+def verify(secret: bytes, header: str | None, method: str, path: str, body: bytes) -> str | None:
+    """The calling server's id if ``header`` authenticates the call, else None."""
+    if not header:
+        return None
+    parts = header.split(" ")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    server_id, ts, mac = parts[0], int(parts[1]), parts[2]
+    if abs(ts - time.time()) > PEER_SKEW_S:
+        return None
+    expected = _mac(secret, server_id, ts, (method, path, body))
+    return server_id if hmac.compare_digest(expected, mac) else None

@@ -1,0 +1,593 @@
+"""The control channel's state in the database, shared by every control server.
+
+- ``control_servers``: each running server's id, the URL its peers reach it at, and a
+  heartbeat; a server without a recent heartbeat is gone.
+- ``gateway_connections`` (the registration table): which server holds which gateway's
+  long-poll, since when (``heartbeat``: when it last registered it). An entry is fresh
+  while its server's heartbeat is; a server removes the entries of gateways whose
+  connection closed or that stopped polling.
+- ``control_messages``: commands for gateways and their outcomes (states in
+  ``sgw.provider.db.models.ControlMessage``).
+
+Blocking (SQLAlchemy): the hub calls it in worker threads. Writes that only say who is
+alive (heartbeats, registrations) and message state changes are written without waiting
+for the disk (SQLite ``synchronous=NORMAL`` in WAL mode: durable across a crash of the
+process, not of the machine; PostgreSQL ``synchronous_commit=off`` for the heartbeats
+only), since an admin waits for every command's reply and retries what got lost.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, case, delete, event, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sgw.common.errors import IdempotencyKeyError, NotFoundError
+from sgw.provider.db.models import (
+    ControlMessage,
+    ControlServer,
+    GatewayConnection,
+)
+from sgw.provider.db.schema import make_engine, session_factory
+
+QUEUED = "queued"
+DELIVERED = "delivered"
+ACKNOWLEDGED = "acknowledged"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+EXPIRED = "expired"
+OPEN = (QUEUED, DELIVERED, ACKNOWLEDGED)
+TERMINAL = (SUCCEEDED, FAILED, EXPIRED)
+# Rows per statement when many gateways are registered or refreshed at once.
+_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """A command for a gateway and what became of it."""
+
+    id: str
+    account_id: str
+    gateway_id: str
+    type: str
+    args: dict[str, Any]
+    idempotency_key: str
+    status: str
+    origin_server: str | None
+    created: datetime
+    expires: datetime
+    delivered: datetime | None
+    deliveries: int
+    acknowledged: datetime | None
+    completed: datetime | None
+    result: dict[str, Any] | None
+    error: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """The registration of a gateway: the server holding it, and whether both the entry
+    and the server are fresh (heartbeats recent)."""
+
+    gateway_id: str
+    server_id: str
+    url: str | None
+    since: datetime
+    heartbeat: datetime
+    fresh: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A command to store for a gateway."""
+
+    account_id: str
+    gateway_id: str
+    type: str
+    args: dict[str, Any]
+    idempotency_key: str | None
+    ttl_s: float
+    origin_server: str | None
+
+    def row(self, now: datetime) -> ControlMessage:
+        message_id = str(uuid.uuid4())
+        return ControlMessage(
+            id=message_id,
+            account_id=self.account_id,
+            gateway_id=self.gateway_id,
+            type=self.type,
+            args=json.dumps(self.args, sort_keys=True, separators=(",", ":")),
+            idempotency_key=self.idempotency_key or message_id,
+            status=QUEUED,
+            origin_server=self.origin_server,
+            created=now,
+            expires=now + timedelta(seconds=self.ttl_s),
+            deliveries=0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A gateway's reply to one of its messages."""
+
+    gateway_id: str
+    message_id: str
+    succeeded: bool
+    result: dict[str, Any] | None
+    error: str | None
+
+
+class ControlStore:
+    """Messages, registrations and server rows."""
+
+    def __init__(self, db_url: str) -> None:
+        self._engine: Engine = make_engine(db_url)
+        self.dialect = self._engine.dialect.name
+        if self.dialect == "sqlite":
+            event.listen(self._engine, "connect", _sqlite_normal_sync)
+        self._sessions: sessionmaker[Session] = session_factory(self._engine)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def _insert(self) -> Any:
+        return pg_insert if self.dialect == "postgresql" else sqlite_insert
+
+    def _relaxed(self, s: Session) -> None:
+        if self.dialect == "postgresql":
+            s.execute(text("SET LOCAL synchronous_commit TO OFF"))
+
+    # -- servers -------------------------------------------------------------------------
+
+    def server_heartbeat(self, server_id: str, url: str, now: datetime) -> None:
+        """Creates or refreshes the server's row."""
+        insert = self._insert()
+        stmt = insert(ControlServer).values(id=server_id, url=url, started=now, heartbeat=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["id"], set_={"heartbeat": stmt.excluded.heartbeat, "url": url}
+        )
+        with self._sessions.begin() as s:
+            self._relaxed(s)
+            s.execute(stmt)
+
+    def live_servers(self, now: datetime, ttl_s: float) -> list[tuple[str, str]]:
+        """(id, url) of the servers with a heartbeat within ``ttl_s``."""
+        cutoff = now - timedelta(seconds=ttl_s)
+        with self._sessions() as s:
+            rows = s.execute(
+                select(ControlServer.id, ControlServer.url)
+                .where(ControlServer.heartbeat >= cutoff)
+                .order_by(ControlServer.started)
+            )
+            return [(str(i), str(u)) for i, u in rows.tuples()]
+
+    def remove_server(self, server_id: str) -> None:
+        """Forgets a server that stops, with its registrations."""
+        with self._sessions.begin() as s:
+            s.execute(delete(GatewayConnection).where(GatewayConnection.server_id == server_id))
+            s.execute(delete(ControlServer).where(ControlServer.id == server_id))
+
+    def purge_servers(self, before: datetime) -> int:
+        """Deletes rows of servers silent since ``before`` (and their registrations)."""
+        with self._sessions.begin() as s:
+            gone = list(s.scalars(select(ControlServer.id).where(ControlServer.heartbeat < before)))
+            for chunk in _chunks(gone):
+                s.execute(delete(GatewayConnection).where(GatewayConnection.server_id.in_(chunk)))
+                s.execute(delete(ControlServer).where(ControlServer.id.in_(chunk)))
+            return len(gone)
+
+    # -- registrations -------------------------------------------------------------------
+
+    def register(self, server_id: str, gateway_ids: Iterable[str], now: datetime) -> None:
+        """Records that ``server_id`` holds these gateways now."""
+        insert = self._insert()
+        for chunk in _chunks(list(gateway_ids)):
+            rows = [
+                {"gateway_id": g, "server_id": server_id, "since": now, "heartbeat": now}
+                for g in chunk
+            ]
+            stmt = insert(GatewayConnection).values(rows)
+            moved = GatewayConnection.server_id != stmt.excluded.server_id
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["gateway_id"],
+                set_={
+                    "server_id": stmt.excluded.server_id,
+                    "since": case((moved, stmt.excluded.since), else_=GatewayConnection.since),
+                    "heartbeat": stmt.excluded.heartbeat,
+                },
+            )
+            with self._sessions.begin() as s:
+                self._relaxed(s)
+                s.execute(stmt)
+
+    def unregister(self, server_id: str, gateway_id: str) -> None:
+        """Drops the registration if it still names this server (the gateway went away)."""
+        with self._sessions.begin() as s:
+            s.execute(
+                delete(GatewayConnection).where(
+                    GatewayConnection.gateway_id == gateway_id,
+                    GatewayConnection.server_id == server_id,
+                )
+            )
+
+    def unregister_many(self, server_id: str, gateway_ids: Iterable[str]) -> None:
+        """``unregister`` for many gateways."""
+        for chunk in _chunks(list(gateway_ids)):
+            with self._sessions.begin() as s:
+                s.execute(
+                    delete(GatewayConnection).where(
+                        GatewayConnection.gateway_id.in_(chunk),
+                        GatewayConnection.server_id == server_id,
+                    )
+                )
+
+    def holder(self, gateway_id: str, now: datetime, ttl_s: float) -> Holder | None:
+        """Who holds the gateway, as registered (None: nobody); fresh while the holding
+        server's heartbeat is within ``ttl_s``."""
+        cutoff = now - timedelta(seconds=ttl_s)
+        with self._sessions() as s:
+            row = s.execute(
+                select(GatewayConnection, ControlServer.url, ControlServer.heartbeat)
+                .outerjoin(ControlServer, ControlServer.id == GatewayConnection.server_id)
+                .where(GatewayConnection.gateway_id == gateway_id)
+            ).first()
+        if row is None:
+            return None
+        conn, url, server_beat = row
+        fresh = server_beat is not None and server_beat >= cutoff
+        return Holder(conn.gateway_id, conn.server_id, url, conn.since, conn.heartbeat, fresh)
+
+    # -- messages ------------------------------------------------------------------------
+
+    def post(self, item: NewMessage, now: datetime) -> tuple[MessageInfo, bool]:
+        """Stores a new message (True), or returns the one posted before under the same
+        idempotency key (False; IdempotencyKeyError if it was a different command)."""
+        result = self.post_many([item], now)[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def post_many(
+        self, items: Sequence[NewMessage], now: datetime
+    ) -> list[tuple[MessageInfo, bool] | BaseException]:
+        """``post`` for many messages, in one transaction when none conflicts."""
+        rows = [item.row(now) for item in items]
+        try:
+            with self._sessions.begin() as s:
+                s.add_all(rows)
+            return [(_info(r), True) for r in rows]
+        except IntegrityError:
+            pass
+        out: list[tuple[MessageInfo, bool] | BaseException] = []
+        for item, row in zip(items, rows, strict=True):
+            try:
+                out.append(self._post_one(item, row))
+            except (NotFoundError, IdempotencyKeyError) as exc:
+                out.append(exc)
+        return out
+
+    def _post_one(self, item: NewMessage, row: ControlMessage) -> tuple[MessageInfo, bool]:
+        fresh = ControlMessage(**{c.key: getattr(row, c.key) for c in ControlMessage.__table__.c})
+        try:
+            with self._sessions.begin() as s:
+                s.add(fresh)
+            return _info(fresh), True
+        except IntegrityError:
+            pass
+        with self._sessions() as s:
+            old = s.scalar(
+                select(ControlMessage).where(
+                    ControlMessage.gateway_id == item.gateway_id,
+                    ControlMessage.idempotency_key == row.idempotency_key,
+                )
+            )
+        if old is None:  # the conflict was not the key (the gateway is gone)
+            raise NotFoundError(f"gateway {item.gateway_id} not found in account {item.account_id}")
+        if old.type != row.type or old.args != row.args or old.account_id != item.account_id:
+            raise IdempotencyKeyError(
+                f"idempotency key {row.idempotency_key!r} was used for another command to "
+                "this gateway; use a new key for a new command"
+            )
+        return _info(old), False
+
+    def find(self, account_id: str, gateway_id: str, idempotency_key: str) -> MessageInfo | None:
+        """The account's message to the gateway posted under this key, if any."""
+        with self._sessions() as s:
+            row = s.scalar(
+                select(ControlMessage).where(
+                    ControlMessage.gateway_id == gateway_id,
+                    ControlMessage.idempotency_key == idempotency_key,
+                )
+            )
+            return None if row is None or row.account_id != account_id else _info(row)
+
+    def take_pending_many(
+        self,
+        polls: Sequence[tuple[str, Sequence[str]]],
+        now: datetime,
+        *,
+        redeliver_after_s: float,
+        limit: int,
+    ) -> list[list[MessageInfo] | BaseException]:
+        """For polls ``(gateway id, acknowledged message ids)``: records the
+        acknowledgements (messages the gateway holds durably now), then returns each
+        gateway's messages to deliver (queued, or delivered without an acknowledgement
+        for ``redeliver_after_s``), marked delivered, oldest first, at most ``limit``;
+        all in one transaction."""
+        again = now - timedelta(seconds=redeliver_after_s)
+        gateways = list(dict.fromkeys(g for g, _acks in polls))
+        taken: dict[str, list[MessageInfo]] = {}
+        with self._sessions.begin() as s:
+            for gateway_id, acks in polls:
+                if acks:
+                    s.execute(
+                        update(ControlMessage)
+                        .where(
+                            ControlMessage.gateway_id == gateway_id,
+                            ControlMessage.id.in_(list(acks)),
+                            ControlMessage.status.in_((QUEUED, DELIVERED)),
+                        )
+                        .values(status=ACKNOWLEDGED, acknowledged=now)
+                    )
+            for chunk in _chunks(gateways):
+                due = (
+                    ControlMessage.gateway_id.in_(chunk),
+                    or_(
+                        ControlMessage.status == QUEUED,
+                        (ControlMessage.status == DELIVERED) & (ControlMessage.delivered < again),
+                    ),
+                    ControlMessage.expires > now,
+                )
+                query = (
+                    select(ControlMessage.id, ControlMessage.gateway_id)
+                    .where(*due)
+                    .order_by(ControlMessage.created, ControlMessage.id)
+                )
+                if self.dialect == "postgresql":  # another server's poll takes others
+                    query = query.with_for_update(skip_locked=True)
+                per_gateway: dict[str, list[str]] = {}
+                for message_id, gateway_id in s.execute(query).tuples():
+                    ids = per_gateway.setdefault(gateway_id, [])
+                    if len(ids) < limit:
+                        ids.append(message_id)
+                ids = [i for group in per_gateway.values() for i in group]
+                if not ids:
+                    continue
+                # Guarded again: a message cancelled meanwhile stays cancelled.
+                s.execute(
+                    update(ControlMessage)
+                    .where(ControlMessage.id.in_(ids), *due)
+                    .values(
+                        status=DELIVERED, delivered=now, deliveries=ControlMessage.deliveries + 1
+                    )
+                )
+                rows = s.scalars(
+                    select(ControlMessage)
+                    .where(
+                        ControlMessage.id.in_(ids),
+                        ControlMessage.status == DELIVERED,
+                        ControlMessage.delivered == now,
+                    )
+                    .order_by(ControlMessage.created, ControlMessage.id)
+                    .execution_options(populate_existing=True)
+                )
+                for r in rows:
+                    taken.setdefault(r.gateway_id, []).append(_info(r))
+        out: list[list[MessageInfo] | BaseException] = []
+        for gateway_id, _acks in polls:
+            out.append(taken.pop(gateway_id, []))  # a second poll of a gateway: nothing
+        return out
+
+    def complete_many(
+        self, replies: Sequence[Completion], now: datetime
+    ) -> list[tuple[MessageInfo | None, bool] | BaseException]:
+        """Records gateways' replies (the first reply of a message wins), in one
+        transaction. For each: the message (None if its gateway has no such message) and
+        whether this reply finished it."""
+        ids = list({c.message_id for c in replies})
+        table = ControlMessage.__table__
+        with self._sessions.begin() as s:
+            current: dict[str, tuple[str, str]] = {}
+            for chunk in _chunks(ids):
+                query = select(
+                    ControlMessage.id, ControlMessage.gateway_id, ControlMessage.status
+                ).where(ControlMessage.id.in_(chunk))
+                if self.dialect == "postgresql":  # another server may record a reply too
+                    query = query.with_for_update()
+                current.update({i: (g, st) for i, g, st in s.execute(query).tuples()})
+            changed: list[bool] = []
+            updates: list[dict[str, Any]] = []
+            for c in replies:
+                found = current.get(c.message_id)
+                first = found is not None and found[0] == c.gateway_id and found[1] in OPEN
+                if first:
+                    current[c.message_id] = (c.gateway_id, SUCCEEDED)  # later ones: too late
+                    updates.append(
+                        {
+                            "b_id": c.message_id,
+                            "b_status": SUCCEEDED if c.succeeded else FAILED,
+                            "b_result": None if c.result is None else json.dumps(c.result),
+                            "b_error": c.error,
+                        }
+                    )
+                changed.append(first)
+            if updates:
+                s.execute(
+                    table.update()  # type: ignore[attr-defined]
+                    .where(table.c.id == bindparam("b_id"))
+                    .values(
+                        status=bindparam("b_status"),
+                        completed=now,
+                        acknowledged=func.coalesce(table.c.acknowledged, now),
+                        result=bindparam("b_result"),
+                        error=bindparam("b_error"),
+                    ),
+                    updates,
+                )
+            rows: dict[str, ControlMessage] = {}
+            for chunk in _chunks(ids):
+                for r in s.scalars(
+                    select(ControlMessage)
+                    .where(ControlMessage.id.in_(chunk))
+                    .execution_options(populate_existing=True)
+                ):
+                    rows[r.id] = r
+            out: list[tuple[MessageInfo | None, bool] | BaseException] = []
+            for c, did in zip(replies, changed, strict=True):
+                row = rows.get(c.message_id)
+                if row is None or row.gateway_id != c.gateway_id:
+                    out.append((None, False))
+                else:
+                    out.append((_info(row), did))
+            return out
+
+    def cancel(
+        self, account_id: str, gateway_id: str, message_id: str, now: datetime
+    ) -> tuple[MessageInfo, bool]:
+        """Expires a command no poll took yet (it can never run then); returns it and
+        whether this call expired it (False: delivered, taken or finished already; a
+        delivered one is refused by the gateway once past its deadline)."""
+        self.get(account_id, gateway_id, message_id)
+        with self._sessions.begin() as s:
+            res = s.execute(
+                update(ControlMessage)
+                .where(ControlMessage.id == message_id, ControlMessage.status == QUEUED)
+                .values(status=EXPIRED, completed=now, error="cancelled by an admin")
+            )
+            changed = bool(getattr(res, "rowcount", 0))
+        return self.get(account_id, gateway_id, message_id), changed
+
+    def get(self, account_id: str, gateway_id: str, message_id: str) -> MessageInfo:
+        with self._sessions() as s:
+            row = s.get(ControlMessage, message_id)
+            if row is None or row.account_id != account_id or row.gateway_id != gateway_id:
+                raise NotFoundError(f"command {message_id} not found for gateway {gateway_id}")
+            return _info(row)
+
+    def get_many(self, message_ids: Sequence[str]) -> list[MessageInfo]:
+        out: list[MessageInfo] = []
+        with self._sessions() as s:
+            for chunk in _chunks(list(message_ids)):
+                rows = s.scalars(select(ControlMessage).where(ControlMessage.id.in_(chunk)))
+                out.extend(_info(r) for r in rows)
+        return out
+
+    def list_messages(self, account_id: str, gateway_id: str, limit: int) -> list[MessageInfo]:
+        """The gateway's newest messages, newest first."""
+        with self._sessions() as s:
+            rows = s.scalars(
+                select(ControlMessage)
+                .where(
+                    ControlMessage.account_id == account_id,
+                    ControlMessage.gateway_id == gateway_id,
+                )
+                .order_by(ControlMessage.created.desc(), ControlMessage.id)
+                .limit(limit)
+            )
+            return [_info(r) for r in rows]
+
+    def expire_due(self, now: datetime, *, delivered_grace_s: float) -> list[MessageInfo]:
+        """Expires queued messages past their deadline, and delivered ones that were not
+        acknowledged ``delivered_grace_s`` after it (the gateway refuses to start a
+        message past its deadline, so none of them runs any more). Returns those this
+        call expired."""
+        grace = now - timedelta(seconds=delivered_grace_s)
+        due = or_(
+            (ControlMessage.status == QUEUED) & (ControlMessage.expires <= now),
+            (ControlMessage.status == DELIVERED) & (ControlMessage.expires <= grace),
+        )
+        with self._sessions.begin() as s:
+            ids = list(s.scalars(select(ControlMessage.id).where(due).limit(_BATCH)))
+            if not ids:
+                return []
+            out = []
+            for message_id in ids:
+                res = s.execute(
+                    update(ControlMessage)
+                    .where(ControlMessage.id == message_id, due)
+                    .values(
+                        status=EXPIRED,
+                        completed=now,
+                        error="the gateway did not take the command before its deadline "
+                        "(offline or unreachable)",
+                    )
+                )
+                if getattr(res, "rowcount", 0):
+                    row = s.get(ControlMessage, message_id)
+                    if row is not None:
+                        out.append(_info(row))
+            return out
+
+    def gateways_with_pending(self, now: datetime, *, redeliver_after_s: float) -> set[str]:
+        """Gateways with a message to deliver now."""
+        again = now - timedelta(seconds=redeliver_after_s)
+        with self._sessions() as s:
+            rows = s.scalars(
+                select(ControlMessage.gateway_id)
+                .where(
+                    or_(
+                        ControlMessage.status == QUEUED,
+                        (ControlMessage.status == DELIVERED) & (ControlMessage.delivered < again),
+                    ),
+                    ControlMessage.expires > now,
+                )
+                .distinct()
+            )
+            return set(rows)
+
+    def purge_messages(self, before: datetime) -> int:
+        """Deletes finished messages completed before ``before``."""
+        with self._sessions.begin() as s:
+            res = s.execute(
+                delete(ControlMessage).where(
+                    ControlMessage.status.in_(TERMINAL), ControlMessage.completed < before
+                )
+            )
+            return int(getattr(res, "rowcount", 0) or 0)
+
+
+def _chunks(items: list[str]) -> Iterable[list[str]]:
+    for i in range(0, len(items), _BATCH):
+        yield items[i : i + _BATCH]
+
+
+def _info(r: ControlMessage) -> MessageInfo:
+    return MessageInfo(
+        id=r.id,
+        account_id=r.account_id,
+        gateway_id=r.gateway_id,
+        type=r.type,
+        args=json.loads(r.args),
+        idempotency_key=r.idempotency_key,
+        status=r.status,
+        origin_server=r.origin_server,
+        created=r.created,
+        expires=r.expires,
+        delivered=r.delivered,
+        deliveries=r.deliveries,
+        acknowledged=r.acknowledged,
+        completed=r.completed,
+        result=None if r.result is None else json.loads(r.result),
+        error=r.error,
+    )
+
+
+def _sqlite_normal_sync(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA synchronous = NORMAL")
+    finally:
+        cursor.close()

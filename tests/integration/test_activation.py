@@ -1,0 +1,225 @@
+"""Activation end to end with real processes: `sgw provider init` and `serve` (HTTPS), a
+gateway daemon serving its activation page, `sgw activate`, credentials on the next poll,
+signed uploads; and activation keys that must be refused."""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sgw.common import activation_key
+from sgw.common.errors import ActivationKeyError
+from tests.conftest import SGW, GatewayProcess, free_port, need
+from tests.fixtures.management import FakeGateway, SecureProvider, activate
+
+MIB = 1 << 20
+
+
+def wait_for(check: object, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def gateway_config(tmp_path: Path, p: SecureProvider, activation_port: int) -> Path:
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(
+        f"""
+[remote]
+url = "{p.url}"
+ca = "{p.ca}"
+
+[activation]
+listen = "127.0.0.1:{activation_port}"
+poll_interval = 0.2
+
+[destage]
+idle_seconds = 0.2
+"""
+    )
+    return conf
+
+
+def test_activation_end_to_end(
+    tmp_path: Path,
+    secure_provider: SecureProvider,
+    gateway_factory: type[GatewayProcess],
+) -> None:
+    qemu_io = need("qemu-io")
+    p = secure_provider
+    port = free_port()
+    conf = gateway_config(tmp_path, p, port)
+    gw = gateway_factory(tmp_path / "gw", ["vol0:16M"], extra_args=["--config", str(conf)])
+    gw.start()
+    key_file = gw.data_dir / "identity.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    wait_for(lambda: port_open(port), what="the activation page")
+
+    # The page hands out a one-time key in a redirect.
+    page = httpx.get(f"http://127.0.0.1:{port}/?activationRegion=eu-test")
+    assert page.status_code == 302
+    location = urllib.parse.urlsplit(page.headers["location"])
+    query = urllib.parse.parse_qs(location.query)
+    key = query["activationKey"][0]
+    assert query["activationRegion"] == ["eu-test"]
+    checked = activation_key.check(key, time.time())
+    assert checked.region == "eu-test"
+    assert 29 * 60 < checked.expires - time.time() <= 30 * 60
+    assert httpx.get(f"http://127.0.0.1:{port}/other").status_code == 404
+    assert httpx.post(f"http://127.0.0.1:{port}/").status_code == 405
+    # The CLI on the appliance prints a key of the same identity.
+    cli_key = subprocess.run(
+        [SGW, "gateway", "activation-key", "--data-dir", str(gw.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    assert activation_key.check(cli_key, time.time()).public_key == checked.public_key
+
+    # Before activation, the gateway's uploads are refused (it cannot sign yet).
+    done = subprocess.run(
+        [qemu_io, "-f", "raw", "-c", "write -P 0x5a 0 1M", gw.uri()],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+    act = p.sgw("activate", key, "--name", "edge-1", "--timezone", "UTC", "--output", "json")
+    assert act.returncode == 0, act.stderr
+    gateway_id = json.loads(act.stdout)["id"]
+
+    creds_file = gw.data_dir / "credentials.json"
+    wait_for(creds_file.exists, what="the credentials")
+    assert stat.S_IMODE(creds_file.stat().st_mode) == 0o600
+    creds = json.loads(creds_file.read_text())
+    assert creds["gateway_id"] == gateway_id and creds["key_id"] == f"gw:{gateway_id}"
+    wait_for(lambda: not port_open(port), what="the activation page to close")
+
+    # From now on its uploads are signed and land in the account, bound to the gateway.
+    def uploaded() -> bool:
+        vols = p.admin().get("/v1/volumes").json()
+        return bool(vols) and vols[0]["map_version"] >= 1
+
+    wait_for(uploaded, timeout=60, what="the upload")
+    vols = p.admin().get("/v1/volumes").json()
+    assert [(v["name"], v["gateway_id"]) for v in vols] == [("vol0", gateway_id)]
+    assert p.admin().get(f"/v1/gateways/{gateway_id}").json()["last_seen"] is not None
+    refused = p.sgw("activate", key, "--name", "again")
+    assert refused.returncode == 1 and "used already" in refused.stderr
+    no_more = subprocess.run(
+        [SGW, "gateway", "activation-key", "--data-dir", str(gw.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert no_more.returncode == 2 and "activated already" in no_more.stderr
+
+    # After a restart the page stays closed for good and requests are still signed.
+    assert gw.stop() == 0
+    gw.start()
+    time.sleep(1.0)
+    assert not port_open(port)
+    done = subprocess.run(
+        [qemu_io, "-f", "raw", "-c", "write -P 0x33 1M 1M", gw.uri()],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+    def uploaded_again() -> bool:
+        return int(p.admin().get("/v1/volumes").json()[0]["map_version"]) >= 2
+
+    wait_for(uploaded_again, timeout=60, what="the second upload")
+    assert "request refused" not in p.log_text()
+    assert gw.stop() == 0
+
+
+def test_expired_forged_and_reused_keys_are_refused(secure_provider: SecureProvider) -> None:
+    p = secure_provider
+    admin = p.admin()
+
+    def try_key(key: str, name: str = "g") -> httpx.Response:
+        return admin.post("/v1/activations", json={"activation_key": key, "name": name})
+
+    gw = FakeGateway()
+    expired = gw.activation_key(now=time.time() - 31 * 60)
+    r = try_key(expired)
+    assert r.status_code == 400 and "expired" in r.json()["message"]
+    with pytest.raises(ActivationKeyError):
+        activation_key.check(expired, time.time())
+
+    # Forged: another key's signature over this gateway's public key, a flipped byte,
+    # a key claiming a far-future expiry, garbage.
+    genuine = gw.activation_key()
+    prefix, payload, sig = genuine.split(".")
+    other_sig = FakeGateway().activation_key().split(".")[2]
+    raw = bytearray(activation_key._unb64(payload))
+    raw[-1] ^= 1
+    flipped = activation_key._b64(bytes(raw))
+    for forged in (
+        f"{prefix}.{payload}.{other_sig}",
+        f"{prefix}.{flipped}.{sig}",
+        "sgw1.AAAA.BBBB",
+        "not-a-key",
+    ):
+        r = try_key(forged)
+        assert r.status_code in (400, 422), (forged, r.text)
+        assert r.json()["error"] in ("activation_key_invalid", "invalid_request")
+    far = gw.activation_key(now=time.time() + 3600)
+    assert try_key(far).status_code == 400
+
+    # Used once: the same key again is refused; a fresh key of an activated gateway too.
+    assert try_key(genuine, "first").status_code == 201
+    again = try_key(genuine, "second")
+    assert again.status_code == 400 and "used already" in again.json()["message"]
+    fresh = try_key(gw.activation_key(), "third")
+    assert fresh.status_code == 409 and fresh.json()["error"] == "already_activated"
+    # Nothing above made a gateway besides the first.
+    assert [g["name"] for g in admin.get("/v1/gateways").json()] == ["first"]
+
+
+def test_a_key_activates_into_one_account_only(secure_provider: SecureProvider) -> None:
+    from tests.fixtures.management import new_account
+
+    p = secure_provider
+    _other, other_token = new_account(p, "other")
+    gw = activate(p, p.token, "mine")
+    r = p.client(other_token).get(f"/v1/gateways/{gw.gateway_id}")
+    assert r.status_code == 404
+    stolen = p.client(other_token).post(
+        "/v1/activations", json={"activation_key": gw.activation_key(), "name": "theirs"}
+    )
+    assert stolen.status_code == 409
+
+
+def test_identity_key_with_loose_mode_is_refused(
+    tmp_path: Path, gateway_factory: type[GatewayProcess]
+) -> None:
+    gw = gateway_factory(tmp_path / "gw", ["vol0:16M"])
+    gw.start()
+    assert gw.stop() == 0
+    key_file = gw.data_dir / "identity.key"
+    key_file.chmod(0o644)
+    with pytest.raises(RuntimeError, match="chmod 600"):
+        gw.start(timeout=20)

@@ -1,0 +1,267 @@
+"""The control channel end to end with real processes: `sgw provider init` and `serve`
+(HTTPS), an activated `sgw gateway serve` holding its long-poll, and the admin CLI
+sending it commands: volumes created (stored, cached, from a snapshot) and deleted,
+snapshots, CHAP credentials, bandwidth limits, its local state, a diagnostics bundle;
+refusals and an offline gateway give clear errors and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import stat
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import SGW, GatewayProcess, need
+from tests.fixtures.management import SecureProvider
+
+MIB = 1 << 20
+
+
+def wait_for(check: Any, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def gateway_config(tmp_path: Path, p: SecureProvider, idle: float = 0.2) -> Path:
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(
+        f"""
+[remote]
+url = "{p.url}"
+ca = "{p.ca}"
+
+[activation]
+poll_interval = 0.2
+
+[destage]
+idle_seconds = {idle}
+"""
+    )
+    return conf
+
+
+def activated_gateway(
+    tmp_path: Path,
+    p: SecureProvider,
+    factory: type[GatewayProcess],
+    volumes: list[str],
+    idle: float = 0.2,
+) -> tuple[GatewayProcess, str]:
+    """A real gateway activated with the CLI, its control channel connected."""
+    conf = gateway_config(tmp_path, p, idle)
+    gw = factory(tmp_path / "gw", volumes, extra_args=["--config", str(conf)])
+    gw.start()
+    key = subprocess.run(
+        [SGW, "gateway", "activation-key", "--data-dir", str(gw.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    act = p.sgw("activate", key, "--name", "edge", "--output", "json")
+    assert act.returncode == 0, act.stderr
+    gateway_id = str(json.loads(act.stdout)["id"])
+    wait_for(lambda: online(p, gateway_id), what="the control channel")
+    return gw, gateway_id
+
+
+def online(p: SecureProvider, gateway_id: str) -> bool:
+    conn = p.admin().get(f"/v1/gateways/{gateway_id}/connection").json()
+    return bool(conn["online"])
+
+
+def cli_json(p: SecureProvider, *args: str) -> Any:
+    res = p.sgw(*args, "--output", "json")
+    assert res.returncode == 0, (args, res.stderr)
+    return json.loads(res.stdout)
+
+
+def qemu_io(uri: str, *commands: str) -> subprocess.CompletedProcess[bytes]:
+    args = [need("qemu-io"), "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    return subprocess.run([*args, uri], capture_output=True, timeout=60, check=False)
+
+
+def volume_names(p: SecureProvider) -> set[str]:
+    return {v["name"] for v in p.admin().get("/v1/volumes").json()}
+
+
+def test_console_commands_run_on_the_gateway(
+    tmp_path: Path,
+    secure_provider: SecureProvider,
+    gateway_factory: type[GatewayProcess],
+) -> None:
+    p = secure_provider
+    # A long idle time: what is written stays in the write log until something drains it.
+    gw, gid = activated_gateway(tmp_path, p, gateway_factory, ["local0:16M"], idle=30.0)
+
+    # A stored volume, created through the console: served over NBD at once.
+    vol = cli_json(p, "volumes", "create", "vol1", "32M", "--gateway", gid, "--mode", "stored")
+    assert (vol["name"], vol["gateway_id"], vol["mode"], vol["status"]) == (
+        "vol1", gid, "stored", "AVAILABLE"
+    )  # fmt: skip
+    vid = vol["id"]
+    done = qemu_io(gw.uri("vol1"), "write -P 0x5a 0 4M")
+    assert done.returncode == 0, done.stderr
+    # A snapshot taken on the gateway holds exactly what was written before it.
+    snap = cli_json(p, "snapshots", "create", vid, "--description", "after 0x5a")
+    assert snap["status"] == "completed" and snap["volume_id"] == vid
+    sid = snap["id"]
+    # Volumes from it, cached and stored (restored lazily), read the same data.
+    cached = cli_json(
+        p, "volumes", "create", "vol2", "32M", "--gateway", gid, "--from-snapshot", sid
+    )
+    assert cached["mode"] == "cached"
+    stored = cli_json(p, "volumes", "create", "vol3", "32M", "--gateway", gid, "--mode",
+                      "stored", "--from-snapshot", sid)  # fmt: skip
+    assert stored["mode"] == "stored" and stored["status"] in ("BOOTSTRAPPING", "RESTORING")
+    for name in ("vol2", "vol3"):
+        check = qemu_io(gw.uri(name), "read -P 0x5a 0 4M", "read -P 0 4M 4M")
+        assert check.returncode == 0 and b"failed" not in check.stdout, (name, check.stdout)
+
+    state = cli_json(p, "gateways", "local-state", gid)
+    assert {v["name"] for v in state["volumes"]} == {"local0", "vol1", "vol2", "vol3"}
+    table = p.sgw("gateways", "local-state", gid)
+    assert table.returncode == 0 and "vol3" in table.stdout and "write log" in table.stdout
+
+    # Bandwidth limits change at once and are kept for the next start.
+    limits = cli_json(p, "gateways", "bandwidth", gid, "--upload", "10M", "--download", "20M")
+    assert limits == {"upload": 10 * MIB, "download": 20 * MIB}
+    assert json.loads((gw.data_dir / "bandwidth.json").read_text()) == limits
+
+    # CHAP credentials reach the gateway's data directory, readable by its owner only.
+    chap = subprocess.run(
+        [SGW, "volumes", "chap-set", vid, "--initiator", "iqn.2024-01.test:host", "--mutual"],
+        input="initiator-pw1\ntarget-pw-22\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=p.cli_env(),
+        check=False,
+    )
+    assert chap.returncode == 0, chap.stderr
+    chap_file = gw.data_dir / "chap.json"
+    assert stat.S_IMODE(chap_file.stat().st_mode) == 0o600
+    assert json.loads(chap_file.read_text())["volumes"]["vol1"] == [
+        {
+            "initiator": "iqn.2024-01.test:host",
+            "secret": "initiator-pw1",
+            "target_secret": "target-pw-22",
+        }
+    ]
+
+    # A diagnostics bundle: logs, state and configuration, no secrets.
+    bundle_path = tmp_path / "diag.tar.gz"
+    diag = cli_json(p, "gateways", "diagnostics", gid, "--file", str(bundle_path))
+    assert diag["size"] == bundle_path.stat().st_size
+    assert stat.S_IMODE(bundle_path.stat().st_mode) == 0o600
+    with tarfile.open(bundle_path) as tar:
+        members = {m.name.split("/", 1)[1]: tar.extractfile(m) for m in tar.getmembers()}
+        contents = {n: f.read() if f else b"" for n, f in members.items()}
+    assert set(contents) >= {"status.json", "config.json", "volumes.json", "logs.jsonl"}
+    assert b"command received" in contents["logs.jsonl"]
+    everything = b"".join(contents.values())
+    identity = (gw.data_dir / "identity.key").read_bytes()
+    for secret in (b"initiator-pw1", b"target-pw-22", identity, identity.hex().encode()):
+        assert secret not in everything
+    assert json.loads(contents["status.json"])["volumes"]
+
+    # Deleting a volume whose data is still in the write log is refused, unless drained.
+    done = qemu_io(gw.uri("vol1"), "write -P 0x77 0 1M")
+    assert done.returncode == 0, done.stderr
+    refused = p.sgw("volumes", "delete", vid)
+    assert refused.returncode == 1 and "write log still holds" in refused.stderr
+    assert "vol1" in volume_names(p)
+    assert cli_json(p, "volumes", "delete", vid, "--drain")["ok"]
+    assert "vol1" not in volume_names(p)
+    assert not (gw.data_dir / "volumes" / "vol1.img").exists()
+    assert "vol1" not in json.loads((gw.data_dir / "volumes.json").read_text())
+
+    # The gateway refuses a volume it has already (configured locally): the provider's
+    # record made for the command goes again.
+    clash = p.sgw("volumes", "create", "local0", "16M", "--gateway", gid)
+    assert clash.returncode == 1 and "exists on this gateway" in clash.stderr, clash.stderr
+    assert "local0" not in volume_names(p)
+
+    # Volumes made at runtime come back after a restart; the limits too.
+    assert gw.stop() == 0
+    gw.start()
+    wait_for(lambda: online(p, gid), what="the gateway back online")
+    state = cli_json(p, "gateways", "local-state", gid)
+    assert {v["name"] for v in state["volumes"]} == {"local0", "vol2", "vol3"}
+    assert state["gateway"]["bandwidth"] == limits
+    check = qemu_io(gw.uri("vol3"), "read -P 0x5a 0 4M")
+    assert check.returncode == 0 and b"failed" not in check.stdout
+
+    # An offline gateway: a clear error at once (exit 6), nothing left behind.
+    assert gw.stop() == 0
+    wait_for(lambda: not online(p, gid), timeout=15, what="the gateway offline")
+    started = time.monotonic()
+    offline = p.sgw("volumes", "create", "vol9", "16M", "--gateway", gid)
+    assert offline.returncode == 6 and "offline" in offline.stderr
+    assert time.monotonic() - started < 10
+    assert "vol9" not in volume_names(p)
+    commands = cli_json(p, "gateways", "commands", gid, "--limit", "100")
+    assert commands and all(c["status"] in ("succeeded", "failed") for c in commands)
+    assert "request refused" not in p.log_text()
+
+
+def test_commands_wait_for_a_gateway_that_comes_back(
+    tmp_path: Path,
+    secure_provider: SecureProvider,
+    gateway_factory: type[GatewayProcess],
+) -> None:
+    """CHAP credentials set while the gateway is offline are kept for it and delivered
+    when it reconnects; a command that times out while the gateway is away is
+    cancelled and never runs."""
+    p = secure_provider
+    gw, gid = activated_gateway(tmp_path, p, gateway_factory, ["local0:16M"])
+    vid = cli_json(p, "volumes", "create", "v", "16M", "--gateway", gid)["id"]
+    assert gw.stop() == 0
+    wait_for(lambda: not online(p, gid), timeout=15, what="the gateway offline")
+    chap = subprocess.run(
+        [SGW, "volumes", "chap-set", vid, "--initiator", "iqn.2024-01.test:a", "--timeout", "1"],
+        input="offline-secret\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=p.cli_env(),
+        check=False,
+    )
+    assert chap.returncode == 0 and "gets them when it is back" in chap.stderr, chap.stderr
+    gw.start()
+    chap_file = gw.data_dir / "chap.json"
+    wait_for(chap_file.exists, what="the CHAP credentials delivered late")
+    assert json.loads(chap_file.read_text())["volumes"]["v"][0]["secret"] == "offline-secret"
+    wait_for(lambda: online(p, gid), what="the gateway back online")
+    cmds = cli_json(p, "gateways", "commands", gid)
+    assert cmds[0]["type"] == "sync_chap" and cmds[0]["status"] == "succeeded"
+
+    # A gateway that holds its connection but does not answer (stopped, not dead): the
+    # command times out, and the gateway refuses to start it later, past its deadline.
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        late = p.sgw("gateways", "bandwidth", gid, "--upload", "1M", "--timeout", "2")
+        assert late.returncode == 6 and "no answer" in late.stderr, late.stderr
+        assert time.monotonic() - started < 15
+    finally:
+        gw.proc.send_signal(signal.SIGCONT)
+
+    def refused_late() -> bool:
+        cmd = cli_json(p, "gateways", "commands", gid)[0]
+        return cmd["type"] == "set_bandwidth" and cmd["status"] in ("failed", "expired")
+
+    wait_for(refused_late, timeout=60, what="the late command refused")
+    assert not (gw.data_dir / "bandwidth.json").exists()
+    assert gw.stop() == 0

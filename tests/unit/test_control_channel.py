@@ -1,0 +1,298 @@
+"""The gateway's control channel against an in-process provider (an httpx transport):
+commands run once however often they are delivered, acknowledgements ride on the next
+poll, replies are kept until accepted (also across a restart), a command cut off by a
+crash is answered as failed rather than run again, quick failures back off and a
+long-poll that simply ends does not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sgw.common.errors import CommandError
+from sgw.gateway.control import BACKOFF_FIRST_S, QUICK_S, ControlChannel, backoff
+from sgw.gateway.control_journal import INTERRUPTED, Command, ControlJournal, Reply
+
+URL = "http://provider.test"
+
+
+def message(i: int, *, key: str | None = None, expires_in: float = 60.0) -> dict[str, Any]:
+    return {
+        "id": f"m{i}",
+        "type": "describe",
+        "args": {"n": i},
+        "idempotency_key": key or f"k{i}",
+        "created": datetime.now(UTC).isoformat(),
+        "expires": (datetime.now(UTC) + timedelta(seconds=expires_in)).isoformat(),
+        "delivery": 1,
+    }
+
+
+class FakeProvider:
+    """Answers polls from a script of batches, then holds them (briefly) empty; records
+    acknowledgements and replies; fails on request."""
+
+    def __init__(self, batches: list[list[dict[str, Any]]]) -> None:
+        self.batches = list(batches)
+        self.acks: list[str] = []
+        self.replies: list[dict[str, Any]] = []
+        self.polls = 0
+        self.poll_errors = 0  # the next this many polls answer 503 at once
+        self.reply_errors = 0  # the next this many reply posts answer 500
+        self.hold = 0.05  # seconds an empty poll is held
+        self.drop_after: float | None = None  # hold this long, then break the connection
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/gateway/messages":
+            self.polls += 1
+            query = urllib.parse.parse_qs(request.url.query.decode())
+            self.acks += [i for i in query.get("ack", [""])[0].split(",") if i]
+            if self.poll_errors:
+                self.poll_errors -= 1
+                return httpx.Response(503, json={"error": "x", "message": "overloaded"})
+            if self.drop_after is not None:
+                await asyncio.sleep(self.drop_after)
+                self.drop_after = None
+                raise httpx.ReadError("connection reset by peer")
+            if self.batches:
+                return self.answer(self.batches.pop(0))
+            await asyncio.sleep(self.hold)
+            return self.answer([])
+        if request.url.path == "/v1/gateway/messages/replies":
+            if self.reply_errors:
+                self.reply_errors -= 1
+                return httpx.Response(500, json={"error": "x", "message": "database away"})
+            replies = json.loads(request.content)["replies"]
+            self.replies += replies
+            return httpx.Response(200, json={"accepted": [r["id"] for r in replies], "refused": []})
+        return httpx.Response(404)
+
+    @staticmethod
+    def answer(messages: list[dict[str, Any]]) -> httpx.Response:
+        return httpx.Response(
+            200, json={"messages": messages, "server": URL, "servers": [URL, "http://p2.test"]}
+        )
+
+
+class Recorder:
+    """The executor: records what ran; may block or refuse."""
+
+    def __init__(self) -> None:
+        self.ran: Counter[str] = Counter()
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, cmd: Command) -> dict[str, Any]:
+        self.ran[cmd.key] += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if cmd.args.get("refuse"):
+            raise CommandError("not today")
+        return {"echo": cmd.args}
+
+
+def channel(
+    tmp_path: Path,
+    provider: FakeProvider,
+    execute: Callable[[Command], Awaitable[dict[str, Any]]],
+    sleeps: list[float] | None = None,
+) -> ControlChannel:
+    async def sleep(delay: float) -> None:
+        if sleeps is not None:
+            sleeps.append(delay)
+        await asyncio.sleep(0)
+
+    return ControlChannel(
+        str(tmp_path),
+        [URL],
+        execute,
+        wait=5.0,
+        transport=httpx.MockTransport(provider.handle),
+        rng=lambda: 0.0,
+        sleep=sleep,
+    )
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.01)
+
+
+def test_each_command_runs_once_however_often_delivered(tmp_path: Path) -> None:
+    async def main() -> None:
+        refused = message(3)
+        refused["args"] = {"refuse": True}
+        provider = FakeProvider(
+            [[message(1), message(2)], [message(1), refused], [message(2), message(1, key="k1")]]
+        )
+        rec = Recorder()
+        ch = channel(tmp_path, provider, rec)
+        await ch.start()
+        await until(lambda: len(provider.replies) == 3 and provider.polls > 4)
+        await ch.stop()
+        assert rec.ran == Counter({"k1": 1, "k2": 1, "k3": 1})
+        by_id = {r["id"]: r for r in provider.replies}
+        assert by_id["m1"] == {"id": "m1", "status": "succeeded", "result": {"echo": {"n": 1}},
+                               "error": None}  # fmt: skip
+        assert by_id["m3"]["status"] == "failed" and by_id["m3"]["error"] == "not today"
+        # Every delivery is acknowledged, with the poll after it.
+        assert Counter(provider.acks) == Counter({"m1": 3, "m2": 2, "m3": 1})
+        assert ch.stats["duplicates"] == 3
+        # The provider named another control server: remembered to fail over to.
+        assert ch.urls == [URL, "http://p2.test"]
+        journal = tmp_path / "control" / "journal.json"
+        assert stat.S_IMODE(journal.stat().st_mode) == 0o600
+        assert not os.listdir(tmp_path / "control" / "outbox")
+
+    asyncio.run(main())
+
+
+def test_replies_are_kept_until_accepted_also_across_a_restart(tmp_path: Path) -> None:
+    async def main() -> None:
+        provider = FakeProvider([[message(1)]])
+        provider.reply_errors = 10**6  # the provider refuses every reply
+        rec = Recorder()
+        ch = channel(tmp_path, provider, rec)
+        await ch.start()
+        await until(lambda: ch.journal.unsent == 1 and rec.ran["k1"] == 1)
+        await ch.stop()
+        assert len(os.listdir(tmp_path / "control" / "outbox")) == 1
+        # The restarted gateway sends it; the command is delivered again meanwhile and
+        # not run again.
+        provider2 = FakeProvider([[message(1)]])
+        ch2 = channel(tmp_path, provider2, rec)
+        await ch2.start()
+        await until(lambda: bool(provider2.replies) and "m1" in provider2.acks)
+        await ch2.stop()
+        assert rec.ran["k1"] == 1
+        assert provider2.replies[0]["status"] == "succeeded"
+        assert not os.listdir(tmp_path / "control" / "outbox")
+
+    asyncio.run(main())
+
+
+def test_a_command_cut_off_is_answered_failed_and_one_not_started_runs(tmp_path: Path) -> None:
+    async def main() -> None:
+        provider = FakeProvider([[message(1), message(2)]])
+        rec = Recorder()
+        rec.gate = asyncio.Event()  # m1 starts and never finishes: a crash cuts it off
+        ch = channel(tmp_path, provider, rec)
+        await ch.start()
+        await until(lambda: rec.ran["k1"] == 1)
+        for task in ch._tasks:  # a crash: nothing gets to finish or clean up
+            task.cancel()
+        await asyncio.gather(*ch._tasks, return_exceptions=True)
+        await ch._http.aclose()
+        rec2 = Recorder()
+        provider2 = FakeProvider([])
+        ch2 = channel(tmp_path, provider2, rec2)
+        await ch2.start()
+        await until(lambda: len(provider2.replies) == 2)
+        await ch2.stop()
+        assert rec2.ran == Counter({"k2": 1})  # taken before the crash, never started
+        by_id = {r["id"]: r for r in provider2.replies}
+        assert by_id["m1"]["status"] == "failed" and by_id["m1"]["error"] == INTERRUPTED
+        assert by_id["m2"]["status"] == "succeeded"
+
+    asyncio.run(main())
+
+
+def test_a_command_past_its_deadline_is_not_run(tmp_path: Path) -> None:
+    async def main() -> None:
+        provider = FakeProvider([[message(1, expires_in=-1)]])
+        rec = Recorder()
+        ch = channel(tmp_path, provider, rec)
+        await ch.start()
+        await until(lambda: bool(provider.replies))
+        await ch.stop()
+        assert not rec.ran
+        assert provider.replies[0]["status"] == "failed"
+        assert "deadline" in provider.replies[0]["error"]
+
+    asyncio.run(main())
+
+
+def test_quick_failures_back_off_and_a_long_poll_that_ends_does_not(tmp_path: Path) -> None:
+    async def main() -> None:
+        provider = FakeProvider([])
+        provider.poll_errors = 4
+        provider.hold = QUICK_S + 0.05  # a long-poll that runs its course
+        sleeps: list[float] = []
+        ch = channel(tmp_path, provider, Recorder(), sleeps)
+        await ch.start()
+        await until(lambda: provider.polls >= 6)
+        # Four quick errors: waits doubling from the first (random factor 0.5 here).
+        assert sleeps[:4] == [BACKOFF_FIRST_S * 0.5 * 2**i for i in range(4)]
+        assert ch.stats["errors"] == 4 and ch.connected
+        n = len(sleeps)
+        # A poll held for longer than QUICK_S and then cut off is no error: the next
+        # one goes out at once, without a wait.
+        provider.drop_after = QUICK_S + 0.1
+        polls = provider.polls
+        await until(lambda: provider.polls >= polls + 3, timeout=10)
+        await ch.stop()
+        assert ch.stats["errors"] == 4
+        assert len(sleeps) == n
+        # An empty answer long before the wait ran out counts as an error.
+        provider3 = FakeProvider([])
+        provider3.hold = 0.0
+        sleeps3: list[float] = []
+        ch3 = channel(tmp_path / "other", provider3, Recorder(), sleeps3)
+        await ch3.start()
+        await until(lambda: len(sleeps3) >= 3)
+        await ch3.stop()
+        assert sleeps3[:3] == [BACKOFF_FIRST_S * 0.5 * 2**i for i in range(3)]
+
+    asyncio.run(main())
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    assert backoff(1, lambda: 0.0) == BACKOFF_FIRST_S * 0.5
+    assert backoff(1, lambda: 1.0) == BACKOFF_FIRST_S
+    assert backoff(3, lambda: 1.0) == BACKOFF_FIRST_S * 4
+    assert backoff(100, lambda: 1.0) == 30.0
+    waits = {backoff(4) for _ in range(50)}
+    assert len(waits) > 40 and all(BACKOFF_FIRST_S * 4 <= w < BACKOFF_FIRST_S * 8 for w in waits)
+
+
+def test_journal_forgets_old_keys_but_keeps_recent_ones(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    journal = ControlJournal(str(tmp_path), clock=lambda: now[0])
+    journal.load()
+
+    async def main() -> None:
+        old = Command("a", "describe", {}, "ka", now[0] + 60)
+        await journal.admit([old])
+        await journal.finish(old, Reply("a", "succeeded", {}))
+        now[0] += 8 * 86400  # past KEEP_S
+        new = Command("b", "describe", {}, "kb", now[0] + 60)
+        await journal.admit([new])
+        await journal.finish(new, Reply("b", "succeeded", {}))
+
+    asyncio.run(main())
+    again = ControlJournal(str(tmp_path))
+    again.load()
+    assert again.state("ka") is None and again.state("kb") == "done"
+    assert [r.id for r in again.outbox()] == ["a", "b"]
+
+
+@pytest.mark.parametrize("bad", [b"{not json", b"[]"])
+def test_a_damaged_journal_is_replaced_not_fatal(tmp_path: Path, bad: bytes) -> None:
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "journal.json").write_bytes(bad)
+    journal = ControlJournal(str(tmp_path))
+    assert journal.load() == ([], [])

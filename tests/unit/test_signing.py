@@ -1,0 +1,109 @@
+"""Request signatures, activation keys and the gateway's identity files, without a server."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sgw.common import activation_key, signing
+from sgw.common.errors import ActivationKeyError, ConfigError, IdentityError
+from sgw.gateway import config as cfg
+from sgw.gateway.identity import (
+    Credentials,
+    load_or_create_key,
+    read_credentials,
+    write_credentials,
+)
+
+
+def test_signature_covers_every_part() -> None:
+    key = Ed25519PrivateKey.generate()
+    public = bytes.fromhex(signing.public_key_hex(key))
+    header = signing.sign(key, "gw:abc", "post", b"/v1/x?y=1", b"body", timestamp=100)
+    parsed = signing.parse_header(header)
+    assert parsed is not None and parsed.key_id == "gw:abc" and parsed.timestamp == 100
+    digest = signing.body_digest(b"body")
+    assert signing.verify(public, parsed, "POST", b"/v1/x?y=1", digest)
+    assert not signing.verify(public, parsed, "POST", b"/v1/x?y=1", signing.body_digest(b"x"))
+    assert not signing.verify(public, parsed, "PUT", b"/v1/x?y=1", digest)
+    assert not signing.verify(public, parsed, "POST", b"/v1/x?y=2", digest)
+    for field, value in (("timestamp", 101), ("nonce", "0" * 32), ("key_id", "gw:abd")):
+        forged = signing.SignedHeader(
+            key_id=str(value) if field == "key_id" else parsed.key_id,
+            timestamp=int(value) if field == "timestamp" else parsed.timestamp,
+            nonce=str(value) if field == "nonce" else parsed.nonce,
+            signature=parsed.signature,
+        )
+        assert not signing.verify(public, forged, "POST", b"/v1/x?y=1", digest), field
+    other = bytes.fromhex(signing.public_key_hex(Ed25519PrivateKey.generate()))
+    assert not signing.verify(other, parsed, "POST", b"/v1/x?y=1", digest)
+    for bad in ("", "SGW1-Ed25519 key=x", header + ",", header.replace("ts=100", "ts=-1")):
+        assert signing.parse_header(bad) is None, bad
+
+
+def test_activation_key_round_trip_and_refusals() -> None:
+    key = Ed25519PrivateKey.generate()
+    now = time.time()
+    text = activation_key.mint(key, now, "eu-1")
+    checked = activation_key.check(text, now + 60)
+    assert checked.public_key.hex() == signing.public_key_hex(key)
+    assert checked.region == "eu-1" and len(checked.digest) == 64
+    with pytest.raises(ActivationKeyError, match="expired"):
+        activation_key.check(text, now + activation_key.VALIDITY_S + 1)
+    with pytest.raises(ActivationKeyError, match="30 minutes"):
+        activation_key.check(activation_key.mint(key, now + 7200), now)
+    prefix, payload, sig = text.split(".")
+    other = Ed25519PrivateKey.generate()
+    resigned = activation_key.mint(other, now, "eu-1").split(".")[2]
+    with pytest.raises(ActivationKeyError, match="not genuine"):
+        activation_key.check(f"{prefix}.{payload}.{resigned}", now)
+    for bad in ("", "sgw1", "sgw2.a.b", "sgw1.!!.??", f"{prefix}.{payload[:-4]}.{sig}"):
+        with pytest.raises(ActivationKeyError):
+            activation_key.check(bad, now)
+    # Two keys of one gateway differ (a new nonce each) and are used up separately.
+    assert activation_key.check(activation_key.mint(key, now), now).digest != checked.digest
+
+
+def test_identity_key_and_credentials_are_private(tmp_path: Path) -> None:
+    key = load_or_create_key(str(tmp_path))
+    path = tmp_path / "identity.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = load_or_create_key(str(tmp_path))
+    assert signing.public_key_hex(again) == signing.public_key_hex(key)
+    assert read_credentials(str(tmp_path)) is None
+    creds = Credentials("g", "a", "n", "gw:g", "https://p")
+    write_credentials(str(tmp_path), creds)
+    assert stat.S_IMODE((tmp_path / "credentials.json").stat().st_mode) == 0o600
+    assert read_credentials(str(tmp_path)) == creds
+    os.chmod(path, 0o640)
+    with pytest.raises(IdentityError, match="chmod 600"):
+        load_or_create_key(str(tmp_path))
+    os.chmod(path, 0o600)
+    path.write_bytes(b"short")
+    with pytest.raises(IdentityError, match="damaged"):
+        load_or_create_key(str(tmp_path))
+
+
+def test_gateway_refuses_plain_http_beyond_loopback(tmp_path: Path) -> None:
+    base: dict[str, Any] = {"data_dir": str(tmp_path), "volumes": ["v:1G"]}
+    ok = cfg.load(None, provider="http://127.0.0.1:8480", **base)
+    assert ok.remote is not None and ok.remote.url == "http://127.0.0.1:8480"
+    with pytest.raises(ConfigError, match="plain http"):
+        cfg.load(None, provider="http://provider.example:8480", **base)
+    conf = tmp_path / "g.toml"
+    conf.write_text('[remote]\nurl = "http://10.0.0.5:8480"\ninsecure_http = true\n')
+    dev = cfg.load(str(conf), **base)
+    assert dev.remote is not None and dev.remote.insecure_http
+    with pytest.raises(ConfigError, match="not a file"):
+        cfg.load(None, provider="https://p:1", provider_ca=str(tmp_path / "no.pem"), **base)
+    act = cfg.load(None, activation_listen="0.0.0.0:80", **base)
+    assert (act.activation.host, act.activation.port) == ("0.0.0.0", 80)
+    assert cfg.load(None, **base).activation.host is None
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        cfg.load(None, activation_listen="80", **base)
