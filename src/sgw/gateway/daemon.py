@@ -369,11 +369,12 @@ async def serve(config: GatewayConfig) -> int:
     """Runs the gateway until SIGTERM or SIGINT; returns the exit status."""
     io_flusher = set_io_flusher()
     gateway = Gateway(config)
-    await gateway.start()
+    # Handlers first: a SIGTERM that arrives once the listeners accept must drain, not kill.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await gateway.start()
     LOG.info(
         "gateway ready",
         extra={
