@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -110,6 +111,20 @@ class GatewayProcess(DaemonProcess):
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def remote_id(gw: GatewayProcess, volume: str = "vol0") -> str | None:
+    """The provider's id of the gateway's volume, once the provider made it (from the
+    gateway's registry; None before)."""
+    try:
+        doc = json.loads((gw.data_dir / "volumes.json").read_text())
+    except (OSError, ValueError):
+        return None
+    entry = doc.get(volume, {})
+    value = entry.get("remote_id")
+    if value is None or entry.get("remote_created") is False:  # chosen, not made yet
+        return None
+    return str(value)
 
 
 @pytest.fixture

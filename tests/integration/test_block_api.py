@@ -309,6 +309,39 @@ def test_snapshot_of_a_volume_is_immutable_after_later_commits(api: Api) -> None
     assert bare.status_code == 201 and bare.json()["description"] is None
 
 
+def test_caller_named_snapshots_and_volumes_are_idempotent(api: Api) -> None:
+    """What a gateway relies on to retry after a lost reply: the same snapshot or volume
+    again, never a second one; a snapshot at a map version that moved on is refused."""
+    vid = api.volume()["id"]
+    data = chunk("idem")
+    api.put_chunk(vid, data)
+    assert api.commit(vid, 0, {2: sha(data)}).status_code == 200
+    sid = str(uuid.uuid4())
+    ask = {"snapshot_id": sid, "map_version": 1}
+    first = api.client.post(f"/v1/volumes/{vid}/snapshots", json=ask)
+    assert first.status_code == 201, first.text
+    assert first.json()["id"] == sid
+    again = api.client.post(f"/v1/volumes/{vid}/snapshots", json=ask)
+    assert again.status_code == 201 and again.json() == first.json()
+    moved = api.client.post(
+        f"/v1/volumes/{vid}/snapshots", json={"snapshot_id": str(uuid.uuid4()), "map_version": 0}
+    )
+    assert moved.status_code == 409, moved.text
+    other = api.volume()["id"]
+    stolen = api.client.post(f"/v1/volumes/{other}/snapshots", json={"snapshot_id": sid})
+    assert stolen.status_code == 409, stolen.text
+    bad = api.client.post(f"/v1/volumes/{vid}/snapshots", json={"snapshot_id": "nope"})
+    assert bad.status_code == 400, bad.text
+    volume_id = str(uuid.uuid4())
+    ask_volume = {"id": volume_id, "name": f"v-{volume_id[:8]}", "size": MIB, "mode": "stored"}
+    made = api.client.post("/v1/volumes", json=ask_volume)
+    assert made.status_code == 201 and made.json()["id"] == volume_id, made.text
+    remade = api.client.post("/v1/volumes", json=ask_volume)
+    assert remade.status_code == 201 and remade.json() == made.json()
+    clash = api.client.post("/v1/volumes", json={**ask_volume, "name": "another"})
+    assert clash.status_code == 409, clash.text
+
+
 def test_block_api_flow_with_changed_blocks_and_volume_from_snapshot(api: Api) -> None:
     size = 40 * SMALL + 1000  # the last block is short
     r = api.client.post(

@@ -20,7 +20,7 @@ import httpx
 import nbd
 import pytest
 
-from tests.conftest import SGW, SMALL_LOG, GatewayProcess, ProviderProcess
+from tests.conftest import SGW, SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
 
 MIB = 1 << 20
 VOL_SIZE = 24 * MIB + 64 * 1024  # the last chunk is short
@@ -48,18 +48,6 @@ def cached_gateway(
         log_size=SMALL_LOG,
         extra_args=["--config", str(cfg), "--provider", provider.url],
     )
-
-
-def remote_id(gw: GatewayProcess) -> str | None:
-    try:
-        doc = json.loads((gw.data_dir / "volumes.json").read_text())
-    except (OSError, ValueError):
-        return None
-    entry = doc.get("vol0", {})
-    value = entry.get("remote_id")
-    if value is None or entry.get("remote_created") is False:  # chosen, not made yet
-        return None
-    return str(value)
 
 
 def remote_map(provider: ProviderProcess, rid: str) -> dict[int, str]:

@@ -9,7 +9,6 @@ gateway must still serve every acknowledged (flushed) write.
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -20,7 +19,7 @@ import httpx
 import nbd
 import pytest
 
-from tests.conftest import SMALL_LOG, GatewayProcess, ProviderProcess
+from tests.conftest import SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
 from tests.fixtures.faultproxy import Fault, FaultProxy
 
 MIB = 1 << 20
@@ -62,18 +61,6 @@ def gateway_args(tmp_path: Path, provider_url: str) -> list[str]:
     cfg = tmp_path / "gw.toml"
     cfg.write_text('[destage]\nstart_fill = 0.0\nidle_seconds = 0.05\nbatch = "4M"\n')
     return ["--config", str(cfg), "--provider", provider_url]
-
-
-def remote_id(gw: GatewayProcess) -> str | None:
-    try:
-        doc = json.loads((gw.data_dir / "volumes.json").read_text())
-    except (OSError, ValueError):
-        return None
-    entry = doc.get("vol0", {})
-    value = entry.get("remote_id")
-    if value is None or entry.get("remote_created") is False:  # chosen, not made yet
-        return None
-    return str(value)
 
 
 def remote_bytes(provider_url: str, volume_id: str) -> bytes:

@@ -20,7 +20,7 @@ import httpx
 import nbd
 import pytest
 
-from tests.conftest import SGW, SMALL_LOG, GatewayProcess, free_port
+from tests.conftest import SGW, SMALL_LOG, GatewayProcess, free_port, remote_id
 
 MIB = 1 << 20
 VOL_SIZE = 48 * MIB + 64 * 1024  # the last chunk is short
@@ -105,18 +105,6 @@ def write_config(path: Path, bandwidth: str | None = None) -> None:
     if bandwidth:
         text += f'[remote]\nbandwidth = "{bandwidth}"\nconcurrency = 4\n'
     path.write_text(text)
-
-
-def remote_id(gw: GatewayProcess, volume: str = "vol0") -> str | None:
-    try:
-        doc = json.loads((gw.data_dir / "volumes.json").read_text())
-    except (OSError, ValueError):
-        return None
-    entry = doc.get(volume, {})
-    value = entry.get("remote_id")
-    if value is None or entry.get("remote_created") is False:  # chosen, not made yet
-        return None
-    return str(value)
 
 
 def random_io(h: nbd.NBD, rng: random.Random, model: bytearray, ops: int) -> None:

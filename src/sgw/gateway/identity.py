@@ -9,11 +9,9 @@ refused when other users could read them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import secrets
 import stat
 from dataclasses import asdict, dataclass
 
@@ -21,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from sgw.common.errors import IdentityError
-from sgw.common.files import fsync_directory, write_atomically
+from sgw.common.files import create_exclusively, write_atomically
 
 LOG = logging.getLogger(__name__)
 
@@ -52,24 +50,12 @@ def load_or_create_key(data_dir: str) -> Ed25519PrivateKey:
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, raw)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # never replaces a key another process made first
-        except FileExistsError:
-            return load_or_create_key(data_dir)
-        fsync_directory(path)
+        created = create_exclusively(path, raw)
     except OSError as e:
         raise IdentityError(f"cannot create the identity key {path}: {e.strerror or e}") from e
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    if not created:  # another process made it first: use that one
+        return load_or_create_key(data_dir)
     LOG.info("gateway identity key created", extra={"path": path})
     return key
 

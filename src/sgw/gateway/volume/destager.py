@@ -343,20 +343,7 @@ class Destager:
         snapshot what it does not have. Returns False if nothing could be destaged (the
         oldest record belongs to a cached volume, which only an upload can destage)."""
         engine = self.engine
-        log = engine.log
-        if log.used == 0:
-            return False
-        records = await asyncio.to_thread(
-            log.read_records, log.tail, log.tail_seq, log.head, self.batch_bytes
-        )
-        for i, rec in enumerate(records):
-            vol = engine.by_id.get(rec.volume)
-            if vol is not None and vol.cached is not None:
-                del records[i:]
-                break
-            if rec.kind == KIND_SNAPSHOT:
-                del records[i + 1 :]
-                break
+        records = await self._next_records(local_only=True)
         if not records:
             return False
         batch = merge(engine, records)
@@ -374,18 +361,9 @@ class Destager:
         if changed:
             await asyncio.to_thread(engine.save_registry)
         await asyncio.to_thread(self._apply, batch)
-        for rec in batch.records:
-            engine.reclaim(rec)
-        last = batch.records[-1]
-        await asyncio.to_thread(log.persist_tail, last)
-        log.release(last)
-        if last.kind == KIND_SNAPSHOT:
-            engine.snapshot_for(last).finish(
-                SnapshotState.FAILED,
-                "the volume was in pass-through (provider unreachable, write log full)",
-            )
-        self.batches += 1
-        self.bytes_destaged += batch.nbytes
+        await self._release(
+            batch, "the volume was in pass-through (provider unreachable, write log full)"
+        )
         return True
 
     async def drain(self) -> None:
@@ -415,16 +393,9 @@ class Destager:
             empty = Batch([], {v: VolumeChanges() for v in dirty}, at_seq=log.tail_seq)
             await self.upload(empty)
             return True
-        records = await asyncio.to_thread(
-            log.read_records, log.tail, log.tail_seq, log.head, self.batch_bytes
-        )
+        records = await self._next_records()
         if not records:
             return False
-        # A batch never crosses a snapshot marker: it ends at the first one.
-        for i, rec in enumerate(records):
-            if rec.kind == KIND_SNAPSHOT:
-                del records[i + 1 :]
-                break
         # An upload must see each batch as a real point in time; a local apply may skip
         # versions that later records overwrite.
         batch = merge(engine, records, point_in_time=self.upload is not None)
@@ -439,22 +410,52 @@ class Destager:
                 self._uploading = None
         self._apply_cached(batch)
         await asyncio.to_thread(self._apply, batch)
+        # With an upload step the snapshot at the batch's end was made already.
+        failed = None if self.upload else "the gateway had no provider configured to keep it"
+        await self._release(batch, failed)
+        return True
+
+    async def _next_records(self, *, local_only: bool = False) -> list[Record]:
+        """The next batch's records from the tail. A batch never crosses a snapshot marker:
+        it ends at the first one. ``local_only`` (pass-through) also ends it before the
+        first record of a cached volume, which only an upload can destage."""
+        log = self.engine.log
+        if log.used == 0:
+            return []
+        records = await asyncio.to_thread(
+            log.read_records, log.tail, log.tail_seq, log.head, self.batch_bytes
+        )
+        by_id = self.engine.by_id
+        for i, rec in enumerate(records):
+            if local_only:
+                vol = by_id.get(rec.volume)
+                if vol is not None and vol.cached is not None:
+                    del records[i:]
+                    break
+            if rec.kind == KIND_SNAPSHOT:
+                del records[i + 1 :]
+                break
+        return records
+
+    async def _release(self, batch: Batch, snapshot_failure: str | None) -> None:
+        """The batch is on the base stores (and uploaded): drops its index entries, moves
+        the tail past it durably and frees its space. A snapshot marker at its end that
+        was not made fails with ``snapshot_failure``."""
+        engine = self.engine
+        log = engine.log
         for rec in batch.records:
             engine.reclaim(rec)
         last = batch.records[-1]
         await asyncio.to_thread(log.persist_tail, last)
         log.release(last)
-        if last.kind == KIND_SNAPSHOT and self.upload is None:
-            engine.snapshot_for(last).finish(
-                SnapshotState.FAILED, "the gateway had no provider configured to keep it"
-            )
+        if last.kind == KIND_SNAPSHOT and snapshot_failure is not None:
+            engine.snapshot_for(last).finish(SnapshotState.FAILED, snapshot_failure)
         self.batches += 1
         self.bytes_destaged += batch.nbytes
         LOG.debug(
             "destaged batch",
             extra={"records": len(batch.records), "bytes": batch.nbytes, "used": log.used},
         )
-        return True
 
     async def _ensure_restored(self, batch: Batch) -> None:
         """Volumes still restoring from a snapshot: the chunks the batch changes are made

@@ -13,7 +13,6 @@ one when the store already holds chunks (see ``open_keyring``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sgw.common.chunks import KEY_SIZE
 from sgw.common.errors import MasterKeyError
+from sgw.common.files import create_exclusively
 
 LOG = logging.getLogger(__name__)
 
@@ -132,30 +132,13 @@ def _create_master_key(path: str) -> None:
     ``path``: a link never replaces an existing file, so two providers starting at once
     agree on one key, and a crash leaves no half-written key behind.
     """
-    directory = os.path.dirname(path)
-    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, secrets.token_bytes(MASTER_KEY_SIZE))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            LOG.info("master key was created by another process", extra={"path": path})
-            return
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        created = create_exclusively(path, secrets.token_bytes(MASTER_KEY_SIZE))
     except OSError as e:
         raise MasterKeyError(f"cannot create master key {path}: {e.strerror or e}") from e
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    if not created:
+        LOG.info("master key was created by another process", extra={"path": path})
+        return
     LOG.warning(
         "new master key created; back it up: chunks cannot be read without it",
         extra={"path": path},

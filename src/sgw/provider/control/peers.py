@@ -11,7 +11,6 @@ so a replayed call within the window can do no more than wake a poll early.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -21,7 +20,7 @@ import stat
 import time
 
 from sgw.common.errors import ConfigError
-from sgw.common.files import fsync_directory
+from sgw.common.files import create_exclusively
 
 LOG = logging.getLogger(__name__)
 
@@ -40,24 +39,12 @@ def load_or_create_secret(data_dir: str) -> bytes:
     except FileNotFoundError:
         pass
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, secrets.token_hex(_SECRET_BYTES).encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # never replaces a secret another process made first
-        except FileExistsError:
-            return _read(path)
-        fsync_directory(path)
+        created = create_exclusively(path, secrets.token_hex(_SECRET_BYTES).encode() + b"\n")
     except OSError as e:
         raise ConfigError(f"cannot create {path}: {e.strerror or e}") from e
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    if not created:  # another process made it first
+        return _read(path)
     LOG.info("control secret created", extra={"path": path})
     return _read(path)
 
