@@ -28,8 +28,8 @@ run: $(STAMP)
 		--nbd unix:$(CURDIR)/$(RUN_DIR)/nbd.sock --nbd tcp:127.0.0.1:10809
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench bench/datapath bench/remote bench/restore
-	$(VENV)/bin/ruff format --check src tests bench bench/datapath bench/remote bench/restore
+	$(VENV)/bin/ruff check src tests bench bench/datapath bench/remote bench/restore bench/control
+	$(VENV)/bin/ruff format --check src tests bench bench/datapath bench/remote bench/restore bench/control
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

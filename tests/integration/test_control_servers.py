@@ -15,6 +15,7 @@ import json
 import random
 import shutil
 import ssl
+import stat
 import subprocess
 import threading
 import time
@@ -30,6 +31,8 @@ import pytest
 
 from sgw.gateway.control import ControlChannel
 from sgw.gateway.control_journal import Command
+from sgw.provider.control import peers
+from sgw.provider.control.hub import DOORBELL_PATH
 from tests.conftest import SGW, GatewayProcess
 from tests.fixtures.management import FakeGateway, SecureProvider, activate, init_provider
 from tests.integration.test_control import cli_json, online
@@ -147,6 +150,18 @@ def test_three_servers_route_commands_and_survive_losing_one(
 ) -> None:
     a, b, c = start_servers(tmp_path, secure_provider_factory, postgres_url, 3)
     servers = [a, b, c]
+    secret_file = a.data_dir / "control.secret"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    # Doorbells are for the provider's own servers: unsigned or signed with another
+    # secret, refused.
+    body = json.dumps({"gateways": [], "messages": []}).encode()
+    for header in (None, peers.sign(b"\x01" * 32, "intruder", "POST", DOORBELL_PATH, body)):
+        headers = {} if header is None else {peers.HEADER: header}
+        r = httpx.post(a.url + DOORBELL_PATH, content=body, headers=headers, verify=a.tls)
+        assert r.status_code == 401, r.text
+    good = peers.sign(bytes.fromhex(secret_file.read_text()), "b", "POST", DOORBELL_PATH, body)
+    r = httpx.post(a.url + DOORBELL_PATH, content=body, headers={peers.HEADER: good}, verify=a.tls)
+    assert r.status_code == 200 and r.json()["held"] == []
     sims = []
     for i in range(SIMULATED):
         gw = activate(a, a.token, f"sim-{i}")

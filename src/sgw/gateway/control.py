@@ -1,7 +1,7 @@
 """The gateway's end of the control channel (DESIGN.md section 3).
 
 The provider never connects to a gateway: the gateway keeps one long-poll open,
-``GET /v1/gateway/messages?wait=20``, signed like every request it makes, and the
+``GET /v1/gateway/messages?wait=50``, signed like every request it makes, and the
 control server holding it answers as soon as there are commands (or empty when the
 wait ends). Each answer is a batch; the gateway records the new commands durably
 (``ControlJournal``), acknowledges them with its next poll (``&ack=ID,...``), runs them
@@ -68,7 +68,7 @@ class ControlChannel:
         *,
         auth: httpx.Auth | None = None,
         verify: ssl.SSLContext | bool = True,
-        wait: float = 20.0,
+        wait: float = 50.0,
         ready: asyncio.Event | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: Callable[[], float] = random.random,

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import shutil
 import sys
@@ -30,6 +31,7 @@ from sgw.common.logs import JsonFormatter
 LOG_LINES = 5000
 # Largest bundle (bytes, compressed): the reply carries it base64-encoded.
 MAX_BUNDLE = 8 << 20
+_SECRET_KEY = re.compile(r"secret|password|token|private", re.IGNORECASE)
 
 
 class LogRing(logging.Handler):
@@ -64,9 +66,22 @@ def system_info(data_dir: str, started: float) -> dict[str, Any]:
     }
 
 
+def redact(doc: Any) -> Any:
+    """``doc`` with the value of every key that names a secret replaced (a safety net:
+    nothing put in a bundle is meant to hold one)."""
+    if isinstance(doc, dict):
+        return {
+            k: "<redacted>" if _SECRET_KEY.search(str(k)) else redact(v) for k, v in doc.items()
+        }
+    if isinstance(doc, list | tuple):
+        return [redact(v) for v in doc]
+    return doc
+
+
 def build_bundle(files: dict[str, Any], logs: list[str]) -> bytes:
-    """A tar.gz of ``files`` (name -> JSON-able document) and ``logs.jsonl``; the oldest
-    log lines are left out if the bundle would exceed ``MAX_BUNDLE``."""
+    """A tar.gz of ``files`` (name -> JSON-able document, redacted) and ``logs.jsonl``;
+    the oldest log lines are left out if the bundle would exceed ``MAX_BUNDLE``."""
+    files = {name: redact(doc) for name, doc in files.items()}
     while True:
         data = _tar(files, logs)
         if len(data) <= MAX_BUNDLE or not logs:

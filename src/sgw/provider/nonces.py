@@ -10,7 +10,6 @@ gateway's uploads behind the disk.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -22,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sgw.provider.db.models import RequestNonce
-from sgw.provider.db.schema import make_engine, session_factory
+from sgw.provider.db.schema import make_engine, session_factory, write_lock
 
 LOG = logging.getLogger(__name__)
 
@@ -40,12 +39,8 @@ class NonceLedger:
         self._sessions: sessionmaker[Session] = session_factory(self._engine)
         self._last_purge = 0.0
         self._lock = threading.Lock()
-        # SQLite takes one writer at a time, and a writer that finds the database locked
-        # sleeps in steps of up to 100 ms: the request threads queue here instead, where
-        # the next one goes as soon as the last is done.
-        self._write_lock = (
-            threading.Lock() if self._engine.dialect.name == "sqlite" else contextlib.nullcontext()
-        )
+        # Request threads queue for SQLite's one writer here, not in its busy sleeps.
+        self._write_lock = write_lock(db_url)
 
     def close(self) -> None:
         self._engine.dispose()

@@ -8,7 +8,6 @@ import gc
 import logging
 import os
 import signal
-import sys
 from collections.abc import Generator
 
 import uvicorn
@@ -20,13 +19,12 @@ from sgw.provider.config import ProviderConfig
 LOG = logging.getLogger(__name__)
 
 # CPython's cyclic garbage collector: a full collection walks every tracked object, and a
-# provider holding thousands of gateways' long-polls has a million of them (each held
-# request's frames, scope and futures): about a second per collection, during which the
-# event loop stands still. Collections are made rarer (objects are freed by reference
-# counting anyway; the collector is only for cycles), and what exists once the
-# application is built is exempt from them for good.
+# provider holding 10,000 gateways' long-polls has hundreds of megabytes of them (each
+# held request's frames, scope and futures): up to a second per collection (measured),
+# during which the event loop stands still. Collections are made rarer (objects are
+# freed by reference counting anyway; the collector is only for cycles), and what exists
+# once the application is built is exempt from them for good.
 GC_THRESHOLDS = (50_000, 50, 100)
-SWITCH_INTERVAL_S = 0.001
 
 
 class _Server(uvicorn.Server):
@@ -53,9 +51,6 @@ def serve(config: ProviderConfig) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    # Request threads (authentication, database) hand the interpreter back to the event
-    # loop after at most this long instead of 5 ms: the loop waits less behind them.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     server = _Server(
         uvicorn.Config(
             app,

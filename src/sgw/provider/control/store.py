@@ -18,9 +18,10 @@ only), since an admin waits for every command's reply and retries what got lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,7 +38,7 @@ from sgw.provider.db.models import (
     ControlServer,
     GatewayConnection,
 )
-from sgw.provider.db.schema import make_engine, session_factory
+from sgw.provider.db.schema import make_engine, session_factory, write_lock
 
 QUEUED = "queued"
 DELIVERED = "delivered"
@@ -139,9 +140,16 @@ class ControlStore:
         if self.dialect == "sqlite":
             event.listen(self._engine, "connect", _sqlite_normal_sync)
         self._sessions: sessionmaker[Session] = session_factory(self._engine)
+        self._write_lock = write_lock(db_url)
 
     def close(self) -> None:
         self._engine.dispose()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """A write transaction, queued behind the process's other frequent writers."""
+        with self._write_lock, self._sessions.begin() as s:
+            yield s
 
     def _insert(self) -> Any:
         return pg_insert if self.dialect == "postgresql" else sqlite_insert
@@ -159,7 +167,7 @@ class ControlStore:
         stmt = stmt.on_conflict_do_update(
             index_elements=["id"], set_={"heartbeat": stmt.excluded.heartbeat, "url": url}
         )
-        with self._sessions.begin() as s:
+        with self._writing() as s:
             self._relaxed(s)
             s.execute(stmt)
 
@@ -176,13 +184,13 @@ class ControlStore:
 
     def remove_server(self, server_id: str) -> None:
         """Forgets a server that stops, with its registrations."""
-        with self._sessions.begin() as s:
+        with self._writing() as s:
             s.execute(delete(GatewayConnection).where(GatewayConnection.server_id == server_id))
             s.execute(delete(ControlServer).where(ControlServer.id == server_id))
 
     def purge_servers(self, before: datetime) -> int:
         """Deletes rows of servers silent since ``before`` (and their registrations)."""
-        with self._sessions.begin() as s:
+        with self._writing() as s:
             gone = list(s.scalars(select(ControlServer.id).where(ControlServer.heartbeat < before)))
             for chunk in _chunks(gone):
                 s.execute(delete(GatewayConnection).where(GatewayConnection.server_id.in_(chunk)))
@@ -209,13 +217,13 @@ class ControlStore:
                     "heartbeat": stmt.excluded.heartbeat,
                 },
             )
-            with self._sessions.begin() as s:
+            with self._writing() as s:
                 self._relaxed(s)
                 s.execute(stmt)
 
     def unregister(self, server_id: str, gateway_id: str) -> None:
         """Drops the registration if it still names this server (the gateway went away)."""
-        with self._sessions.begin() as s:
+        with self._writing() as s:
             s.execute(
                 delete(GatewayConnection).where(
                     GatewayConnection.gateway_id == gateway_id,
@@ -226,7 +234,7 @@ class ControlStore:
     def unregister_many(self, server_id: str, gateway_ids: Iterable[str]) -> None:
         """``unregister`` for many gateways."""
         for chunk in _chunks(list(gateway_ids)):
-            with self._sessions.begin() as s:
+            with self._writing() as s:
                 s.execute(
                     delete(GatewayConnection).where(
                         GatewayConnection.gateway_id.in_(chunk),
@@ -266,7 +274,7 @@ class ControlStore:
         """``post`` for many messages, in one transaction when none conflicts."""
         rows = [item.row(now) for item in items]
         try:
-            with self._sessions.begin() as s:
+            with self._writing() as s:
                 s.add_all(rows)
             return [(_info(r), True) for r in rows]
         except IntegrityError:
@@ -282,7 +290,7 @@ class ControlStore:
     def _post_one(self, item: NewMessage, row: ControlMessage) -> tuple[MessageInfo, bool]:
         fresh = ControlMessage(**{c.key: getattr(row, c.key) for c in ControlMessage.__table__.c})
         try:
-            with self._sessions.begin() as s:
+            with self._writing() as s:
                 s.add(fresh)
             return _info(fresh), True
         except IntegrityError:
@@ -330,7 +338,7 @@ class ControlStore:
         again = now - timedelta(seconds=redeliver_after_s)
         gateways = list(dict.fromkeys(g for g, _acks in polls))
         taken: dict[str, list[MessageInfo]] = {}
-        with self._sessions.begin() as s:
+        with self._writing() as s:
             for gateway_id, acks in polls:
                 if acks:
                     s.execute(
@@ -399,7 +407,7 @@ class ControlStore:
         whether this reply finished it."""
         ids = list({c.message_id for c in replies})
         table = ControlMessage.__table__
-        with self._sessions.begin() as s:
+        with self._writing() as s:
             current: dict[str, tuple[str, str]] = {}
             for chunk in _chunks(ids):
                 query = select(
@@ -461,7 +469,7 @@ class ControlStore:
         whether this call expired it (False: delivered, taken or finished already; a
         delivered one is refused by the gateway once past its deadline)."""
         self.get(account_id, gateway_id, message_id)
-        with self._sessions.begin() as s:
+        with self._writing() as s:
             res = s.execute(
                 update(ControlMessage)
                 .where(ControlMessage.id == message_id, ControlMessage.status == QUEUED)
@@ -509,7 +517,7 @@ class ControlStore:
             (ControlMessage.status == QUEUED) & (ControlMessage.expires <= now),
             (ControlMessage.status == DELIVERED) & (ControlMessage.expires <= grace),
         )
-        with self._sessions.begin() as s:
+        with self._writing() as s:
             ids = list(s.scalars(select(ControlMessage.id).where(due).limit(_BATCH)))
             if not ids:
                 return []
@@ -550,7 +558,7 @@ class ControlStore:
 
     def purge_messages(self, before: datetime) -> int:
         """Deletes finished messages completed before ``before``."""
-        with self._sessions.begin() as s:
+        with self._writing() as s:
             res = s.execute(
                 delete(ControlMessage).where(
                     ControlMessage.status.in_(TERMINAL), ControlMessage.completed < before
