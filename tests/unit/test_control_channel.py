@@ -28,11 +28,19 @@ from sgw.gateway.control_journal import INTERRUPTED, Command, ControlJournal, Re
 URL = "http://provider.test"
 
 
-def message(i: int, *, key: str | None = None, expires_in: float = 60.0) -> dict[str, Any]:
+def message(
+    i: int,
+    *,
+    key: str | None = None,
+    expires_in: float = 60.0,
+    type: str = "describe",
+    volume: str | None = None,
+) -> dict[str, Any]:
+    args: dict[str, Any] = {"n": i} if volume is None else {"n": i, "volume": volume}
     return {
         "id": f"m{i}",
-        "type": "describe",
-        "args": {"n": i},
+        "type": type,
+        "args": args,
         "idempotency_key": key or f"k{i}",
         "created": datetime.now(UTC).isoformat(),
         "expires": (datetime.now(UTC) + timedelta(seconds=expires_in)).isoformat(),
@@ -92,11 +100,16 @@ class Recorder:
     def __init__(self) -> None:
         self.ran: Counter[str] = Counter()
         self.gate: asyncio.Event | None = None
+        self.gates: dict[str, asyncio.Event] = {}  # by key: that command waits for it
+        self.order: list[str] = []  # keys, as they finished
 
     async def __call__(self, cmd: Command) -> dict[str, Any]:
         self.ran[cmd.key] += 1
         if self.gate is not None:
             await self.gate.wait()
+        if cmd.key in self.gates:
+            await self.gates[cmd.key].wait()
+        self.order.append(cmd.key)
         if cmd.args.get("refuse"):
             raise CommandError("not today")
         return {"echo": cmd.args}
@@ -187,15 +200,21 @@ def test_replies_are_kept_until_accepted_also_across_a_restart(tmp_path: Path) -
 
 def test_a_command_cut_off_is_answered_failed_and_one_not_started_runs(tmp_path: Path) -> None:
     async def main() -> None:
-        provider = FakeProvider([[message(1), message(2)]])
+        # Two commands on one volume: the second waits for the first.
+        provider = FakeProvider(
+            [[message(1, type="snapshot", volume="v"), message(2, type="snapshot", volume="v")]]
+        )
         rec = Recorder()
         rec.gate = asyncio.Event()  # m1 starts and never finishes: a crash cuts it off
         ch = channel(tmp_path, provider, rec)
         await ch.start()
         await until(lambda: rec.ran["k1"] == 1)
-        for task in ch._tasks:  # a crash: nothing gets to finish or clean up
+        await asyncio.sleep(0.1)
+        assert rec.ran["k2"] == 0
+        tasks = [*ch._tasks, *ch._lane_tasks]
+        for task in tasks:  # a crash: nothing gets to finish or clean up
             task.cancel()
-        await asyncio.gather(*ch._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await ch._http.aclose()
         rec2 = Recorder()
         provider2 = FakeProvider([])
@@ -207,6 +226,39 @@ def test_a_command_cut_off_is_answered_failed_and_one_not_started_runs(tmp_path:
         by_id = {r["id"]: r for r in provider2.replies}
         assert by_id["m1"]["status"] == "failed" and by_id["m1"]["error"] == INTERRUPTED
         assert by_id["m2"]["status"] == "succeeded"
+
+    asyncio.run(main())
+
+
+def test_commands_of_one_volume_run_in_order_and_others_beside_them(tmp_path: Path) -> None:
+    async def main() -> None:
+        provider = FakeProvider(
+            [
+                [
+                    message(1, type="delete_volume", volume="a"),  # a long drain
+                    message(2, type="snapshot", volume="a"),
+                    message(3, type="snapshot", volume="b"),
+                    message(4),  # describe
+                    message(5, type="set_bandwidth"),
+                    message(6, type="set_bandwidth"),
+                ]
+            ]
+        )
+        rec = Recorder()
+        rec.gates = {"k1": asyncio.Event(), "k5": asyncio.Event()}
+        ch = channel(tmp_path, provider, rec)
+        await ch.start()
+        # Volume b's snapshot and the describe are answered while a's delete still runs.
+        await until(lambda: {"m3", "m4"} <= {r["id"] for r in provider.replies})
+        assert rec.ran["k2"] == 0 and rec.ran["k6"] == 0  # behind k1, behind k5
+        assert sorted(ch._running) == ["m1", "m5"]
+        rec.gates["k5"].set()
+        rec.gates["k1"].set()
+        await until(lambda: len(provider.replies) == 6)
+        await ch.stop()
+        assert rec.order.index("k1") < rec.order.index("k2")
+        assert rec.order.index("k5") < rec.order.index("k6")
+        assert all(r["status"] == "succeeded" for r in provider.replies)
 
     asyncio.run(main())
 

@@ -39,6 +39,8 @@ LOG = logging.getLogger(__name__)
 BANDWIDTH_FILE = "bandwidth.json"
 # How long a delete with drain waits for the destager to empty the log of the volume.
 DRAIN_TIMEOUT_S = 600.0
+# How long a delete waits for the NBD connection of a detached /dev/nbdN to close.
+DETACH_WAIT_S = 5.0
 
 
 class GatewayCommands:
@@ -159,24 +161,38 @@ class GatewayCommands:
             raise CommandError(
                 f"volume {name} on this gateway is bound to {entry.remote_id}, not {remote_id}"
             )
-        users = gw.server.connections_to(name)
-        if users:
-            raise CommandError(
-                f"volume {name} is in use by {users} NBD connection(s); disconnect them "
-                "(detach its iSCSI target) first"
-            )
-        if args.get("drain"):
-            await self._drain(name)
-        elif gw.engine.holds_log_data(name):
+        if not args.get("drain") and gw.engine.holds_log_data(name):
             raise CommandError(
                 f"the write log still holds data of volume {name} that is not uploaded; "
                 "delete it with drain (sgw volumes delete --drain) to upload it first, or "
                 "retry later"
             )
+        if gw.lio is not None:  # its iSCSI target goes first (that ends the sessions)
+            await gw.lio.unexport(name)
+        users = await self._connections_after_detach(name)
+        if users:
+            if gw.lio is not None:  # refused: the target comes back as it was
+                await gw.lio.reexport()
+            raise CommandError(
+                f"volume {name} is in use by {users} NBD connection(s) other than its "
+                "iSCSI target; disconnect them first"
+            )
+        if args.get("drain"):
+            await self._drain(name)
         await gw.retire_volume(vol)
         await gw.engine.remove_volume(name)
         await asyncio.to_thread(self.chap.remove_volume, name)
         return {"name": name, "deleted": True, "remote_id": entry.remote_id}
+
+    async def _connections_after_detach(self, name: str) -> int:
+        """The NBD connections to the volume left once a detached /dev/nbdN's connection
+        has closed (it closes shortly after ``nbd-client -d``)."""
+        deadline = time.monotonic() + DETACH_WAIT_S
+        users = self.gw.server.connections_to(name)
+        while users and self.gw.lio is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            users = self.gw.server.connections_to(name)
+        return users
 
     async def _drain(self, name: str) -> None:
         """Waits until the destager has taken every record of the volume out of the log."""

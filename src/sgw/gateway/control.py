@@ -5,7 +5,8 @@ The provider never connects to a gateway: the gateway keeps one long-poll open,
 control server holding it answers as soon as there are commands (or empty when the
 wait ends). Each answer is a batch; the gateway records the new commands durably
 (``ControlJournal``), acknowledges them with its next poll (``&ack=ID,...``), runs them
-one at a time in the order received, keeps each reply in its outbox and sends it
+(``lane_of``: those on one volume, or on the gateway's settings, one at a time in the
+order received; others side by side), keeps each reply in its outbox and sends it
 (``POST /v1/gateway/messages/replies``) until the provider accepted it, also after a
 restart. The provider delivers at least once; the journal's idempotency keys make every
 command run once.
@@ -25,6 +26,7 @@ import logging
 import random
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -49,6 +51,20 @@ BACKOFF_MAX_S = 30.0
 MAX_URLS = 16
 
 Executor = Callable[[Command], Awaitable[dict[str, Any]]]
+# Commands that change nothing: each runs on its own, beside whatever else runs.
+READ_ONLY = frozenset({"describe", "diagnostics"})
+
+
+def lane_of(cmd: Command) -> str:
+    """The lane a command runs in: commands of one lane run one at a time in the order
+    received (a volume's create, snapshot and delete; the gateway's settings), lanes
+    run side by side (a long drain of one volume holds up no other)."""
+    if cmd.type in READ_ONLY:
+        return f"command:{cmd.id}"
+    target = cmd.args.get("volume") or cmd.args.get("name")
+    if isinstance(target, str) and target:
+        return f"volume:{target}"
+    return "gateway"
 
 
 def backoff(failures: int, rng: Callable[[], float] = random.random) -> float:
@@ -90,7 +106,9 @@ class ControlChannel:
         self._queue: asyncio.Queue[Command] = asyncio.Queue()
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._running: Command | None = None
+        self._running: dict[str, Command] = {}  # by id
+        self._lanes: dict[str, deque[Command]] = {}
+        self._lane_tasks: set[asyncio.Task[None]] = set()
         self._http = httpx.AsyncClient(
             auth=auth,
             verify=verify,
@@ -131,12 +149,13 @@ class ControlChannel:
         poll, run, send = self._tasks or (None, None, None)
         if poll is not None:
             poll.cancel()
-        if run is not None and self._running is not None:
+        if run is not None and self._running:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._idle()), grace)
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._lane_tasks]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if send is not None and self.journal.unsent:
@@ -145,7 +164,7 @@ class ControlChannel:
         await self._http.aclose()
 
     async def _idle(self) -> None:
-        while self._running is not None:
+        while self._running:
             await asyncio.sleep(0.05)
 
     # -- polling -------------------------------------------------------------------------
@@ -240,23 +259,44 @@ class ControlChannel:
     # -- running -------------------------------------------------------------------------
 
     async def _run_loop(self) -> None:
+        """Hands each command to its lane (``lane_of``), starting the lane if idle."""
         while True:
             cmd = await self._queue.get()
-            self._running = cmd
-            try:
-                reply = await self._run(cmd)
-                failures = 0
-                while True:
-                    try:
-                        await self.journal.finish(cmd, reply)
-                        break
-                    except OSError as exc:  # a full or failing disk: keep the reply
-                        failures += 1
-                        LOG.error("control journal: cannot keep a reply: %s", exc)
-                        await self._sleep(backoff(failures, self._rng))
-            finally:
-                self._running = None
-            self._outbox_ready.set()
+            lane = lane_of(cmd)
+            queue = self._lanes.get(lane)
+            if queue is not None:
+                queue.append(cmd)
+                continue
+            queue = self._lanes[lane] = deque([cmd])
+            task = asyncio.get_running_loop().create_task(
+                self._run_lane(lane, queue), name=f"control-{lane}"
+            )
+            self._lane_tasks.add(task)
+            task.add_done_callback(self._lane_tasks.discard)
+
+    async def _run_lane(self, lane: str, queue: deque[Command]) -> None:
+        try:
+            while queue:
+                cmd = queue[0]
+                self._running[cmd.id] = cmd
+                try:
+                    reply = await self._run(cmd)
+                    failures = 0
+                    while True:
+                        try:
+                            await self.journal.finish(cmd, reply)
+                            break
+                        except OSError as exc:  # a full or failing disk: keep the reply
+                            failures += 1
+                            LOG.error("control journal: cannot keep a reply: %s", exc)
+                            await self._sleep(backoff(failures, self._rng))
+                finally:
+                    self._running.pop(cmd.id, None)
+                    queue.popleft()
+                self._outbox_ready.set()
+        finally:
+            if self._lanes.get(lane) is queue:
+                del self._lanes[lane]
 
     async def _run(self, cmd: Command) -> Reply:
         if self._clock() > cmd.expires:

@@ -135,6 +135,12 @@ class LioExporter:
             others = [v for v in exported_volumes(self._engine, self._key_hex) if v.name != volume]
             await self.apply(others)
 
+    async def reexport(self) -> None:
+        """Exports every volume of the engine again (after an ``unexport`` that was not
+        followed by the volume's removal)."""
+        if self._engine is not None:
+            await self.apply(exported_volumes(self._engine, self._key_hex))
+
     async def _watch(self) -> None:
         assert self._engine is not None
         seen = self._fingerprint()

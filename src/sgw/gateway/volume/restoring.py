@@ -42,7 +42,7 @@ class VolumeRestore:
         self.tree: TreeRestore | None = None
         self._ready = asyncio.Event()
         vol.restore = self
-        vol.set_status(VolumeStatus.BOOTSTRAPPING, "loading the snapshot's chunk map")
+        vol.set_status(VolumeStatus.RESTORING, "loading the snapshot's chunk map")
 
     # -- LazyRestore ---------------------------------------------------------------------
 
