@@ -422,6 +422,17 @@ def test_s3_prefix_isolates_tenants(s3_endpoint: str, s3_bucket: str) -> None:
     assert not two.exists("k")
 
 
+def test_s3_conditional_put_stores_only_what_is_new(s3_endpoint: str, s3_bucket: str) -> None:
+    store = s3_store(s3_endpoint, s3_bucket, prefix="cond")
+    assert store.put_new("chunks/a", b"first") is True
+    assert store.put_new("chunks/a", b"second") is False  # one request, nothing replaced
+    assert store.get("chunks/a") == b"first"
+    assert store.conditional_puts
+    # A store that refuses the condition: the caller is told to look and put itself.
+    store.conditional_puts = False
+    assert store.put_new("chunks/b", b"x") is None and not store.exists("chunks/b")
+
+
 def test_s3_ensure_bucket_is_idempotent(s3_endpoint: str, s3_bucket: str) -> None:
     store = s3_store(s3_endpoint, s3_bucket)
     store.put("k", b"v")

@@ -233,6 +233,7 @@ class FakeProvider:
         self.keys: dict[str, int] = {}
         self.puts = 0
         self.lose_next_commit_reply = False
+        self.fail_commits = 0  # the next this many commits answer 503, changing nothing
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         parts = request.url.path.strip("/").split("/")
@@ -270,6 +271,9 @@ class FakeProvider:
             m = {str(i): c for i, c in self.maps[vid].items()}
             return httpx.Response(200, json={"version": vol["map_version"], "chunks": m})
         if parts[3] == "commits":
+            if self.fail_commits:
+                self.fail_commits -= 1
+                return httpx.Response(503, json={"error": "unavailable", "message": "busy"})
             body = json.loads(request.content)
             key = body["idempotency_key"]
             if key in self.keys:
@@ -360,6 +364,58 @@ def test_upload_makes_the_remote_map_equal_the_volume(workdir: Path) -> None:
         assert (entry.remote_id, entry.remote_pending, entry.remote_synced) == (rid, None, True)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_pipelined_batches_upload_exactly_the_volume_through_failures(
+    workdir: Path, seed: int
+) -> None:
+    """Small batches, each chunk written piecewise over several of them, writes landing
+    while a batch is in flight, commits failing now and then: the provider's copy equals
+    the volume, and batches did overlap (the next one sent while one was committed)."""
+    provider = FakeProvider()
+    rng = random.Random(seed)
+
+    async def run() -> tuple[bytes, str, Destager]:
+        engine = open_engine(workdir)
+        try:
+            vol = engine.volumes["v"]
+            up = uploader_for(engine, provider)
+            destager = Destager(engine, batch_bytes=96 * 1024, idle_seconds=0.0, upload=up)
+            await destager.drain()  # binds the volume (an empty first sync)
+            failures = 0
+            for _round in range(12):
+                for _ in range(rng.randrange(5, 30)):
+                    offset = rng.randrange(0, VOL // 4096) * 4096
+                    length = min(rng.randrange(1, 17) * 4096, VOL - offset)
+                    if rng.random() < 0.1:
+                        vol.trim(offset, length)
+                    else:
+                        vol.write(offset, rng.randbytes(length))
+                for _ in range(rng.randrange(1, 6)):
+                    if rng.random() < 0.15:
+                        provider.fail_commits = 3  # past the client's retries
+                    try:
+                        await destager.destage_once()
+                    except RemoteUnavailableError:
+                        failures += 1
+                        provider.fail_commits = 0
+            provider.fail_commits = 0
+            while engine.log.used:
+                await destager.destage_once()
+            want = bytes(vol.read(0, VOL))
+            await up.close()
+            rid = engine.registry["v"].remote_id
+            assert rid is not None
+            assert engine.registry["v"].remote_version == provider.volumes[rid]["map_version"]
+            assert failures > 0
+            return want, rid, destager
+        finally:
+            engine.close()
+
+    want, rid, destager = asyncio.run(run())
+    assert provider.volume_bytes(rid, VOL) == want
+    assert destager.batches_overlapped > 0
 
 
 def test_lost_commit_reply_is_recognised_by_its_idempotency_key(workdir: Path) -> None:

@@ -9,6 +9,15 @@ index entries that still point into the batch, then persist the new tail and rel
 space. Log space is never released before the base stores (and the upload step) have the
 data. A batch ends at the first snapshot marker it meets, so the upload step sees the
 volume exactly as of the marker and can have the provider snapshot that commit.
+
+Pipelining (an upload step with ``send`` and ``finish``, the ``Uploader``): batch N+1's
+chunks are built and uploaded while batch N is committed, its base stores synced and its
+log space released. Batch N is copied to the stored volumes' base stores before N+1 is
+built (the chunker reads them for the parts of chunks N+1 does not write); the copy is
+harmless if N's commit then fails, since N stays in the log and is destaged again. A
+batch that touches a cached volume (its map changes at the commit) or re-syncs a whole
+volume is finished before the next one is built. Any failure ends the pipeline: the
+batch in flight is dropped and destaging starts again from the tail.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from sgw.common.errors import SgwError, VolumeStateError
 from sgw.gateway.volume.cached import CachedBaseStore, ChunkMapUpdate
@@ -122,6 +132,15 @@ class Batch:
 UploadStep = Callable[[Batch], Awaitable[None]]
 
 
+class PipelinedUpload(Protocol):
+    """An upload step in two halves (``Uploader``): the destager overlaps one batch's
+    ``finish`` with the next one's ``send``."""
+
+    async def send(self, batch: Batch) -> Any: ...
+
+    async def finish(self, batch: Batch, sent: Any) -> None: ...
+
+
 def merge(engine: VolumeEngine, records: list[Record], point_in_time: bool = False) -> Batch:
     """Merges records per volume (runs on the event loop, which owns the index).
 
@@ -192,12 +211,13 @@ class Destager:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._uploading: asyncio.Future[None] | None = None
+        self._uploading: asyncio.Future[Any] | None = None
         self.failures = 0  # consecutive failed batches
         self.last_error = ""  # why the last batch failed (while failures > 0)
         self.last_append = time.monotonic()
         self.batches = 0
         self.bytes_destaged = 0
+        self.batches_overlapped = 0  # sent while the batch before was being finished
         # Pass-through: uploads have failed for pass_through_after seconds while writers
         # waited for log space; stored volumes are destaged to their disks alone.
         self.pass_through_after = pass_through_after
@@ -205,6 +225,10 @@ class Destager:
         self._failing_since: float | None = None
         self._next_try = 0.0
         self._hurry_until = -1  # destage at once up to this log record (hurry())
+        # Pipelining: the batch being finished in the background, and where the log's
+        # next batch starts meanwhile (past it).
+        self._finishing: asyncio.Task[None] | None = None
+        self._cursor: tuple[int, int] | None = None  # (position, sequence number)
 
     def start(self) -> None:
         """Starts the background loop."""
@@ -218,8 +242,12 @@ class Destager:
         self._stopped.set()
         if self._uploading is not None:
             self._uploading.cancel()
+        if self._finishing is not None:
+            self._finishing.cancel()
         if self._task is not None:
             await asyncio.wait([self._task])
+        if self._finishing is not None:
+            await asyncio.gather(self._finishing, return_exceptions=True)
 
     def kick(self) -> None:
         """Tells the destager that there may be work (cheap; call after appends)."""
@@ -239,12 +267,20 @@ class Destager:
         self._wake.set()
 
     def _due(self) -> bool:
+        if self._finishing is not None:  # a batch in flight: finish it, or start the next
+            return True
         log = self.engine.log
         if log.used == 0:  # a re-sync of pass-through changes may be due
             return self.upload is not None and bool(self._dirty_volumes())
-        if log.used >= self.start_bytes or log.space_waiters or self.engine.pending_snapshots():
+        return self._worth_destaging(log.used, log.tail_seq)
+
+    def _worth_destaging(self, used: int, next_seq: int) -> bool:
+        """Whether ``used`` bytes of log from record ``next_seq`` on should be destaged
+        now (rather than left to absorb rewrites)."""
+        log = self.engine.log
+        if used >= self.start_bytes or log.space_waiters or self.engine.pending_snapshots():
             return True
-        if log.tail_seq <= self._hurry_until:
+        if next_seq <= self._hurry_until:
             return True
         return time.monotonic() - self.last_append >= self.idle_seconds
 
@@ -393,6 +429,9 @@ class Destager:
             empty = Batch([], {v: VolumeChanges() for v in dirty}, at_seq=log.tail_seq)
             await self.upload(empty)
             return True
+        pipelined = _pipelined(self.upload)
+        if pipelined is not None:
+            return await self._destage_pipelined(pipelined)
         records = await self._next_records()
         if not records:
             return False
@@ -415,16 +454,79 @@ class Destager:
         await self._release(batch, failed)
         return True
 
-    async def _next_records(self, *, local_only: bool = False) -> list[Record]:
+    async def _destage_pipelined(self, upload: PipelinedUpload) -> bool:
+        """One batch through the pipeline (see the module doc): sent while the batch
+        before it finishes, then copied to the base stores, then left to finish in the
+        background unless nothing follows it or it must finish first."""
+        try:
+            if self._cursor is not None:  # past the batch in flight: anything worth it?
+                remaining = self.engine.log.head - self._cursor[0]
+                if remaining <= 0 or not self._worth_destaging(remaining, self._cursor[1]):
+                    await self._settle()
+                    return True
+            records = await self._next_records(start=self._cursor)
+            if not records:
+                if self._finishing is None:
+                    return False
+                await self._settle()
+                return True
+            batch = merge(self.engine, records, point_in_time=True)
+            await self._ensure_restored(batch)
+            for vol_id in self._dirty_volumes():  # re-synced along with this batch
+                batch.volumes.setdefault(vol_id, VolumeChanges())
+            if self._finishing is not None:
+                self.batches_overlapped += 1
+            self._uploading = asyncio.ensure_future(upload.send(batch))
+            try:
+                sent = await self._uploading
+            finally:
+                self._uploading = None
+            await self._settle()  # the batch before: committed, synced, released
+            await asyncio.to_thread(self._apply, batch, sync=False)
+            last = batch.records[-1]
+            self._cursor = (last.virt + last.size, last.seq + 1)
+            self._finishing = asyncio.get_running_loop().create_task(
+                self._finish(upload, batch, sent), name="destage-finish"
+            )
+            if getattr(sent, "barrier", True) or self._cursor[0] >= self.engine.log.head:
+                await self._settle()
+            return True
+        except BaseException:
+            self._cursor = None
+            if self._finishing is not None:  # the batch before it, if any, ends first
+                with contextlib.suppress(Exception):
+                    await self._settle()
+            raise
+
+    async def _finish(self, upload: PipelinedUpload, batch: Batch, sent: Any) -> None:
+        await upload.finish(batch, sent)
+        self._apply_cached(batch)
+        await asyncio.to_thread(self._sync_bases, batch)
+        await self._release(batch, None)  # a marker's snapshot was made by finish()
+
+    async def _settle(self) -> None:
+        """Waits for the batch being finished; its failure is raised here (and the next
+        batch starts again from the tail)."""
+        task, self._finishing = self._finishing, None
+        try:
+            if task is not None:
+                await task
+        finally:
+            self._cursor = None  # nothing in flight: the next batch starts at the tail
+
+    async def _next_records(
+        self, *, local_only: bool = False, start: tuple[int, int] | None = None
+    ) -> list[Record]:
         """The next batch's records from the tail. A batch never crosses a snapshot marker:
         it ends at the first one. ``local_only`` (pass-through) also ends it before the
         first record of a cached volume, which only an upload can destage."""
         log = self.engine.log
         if log.used == 0:
             return []
-        records = await asyncio.to_thread(
-            log.read_records, log.tail, log.tail_seq, log.head, self.batch_bytes
-        )
+        pos, seq = start if start is not None else (log.tail, log.tail_seq)
+        if pos >= log.head:
+            return []
+        records = await asyncio.to_thread(log.read_records, pos, seq, log.head, self.batch_bytes)
         by_id = self.engine.by_id
         for i, rec in enumerate(records):
             if local_only:
@@ -484,7 +586,9 @@ class Destager:
                 )
             vol.cached.apply_update(update)
 
-    def _apply(self, batch: Batch) -> None:
+    def _apply(self, batch: Batch, *, sync: bool = True) -> None:
+        """Copies the batch to the stored volumes' base stores (made durable with ``sync``;
+        else ``_sync_bases`` does it later)."""
         log_fd = self.engine.log.fileno()
         for vol_id, changes in batch.volumes.items():
             base = self.engine.by_id[vol_id].base
@@ -497,4 +601,18 @@ class Destager:
                     base.copy_from(log_fd, run.source, run.offset, run.length)
                 else:
                     base.zero(run.offset, run.length, run.source == ZERO_PUNCH)
-            base.sync()
+            if sync:
+                base.sync()
+
+    def _sync_bases(self, batch: Batch) -> None:
+        for vol_id in batch.volumes:
+            base = self.engine.by_id[vol_id].base
+            if not isinstance(base, CachedBaseStore):
+                base.sync()
+
+
+def _pipelined(upload: UploadStep | None) -> PipelinedUpload | None:
+    """The upload step, if it can be pipelined (it has ``send`` and ``finish``)."""
+    if upload is not None and hasattr(upload, "send") and hasattr(upload, "finish"):
+        return upload
+    return None

@@ -18,6 +18,11 @@ a pending batch was changed by someone else, and the upload fails loudly rather 
 overwrite it. A retry whose reply was lost carries the same idempotency key (derived
 from the batch and its changes), so the provider applies it once.
 
+Pipelining. The destager may hand over the next batch (``send``: chunks built and
+uploaded) while the previous one is being committed (``finish``); commits stay in batch
+order, and a batch whose upload re-syncs a whole volume or touches a cached volume is
+committed before the next is built (see the destager).
+
 Snapshots. A batch that ends at a snapshot marker is committed like any other, then the
 provider is asked for the snapshot named in the marker at the map version just committed:
 the volume exactly as of the marker. The request names the snapshot and the version, so
@@ -164,8 +169,20 @@ class _Binding:
     chunks: dict[int, str]
 
 
+@dataclass
+class SentBatch:
+    """A batch whose chunks are at the provider, not committed yet (``Uploader.send``)."""
+
+    volumes: list[tuple[Volume, VolumeResult]]
+    # The next batch must wait for this one's commit before it is built: a cached
+    # volume's map changes at the commit, and a re-sync reads the registry it updates.
+    barrier: bool
+    started: float
+
+
 class Uploader:
-    """The destager's upload step (``Destager(upload=uploader)``)."""
+    """The destager's upload step (``Destager(upload=uploader)``): ``send`` then
+    ``finish`` a batch, or both at once by calling it."""
 
     def __init__(
         self,
@@ -199,17 +216,42 @@ class Uploader:
         await self.client.aclose()
 
     async def __call__(self, batch: Batch) -> None:
+        await self.finish(batch, await self.send(batch))
+
+    async def send(self, batch: Batch) -> SentBatch:
+        """Builds the batch's new chunk versions and uploads them (nothing is committed)."""
+        sent = SentBatch([], False, time.monotonic())
         if not batch.volumes:
-            return
+            return sent
         # What goes to the provider must survive a crash here too, or the remote could
         # keep writes that the restarted gateway no longer has.
         await self.engine.flush()
-        first, last = batch.first_seq, batch.last_seq
         for vol_id, changes in batch.volumes.items():
             vol = self.engine.by_id[vol_id]
-            result = await self._upload_volume(vol, changes, first, last)
+            result, resync = await self._upload_volume(vol, changes, batch.first_seq)
+            sent.volumes.append((vol, result))
+            sent.barrier = sent.barrier or resync or vol.cached is not None
+        return sent
+
+    async def finish(self, batch: Batch, sent: SentBatch) -> None:
+        """Commits what ``send`` uploaded (the batches before it are committed), then makes
+        the snapshot of a marker at the batch's end."""
+        first, last = batch.first_seq, batch.last_seq
+        for vol, result in sent.volumes:
+            entry = self.engine.registry[vol.name]
+            binding = self._bindings.get(vol.id) or await self._bind(vol, entry)
+            await self._commit(vol, entry, binding, result, first=first, last=last)
             if vol.cached is not None:  # the destager points the volume's map at them
-                batch.updates[vol_id] = ChunkMapUpdate(result.data, result.zero_runs)
+                batch.updates[vol.id] = ChunkMapUpdate(result.data, result.zero_runs)
+            LOG.debug(
+                "volume batch uploaded",
+                extra={
+                    "volume": vol.name,
+                    "chunks": len(result.data),
+                    "zero_runs": len(result.zero_runs),
+                    "seconds": round(time.monotonic() - sent.started, 3),
+                },
+            )
         marker = batch.records[-1] if batch.records else None
         # A batch ends at a marker: the map just committed is the volume at the marker.
         if marker is not None and marker.kind == KIND_SNAPSHOT:
@@ -261,8 +303,10 @@ class Uploader:
     # -- one volume ----------------------------------------------------------------------
 
     async def _upload_volume(
-        self, vol: Volume, changes: VolumeChanges, first: int, last: int
-    ) -> VolumeResult:
+        self, vol: Volume, changes: VolumeChanges, first: int
+    ) -> tuple[VolumeResult, bool]:
+        """Uploads the volume's new chunk versions; True with them if it also re-synced
+        the volume (in full, or the ranges changed in pass-through)."""
         entry = self.engine.registry[vol.name]
         if vol.cached is not None:  # bound by bind_cached; its map is the primary copy
             await vol.cached.wait_ready()
@@ -278,19 +322,8 @@ class Uploader:
             extra += [(i, i + 1) for i in binding.chunks]
         elif entry.dirty:  # changed on the disk alone while in pass-through
             extra = entry.dirty_chunks(binding.chunk_size)
-        started = time.monotonic()
         result = await self._build_and_upload(vol, changes, binding, extra)
-        await self._commit(vol, entry, binding, result, first=first, last=last)
-        LOG.debug(
-            "volume batch uploaded",
-            extra={
-                "volume": vol.name,
-                "chunks": len(result.data),
-                "zero_runs": len(result.zero_runs),
-                "seconds": round(time.monotonic() - started, 3),
-            },
-        )
-        return result
+        return result, bool(extra) or not entry.remote_synced or bool(entry.dirty)
 
     async def _bind(self, vol: Volume, entry: RegistryEntry) -> _Binding:
         binding = self._bindings.get(vol.id)

@@ -530,6 +530,9 @@ class S3Store:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         if self.prefix:
             check_prefix(self.prefix)
+        # PUT with If-None-Match (AWS S3 since 2024, MinIO, Ceph RGW): one request per new
+        # chunk instead of a HEAD and a PUT; turned off if the store refuses it.
+        self.conditional_puts = True
         config = botocore.config.Config(
             retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
             connect_timeout=S3_CONNECT_TIMEOUT,
@@ -554,6 +557,37 @@ class S3Store:
             self._client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=bytes(data))
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise self._error("store", key, e) from e
+
+    def put_new(self, key: str, data: Data) -> bool | None:
+        """Stores ``data`` unless an object is under ``key``, in one request (a conditional
+        PUT, ``If-None-Match: *``): True if stored, False if one was there already. None if
+        the store cannot tell (it refuses the condition, or another put of the key was in
+        progress): then nothing was stored and the caller looks and puts as usual. A store
+        that ignores the header replaces the object and answers True, which is harmless for
+        content-addressed objects.
+        """
+        check_key(key)
+        if not self.conditional_puts:
+            return None
+        try:
+            self._client.put_object(
+                Bucket=self.bucket, Key=self.prefix + key, Body=bytes(data), IfNoneMatch="*"
+            )
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            code = _error_code(e)
+            if code in ("PreconditionFailed", "412"):
+                return False
+            if code in ("ConditionalRequestConflict", "409"):
+                return None
+            if code in ("NotImplemented", "501", "InvalidArgument", "400"):
+                LOG.warning(
+                    "the S3 store refuses conditional puts; looking before each put instead",
+                    extra={"bucket": self.bucket, "error": str(e)},
+                )
+                self.conditional_puts = False
+                return None
+            raise self._error("store", key, e) from e
+        return True
 
     def sync(self, keys: Sequence[str], check: ObjectCheck | None = None) -> list[str]:
         """Nothing to do: S3 has an object durably when its PUT is answered."""

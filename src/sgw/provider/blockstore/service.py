@@ -439,6 +439,12 @@ class BlockService:
         is durable at once, since a committed map may name it already.
         """
         key = chunk_key(scope, chunk_id)
+        put_new = getattr(self.store, "put_new", None)
+        if put_new is not None:  # one request where the store can (S3): no look first
+            blob = encode_chunk(data, self.keys.key(scope), frame=frame)
+            if put_new(key, blob):
+                LOG.debug("chunk stored", extra={"scope": scope, "chunk": chunk_id})
+                return True
         info = self.store.stat(key)
         damaged = False
         if info is not None and time.time() - info.modified < REFRESH_AGE:
