@@ -228,6 +228,27 @@ def test_uncommitted_chunks_survive_the_grace_period(env: Env) -> None:
     assert env.dangling() == []
 
 
+def test_a_commit_asks_the_store_only_after_a_collection_deleted_in_the_scope(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks this provider put are trusted at the commit (no HEAD per chunk on S3) until
+    a collection deletes anything of the scope; from then on the store is asked."""
+    vol = env.volume()
+    asked: list[str] = []
+    exists = env.store.exists
+    monkeypatch.setattr(env.store, "exists", lambda key: asked.append(key) or exists(key))
+    a, b = env.put(vol, content("a")), env.put(vol, content("b"))
+    env.commit(vol, {0: a})
+    assert asked == []
+    env.put(vol, content("garbage"))
+    assert env.collect(grace=0).deleted == 2  # b is not referenced either: gone too
+    with pytest.raises(MissingChunksError) as refused:
+        env.commit(vol, {1: b})
+    assert refused.value.chunk_ids == [b]
+    assert asked == [chunk_key(env.scope(vol), b)]
+    assert env.dangling() == []
+
+
 def test_putting_an_old_chunk_again_renews_its_time(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,6 +259,8 @@ def test_putting_an_old_chunk_again_renews_its_time(
     first = env.store.get(key)
 
     class Later:  # the provider's clock two hours on: the object is old now
+        monotonic = staticmethod(time.monotonic)
+
         @staticmethod
         def time() -> float:
             return time.time() + 7200

@@ -11,7 +11,10 @@ against writers running at the same time does not rest on the grace period: ever
 deletion happens inside ``ChunkMaps.delete_unreferenced_chunks``, which locks every map
 of the scope and re-reads its references first, while commits check that their chunks
 exist with their map locked (see ``service``). So a map never names a missing chunk, even
-with a grace of zero. The grace period spares what an upload sent but has not committed
+with a grace of zero. A pass that deletes anything of a scope first bumps the scope's GC
+generation in that same transaction: a provider skips asking the store about chunks it
+put itself only while the generation it read before the put is unchanged. The grace
+period spares what an upload sent but has not committed
 yet: without it such a commit is refused (400 ``missing_chunks``) and the client uploads
 again, which is correct but wasteful.
 

@@ -64,6 +64,7 @@ from sgw.provider.db.models import (
     Account,
     CommitRecord,
     Gateway,
+    GcGeneration,
     MapSegment,
     Snapshot,
     SnapshotSegment,
@@ -111,8 +112,9 @@ ChunkChanges = Mapping[int, str | None]
 # change names (sorted, distinct): raises if the store does not hold one of them. Garbage
 # collection deletes chunks only while holding the rows of every map of the key scope
 # (``delete_unreferenced_chunks``), so a chunk checked here cannot vanish before the
-# change that names it is visible to the collector.
-ChunkCheck = Callable[[list[str]], None]
+# change that names it is visible to the collector. The second argument is the scope's
+# GC generation (``gc_generation``) as of this transaction.
+ChunkCheck = Callable[[list[str], int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +423,7 @@ class ChunkMaps:
                 update(Volume)
                 .where(Volume.id == volume_id, Volume.map_version == base_version)
                 .values(map_version=Volume.map_version + 1)
-                .returning(Volume.size, Volume.chunk_size, Volume.map_version)
+                .returning(Volume.size, Volume.chunk_size, Volume.map_version, Volume.key_scope)
                 .execution_options(synchronize_session=False)
             ).one_or_none()
             if row is None:
@@ -436,10 +438,10 @@ class ChunkMaps:
                     f"volume {volume_id}: commit based on map version {base_version}, but the "
                     f"map is at version {current}; re-read the map and rebase the changes"
                 )
-            size, chunk_size, version = row
+            size, chunk_size, version, key_scope = row
             _check_indexes(f"volume {volume_id}", size, chunk_size, parsed)
             if check_chunks is not None:
-                check_chunks(_named_chunks(parsed))
+                check_chunks(_named_chunks(parsed), _gc_generation(s, key_scope))
             rewritten = _apply(s, _Owner(VolumeSegment, volume_id), parsed)
             s.add(
                 CommitRecord(
@@ -608,7 +610,7 @@ class ChunkMaps:
                 )
             _check_indexes(f"snapshot {snapshot_id}", snap.volume_size, snap.chunk_size, parsed)
             if check_chunks is not None:
-                check_chunks(_named_chunks(parsed))
+                check_chunks(_named_chunks(parsed), _gc_generation(s, snap.key_scope))
             _apply(s, _Owner(SnapshotSegment, snapshot_id), parsed)
 
     def complete_snapshot(self, snapshot_id: str) -> None:
@@ -736,11 +738,20 @@ class ChunkMaps:
                 .execution_options(synchronize_session=False)
             )
             referenced = set(_referenced(s, key_scope))
-            for chunk_id in wanted:
-                if chunk_id not in referenced:
-                    delete(chunk_id)
-                    deleted.append(chunk_id)
+            doomed = [c for c in wanted if c not in referenced]
+            if doomed:  # before any object goes: commits locked out until we are done
+                _bump_gc_generation(s, key_scope)
+            for chunk_id in doomed:
+                delete(chunk_id)
+                deleted.append(chunk_id)
         return deleted
+
+    def gc_generation(self, key_scope: str) -> int:
+        """How many collections have deleted chunks of the scope so far. A chunk put after
+        reading this value is still in the store if the value is unchanged when a writer
+        checks it with the scope's maps locked (``ChunkCheck``)."""
+        with self._sessions() as s:
+            return _gc_generation(s, key_scope)
 
     def sweep_segments(self) -> int:
         """Deletes segment rows that no map names; how many. Run before each GC pass.
@@ -1127,4 +1138,26 @@ def _snapshot_info(snap: Snapshot) -> SnapshotInfo:
         created=snap.created,
         completed=snap.completed,
         key_scope=snap.key_scope,
+    )
+
+
+def _gc_generation(s: Session, key_scope: str) -> int:
+    value = s.scalar(select(GcGeneration.generation).where(GcGeneration.key_scope == key_scope))
+    return int(value or 0)
+
+
+def _bump_gc_generation(s: Session, key_scope: str) -> None:
+    """Adds one to the scope's GC generation (an upsert: two collectors may race)."""
+    dialect = s.get_bind().dialect.name
+    upsert: Any
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert
+    stmt = upsert(GcGeneration).values(key_scope=key_scope, generation=1)
+    s.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[GcGeneration.key_scope],
+            set_={"generation": GcGeneration.generation + 1},
+        )
     )

@@ -42,7 +42,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -133,6 +135,12 @@ def _client_errors() -> Iterator[None]:
         raise BadRequestError(str(e)) from e
 
 
+# Chunks remembered as put by this process (``BlockService._fresh``), and how long a read
+# GC generation is reused for puts (seconds).
+_FRESH_MAX = 1 << 16
+_GENERATION_TTL = 1.0
+
+
 class BlockService:
     """Volumes, chunks, commits and snapshots of the block API, for one account at a time.
 
@@ -145,6 +153,13 @@ class BlockService:
         self.store = store
         self.keys = keys
         self._pool = ThreadPoolExecutor(_EXISTS_WORKERS, thread_name_prefix="sgw-exists")
+        # Chunks this process put, with the scope's GC generation read before the put: a
+        # commit that finds the generation unchanged skips asking the store (see
+        # ``_require_chunks``). Bounded; generations cached per scope for a moment (any
+        # value read before a put will do: an old one only makes the check ask the store).
+        self._fresh: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._generations: dict[str, tuple[float, int]] = {}
+        self._fresh_lock = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -266,7 +281,7 @@ class BlockService:
                 base_version,
                 parsed,
                 idempotency_key,
-                check_chunks=lambda ids: self._require_chunks(volume, ids),
+                check_chunks=lambda ids, gen: self._require_chunks(volume, ids, gen),
             )
 
     def snapshot_volume(
@@ -357,7 +372,7 @@ class BlockService:
                     self.maps.put_snapshot_chunks(
                         snapshot.id,
                         {index: sha256},
-                        check_chunks=lambda ids: self._require_chunks(snapshot, ids),
+                        check_chunks=lambda ids, gen: self._require_chunks(snapshot, ids, gen),
                     )
                 break
             except MissingChunksError:
@@ -439,10 +454,12 @@ class BlockService:
         is durable at once, since a committed map may name it already.
         """
         key = chunk_key(scope, chunk_id)
+        generation = self._generation(scope)  # read before the put
         put_new = getattr(self.store, "put_new", None)
         if put_new is not None:  # one request where the store can (S3): no look first
             blob = encode_chunk(data, self.keys.key(scope), frame=frame)
             if put_new(key, blob):
+                self._put_fresh(scope, chunk_id, generation)
                 LOG.debug("chunk stored", extra={"scope": scope, "chunk": chunk_id})
                 return True
         info = self.store.stat(key)
@@ -456,6 +473,7 @@ class BlockService:
             )
         blob = encode_chunk(data, self.keys.key(scope), frame=frame)
         self.store.put(key, blob, durable=info is not None)
+        self._put_fresh(scope, chunk_id, generation)
         LOG.debug(
             "chunk stored" if info is None else "chunk rewritten",
             extra={"scope": scope, "chunk": chunk_id, "bytes": len(data)},
@@ -475,12 +493,39 @@ class BlockService:
                 f"with the provider's master key: {e}"
             ) from e
 
-    def _require_chunks(self, owner: VolumeInfo | SnapshotInfo, chunk_ids: list[str]) -> None:
+    def _generation(self, scope: str) -> int:
+        now = time.monotonic()
+        cached = self._generations.get(scope)
+        if cached is not None and now - cached[0] < _GENERATION_TTL:
+            return cached[1]
+        generation = self.maps.gc_generation(scope)
+        self._generations[scope] = (now, generation)
+        return generation
+
+    def _put_fresh(self, scope: str, chunk_id: str, generation: int) -> None:
+        with self._fresh_lock:
+            self._fresh[(scope, chunk_id)] = generation
+            self._fresh.move_to_end((scope, chunk_id))
+            while len(self._fresh) > _FRESH_MAX:
+                self._fresh.popitem(last=False)
+
+    def _require_chunks(
+        self, owner: VolumeInfo | SnapshotInfo, chunk_ids: list[str], generation: int
+    ) -> None:
         """MissingChunksError unless the store holds every one of ``chunk_ids`` in the
         key scope of ``owner`` (a volume, or a snapshot taking blocks), whole; makes them
-        durable."""
-        present = self._exist(owner.key_scope, chunk_ids)
-        missing = [c for c, ok in zip(chunk_ids, present, strict=True) if not ok]
+        durable.
+
+        ``generation`` is the scope's GC generation, read with its maps locked. A chunk
+        this process put after reading that same generation is there: the collector bumps
+        the generation (under the same locks) before it deletes anything of the scope, so
+        the store is not asked again (a HEAD per chunk on S3)."""
+        scope = owner.key_scope
+        with self._fresh_lock:
+            trusted = {c for c in chunk_ids if self._fresh.get((scope, c)) == generation}
+        ask = [c for c in chunk_ids if c not in trusted]
+        present = dict(zip(ask, self._exist(scope, ask), strict=True))
+        missing = [c for c in chunk_ids if c not in trusted and not present[c]]
         if not missing:
             # Chunks are put without fsync; here, before a map names them, they are made
             # durable, and checked: a put cut short by a power loss leaves a damaged file.

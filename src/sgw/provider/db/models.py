@@ -203,6 +203,18 @@ class Volume(Base):
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
+class GcGeneration(Base):
+    """How many garbage-collection passes have deleted chunks of a key scope. A provider
+    that read the counter before putting a chunk and finds it unchanged at the commit
+    (with the scope's maps locked) knows the chunk is still there without asking the
+    store."""
+
+    __tablename__ = "gc_generations"
+
+    key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX), primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class MapSegment(Base):
     """Immutable entries of SEGMENT_CHUNKS consecutive chunk indexes (encoding above)."""
 
