@@ -161,6 +161,11 @@ class GatewayCommands:
             raise CommandError(
                 f"volume {name} on this gateway is bound to {entry.remote_id}, not {remote_id}"
             )
+        if not entry.managed:  # refused before anything is torn down
+            raise CommandError(
+                f"volume {name} is in the gateway's configuration: remove it there (and "
+                "restart the gateway) instead"
+            )
         if not args.get("drain") and gw.engine.holds_log_data(name):
             raise CommandError(
                 f"the write log still holds data of volume {name} that is not uploaded; "
