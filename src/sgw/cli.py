@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import NoReturn
 
 from sgw import __version__, admin
@@ -132,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sgw`` console script."""
+    # botocore tries urllib3's pyOpenSSL support; an old pyOpenSSL (Debian's, seen through
+    # a virtualenv with system site packages) then warns on stderr about newer
+    # cryptography's DSA, in the middle of our one-line errors. We never use pyOpenSSL.
+    warnings.filterwarnings("ignore", message="DSA is deprecated", module=r"OpenSSL(\.|$)")
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "handler", None) is not None:

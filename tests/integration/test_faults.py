@@ -29,11 +29,13 @@ VOL_SIZE = 16 * MIB + 64 * 1024  # 17 chunks of 1 MiB, the last one short
 CONVERGE_TIMEOUT = 30.0
 
 # (fault, probability, seconds) phases the proxy cycles through while the gateway writes.
+# Delays first: a phase right after heavy faults may see no request at all (the uploader
+# is backing off), and every kind of fault must be met at least once.
 PHASES: list[tuple[Fault, float, float]] = [
+    (Fault.DELAY, 0.5, 1.5),
     (Fault.ERROR_503, 0.5, 1.0),
     (Fault.NONE, 1.0, 0.5),
     (Fault.DROP_RESPONSE, 0.4, 1.5),
-    (Fault.DELAY, 0.5, 1.0),
     (Fault.ERROR_500, 0.4, 1.0),
     (Fault.DROP_REQUEST, 0.4, 1.0),
     (Fault.NONE, 1.0, 0.5),
@@ -147,19 +149,35 @@ def read_all(gw: GatewayProcess) -> bytes:
 
 
 class Cycler(threading.Thread):
-    """Cycles the proxy through PHASES until stopped, then heals it."""
+    """Cycles the proxy through PHASES until stopped, then heals it. A phase lasts its
+    seconds and, for a fault, until a request met it (at most 4 s more: the uploader may
+    be backing off); ``cycled`` is set after the first full pass."""
 
     def __init__(self, proxy: FaultProxy) -> None:
         super().__init__(daemon=True)
         self.proxy = proxy
         self.done = threading.Event()
+        self.cycled = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
             for fault, probability, seconds in PHASES:
+                before = self.proxy.counts.get(fault.value, 0)
                 self.proxy.set(fault, probability=probability, delay=0.4, seconds=seconds)
                 if self.done.wait(seconds):
                     break
+                extra = time.monotonic() + 4.0
+                while (
+                    fault is not Fault.NONE
+                    and self.proxy.counts.get(fault.value, 0) == before
+                    and time.monotonic() < extra
+                ):
+                    if fault is Fault.BLACKHOLE:  # a new window: the last one has closed
+                        self.proxy.set(fault, probability=probability, seconds=0.5)
+                    if self.done.wait(0.5):
+                        break
+            else:
+                self.cycled.set()
         self.proxy.heal()
 
     def stop(self) -> None:
@@ -179,7 +197,7 @@ def assert_clean_log(gw: GatewayProcess) -> None:
         assert bad not in text, f"{bad!r} in the gateway's log:\n{gw.log_text()}"
 
 
-@pytest.mark.timeout(45, method="thread")
+@pytest.mark.timeout(75, method="thread")
 def test_uploads_through_a_faulty_network_converge(
     tmp_path: Path,
     provider_factory: type[ProviderProcess],
@@ -199,6 +217,8 @@ def test_uploads_through_a_faulty_network_converge(
     h = nbd.NBD()
     h.connect_uri(gw.uri())
     rounds = write_for(h, rng, model, 12)
+    while not cycler.cycled.is_set() and rounds < 250:  # every fault met at least once
+        rounds += write_for(h, rng, model, 1)
     h.shutdown()
     cycler.stop()
     took = wait_remote_equal(gw, provider.url, bytes(model))
