@@ -72,6 +72,9 @@ class Accounts:
         self._sessions = sessions
         self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
+        # Counts revocations in this process: a cache of tokens (sgw.provider.api.auth)
+        # that sees it change forgets what it holds.
+        self.revocations = 0
 
     def create_account(self, name: str, *, operator: bool = False) -> AccountInfo:
         name = _check_name(name, "account")
@@ -133,6 +136,7 @@ class Accounts:
             if token is None or token.account_id != account_id:
                 raise NotFoundError(f"token {token_id} not found in account {account_id}")
             s.delete(token)
+        self.revocations += 1
         LOG.info("api token revoked", extra={"account": account_id, "token_id": token_id})
 
     def authenticate(self, token: str) -> tuple[TokenInfo, AccountInfo] | None:

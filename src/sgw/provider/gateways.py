@@ -7,19 +7,30 @@ The gateway then fetches its credentials by a request signed with that key.
 
 What a gateway may touch: its account's volumes that are bound to it, and snapshots of
 those volumes or that it started itself. Everything else is "not found" to it.
+
+Signing keys are cached (``signing_key``): a signed request does not read the gateway's
+row. A deactivation drops the entry at once in the process that made it; every process
+also looks for gateways deactivated by others once per ``DEACTIVATED_POLL_S``
+(``forget_deactivated``), and trusts an entry only while it or the last such look is
+younger than ``KEY_TRUST_S``: a deactivated gateway is refused by every provider process
+within about 2 s, at most 10 s (docs/adr/0003-gateway-authentication.md, amendment).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
 import zoneinfo
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import bindparam, delete, func, select
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Engine, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,6 +52,7 @@ from sgw.provider.db.models import (
     Volume,
     utcnow,
 )
+from sgw.provider.db.schema import write_lock
 
 LOG = logging.getLogger(__name__)
 
@@ -49,6 +61,28 @@ LAST_SEEN_EVERY_S = 60.0
 # Last-seen times of many gateways are written together, at most this often (seconds):
 # 10,000 gateways would otherwise cost 170 synced writes a second, one per gateway.
 LAST_SEEN_FLUSH_S = 1.0
+# Deactivations made by other provider processes are looked for this often (seconds).
+DEACTIVATED_POLL_S = 2.0
+# A cached key is used while it, or the last look for deactivations that began after it
+# was read, is younger than this (seconds): the longest a deactivated gateway is still
+# served by another process, also when those looks fail (then keys are read anew).
+KEY_TRUST_S = 10.0
+# How far back each look reaches (seconds): covers clocks of provider machines that
+# disagree (by up to the signing window) and looks that failed.
+DEACTIVATED_LOOKBACK_S = 600.0
+# Most cached keys (an entry is about 0.5 KiB).
+KEY_CACHE_MAX = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayKey:
+    """What a signed request of a gateway is checked against."""
+
+    gateway_id: str
+    account_id: str
+    status: str
+    verifier: Ed25519PublicKey
+    fetched: float  # time.monotonic() when read
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +130,10 @@ class Gateways:
         self._unsaved: dict[str, datetime] = {}
         self._last_flush = -LAST_SEEN_FLUSH_S
         self._lock = threading.Lock()
+        self._keys: dict[str, GatewayKey] = {}
+        self._deactivated_seen: datetime | None = None  # wall clock of the last look
+        self._swept = -KEY_TRUST_S  # monotonic start of the last successful look
+        self._deactivated: frozenset[str] = frozenset()  # what that look found
 
     def activate(
         self, account_id: str, key_text: str, name: str, timezone: str | None = None
@@ -228,29 +266,108 @@ class Gateways:
             if g.status != GatewayStatus.DEACTIVATED.value:
                 g.status = GatewayStatus.DEACTIVATED.value
                 g.deactivated = utcnow()
+        self._keys.pop(gateway_id, None)
         LOG.warning("gateway deactivated", extra={"gateway": gateway_id, "account": account_id})
         return self.get(account_id, gateway_id)
 
-    def touch(self, gateway_id: str) -> None:
-        """Records that the gateway was just seen (at most once a minute)."""
+    # Signing keys (cached)
+
+    def signing_key(self, gateway_id: str) -> GatewayKey | None:
+        """The gateway's cached key while trusted (see the module doc); no database."""
+        key = self._keys.get(gateway_id)
+        if key is None or time.monotonic() - max(key.fetched, self._swept) >= KEY_TRUST_S:
+            return None
+        return key
+
+    def load_signing_keys(self, gateway_ids: Iterable[str]) -> dict[str, GatewayKey]:
+        """Reads the keys of these gateways (those that exist and have one) and caches
+        them (blocking)."""
+        ids = list(dict.fromkeys(gateway_ids))
+        out: dict[str, GatewayKey] = {}
+        fetched = time.monotonic()  # before the read: the entry is no newer than this
+        with self._sessions() as s:
+            for i in range(0, len(ids), 500):
+                rows = s.execute(
+                    select(
+                        Gateway.id, Gateway.account_id, Gateway.status, Gateway.public_key
+                    ).where(Gateway.id.in_(ids[i : i + 500]))
+                ).tuples()
+                for gid, account_id, status, public_key in rows:
+                    if public_key is None:
+                        continue
+                    try:
+                        verifier = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key))
+                    except ValueError:
+                        continue
+                    out[gid] = GatewayKey(gid, account_id, status, verifier, fetched)
+        if len(self._keys) + len(out) > KEY_CACHE_MAX:
+            self._keys.clear()
+        self._keys.update(out)
+        # A look for deactivations that ran while this read: its finding wins (it stores
+        # before it drops, and this drops after it stored: either order drops the entry).
+        for gid in self._deactivated.intersection(out):
+            self._keys.pop(gid, None)
+        return out
+
+    def forget_deactivated(self) -> list[str]:
+        """Drops the cached keys of gateways deactivated lately, by any process
+        (blocking; called every ``DEACTIVATED_POLL_S``). Returns the ids dropped."""
+        started = time.monotonic()
+        now = utcnow()
+        since = (self._deactivated_seen or now) - timedelta(seconds=DEACTIVATED_LOOKBACK_S)
+        with self._sessions() as s:
+            found = frozenset(s.scalars(select(Gateway.id).where(Gateway.deactivated >= since)))
+        self._deactivated = found
+        dropped = []
+        for gid in found:
+            key = self._keys.get(gid)
+            if key is not None and key.status == GatewayStatus.ACTIVE.value:
+                self._keys.pop(gid, None)
+                dropped.append(gid)
+        self._deactivated_seen = now
+        self._swept = started
+        return dropped
+
+    def touch(self, gateway_id: str, *, flush: bool = True) -> bool:
+        """Records that the gateway was just seen (at most once a minute); the times are
+        written for many gateways together, at most once a second: here, unless
+        ``flush`` is False (the event loop's callers), when the return value says that
+        ``flush_seen`` is due."""
         now = time.monotonic()
         with self._lock:
-            if now - self._seen.get(gateway_id, -LAST_SEEN_EVERY_S) < LAST_SEEN_EVERY_S:
-                return
-            self._seen[gateway_id] = now
-            self._unsaved[gateway_id] = utcnow()
-            if now - self._last_flush < LAST_SEEN_FLUSH_S:
+            if now - self._seen.get(gateway_id, -LAST_SEEN_EVERY_S) >= LAST_SEEN_EVERY_S:
+                self._seen[gateway_id] = now
+                self._unsaved[gateway_id] = utcnow()
+            due = bool(self._unsaved) and now - self._last_flush >= LAST_SEEN_FLUSH_S
+        if due and flush:
+            self.flush_seen()
+        return due
+
+    def flush_seen(self, force: bool = False) -> None:
+        """Writes the last-seen times not written yet (blocking), at most once a second
+        unless ``force``."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._unsaved or (not force and now - self._last_flush < LAST_SEEN_FLUSH_S):
                 return  # written with the next flush
             self._last_flush = now
             batch, self._unsaved = self._unsaved, {}
         table = Gateway.__table__
-        with self._sessions.begin() as s:
+        # Queued with the process's other frequent writers (SQLite: not in its busy
+        # handler's sleeps, which held up the control channel's writes).
+        with self._write_lock(), self._sessions.begin() as s:
             s.execute(
                 table.update()  # type: ignore[attr-defined]
                 .where(table.c.id == bindparam("gid"))
                 .values(last_seen=bindparam("seen")),
                 [{"gid": g, "seen": t} for g, t in batch.items()],
             )
+
+    def _write_lock(self) -> AbstractContextManager[object]:
+        bind = self._sessions.kw.get("bind")
+        if not isinstance(bind, Engine):
+            return contextlib.nullcontext()
+        return write_lock(bind.url.render_as_string(hide_password=False))
 
     # What a gateway may touch
 

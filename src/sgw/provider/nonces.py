@@ -1,6 +1,14 @@
 """The nonces of signed requests seen inside the clock-skew window, shared by every provider
 process through the database, so that a replayed request is refused by any of them.
 
+A nonce is first looked up in this process's memory (a replay to the same process is
+refused without the database), then written to the table ``request_nonces``, whose
+primary key refuses a nonce any process wrote before. ``first_use`` writes one row (for
+request threads); ``first_use_async`` (the event loop's fast path) queues the nonce for
+one writer thread that inserts many in one statement (``INSERT ... ON CONFLICT DO
+NOTHING RETURNING``, one transaction per group) and answers each once its group is
+committed, so a request is never acted on before its nonce is in the database.
+
 A nonce is written without waiting for the disk (SQLite ``synchronous=NORMAL`` in WAL
 mode, PostgreSQL ``synchronous_commit=off``): losing the last few after a power cut only
 reopens a replay window of the requests of those seconds, which are then also refused
@@ -10,23 +18,35 @@ gateway's uploads behind the disk.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, event, text
+from sqlalchemy import Table, delete, event, select, text, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from sgw.provider.control.batching import GroupRunner
 from sgw.provider.db.models import RequestNonce
 from sgw.provider.db.schema import make_engine, session_factory, write_lock
 
 LOG = logging.getLogger(__name__)
 
-# Expired nonces are deleted at most this often (seconds).
-PURGE_EVERY_S = 60.0
+# Expired nonces are deleted at most this often (seconds), at most PURGE_ROWS at a time:
+# a delete of a minute's nonces at once held the database's writers up for a second.
+PURGE_EVERY_S = 1.0
+PURGE_ROWS = 5000
+# Nonces remembered in memory are grouped by expiry in buckets of this many seconds.
+_BUCKET_S = 30
+# (key id, nonce, expires)
+Item = tuple[str, str, datetime]
 
 
 class NonceLedger:
@@ -34,6 +54,7 @@ class NonceLedger:
 
     def __init__(self, db_url: str) -> None:
         self._engine = make_engine(db_url)
+        self._postgres = self._engine.dialect.name == "postgresql"
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine, "connect", _sqlite_no_fsync)
         self._sessions: sessionmaker[Session] = session_factory(self._engine)
@@ -41,21 +62,132 @@ class NonceLedger:
         self._lock = threading.Lock()
         # Request threads queue for SQLite's one writer here, not in its busy sleeps.
         self._write_lock = write_lock(db_url)
+        # Seen in this process: expiry bucket -> hashes of "key id nonce" (64-bit,
+        # randomised per process: a collision refuses one request, which the gateway
+        # signs anew; about 1 in 10^9 with 200,000 remembered).
+        self._seen: dict[int, set[int]] = {}
+        self._seen_lock = threading.Lock()
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._groups: GroupRunner[Item, bool] | None = None
+        self._local = threading.local()  # the writer thread's own SQLite connection
+        self._conns: list[Any] = []
+        to_db = RequestNonce.expires.type.dialect_impl(self._engine.dialect).bind_processor(
+            self._engine.dialect
+        )
+        self._to_db: Callable[[datetime], Any] = to_db or (lambda v: v)
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+        for conn in self._conns:
+            with contextlib.suppress(Exception):
+                conn.close()
         self._engine.dispose()
 
+    @property
+    def groups(self) -> tuple[int, int]:
+        """Groups written by ``first_use_async`` and nonces in them (statistics)."""
+        return (0, 0) if self._groups is None else (self._groups.batches, self._groups.items)
+
     def first_use(self, key_id: str, nonce: str, expires: datetime) -> bool:
-        """Records the nonce; False if it was recorded before (a replay)."""
+        """Records the nonce; False if it was recorded before (a replay). Blocking."""
+        if not self._remember(key_id, nonce, expires):
+            return False
         self._maybe_purge()
         try:
             with self._write_lock, self._sessions.begin() as s:
-                if self._engine.dialect.name == "postgresql":
+                if self._postgres:
                     s.execute(text("SET LOCAL synchronous_commit TO OFF"))
                 s.add(RequestNonce(key_id=key_id, nonce=nonce, expires=expires))
         except IntegrityError:
             return False
         return True
+
+    async def first_use_async(self, key_id: str, nonce: str, expires: datetime) -> bool:
+        """``first_use`` for the event loop: answered once the nonce's group is committed
+        (in this process's memory: at once)."""
+        if not self._remember(key_id, nonce, expires):
+            return False
+        if self._groups is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nonce-w")
+            self._groups = GroupRunner(self._insert_many, self._writer)
+        return await self._groups.submit((key_id, nonce, expires))
+
+    def _remember(self, key_id: str, nonce: str, expires: datetime) -> bool:
+        """False if this process saw the nonce before; else remembers it."""
+        h = hash(key_id + " " + nonce)
+        bucket = int(expires.timestamp()) // _BUCKET_S
+        with self._seen_lock:
+            for seen in self._seen.values():
+                if h in seen:
+                    return False
+            keys = self._seen.get(bucket)
+            if keys is None:
+                now = int(time.time()) // _BUCKET_S
+                for old in [b for b in self._seen if b < now]:
+                    del self._seen[old]
+                keys = self._seen[bucket] = set()
+            keys.add(h)
+        return True
+
+    def _insert_many(self, items: list[Item]) -> list[bool | BaseException]:
+        """Writes the nonces in one transaction; True for each that was new."""
+        self._maybe_purge()
+        if not self._postgres:
+            return self._insert_many_sqlite(items)
+        insert = pg_insert if self._postgres else sqlite_insert
+        table: Table = RequestNonce.__table__  # type: ignore[assignment]
+        rows = [{"key_id": k, "nonce": n, "expires": e} for k, n, e in items]
+        stmt = (
+            insert(table)
+            .values(rows)
+            .on_conflict_do_nothing()
+            .returning(table.c.key_id, table.c.nonce)
+        )
+        with self._write_lock, self._engine.begin() as c:
+            if self._postgres:
+                c.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            written = set(c.execute(stmt).tuples())
+        out: list[bool | BaseException] = []
+        for key_id, nonce, _expires in items:
+            new = (key_id, nonce) in written
+            written.discard((key_id, nonce))  # the same nonce twice in a group: once
+            out.append(new)
+        return out
+
+    def _insert_many_sqlite(self, items: list[Item]) -> list[bool | BaseException]:
+        """``_insert_many`` as plain SQL on the writer thread's own connection (SQLite):
+        no statement to build and compile per group, a fraction of the CPU."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._engine.raw_connection()
+            self._conns.append(conn)
+        raw: Any = conn.dbapi_connection
+        out: list[bool | BaseException] = []
+        with self._write_lock:
+            cur = raw.cursor()
+            try:
+                for key_id, nonce, expires in items:
+                    cur.execute(
+                        "INSERT INTO request_nonces (key_id, nonce, expires) VALUES (?, ?, ?) "
+                        "ON CONFLICT DO NOTHING",
+                        (key_id, nonce, self._to_db(expires)),
+                    )
+                    out.append(cur.rowcount == 1)
+                # Expired ones go as new ones come: twice as many at most, so the table
+                # keeps its size without a large delete ever holding up the writers.
+                cur.execute(
+                    "DELETE FROM request_nonces WHERE rowid IN (SELECT rowid FROM "
+                    "request_nonces WHERE expires < ? LIMIT ?)",
+                    (self._to_db(datetime.now(UTC) - timedelta(seconds=1)), 2 * len(items) + 8),
+                )
+                raw.commit()
+            except BaseException:
+                raw.rollback()
+                raise
+            finally:
+                cur.close()
+        return out
 
     def _maybe_purge(self) -> None:
         now = time.monotonic()
@@ -64,8 +196,14 @@ class NonceLedger:
                 return
             self._last_purge = now
         cutoff = datetime.now(UTC) - timedelta(seconds=1)
-        with self._sessions.begin() as s:
-            gone = s.execute(delete(RequestNonce).where(RequestNonce.expires < cutoff))
+        table: Table = RequestNonce.__table__  # type: ignore[assignment]
+        expired = (
+            select(table.c.key_id, table.c.nonce).where(table.c.expires < cutoff).limit(PURGE_ROWS)
+        )
+        with self._write_lock, self._engine.begin() as c:
+            gone = c.execute(
+                delete(table).where(tuple_(table.c.key_id, table.c.nonce).in_(expired))
+            )
         LOG.debug("expired nonces purged", extra={"rows": getattr(gone, "rowcount", None)})
 
 

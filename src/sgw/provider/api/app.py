@@ -49,6 +49,7 @@ from sgw.provider.api.auth import (
     AuthMiddleware,
     ensure_account,
 )
+from sgw.provider.api.lean import LeanControl
 from sgw.provider.blockstore.keys import MASTER_KEY_FILE, open_keyring, read_master_key
 from sgw.provider.blockstore.maps import (
     ChunkMaps,
@@ -130,11 +131,15 @@ def create_app(config: ProviderConfig) -> FastAPI:
         on_finished=planner.follow_up,
     )
 
+    authenticator = Authenticator(account_repo, gateway_repo, nonces)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await hub.start()
+        await authenticator.start()
         yield
         await hub.stop()
+        await authenticator.stop()
         control_store.close()
         service.close()
         nonces.close()
@@ -159,24 +164,12 @@ def create_app(config: ProviderConfig) -> FastAPI:
     app.include_router(gateways.router)
     app.include_router(volume_admin.router)
     # Outermost first: the body limit, then authentication, then the routes.
-    authenticator = Authenticator(account_repo, gateway_repo, nonces)
     app.add_middleware(AuthMiddleware, authenticator=authenticator, limit=MAX_REQUEST_BODY)
     app.add_middleware(_BodyLimit, limit=MAX_REQUEST_BODY)
 
     @app.exception_handler(SgwError)
     async def _sgw_error(request: Request, exc: SgwError) -> JSONResponse:
-        status, code = next(((s, c) for cls, s, c in _STATUS if isinstance(exc, cls)), (500, ""))
-        if not code:
-            LOG.error("request failed", exc_info=exc, extra={"path": request.url.path})
-            return _error(500, "internal", "internal error; see the provider's log")
-        headers = {"WWW-Authenticate": 'Bearer realm="sgw"'} if status == 401 else None
-        message = str(exc)
-        if status >= 500:
-            LOG.error("request failed", exc_info=exc, extra={"path": request.url.path})
-            if status == 503:
-                message = "the object store failed; retry later (details in the provider's log)"
-        extra = {"chunk_ids": exc.chunk_ids} if isinstance(exc, MissingChunksError) else {}
-        return _error(status, code, message, headers, **extra)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -195,7 +188,33 @@ def create_app(config: ProviderConfig) -> FastAPI:
         """Liveness: the process answers."""
         return {"status": "ok", "version": __version__}
 
+    # What the server runs: the control channel's hot calls served without the framework,
+    # everything else by it (sgw.provider.api.lean).
+    app.state.asgi = LeanControl(
+        app,
+        hub=hub,
+        planner=planner,
+        auth=authenticator,
+        errors=error_response,
+        limit=MAX_REQUEST_BODY,
+    )
     return app
+
+
+def error_response(exc: SgwError, path: str) -> JSONResponse:
+    """The answer to a request that raised one of our errors (5xx: logged)."""
+    status, code = next(((s, c) for cls, s, c in _STATUS if isinstance(exc, cls)), (500, ""))
+    if not code:
+        LOG.error("request failed", exc_info=exc, extra={"path": path})
+        return _error(500, "internal", "internal error; see the provider's log")
+    headers = {"WWW-Authenticate": 'Bearer realm="sgw"'} if status == 401 else None
+    message = str(exc)
+    if status >= 500:
+        LOG.error("request failed", exc_info=exc, extra={"path": path})
+        if status == 503:
+            message = "the object store failed; retry later (details in the provider's log)"
+    extra = {"chunk_ids": exc.chunk_ids} if isinstance(exc, MissingChunksError) else {}
+    return _error(status, code, message, headers, **extra)
 
 
 def _error(

@@ -11,13 +11,18 @@ Two kinds of credentials (docs/adr/0003-gateway-authentication.md):
   gateway signs with its bare public key and may only fetch its credentials.
 
 ``AuthMiddleware`` checks credentials before anything else runs (a bad one is a 401,
-logged); the route dependencies (``CurrentAccount``, ``AdminPrincipal``) say what a route
+logged); the control channel's hot calls are checked by ``sgw.provider.api.lean`` with
+the same ``Authenticator`` on the event loop (``signed_async``, ``bearer_async``: the
+gateway's key and a token's principal from caches, the nonce written in a group); the
+route dependencies (``CurrentAccount``, ``AdminPrincipal``) say what a route
 needs, so no route can forget to ask. In development mode (``--insecure-dev``) a request
 without credentials acts for the built-in account ``dev``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import Depends, Request
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,9 +48,9 @@ from sgw.common.errors import (
     NotFoundError,
     UnauthenticatedError,
 )
-from sgw.provider.accounts import TOKEN_PREFIX, Accounts
+from sgw.provider.accounts import TOKEN_PREFIX, Accounts, token_hash
 from sgw.provider.db.models import Account, GatewayStatus
-from sgw.provider.gateways import Gateways
+from sgw.provider.gateways import DEACTIVATED_POLL_S, GatewayKey, Gateways
 from sgw.provider.nonces import NonceLedger
 
 LOG = logging.getLogger(__name__)
@@ -78,6 +85,11 @@ class Principal:
 
 
 DEV_PRINCIPAL = Principal(Kind.DEV, DEV_ACCOUNT_ID)
+# An API token's principal, once checked, is trusted this long (seconds): a token revoked
+# through another provider process is refused by this one within it (at once by the
+# process that revoked it).
+TOKEN_TRUST_S = 5.0
+_TOKEN_CACHE_MAX = 10_000
 
 
 class Authenticator:
@@ -94,8 +106,47 @@ class Authenticator:
         self.gateways = gateways
         self.nonces = nonces
         self.clock = clock
+        # sha256(token) -> (principal, monotonic time checked); cleared on a revocation
+        self._tokens: dict[str, tuple[Principal, float]] = {}
+        self._revocations = accounts.revocations
+        self._task: asyncio.Task[None] | None = None
+        self._flushing = False  # last-seen times being written in a worker thread
+
+    # Lifecycle (the event loop's helpers)
+
+    async def start(self) -> None:
+        """Starts the background work of the cached checks: looking for gateways
+        deactivated by other processes, writing last-seen times."""
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="auth-cache")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.gateways.flush_seen, True)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self._housekeeping)
+            except Exception as exc:  # the database may be away; keys then expire
+                LOG.warning("authentication cache: cannot look for deactivations: %s", exc)
+            await asyncio.sleep(DEACTIVATED_POLL_S)
+
+    def _housekeeping(self) -> None:
+        dropped = self.gateways.forget_deactivated()
+        if dropped:
+            LOG.info("deactivated gateways refused from now", extra={"gateways": dropped[:20]})
+        self.gateways.flush_seen()
+
+    # API tokens
 
     def bearer(self, token: str) -> Principal:
+        cached = self._cached_token(token)
+        if cached is not None:
+            return cached
         found = self.accounts.authenticate(token) if token.startswith(TOKEN_PREFIX) else None
         if found is None:
             raise UnauthenticatedError(
@@ -103,9 +154,76 @@ class Authenticator:
                 "create one with `sgw tokens create`"
             )
         record, account = found
-        return Principal(Kind.TOKEN, account.id, account.operator, token_id=record.id)
+        principal = Principal(Kind.TOKEN, account.id, account.operator, token_id=record.id)
+        if len(self._tokens) >= _TOKEN_CACHE_MAX:
+            self._tokens.clear()
+        self._tokens[token_hash(token)] = (principal, time.monotonic())
+        return principal
+
+    async def bearer_async(self, token: str) -> Principal:
+        """``bearer`` without a thread hop while the token is cached."""
+        cached = self._cached_token(token)
+        if cached is not None:
+            return cached
+        return await asyncio.to_thread(self.bearer, token)
+
+    def _cached_token(self, token: str) -> Principal | None:
+        if self.accounts.revocations != self._revocations:
+            self._revocations = self.accounts.revocations
+            self._tokens.clear()
+            return None
+        entry = self._tokens.get(token_hash(token))
+        if entry is None or time.monotonic() - entry[1] >= TOKEN_TRUST_S:
+            return None
+        return entry[0]
+
+    # Signed requests
 
     def signed(self, header: str, method: str, target: bytes, body: bytes) -> Principal:
+        """A signed request's principal (blocking: reads the gateway's key unless cached,
+        writes the nonce)."""
+        parsed = self._parse(header)
+        principal, public_key = self._signer(parsed.key_id)
+        self._verify(parsed, public_key, method, target, body)
+        if not self.nonces.first_use(parsed.key_id, parsed.nonce, _nonce_expiry(parsed)):
+            raise _replayed(parsed)
+        if principal.gateway_id is not None:
+            self.gateways.touch(principal.gateway_id)
+        return principal
+
+    async def signed_async(self, header: str, method: str, target: bytes, body: bytes) -> Principal:
+        """``signed`` on the event loop: the signature checked inline, the gateway's key
+        from the cache (read in a thread otherwise), the nonce written in a group."""
+        parsed = self._parse(header)
+        key_id = parsed.key_id
+        key = None
+        if key_id.startswith(signing.GATEWAY_PREFIX):
+            key = self.gateways.signing_key(key_id[len(signing.GATEWAY_PREFIX) :])
+        if key is not None:
+            principal, public_key = _gateway_signer(key), key.verifier
+        else:
+            principal, public_key = await asyncio.to_thread(self._signer, key_id)
+        self._verify(parsed, public_key, method, target, body)
+        if not await self.nonces.first_use_async(key_id, parsed.nonce, _nonce_expiry(parsed)):
+            raise _replayed(parsed)
+        if (
+            principal.gateway_id is not None
+            and self.gateways.touch(principal.gateway_id, flush=False)
+            and not self._flushing
+        ):
+            self._flushing = True
+            asyncio.get_running_loop().run_in_executor(None, self._flush_seen)
+        return principal
+
+    def _flush_seen(self) -> None:
+        try:
+            self.gateways.flush_seen()
+        except Exception as exc:
+            LOG.warning("cannot record when gateways were last seen: %s", exc)
+        finally:
+            self._flushing = False
+
+    def _parse(self, header: str) -> signing.SignedHeader:
         parsed = signing.parse_header(header)
         if parsed is None:
             raise UnauthenticatedError(
@@ -118,44 +236,74 @@ class Authenticator:
                 f"stale request: its timestamp is {skew:+.0f} s from the provider's clock, "
                 f"more than the {signing.CLOCK_SKEW_S} s allowed; set the gateway's clock (NTP)"
             )
-        principal, public_key = self._signer(parsed.key_id)
-        if not signing.verify(public_key, parsed, method, target, signing.body_digest(body)):
+        return parsed
+
+    @staticmethod
+    def _verify(
+        parsed: signing.SignedHeader,
+        verifier: Ed25519PublicKey,
+        method: str,
+        target: bytes,
+        body: bytes,
+    ) -> None:
+        message = signing.canonical_request(
+            method,
+            target,
+            signing.body_digest(body),
+            timestamp=parsed.timestamp,
+            nonce=parsed.nonce,
+            key_id=parsed.key_id,
+        )
+        try:
+            verifier.verify(parsed.signature, message)
+        except (InvalidSignature, ValueError):
             raise UnauthenticatedError(
                 f"bad signature from {parsed.key_id}: the request was altered or not signed "
                 "with the gateway's identity key"
-            )
-        expires = datetime.fromtimestamp(parsed.timestamp + signing.CLOCK_SKEW_S + 1, UTC)
-        if not self.nonces.first_use(parsed.key_id, parsed.nonce, expires):
-            raise UnauthenticatedError(
-                f"replayed request: nonce {parsed.nonce} of {parsed.key_id} was used before; "
-                "sign every request with a new nonce"
-            )
-        if principal.gateway_id is not None:
-            self.gateways.touch(principal.gateway_id)
-        return principal
+            ) from None
 
-    def _signer(self, key_id: str) -> tuple[Principal, bytes]:
+    def _signer(self, key_id: str) -> tuple[Principal, Ed25519PublicKey]:
         if key_id.startswith(signing.GATEWAY_PREFIX):
             gateway_id = key_id.removeprefix(signing.GATEWAY_PREFIX)
-            gateway = self.gateways.by_id(gateway_id)
-            if gateway is None or gateway.public_key is None:
+            key = self.gateways.signing_key(gateway_id)
+            if key is None:
+                key = self.gateways.load_signing_keys([gateway_id]).get(gateway_id)
+            if key is None:
                 raise UnauthenticatedError(f"unknown gateway {gateway_id}; activate it first")
-            if gateway.status != GatewayStatus.ACTIVE.value:
-                raise UnauthenticatedError(
-                    f"gateway {gateway_id} is {gateway.status}: its credentials are revoked"
-                )
-            principal = Principal(Kind.GATEWAY, gateway.account_id, gateway_id=gateway_id)
-            return principal, bytes.fromhex(gateway.public_key)
+            return _gateway_signer(key), key.verifier
         if key_id.startswith(signing.PUBLIC_KEY_PREFIX):
             hex_key = key_id.removeprefix(signing.PUBLIC_KEY_PREFIX)
             try:
                 public_key = bytes.fromhex(hex_key)
             except ValueError:
                 public_key = b""
-            if len(public_key) != 32:
-                raise UnauthenticatedError(f"key id {key_id[:80]!r}: not an Ed25519 public key")
-            return Principal(Kind.CANDIDATE, public_key=public_key), public_key
+            try:
+                verifier = Ed25519PublicKey.from_public_bytes(public_key)
+            except ValueError:
+                raise UnauthenticatedError(
+                    f"key id {key_id[:80]!r}: not an Ed25519 public key"
+                ) from None
+            return Principal(Kind.CANDIDATE, public_key=public_key), verifier
         raise UnauthenticatedError(f"key id {key_id[:80]!r}: expected gw:ID or pk:HEX")
+
+
+def _gateway_signer(key: GatewayKey) -> Principal:
+    if key.status != GatewayStatus.ACTIVE.value:
+        raise UnauthenticatedError(
+            f"gateway {key.gateway_id} is {key.status}: its credentials are revoked"
+        )
+    return Principal(Kind.GATEWAY, key.account_id, gateway_id=key.gateway_id)
+
+
+def _nonce_expiry(parsed: signing.SignedHeader) -> datetime:
+    return datetime.fromtimestamp(parsed.timestamp + signing.CLOCK_SKEW_S + 1, UTC)
+
+
+def _replayed(parsed: signing.SignedHeader) -> UnauthenticatedError:
+    return UnauthenticatedError(
+        f"replayed request: nonce {parsed.nonce} of {parsed.key_id} was used before; "
+        "sign every request with a new nonce"
+    )
 
 
 class AuthMiddleware:
@@ -175,7 +323,9 @@ class AuthMiddleware:
         header = next(
             (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None
         )
-        if header is None:
+        # None: no credentials; or checked already by the fast path (sgw.provider.api.lean),
+        # which hands a call it does not serve itself on with its principal.
+        if header is None or "principal" in scope.get("state", ()):
             await self.app(scope, receive, send)
             return
         method = scope["method"]
@@ -186,11 +336,11 @@ class AuthMiddleware:
             if header[:7].lower() == "bearer ":
                 principal = await run_in_threadpool(self.auth.bearer, header[7:].strip())
             elif signing.is_signed(header):
-                body = await _read_body(receive, self.limit)
+                body = await read_body(receive, self.limit)
                 if body is None:
                     await _reply(scope, send, 413, "payload_too_large", "request body too large")
                     return
-                receive = _replay(body, receive)
+                receive = replay(body, receive)
                 principal = await run_in_threadpool(self.auth.signed, header, method, target, body)
             else:
                 raise UnauthenticatedError(
@@ -198,23 +348,28 @@ class AuthMiddleware:
                     f"Bearer (API tokens) or {signing.SCHEME} (gateways)"
                 )
         except UnauthenticatedError as exc:
-            client = scope.get("client")
-            LOG.warning(
-                "request refused: %s",
-                exc,
-                extra={
-                    "method": method,
-                    "path": scope["path"],
-                    "client": client[0] if client else None,
-                },
-            )
-            await _reply(scope, send, 401, "unauthenticated", str(exc))
+            await refuse(scope, send, exc)
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
+async def refuse(scope: Scope, send: Send, exc: UnauthenticatedError) -> None:
+    """Answers 401 naming what is wrong, and logs the refusal."""
+    client = scope.get("client")
+    LOG.warning(
+        "request refused: %s",
+        exc,
+        extra={
+            "method": scope["method"],
+            "path": scope["path"],
+            "client": client[0] if client else None,
+        },
+    )
+    await _reply(scope, send, 401, "unauthenticated", str(exc))
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
     parts: list[bytes] = []
     size = 0
     while True:
@@ -234,17 +389,18 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
                 return b"".join(parts)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` that hands out ``body`` (read already) first."""
     sent = False
 
-    async def replay() -> Message:
+    async def replayed() -> Message:
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
 
-    return replay
+    return replayed
 
 
 async def _reply(scope: Scope, send: Send, status: int, code: str, message: str) -> None:

@@ -12,6 +12,11 @@ says which control server holds the gateway.
 
 Control servers: ``POST /v1/control/doorbell`` (shared secret, not in the API
 description) wakes held polls and command waiters.
+
+The poll, the replies and the admin's ``POST .../commands`` are served by
+``sgw.provider.api.lean`` in front of the framework (the same models and functions:
+``poll_out``, ``send_command``); the routes here describe them and serve what the lean
+path hands on.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive
 
 from sgw.common.errors import ForbiddenError, UnauthenticatedError
 from sgw.provider.api.accounts import errors
@@ -200,8 +206,18 @@ async def poll_messages(
 ) -> PollOut:
     """The gateway's long-poll: its pending commands, as soon as there are any."""
     assert principal.gateway_id is not None
-    ids = [i for i in (ack or "").split(",") if i][:_MAX_ACK]
+    ids = ack_ids(ack)
     messages = await hub.poll(principal.gateway_id, wait, ids, _disconnect_waiter(request))
+    return poll_out(hub, messages)
+
+
+def ack_ids(ack: str | None) -> list[str]:
+    """The message ids of a poll's ``ack`` (at most ``_MAX_ACK``)."""
+    return [i for i in (ack or "").split(",") if i][:_MAX_ACK]
+
+
+def poll_out(hub: ControlHub, messages: list[MessageInfo]) -> PollOut:
+    """A poll's answer."""
     return PollOut(
         messages=[
             MessageOut(
@@ -271,11 +287,26 @@ async def post_command(
     """Sends the gateway a command; 409 ``gateway_offline`` if it needs the gateway online
     and no control server holds it. With ``wait``, answers once the command finished (or
     then); wait further with the GET of the command."""
-    account = principal.account_id
+    return CommandOut.of(
+        await send_command(hub, planner, principal.account_id, gateway_id, body, wait=wait)
+    )
+
+
+async def send_command(
+    hub: ControlHub,
+    planner: CommandPlanner,
+    account: str,
+    gateway_id: str,
+    body: CommandIn,
+    *,
+    wait: float,
+) -> MessageInfo:
+    """``POST /v1/gateways/{id}/commands`` once the caller is known to act for
+    ``account`` (also served by ``sgw.provider.api.lean``)."""
     if body.idempotency_key is not None:
         known = await asyncio.to_thread(hub.store.find, account, gateway_id, body.idempotency_key)
         if known is not None:
-            return CommandOut.of(known)
+            return known
     # Commands that touch no records are prepared on the loop once the gateway's account
     # is known (no thread hop, no database read: what most commands are).
     inline = planner.owner_known(account, gateway_id) and not planner.needs_database(body.type)
@@ -302,7 +333,7 @@ async def post_command(
         require_online=False,
         wait=wait,
     )
-    return CommandOut.of(info)
+    return info
 
 
 @router.get(
@@ -413,9 +444,12 @@ async def doorbell(request: Request, hub: Hub) -> dict[str, Any]:
 
 
 def _disconnect_waiter(request: Request) -> Callable[[], Awaitable[None]]:
+    return disconnect_waiter(request.receive)
+
+
+def disconnect_waiter(receive: Receive) -> Callable[[], Awaitable[None]]:
     """A coroutine function that returns once the client's connection is gone (the
     server tells the application so through ``receive``)."""
-    receive = request.receive
 
     async def disconnected() -> None:
         while (await receive())["type"] != "http.disconnect":

@@ -128,8 +128,12 @@ class CommandPlanner:
         self._accounts: dict[str, str] = {}
 
     def owner_known(self, account_id: str, gateway_id: str) -> bool:
-        """True if the gateway is known to be the account's without asking the database."""
-        return self._accounts.get(gateway_id) == account_id
+        """True if the gateway is known to be the account's without asking the database
+        (a gateway that polls has its signing key, and so its account, cached)."""
+        if self._accounts.get(gateway_id) == account_id:
+            return True
+        key = self.gateways.signing_key(gateway_id)
+        return key is not None and key.account_id == account_id
 
     def needs_database(self, type_: str) -> bool:
         """True if preparing the command reads or writes the provider's records."""
@@ -137,7 +141,7 @@ class CommandPlanner:
 
     def check_owner(self, account_id: str, gateway_id: str) -> None:
         """NotFoundError unless the gateway is the account's (blocking on a cache miss)."""
-        if self._accounts.get(gateway_id) == account_id:
+        if self.owner_known(account_id, gateway_id):
             return
         gateway = self.gateways.by_id(gateway_id)
         if gateway is None or gateway.account_id != account_id:

@@ -168,7 +168,7 @@ class ControlHub:
         return await loop.run_in_executor(self._writer, functools.partial(fn, *args, **kwargs))
 
     def _take_many(
-        self, polls: list[tuple[str, Sequence[str]]]
+        self, polls: list[tuple[str, Sequence[str], bool]]
     ) -> list[list[MessageInfo] | BaseException]:
         return self.store.take_pending_many(
             polls, utcnow(), redeliver_after_s=self.t.redeliver_after_s, limit=self.t.batch
@@ -229,13 +229,19 @@ class ControlHub:
         wait: float,
         ack: Sequence[str] = (),
         disconnected: Callable[[], Awaitable[None]] | None = None,
+        *,
+        ends_after_answer: bool = False,
     ) -> list[MessageInfo]:
         """The gateway's long-poll: its pending messages, at once if there are any, else
         as soon as one arrives, else none after ``wait`` seconds. ``ack``: messages of
         earlier answers the gateway holds durably now. ``disconnected`` returns when the
         gateway's connection is gone: the poll ends at once (taking nothing), and unless
         the gateway polls again soon its registration is dropped, so that it shows
-        offline at once rather than when the registration goes stale."""
+        offline at once rather than when the registration goes stale.
+        ``ends_after_answer``: ``disconnected`` also returns once the answer is sent (an
+        ASGI ``receive`` does), so its watcher is left to end by itself rather than
+        cancelled (a cancelled task leaves a cycle of objects for the collector, per
+        poll)."""
         self.stats["polls"] += 1
         previous = self._held.get(gateway_id)
         if previous is not None:  # the gateway gave up on it (a broken connection)
@@ -260,8 +266,11 @@ class ControlHub:
                 poll.rung = False
                 messages: list[MessageInfo] = []
                 if acks or gateway_id not in self._clean:
+                    # Acknowledgements of a gateway known to have nothing else pending
+                    # are written without looking for messages.
+                    look = gateway_id not in self._clean
                     self._clean.add(gateway_id)  # a ring from now on takes it out again
-                    messages = await self._takes.submit((gateway_id, acks))
+                    messages = await self._takes.submit((gateway_id, acks, look))
                     acks = []
                     if len(messages) >= self.t.batch:
                         self._clean.discard(gateway_id)
@@ -283,7 +292,7 @@ class ControlHub:
                 if not poll.rung or poll.gone:
                     return []
         finally:
-            if watch is not None:
+            if watch is not None and not ends_after_answer:
                 watch.cancel()
             if self._held.get(gateway_id) is poll:
                 del self._held[gateway_id]

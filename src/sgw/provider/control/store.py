@@ -20,13 +20,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
+import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, case, delete, event, func, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    case,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -37,6 +51,7 @@ from sgw.provider.db.models import (
     ControlMessage,
     ControlServer,
     GatewayConnection,
+    UtcDateTime,
 )
 from sgw.provider.db.schema import make_engine, session_factory, write_lock
 
@@ -50,6 +65,7 @@ OPEN = (QUEUED, DELIVERED, ACKNOWLEDGED)
 TERMINAL = (SUCCEEDED, FAILED, EXPIRED)
 # Rows per statement when many gateways are registered or refreshed at once.
 _BATCH = 500
+_MESSAGES: Table = ControlMessage.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,21 +119,27 @@ class NewMessage:
     ttl_s: float
     origin_server: str | None
 
-    def row(self, now: datetime) -> ControlMessage:
+    def values(self, now: datetime) -> dict[str, Any]:
+        """The new row's columns (a new message id)."""
         message_id = str(uuid.uuid4())
-        return ControlMessage(
-            id=message_id,
-            account_id=self.account_id,
-            gateway_id=self.gateway_id,
-            type=self.type,
-            args=json.dumps(self.args, sort_keys=True, separators=(",", ":")),
-            idempotency_key=self.idempotency_key or message_id,
-            status=QUEUED,
-            origin_server=self.origin_server,
-            created=now,
-            expires=now + timedelta(seconds=self.ttl_s),
-            deliveries=0,
-        )
+        return {
+            "id": message_id,
+            "account_id": self.account_id,
+            "gateway_id": self.gateway_id,
+            "type": self.type,
+            "args": json.dumps(self.args, sort_keys=True, separators=(",", ":")),
+            "idempotency_key": self.idempotency_key or message_id,
+            "status": QUEUED,
+            "origin_server": self.origin_server,
+            "created": now,
+            "expires": now + timedelta(seconds=self.ttl_s),
+            "delivered": None,
+            "deliveries": 0,
+            "acknowledged": None,
+            "completed": None,
+            "result": None,
+            "error": None,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +163,12 @@ class ControlStore:
             event.listen(self._engine, "connect", _sqlite_normal_sync)
         self._sessions: sessionmaker[Session] = session_factory(self._engine)
         self._write_lock = write_lock(db_url)
+        # SQLite: the hot path's statements as plain SQL (see _SqliteHot).
+        self._hot = _SqliteHot(self._engine) if self.dialect == "sqlite" else None
 
     def close(self) -> None:
+        if self._hot is not None:
+            self._hot.close()
         self._engine.dispose()
 
     @contextlib.contextmanager
@@ -150,6 +176,13 @@ class ControlStore:
         """A write transaction, queued behind the process's other frequent writers."""
         with self._write_lock, self._sessions.begin() as s:
             yield s
+
+    @contextlib.contextmanager
+    def _core(self) -> Iterator[Connection]:
+        """``_writing`` without the ORM (SQL statements on a connection): the hot path's
+        writes (polls, replies, new commands), a fraction of the ORM's CPU per row."""
+        with self._write_lock, self._engine.begin() as c:
+            yield c
 
     def _insert(self) -> Any:
         return pg_insert if self.dialect == "postgresql" else sqlite_insert
@@ -272,17 +305,21 @@ class ControlStore:
         self, items: Sequence[NewMessage], now: datetime
     ) -> list[tuple[MessageInfo, bool] | BaseException]:
         """``post`` for many messages, in one transaction when none conflicts."""
-        rows = [item.row(now) for item in items]
+        rows = [item.values(now) for item in items]
         try:
-            with self._writing() as s:
-                s.add_all(rows)
-            return [(_info(r), True) for r in rows]
-        except IntegrityError:
+            if self._hot is not None:
+                with self._write_lock:
+                    self._hot.insert(rows)
+            else:
+                with self._core() as c:
+                    c.execute(_MESSAGES.insert(), rows)
+            return [(_info_of(r), True) for r in rows]
+        except (IntegrityError, sqlite3.IntegrityError):
             pass
         out: list[tuple[MessageInfo, bool] | BaseException] = []
-        for item, row in zip(items, rows, strict=True):
+        for item, values in zip(items, rows, strict=True):
             try:
-                out.append(self._post_one(item, row))
+                out.append(self._post_one(item, ControlMessage(**values)))
             except (NotFoundError, IdempotencyKeyError) as exc:
                 out.append(exc)
         return out
@@ -324,50 +361,50 @@ class ControlStore:
 
     def take_pending_many(
         self,
-        polls: Sequence[tuple[str, Sequence[str]]],
+        polls: Sequence[tuple[str, Sequence[str], bool]],
         now: datetime,
         *,
         redeliver_after_s: float,
         limit: int,
     ) -> list[list[MessageInfo] | BaseException]:
-        """For polls ``(gateway id, acknowledged message ids)``: records the
-        acknowledgements (messages the gateway holds durably now), then returns each
-        gateway's messages to deliver (queued, or delivered without an acknowledgement
-        for ``redeliver_after_s``), marked delivered, oldest first, at most ``limit``;
-        all in one transaction."""
+        """For polls ``(gateway id, acknowledged message ids, look)``: records the
+        acknowledgements (messages the gateway holds durably now), then, if ``look``,
+        returns the gateway's messages to deliver (queued, or delivered without an
+        acknowledgement for ``redeliver_after_s``), marked delivered, oldest first, at
+        most ``limit``; all in one transaction."""
+        if self._hot is not None:
+            with self._write_lock:
+                return self._hot.take(polls, now, redeliver_after_s, limit)
+        t = _MESSAGES
         again = now - timedelta(seconds=redeliver_after_s)
-        gateways = list(dict.fromkeys(g for g, _acks in polls))
+        gateways = list(dict.fromkeys(g for g, _acks, look in polls if look))
         taken: dict[str, list[MessageInfo]] = {}
-        with self._writing() as s:
-            for gateway_id, acks in polls:
+        with self._core() as c:
+            for gateway_id, acks, _look in polls:
                 if acks:
-                    s.execute(
-                        update(ControlMessage)
+                    c.execute(
+                        t.update()
                         .where(
-                            ControlMessage.gateway_id == gateway_id,
-                            ControlMessage.id.in_(list(acks)),
-                            ControlMessage.status.in_((QUEUED, DELIVERED)),
+                            t.c.gateway_id == gateway_id,
+                            t.c.id.in_(list(acks)),
+                            t.c.status.in_((QUEUED, DELIVERED)),
                         )
                         .values(status=ACKNOWLEDGED, acknowledged=now)
                     )
             for chunk in _chunks(gateways):
                 due = (
-                    ControlMessage.gateway_id.in_(chunk),
+                    t.c.gateway_id.in_(chunk),
                     or_(
-                        ControlMessage.status == QUEUED,
-                        (ControlMessage.status == DELIVERED) & (ControlMessage.delivered < again),
+                        t.c.status == QUEUED,
+                        (t.c.status == DELIVERED) & (t.c.delivered < again),
                     ),
-                    ControlMessage.expires > now,
+                    t.c.expires > now,
                 )
-                query = (
-                    select(ControlMessage.id, ControlMessage.gateway_id)
-                    .where(*due)
-                    .order_by(ControlMessage.created, ControlMessage.id)
-                )
+                query = select(t.c.id, t.c.gateway_id).where(*due).order_by(t.c.created, t.c.id)
                 if self.dialect == "postgresql":  # another server's poll takes others
                     query = query.with_for_update(skip_locked=True)
                 per_gateway: dict[str, list[str]] = {}
-                for message_id, gateway_id in s.execute(query).tuples():
+                for message_id, gateway_id in c.execute(query).tuples():
                     ids = per_gateway.setdefault(gateway_id, [])
                     if len(ids) < limit:
                         ids.append(message_id)
@@ -375,27 +412,16 @@ class ControlStore:
                 if not ids:
                     continue
                 # Guarded again: a message cancelled meanwhile stays cancelled.
-                s.execute(
-                    update(ControlMessage)
-                    .where(ControlMessage.id.in_(ids), *due)
-                    .values(
-                        status=DELIVERED, delivered=now, deliveries=ControlMessage.deliveries + 1
-                    )
-                )
-                rows = s.scalars(
-                    select(ControlMessage)
-                    .where(
-                        ControlMessage.id.in_(ids),
-                        ControlMessage.status == DELIVERED,
-                        ControlMessage.delivered == now,
-                    )
-                    .order_by(ControlMessage.created, ControlMessage.id)
-                    .execution_options(populate_existing=True)
-                )
-                for r in rows:
-                    taken.setdefault(r.gateway_id, []).append(_info(r))
+                rows = c.execute(
+                    t.update()
+                    .where(t.c.id.in_(ids), *due)
+                    .values(status=DELIVERED, delivered=now, deliveries=t.c.deliveries + 1)
+                    .returning(*t.c)
+                ).all()
+                for r in sorted(rows, key=lambda r: (r.created, r.id)):
+                    taken.setdefault(r.gateway_id, []).append(_info_of(r._mapping))
         out: list[list[MessageInfo] | BaseException] = []
-        for gateway_id, _acks in polls:
+        for gateway_id, _acks, _look in polls:
             out.append(taken.pop(gateway_id, []))  # a second poll of a gateway: nothing
         return out
 
@@ -405,62 +431,40 @@ class ControlStore:
         """Records gateways' replies (the first reply of a message wins), in one
         transaction. For each: the message (None if its gateway has no such message) and
         whether this reply finished it."""
-        ids = list({c.message_id for c in replies})
-        table = ControlMessage.__table__
-        with self._writing() as s:
-            current: dict[str, tuple[str, str]] = {}
-            for chunk in _chunks(ids):
-                query = select(
-                    ControlMessage.id, ControlMessage.gateway_id, ControlMessage.status
-                ).where(ControlMessage.id.in_(chunk))
-                if self.dialect == "postgresql":  # another server may record a reply too
-                    query = query.with_for_update()
-                current.update({i: (g, st) for i, g, st in s.execute(query).tuples()})
-            changed: list[bool] = []
-            updates: list[dict[str, Any]] = []
-            for c in replies:
-                found = current.get(c.message_id)
-                first = found is not None and found[0] == c.gateway_id and found[1] in OPEN
-                if first:
-                    current[c.message_id] = (c.gateway_id, SUCCEEDED)  # later ones: too late
-                    updates.append(
-                        {
-                            "b_id": c.message_id,
-                            "b_status": SUCCEEDED if c.succeeded else FAILED,
-                            "b_result": None if c.result is None else json.dumps(c.result),
-                            "b_error": c.error,
-                        }
+        if self._hot is not None:
+            with self._write_lock:
+                return self._hot.complete(replies, now)
+        t = _MESSAGES
+        out: list[tuple[MessageInfo | None, bool] | BaseException] = []
+        with self._core() as c:
+            for reply in replies:
+                # Only an open message changes; on PostgreSQL a concurrent reply through
+                # another server waits for this row and then finds it finished.
+                row = c.execute(
+                    t.update()
+                    .where(
+                        t.c.id == reply.message_id,
+                        t.c.gateway_id == reply.gateway_id,
+                        t.c.status.in_(OPEN),
                     )
-                changed.append(first)
-            if updates:
-                s.execute(
-                    table.update()  # type: ignore[attr-defined]
-                    .where(table.c.id == bindparam("b_id"))
                     .values(
-                        status=bindparam("b_status"),
+                        status=SUCCEEDED if reply.succeeded else FAILED,
                         completed=now,
-                        acknowledged=func.coalesce(table.c.acknowledged, now),
-                        result=bindparam("b_result"),
-                        error=bindparam("b_error"),
-                    ),
-                    updates,
-                )
-            rows: dict[str, ControlMessage] = {}
-            for chunk in _chunks(ids):
-                for r in s.scalars(
-                    select(ControlMessage)
-                    .where(ControlMessage.id.in_(chunk))
-                    .execution_options(populate_existing=True)
-                ):
-                    rows[r.id] = r
-            out: list[tuple[MessageInfo | None, bool] | BaseException] = []
-            for c, did in zip(replies, changed, strict=True):
-                row = rows.get(c.message_id)
-                if row is None or row.gateway_id != c.gateway_id:
+                        acknowledged=func.coalesce(t.c.acknowledged, now),
+                        result=None if reply.result is None else json.dumps(reply.result),
+                        error=reply.error,
+                    )
+                    .returning(*t.c)
+                ).first()
+                if row is not None:
+                    out.append((_info_of(row._mapping), True))
+                    continue
+                row = c.execute(select(*t.c).where(t.c.id == reply.message_id)).first()
+                if row is None or row.gateway_id != reply.gateway_id:
                     out.append((None, False))
                 else:
-                    out.append((_info(row), did))
-            return out
+                    out.append((_info_of(row._mapping), False))
+        return out
 
     def cancel(
         self, account_id: str, gateway_id: str, message_id: str, now: datetime
@@ -567,9 +571,191 @@ class ControlStore:
             return int(getattr(res, "rowcount", 0) or 0)
 
 
+class _SqliteHot:
+    """The hot path's writes on SQLite as plain SQL on a connection of the calling
+    thread (the hub's writer): the same statements SQLAlchemy would send, without
+    building, compiling and wrapping them per call, which cost more CPU than SQLite
+    itself. Values are converted by the columns' own types, so rows are stored exactly
+    as through SQLAlchemy. The caller holds the process's write lock."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        t = _MESSAGES
+        self.columns = [c.name for c in t.c]
+        self._names = ", ".join(self.columns)
+        date_type = t.c.created.type.dialect_impl(engine.dialect)
+        to_db = date_type.bind_processor(engine.dialect)
+        from_db = date_type.result_processor(engine.dialect, None)
+        assert to_db is not None and from_db is not None
+        self.to_db: Callable[[Any], Any] = to_db
+        self.from_db: Callable[[Any], Any] = from_db
+        self.dates = [isinstance(c.type, UtcDateTime) for c in t.c]
+        self._local = threading.local()
+        self._all: list[Any] = []
+
+    def close(self) -> None:
+        for conn in self._all:
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._all = []
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # From the engine's pool: its connect hooks (WAL, synchronous, foreign keys)
+            # ran; kept by this thread for good.
+            conn = self._local.conn = self._engine.raw_connection()
+            self._all.append(conn)
+        raw: Any = conn.dbapi_connection
+        cur = raw.cursor()
+        try:
+            yield cur
+            raw.commit()
+        except BaseException:
+            raw.rollback()
+            raise
+        finally:
+            cur.close()
+
+    def _info(self, row: Sequence[Any]) -> MessageInfo:
+        values = {
+            name: self.from_db(v) if date else v
+            for name, v, date in zip(self.columns, row, self.dates, strict=True)
+        }
+        return _info_of(values)
+
+    def insert(self, rows: list[dict[str, Any]]) -> None:
+        marks = ", ".join("?" * len(self.columns))
+        params = [
+            [
+                self.to_db(r[c]) if date else r[c]
+                for c, date in zip(self.columns, self.dates, strict=True)
+            ]
+            for r in rows
+        ]
+        with self._transaction() as cur:
+            cur.executemany(
+                f"INSERT INTO control_messages ({self._names}) VALUES ({marks})", params
+            )
+
+    def take(
+        self,
+        polls: Sequence[tuple[str, Sequence[str], bool]],
+        now: datetime,
+        redeliver_after_s: float,
+        limit: int,
+    ) -> list[list[MessageInfo] | BaseException]:
+        now_db = self.to_db(now)
+        again_db = self.to_db(now - timedelta(seconds=redeliver_after_s))
+        gateways = list(dict.fromkeys(g for g, _acks, look in polls if look))
+        due = "(status = 'queued' OR (status = 'delivered' AND delivered < ?)) AND expires > ?"
+        taken: dict[str, list[MessageInfo]] = {}
+        with self._transaction() as cur:
+            for gateway_id, acks, _look in polls:
+                for chunk in _chunks(list(acks)):
+                    cur.execute(
+                        "UPDATE control_messages SET status = 'acknowledged', acknowledged = ? "
+                        f"WHERE gateway_id = ? AND id IN ({_marks(chunk)}) "
+                        "AND status IN ('queued', 'delivered')",
+                        [now_db, gateway_id, *chunk],
+                    )
+            for chunk in _chunks(gateways):
+                cur.execute(
+                    "SELECT id, gateway_id FROM control_messages "
+                    f"WHERE gateway_id IN ({_marks(chunk)}) AND {due} ORDER BY created, id",
+                    [*chunk, again_db, now_db],
+                )
+                per_gateway: dict[str, list[str]] = {}
+                for message_id, gateway_id in cur.fetchall():
+                    ids = per_gateway.setdefault(gateway_id, [])
+                    if len(ids) < limit:
+                        ids.append(message_id)
+                ids = [i for group in per_gateway.values() for i in group]
+                if not ids:
+                    continue
+                # Guarded again: a message cancelled meanwhile stays cancelled.
+                cur.execute(
+                    "UPDATE control_messages SET status = 'delivered', delivered = ?, "
+                    f"deliveries = deliveries + 1 WHERE id IN ({_marks(ids)}) AND {due} "
+                    f"RETURNING {self._names}",
+                    [now_db, *ids, again_db, now_db],
+                )
+                infos = [self._info(r) for r in cur.fetchall()]
+                for info in sorted(infos, key=lambda m: (m.created, m.id)):
+                    taken.setdefault(info.gateway_id, []).append(info)
+        return [taken.pop(gateway_id, []) for gateway_id, _acks, _look in polls]
+
+    def complete(
+        self, replies: Sequence[Completion], now: datetime
+    ) -> list[tuple[MessageInfo | None, bool] | BaseException]:
+        now_db = self.to_db(now)
+        out: list[tuple[MessageInfo | None, bool] | BaseException] = []
+        with self._transaction() as cur:
+            for reply in replies:
+                cur.execute(
+                    "UPDATE control_messages SET status = ?, completed = ?, "
+                    "acknowledged = coalesce(acknowledged, ?), result = ?, error = ? "
+                    "WHERE id = ? AND gateway_id = ? "
+                    "AND status IN ('queued', 'delivered', 'acknowledged') "
+                    f"RETURNING {self._names}",
+                    [
+                        SUCCEEDED if reply.succeeded else FAILED,
+                        now_db,
+                        now_db,
+                        None if reply.result is None else json.dumps(reply.result),
+                        reply.error,
+                        reply.message_id,
+                        reply.gateway_id,
+                    ],
+                )
+                row = cur.fetchone()
+                if row is not None:
+                    out.append((self._info(row), True))
+                    continue
+                cur.execute(
+                    f"SELECT {self._names} FROM control_messages WHERE id = ?",
+                    [reply.message_id],
+                )
+                row = cur.fetchone()
+                info = None if row is None else self._info(row)
+                if info is None or info.gateway_id != reply.gateway_id:
+                    out.append((None, False))
+                else:
+                    out.append((info, False))
+        return out
+
+
+def _marks(items: Sequence[Any]) -> str:
+    return ", ".join("?" * len(items))
+
+
 def _chunks(items: list[str]) -> Iterable[list[str]]:
     for i in range(0, len(items), _BATCH):
         yield items[i : i + _BATCH]
+
+
+def _info_of(r: Mapping[Any, Any]) -> MessageInfo:
+    """A message from its columns (a row of ``_MESSAGES`` or the values inserted)."""
+    result = r["result"]
+    return MessageInfo(
+        id=r["id"],
+        account_id=r["account_id"],
+        gateway_id=r["gateway_id"],
+        type=r["type"],
+        args=json.loads(r["args"]),
+        idempotency_key=r["idempotency_key"],
+        status=r["status"],
+        origin_server=r["origin_server"],
+        created=r["created"],
+        expires=r["expires"],
+        delivered=r["delivered"],
+        deliveries=r["deliveries"],
+        acknowledged=r["acknowledged"],
+        completed=r["completed"],
+        result=None if result is None else json.loads(result),
+        error=r["error"],
+    )
 
 
 def _info(r: ControlMessage) -> MessageInfo:

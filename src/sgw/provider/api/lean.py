@@ -1,0 +1,269 @@
+"""The control channel's hot calls, served without the web framework.
+
+A control server holding 10,000 gateways answers hundreds of their long-polls a second,
+and every command is four requests (the admin's POST, the poll it wakes, the gateway's
+reply, the next poll carrying the acknowledgement). Through the framework each costs
+about 2 ms of CPU (middleware, routing, dependencies, a worker thread for the
+credentials check) and each held poll some 30 KiB of request objects. ``LeanControl`` is
+the ASGI application the server runs: it serves
+
+- ``GET /v1/gateway/messages`` (a gateway's long-poll),
+- ``POST /v1/gateway/messages/replies`` (its replies),
+- ``POST /v1/gateways/{id}/commands`` (an admin's command),
+
+on the event loop, authenticated exactly as ``AuthMiddleware`` would (signature checked
+inline, the gateway's key and a token's principal from caches, the nonce written to the
+database in a group before anything else happens; ``sgw.provider.api.auth``), and hands
+everything else to the framework. A call it cannot serve plainly (another
+``Authorization`` scheme or none, a query or body the framework must refuse with its own
+422, a principal not allowed here) is handed on too, with its principal (the nonce is
+spent already) and its body, so the answers are the framework's.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from urllib.parse import unquote_plus
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sgw.common import signing
+from sgw.common.errors import SgwError, UnauthenticatedError
+from sgw.provider.api.auth import Authenticator, Kind, Principal, read_body, refuse, replay
+from sgw.provider.api.control import (
+    MAX_WAIT_S,
+    CommandIn,
+    CommandOut,
+    RepliesIn,
+    RepliesOut,
+    ack_ids,
+    disconnect_waiter,
+    poll_out,
+    send_command,
+)
+from sgw.provider.control.commands import CommandPlanner
+from sgw.provider.control.hub import ControlHub
+
+LOG = logging.getLogger(__name__)
+
+POLL_PATH = "/v1/gateway/messages"
+REPLIES_PATH = "/v1/gateway/messages/replies"
+_COMMANDS_PREFIX = "/v1/gateways/"
+_WAIT = re.compile(r"^[0-9]{1,5}(\.[0-9]{1,9})?$")
+_JSON = (b"content-type", b"application/json")
+# The framework's default for ``wait`` of the poll (api.control.poll_messages).
+_DEFAULT_POLL_WAIT = 20.0
+
+Handler = Callable[[Scope, Receive, Send, Principal, bytes], Awaitable[bool]]
+ErrorResponse = Callable[[SgwError, str], JSONResponse]
+
+
+class LeanControl:
+    """ASGI: the control channel's hot calls here, the rest to ``app``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        hub: ControlHub,
+        planner: CommandPlanner,
+        auth: Authenticator,
+        errors: ErrorResponse,
+        limit: int,
+    ) -> None:
+        self.app = app
+        self.hub = hub
+        self.planner = planner
+        self.auth = auth
+        self.errors = errors
+        self.limit = limit
+        self._empty: tuple[tuple[str, ...], bytes] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            method: str = scope["method"]
+            if method == "GET" and path == POLL_PATH:
+                return await self._signed(scope, receive, send, self._poll)
+            if method == "POST":
+                if path == REPLIES_PATH:
+                    return await self._signed(scope, receive, send, self._replies)
+                if path.startswith(_COMMANDS_PREFIX) and path.endswith("/commands"):
+                    return await self._admin(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    # -- authentication --------------------------------------------------------------------
+
+    async def _signed(self, scope: Scope, receive: Receive, send: Send, handler: Handler) -> None:
+        """A gateway's call: authenticated here, served by ``handler`` (False: by the
+        framework)."""
+        header = _header(scope, b"authorization")
+        if header is None or not signing.is_signed(header) or not self._plain_body(scope):
+            return await self.app(scope, receive, send)
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        try:
+            body = await read_body(receive, self.limit)
+            if body is None:  # more than Content-Length said
+                raise UnauthenticatedError("the request body is longer than announced")
+            principal = await self.auth.signed_async(header, scope["method"], target, body)
+        except UnauthenticatedError as exc:
+            return await refuse(scope, send, exc)
+        if principal.kind is Kind.GATEWAY and principal.gateway_id is not None:
+            try:
+                if await handler(scope, receive, send, principal, body):
+                    return None
+            except SgwError as exc:
+                return await self.errors(exc, scope["path"])(scope, receive, send)
+        scope.setdefault("state", {})["principal"] = principal
+        return await self.app(scope, replay(body, receive), send)
+
+    def _plain_body(self, scope: Scope) -> bool:
+        """True if the body's length is announced and within the limit (otherwise the
+        framework answers, as for any call)."""
+        length = _header(scope, b"content-length")
+        if length is None:
+            return scope["method"] == "GET" and _header(scope, b"transfer-encoding") is None
+        return length.isdigit() and int(length) <= self.limit
+
+    async def _admin(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/gateways/{id}/commands`` with an API token."""
+        parts = scope["path"].split("/")
+        header = _header(scope, b"authorization")
+        query = _query(scope)
+        content_type = _header(scope, b"content-type")
+        if (
+            len(parts) != 5
+            or not parts[3]
+            or header is None
+            or header[:7].lower() != "bearer "
+            or query is None
+            or not query.keys() <= {"wait"}
+            or (content_type is not None and not content_type.startswith("application/json"))
+            or not self._plain_body(scope)
+            or scope["method"] != "POST"
+        ):
+            return await self.app(scope, receive, send)
+        wait = _wait(query.get("wait"), 0.0)
+        try:
+            principal = await self.auth.bearer_async(header[7:].strip())
+        except UnauthenticatedError as exc:
+            return await refuse(scope, send, exc)
+        body = await read_body(receive, self.limit)
+        if body is None:  # more than Content-Length said: uvicorn does not let that happen
+            raise RuntimeError("request body longer than announced")
+        if principal.kind is Kind.TOKEN and wait is not None:
+            try:
+                command = CommandIn.model_validate_json(body)
+            except ValidationError:
+                command = None  # the framework's 422
+            if command is not None:
+                try:
+                    info = await send_command(
+                        self.hub, self.planner, principal.account_id, parts[3], command, wait=wait
+                    )
+                except SgwError as exc:
+                    return await self.errors(exc, scope["path"])(scope, receive, send)
+                return await _json(send, 202, CommandOut.of(info).model_dump_json().encode())
+        scope.setdefault("state", {})["principal"] = principal
+        return await self.app(scope, replay(body, receive), send)
+
+    # -- the gateway's calls ---------------------------------------------------------------
+
+    async def _poll(
+        self, scope: Scope, receive: Receive, send: Send, principal: Principal, _body: bytes
+    ) -> bool:
+        query = _query(scope)
+        if query is None or not query.keys() <= {"wait", "ack"}:
+            return False
+        wait = _wait(query.get("wait"), _DEFAULT_POLL_WAIT)
+        if wait is None:
+            return False
+        acks = ack_ids(query.get("ack"))
+        assert principal.gateway_id is not None
+        messages = await self.hub.poll(
+            principal.gateway_id, wait, acks, disconnect_waiter(receive), ends_after_answer=True
+        )
+        if messages:
+            out = poll_out(self.hub, messages).model_dump_json().encode()
+        else:
+            out = self._empty_answer()
+        await _json(send, 200, out)
+        return True
+
+    def _empty_answer(self) -> bytes:
+        servers = tuple(self.hub.peer_urls)
+        if self._empty is None or self._empty[0] != servers:
+            body = poll_out(self.hub, []).model_dump_json().encode()
+            self._empty = (servers, body)
+        return self._empty[1]
+
+    async def _replies(
+        self, scope: Scope, _receive: Receive, send: Send, principal: Principal, body: bytes
+    ) -> bool:
+        content_type = _header(scope, b"content-type")
+        if content_type is not None and not content_type.startswith("application/json"):
+            return False
+        query = _query(scope)
+        if query is None or query:
+            return False
+        try:
+            replies = RepliesIn.model_validate_json(body)
+        except ValidationError:
+            return False  # the framework's 422
+        assert principal.gateway_id is not None
+        accepted, refused = await self.hub.reply(
+            principal.gateway_id,
+            [(r.id, r.status == "succeeded", r.result, r.error) for r in replies.replies],
+        )
+        out = RepliesOut(accepted=accepted, refused=refused).model_dump_json().encode()
+        await _json(send, 200, out)
+        return True
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _query(scope: Scope) -> dict[str, str] | None:
+    """The query's parameters; None if one is given twice."""
+    raw: bytes = scope.get("query_string", b"")
+    out: dict[str, str] = {}
+    if not raw:
+        return out
+    for part in raw.decode("latin-1").split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        if "%" in value or "+" in value:
+            value = unquote_plus(value)
+        if name in out:
+            return None
+        out[name] = value
+    return out
+
+
+def _wait(value: str | None, default: float) -> float | None:
+    """A ``wait`` within 0 to ``MAX_WAIT_S`` (None: the framework refuses it)."""
+    if value is None:
+        return default
+    if not _WAIT.match(value):
+        return None
+    wait = float(value)
+    return wait if wait <= MAX_WAIT_S else None
+
+
+async def _json(send: Send, status: int, body: bytes) -> None:
+    headers: list[tuple[bytes, bytes]] = [_JSON, (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,181 @@
+"""The control channel's lean path (``sgw.provider.api.lean``) against real provider
+processes: it authenticates exactly like the framework's middleware (bad signatures,
+replays, also across two server processes, deactivated gateways), hands what it does
+not serve to the framework (same answers), and the nonce ledger's group writes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+
+from sgw.common import signing
+from sgw.provider.db import schema
+from sgw.provider.gateways import KEY_TRUST_S
+from sgw.provider.nonces import NonceLedger
+from tests.fixtures.management import FakeGateway, SecureProvider, activate
+from tests.integration.test_control_servers import start_servers
+
+
+def signed_request(
+    p: SecureProvider,
+    gw: FakeGateway,
+    method: str,
+    target: str,
+    body: bytes = b"",
+    *,
+    signed_target: str | None = None,
+) -> httpx.Request:
+    """A request signed once (sending it twice is a replay), for ``signed_target`` if
+    given (a request altered on the way)."""
+    header = signing.sign(
+        gw.key,
+        "gw:" + gw.gateway_id,
+        method,
+        (signed_target or target).encode(),
+        body,
+        timestamp=int(time.time()),
+    )
+    headers = {"Authorization": header, "content-type": "application/json"}
+    return httpx.Request(method, p.url + target, content=body, headers=headers)
+
+
+def send(p: SecureProvider, request: httpx.Request) -> httpx.Response:
+    with httpx.Client(verify=p.tls, timeout=30) as client:
+        return client.send(request)
+
+
+def test_lean_poll_authenticates_like_the_framework(secure_provider: SecureProvider) -> None:
+    p = secure_provider
+    gw = activate(p, p.token, "gw")
+    poll = "/v1/gateway/messages?wait=0"
+    first = signed_request(p, gw, "GET", poll)
+    r = send(p, first)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["messages"] == [] and doc["server"] == p.url and p.url in doc["servers"]
+    # The same request again: a replay.
+    r = send(p, first)
+    assert r.status_code == 401 and "replayed" in r.json()["message"]
+    assert r.headers["www-authenticate"]
+    # Signed for another query than sent.
+    other = signed_request(p, gw, "GET", poll, signed_target="/v1/gateway/messages?wait=1")
+    r = send(p, other)
+    assert r.status_code == 401 and "bad signature" in r.json()["message"]
+    # Signed by another key under the gateway's id.
+    impostor = FakeGateway(gateway_id=gw.gateway_id)
+    r = send(p, signed_request(p, impostor, "GET", poll))
+    assert r.status_code == 401 and "bad signature" in r.json()["message"]
+    # Out of range for the framework: its 422, after the signature was checked.
+    r = send(p, signed_request(p, gw, "GET", "/v1/gateway/messages?wait=600"))
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    r = send(p, signed_request(p, gw, "GET", "/v1/gateway/messages?wait=0&wait=0"))
+    assert r.status_code == 200, r.text
+    # Replies: a body the framework refuses, and one it takes.
+    target = "/v1/gateway/messages/replies"
+    r = send(p, signed_request(p, gw, "POST", target, b'{"replies": [{"id": 1}]}'))
+    assert r.status_code == 422, r.text
+    body = b'{"replies": [{"id": "nope", "status": "succeeded"}]}'
+    r = send(p, signed_request(p, gw, "POST", target, body))
+    assert r.status_code == 200 and r.json() == {"accepted": [], "refused": ["nope"]}
+    # An admin token on the gateway's call, a gateway on the admin's: the framework's
+    # 403s.
+    r = p.admin().get("/v1/gateway/messages", params={"wait": 0})
+    assert r.status_code == 403, r.text
+    command = b'{"type": "describe"}'
+    r = send(p, signed_request(p, gw, "POST", f"/v1/gateways/{gw.gateway_id}/commands", command))
+    assert r.status_code == 403, r.text
+    # A token that does not exist.
+    r = p.client("sgw_" + "x" * 43).post(
+        f"/v1/gateways/{gw.gateway_id}/commands", json={"type": "describe"}
+    )
+    assert r.status_code == 401
+    # The admin's POST: refusals as before.
+    r = p.admin().post(f"/v1/gateways/{gw.gateway_id}/commands", json={"type": "nope"})
+    assert r.status_code == 422
+    silent = activate(p, p.token, "silent")  # never polled
+    r = p.admin().post(f"/v1/gateways/{silent.gateway_id}/commands", json={"type": "describe"})
+    assert r.status_code == 409 and r.json()["error"] == "gateway_offline"
+    # The gateway polled a moment ago: online; the command waits for its next poll.
+    r = p.admin().post(f"/v1/gateways/{gw.gateway_id}/commands", json={"type": "describe"})
+    assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+    r = send(p, signed_request(p, gw, "GET", "/v1/gateway/messages?wait=0"))
+    assert [m["type"] for m in r.json()["messages"]] == ["describe"]
+    r = p.admin().post(f"/v1/gateways/{uuid.uuid4()}/commands", json={"type": "describe"})
+    assert r.status_code == 404
+
+
+def test_deactivated_gateway_is_refused_by_the_lean_path(secure_provider: SecureProvider) -> None:
+    p = secure_provider
+    gw = activate(p, p.token, "gw")
+    r = send(p, signed_request(p, gw, "GET", "/v1/gateway/messages?wait=0"))
+    assert r.status_code == 200  # its key is cached now
+    assert p.admin().post(f"/v1/gateways/{gw.gateway_id}/deactivate").status_code == 200
+    r = send(p, signed_request(p, gw, "GET", "/v1/gateway/messages?wait=0"))
+    assert r.status_code == 401 and "deactivated" in r.json()["message"]
+
+
+def test_replays_and_deactivation_across_two_server_processes(
+    tmp_path: Path, empty_db_url: str, secure_provider_factory: type[SecureProvider]
+) -> None:
+    a, b = start_servers(tmp_path, secure_provider_factory, empty_db_url, 2)
+    gw = activate(a, a.token, "gw")
+    poll = "/v1/gateway/messages?wait=0"
+    # A poll accepted by one server is a replay at the other (and at the first).
+    first = signed_request(a, gw, "GET", poll)
+    assert send(a, first).status_code == 200
+    for server in (b, a):
+        r = send(server, first)
+        assert r.status_code == 401 and "replayed" in r.json()["message"], server.url
+    # The other way round, and for replies.
+    target = "/v1/gateway/messages/replies"
+    reply = signed_request(b, gw, "POST", target, b'{"replies": []}')
+    assert send(b, reply).status_code == 200
+    r = send(a, reply)
+    assert r.status_code == 401 and "replayed" in r.json()["message"]
+    # Both servers have the gateway's key cached; deactivated through one, it is refused
+    # by the other within the documented bound.
+    assert send(b, signed_request(b, gw, "GET", poll)).status_code == 200
+    assert a.admin().post(f"/v1/gateways/{gw.gateway_id}/deactivate").status_code == 200
+    assert send(a, signed_request(a, gw, "GET", poll)).status_code == 401
+    deadline = time.monotonic() + KEY_TRUST_S + 5
+    while True:
+        r = send(b, signed_request(b, gw, "GET", poll))
+        if r.status_code == 401:
+            assert "deactivated" in r.json()["message"]
+            break
+        assert r.status_code == 200
+        assert time.monotonic() < deadline, "a deactivated gateway still served"
+        time.sleep(0.2)
+
+
+def test_nonce_groups_refuse_replays_within_and_across_ledgers(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'provider.db'}"
+    schema.upgrade(url)
+    one, two = NonceLedger(url), NonceLedger(url)
+    expires = datetime.now(UTC) + timedelta(seconds=signing.CLOCK_SKEW_S)
+    nonces = [uuid.uuid4().hex for _ in range(300)]
+
+    async def run() -> tuple[list[bool], list[bool], list[bool]]:
+        first = await asyncio.gather(*(one.first_use_async("gw:a", n, expires) for n in nonces))
+        # The same nonces: refused from memory by the same ledger, from the database by
+        # another (another process).
+        again = await asyncio.gather(*(one.first_use_async("gw:a", n, expires) for n in nonces))
+        other = await asyncio.gather(*(two.first_use_async("gw:a", n, expires) for n in nonces))
+        return first, again, other
+
+    try:
+        first, again, other = asyncio.run(run())
+        assert all(first) and not any(again) and not any(other)
+        batches, items = one.groups
+        assert items == len(nonces) and batches < items  # written in groups
+        # The blocking path sees them too; another key's nonce is its own.
+        assert not two.first_use("gw:a", nonces[0], expires)
+        assert two.first_use("gw:b", nonces[0], expires)
+    finally:
+        one.close()
+        two.close()
