@@ -5,7 +5,7 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-appliance lint typecheck unit setup bench clean image
+.PHONY: run run-gateway test test-appliance lint typecheck unit setup bench clean image
 
 $(STAMP): pyproject.toml scripts/install-host-deps
 	./scripts/install-host-deps
@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml scripts/install-host-deps
 
 setup: $(STAMP)
 
-RUN_DIR := run-data
+# The appliance on this machine (scripts/run-appliance): the image (built if dist/ has
+# none), a provider on 127.0.0.1 (sgw provider init/serve in run-data/appliance/), the
+# appliance under QEMU activated with its key and given a volume through the control
+# channel; prints the iSCSI address. Ctrl-C powers the appliance off, then the provider.
 run: $(STAMP)
+	$(VENV)/bin/python scripts/run-appliance
+
+# Only the gateway daemon, on this machine: a 1 GiB volume served over NBD.
+RUN_DIR := run-data
+run-gateway: $(STAMP)
 	@mkdir -p $(RUN_DIR)
 	@echo "Gateway starting: volume vol0 (1 GiB) in $(RUN_DIR)/. Connect with, for example:"
 	@echo "  nbdinfo 'nbd+unix:///vol0?socket=$(CURDIR)/$(RUN_DIR)/nbd.sock'"
@@ -38,11 +46,13 @@ typecheck: $(STAMP)
 image: $(STAMP)
 	./image/build
 
+# The host suite, and the appliance: the image is built in the background while the host
+# suite runs, then booted under QEMU and tested end to end (scripts/test-all).
 test: lint typecheck
-	$(VENV)/bin/pytest -q --ignore=tests/appliance
+	./scripts/test-all
 
-# The appliance tests (tests/appliance) boot the image just built (work in progress: not
-# yet part of `make test`).
+# All of tests/appliance (make test runs those not marked appliance_full) against the
+# image just built.
 test-appliance: lint typecheck image
 	SGW_APPLIANCE_REQUIRED=1 $(VENV)/bin/pytest -q tests/appliance
 

@@ -1,14 +1,21 @@
 """The booted appliance: the image from ``make image`` under QEMU (TCG), one boot for
-the whole session.
+the whole session, activated and given its volumes through the management plane.
 
-The guest is on QEMU user networking with ``restrict=on``; the host reaches it only
-through forwards bound to 127.0.0.1 (ssh, iSCSI, the activation page) and the guest
-reaches only the provider running on the host (``guestfwd`` 10.0.2.100:8480). A seed disk
-(ext4 labelled sgw-seed, made without mounting) brings the admin's ssh key, the gateway's
-configuration (two volumes, LIO on, the provider) and the CHAP credentials of vol0.
+A provider runs on the host as a user would run one: ``sgw provider init`` (its CA's
+certificate names 10.0.2.100, the address the guest reaches it by) and ``sgw provider
+serve`` over HTTPS on 127.0.0.1. The guest is on QEMU user networking with
+``restrict=on``: the host reaches it only through forwards bound to 127.0.0.1 (ssh,
+iSCSI, the activation page) and the guest reaches only the provider (``guestfwd``
+10.0.2.100:8480). A seed disk (ext4 labelled sgw-seed, made without mounting) brings the
+admin's ssh key, the gateway's configuration (no volumes; the provider; LIO on) and the
+provider's CA. The session then activates the appliance with the key its activation
+page hands out (``sgw activate``); volumes are made with ``sgw volumes create --gateway``
+through the control channel.
 
 The image is found through ``dist/manifest.json``; without it the tests are skipped,
 unless ``SGW_APPLIANCE_REQUIRED=1`` (``make test`` sets it) makes that a failure.
+Tests marked ``appliance_full`` run in ``make test-appliance`` only; ``make test`` runs
+the others (``-m "not appliance_full"``).
 """
 
 from __future__ import annotations
@@ -19,29 +26,31 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.conftest import ProviderProcess, free_port
+from tests.conftest import SGW, free_port
+from tests.fixtures.management import SecureProvider
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "dist"
-# Under TCG on a busy 2-core machine: boot to ssh takes 25-40 s, the gateway's first
-# start (identity key, LIO) a few more.
-BOOT_TIMEOUT = 240.0
-READY_TIMEOUT = 120.0
+# Under TCG on a busy 2-core machine: boot to ssh takes 25-60 s, the gateway's first
+# start (identity key, activation page) a few more.
+BOOT_TIMEOUT = 300.0
+READY_TIMEOUT = 180.0
+# A command through the control channel (the gateway under TCG answers in seconds).
+COMMAND_TIMEOUT = 180
 # The guest's view of the provider on the host (guestfwd).
-PROVIDER_GUEST_ADDR = "10.0.2.100:8480"
+PROVIDER_GUEST_HOST = "10.0.2.100"
+PROVIDER_GUEST_ADDR = f"{PROVIDER_GUEST_HOST}:8480"
 
 IQN_BASE = "iqn.2024-01.test.sgw:e2e"
-INITIATOR = "iqn.2024-01.test.host:e2e"
-CHAP_SECRET = "initiator-secret1"
-TARGET_SECRET = "target-secret-22"
-# vol0: CHAP and mutual CHAP for INITIATOR only. vol1: open (any initiator, no CHAP).
 VOLUME_SIZE = 256 << 20
 
 GATEWAY_TOML = f"""\
@@ -58,24 +67,23 @@ listen = ["unix:/run/sgw/nbd.sock"]
 
 [activation]
 listen = "0.0.0.0:80"
+poll_interval = 1.0
 
 [remote]
-url = "http://{PROVIDER_GUEST_ADDR}"
-insecure_http = true
+url = "https://{PROVIDER_GUEST_ADDR}"
+ca = "/etc/sgw/provider-ca.pem"
 
 [lio]
 enabled = true
 iqn_base = "{IQN_BASE}"
 portal = "0.0.0.0:3260"
-
-[[volumes]]
-name = "vol0"
-size = "{VOLUME_SIZE >> 20}M"
-
-[[volumes]]
-name = "vol1"
-size = "{VOLUME_SIZE >> 20}M"
 """
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "appliance_full: in make test-appliance only (make test runs the others)"
+    )
 
 
 def image_path() -> Path | None:
@@ -88,19 +96,52 @@ def image_path() -> Path | None:
     return path if path.exists() else None
 
 
+def wait_until(what: str, timeout: float, probe: Callable[[], bool], every: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def start_provider(data_dir: Path) -> SecureProvider:
+    """``sgw provider init`` (TLS names: the guest's address for it) and ``serve``."""
+    res = subprocess.run(
+        [
+            *(SGW, "provider", "init", "--data-dir", str(data_dir), "--output", "json"),
+            *("--tls-name", PROVIDER_GUEST_HOST),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    provider = SecureProvider(
+        data_dir, token=doc["token"], account_id=doc["account_id"], ca=doc["ca_certificate"]
+    )
+    return provider.start(timeout=60)
+
+
 @dataclass
 class Appliance:
     """A booted appliance and how to reach it."""
 
     workdir: Path
     image: Path
-    provider: ProviderProcess
+    provider: SecureProvider
     ssh_port: int = field(default_factory=free_port)
     iscsi_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
     boot_seconds: float = 0.0
     ready_seconds: float = 0.0
+    activated_seconds: float = 0.0
+    activation_redirect: str = ""
+    gateway_id: str = ""
+    volumes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ssh_config(self) -> Path:
@@ -141,6 +182,33 @@ class Appliance:
         out = self.ssh("sudo /opt/sgw/current/bin/python -m sgw.gateway.lio status").stdout
         return dict(json.loads(out))
 
+    def targets(self) -> dict[str, dict[str, Any]]:
+        """The live iSCSI targets by volume."""
+        return {t["volume"]: t for t in self.lio_status()["targets"]}
+
+    def sgw(
+        self, *args: str, stdin: str | None = None, timeout: float = COMMAND_TIMEOUT + 60
+    ) -> subprocess.CompletedProcess[str]:
+        """The admin CLI on the host, against the provider (its token, its CA)."""
+        return subprocess.run(
+            [SGW, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.provider.cli_env(),
+            check=False,
+        )
+
+    def sgw_json(self, *args: str, stdin: str | None = None) -> Any:
+        res = self.sgw(*args, "--output", "json", stdin=stdin)
+        assert res.returncode == 0, f"sgw {' '.join(args)}: exit {res.returncode}: {res.stderr}"
+        return json.loads(res.stdout)
+
+    def online(self) -> bool:
+        conn = self.provider.admin().get(f"/v1/gateways/{self.gateway_id}/connection")
+        return conn.status_code == 200 and bool(conn.json()["online"])
+
     # Start and stop
 
     def prepare(self) -> None:
@@ -150,34 +218,11 @@ class Appliance:
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sgw-test", "-f", str(key)],
             check=True,
         )
-        self.ssh_config.write_text(
-            "Host appliance\n"
-            "  HostName 127.0.0.1\n"
-            f"  Port {self.ssh_port}\n"
-            "  User admin\n"
-            f"  IdentityFile {key}\n"
-            "  IdentitiesOnly yes\n"
-            "  BatchMode yes\n"
-            "  StrictHostKeyChecking no\n"
-            "  UserKnownHostsFile /dev/null\n"
-            "  LogLevel ERROR\n"
-            "  ConnectTimeout 5\n"
-            "  ControlMaster auto\n"
-            f"  ControlPath {self.workdir}/cm-%p\n"
-            "  ControlPersist 120\n"
-        )
         seed = self.workdir / "seed"
         seed.mkdir()
         shutil.copy(f"{key}.pub", seed / "authorized_keys")
         (seed / "gateway.toml").write_text(GATEWAY_TOML)
-        chap = {
-            "volumes": {
-                "vol0": [
-                    {"initiator": INITIATOR, "secret": CHAP_SECRET, "target_secret": TARGET_SECRET}
-                ]
-            }
-        }
-        (seed / "chap.json").write_text(json.dumps(chap))
+        shutil.copy(self.provider.ca, seed / "provider-ca.pem")
         subprocess.run(
             [
                 *("mke2fs", "-q", "-t", "ext4", "-L", "sgw-seed", "-d", str(seed)),
@@ -193,8 +238,59 @@ class Appliance:
             check=True,
         )
 
+    def write_ssh_config(self) -> None:
+        key = self.workdir / "id_ed25519"
+        self.ssh_config.write_text(
+            "Host appliance\n"
+            "  HostName 127.0.0.1\n"
+            f"  Port {self.ssh_port}\n"
+            "  User admin\n"
+            f"  IdentityFile {key}\n"
+            "  IdentitiesOnly yes\n"
+            "  BatchMode yes\n"
+            "  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n"
+            "  LogLevel ERROR\n"
+            "  ConnectTimeout 10\n"
+            "  ServerAliveInterval 10\n"
+            "  ControlMaster auto\n"
+            f"  ControlPath {self.workdir}/cm-%p\n"
+            "  ControlPersist 120\n"
+        )
+
     def boot(self) -> None:
-        """Starts QEMU and waits for ssh, then for the gateway's iSCSI targets."""
+        """Starts QEMU and waits for ssh, then for the activation page. A forward's port
+        taken by another process meanwhile (QEMU exits at once) means new ports."""
+        for _attempt in range(3):
+            self.write_ssh_config()
+            self._start_qemu()
+            assert self.proc is not None
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                break
+            qemu_log = (self.workdir / "qemu.log").read_text(errors="replace")
+            if "host forwarding rule" not in qemu_log:
+                raise AssertionError(f"QEMU exited {self.proc.returncode}: {qemu_log}")
+            self.ssh_port, self.iscsi_port, self.http_port = free_port(), free_port(), free_port()
+        start = self.started
+        self._wait("ssh", BOOT_TIMEOUT, lambda: self.ssh("true", check=False, timeout=30))
+        self.boot_seconds = time.monotonic() - start
+
+        def page() -> bool:
+            try:
+                r = httpx.get(self.activation_page_url(), timeout=10)
+            except httpx.HTTPError:
+                return False
+            if r.status_code != 302:
+                return False
+            self.activation_redirect = r.headers["location"]
+            return True
+
+        self._wait("the activation page", READY_TIMEOUT, page)
+        self.ready_seconds = time.monotonic() - start
+
+    def _start_qemu(self) -> None:
         port = self.provider.port
         netdev = ",".join(
             [
@@ -213,31 +309,44 @@ class Appliance:
             *("-drive", f"file={self.workdir / 'seed.img'},if=virtio,format=raw,readonly=on"),
             *("-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"),
         ]
-        start = time.monotonic()
+        self.started = time.monotonic()
         with open(self.workdir / "qemu.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        self._wait("ssh", BOOT_TIMEOUT, lambda: self.ssh("true", check=False, timeout=15))
-        self.boot_seconds = time.monotonic() - start
 
-        def ready() -> subprocess.CompletedProcess[str]:
-            return self.ssh(
-                "test -f /run/sgw/lio-exports.json && "
-                "sudo /opt/sgw/current/bin/python -m sgw.gateway.lio status | grep -c '\"iqn\"' "
-                "| grep -qx 2",
-                check=False,
-            )
+    def activation_page_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/?activationRegion=test"
 
-        self._wait("the gateway's iSCSI targets", READY_TIMEOUT, ready)
-        self.ready_seconds = time.monotonic() - start
+    def activate(self) -> None:
+        """Activates the appliance with the key its page handed out; waits until its
+        control channel is connected."""
+        start = time.monotonic()
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.activation_redirect).query)
+        key = query["activationKey"][0]
+        doc = self.sgw_json("activate", key, "--name", "appliance", "--timezone", "UTC")
+        self.gateway_id = str(doc["id"])
+        wait_until("the appliance's control channel", READY_TIMEOUT, self.online, every=0.5)
+        self.activated_seconds = time.monotonic() - start
 
-    def _wait(self, what: str, timeout: float, probe: Any) -> None:
+    def create_volume(self, name: str, size: int = VOLUME_SIZE) -> dict[str, Any]:
+        """``sgw volumes create NAME SIZE --gateway ID`` (returns once the gateway
+        confirmed), then waits for its iSCSI target."""
+        vol: dict[str, Any] = self.sgw_json(
+            *("volumes", "create", name, f"{size >> 20}M", "--gateway", self.gateway_id),
+            *("--mode", "stored", "--timeout", str(COMMAND_TIMEOUT)),
+        )
+        self.volumes[name] = vol
+        wait_until(f"the iSCSI target of {name}", 60, lambda: name in self.targets())
+        return vol
+
+    def _wait(self, what: str, timeout: float, probe: Callable[[], Any]) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"QEMU exited {self.proc.returncode}: {self.console_tail()}")
             try:
-                if probe().returncode == 0:
+                result = probe()
+                if result is True or getattr(result, "returncode", None) == 0:
                     return
             except subprocess.TimeoutExpired:
                 pass
@@ -248,7 +357,7 @@ class Appliance:
         """Asks the appliance to power off; returns the seconds until QEMU exited."""
         assert self.proc is not None
         start = time.monotonic()
-        self.ssh("sudo systemctl poweroff", check=False, timeout=15)
+        self.ssh("sudo systemctl poweroff", check=False, timeout=30)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -263,7 +372,7 @@ class Appliance:
 
 @pytest.fixture(scope="session")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
-    """The appliance, booted once; powered off (or killed) at the end of the session."""
+    """The appliance, booted and activated once; powered off (or killed) at the end."""
     image = image_path()
     if image is None:
         message = "no appliance image in dist/: run `make image`"
@@ -274,14 +383,33 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed; run `make setup` (scripts/install-host-deps)")
     workdir = tmp_path_factory.mktemp("appliance")
-    provider = ProviderProcess(workdir / "provider").start()
+    provider = start_provider(workdir / "provider")
     box = Appliance(workdir, image, provider)
     try:
         box.prepare()
         box.boot()
+        box.activate()
         yield box
     finally:
         running = box.proc is not None and box.proc.poll() is None
-        if running and box.poweroff(30.0) == float("inf"):
+        if running and box.poweroff(60.0) == float("inf"):
             box.kill()
+        for client in provider.clients:
+            client.close()
         provider.kill()
+
+
+@pytest.fixture(scope="session")
+def vol0(appliance: Appliance) -> str:
+    """A 256 MiB volume made through the control channel, open to any initiator."""
+    if "vol0" not in appliance.volumes:
+        appliance.create_volume("vol0")
+    return "vol0"
+
+
+@pytest.fixture(scope="session")
+def vol1(appliance: Appliance) -> str:
+    """A second one (iscsi-test-cu writes it; the delete test removes it)."""
+    if "vol1" not in appliance.volumes:
+        appliance.create_volume("vol1")
+    return "vol1"

@@ -1,10 +1,13 @@
-"""End to end: the host's iSCSI initiators (libiscsi, QEMU) talk to LIO in the booted
-appliance, through /dev/nbdN, to the gateway daemon, which uploads to the provider on
-the host. Runs first (the modules run in name order; test_shutdown.py last)."""
+"""End to end: the appliance activated with its key (``sgw activate``), its volumes made
+and deleted with the admin CLI through the control channel; the host's iSCSI
+initiators (libiscsi, QEMU) talk to LIO in the booted appliance, through /dev/nbdN, to
+the gateway daemon, which uploads to the provider on the host. Runs first (the modules
+run in name order; test_shutdown.py last)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -14,28 +17,30 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.appliance.conftest import (
-    CHAP_SECRET,
-    INITIATOR,
-    TARGET_SECRET,
-    VOLUME_SIZE,
-    Appliance,
-)
+from tests.appliance.conftest import VOLUME_SIZE, Appliance, wait_until
 
 pytestmark = [pytest.mark.appliance, pytest.mark.timeout(900)]
 
 HERE = Path(__file__).parent
-# The iscsi-test-cu subset (SCSI suite); see iscsi-test-cu.known-failures.
+# The iscsi-test-cu subset (SCSI suites; `iscsi-test-cu --list` names them, and each
+# must run); see iscsi-test-cu.known-failures. Under TCG the guest is slow: CU_TESTS
+# (make test) take about a minute, CU_MORE (make test-appliance only) three more.
 CU_TESTS = [
     *("Inquiry", "ReadCapacity10", "ReadCapacity16", "TestUnitReady"),
-    *("Read10", "Read16", "Write10", "Write16", "WriteSame10", "WriteSame16"),
-    *("Unmap", "SynchronizeCache10", "SynchronizeCache16", "ProutRegister"),
-    *("Verify10", "CompareAndWrite", "Reserve6"),
+    *("Read10", "Write10", "Unmap", "ProutRegister", "Reserve6"),
+]
+CU_MORE = [
+    *("Read16", "Write16", "WriteSame10", "WriteSame16"),
+    *("Verify10", "CompareAndWrite"),
 ]
 MIB = 1 << 20
 PATTERN = 0xA5
-# The baseline: LIO over a plain nbdkit export on these machines (shared/baselines).
-BASELINE = HERE.parents[2] / "shared/baselines/iscsi-test-cu-ALL-lio-over-nbdkit.failures"
+# What fails for LIO over a plain nbdkit export through /dev/nbd0 on these machines (all
+# of iscsi-test-cu): a copy of the lab's baseline (shared/baselines).
+BASELINE = HERE / "iscsi-test-cu-ALL-lio-over-nbdkit.failures"
+INITIATOR = "iqn.2024-01.test.host:e2e"
+CHAP_SECRET = "initiator-sec1"
+TARGET_SECRET = "target-secret-22"
 
 
 def tool(name: str) -> str:
@@ -49,35 +54,49 @@ def run(argv: list[str], timeout: float = 300.0) -> subprocess.CompletedProcess[
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def chap_url(box: Appliance, volume: str, secret: str = CHAP_SECRET, **query: str) -> str:
-    url = f"iscsi://{INITIATOR}%{secret}@127.0.0.1:{box.iscsi_port}/{box.iqn(volume)}/0"
-    if query:
-        url += "?" + "&".join(f"{k}={v}" for k, v in query.items())
-    return url
-
-
-def test_boots_and_exports_its_volumes(appliance: Appliance) -> None:
+def test_activated_with_its_key(appliance: Appliance) -> None:
+    """The page handed out a one-time key; `sgw activate` took it; the appliance fetched
+    its credentials (0600), connected its control channel and closed the page."""
     print(
-        f"appliance: ssh after {appliance.boot_seconds:.1f} s, "
-        f"iSCSI targets after {appliance.ready_seconds:.1f} s"
+        f"appliance: ssh after {appliance.boot_seconds:.1f} s, activation page after "
+        f"{appliance.ready_seconds:.1f} s, activated and online "
+        f"{appliance.activated_seconds:.1f} s later"
     )
-    targets = {t["volume"]: t for t in appliance.lio_status()["targets"]}
+    assert "activationKey=" in appliance.activation_redirect
+    gw = appliance.sgw_json("gateways", "describe", appliance.gateway_id)
+    assert gw["name"] == "appliance"
+    mode = appliance.ssh("sudo stat -c %a /var/lib/sgw/credentials.json").stdout.strip()
+    assert mode == "600"
+    with pytest.raises(httpx.TransportError):
+        httpx.get(appliance.activation_page_url(), timeout=10)
+    assert "request refused" not in appliance.provider.log_text()
+
+
+def test_volumes_created_through_the_control_channel(
+    appliance: Appliance, vol0: str, vol1: str
+) -> None:
+    for name in (vol0, vol1):
+        vol = appliance.volumes[name]
+        assert (vol["name"], vol["gateway_id"], vol["mode"]) == (
+            name, appliance.gateway_id, "stored"
+        )  # fmt: skip
+        assert vol["status"] == "AVAILABLE"
+    targets = appliance.targets()
     assert sorted(targets) == ["vol0", "vol1"]
-    vol0, vol1 = targets["vol0"], targets["vol1"]
-    assert vol0["iqn"] == appliance.iqn("vol0") and vol0["device"].startswith("/dev/nbd")
-    assert vol0["tpg_attributes"]["generate_node_acls"] == "0"
-    assert vol0["tpg_attributes"]["authentication"] == "1"
-    assert vol0["initiators"] == [{"initiator": INITIATOR, "chap": True, "mutual": True}]
-    assert vol1["tpg_attributes"]["generate_node_acls"] == "1"
-    assert int(vol0["parameters"]["MaxRecvDataSegmentLength"]) >= 262144
+    t0 = targets["vol0"]
+    assert t0["iqn"] == appliance.iqn("vol0") and t0["device"].startswith("/dev/nbd")
+    assert t0["tpg_attributes"]["generate_node_acls"] == "1"  # no CHAP: any initiator
+    assert int(t0["parameters"]["MaxRecvDataSegmentLength"]) >= 262144
     # Requests of up to 1 MiB reach the gateway in one piece.
-    dev = vol0["device"].rsplit("/", 1)[1]
+    dev = t0["device"].rsplit("/", 1)[1]
     kb = appliance.ssh(f"cat /sys/block/{dev}/queue/max_sectors_kb").stdout
     assert int(kb) >= 512
+    state = appliance.sgw_json("gateways", "local-state", appliance.gateway_id)
+    assert {v["name"] for v in state["volumes"]} == {"vol0", "vol1"}
 
 
-def test_inquiry_and_capacity(appliance: Appliance) -> None:
-    url = appliance.iscsi_url("vol1")
+def test_inquiry_and_capacity(appliance: Appliance, vol0: str) -> None:
+    url = appliance.iscsi_url(vol0)
     inq = run([tool("iscsi-inq"), url])
     assert inq.returncode == 0, inq.stderr
     assert "DIRECT_ACCESS" in inq.stdout
@@ -88,50 +107,28 @@ def test_inquiry_and_capacity(appliance: Appliance) -> None:
     assert "LBPME:1" in cap.stdout  # thin provisioning: UNMAP reaches the gateway
 
 
-def test_chap_and_acls(appliance: Appliance) -> None:
-    inq = tool("iscsi-inq")
-    target = appliance.iqn("vol0")
-    ok = run([inq, "-i", INITIATOR, chap_url(appliance, "vol0")])
-    assert ok.returncode == 0 and "DIRECT_ACCESS" in ok.stdout, ok.stderr
-    bad = run([inq, "-i", INITIATOR, chap_url(appliance, "vol0", secret="wrong-secret-99")])
-    assert bad.returncode != 0 and "Authentication failure" in bad.stdout + bad.stderr
-    stranger = "iqn.2024-01.test.host:stranger"
-    other = run([inq, "-i", stranger, chap_url(appliance, "vol0").replace(INITIATOR, stranger)])
-    assert other.returncode != 0 and "Authorization failure" in other.stdout + other.stderr
-    open_url = appliance.iscsi_url("vol0")
-    anonymous = run([inq, "-i", INITIATOR, open_url])
-    assert anonymous.returncode != 0
-    good = chap_url(appliance, "vol0", target_user=target, target_password=TARGET_SECRET)
-    mutual = run([inq, "-i", INITIATOR, good])
-    assert mutual.returncode == 0, mutual.stderr
-    fake = chap_url(appliance, "vol0", target_user=target, target_password="not-the-target1")
-    forged = run([inq, "-i", INITIATOR, fake])
-    assert forged.returncode != 0 and "CHAP_R" in forged.stdout + forged.stderr
-
-
-def qemu_io(box: Appliance, *commands: str) -> subprocess.CompletedProcess[str]:
-    """qemu-io on vol0 through QEMU's iSCSI driver, logged in with CHAP."""
-    opts = ",".join(
-        [
-            "driver=iscsi",
-            "transport=tcp",
-            f"portal=127.0.0.1:{box.iscsi_port}",
-            f"target={box.iqn('vol0')}",
-            "lun=0",
-            f"user={INITIATOR}",
-            f"password={CHAP_SECRET}",
-            f"initiator-name={INITIATOR}",
-        ]
-    )
-    argv = [tool("qemu-io"), "--image-opts", opts]
+def qemu_io(
+    box: Appliance, volume: str, *commands: str, **opts: str
+) -> subprocess.CompletedProcess[str]:
+    """qemu-io on a volume through QEMU's iSCSI driver (``opts``: CHAP login)."""
+    image = {
+        "driver": "iscsi",
+        "transport": "tcp",
+        "portal": f"127.0.0.1:{box.iscsi_port}",
+        "target": box.iqn(volume),
+        "lun": "0",
+        "initiator-name": INITIATOR,
+        **opts,
+    }
+    argv = [tool("qemu-io"), "--image-opts", ",".join(f"{k}={v}" for k, v in image.items())]
     for command in commands:
         argv += ["-c", command]
     return run(argv, timeout=300)
 
 
-def test_64mib_write_and_read_verify_through_iscsi(appliance: Appliance) -> None:
+def test_64mib_write_and_read_verify_through_iscsi(appliance: Appliance, vol0: str) -> None:
     start = time.monotonic()
-    res = qemu_io(appliance, f"write -P {PATTERN:#x} 0 64M", f"read -P {PATTERN:#x} 0 64M")
+    res = qemu_io(appliance, vol0, f"write -P {PATTERN:#x} 0 64M", f"read -P {PATTERN:#x} 0 64M")
     seconds = time.monotonic() - start
     assert res.returncode == 0 and "Pattern verification failed" not in res.stdout, (
         res.stdout[-2000:] + res.stderr[-2000:]
@@ -140,33 +137,66 @@ def test_64mib_write_and_read_verify_through_iscsi(appliance: Appliance) -> None
     assert res.stdout.count("read 67108864/67108864") == 1
     print(f"qemu-io: 64 MiB written and read back over iSCSI in {seconds:.1f} s")
     # The same bytes are what the gateway serves on the appliance's /dev/nbdN.
-    device = {t["volume"]: t for t in appliance.lio_status()["targets"]}["vol0"]["device"]
+    device = appliance.targets()[vol0]["device"]
     guest = appliance.ssh(f"sudo dd if={device} iflag=direct bs=1M count=64 status=none | md5sum")
     assert guest.stdout.split()[0] == hashlib.md5(bytes([PATTERN]) * (64 * MIB)).hexdigest()
 
 
-def test_data_reaches_the_provider(appliance: Appliance) -> None:
-    """The destager uploads what was written (through guestfwd) to the provider."""
-    objects = appliance.provider.data_dir / "objects"
-    deadline = time.monotonic() + 180
-    count = 0
-    while time.monotonic() < deadline:
-        count = sum(1 for p in objects.rglob("*") if p.is_file()) if objects.exists() else 0
-        if count:
-            break
-        time.sleep(2)
-    assert count > 0, f"no chunk at the provider: {appliance.provider.log_text()}"
+@pytest.mark.appliance_full
+def test_chap_and_acls(appliance: Appliance) -> None:
+    """CHAP and mutual CHAP set with `sgw volumes chap-set` reach the appliance's LIO."""
+    vol = appliance.create_volume("vol2", 16 * MIB)
+    res = appliance.sgw(
+        *("volumes", "chap-set", vol["id"], "--initiator", INITIATOR, "--mutual"),
+        stdin=f"{CHAP_SECRET}\n{TARGET_SECRET}\n",
+    )
+    assert res.returncode == 0, res.stderr
+    mode = appliance.ssh("sudo stat -c %a /var/lib/sgw/chap.json").stdout.strip()
+    assert mode == "600"
+
+    def acl() -> bool:
+        return bool(appliance.targets()["vol2"]["initiators"])
+
+    wait_until("the CHAP credentials in LIO", 60, acl)
+    t = appliance.targets()["vol2"]
+    assert t["tpg_attributes"]["generate_node_acls"] == "0"
+    assert t["tpg_attributes"]["authentication"] == "1"
+    assert t["initiators"] == [{"initiator": INITIATOR, "chap": True, "mutual": True}]
+
+    inq = tool("iscsi-inq")
+    target = appliance.iqn("vol2")
+    base = f"iscsi://{INITIATOR}%{{}}@127.0.0.1:{appliance.iscsi_port}/{target}/0"
+    ok = run([inq, "-i", INITIATOR, base.format(CHAP_SECRET)])
+    assert ok.returncode == 0 and "DIRECT_ACCESS" in ok.stdout, ok.stderr
+    bad = run([inq, "-i", INITIATOR, base.format("wrong-secret-99")])
+    assert bad.returncode != 0 and "Authentication failure" in bad.stdout + bad.stderr
+    stranger = "iqn.2024-01.test.host:stranger"
+    url = base.format(CHAP_SECRET).replace(INITIATOR, stranger)
+    other = run([inq, "-i", stranger, url])
+    assert other.returncode != 0 and "Authorization failure" in other.stdout + other.stderr
+    anonymous = run([inq, "-i", INITIATOR, appliance.iscsi_url("vol2")])
+    assert anonymous.returncode != 0
+    mutual = base.format(CHAP_SECRET) + f"?target_user={target}&target_password={TARGET_SECRET}"
+    assert run([inq, "-i", INITIATOR, mutual]).returncode == 0
+    forged = base.format(CHAP_SECRET) + f"?target_user={target}&target_password=not-the-target1"
+    res = run([inq, "-i", INITIATOR, forged])
+    assert res.returncode != 0 and "CHAP_R" in res.stdout + res.stderr
+    chap = {"user": INITIATOR, "password": CHAP_SECRET}
+    io = qemu_io(appliance, "vol2", "write -P 0x3c 0 1M", "read -P 0x3c 0 1M", **chap)
+    assert io.returncode == 0 and "Pattern verification failed" not in io.stdout, io.stdout
 
 
-def test_restart_tears_down_in_order_and_keeps_data(appliance: Appliance) -> None:
+@pytest.mark.appliance_full
+def test_restart_tears_down_in_order_and_keeps_data(appliance: Appliance, vol0: str) -> None:
     """Stopping the daemon removes the LIO targets, then detaches /dev/nbdN, then stops;
-    the next start exports the volumes again with the data written before."""
+    the next start exports the volumes again with the data written before, and the
+    control channel reconnects."""
+    before = sorted(appliance.targets())
     since = appliance.ssh("date +%s.%N").stdout.strip()
-    appliance.ssh("sudo systemctl restart sgw-gateway", timeout=120)
-    deadline = time.monotonic() + 60
-    while len(appliance.lio_status()["targets"]) != 2:
-        assert time.monotonic() < deadline, "targets not back after a restart"
-        time.sleep(1)
+    appliance.ssh("sudo systemctl restart sgw-gateway", timeout=180)
+    wait_until(
+        "the targets back after a restart", 120, lambda: sorted(appliance.targets()) == before
+    )
     log = appliance.ssh(f"sudo journalctl -u sgw-gateway -o cat --no-pager --since @{since}").stdout
     order = [
         m.group(0)
@@ -178,23 +208,16 @@ def test_restart_tears_down_in_order_and_keeps_data(appliance: Appliance) -> Non
     ]
     first_stop = order.index("gateway stopping")
     stop = order[first_stop : order.index("gateway stopped") + 1]
+    n = len(before)
     assert stop == [
         "gateway stopping",
-        "iSCSI target removed",
-        "iSCSI target removed",
-        "device detached",
-        "device detached",
+        *["iSCSI target removed"] * n,
+        *["device detached"] * n,
         "gateway stopped",
     ], log[-3000:]
-    res = qemu_io(appliance, f"read -P {PATTERN:#x} 0 64M")
+    res = qemu_io(appliance, vol0, f"read -P {PATTERN:#x} 0 64M")
     assert res.returncode == 0 and "Pattern verification failed" not in res.stdout, res.stdout
-
-
-def test_activation_page(appliance: Appliance) -> None:
-    """Port 80 answers with a one-time activation key while the gateway is not activated."""
-    resp = httpx.get(f"http://127.0.0.1:{appliance.http_port}/?activationRegion=test", timeout=30)
-    assert resp.status_code == 302
-    assert "activationKey=" in resp.headers["location"]
+    wait_until("the control channel back", 120, appliance.online)
 
 
 def cu_results(output: str) -> tuple[set[str], set[str]]:
@@ -224,20 +247,79 @@ def known_failures() -> set[str]:
 
 def test_known_failures_are_baseline_failures() -> None:
     """Only what also fails for LIO over a plain nbdkit export may be a known failure."""
-    if not BASELINE.exists():
-        pytest.skip(f"no baseline at {BASELINE}")
-    baseline = set(BASELINE.read_text().split())
+    lines = BASELINE.read_text().splitlines()
+    baseline = {ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")}
     assert known_failures() <= baseline
 
 
-def test_iscsi_test_cu_subset(appliance: Appliance) -> None:
-    tests = ",".join(f"SCSI.{t}" for t in CU_TESTS)
+def iscsi_test_cu(box: Appliance, volume: str, tests: list[str]) -> None:
+    """Runs the tests (-d: writes allowed); only known failures may fail."""
+    names = ",".join(f"SCSI.{t}" for t in tests)
     start = time.monotonic()
-    res = run([tool("iscsi-test-cu"), "-d", f"--test={tests}", appliance.iscsi_url("vol1")], 600)
+    res = run([tool("iscsi-test-cu"), "-d", f"--test={names}", box.iscsi_url(volume)], 900)
     seconds = time.monotonic() - start
     passed, failed = cu_results(res.stdout)
     print(f"iscsi-test-cu: {len(passed)} passed, {len(failed)} failed in {seconds:.0f} s")
     assert passed, res.stdout[-3000:] + res.stderr[-3000:]
+    suites = {name.split(".")[0] for name in passed | failed}
+    assert suites == set(tests), f"suites that did not run: {set(tests) - suites}"
     unexpected = failed - known_failures()
     assert not unexpected, f"new failures: {sorted(unexpected)}\n{res.stdout[-4000:]}"
     assert res.returncode in (0, 1)
+
+
+def test_iscsi_test_cu_subset(appliance: Appliance, vol1: str) -> None:
+    iscsi_test_cu(appliance, vol1, CU_TESTS)
+
+
+@pytest.mark.appliance_full
+def test_iscsi_test_cu_more(appliance: Appliance, vol1: str) -> None:
+    iscsi_test_cu(appliance, vol1, CU_MORE)
+
+
+def test_data_reaches_the_provider(appliance: Appliance, vol0: str) -> None:
+    """The destager uploads what was written (through guestfwd, signed) to the provider."""
+
+    def uploaded() -> bool:
+        vols = appliance.sgw_json("volumes", "list", "--gateway", appliance.gateway_id)
+        return any(v["name"] == vol0 and v["map_version"] >= 1 for v in vols)
+
+    wait_until("an upload of vol0 at the provider", 240, uploaded, every=2)
+    objects = appliance.provider.data_dir / "objects"
+    assert any(p.is_file() for p in objects.rglob("*")), appliance.provider.log_text()
+
+
+def test_volume_deleted_through_the_control_channel(appliance: Appliance, vol1: str) -> None:
+    """`sgw volumes delete --drain`: the gateway removes the volume's iSCSI target
+    (ending the sessions), detaches its device, uploads what its write log holds and
+    deletes it; then the provider's record goes."""
+    vid = appliance.volumes[vol1]["id"]
+    iqn = appliance.iqn(vol1)
+    assert iqn in json.dumps(appliance.lio_status())
+    # An initiator logged in while the volume goes.
+    reader = subprocess.Popen(
+        [tool("qemu-io"), "-f", "raw", "-r", "-c", "read 0 256M", appliance.iscsi_url(vol1)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1)
+        done = appliance.sgw_json("volumes", "delete", vid, "--drain", "--timeout", "180")
+    finally:
+        reader.kill()
+        reader.wait(10)
+    assert done["ok"], done
+    assert vol1 not in {v["name"] for v in appliance.sgw_json("volumes", "list")}
+    status = appliance.lio_status()
+    assert vol1 not in {t["volume"] for t in status["targets"]}
+    assert iqn not in json.dumps(status)
+    gone = run([tool("iscsi-inq"), appliance.iscsi_url(vol1)], timeout=60)
+    assert gone.returncode != 0
+    state = appliance.sgw_json("gateways", "local-state", appliance.gateway_id)
+    assert vol1 not in {v["name"] for v in state["volumes"]}
+    assert (
+        appliance.ssh(f"sudo test ! -e /var/lib/sgw/volumes/{vol1}.img", check=False).returncode
+        == 0
+    )
+    # The other volume is still exported.
+    assert "vol0" in appliance.targets()

@@ -11,10 +11,12 @@ import testinfra
 
 from tests.appliance.conftest import Appliance
 
-pytestmark = [pytest.mark.appliance, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.appliance, pytest.mark.appliance_full, pytest.mark.timeout(600)]
 
-# TCP ports open to the network: ssh, the activation page, iSCSI.
+# TCP ports open in the firewall: ssh, the activation page, iSCSI.
 OPEN_TCP = {22, 80, 3260}
+# What listens once activated: the activation page closes for good.
+LISTEN_TCP = {22, 3260}
 # UDP: DHCP client replies only (v4 and v6).
 OPEN_UDP = {68, 546}
 
@@ -93,7 +95,7 @@ def test_ssh_host_keys_made_on_first_boot(host: Any) -> None:
     [
         ("/var/lib/sgw", 0o700),
         ("/var/lib/sgw/identity.key", 0o600),
-        ("/var/lib/sgw/chap.json", 0o600),
+        ("/var/lib/sgw/credentials.json", 0o600),
         ("/etc/sudoers.d/sgw-admin", 0o440),
         ("/usr/local/sbin/sgw-seal", 0o700),
         ("/home/admin/.ssh/authorized_keys", 0o600),
@@ -129,6 +131,6 @@ def listening(host: Any, proto: str) -> set[int]:
     return ports
 
 
-def test_only_ssh_iscsi_and_activation_listen(host: Any) -> None:
-    assert listening(host, "tcp") == OPEN_TCP
+def test_only_ssh_and_iscsi_listen_once_activated(host: Any) -> None:
+    assert listening(host, "tcp") == LISTEN_TCP
     assert listening(host, "udp") <= OPEN_UDP
