@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sgw.common import activation_key, signing
 from sgw.common.errors import ActivationKeyError, ConfigError, IdentityError
@@ -45,6 +48,33 @@ def test_signature_covers_every_part() -> None:
     assert not signing.verify(other, parsed, "POST", b"/v1/x?y=1", digest)
     for bad in ("", "SGW1-Ed25519 key=x", header + ",", header.replace("ts=100", "ts=-1")):
         assert signing.parse_header(bad) is None, bad
+
+
+@settings(max_examples=200, deadline=None)
+@given(message=st.binary(max_size=600), flip=st.integers(min_value=0, max_value=10_000))
+def test_verifier_agrees_with_the_signer(message: bytes, flip: int) -> None:
+    """libsodium's check (the provider's) accepts what cryptography signs (the gateway's)
+    and refuses any altered bit of the message or the signature."""
+    key = Ed25519PrivateKey.generate()
+    raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    verifier = signing.Verifier(raw)
+    signature = key.sign(message)
+    assert verifier.verify(signature, message)
+    if message:
+        bad = bytearray(message)
+        bad[flip % len(bad)] ^= 1 << (flip % 8)
+        assert not verifier.verify(signature, bytes(bad))
+    bad_sig = bytearray(signature)
+    bad_sig[flip % 64] ^= 1 << (flip % 8)
+    assert not verifier.verify(bytes(bad_sig), message)
+    assert not verifier.verify(signature[:63], message)
+    other = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert not signing.Verifier(other).verify(signature, message)
+
+
+def test_verifier_refuses_a_key_of_the_wrong_size() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        signing.Verifier(b"\x01" * 31)
 
 
 def test_activation_key_round_trip_and_refusals() -> None:

@@ -29,12 +29,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Engine, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sgw.common import activation_key
+from sgw.common import activation_key, signing
 from sgw.common.errors import (
     ActivationKeyError,
     AlreadyActivatedError,
@@ -81,7 +80,7 @@ class GatewayKey:
     gateway_id: str
     account_id: str
     status: str
-    verifier: Ed25519PublicKey
+    verifier: signing.Verifier
     fetched: float  # time.monotonic() when read
 
 
@@ -296,7 +295,7 @@ class Gateways:
                     if public_key is None:
                         continue
                     try:
-                        verifier = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key))
+                        verifier = signing.Verifier(bytes.fromhex(public_key))
                     except ValueError:
                         continue
                     out[gid] = GatewayKey(gid, account_id, status, verifier, fetched)
