@@ -111,7 +111,7 @@ def parse_header(header: str) -> SignedHeader | None:
 
 
 def verify(
-    public_key: bytes, header: SignedHeader, method: str, target: bytes, digest: str
+    public_key: bytes | Verifier, header: SignedHeader, method: str, target: bytes, digest: str
 ) -> bool:
     """True if ``header``'s signature over this request is by ``public_key``."""
     message = canonical_request(
@@ -122,10 +122,13 @@ def verify(
         nonce=header.nonce,
         key_id=header.key_id,
     )
-    try:
-        verifier = Verifier(public_key)
-    except ValueError:
-        return False
+    if isinstance(public_key, Verifier):
+        verifier = public_key
+    else:
+        try:
+            verifier = Verifier(public_key)
+        except ValueError:
+            return False
     return verifier.verify(header.signature, message)
 
 

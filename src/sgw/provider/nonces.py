@@ -19,7 +19,6 @@ gateway's uploads behind the disk.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import threading
 import time
@@ -29,12 +28,12 @@ from typing import Any
 
 from sqlalchemy import Table, delete, event, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sgw.provider.control.batching import GroupRunner
 from sgw.provider.db.models import RequestNonce
+from sgw.provider.db.raw import ThreadConnections
 from sgw.provider.db.schema import make_engine, session_factory, write_lock
 
 LOG = logging.getLogger(__name__)
@@ -69,8 +68,7 @@ class NonceLedger:
         self._seen_lock = threading.Lock()
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._groups: GroupRunner[Item, bool] | None = None
-        self._local = threading.local()  # the writer thread's own SQLite connection
-        self._conns: list[Any] = []
+        self._conns = ThreadConnections(self._engine)  # the writer thread's (SQLite)
         to_db = RequestNonce.expires.type.dialect_impl(self._engine.dialect).bind_processor(
             self._engine.dialect
         )
@@ -79,9 +77,7 @@ class NonceLedger:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
-        for conn in self._conns:
-            with contextlib.suppress(Exception):
-                conn.close()
+        self._conns.close()
         self._engine.dispose()
 
     @property
@@ -135,18 +131,16 @@ class NonceLedger:
         self._maybe_purge()
         if not self._postgres:
             return self._insert_many_sqlite(items)
-        insert = pg_insert if self._postgres else sqlite_insert
         table: Table = RequestNonce.__table__  # type: ignore[assignment]
         rows = [{"key_id": k, "nonce": n, "expires": e} for k, n, e in items]
         stmt = (
-            insert(table)
+            pg_insert(table)
             .values(rows)
             .on_conflict_do_nothing()
             .returning(table.c.key_id, table.c.nonce)
         )
         with self._write_lock, self._engine.begin() as c:
-            if self._postgres:
-                c.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            c.execute(text("SET LOCAL synchronous_commit TO OFF"))
             written = set(c.execute(stmt).tuples())
         out: list[bool | BaseException] = []
         for key_id, nonce, _expires in items:
@@ -158,35 +152,22 @@ class NonceLedger:
     def _insert_many_sqlite(self, items: list[Item]) -> list[bool | BaseException]:
         """``_insert_many`` as plain SQL on the writer thread's own connection (SQLite):
         no statement to build and compile per group, a fraction of the CPU."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._engine.raw_connection()
-            self._conns.append(conn)
-        raw: Any = conn.dbapi_connection
         out: list[bool | BaseException] = []
-        with self._write_lock:
-            cur = raw.cursor()
-            try:
-                for key_id, nonce, expires in items:
-                    cur.execute(
-                        "INSERT INTO request_nonces (key_id, nonce, expires) VALUES (?, ?, ?) "
-                        "ON CONFLICT DO NOTHING",
-                        (key_id, nonce, self._to_db(expires)),
-                    )
-                    out.append(cur.rowcount == 1)
-                # Expired ones go as new ones come: twice as many at most, so the table
-                # keeps its size without a large delete ever holding up the writers.
+        with self._write_lock, self._conns.transaction() as cur:
+            for key_id, nonce, expires in items:
                 cur.execute(
-                    "DELETE FROM request_nonces WHERE rowid IN (SELECT rowid FROM "
-                    "request_nonces WHERE expires < ? LIMIT ?)",
-                    (self._to_db(datetime.now(UTC) - timedelta(seconds=1)), 2 * len(items) + 8),
+                    "INSERT INTO request_nonces (key_id, nonce, expires) VALUES (?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    (key_id, nonce, self._to_db(expires)),
                 )
-                raw.commit()
-            except BaseException:
-                raw.rollback()
-                raise
-            finally:
-                cur.close()
+                out.append(cur.rowcount == 1)
+            # Expired ones go as new ones come: twice as many at most, so the table
+            # keeps its size without a large delete ever holding up the writers.
+            cur.execute(
+                "DELETE FROM request_nonces WHERE rowid IN (SELECT rowid FROM "
+                "request_nonces WHERE expires < ? LIMIT ?)",
+                (self._to_db(datetime.now(UTC) - timedelta(seconds=1)), 2 * len(items) + 8),
+            )
         return out
 
     def _maybe_purge(self) -> None:

@@ -244,15 +244,7 @@ class Authenticator:
         target: bytes,
         body: bytes,
     ) -> None:
-        message = signing.canonical_request(
-            method,
-            target,
-            signing.body_digest(body),
-            timestamp=parsed.timestamp,
-            nonce=parsed.nonce,
-            key_id=parsed.key_id,
-        )
-        if not verifier.verify(parsed.signature, message):
+        if not signing.verify(verifier, parsed, method, target, signing.body_digest(body)):
             raise UnauthenticatedError(
                 f"bad signature from {parsed.key_id}: the request was altered or not signed "
                 "with the gateway's identity key"

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qsl
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
@@ -235,22 +235,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 def _query(scope: Scope) -> dict[str, str] | None:
     """The query's parameters; None if one is given twice."""
-    raw: bytes = scope.get("query_string", b"")
-    out: dict[str, str] = {}
-    if not raw:
-        return out
-    for part in raw.decode("latin-1").split("&"):
-        if not part:
-            continue
-        name, _, value = part.partition("=")
-        if "%" in name or "+" in name:
-            name = unquote_plus(name)
-        if "%" in value or "+" in value:
-            value = unquote_plus(value)
-        if name in out:
-            return None
-        out[name] = value
-    return out
+    pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    out = dict(pairs)
+    return None if len(out) != len(pairs) else out
 
 
 def _wait(value: str | None, default: float) -> float | None:

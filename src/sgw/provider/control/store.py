@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from sgw.provider.db.models import (
     GatewayConnection,
     UtcDateTime,
 )
+from sgw.provider.db.raw import ThreadConnections
 from sgw.provider.db.schema import make_engine, session_factory, write_lock
 
 QUEUED = "queued"
@@ -590,33 +590,10 @@ class _SqliteHot:
         self.to_db: Callable[[Any], Any] = to_db
         self.from_db: Callable[[Any], Any] = from_db
         self.dates = [isinstance(c.type, UtcDateTime) for c in t.c]
-        self._local = threading.local()
-        self._all: list[Any] = []
+        self._conns = ThreadConnections(engine)
 
     def close(self) -> None:
-        for conn in self._all:
-            with contextlib.suppress(Exception):
-                conn.close()
-        self._all = []
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Cursor]:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            # From the engine's pool: its connect hooks (WAL, synchronous, foreign keys)
-            # ran; kept by this thread for good.
-            conn = self._local.conn = self._engine.raw_connection()
-            self._all.append(conn)
-        raw: Any = conn.dbapi_connection
-        cur = raw.cursor()
-        try:
-            yield cur
-            raw.commit()
-        except BaseException:
-            raw.rollback()
-            raise
-        finally:
-            cur.close()
+        self._conns.close()
 
     def _info(self, row: Sequence[Any]) -> MessageInfo:
         values = {
@@ -634,7 +611,7 @@ class _SqliteHot:
             ]
             for r in rows
         ]
-        with self._transaction() as cur:
+        with self._conns.transaction() as cur:
             cur.executemany(
                 f"INSERT INTO control_messages ({self._names}) VALUES ({marks})", params
             )
@@ -651,7 +628,7 @@ class _SqliteHot:
         gateways = list(dict.fromkeys(g for g, _acks, look in polls if look))
         due = "(status = 'queued' OR (status = 'delivered' AND delivered < ?)) AND expires > ?"
         taken: dict[str, list[MessageInfo]] = {}
-        with self._transaction() as cur:
+        with self._conns.transaction() as cur:
             for gateway_id, acks, _look in polls:
                 for chunk in _chunks(list(acks)):
                     cur.execute(
@@ -691,7 +668,7 @@ class _SqliteHot:
     ) -> list[tuple[MessageInfo | None, bool] | BaseException]:
         now_db = self.to_db(now)
         out: list[tuple[MessageInfo | None, bool] | BaseException] = []
-        with self._transaction() as cur:
+        with self._conns.transaction() as cur:
             for reply in replies:
                 cur.execute(
                     "UPDATE control_messages SET status = ?, completed = ?, "
