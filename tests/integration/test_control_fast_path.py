@@ -156,21 +156,29 @@ def test_replays_and_deactivation_across_two_server_processes(
 def test_nonce_groups_refuse_replays_within_and_across_ledgers(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'provider.db'}"
     schema.upgrade(url)
-    one, two = NonceLedger(url), NonceLedger(url)
+    one, two, three = NonceLedger(url), NonceLedger(url), NonceLedger(url)
     expires = datetime.now(UTC) + timedelta(seconds=signing.CLOCK_SKEW_S)
     nonces = [uuid.uuid4().hex for _ in range(300)]
+    # A group mixing nonces written before (by another process) with new ones: each
+    # gets its own answer.
+    fresh = [uuid.uuid4().hex for _ in range(100)]
+    mixed = [n for pair in zip(nonces[:100], fresh, strict=True) for n in pair]
 
-    async def run() -> tuple[list[bool], list[bool], list[bool]]:
+    async def run() -> tuple[list[bool], ...]:
         first = await asyncio.gather(*(one.first_use_async("gw:a", n, expires) for n in nonces))
         # The same nonces: refused from memory by the same ledger, from the database by
         # another (another process).
         again = await asyncio.gather(*(one.first_use_async("gw:a", n, expires) for n in nonces))
         other = await asyncio.gather(*(two.first_use_async("gw:a", n, expires) for n in nonces))
-        return first, again, other
+        mix = await asyncio.gather(*(three.first_use_async("gw:a", n, expires) for n in mixed))
+        return first, again, other, mix
 
     try:
-        first, again, other = asyncio.run(run())
+        first, again, other, mix = asyncio.run(run())
         assert all(first) and not any(again) and not any(other)
+        assert mix == [n in fresh for n in mixed]
+        assert three.groups[0] < len(mixed)  # the mixed ones were written in groups
+        assert not one.first_use("gw:a", fresh[0], expires)  # and the new ones stored
         batches, items = one.groups
         assert items == len(nonces) and batches < items  # written in groups
         # The blocking path sees them too; another key's nonce is its own.
@@ -179,3 +187,4 @@ def test_nonce_groups_refuse_replays_within_and_across_ledgers(tmp_path: Path) -
     finally:
         one.close()
         two.close()
+        three.close()

@@ -213,7 +213,7 @@ class Gateways:
                     select(Volume.gateway_id, func.count())
                     .where(Volume.account_id == account_id, Volume.gateway_id.is_not(None))
                     .group_by(Volume.gateway_id)
-                ).tuples()
+                )
             }
             rows = s.scalars(
                 select(Gateway).where(Gateway.account_id == account_id).order_by(Gateway.created)
@@ -290,7 +290,7 @@ class Gateways:
                     select(
                         Gateway.id, Gateway.account_id, Gateway.status, Gateway.public_key
                     ).where(Gateway.id.in_(ids[i : i + 500]))
-                ).tuples()
+                )
                 for gid, account_id, status, public_key in rows:
                     if public_key is None:
                         continue

@@ -6,7 +6,7 @@ refused without the database), then written to the table ``request_nonces``, who
 primary key refuses a nonce any process wrote before. ``first_use`` writes one row (for
 request threads); ``first_use_async`` (the event loop's fast path) queues the nonce for
 one writer thread that inserts many in one statement (``INSERT ... ON CONFLICT DO
-NOTHING RETURNING``, one transaction per group) and answers each once its group is
+NOTHING``, one transaction per group) and answers each once its group is
 committed, so a request is never acted on before its nonce is in the database.
 
 A nonce is written without waiting for the disk (SQLite ``synchronous=NORMAL`` in WAL
@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Table, delete, event, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -44,8 +45,11 @@ PURGE_EVERY_S = 1.0
 PURGE_ROWS = 5000
 # Nonces remembered in memory are grouped by expiry in buckets of this many seconds.
 _BUCKET_S = 30
+# Rows per INSERT statement (three variables each; SQLite allows 32,766).
+_ROWS_PER_INSERT = 1000
 # (key id, nonce, expires)
 Item = tuple[str, str, datetime]
+T = TypeVar("T")
 
 
 class NonceLedger:
@@ -141,7 +145,7 @@ class NonceLedger:
         )
         with self._write_lock, self._engine.begin() as c:
             c.execute(text("SET LOCAL synchronous_commit TO OFF"))
-            written = set(c.execute(stmt).tuples())
+            written = {tuple(r) for r in c.execute(stmt)}
         out: list[bool | BaseException] = []
         for key_id, nonce, _expires in items:
             new = (key_id, nonce) in written
@@ -151,7 +155,36 @@ class NonceLedger:
 
     def _insert_many_sqlite(self, items: list[Item]) -> list[bool | BaseException]:
         """``_insert_many`` as plain SQL on the writer thread's own connection (SQLite):
-        no statement to build and compile per group, a fraction of the CPU."""
+        no statement to build and compile per group, and as few statements as can be.
+        Python's sqlite3 lets go of the GIL for every step of every statement, and takes
+        it back only when the event loop's thread gives it up (a switch interval at
+        worst): a group of nonces is one INSERT (the rare group holding a nonce written
+        before is written again row by row, to say which)."""
+        unique = list(dict.fromkeys((k, n) for k, n, _e in items))
+        expires = {(k, n): e for k, n, e in items}
+        try:
+            with self._write_lock, self._conns.transaction() as cur:
+                for chunk in _batches(unique, _ROWS_PER_INSERT):
+                    cur.execute(
+                        "INSERT INTO request_nonces (key_id, nonce, expires) VALUES "
+                        + ", ".join(["(?, ?, ?)"] * len(chunk))
+                        + " ON CONFLICT DO NOTHING",
+                        [v for k, n in chunk for v in (k, n, self._to_db(expires[k, n]))],
+                    )
+                    if cur.rowcount != len(chunk):
+                        raise _SeenBeforeError
+                self._delete_expired(cur, len(items))
+        except _SeenBeforeError:
+            return self._insert_each_sqlite(items)
+        out: list[bool | BaseException] = []
+        first: set[tuple[str, str]] = set()
+        for key_id, nonce, _expires in items:  # the same nonce twice in a group: once
+            out.append((key_id, nonce) not in first)
+            first.add((key_id, nonce))
+        return out
+
+    def _insert_each_sqlite(self, items: list[Item]) -> list[bool | BaseException]:
+        """``_insert_many_sqlite`` a row at a time, saying which were new."""
         out: list[bool | BaseException] = []
         with self._write_lock, self._conns.transaction() as cur:
             for key_id, nonce, expires in items:
@@ -161,14 +194,17 @@ class NonceLedger:
                     (key_id, nonce, self._to_db(expires)),
                 )
                 out.append(cur.rowcount == 1)
-            # Expired ones go as new ones come: twice as many at most, so the table
-            # keeps its size without a large delete ever holding up the writers.
-            cur.execute(
-                "DELETE FROM request_nonces WHERE rowid IN (SELECT rowid FROM "
-                "request_nonces WHERE expires < ? LIMIT ?)",
-                (self._to_db(datetime.now(UTC) - timedelta(seconds=1)), 2 * len(items) + 8),
-            )
+            self._delete_expired(cur, len(items))
         return out
+
+    def _delete_expired(self, cur: sqlite3.Cursor, written: int) -> None:
+        """Expired ones go as new ones come: twice as many at most, so the table keeps its
+        size without a large delete ever holding up the writers."""
+        cur.execute(
+            "DELETE FROM request_nonces WHERE rowid IN (SELECT rowid FROM "
+            "request_nonces WHERE expires < ? LIMIT ?)",
+            (self._to_db(datetime.now(UTC) - timedelta(seconds=1)), 2 * written + 8),
+        )
 
     def _maybe_purge(self) -> None:
         now = time.monotonic()
@@ -186,6 +222,15 @@ class NonceLedger:
                 delete(table).where(tuple_(table.c.key_id, table.c.nonce).in_(expired))
             )
         LOG.debug("expired nonces purged", extra={"rows": getattr(gone, "rowcount", None)})
+
+
+class _SeenBeforeError(Exception):
+    """A group holds a nonce that was written before: it is written row by row."""
+
+
+def _batches(items: list[T], size: int) -> Iterable[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _sqlite_no_fsync(dbapi_connection: Any, _record: Any) -> None:

@@ -11,6 +11,12 @@ the server that holds the gateway:
 - the registration is stale, missing or the peer does not hold it (any more): the
   doorbell is broadcast to every live peer.
 
+A command posted to the server that holds its gateway's poll, while that poll waits with
+nothing else pending, is handed to the poll directly (the database has it already): the
+poll answers without reading it back, and the delivery is recorded after the answer
+(``mark_delivered_many``). A hand-over that cannot be delivered (the connection went, a
+doorbell rang meanwhile) is left to the database like any other message.
+
 A doorbell that gets lost costs latency, never a message: each server looks for pending
 messages of the gateways it holds once per ``sweep_s`` and wakes them, and a message
 delivered but not acknowledged is delivered again after ``redeliver_after_s``. Delivery
@@ -26,13 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -42,7 +49,13 @@ import httpx
 from sgw.common.errors import GatewayOfflineError
 from sgw.provider.control import peers
 from sgw.provider.control.batching import GroupRunner
-from sgw.provider.control.store import Completion, ControlStore, MessageInfo, NewMessage
+from sgw.provider.control.store import (
+    DELIVERED,
+    Completion,
+    ControlStore,
+    MessageInfo,
+    NewMessage,
+)
 from sgw.provider.db.models import utcnow
 
 LOG = logging.getLogger(__name__)
@@ -89,13 +102,14 @@ class _Poll:
     """A held poll: rung by a doorbell, superseded by a newer poll of its gateway, or
     gone with its connection."""
 
-    __slots__ = ("future", "gone", "rung", "superseded")
+    __slots__ = ("future", "gone", "handed", "rung", "superseded")
 
     def __init__(self) -> None:
         self.future: asyncio.Future[None] | None = None
         self.rung = False
         self.superseded = False
         self.gone = False
+        self.handed: list[MessageInfo] = []  # posted here while it waited (ControlHub.post)
 
     def ring(self) -> None:
         self.rung = True
@@ -148,6 +162,8 @@ class ControlHub:
         self._takes = GroupRunner(self._take_many, self._writer)
         self._completions = GroupRunner(self._complete_many, self._writer)
         self._posts = GroupRunner(self._post_many, self._writer)
+        self._marks = GroupRunner(self._mark_many, self._writer)
+        self._background: set[asyncio.Task[None]] = set()
         self._http: httpx.AsyncClient | None = None
         self.peer_urls: list[str] = []  # live servers, from the last heartbeat
         self.stats = {"polls": 0, "delivered": 0, "doorbells_sent": 0, "broadcasts": 0}
@@ -182,6 +198,10 @@ class ControlHub:
     def _post_many(self, items: list[NewMessage]) -> list[tuple[MessageInfo, bool] | BaseException]:
         return self.store.post_many(items, utcnow())
 
+    def _mark_many(self, message_ids: list[str]) -> list[BaseException | None]:
+        self.store.mark_delivered_many(message_ids, utcnow())
+        return [None] * len(message_ids)
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -211,6 +231,8 @@ class ControlHub:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks)
+        if self._background:  # deliveries being recorded
+            await asyncio.wait(self._background, timeout=self.t.peer_timeout_s)
         try:
             await self._write(self.store.remove_server, self.server_id)
         except Exception as exc:  # the database may be gone too; peers time us out
@@ -291,7 +313,19 @@ class ControlHub:
                     poll.future = None
                 if not poll.rung or poll.gone:
                     return []
+                if poll.handed:
+                    handed, poll.handed = poll.handed, []
+                    if poll.superseded or self._stopping:
+                        self.ring_local([gateway_id])  # the newer poll reads the database
+                        return []
+                    if gateway_id in self._clean:
+                        self.stats["delivered"] += len(handed)
+                        return self._delivered(handed)
+                    # A doorbell rang meanwhile: the look finds these with the others.
         finally:
+            if poll.handed:  # not delivered: the gateway's next poll reads the database
+                poll.handed = []
+                self.ring_local([gateway_id])
             if watch is not None and not ends_after_answer:
                 watch.cancel()
             if self._held.get(gateway_id) is poll:
@@ -302,6 +336,46 @@ class ControlHub:
                     self.t.reregister_gap_s,
                     lambda: loop.create_task(self._maybe_gone(gateway_id, ended)),
                 )
+
+    def _delivered(self, handed: list[MessageInfo]) -> list[MessageInfo]:
+        """Messages handed to a poll, as delivered now; the delivery is written after the
+        answer (the message stays pending until then: at worst delivered again)."""
+        now = utcnow()
+        out = [
+            dataclasses.replace(m, status=DELIVERED, delivered=now, deliveries=m.deliveries + 1)
+            for m in handed
+        ]
+        for m in out:
+            self._spawn(self._mark(m.id))
+        return out
+
+    async def _mark(self, message_id: str) -> None:
+        try:
+            await self._marks.submit(message_id)
+        except Exception as exc:  # it is delivered again after redeliver_after_s
+            LOG.warning("control: cannot record a delivery: %s", exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _hand_over(self, info: MessageInfo) -> bool:
+        """Hands a message just posted to its gateway's poll if it is held here and waits
+        with nothing else pending; True if it did (the poll answers at once)."""
+        poll = self._held.get(info.gateway_id)
+        if (
+            poll is None
+            or info.gateway_id not in self._clean
+            or poll.future is None
+            or poll.future.done()
+            or poll.superseded
+            or poll.gone
+        ):
+            return False
+        poll.handed.append(info)
+        poll.ring()
+        return True
 
     async def _maybe_gone(self, gateway_id: str, ended: float) -> None:
         """The gateway's connection closed when its poll ``ended``: unless it polled here
@@ -426,7 +500,8 @@ class ControlHub:
         # Waiting starts before the doorbell rings: no outcome can slip past.
         future = self._waiter(info.id) if wait > 0 else None
         try:
-            await self.route(gateway_id)
+            if not (created and self._hand_over(info)):
+                await self.route(gateway_id)
             if future is not None:
                 info = await self.wait_finished(
                     account_id, gateway_id, info.id, wait, known=info, future=future

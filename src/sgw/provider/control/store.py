@@ -213,7 +213,7 @@ class ControlStore:
                 .where(ControlServer.heartbeat >= cutoff)
                 .order_by(ControlServer.started)
             )
-            return [(str(i), str(u)) for i, u in rows.tuples()]
+            return [(str(i), str(u)) for i, u in rows]
 
     def remove_server(self, server_id: str) -> None:
         """Forgets a server that stops, with its registrations."""
@@ -404,7 +404,7 @@ class ControlStore:
                 if self.dialect == "postgresql":  # another server's poll takes others
                     query = query.with_for_update(skip_locked=True)
                 per_gateway: dict[str, list[str]] = {}
-                for message_id, gateway_id in c.execute(query).tuples():
+                for message_id, gateway_id in c.execute(query):
                     ids = per_gateway.setdefault(gateway_id, [])
                     if len(ids) < limit:
                         ids.append(message_id)
@@ -424,6 +424,22 @@ class ControlStore:
         for gateway_id, _acks, _look in polls:
             out.append(taken.pop(gateway_id, []))  # a second poll of a gateway: nothing
         return out
+
+    def mark_delivered_many(self, message_ids: Sequence[str], now: datetime) -> None:
+        """Records the delivery of messages handed to a poll without reading them back
+        (those still queued: one acknowledged, finished or expired meanwhile stays so)."""
+        if self._hot is not None:
+            with self._write_lock:
+                return self._hot.mark_delivered(message_ids, now)
+        t = _MESSAGES
+        with self._core() as c:
+            for chunk in _chunks(list(message_ids)):
+                c.execute(
+                    t.update()
+                    .where(t.c.id.in_(chunk), t.c.status == QUEUED)
+                    .values(status=DELIVERED, delivered=now, deliveries=t.c.deliveries + 1)
+                )
+        return None
 
     def complete_many(
         self, replies: Sequence[Completion], now: datetime
@@ -662,6 +678,17 @@ class _SqliteHot:
                 for info in sorted(infos, key=lambda m: (m.created, m.id)):
                     taken.setdefault(info.gateway_id, []).append(info)
         return [taken.pop(gateway_id, []) for gateway_id, _acks, _look in polls]
+
+    def mark_delivered(self, message_ids: Sequence[str], now: datetime) -> None:
+        now_db = self.to_db(now)
+        with self._conns.transaction() as cur:
+            for chunk in _chunks(list(message_ids)):
+                cur.execute(
+                    "UPDATE control_messages SET status = 'delivered', delivered = ?, "
+                    f"deliveries = deliveries + 1 WHERE id IN ({_marks(chunk)}) "
+                    "AND status = 'queued'",
+                    [now_db, *chunk],
+                )
 
     def complete(
         self, replies: Sequence[Completion], now: datetime
