@@ -19,11 +19,13 @@ gateway's uploads behind the disk.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -34,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sgw.provider.control.batching import GroupRunner
 from sgw.provider.db.models import RequestNonce
-from sgw.provider.db.raw import ThreadConnections
+from sgw.provider.db.raw import ThreadConnections, WouldBlock
 from sgw.provider.db.schema import make_engine, session_factory, write_lock
 
 LOG = logging.getLogger(__name__)
@@ -110,7 +112,12 @@ class NonceLedger:
             return False
         if self._groups is None:
             self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nonce-w")
-            self._groups = GroupRunner(self._insert_many, self._writer)
+            self._groups = GroupRunner(
+                self._insert_many,
+                self._writer,
+                # SQLite: on the loop's thread when it can be done at once (db.raw).
+                run_now=None if self._postgres else self._insert_many_now,
+            )
         return await self._groups.submit((key_id, nonce, expires))
 
     def _remember(self, key_id: str, nonce: str, expires: datetime) -> bool:
@@ -153,7 +160,13 @@ class NonceLedger:
             out.append(new)
         return out
 
-    def _insert_many_sqlite(self, items: list[Item]) -> list[bool | BaseException]:
+    def _insert_many_now(self, items: list[Item]) -> list[bool | BaseException]:
+        """``_insert_many`` if it can be done without waiting (WouldBlock otherwise)."""
+        return self._insert_many_sqlite(items, nowait=True)
+
+    def _insert_many_sqlite(
+        self, items: list[Item], nowait: bool = False
+    ) -> list[bool | BaseException]:
         """``_insert_many`` as plain SQL on the writer thread's own connection (SQLite):
         no statement to build and compile per group, and as few statements as can be.
         Python's sqlite3 lets go of the GIL for every step of every statement, and takes
@@ -162,8 +175,13 @@ class NonceLedger:
         before is written again row by row, to say which)."""
         unique = list(dict.fromkeys((k, n) for k, n, _e in items))
         expires = {(k, n): e for k, n, e in items}
+        txn = (
+            self._conns.transaction_now(self._write_lock)
+            if nowait
+            else _locked(self._write_lock, self._conns.transaction())
+        )
         try:
-            with self._write_lock, self._conns.transaction() as cur:
+            with txn as cur:
                 for chunk in _batches(unique, _ROWS_PER_INSERT):
                     cur.execute(
                         "INSERT INTO request_nonces (key_id, nonce, expires) VALUES "
@@ -175,6 +193,8 @@ class NonceLedger:
                         raise _SeenBeforeError
                 self._delete_expired(cur, len(items))
         except _SeenBeforeError:
+            if nowait:  # the slow path, in the writer thread
+                raise WouldBlock from None
             return self._insert_each_sqlite(items)
         out: list[bool | BaseException] = []
         first: set[tuple[str, str]] = set()
@@ -226,6 +246,12 @@ class NonceLedger:
 
 class _SeenBeforeError(Exception):
     """A group holds a nonce that was written before: it is written row by row."""
+
+
+@contextlib.contextmanager
+def _locked(lock: Any, txn: AbstractContextManager[T]) -> Iterator[T]:
+    with lock, txn as value:
+        yield value
 
 
 def _batches(items: list[T], size: int) -> Iterable[list[T]]:

@@ -7,6 +7,11 @@ finds it taken sleeps in growing steps), and PostgreSQL pays a commit each. A
 database the next ones gather, and each batch is a single call of ``run_many`` on the
 hub's one writer thread. An idle server runs each item at once (no added delay); a busy
 one commits hundreds per transaction.
+
+With ``run_now`` (SQLite), a batch is first tried on the event loop's own thread, where a
+group of small writes costs less than the hand-over to a thread (see
+``sgw.provider.db.raw``); only a batch that would have to wait for a lock, or take a slow
+path, goes to the thread (``run_now`` raises WouldBlock, having written nothing).
 """
 
 from __future__ import annotations
@@ -16,11 +21,16 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from sgw.provider.db.raw import WouldBlock
+
 I = TypeVar("I")  # noqa: E741 - an item
 R = TypeVar("R")  # its result
 
 # Most items per batch: bounds one transaction's time and the size of its IN lists.
 MAX_BATCH = 256
+# Pauses between tries of a batch on the event loop's thread before it goes to the thread
+# (seconds); the last try is followed by none.
+NOW_RETRIES_S = (0.001, 0.002, 0.004, 0.0)
 
 
 class GroupRunner(Generic[I, R]):
@@ -32,14 +42,17 @@ class GroupRunner(Generic[I, R]):
         run_many: Callable[[list[I]], list[R | BaseException]],
         executor: concurrent.futures.Executor,
         max_batch: int = MAX_BATCH,
+        run_now: Callable[[list[I]], list[R | BaseException]] | None = None,
     ) -> None:
         self._run_many = run_many
+        self._run_now = run_now
         self._executor = executor
         self._max = max_batch
         self._queue: list[tuple[I, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.items = 0
+        self.deferred = 0  # batches run_now handed to the thread
 
     async def submit(self, item: I) -> R:
         """The item's result once its batch is written (its exception raised)."""
@@ -50,13 +63,27 @@ class GroupRunner(Generic[I, R]):
             self._task = loop.create_task(self._drain())
         return await future
 
+    async def _now(self, items: list[I]) -> list[R | BaseException] | None:
+        """``run_now``'s results; None if it would still block after a few short tries
+        (another writer's transaction is usually over within a millisecond or two)."""
+        assert self._run_now is not None
+        for delay in NOW_RETRIES_S:
+            try:
+                return self._run_now(items)
+            except WouldBlock:
+                await asyncio.sleep(delay)
+        self.deferred += 1
+        return None
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
             batch, self._queue = self._queue[: self._max], self._queue[self._max :]
             items = [item for item, _f in batch]
             try:
-                results = await loop.run_in_executor(self._executor, self._run_many, items)
+                results = await self._now(items) if self._run_now is not None else None
+                if results is None:
+                    results = await loop.run_in_executor(self._executor, self._run_many, items)
             except Exception as exc:
                 for _item, future in batch:
                     if not future.done():

@@ -159,10 +159,28 @@ class ControlHub:
             _DB_THREADS, thread_name_prefix="control-db"
         )
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="control-w")
-        self._takes = GroupRunner(self._take_many, self._writer)
-        self._completions = GroupRunner(self._complete_many, self._writer)
-        self._posts = GroupRunner(self._post_many, self._writer)
-        self._marks = GroupRunner(self._mark_many, self._writer)
+        # SQLite: each group tried on the loop's thread first (sgw.provider.db.raw).
+        now = store.dialect == "sqlite"
+        self._takes = GroupRunner(
+            self._take_many,
+            self._writer,
+            run_now=functools.partial(self._take_many, nowait=True) if now else None,
+        )
+        self._completions = GroupRunner(
+            self._complete_many,
+            self._writer,
+            run_now=functools.partial(self._complete_many, nowait=True) if now else None,
+        )
+        self._posts = GroupRunner(
+            self._post_many,
+            self._writer,
+            run_now=functools.partial(self._post_many, nowait=True) if now else None,
+        )
+        self._marks = GroupRunner(
+            self._mark_many,
+            self._writer,
+            run_now=functools.partial(self._mark_many, nowait=True) if now else None,
+        )
         self._background: set[asyncio.Task[None]] = set()
         self._http: httpx.AsyncClient | None = None
         self.peer_urls: list[str] = []  # live servers, from the last heartbeat
@@ -184,22 +202,30 @@ class ControlHub:
         return await loop.run_in_executor(self._writer, functools.partial(fn, *args, **kwargs))
 
     def _take_many(
-        self, polls: list[tuple[str, Sequence[str], bool]]
+        self, polls: list[tuple[str, Sequence[str], bool]], nowait: bool = False
     ) -> list[list[MessageInfo] | BaseException]:
         return self.store.take_pending_many(
-            polls, utcnow(), redeliver_after_s=self.t.redeliver_after_s, limit=self.t.batch
+            polls,
+            utcnow(),
+            redeliver_after_s=self.t.redeliver_after_s,
+            limit=self.t.batch,
+            nowait=nowait,
         )
 
     def _complete_many(
-        self, replies: list[Completion]
+        self, replies: list[Completion], nowait: bool = False
     ) -> list[tuple[MessageInfo | None, bool] | BaseException]:
-        return self.store.complete_many(replies, utcnow())
+        return self.store.complete_many(replies, utcnow(), nowait=nowait)
 
-    def _post_many(self, items: list[NewMessage]) -> list[tuple[MessageInfo, bool] | BaseException]:
-        return self.store.post_many(items, utcnow())
+    def _post_many(
+        self, items: list[NewMessage], nowait: bool = False
+    ) -> list[tuple[MessageInfo, bool] | BaseException]:
+        return self.store.post_many(items, utcnow(), nowait=nowait)
 
-    def _mark_many(self, message_ids: list[str]) -> list[BaseException | None]:
-        self.store.mark_delivered_many(message_ids, utcnow())
+    def _mark_many(
+        self, message_ids: list[str], nowait: bool = False
+    ) -> list[BaseException | None]:
+        self.store.mark_delivered_many(message_ids, utcnow(), nowait=nowait)
         return [None] * len(message_ids)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -713,6 +739,9 @@ class ControlHub:
                 LOG.warning("control sweep failed: %s", exc)
 
     async def _sweep(self) -> None:
+        # SQLite: the write-ahead log copied into the database file (no commit does it;
+        # see sgw.provider.db.schema), from a reader thread: writers go on meanwhile.
+        await self._db(self.store.checkpoint)
         now = utcnow()
         for info in await self._write(
             self.store.expire_due, now, delivered_grace_s=self.t.delivered_grace_s

@@ -52,7 +52,7 @@ from sgw.provider.db.models import (
     GatewayConnection,
     UtcDateTime,
 )
-from sgw.provider.db.raw import ThreadConnections
+from sgw.provider.db.raw import ThreadConnections, WouldBlock
 from sgw.provider.db.schema import make_engine, session_factory, write_lock
 
 QUEUED = "queued"
@@ -164,12 +164,25 @@ class ControlStore:
         self._sessions: sessionmaker[Session] = session_factory(self._engine)
         self._write_lock = write_lock(db_url)
         # SQLite: the hot path's statements as plain SQL (see _SqliteHot).
-        self._hot = _SqliteHot(self._engine) if self.dialect == "sqlite" else None
+        self._hot = _SqliteHot(self._engine, self._write_lock) if self.dialect == "sqlite" else None
 
     def close(self) -> None:
         if self._hot is not None:
             self._hot.close()
         self._engine.dispose()
+
+    def _now_hot(self, nowait: bool) -> _SqliteHot | None:
+        """The SQLite hot path; with ``nowait`` on another database: WouldBlock (those
+        writes go to a thread)."""
+        if nowait and self._hot is None:
+            raise WouldBlock
+        return self._hot
+
+    def checkpoint(self) -> None:
+        """SQLite: copies the write-ahead log into the database file (the event loop's
+        own writes never do; see sgw.provider.db.raw). A no-op elsewhere."""
+        if self._hot is not None:
+            self._hot.checkpoint()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Session]:
@@ -302,20 +315,22 @@ class ControlStore:
         return result
 
     def post_many(
-        self, items: Sequence[NewMessage], now: datetime
+        self, items: Sequence[NewMessage], now: datetime, *, nowait: bool = False
     ) -> list[tuple[MessageInfo, bool] | BaseException]:
-        """``post`` for many messages, in one transaction when none conflicts."""
+        """``post`` for many messages, in one transaction when none conflicts. With
+        ``nowait``: WouldBlock (nothing written) unless that can be done at once."""
+        hot = self._now_hot(nowait)
         rows = [item.values(now) for item in items]
         try:
-            if self._hot is not None:
-                with self._write_lock:
-                    self._hot.insert(rows)
+            if hot is not None:
+                hot.insert(rows, nowait)
             else:
                 with self._core() as c:
                     c.execute(_MESSAGES.insert(), rows)
             return [(_info_of(r), True) for r in rows]
         except (IntegrityError, sqlite3.IntegrityError):
-            pass
+            if nowait:  # an idempotency key seen before: the slow path, in a thread
+                raise WouldBlock from None
         out: list[tuple[MessageInfo, bool] | BaseException] = []
         for item, values in zip(items, rows, strict=True):
             try:
@@ -366,15 +381,16 @@ class ControlStore:
         *,
         redeliver_after_s: float,
         limit: int,
+        nowait: bool = False,
     ) -> list[list[MessageInfo] | BaseException]:
         """For polls ``(gateway id, acknowledged message ids, look)``: records the
         acknowledgements (messages the gateway holds durably now), then, if ``look``,
         returns the gateway's messages to deliver (queued, or delivered without an
         acknowledgement for ``redeliver_after_s``), marked delivered, oldest first, at
-        most ``limit``; all in one transaction."""
-        if self._hot is not None:
-            with self._write_lock:
-                return self._hot.take(polls, now, redeliver_after_s, limit)
+        most ``limit``; all in one transaction. ``nowait``: as for ``post_many``."""
+        hot = self._now_hot(nowait)
+        if hot is not None:
+            return hot.take(polls, now, redeliver_after_s, limit, nowait)
         t = _MESSAGES
         again = now - timedelta(seconds=redeliver_after_s)
         gateways = list(dict.fromkeys(g for g, _acks, look in polls if look))
@@ -425,12 +441,15 @@ class ControlStore:
             out.append(taken.pop(gateway_id, []))  # a second poll of a gateway: nothing
         return out
 
-    def mark_delivered_many(self, message_ids: Sequence[str], now: datetime) -> None:
+    def mark_delivered_many(
+        self, message_ids: Sequence[str], now: datetime, *, nowait: bool = False
+    ) -> None:
         """Records the delivery of messages handed to a poll without reading them back
-        (those still queued: one acknowledged, finished or expired meanwhile stays so)."""
-        if self._hot is not None:
-            with self._write_lock:
-                return self._hot.mark_delivered(message_ids, now)
+        (those still queued: one acknowledged, finished or expired meanwhile stays so).
+        ``nowait``: as for ``post_many``."""
+        hot = self._now_hot(nowait)
+        if hot is not None:
+            return hot.mark_delivered(message_ids, now, nowait)
         t = _MESSAGES
         with self._core() as c:
             for chunk in _chunks(list(message_ids)):
@@ -442,14 +461,14 @@ class ControlStore:
         return None
 
     def complete_many(
-        self, replies: Sequence[Completion], now: datetime
+        self, replies: Sequence[Completion], now: datetime, *, nowait: bool = False
     ) -> list[tuple[MessageInfo | None, bool] | BaseException]:
         """Records gateways' replies (the first reply of a message wins), in one
         transaction. For each: the message (None if its gateway has no such message) and
-        whether this reply finished it."""
-        if self._hot is not None:
-            with self._write_lock:
-                return self._hot.complete(replies, now)
+        whether this reply finished it. ``nowait``: as for ``post_many``."""
+        hot = self._now_hot(nowait)
+        if hot is not None:
+            return hot.complete(replies, now, nowait)
         t = _MESSAGES
         out: list[tuple[MessageInfo | None, bool] | BaseException] = []
         with self._core() as c:
@@ -592,10 +611,12 @@ class _SqliteHot:
     thread (the hub's writer): the same statements SQLAlchemy would send, without
     building, compiling and wrapping them per call, which cost more CPU than SQLite
     itself. Values are converted by the columns' own types, so rows are stored exactly
-    as through SQLAlchemy. The caller holds the process's write lock."""
+    as through SQLAlchemy. Each call takes the process's write lock; with ``nowait`` it
+    runs only if it can at once (``ThreadConnections.transaction_now``)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, lock: Any) -> None:
         self._engine = engine
+        self._lock = lock
         t = _MESSAGES
         self.columns = [c.name for c in t.c]
         self._names = ", ".join(self.columns)
@@ -611,6 +632,18 @@ class _SqliteHot:
     def close(self) -> None:
         self._conns.close()
 
+    @contextlib.contextmanager
+    def _txn(self, nowait: bool) -> Iterator[sqlite3.Cursor]:
+        if nowait:
+            with self._conns.transaction_now(self._lock) as cur:
+                yield cur
+        else:
+            with self._lock, self._conns.transaction() as cur:
+                yield cur
+
+    def checkpoint(self) -> None:
+        self._conns.checkpoint()
+
     def _info(self, row: Sequence[Any]) -> MessageInfo:
         values = {
             name: self.from_db(v) if date else v
@@ -618,7 +651,7 @@ class _SqliteHot:
         }
         return _info_of(values)
 
-    def insert(self, rows: list[dict[str, Any]]) -> None:
+    def insert(self, rows: list[dict[str, Any]], nowait: bool) -> None:
         marks = ", ".join("?" * len(self.columns))
         params = [
             [
@@ -627,7 +660,7 @@ class _SqliteHot:
             ]
             for r in rows
         ]
-        with self._conns.transaction() as cur:
+        with self._txn(nowait) as cur:
             cur.executemany(
                 f"INSERT INTO control_messages ({self._names}) VALUES ({marks})", params
             )
@@ -638,13 +671,14 @@ class _SqliteHot:
         now: datetime,
         redeliver_after_s: float,
         limit: int,
+        nowait: bool,
     ) -> list[list[MessageInfo] | BaseException]:
         now_db = self.to_db(now)
         again_db = self.to_db(now - timedelta(seconds=redeliver_after_s))
         gateways = list(dict.fromkeys(g for g, _acks, look in polls if look))
         due = "(status = 'queued' OR (status = 'delivered' AND delivered < ?)) AND expires > ?"
         taken: dict[str, list[MessageInfo]] = {}
-        with self._conns.transaction() as cur:
+        with self._txn(nowait) as cur:
             for gateway_id, acks, _look in polls:
                 for chunk in _chunks(list(acks)):
                     cur.execute(
@@ -679,23 +713,23 @@ class _SqliteHot:
                     taken.setdefault(info.gateway_id, []).append(info)
         return [taken.pop(gateway_id, []) for gateway_id, _acks, _look in polls]
 
-    def mark_delivered(self, message_ids: Sequence[str], now: datetime) -> None:
+    def mark_delivered(self, message_ids: Sequence[str], now: datetime, nowait: bool) -> None:
         now_db = self.to_db(now)
-        with self._conns.transaction() as cur:
+        with self._txn(nowait) as cur:
             for chunk in _chunks(list(message_ids)):
                 cur.execute(
                     "UPDATE control_messages SET status = 'delivered', delivered = ?, "
                     f"deliveries = deliveries + 1 WHERE id IN ({_marks(chunk)}) "
-                    "AND status = 'queued'",
+                    "AND +status = 'queued'",  # + : by the primary key, not the status
                     [now_db, *chunk],
                 )
 
     def complete(
-        self, replies: Sequence[Completion], now: datetime
+        self, replies: Sequence[Completion], now: datetime, nowait: bool
     ) -> list[tuple[MessageInfo | None, bool] | BaseException]:
         now_db = self.to_db(now)
         out: list[tuple[MessageInfo | None, bool] | BaseException] = []
-        with self._conns.transaction() as cur:
+        with self._txn(nowait) as cur:
             for reply in replies:
                 cur.execute(
                     "UPDATE control_messages SET status = ?, completed = ?, "

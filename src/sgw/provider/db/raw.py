@@ -1,9 +1,20 @@
 """Plain DB-API access for the provider's hottest SQLite writes.
 
 Building, compiling and wrapping a SQLAlchemy statement per call costs more CPU than
-SQLite itself for the control hub's and the nonce ledger's small writes, so their writer
-threads send plain SQL on a connection of their own, taken once from the engine's pool
-(its connect hooks ran: WAL, synchronous, foreign keys)."""
+SQLite itself for the control hub's and the nonce ledger's small writes, so they send
+plain SQL on a connection of the calling thread, taken once from the engine's pool (its
+connect hooks ran: WAL, synchronous, foreign keys).
+
+``transaction_now`` is for the event loop's own thread: a transaction that begins only if
+it can begin at once (``WouldBlock`` otherwise, and the caller hands the work to a
+thread). A group of small writes costs the loop a fraction of a millisecond, less than
+handing it to a thread: Python's sqlite3 lets go of the GIL for every step of every
+statement, and a worker thread takes it back only when the loop's thread gives it up, so
+each statement in a worker waited behind the loop, and the loop behind the worker. The
+loop's connection never waits for a lock (``busy_timeout`` 0, ``BEGIN IMMEDIATE``); no
+connection checkpoints the write-ahead log when it commits (``sgw.provider.db.schema``):
+``checkpoint`` does that from a thread.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +27,11 @@ from typing import Any
 from sqlalchemy import Engine
 
 
+class WouldBlock(Exception):  # noqa: N818 - a signal to the caller, not an error
+    """The write cannot begin without waiting (a lock is taken, or the work needs a path
+    that may wait): do it in a thread instead. Nothing was written."""
+
+
 class ThreadConnections:
     """One raw connection per calling thread, kept for good; ``close`` closes them all."""
 
@@ -24,15 +40,18 @@ class ThreadConnections:
         self._local = threading.local()
         self._all: list[Any] = []
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Cursor]:
-        """A cursor of this thread's connection, committed at the end (rolled back on an
-        exception)."""
+    def _raw(self) -> Any:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._engine.raw_connection()
             self._all.append(conn)
-        raw: Any = conn.dbapi_connection
+        return conn.dbapi_connection
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        """A cursor of this thread's connection, committed at the end (rolled back on an
+        exception)."""
+        raw = self._raw()
         cur = raw.cursor()
         try:
             yield cur
@@ -42,6 +61,43 @@ class ThreadConnections:
             raise
         finally:
             cur.close()
+
+    @contextlib.contextmanager
+    def transaction_now(self, lock: Any) -> Iterator[sqlite3.Cursor]:
+        """``transaction`` if it can begin without waiting: ``lock`` (the process's write
+        lock) free and SQLite's write lock free; WouldBlock otherwise. This thread's
+        connection is then one that never waits for a lock."""
+        if not lock.acquire(blocking=False):
+            raise WouldBlock
+        try:
+            raw = self._raw()
+            cur = raw.cursor()
+            try:
+                if not getattr(self._local, "now", False):
+                    cur.execute("PRAGMA busy_timeout = 0")
+                    self._local.now = True
+                try:
+                    cur.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if raw.in_transaction:
+                        raw.rollback()
+                    raise WouldBlock from exc  # locked by another connection or process
+                try:
+                    yield cur
+                    raw.commit()
+                except BaseException:
+                    raw.rollback()
+                    raise
+            finally:
+                cur.close()
+        finally:
+            lock.release()
+
+    def checkpoint(self) -> None:
+        """Copies the write-ahead log into the database file as far as no reader needs it
+        (PASSIVE: waits for nobody), on this thread's connection."""
+        raw = self._raw()
+        raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def close(self) -> None:
         for conn in self._all:

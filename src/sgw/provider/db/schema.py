@@ -68,6 +68,11 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = FULL")
+        # No commit copies the write-ahead log back into the database file (which also
+        # syncs it): one that did, inside a writer's lock, stood every other writer still
+        # for as long. The provider's control hub checkpoints from a thread instead
+        # (ControlHub, every sweep), and SQLite does when the last connection closes.
+        cursor.execute("PRAGMA wal_autocheckpoint = 0")
     finally:
         cursor.close()
 
