@@ -677,6 +677,9 @@ class _SqliteHot:
         again_db = self.to_db(now - timedelta(seconds=redeliver_after_s))
         gateways = list(dict.fromkeys(g for g, _acks, look in polls if look))
         due = "(status = 'queued' OR (status = 'delivered' AND delivered < ?)) AND expires > ?"
+        # The same for the look, by the (status, gateway) index: only open messages are
+        # read, however long the gateway's history (the guard below goes by primary key).
+        open_due = f"status IN ('queued', 'delivered') AND {due}"
         taken: dict[str, list[MessageInfo]] = {}
         with self._txn(nowait) as cur:
             for gateway_id, acks, _look in polls:
@@ -690,7 +693,7 @@ class _SqliteHot:
             for chunk in _chunks(gateways):
                 cur.execute(
                     "SELECT id, gateway_id FROM control_messages "
-                    f"WHERE gateway_id IN ({_marks(chunk)}) AND {due} ORDER BY created, id",
+                    f"WHERE gateway_id IN ({_marks(chunk)}) AND {open_due} ORDER BY created, id",
                     [*chunk, again_db, now_db],
                 )
                 per_gateway: dict[str, list[str]] = {}
