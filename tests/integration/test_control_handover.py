@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.orm import Session
 
 from sgw.provider.control.hub import ControlHub
 from sgw.provider.control.store import ControlStore, NewMessage
-from sgw.provider.db import schema
-from sgw.provider.db.models import Account, Gateway
+from tests.fixtures.control_db import control_db
 
 ACCOUNT = "acct-1"
 GATEWAYS = ["gw-1", "gw-2"]
@@ -25,21 +23,23 @@ GATEWAYS = ["gw-1", "gw-2"]
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[ControlStore]:
-    url = f"sqlite:///{tmp_path / 'provider.db'}"
-    schema.upgrade(url)
-    engine = schema.make_engine(url)
-    with Session(engine) as s, s.begin():
-        s.add(Account(id=ACCOUNT, name="acme"))
-        for gid in GATEWAYS:
-            s.add(Gateway(id=gid, account_id=ACCOUNT, name=gid))
-    engine.dispose()
-    store = ControlStore(url)
+    store = ControlStore(control_db(tmp_path, ACCOUNT, GATEWAYS))
     yield store
     store.close()
 
 
-def hub_of(store: ControlStore) -> ControlHub:
-    return ControlHub(store, server_id=str(uuid.uuid4()), url="http://127.0.0.1:9", secret=b"s")
+def with_hub(store: ControlStore, body: Callable[[ControlHub], Awaitable[None]]) -> None:
+    """Runs ``body`` with a started hub of ``store``, stopped afterwards."""
+
+    async def run() -> None:
+        hub = ControlHub(store, server_id=str(uuid.uuid4()), url="http://127.0.0.1:9", secret=b"s")
+        await hub.start()
+        try:
+            await body(hub)
+        finally:
+            await hub.stop()
+
+    asyncio.run(run())
 
 
 async def waiting(hub: ControlHub, gateway_id: str) -> None:
@@ -55,93 +55,78 @@ async def waiting(hub: ControlHub, gateway_id: str) -> None:
 def test_a_posted_command_is_handed_to_the_waiting_poll_and_recorded(
     store: ControlStore,
 ) -> None:
-    async def run() -> None:
-        hub = hub_of(store)
-        await hub.start()
-        try:
-            polling = asyncio.create_task(hub.poll("gw-1", 10.0))
-            await waiting(hub, "gw-1")
-            looks = hub._takes.items
-            info, created = await hub.post(ACCOUNT, "gw-1", "describe", {"n": 1}, ttl_s=60)
-            assert created
-            got = await asyncio.wait_for(polling, 5)
-            assert [m.id for m in got] == [info.id]
-            assert got[0].deliveries == 1 and got[0].status == "delivered"
-            assert hub._takes.items == looks, "the poll read the database back"
-            # The delivery is recorded after the answer.
-            for _ in range(200):
-                if store.get(ACCOUNT, "gw-1", info.id).status == "delivered":
-                    break
-                await asyncio.sleep(0.01)
-            row = store.get(ACCOUNT, "gw-1", info.id)
-            assert row.status == "delivered" and row.deliveries == 1
-            # The next poll acknowledges it; nothing is delivered twice.
-            again = asyncio.create_task(hub.poll("gw-1", 0.3, ack=[info.id]))
-            assert await asyncio.wait_for(again, 5) == []
-            assert store.get(ACCOUNT, "gw-1", info.id).status == "acknowledged"
-        finally:
-            await hub.stop()
+    async def run(hub: ControlHub) -> None:
+        polling = asyncio.create_task(hub.poll("gw-1", 10.0))
+        await waiting(hub, "gw-1")
+        looks = hub._takes.items
+        info, created = await hub.post(ACCOUNT, "gw-1", "describe", {"n": 1}, ttl_s=60)
+        assert created
+        got = await asyncio.wait_for(polling, 5)
+        assert [m.id for m in got] == [info.id]
+        assert got[0].deliveries == 1 and got[0].status == "delivered"
+        assert hub._takes.items == looks, "the poll read the database back"
+        # The delivery is recorded after the answer.
+        for _ in range(200):
+            if store.get(ACCOUNT, "gw-1", info.id).status == "delivered":
+                break
+            await asyncio.sleep(0.01)
+        row = store.get(ACCOUNT, "gw-1", info.id)
+        assert row.status == "delivered" and row.deliveries == 1
+        # The next poll acknowledges it; nothing is delivered twice.
+        again = asyncio.create_task(hub.poll("gw-1", 0.3, ack=[info.id]))
+        assert await asyncio.wait_for(again, 5) == []
+        assert store.get(ACCOUNT, "gw-1", info.id).status == "acknowledged"
 
-    asyncio.run(run())
+    with_hub(store, run)
 
 
 def test_a_hand_over_the_poll_cannot_deliver_is_found_by_the_next_poll(
     store: ControlStore,
 ) -> None:
-    async def run() -> None:
-        hub = hub_of(store)
-        await hub.start()
-        try:
-            # A newer poll of the gateway (it reconnected) supersedes the poll in the
-            # loop turn of the hand-over: the newer poll gets the message.
-            first = asyncio.create_task(hub.poll("gw-1", 10.0))
-            await waiting(hub, "gw-1")
-            info, _ = await hub._posts.submit(_new("gw-1", hub.server_id))
-            second = asyncio.create_task(hub.poll("gw-1", 10.0))  # runs before `first`
-            assert hub._hand_over(info)
-            first_got = await asyncio.wait_for(first, 5)
-            second_got = await asyncio.wait_for(second, 5)
-            assert first_got == [] and [m.id for m in second_got] == [info.id]
+    async def run(hub: ControlHub) -> None:
+        # A newer poll of the gateway (it reconnected) supersedes the poll in the
+        # loop turn of the hand-over: the newer poll gets the message.
+        first = asyncio.create_task(hub.poll("gw-1", 10.0))
+        await waiting(hub, "gw-1")
+        info, _ = await hub._posts.submit(_new("gw-1", hub.server_id))
+        second = asyncio.create_task(hub.poll("gw-1", 10.0))  # runs before `first`
+        assert hub._hand_over(info)
+        first_got = await asyncio.wait_for(first, 5)
+        second_got = await asyncio.wait_for(second, 5)
+        assert first_got == [] and [m.id for m in second_got] == [info.id]
 
-            # A doorbell rings while a message is handed over: the poll looks in the
-            # database and delivers each message once.
-            other = asyncio.create_task(hub.poll("gw-2", 10.0))
-            await waiting(hub, "gw-2")
-            queued, _ = await hub._posts.submit(_new("gw-2", hub.server_id))
-            handed, _ = await hub._posts.submit(_new("gw-2", hub.server_id))
-            assert hub._hand_over(handed)
-            hub.ring_local(["gw-2"])
-            got = await asyncio.wait_for(other, 5)
-            assert sorted(m.id for m in got) == sorted([queued.id, handed.id])
-        finally:
-            await hub.stop()
+        # A doorbell rings while a message is handed over: the poll looks in the
+        # database and delivers each message once.
+        other = asyncio.create_task(hub.poll("gw-2", 10.0))
+        await waiting(hub, "gw-2")
+        queued, _ = await hub._posts.submit(_new("gw-2", hub.server_id))
+        handed, _ = await hub._posts.submit(_new("gw-2", hub.server_id))
+        assert hub._hand_over(handed)
+        hub.ring_local(["gw-2"])
+        got = await asyncio.wait_for(other, 5)
+        assert sorted(m.id for m in got) == sorted([queued.id, handed.id])
 
-    asyncio.run(run())
+    with_hub(store, run)
 
 
 def test_a_hand_over_to_a_poll_whose_connection_went_stays_pending(
     store: ControlStore,
 ) -> None:
-    async def run() -> None:
-        hub = hub_of(store)
-        await hub.start()
-        try:
-            polling = asyncio.create_task(hub.poll("gw-1", 10.0))
-            await waiting(hub, "gw-1")
-            info, _ = await hub._posts.submit(_new("gw-1", hub.server_id))
-            poll = hub._held["gw-1"]
-            assert hub._hand_over(info)
-            poll.gone = True  # its connection closed before the answer went out
-            poll.ring()
-            assert await asyncio.wait_for(polling, 5) == []
-            assert store.get(ACCOUNT, "gw-1", info.id).status == "queued"
-            # The gateway's next poll (here) reads the database and gets it.
-            got = await asyncio.wait_for(hub.poll("gw-1", 5.0), 5)
-            assert [m.id for m in got] == [info.id]
-        finally:
-            await hub.stop()
+    async def run(hub: ControlHub) -> None:
+        polling = asyncio.create_task(hub.poll("gw-1", 10.0))
+        await waiting(hub, "gw-1")
+        info, _ = await hub._posts.submit(_new("gw-1", hub.server_id))
+        poll = hub._held["gw-1"]
+        assert hub._hand_over(info)
+        poll.gone = True  # its connection closed before the answer went out
+        poll.ring()
+        assert await asyncio.wait_for(polling, 5) == []
+        assert store.get(ACCOUNT, "gw-1", info.id).status == "queued"
+        # The gateway's next poll (here) reads the database and gets it.
+        got = await asyncio.wait_for(hub.poll("gw-1", 5.0), 5)
+        assert [m.id for m in got] == [info.id]
 
-    asyncio.run(run())
+    with_hub(store, run)
 
 
 def _new(gateway_id: str, server_id: str) -> NewMessage:

@@ -13,31 +13,23 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy.orm import Session
 
 from sgw.provider.control.batching import GroupRunner
 from sgw.provider.control.store import ControlStore, NewMessage
 from sgw.provider.db import schema
-from sgw.provider.db.models import Account, Gateway, utcnow
+from sgw.provider.db.models import utcnow
 from sgw.provider.db.raw import ThreadConnections, WouldBlock
 from sgw.provider.nonces import NonceLedger
+from tests.fixtures.control_db import control_db
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[str]:
-    url = f"sqlite:///{tmp_path / 'provider.db'}"
-    schema.upgrade(url)
-    engine = schema.make_engine(url)
-    with Session(engine) as s, s.begin():
-        s.add(Account(id="acct", name="acme"))
-        s.add(Gateway(id="gw", account_id="acct", name="gw"))
-    engine.dispose()
-    yield url
+def db(tmp_path: Path) -> str:
+    return control_db(tmp_path, "acct", ["gw"])
 
 
 def _count(url: str) -> int:

@@ -19,13 +19,11 @@ gateway's uploads behind the disk.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -175,13 +173,8 @@ class NonceLedger:
         before is written again row by row, to say which)."""
         unique = list(dict.fromkeys((k, n) for k, n, _e in items))
         expires = {(k, n): e for k, n, e in items}
-        txn = (
-            self._conns.transaction_now(self._write_lock)
-            if nowait
-            else _locked(self._write_lock, self._conns.transaction())
-        )
         try:
-            with txn as cur:
+            with self._conns.write(self._write_lock, nowait) as cur:
                 for chunk in _batches(unique, _ROWS_PER_INSERT):
                     cur.execute(
                         "INSERT INTO request_nonces (key_id, nonce, expires) VALUES "
@@ -206,7 +199,7 @@ class NonceLedger:
     def _insert_each_sqlite(self, items: list[Item]) -> list[bool | BaseException]:
         """``_insert_many_sqlite`` a row at a time, saying which were new."""
         out: list[bool | BaseException] = []
-        with self._write_lock, self._conns.transaction() as cur:
+        with self._conns.write(self._write_lock, nowait=False) as cur:
             for key_id, nonce, expires in items:
                 cur.execute(
                     "INSERT INTO request_nonces (key_id, nonce, expires) VALUES (?, ?, ?) "
@@ -246,12 +239,6 @@ class NonceLedger:
 
 class _SeenBeforeError(Exception):
     """A group holds a nonce that was written before: it is written row by row."""
-
-
-@contextlib.contextmanager
-def _locked(lock: Any, txn: AbstractContextManager[T]) -> Iterator[T]:
-    with lock, txn as value:
-        yield value
 
 
 def _batches(items: list[T], size: int) -> Iterable[list[T]]:

@@ -28,9 +28,9 @@ R = TypeVar("R")  # its result
 
 # Most items per batch: bounds one transaction's time and the size of its IN lists.
 MAX_BATCH = 256
-# Pauses between tries of a batch on the event loop's thread before it goes to the thread
-# (seconds); the last try is followed by none.
-NOW_RETRIES_S = (0.001, 0.002, 0.004, 0.0)
+# Pauses between the tries of a batch on the event loop's thread before it goes to the
+# thread (seconds): one try more than pauses.
+NOW_RETRIES_S = (0.001, 0.002, 0.004)
 
 
 class GroupRunner(Generic[I, R]):
@@ -67,10 +67,12 @@ class GroupRunner(Generic[I, R]):
         """``run_now``'s results; None if it would still block after a few short tries
         (another writer's transaction is usually over within a millisecond or two)."""
         assert self._run_now is not None
-        for delay in NOW_RETRIES_S:
+        for delay in (*NOW_RETRIES_S, None):
             try:
                 return self._run_now(items)
             except WouldBlock:
+                if delay is None:
+                    break
                 await asyncio.sleep(delay)
         self.deferred += 1
         return None

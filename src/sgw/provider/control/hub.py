@@ -62,6 +62,7 @@ LOG = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+R = TypeVar("R")
 FinishedHook = Callable[[MessageInfo], Awaitable[None]]
 # A gateway's reply: message id, succeeded, result, error.
 Reply = tuple[str, bool, dict[str, Any] | None, str | None]
@@ -159,32 +160,20 @@ class ControlHub:
             _DB_THREADS, thread_name_prefix="control-db"
         )
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="control-w")
-        # SQLite: each group tried on the loop's thread first (sgw.provider.db.raw).
-        now = store.dialect == "sqlite"
-        self._takes = GroupRunner(
-            self._take_many,
-            self._writer,
-            run_now=functools.partial(self._take_many, nowait=True) if now else None,
-        )
-        self._completions = GroupRunner(
-            self._complete_many,
-            self._writer,
-            run_now=functools.partial(self._complete_many, nowait=True) if now else None,
-        )
-        self._posts = GroupRunner(
-            self._post_many,
-            self._writer,
-            run_now=functools.partial(self._post_many, nowait=True) if now else None,
-        )
-        self._marks = GroupRunner(
-            self._mark_many,
-            self._writer,
-            run_now=functools.partial(self._mark_many, nowait=True) if now else None,
-        )
+        self._takes = self._group(self._take_many)
+        self._completions = self._group(self._complete_many)
+        self._posts = self._group(self._post_many)
+        self._marks = self._group(self._mark_many)
         self._background: set[asyncio.Task[None]] = set()
         self._http: httpx.AsyncClient | None = None
         self.peer_urls: list[str] = []  # live servers, from the last heartbeat
         self.stats = {"polls": 0, "delivered": 0, "doorbells_sent": 0, "broadcasts": 0}
+
+    def _group(self, run: Callable[..., list[R | BaseException]]) -> GroupRunner[Any, R]:
+        """Group writes of ``run`` (called with ``nowait=True`` first on SQLite: on the
+        loop's thread when it can be done at once; see sgw.provider.db.raw)."""
+        now = functools.partial(run, nowait=True) if self.store.dialect == "sqlite" else None
+        return GroupRunner(run, self._writer, run_now=now)
 
     @property
     def held(self) -> int:

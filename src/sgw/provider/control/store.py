@@ -612,7 +612,7 @@ class _SqliteHot:
     building, compiling and wrapping them per call, which cost more CPU than SQLite
     itself. Values are converted by the columns' own types, so rows are stored exactly
     as through SQLAlchemy. Each call takes the process's write lock; with ``nowait`` it
-    runs only if it can at once (``ThreadConnections.transaction_now``)."""
+    runs only if it can at once (``ThreadConnections.write``)."""
 
     def __init__(self, engine: Engine, lock: Any) -> None:
         self._engine = engine
@@ -631,15 +631,6 @@ class _SqliteHot:
 
     def close(self) -> None:
         self._conns.close()
-
-    @contextlib.contextmanager
-    def _txn(self, nowait: bool) -> Iterator[sqlite3.Cursor]:
-        if nowait:
-            with self._conns.transaction_now(self._lock) as cur:
-                yield cur
-        else:
-            with self._lock, self._conns.transaction() as cur:
-                yield cur
 
     def checkpoint(self) -> None:
         self._conns.checkpoint()
@@ -660,7 +651,7 @@ class _SqliteHot:
             ]
             for r in rows
         ]
-        with self._txn(nowait) as cur:
+        with self._conns.write(self._lock, nowait) as cur:
             cur.executemany(
                 f"INSERT INTO control_messages ({self._names}) VALUES ({marks})", params
             )
@@ -681,7 +672,7 @@ class _SqliteHot:
         # read, however long the gateway's history (the guard below goes by primary key).
         open_due = f"status IN ('queued', 'delivered') AND {due}"
         taken: dict[str, list[MessageInfo]] = {}
-        with self._txn(nowait) as cur:
+        with self._conns.write(self._lock, nowait) as cur:
             for gateway_id, acks, _look in polls:
                 for chunk in _chunks(list(acks)):
                     cur.execute(
@@ -718,7 +709,7 @@ class _SqliteHot:
 
     def mark_delivered(self, message_ids: Sequence[str], now: datetime, nowait: bool) -> None:
         now_db = self.to_db(now)
-        with self._txn(nowait) as cur:
+        with self._conns.write(self._lock, nowait) as cur:
             for chunk in _chunks(list(message_ids)):
                 cur.execute(
                     "UPDATE control_messages SET status = 'delivered', delivered = ?, "
@@ -732,7 +723,7 @@ class _SqliteHot:
     ) -> list[tuple[MessageInfo | None, bool] | BaseException]:
         now_db = self.to_db(now)
         out: list[tuple[MessageInfo | None, bool] | BaseException] = []
-        with self._txn(nowait) as cur:
+        with self._conns.write(self._lock, nowait) as cur:
             for reply in replies:
                 cur.execute(
                     "UPDATE control_messages SET status = ?, completed = ?, "

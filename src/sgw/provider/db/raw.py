@@ -71,27 +71,30 @@ class ThreadConnections:
             raise WouldBlock
         try:
             raw = self._raw()
-            cur = raw.cursor()
+            if not getattr(self._local, "now", False):
+                raw.execute("PRAGMA busy_timeout = 0")
+                self._local.now = True
             try:
-                if not getattr(self._local, "now", False):
-                    cur.execute("PRAGMA busy_timeout = 0")
-                    self._local.now = True
-                try:
-                    cur.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as exc:
-                    if raw.in_transaction:
-                        raw.rollback()
-                    raise WouldBlock from exc  # locked by another connection or process
-                try:
-                    yield cur
-                    raw.commit()
-                except BaseException:
+                raw.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if raw.in_transaction:
                     raw.rollback()
-                    raise
-            finally:
-                cur.close()
+                raise WouldBlock from exc  # locked by another connection or process
+            with self.transaction() as cur:
+                yield cur
         finally:
             lock.release()
+
+    @contextlib.contextmanager
+    def write(self, lock: Any, nowait: bool) -> Iterator[sqlite3.Cursor]:
+        """A write transaction under the process's write ``lock``: with ``nowait``,
+        ``transaction_now``; otherwise waiting for the lock as long as it takes."""
+        if nowait:
+            with self.transaction_now(lock) as cur:
+                yield cur
+        else:
+            with lock, self.transaction() as cur:
+                yield cur
 
     def checkpoint(self) -> None:
         """Copies the write-ahead log into the database file as far as no reader needs it
