@@ -9,9 +9,10 @@ import time
 import uuid
 
 import httpx
+import zstandard
 
 from sgw.common import signing
-from sgw.gateway.request_signing import GatewayAuth
+from sgw.gateway.request_signing import BODY_SHA256, GatewayAuth
 from tests.conftest import ProviderProcess
 from tests.fixtures.management import FakeGateway, SecureProvider, activate, new_account
 
@@ -205,6 +206,37 @@ def test_gateway_touches_only_its_own_volumes_and_snapshots(
     assert admin.get(f"/v1/snapshots/{snap_a}").status_code == 200
 
 
+def test_signed_chunk_puts_check_the_data_against_the_chunk_id(
+    secure_provider: SecureProvider,
+) -> None:
+    """A signed plaintext body is checked against its chunk id by the digest its signature
+    covered (not hashed again): a body that is not the chunk is refused and stores nothing,
+    as is one larger than the chunk size; zstd bodies are inflated and hashed."""
+    p = secure_provider
+    gw = activate(p, p.token, "gw-chunks")
+    c = p.client(auth=gw.auth())
+    vid = c.post("/v1/volumes", json={"name": "v", "size": MIB, "mode": "cached"}).json()["id"]
+    chunk = bytes(range(256)) * (64 * KIB // 256)
+    cid = hashlib.sha256(chunk).hexdigest()
+    path = f"/v1/volumes/{vid}/chunks/{cid}"
+
+    def put(body: bytes, **headers: str) -> httpx.Response:
+        return c.put(path, content=body, headers={"x-sgw-sha256": cid, **headers})
+
+    wrong = put(chunk[:-1] + b"x")
+    assert wrong.status_code == 400 and "SHA-256" in wrong.json()["message"], wrong.text
+    big = put(chunk * 17)  # 1088 KiB, the chunk size is 1 MiB
+    assert big.status_code == 413 and "larger than" in big.json()["message"], big.text
+    assert c.get(path).status_code == 404  # nothing stored
+    frame = zstandard.ZstdCompressor().compress(chunk[:-1] + b"x")
+    assert put(frame, **{"content-encoding": "zstd"}).status_code == 400
+    assert c.get(path).status_code == 404
+    assert put(chunk).status_code == 201
+    assert c.get(path).content == chunk
+    frame = zstandard.ZstdCompressor().compress(chunk)
+    assert put(frame, **{"content-encoding": "zstd"}).status_code == 200  # there already
+
+
 def test_gateway_of_another_account_sees_nothing(secure_provider: SecureProvider) -> None:
     p = secure_provider
     a = activate(p, p.token, "gw-a")
@@ -272,3 +304,17 @@ def test_gateway_auth_signs_each_retry_anew() -> None:
     assert signing.verify(public, parsed, "PUT", b"/v1/volumes/x/chunks/y?a=1", digest)
     assert not signing.verify(public, parsed, "PUT", b"/v1/volumes/x/chunks/y?a=2", digest)
     assert not signing.verify(public, parsed, "GET", b"/v1/volumes/x/chunks/y?a=1", digest)
+
+
+def test_gateway_auth_signs_the_digest_its_caller_gives() -> None:
+    """A chunk PUT hands its id (the plaintext's SHA-256) to the signer instead of having
+    the body hashed again: the signature covers that digest."""
+    gw = FakeGateway(gateway_id=str(uuid.uuid4()))
+    auth = GatewayAuth(gw.key, "gw:" + gw.gateway_id)
+    public = bytes.fromhex(signing.public_key_hex(gw.key))
+    given = signing.body_digest(b"other")
+    req = httpx.Request("PUT", "https://p/c", content=b"data", extensions={BODY_SHA256: given})
+    parsed = signing.parse_header(next(auth.sync_auth_flow(req)).headers["authorization"])
+    assert parsed is not None
+    assert signing.verify(public, parsed, "PUT", b"/c", given)
+    assert not signing.verify(public, parsed, "PUT", b"/c", signing.body_digest(b"data"))

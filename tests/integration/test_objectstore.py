@@ -3,6 +3,7 @@ server over HTTP) and memory; then what is particular to each, and open_store.""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import stat
@@ -11,7 +12,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import crc32c
 import pytest
 
 from sgw.common.chunks import chunk_id, decode_chunk, encode_chunk
@@ -433,6 +436,27 @@ def test_s3_conditional_put_stores_only_what_is_new(s3_endpoint: str, s3_bucket:
     assert store.put_new("chunks/b", b"x") is None and not store.exists("chunks/b")
 
 
+def test_s3_puts_carry_a_crc32c_of_the_body_and_leave_it_unsigned(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    """Each put sends the body's CRC32C for the store to verify, and no SHA-256 of it."""
+    store = s3_store(s3_endpoint, s3_bucket, prefix="crc")
+    sent: list[dict[str, str]] = []
+
+    def record(request: Any, **_: Any) -> None:
+        sent.append({k.lower(): _text(v) for k, v in request.headers.items()})
+
+    store._client.meta.events.register("before-send.s3.PutObject", record)
+    body = bytearray(os.urandom(100_000))
+    store.put("chunks/p", body)
+    assert store.put_new("chunks/n", memoryview(body)) is True
+    want = base64.b64encode(crc32c.crc32c(body).to_bytes(4, "big")).decode()
+    assert [h["x-amz-checksum-crc32c"] for h in sent] == [want, want]
+    assert all(h["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD" for h in sent)
+    assert "x-amz-checksum-crc32" not in sent[0]  # botocore's own default is not added
+    assert store.get("chunks/p") == store.get("chunks/n") == bytes(body)
+
+
 def test_s3_ensure_bucket_is_idempotent(s3_endpoint: str, s3_bucket: str) -> None:
     store = s3_store(s3_endpoint, s3_bucket)
     store.put("k", b"v")
@@ -496,3 +520,7 @@ def test_open_store_s3_talks_to_the_server(
 def test_open_store_rejects_bad_urls(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         open_store(url)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -83,11 +83,18 @@ def sign(
     *,
     timestamp: int,
     nonce: str | None = None,
+    digest: str | None = None,
 ) -> str:
-    """The Authorization header value of a request."""
+    """The Authorization header value of a request. ``digest``: ``body_digest(body)`` if
+    the caller has it already (a plaintext chunk's id is that very hash)."""
     nonce = nonce or secrets.token_hex(NONCE_HEX // 2)
     message = canonical_request(
-        method, target, body_digest(body), timestamp=timestamp, nonce=nonce, key_id=key_id
+        method,
+        target,
+        digest or body_digest(body),
+        timestamp=timestamp,
+        nonce=nonce,
+        key_id=key_id,
     )
     sig = base64.urlsafe_b64encode(key.sign(message)).rstrip(b"=").decode("ascii")
     return f"{SCHEME} key={key_id}, ts={timestamp}, nonce={nonce}, sig={sig}"

@@ -39,6 +39,7 @@ from sgw.common.errors import (
     RemoteRejectedError,
     RemoteUnavailableError,
 )
+from sgw.gateway.request_signing import BODY_SHA256
 
 LOG = logging.getLogger(__name__)
 
@@ -187,14 +188,18 @@ class BlockApiClient:
     async def put_chunk(self, volume_id: str, chunk: PreparedChunk) -> bool:
         """Uploads a chunk; True if the provider stored it now, False if it had it."""
         headers = {"x-sgw-sha256": chunk.id, "content-type": "application/octet-stream"}
+        extensions = {}
         if chunk.encoding:
             headers["content-encoding"] = chunk.encoding
+        else:  # the body is the plaintext, whose SHA-256 is the chunk id
+            extensions[BODY_SHA256] = chunk.id
         resp = await self._call(
             "PUT",
             f"/v1/volumes/{volume_id}/chunks/{chunk.id}",
             f"chunk {chunk.id[:12]} of {volume_id}",
             content=chunk.body,
             headers=headers,
+            extensions=extensions,
         )
         return resp.status_code == 201
 

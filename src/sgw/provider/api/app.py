@@ -58,7 +58,7 @@ from sgw.provider.blockstore.maps import (
     SnapshotStateError,
 )
 from sgw.provider.blockstore.objects import ObjectStore, open_store
-from sgw.provider.blockstore.service import BlockService
+from sgw.provider.blockstore.service import BlockService, zstd_bound
 from sgw.provider.config import ProviderConfig
 from sgw.provider.control.commands import CommandPlanner
 from sgw.provider.control.hub import ControlHub
@@ -96,7 +96,7 @@ _STATUS: list[tuple[type[SgwError], int, str]] = [
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 # Largest request body of any call (bytes): a zstd-framed chunk of the largest chunk size.
 # JSON bodies are bounded by it too, since the framework buffers them whole.
-MAX_REQUEST_BODY = blocks.zstd_bound(MAX_CHUNK_SIZE)
+MAX_REQUEST_BODY = zstd_bound(MAX_CHUNK_SIZE)
 
 
 def create_app(config: ProviderConfig) -> FastAPI:

@@ -13,9 +13,11 @@ Two kinds of credentials (docs/adr/0003-gateway-authentication.md):
 ``AuthMiddleware`` checks credentials before anything else runs (a bad one is a 401,
 logged); the control channel's hot calls are checked by ``sgw.provider.api.lean`` with
 the same ``Authenticator`` on the event loop (``signed_async``, ``bearer_async``: the
-gateway's key and a token's principal from caches, the nonce written in a group); the
-route dependencies (``CurrentAccount``, ``AdminPrincipal``) say what a route
-needs, so no route can forget to ask. In development mode (``--insecure-dev``) a request
+gateway's key and a token's principal from caches, the nonce written in a group), as are
+all other signed calls (their body hashed as it arrives; the digest is left in the
+request's state as ``BODY_SHA256`` for routes that need it too); the route dependencies
+(``CurrentAccount``, ``AdminPrincipal``) say what a route needs, so no route can forget
+to ask. In development mode (``--insecure-dev``) a request
 without credentials acts for the built-in account ``dev``.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -53,6 +56,9 @@ from sgw.provider.nonces import NonceLedger
 
 LOG = logging.getLogger(__name__)
 
+# Where a signed request's body digest (hex SHA-256, checked by the signature) is kept in
+# the ASGI scope's state.
+BODY_SHA256 = "body_sha256"
 DEV_ACCOUNT_ID = "dev"
 DEV_ACCOUNT_NAME = "dev"
 _NO_CREDENTIALS = (
@@ -177,21 +183,12 @@ class Authenticator:
 
     # Signed requests
 
-    def signed(self, header: str, method: str, target: bytes, body: bytes) -> Principal:
-        """A signed request's principal (blocking: reads the gateway's key unless cached,
-        writes the nonce)."""
-        parsed = self._parse(header)
-        principal, public_key = self._signer(parsed.key_id)
-        self._verify(parsed, public_key, method, target, body)
-        if not self.nonces.first_use(parsed.key_id, parsed.nonce, _nonce_expiry(parsed)):
-            raise _replayed(parsed)
-        if principal.gateway_id is not None:
-            self.gateways.touch(principal.gateway_id)
-        return principal
-
-    async def signed_async(self, header: str, method: str, target: bytes, body: bytes) -> Principal:
+    async def signed_async(
+        self, header: str, method: str, target: bytes, body: bytes, *, digest: str | None = None
+    ) -> Principal:
         """``signed`` on the event loop: the signature checked inline, the gateway's key
-        from the cache (read in a thread otherwise), the nonce written in a group."""
+        from the cache (read in a thread otherwise), the nonce written in a group.
+        ``digest``: the body's SHA-256 (hex) if the caller has it; else it is computed."""
         parsed = self._parse(header)
         key_id = parsed.key_id
         key = None
@@ -201,7 +198,7 @@ class Authenticator:
             principal, public_key = _gateway_signer(key), key.verifier
         else:
             principal, public_key = await asyncio.to_thread(self._signer, key_id)
-        self._verify(parsed, public_key, method, target, body)
+        self._verify(parsed, public_key, method, target, digest or signing.body_digest(body))
         if not await self.nonces.first_use_async(key_id, parsed.nonce, _nonce_expiry(parsed)):
             raise _replayed(parsed)
         if (
@@ -242,9 +239,9 @@ class Authenticator:
         verifier: signing.Verifier,
         method: str,
         target: bytes,
-        body: bytes,
+        digest: str,
     ) -> None:
-        if not signing.verify(verifier, parsed, method, target, signing.body_digest(body)):
+        if not signing.verify(verifier, parsed, method, target, digest):
             raise UnauthenticatedError(
                 f"bad signature from {parsed.key_id}: the request was altered or not signed "
                 "with the gateway's identity key"
@@ -324,12 +321,17 @@ class AuthMiddleware:
             if header[:7].lower() == "bearer ":
                 principal = await run_in_threadpool(self.auth.bearer, header[7:].strip())
             elif signing.is_signed(header):
-                body = await read_body(receive, self.limit)
+                hasher = hashlib.sha256()
+                body = await read_body(receive, self.limit, hasher)
                 if body is None:
                     await _reply(scope, send, 413, "payload_too_large", "request body too large")
                     return
                 receive = replay(body, receive)
-                principal = await run_in_threadpool(self.auth.signed, header, method, target, body)
+                digest = hasher.hexdigest()
+                principal = await self.auth.signed_async(
+                    header, method, target, body, digest=digest
+                )
+                scope.setdefault("state", {})[BODY_SHA256] = digest
             else:
                 raise UnauthenticatedError(
                     f"unknown Authorization scheme {header.split(' ', 1)[0][:40]!r}: use "
@@ -357,7 +359,11 @@ async def refuse(scope: Scope, send: Send, exc: UnauthenticatedError) -> None:
     await _reply(scope, send, 401, "unauthenticated", str(exc))
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | None:
+async def read_body(
+    receive: Receive, limit: int, hasher: hashlib._Hash | None = None
+) -> bytes | None:
+    """The whole body, at most ``limit`` bytes (None past it). ``hasher`` is fed each
+    part as it arrives (spread over the receipt, and without a worker thread's hop)."""
     parts: list[bytes] = []
     size = 0
     while True:
@@ -373,6 +379,8 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
             if size > limit:
                 return None
             parts.append(part)
+            if hasher is not None:
+                hasher.update(part)
             if not msg.get("more_body", False):
                 return b"".join(parts)
 

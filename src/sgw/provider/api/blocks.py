@@ -17,12 +17,13 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from sgw.common.chunks import MAX_CHUNK_SIZE
 from sgw.common.errors import (
     ChecksumMismatchError,
-    PayloadTooLargeError,
     UnsupportedEncodingError,
 )
 from sgw.provider.api.auth import (
+    BODY_SHA256,
     CurrentAccount,
     CurrentPrincipal,
     check_snapshot,
@@ -35,13 +36,12 @@ from sgw.provider.blockstore.service import (
     MAX_PAGE,
     BlockPage,
     BlockService,
+    body_too_large,
     check_chunk_id,
     inflate_body,
+    zstd_bound,
 )
 
-# Slack on top of zstd's worst-case expansion (ZSTD_compressBound) for frame headers,
-# checksums and a few concatenated frames (bytes).
-_ZSTD_FRAMING = 4096
 _OCTETS = "application/octet-stream"
 # Upper bound of sizes, versions and indexes: what the database's 64-bit integers hold.
 _INT64_MAX = (1 << 63) - 1
@@ -271,7 +271,6 @@ async def put_chunk(
     service: Service,
 ) -> ChunkStored:
     """Stores a chunk (plaintext, at most the chunk size, not all zero) for a commit."""
-    volume = await run_in_threadpool(service.get_volume, account, volume_id)
     check_chunk_id(chunk_id, "chunk id in the path")
     check_chunk_id(sha256, "x-sgw-sha256")
     if sha256 != chunk_id:
@@ -281,9 +280,17 @@ async def put_chunk(
         )
     what = f"chunk {chunk_id}"
     encoding = _content_encoding(request, what)
-    body = await _read_wire_body(request, volume.chunk_size, encoding, what)
+    # The volume's own limit is checked with its lookup, in the same worker-thread trip.
+    body = await _read_wire_body(request, MAX_CHUNK_SIZE, encoding, what)
+    # A signed request's body was hashed for its signature: for a plaintext body that is
+    # the chunk's SHA-256 already.
+    digest = request.scope.get("state", {}).get(BODY_SHA256) if encoding == "identity" else None
     created = await run_in_threadpool(
-        partial(service.put_chunk, zstd=encoding == "zstd"), account, volume.id, chunk_id, body
+        partial(service.put_chunk, zstd=encoding == "zstd", body_sha256=digest),
+        account,
+        volume_id,
+        chunk_id,
+        body,
     )
     response.status_code = 201 if created else 200
     return ChunkStored(chunk_id=chunk_id)
@@ -464,12 +471,6 @@ def delete_snapshot(snapshot_id: str, account: CurrentAccount, service: Service)
 # Bodies
 
 
-def zstd_bound(size: int) -> int:
-    """The most bytes a zstd stream of ``size`` bytes of data may take (with framing)."""
-    small = ((128 << 10) - size) >> 11 if size < (128 << 10) else 0
-    return size + (size >> 8) + small + _ZSTD_FRAMING
-
-
 def _content_encoding(request: Request, what: str) -> str:
     """The body's Content-Encoding: "identity" or "zstd" (else 415)."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -485,10 +486,7 @@ async def _read_wire_body(request: Request, limit: int, encoding: str, what: str
     """The body as sent, refused (413) past what ``limit`` bytes of data can take on the
     wire in ``encoding``."""
     wire_limit = limit if encoding == "identity" else zstd_bound(limit)
-    too_large = PayloadTooLargeError(
-        f"{what} is larger than {limit} bytes, the most this call accepts (the chunk size); "
-        "send at most one chunk of data"
-    )
+    too_large = body_too_large(what, limit)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > wire_limit:
         raise too_large

@@ -34,8 +34,10 @@ from sqlalchemy import (
     ColumnElement,
     CursorResult,
     Delete,
+    Engine,
     Result,
     Row,
+    bindparam,
     delete,
     exists,
     insert,
@@ -174,6 +176,9 @@ class ChunkMaps:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        # For the hottest read (a volume by id, once per chunk put): a plain connection
+        # costs a quarter of a session's ORM ``get``.
+        self._engine: Engine = sessions.kw["bind"]
 
     # Volumes
 
@@ -287,11 +292,22 @@ class ChunkMaps:
 
     def get_volume(self, account_id: str, volume_id: str) -> VolumeInfo:
         """The volume, if it exists and belongs to ``account_id``."""
-        with self._sessions() as s:
-            volume = s.get(Volume, volume_id)
-            if volume is None or volume.account_id != account_id:
-                raise NotFoundError(f"volume {volume_id} not found in account {account_id}")
-            return _volume_info(volume)
+        with self._engine.connect() as c:
+            row = c.execute(_VOLUME_BY_ID, {"id": volume_id}).one_or_none()
+        if row is None or row.account_id != account_id:
+            raise NotFoundError(f"volume {volume_id} not found in account {account_id}")
+        return VolumeInfo(
+            id=row.id,
+            account_id=row.account_id,
+            gateway_id=row.gateway_id,
+            name=row.name,
+            size=row.size,
+            chunk_size=row.chunk_size,
+            mode=VolumeMode(row.mode),
+            map_version=row.map_version,
+            created=row.created,
+            key_scope=row.key_scope,
+        )
 
     def delete_volume(self, volume_id: str) -> None:
         """Deletes the volume and its map; its snapshots stay (without a volume)."""
@@ -1107,6 +1123,9 @@ def _rowcount(result: Result[Any]) -> int:
 def _batches(items: Sequence[int]) -> Iterator[Sequence[int]]:
     for start in range(0, len(items), _IN_BATCH):
         yield items[start : start + _IN_BATCH]
+
+
+_VOLUME_BY_ID = select(Volume.__table__).where(Volume.__table__.c.id == bindparam("id"))
 
 
 def _volume_info(v: Volume) -> VolumeInfo:

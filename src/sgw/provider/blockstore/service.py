@@ -92,6 +92,9 @@ MAX_PAGE = 10_000
 DEFAULT_PAGE = 1_000
 # Parallel existence checks of one commit's chunks: one S3 HEAD costs a round trip each.
 _EXISTS_WORKERS = 16
+# Slack on top of zstd's worst-case expansion (ZSTD_compressBound) for frame headers,
+# checksums and a few concatenated frames (bytes).
+_ZSTD_FRAMING = 4096
 # Missing chunk ids named in a refused commit's message (all are in the error's field).
 _MISSING_NAMED = 10
 # A chunk put again is rewritten if its object is older than this (seconds): that renews
@@ -198,7 +201,14 @@ class BlockService:
         self.maps.delete_volume(self.get_volume(account, volume_id).id)
 
     def put_chunk(
-        self, account: str, volume_id: str, chunk_id: str, body: bytes, *, zstd: bool = False
+        self,
+        account: str,
+        volume_id: str,
+        chunk_id: str,
+        body: bytes,
+        *,
+        zstd: bool = False,
+        body_sha256: str | None = None,
     ) -> bool:
         """Stores a chunk for the volume; True if it was new, False if already there.
 
@@ -206,11 +216,16 @@ class BlockService:
         ``Content-Encoding: zstd``). ``chunk_id`` must be the SHA-256 of the plaintext,
         which must be at most the volume's chunk size and not all zero (zero chunks are a
         null map entry, never an object). A body that is exactly one zstd frame declaring
-        its size is stored as it is after these checks, not compressed again.
+        its size is stored as it is after these checks, not compressed again. A body
+        larger than the chunk size allows (or its zstd bound) is refused as too large.
+        ``body_sha256``: the SHA-256 of ``body`` if the caller computed it already (a
+        signed request's), which spares hashing a plaintext body again.
         """
         volume = self.get_volume(account, volume_id)
         check_chunk_id(chunk_id, "chunk id")
         what = f"chunk {chunk_id}"
+        if len(body) > (zstd_bound(volume.chunk_size) if zstd else volume.chunk_size):
+            raise body_too_large(what, volume.chunk_size)
         frame: bytes | None = None
         data = body
         if zstd:
@@ -224,7 +239,10 @@ class BlockService:
                 f"chunk {chunk_id} has {len(data)} bytes, more than volume {volume.id}'s "
                 f"chunk size of {volume.chunk_size}; split the data into chunks"
             )
-        _verify(data, chunk_id, what)
+        if frame is None and body_sha256 is not None:
+            _check_digest(body_sha256, chunk_id, what)
+        else:
+            _check_digest(sha256_id(data), chunk_id, what)
         if is_zero(data):
             raise BadRequestError(
                 f"chunk {chunk_id} is all zero; zero chunks are not stored: commit null "
@@ -595,8 +613,25 @@ def _intact(blob: bytes) -> bool:
     return True
 
 
+def zstd_bound(size: int) -> int:
+    """The most bytes a zstd stream of ``size`` bytes of data may take (with framing)."""
+    small = ((128 << 10) - size) >> 11 if size < (128 << 10) else 0
+    return size + (size >> 8) + small + _ZSTD_FRAMING
+
+
+def body_too_large(what: str, limit: int) -> PayloadTooLargeError:
+    """The refusal of a body with more than ``limit`` bytes of data (413)."""
+    return PayloadTooLargeError(
+        f"{what} is larger than {limit} bytes, the most this call accepts (the chunk size); "
+        "send at most one chunk of data"
+    )
+
+
 def _verify(data: bytes, expected: str, what: str) -> None:
-    actual = sha256_id(data)
+    _check_digest(sha256_id(data), expected, what)
+
+
+def _check_digest(actual: str, expected: str, what: str) -> None:
     if actual != expected:
         raise ChecksumMismatchError(
             f"{what}: the data's SHA-256 is {actual}, the request says {expected}; the upload "
