@@ -7,13 +7,19 @@ import hashlib
 import json
 import time
 import uuid
+from pathlib import Path
 
 import httpx
+import pytest
 import zstandard
 
 from sgw.common import signing
 from sgw.gateway.request_signing import BODY_SHA256, GatewayAuth
+from sgw.provider.blockstore.maps import ChunkMaps
+from sgw.provider.db import schema
+from sgw.provider.gateways import OWNER_TRUST_S, Gateways
 from tests.conftest import ProviderProcess
+from tests.fixtures.control_db import control_db
 from tests.fixtures.management import FakeGateway, SecureProvider, activate, new_account
 
 KIB = 1 << 10
@@ -318,3 +324,28 @@ def test_gateway_auth_signs_the_digest_its_caller_gives() -> None:
     assert parsed is not None
     assert signing.verify(public, parsed, "PUT", b"/c", given)
     assert not signing.verify(public, parsed, "PUT", b"/c", signing.body_digest(b"data"))
+
+
+def test_a_volumes_gateway_is_trusted_from_the_cache_for_a_few_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk uploads do not read the volume's owner each time: a found binding is trusted
+    for OWNER_TRUST_S, for that gateway only; nothing is trusted that was not read."""
+    url = control_db(tmp_path, "acct", ["gw-a", "gw-b"])
+    sessions = schema.session_factory(schema.make_engine(url))
+    maps = ChunkMaps(sessions)
+    vol = maps.create_volume("acct", "v", MIB, gateway_id="gw-a").id
+    gateways = Gateways(sessions)
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    assert not gateways.owns_volume_known("gw-a", vol)  # never read
+    assert not gateways.owns_volume("gw-b", vol)
+    assert gateways.owns_volume_known("gw-a", vol)  # the read above found gw-a
+    assert not gateways.owns_volume_known("gw-b", vol)
+    assert not gateways.owns_volume_known("gw-a", "no-such-volume")
+    assert not gateways.owns_volume("gw-a", "no-such-volume")
+    assert not gateways.owns_volume_known("gw-a", "no-such-volume")
+    now[0] += OWNER_TRUST_S
+    assert not gateways.owns_volume_known("gw-a", vol)  # stale: asked again
+    assert gateways.owns_volume("gw-a", vol)
+    assert gateways.owns_volume_known("gw-a", vol)

@@ -14,6 +14,11 @@ also looks for gateways deactivated by others once per ``DEACTIVATED_POLL_S``
 (``forget_deactivated``), and trusts an entry only while it or the last such look is
 younger than ``KEY_TRUST_S``: a deactivated gateway is refused by every provider process
 within about 2 s, at most 10 s (docs/adr/0003-gateway-authentication.md, amendment).
+
+Which gateway a volume is bound to is cached too (``owns_volume_known``): a gateway's
+chunk uploads, one request per chunk, each name the volume. A volume's gateway never
+changes while the volume exists (only deleting the gateway clears it, and a deleted
+gateway's requests are refused as above); an entry is trusted for ``OWNER_TRUST_S``.
 """
 
 from __future__ import annotations
@@ -71,6 +76,10 @@ KEY_TRUST_S = 10.0
 DEACTIVATED_LOOKBACK_S = 600.0
 # Most cached keys (an entry is about 0.5 KiB).
 KEY_CACHE_MAX = 200_000
+# How long a volume's gateway, once read, is trusted without the database (seconds), and
+# the most such entries kept.
+OWNER_TRUST_S = 5.0
+OWNER_CACHE_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +142,7 @@ class Gateways:
         self._deactivated_seen: datetime | None = None  # wall clock of the last look
         self._swept = -KEY_TRUST_S  # monotonic start of the last successful look
         self._deactivated: frozenset[str] = frozenset()  # what that look found
+        self._owners: dict[str, tuple[str, float]] = {}  # volume id: (gateway id, read at)
 
     def activate(
         self, account_id: str, key_text: str, name: str, timezone: str | None = None
@@ -371,8 +381,25 @@ class Gateways:
     # What a gateway may touch
 
     def owns_volume(self, gateway_id: str, volume_id: str) -> bool:
+        """True if the volume is bound to the gateway (blocking: reads the database)."""
+        fetched = time.monotonic()  # before the read: the entry is no newer than this
         with self._sessions() as s:
-            return s.scalar(select(Volume.gateway_id).where(Volume.id == volume_id)) == gateway_id
+            owner = s.scalar(select(Volume.gateway_id).where(Volume.id == volume_id))
+        if owner is not None:
+            if len(self._owners) >= OWNER_CACHE_MAX:
+                self._owners.clear()
+            self._owners[volume_id] = (owner, fetched)
+        return owner == gateway_id
+
+    def owns_volume_known(self, gateway_id: str, volume_id: str) -> bool:
+        """True if ``owns_volume`` found the volume bound to the gateway less than
+        ``OWNER_TRUST_S`` ago (no database); False means "ask ``owns_volume``"."""
+        entry = self._owners.get(volume_id)
+        return (
+            entry is not None
+            and entry[0] == gateway_id
+            and time.monotonic() - entry[1] < OWNER_TRUST_S
+        )
 
     def owns_snapshot(self, gateway_id: str, snapshot_id: str) -> bool:
         with self._sessions() as s:

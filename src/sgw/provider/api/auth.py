@@ -422,9 +422,10 @@ def current_principal(request: Request) -> Principal:
     raise UnauthenticatedError(_NO_CREDENTIALS)
 
 
-def current_account(request: Request) -> str:
+async def current_account(request: Request) -> str:
     """The account the request acts for. A gateway's request is refused (404) when the
-    volume or snapshot in its path or query is not the gateway's."""
+    volume or snapshot in its path or query is not the gateway's (on the event loop when
+    the volume's gateway is cached, else in a worker thread)."""
     principal = current_principal(request)
     if principal.kind is Kind.CANDIDATE:
         raise UnauthenticatedError(
@@ -432,15 +433,32 @@ def current_account(request: Request) -> str:
         )
     if principal.kind is Kind.GATEWAY:
         volume_id = request.path_params.get("volume_id")
-        if volume_id is not None:
-            check_volume(request, principal, volume_id)
-        for snapshot_id in (
-            request.path_params.get("snapshot_id"),
-            request.query_params.get("first_snapshot_id"),
-        ):
-            if snapshot_id is not None:
-                check_snapshot(request, principal, snapshot_id)
+        snapshot_ids = [
+            s
+            for s in (
+                request.path_params.get("snapshot_id"),
+                request.query_params.get("first_snapshot_id"),
+            )
+            if s is not None
+        ]
+        known = volume_id is None or (
+            principal.gateway_id is not None
+            and _gateways(request).owns_volume_known(principal.gateway_id, volume_id)
+        )
+        if not known or snapshot_ids:
+            await run_in_threadpool(
+                _check_owned, request, principal, None if known else volume_id, snapshot_ids
+            )
     return principal.account_id
+
+
+def _check_owned(
+    request: Request, principal: Principal, volume_id: str | None, snapshot_ids: list[str]
+) -> None:
+    if volume_id is not None:
+        check_volume(request, principal, volume_id)
+    for snapshot_id in snapshot_ids:
+        check_snapshot(request, principal, snapshot_id)
 
 
 def admin_principal(request: Request) -> Principal:
