@@ -186,8 +186,9 @@ class Authenticator:
     async def signed_async(
         self, header: str, method: str, target: bytes, body: bytes, *, digest: str | None = None
     ) -> Principal:
-        """``signed`` on the event loop: the signature checked inline, the gateway's key
-        from the cache (read in a thread otherwise), the nonce written in a group.
+        """A signed request's principal, on the event loop: the signature checked inline,
+        the gateway's key from the cache (read in a thread otherwise), the nonce written
+        in a group.
         ``digest``: the body's SHA-256 (hex) if the caller has it; else it is computed."""
         parsed = self._parse(header)
         key_id = parsed.key_id

@@ -219,7 +219,8 @@ class BlockService:
         its size is stored as it is after these checks, not compressed again. A body
         larger than the chunk size allows (or its zstd bound) is refused as too large.
         ``body_sha256``: the SHA-256 of ``body`` if the caller computed it already (a
-        signed request's), which spares hashing a plaintext body again.
+        signed request's), which spares hashing a plaintext body again (a zstd body's
+        plaintext is hashed whatever it says).
         """
         volume = self.get_volume(account, volume_id)
         check_chunk_id(chunk_id, "chunk id")
@@ -239,7 +240,7 @@ class BlockService:
                 f"chunk {chunk_id} has {len(data)} bytes, more than volume {volume.id}'s "
                 f"chunk size of {volume.chunk_size}; split the data into chunks"
             )
-        if frame is None and body_sha256 is not None:
+        if not zstd and body_sha256 is not None:  # the body is the plaintext
             _check_digest(body_sha256, chunk_id, what)
         else:
             _check_digest(sha256_id(data), chunk_id, what)
