@@ -674,7 +674,9 @@ def register(areas: Any) -> None:
     sched.add_argument(
         "--every", type=int, required=True, choices=(1, 2, 4, 8, 12, 24), help="hours"
     )
-    sched.add_argument("--retain", type=int, help="keep this many newest snapshots")
+    sched.add_argument(
+        "--retain", type=int, help="keep this many newest scheduled snapshots (not manual ones)"
+    )
     sched.add_argument("--description")
     vol("schedule-delete", "remove the volume's snapshot schedule").add_argument("id")
 

@@ -63,7 +63,8 @@ from sgw.provider.config import ProviderConfig
 from sgw.provider.control.commands import CommandPlanner
 from sgw.provider.control.hub import ControlHub
 from sgw.provider.control.peers import load_or_create_secret
-from sgw.provider.control.store import ControlStore
+from sgw.provider.control.schedules import SnapshotScheduler
+from sgw.provider.control.store import ControlStore, MessageInfo
 from sgw.provider.db import schema
 from sgw.provider.gateways import Gateways
 from sgw.provider.nonces import NonceLedger
@@ -122,14 +123,20 @@ def create_app(config: ProviderConfig) -> FastAPI:
     master = read_master_key(os.path.join(config.data_dir, MASTER_KEY_FILE))
     planner = CommandPlanner(service, gateway_repo)
     control_store = ControlStore(config.db_url)
+
+    async def follow_up(info: MessageInfo) -> None:
+        await planner.follow_up(info)
+        await scheduler.follow_up(info)
+
     hub = ControlHub(
         control_store,
         server_id=str(uuid.uuid4()),
         url=config.control_url,
         secret=load_or_create_secret(config.data_dir),
         verify=_peer_verify(config),
-        on_finished=planner.follow_up,
+        on_finished=follow_up,
     )
+    scheduler = SnapshotScheduler(sessions, service.maps, hub)
 
     authenticator = Authenticator(account_repo, gateway_repo, nonces)
 
@@ -137,7 +144,9 @@ def create_app(config: ProviderConfig) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await hub.start()
         await authenticator.start()
+        scheduler.start()
         yield
+        await scheduler.stop()
         await hub.stop()
         await authenticator.stop()
         control_store.close()

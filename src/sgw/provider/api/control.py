@@ -31,7 +31,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive
 
-from sgw.common.errors import ForbiddenError, UnauthenticatedError
+from sgw.common.errors import BadRequestError, ForbiddenError, UnauthenticatedError
 from sgw.provider.api.accounts import errors
 from sgw.provider.api.auth import (
     AdminPrincipal,
@@ -49,6 +49,7 @@ from sgw.provider.control.commands import (
     requires_online,
 )
 from sgw.provider.control.hub import ControlHub
+from sgw.provider.control.schedules import KEY_PREFIX
 from sgw.provider.control.store import MessageInfo
 from sgw.provider.db.models import utcnow
 from sgw.provider.volume_settings import VolumeSettings
@@ -303,6 +304,11 @@ async def send_command(
 ) -> MessageInfo:
     """``POST /v1/gateways/{id}/commands`` once the caller is known to act for
     ``account`` (also served by ``sgw.provider.api.lean``)."""
+    if body.idempotency_key is not None and body.idempotency_key.startswith(KEY_PREFIX):
+        raise BadRequestError(
+            f"idempotency keys starting with {KEY_PREFIX!r} are the provider's own (snapshot "
+            "schedules); choose another key"
+        )
     if body.idempotency_key is not None:
         known = await asyncio.to_thread(hub.store.find, account, gateway_id, body.idempotency_key)
         if known is not None:

@@ -16,7 +16,8 @@ the gateway binds to it and even a snapshot of another gateway's volume can be u
 the record is deleted again if the gateway refuses or never takes the command.
 ``delete_volume`` deletes the record once the gateway removed its volume. CHAP secrets
 never travel in a message (messages are stored in the clear): ``sync_chap`` makes the
-gateway fetch them with a signed request.
+gateway fetch them with a signed request. Snapshot schedules post ``snapshot`` commands
+of their own (sgw.provider.control.schedules), under idempotency keys admins may not use.
 """
 
 from __future__ import annotations

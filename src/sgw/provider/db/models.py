@@ -272,6 +272,9 @@ class Snapshot(Base):
     key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX))
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     completed: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # The slot of its volume's snapshot schedule it was taken for (UTC); None for one
+    # taken by hand or built through the block API. Only these count for ``retain``.
+    scheduled_for: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class SnapshotSegment(Base):
@@ -366,7 +369,8 @@ class GatewaySnapshot(Base):
 
 class SnapshotSchedule(Base):
     """When a volume is snapshotted automatically: every ``recurrence_hours`` hours from
-    ``start_hour`` (in the gateway's time zone), keeping the newest ``retain``."""
+    ``start_hour`` (in the gateway's time zone), keeping the newest ``retain`` scheduled
+    snapshots (sgw.provider.control.schedules runs them)."""
 
     __tablename__ = "snapshot_schedules"
     __table_args__ = (
