@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 
 from sgw.provider.control.batching import GroupRunner
+from sgw.provider.control.hub import ControlHub
 from sgw.provider.control.store import ControlStore, NewMessage
 from sgw.provider.db import schema
 from sgw.provider.db.models import utcnow
 from sgw.provider.db.raw import ThreadConnections, WouldBlock
 from sgw.provider.nonces import NonceLedger
 from tests.fixtures.control_db import control_db
+from tests.integration.test_control_handover import with_hub
 
 
 @pytest.fixture
@@ -165,6 +167,24 @@ def test_commits_leave_the_log_to_the_checkpoint(db: str) -> None:
         assert Path(path + "-wal").stat().st_size > 2 * 1000 * 4096
         assert _in_database_file(path) == 0  # no commit copied the log back
         store.checkpoint()
+        assert _in_database_file(path) == 1500
+    finally:
+        store.close()
+
+
+def test_the_hubs_sweep_checkpoints_the_log(db: str) -> None:
+    """No commit copies the log back (above); the hub's periodic sweep must."""
+    store = ControlStore(db)
+    path = db.removeprefix("sqlite:///")
+    try:
+        for i in range(1500):
+            store.post_many([_message(i)], utcnow())
+        assert _in_database_file(path) == 0
+
+        async def sweep(hub: ControlHub) -> None:
+            await hub._sweep()
+
+        with_hub(store, sweep)
         assert _in_database_file(path) == 1500
     finally:
         store.close()
