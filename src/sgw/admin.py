@@ -443,7 +443,7 @@ def _volumes(args: argparse.Namespace) -> int:
 def _snapshots(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.command == "list":
-        cols = ["id", "volume_id", "status", "description", "created"]
+        cols = ["id", "volume_id", "status", "description", "created", "scheduled_for"]
         emit(args, client.call("GET", "/v1/snapshots", volume_id=args.volume), cols)
     elif args.command == "describe":
         emit(args, client.call("GET", f"/v1/snapshots/{args.id}"))

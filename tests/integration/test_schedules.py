@@ -447,6 +447,10 @@ def test_schedules_snapshot_a_gateways_volume_once_and_keep_the_newest(
     # The follow-up of each command ran once, on the server that got the gateway's reply
     # (the hourly one's deleted the nightly snapshot).
     hourly = next(i for i, d in left.items() if d == "hourly")
+    listed = admin.get("/v1/snapshots", params={"volume_id": vid}).json()
+    marks = {s["id"]: s["scheduled_for"] for s in listed}
+    assert marks[by_hand] is None and marks[hourly] is not None  # shown by the API
+    assert datetime.fromisoformat(marks[hourly]).minute == 0
     taken = logged(p, "scheduled snapshot taken", vid) + logged(b, "scheduled snapshot taken", vid)
     assert [t["snapshot"] for t in taken] == [nightly, hourly], taken
 

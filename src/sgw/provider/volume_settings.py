@@ -64,6 +64,7 @@ class SnapshotRow:
     description: str | None
     created: datetime
     completed: datetime | None
+    scheduled_for: datetime | None  # the schedule's slot; None: taken otherwise
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,7 @@ class VolumeSettings:
                     x.description,
                     x.created,
                     x.completed,
+                    x.scheduled_for,
                 )
                 for x in s.scalars(query.order_by(Snapshot.created, Snapshot.id))
             ]

@@ -166,6 +166,10 @@ class SnapshotOut(BaseModel):
     description: str | None
     created: datetime
     completed: datetime | None
+    scheduled_for: datetime | None = Field(
+        default=None,
+        description="the snapshot schedule's slot it was taken for; null: taken otherwise",
+    )
 
     @classmethod
     def of(cls, s: SnapshotInfo) -> SnapshotOut:
@@ -179,6 +183,7 @@ class SnapshotOut(BaseModel):
             description=s.description,
             created=s.created,
             completed=s.completed,
+            scheduled_for=s.scheduled_for,
         )
 
 

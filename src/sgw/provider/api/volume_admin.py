@@ -131,6 +131,7 @@ def list_snapshots(
             description=x.description,
             created=x.created,
             completed=x.completed,
+            scheduled_for=x.scheduled_for,
         )
         for x in repo.list_snapshots(principal.account_id, volume_id)
     ]

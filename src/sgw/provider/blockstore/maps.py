@@ -152,6 +152,8 @@ class SnapshotInfo:
     created: datetime
     completed: datetime | None
     key_scope: str
+    # The schedule slot it was taken for (sgw.provider.control.schedules); None: by hand.
+    scheduled_for: datetime | None = None
 
     @property
     def chunk_count(self) -> int:
@@ -1157,6 +1159,7 @@ def _snapshot_info(snap: Snapshot) -> SnapshotInfo:
         created=snap.created,
         completed=snap.completed,
         key_scope=snap.key_scope,
+        scheduled_for=snap.scheduled_for,
     )
 
 
