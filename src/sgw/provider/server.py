@@ -19,6 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sgw.provider.api.app import create_app
 from sgw.provider.config import ProviderConfig
+from sgw.provider.control.hub import ControlHub
 
 LOG = logging.getLogger(__name__)
 
@@ -155,10 +156,15 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _run(server: uvicorn.Server) -> None:
+async def _run(server: uvicorn.Server, hub: ControlHub) -> None:
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        server.should_exit = True
+        hub.drain()  # uvicorn waits for open requests: held long-polls end now
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        loop.add_signal_handler(sig, stop)
     pacer = loop.create_task(_GcPacer().run(), name="gc-pacer")
     try:
         await server.serve()
@@ -193,6 +199,6 @@ def serve(config: ProviderConfig) -> int:
         "provider starting",
         extra={"listen": f"{config.host}:{config.port}", "scheme": config.scheme},
     )
-    uvloop.run(_run(server))
+    uvloop.run(_run(server, app.state.control))
     LOG.info("provider stopped")
     return 0

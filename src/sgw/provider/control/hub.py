@@ -236,12 +236,19 @@ class ControlHub:
             self._tasks.append(loop.create_task(coro, name=name))
         LOG.info("control server started", extra={"server": self.server_id, "url": self.url})
 
-    async def stop(self) -> None:
-        """Answers every held poll (empty), stops the loops and withdraws the server from
-        the registry so that its gateways' commands go elsewhere at once."""
+    def drain(self) -> None:
+        """The server is about to stop: every held poll is answered now (empty, or with
+        what the database holds for it) and every new one at once, so that its gateways
+        go to another server straight away and the HTTP server, which waits for open
+        requests before it stops, is not kept waiting by long-polls."""
         self._stopping = True
         for poll in list(self._held.values()):
             poll.ring()
+
+    async def stop(self) -> None:
+        """Answers every held poll (``drain``), stops the loops and withdraws the server
+        from the registry so that its gateways' commands go elsewhere at once."""
+        self.drain()
         for task in self._tasks:
             task.cancel()
         if self._tasks:
