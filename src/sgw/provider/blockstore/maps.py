@@ -298,18 +298,7 @@ class ChunkMaps:
             row = c.execute(_VOLUME_BY_ID, {"id": volume_id}).one_or_none()
         if row is None or row.account_id != account_id:
             raise NotFoundError(f"volume {volume_id} not found in account {account_id}")
-        return VolumeInfo(
-            id=row.id,
-            account_id=row.account_id,
-            gateway_id=row.gateway_id,
-            name=row.name,
-            size=row.size,
-            chunk_size=row.chunk_size,
-            mode=VolumeMode(row.mode),
-            map_version=row.map_version,
-            created=row.created,
-            key_scope=row.key_scope,
-        )
+        return _volume_info(row)
 
     def delete_volume(self, volume_id: str) -> None:
         """Deletes the volume and its map; its snapshots stay (without a volume)."""
@@ -1130,7 +1119,8 @@ def _batches(items: Sequence[int]) -> Iterator[Sequence[int]]:
 _VOLUME_BY_ID = select(Volume.__table__).where(Volume.__table__.c.id == bindparam("id"))
 
 
-def _volume_info(v: Volume) -> VolumeInfo:
+def _volume_info(v: Volume | Row[Any]) -> VolumeInfo:
+    """From an ORM object or a Core row of the volumes table (same names)."""
     return VolumeInfo(
         id=v.id,
         account_id=v.account_id,
