@@ -171,19 +171,23 @@ def test_nonce_groups_refuse_replays_within_and_across_ledgers(tmp_path: Path) -
         again = await asyncio.gather(*(one.first_use_async("gw:a", n, expires) for n in nonces))
         other = await asyncio.gather(*(two.first_use_async("gw:a", n, expires) for n in nonces))
         mix = await asyncio.gather(*(three.first_use_async("gw:a", n, expires) for n in mixed))
-        return first, again, other, mix
+        groups = one.groups
+        # The new ones of the mixed groups were stored; another key's nonce is its own.
+        stored = await one.first_use_async("gw:a", fresh[0], expires)
+        seen = await two.first_use_async("gw:a", nonces[0], expires)
+        own = await two.first_use_async("gw:b", nonces[0], expires)
+        return first, again, other, mix, groups, (stored, seen, own)
 
     try:
-        first, again, other, mix = asyncio.run(run())
+        first, again, other, mix, groups, (stored, seen, own) = asyncio.run(run())
         assert all(first) and not any(again) and not any(other)
         assert mix == [n in fresh for n in mixed]
         assert three.groups[0] < len(mixed)  # the mixed ones were written in groups
-        assert not one.first_use("gw:a", fresh[0], expires)  # and the new ones stored
-        batches, items = one.groups
+        assert not stored  # and the new ones stored
+        batches, items = groups
         assert items == len(nonces) and batches < items  # written in groups
-        # The blocking path sees them too; another key's nonce is its own.
-        assert not two.first_use("gw:a", nonces[0], expires)
-        assert two.first_use("gw:b", nonces[0], expires)
+        assert not seen
+        assert own
     finally:
         one.close()
         two.close()

@@ -34,7 +34,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, bindparam, delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -56,7 +56,7 @@ from sgw.provider.db.models import (
     Volume,
     utcnow,
 )
-from sgw.provider.db.schema import write_lock
+from sgw.provider.db.schema import bound_engine, write_lock
 
 LOG = logging.getLogger(__name__)
 
@@ -373,8 +373,8 @@ class Gateways:
             )
 
     def _write_lock(self) -> AbstractContextManager[object]:
-        bind = self._sessions.kw.get("bind")
-        if not isinstance(bind, Engine):
+        bind = bound_engine(self._sessions)
+        if bind is None:
             return contextlib.nullcontext()
         return write_lock(bind.url.render_as_string(hide_password=False))
 

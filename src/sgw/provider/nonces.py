@@ -3,11 +3,12 @@ process through the database, so that a replayed request is refused by any of th
 
 A nonce is first looked up in this process's memory (a replay to the same process is
 refused without the database), then written to the table ``request_nonces``, whose
-primary key refuses a nonce any process wrote before. ``first_use`` writes one row (for
-request threads); ``first_use_async`` (the event loop's fast path) queues the nonce for
-one writer thread that inserts many in one statement (``INSERT ... ON CONFLICT DO
-NOTHING``, one transaction per group) and answers each once its group is
-committed, so a request is never acted on before its nonce is in the database.
+primary key refuses a nonce any process wrote before. ``first_use_async`` (every signed
+request is checked on the event loop) queues the nonce for one writer thread that
+inserts many in one statement (``INSERT ... ON CONFLICT DO NOTHING``, one transaction per
+group; on SQLite on the loop's own thread when that need not wait) and answers each once
+its group is committed, so a request is never acted on before its nonce is in the
+database.
 
 A nonce is written without waiting for the disk (SQLite ``synchronous=NORMAL`` in WAL
 mode, PostgreSQL ``synchronous_commit=off``): losing the last few after a power cut only
@@ -29,13 +30,11 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Table, delete, event, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
 from sgw.provider.control.batching import GroupRunner
 from sgw.provider.db.models import RequestNonce
 from sgw.provider.db.raw import ThreadConnections, WouldBlock
-from sgw.provider.db.schema import make_engine, session_factory, write_lock
+from sgw.provider.db.schema import make_engine, write_lock
 
 LOG = logging.getLogger(__name__)
 
@@ -53,14 +52,14 @@ T = TypeVar("T")
 
 
 class NonceLedger:
-    """Remembers (key id, nonce) pairs until they expire; ``first_use`` says if new."""
+    """Remembers (key id, nonce) pairs until they expire; ``first_use_async`` says if
+    new."""
 
     def __init__(self, db_url: str) -> None:
         self._engine = make_engine(db_url)
         self._postgres = self._engine.dialect.name == "postgresql"
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine, "connect", _sqlite_no_fsync)
-        self._sessions: sessionmaker[Session] = session_factory(self._engine)
         self._last_purge = 0.0
         self._lock = threading.Lock()
         # Request threads queue for SQLite's one writer here, not in its busy sleeps.
@@ -89,23 +88,9 @@ class NonceLedger:
         """Groups written by ``first_use_async`` and nonces in them (statistics)."""
         return (0, 0) if self._groups is None else (self._groups.batches, self._groups.items)
 
-    def first_use(self, key_id: str, nonce: str, expires: datetime) -> bool:
-        """Records the nonce; False if it was recorded before (a replay). Blocking."""
-        if not self._remember(key_id, nonce, expires):
-            return False
-        self._maybe_purge()
-        try:
-            with self._write_lock, self._sessions.begin() as s:
-                if self._postgres:
-                    s.execute(text("SET LOCAL synchronous_commit TO OFF"))
-                s.add(RequestNonce(key_id=key_id, nonce=nonce, expires=expires))
-        except IntegrityError:
-            return False
-        return True
-
     async def first_use_async(self, key_id: str, nonce: str, expires: datetime) -> bool:
-        """``first_use`` for the event loop: answered once the nonce's group is committed
-        (in this process's memory: at once)."""
+        """Records the nonce; False if it was recorded before (a replay), by this process
+        (known at once) or another. Answered once the nonce's group is committed."""
         if not self._remember(key_id, nonce, expires):
             return False
         if self._groups is None:

@@ -34,7 +34,6 @@ from sqlalchemy import (
     ColumnElement,
     CursorResult,
     Delete,
-    Engine,
     Result,
     Row,
     bindparam,
@@ -76,6 +75,7 @@ from sgw.provider.db.models import (
     VolumeSegment,
     utcnow,
 )
+from sgw.provider.db.schema import bound_engine
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -180,7 +180,10 @@ class ChunkMaps:
         self._sessions = sessions
         # For the hottest read (a volume by id, once per chunk put): a plain connection
         # costs a quarter of a session's ORM ``get``.
-        self._engine: Engine = sessions.kw["bind"]
+        engine = bound_engine(sessions)
+        if engine is None:
+            raise TypeError("ChunkMaps needs sessions bound to an Engine")
+        self._engine = engine
 
     # Volumes
 

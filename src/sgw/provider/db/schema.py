@@ -102,6 +102,12 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def bound_engine(sessions: sessionmaker[Session]) -> Engine | None:
+    """The engine a session factory is bound to (None: bound to something else)."""
+    bind = sessions.kw.get("bind")
+    return bind if isinstance(bind, Engine) else None
+
+
 def alembic_config() -> Config:
     """The Alembic configuration of the packaged migrations (no alembic.ini needed)."""
     config = Config()
