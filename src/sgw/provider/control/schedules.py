@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import zoneinfo
 from collections.abc import Iterable
@@ -46,7 +45,6 @@ from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.control.hub import ControlHub
 from sgw.provider.control.store import SUCCEEDED, MessageInfo
 from sgw.provider.db.models import (
-    ControlMessage,
     Gateway,
     GatewayStatus,
     Snapshot,
@@ -356,23 +354,13 @@ class SnapshotScheduler:
 
     def _recheck(self, d: Due) -> list[str]:
         """``_settle`` for the volume's newest scheduled commands that succeeded."""
-        query = (
-            select(ControlMessage.idempotency_key, ControlMessage.result)
-            .where(
-                ControlMessage.gateway_id == d.gateway_id,
-                ControlMessage.idempotency_key.startswith(f"{KEY_PREFIX}{d.volume_id}:"),
-                ControlMessage.type == "snapshot",
-                ControlMessage.status == SUCCEEDED,
-            )
-            .order_by(ControlMessage.created.desc())
-            .limit(_RECHECK)
+        infos = self._hub.store.newest_under_prefix(
+            d.gateway_id, f"{KEY_PREFIX}{d.volume_id}:", "snapshot", SUCCEEDED, _RECHECK
         )
-        with self._sessions() as s:
-            rows = s.execute(query).all()
         taken = []
-        for key, result in rows:
-            parsed = parse_key(key)  # LIKE may ignore case (SQLite): checked here
-            snapshot_id = taken_snapshot(SUCCEEDED, None if result is None else json.loads(result))
+        for info in infos:
+            parsed = parse_key(info.idempotency_key)
+            snapshot_id = taken_snapshot(info.status, info.result)
             if parsed is not None and parsed[0] == d.volume_id and snapshot_id is not None:
                 taken.append((snapshot_id, parsed[1]))
         return self._settle(d.account_id, d.volume_id, taken)

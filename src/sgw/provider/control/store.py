@@ -374,6 +374,26 @@ class ControlStore:
             )
             return None if row is None or row.account_id != account_id else _info(row)
 
+    def newest_under_prefix(
+        self, gateway_id: str, key_prefix: str, type_: str, status: str, limit: int
+    ) -> list[MessageInfo]:
+        """The gateway's newest messages of this type and status whose idempotency key
+        starts with ``key_prefix`` (exactly: LIKE may ignore case)."""
+        with self._sessions() as s:
+            rows = s.scalars(
+                select(ControlMessage)
+                .where(
+                    ControlMessage.gateway_id == gateway_id,
+                    ControlMessage.idempotency_key.startswith(key_prefix),
+                    ControlMessage.type == type_,
+                    ControlMessage.status == status,
+                )
+                .order_by(ControlMessage.created.desc())
+                .limit(limit)
+            )
+            infos = [_info(r) for r in rows]
+        return [i for i in infos if i.idempotency_key.startswith(key_prefix)]
+
     def take_pending_many(
         self,
         polls: Sequence[tuple[str, Sequence[str], bool]],
