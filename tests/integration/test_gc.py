@@ -22,12 +22,19 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from sgw.common.errors import MissingChunksError, NotFoundError
+from sgw.common.chunks import check_chunk
+from sgw.common.errors import (
+    ChunkCorruptError,
+    MissingChunksError,
+    NotFoundError,
+    ObjectNotFoundError,
+)
 from sgw.provider.api.auth import ensure_account
 from sgw.provider.blockstore import gc, service
 from sgw.provider.blockstore.keys import KeyRing
 from sgw.provider.blockstore.maps import ChunkMaps, VolumeMode
 from sgw.provider.blockstore.objects import DirectoryStore, ObjectStore
+from sgw.provider.blockstore.packs import pack_key
 from sgw.provider.blockstore.service import BlockService, chunk_key
 from sgw.provider.db.models import Snapshot, Volume
 from sgw.provider.db.schema import make_engine, session_factory
@@ -93,7 +100,19 @@ class Env:
         return self.blocks.get_volume(ACCOUNT, volume_id).key_scope
 
     def has(self, scope: str, chunk_id: str) -> bool:
-        return self.store.exists(chunk_key(scope, chunk_id))
+        """True if the store holds the chunk intact: in a pack where its location says,
+        or as a loose object."""
+        location = self.maps.packs.locate(scope, chunk_id)
+        if location is None:
+            return self.store.exists(chunk_key(scope, chunk_id))
+        try:
+            blob = self.store.get_range(
+                pack_key(scope, location.pack_id), location.offset, location.length
+            )
+            check_chunk(blob)
+        except (ObjectNotFoundError, ChunkCorruptError):
+            return False
+        return len(blob) == location.length
 
     def collect(
         self, grace: float = 0.0, *, dry_run: bool = False, clock: Callable[[], float] = time.time

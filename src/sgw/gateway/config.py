@@ -21,7 +21,8 @@ Example (every key optional except what a volume needs)::
 
     [remote]                              # upload to a provider (default: local only)
     url = "http://127.0.0.1:8480"         # the provider's block API
-    concurrency = 8                       # chunk uploads in flight
+    concurrency = 8                       # upload requests in flight
+    pack_chunks = 4                       # chunks per upload request (1: one each)
     bandwidth = "100M"                    # bytes per second (default: unlimited)
     ca = "/etc/sgw/provider-ca.pem"       # pin the provider's CA (https URLs)
     insecure_http = false                 # allow http:// beyond loopback (development)
@@ -132,7 +133,8 @@ class RemoteConfig:
     that the gateway creates at the provider on first use (its id kept in volumes.json)."""
 
     url: str  # the provider's base URL, e.g. http://127.0.0.1:8480
-    concurrency: int = 8  # chunk uploads in flight at once
+    concurrency: int = 8  # upload requests in flight at once
+    pack_chunks: int = 4  # most chunks per upload request (a chunk pack); 1: one each
     bandwidth: int | None = None  # bytes per second on the wire; None: unlimited
     ca: str | None = None  # PEM file of the provider's CA to pin; None: the system's CAs
     insecure_http: bool = False  # plain http:// to a host beyond loopback
@@ -336,7 +338,9 @@ def load(
     listeners = tuple(Listener.parse(str(a)) for a in addrs)
 
     remote = _remote(
-        _table(doc, "remote", {"url", "concurrency", "bandwidth", "ca", "insecure_http"}),
+        _table(
+            doc, "remote", {"url", "concurrency", "pack_chunks", "bandwidth", "ca", "insecure_http"}
+        ),
         provider,
         provider_ca,
     )
@@ -463,6 +467,9 @@ def _remote(
     conc = table.get("concurrency", 8)
     if isinstance(conc, bool) or not isinstance(conc, int) or not 1 <= conc <= 256:
         raise ConfigError(f"remote.concurrency: {conc!r} must be a whole number from 1 to 256")
+    pack = table.get("pack_chunks", 4)
+    if isinstance(pack, bool) or not isinstance(pack, int) or not 1 <= pack <= 64:
+        raise ConfigError(f"remote.pack_chunks: {pack!r} must be a whole number from 1 to 64")
     bw = table.get("bandwidth")
     bandwidth = None if bw is None else parse_size(bw, "remote.bandwidth (bytes per second)")
     ca = provider_ca or table.get("ca")
@@ -484,6 +491,7 @@ def _remote(
     return RemoteConfig(
         url,
         concurrency=conc,
+        pack_chunks=pack,
         bandwidth=bandwidth,
         ca=None if ca is None else os.path.abspath(ca),
         insecure_http=insecure,

@@ -101,7 +101,11 @@ class Gateway:
                 r.url, max_connections=r.concurrency + 2, auth=self.auth, verify=tls_verify(r)
             )
             self.uploader = Uploader(
-                self.engine, client, concurrency=r.concurrency, bandwidth=r.bandwidth
+                self.engine,
+                client,
+                concurrency=r.concurrency,
+                bandwidth=r.bandwidth,
+                pack_chunks=r.pack_chunks,
             )
         d = config.destage
         self.destager = Destager(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from sgw.common.chunk_packs import MEDIA_TYPE as PACK_MEDIA_TYPE
+from sgw.common.chunk_packs import PackedChunk, encode_pack
 from sgw.common.chunks import chunk_id as sha256_hex
 from sgw.common.errors import (
     RemoteConflictError,
@@ -202,6 +204,23 @@ class BlockApiClient:
             extensions=extensions,
         )
         return resp.status_code == 201
+
+    async def put_chunk_pack(self, volume_id: str, chunks: Sequence[PreparedChunk]) -> int:
+        """Uploads several chunks in one request (a chunk pack); how many the provider
+        stored now (the others it had)."""
+        body = encode_pack([PackedChunk(c.id, c.body, c.encoding == "zstd") for c in chunks])
+        what = f"pack of {len(chunks)} chunks ({chunks[0].id[:12]}...) of {volume_id}"
+        doc = await self._json(
+            "POST",
+            f"/v1/volumes/{volume_id}/chunk-packs",
+            what,
+            content=body,
+            headers={"content-type": PACK_MEDIA_TYPE},
+        )
+        try:
+            return len(doc["stored"])
+        except (KeyError, TypeError) as exc:
+            raise RemoteError(f"the provider's answer to {what} has no stored list") from exc
 
     async def get_chunk(self, volume_id: str, chunk_id: str) -> bytes:
         """A chunk's plaintext."""

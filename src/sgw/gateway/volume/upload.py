@@ -40,6 +40,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
+from sgw.common.chunk_packs import MAX_PACK_CHUNKS
 from sgw.common.errors import (
     RemoteConflictError,
     RemoteNotFoundError,
@@ -59,6 +60,8 @@ from sgw.gateway.volume.wal import KIND_SNAPSHOT, Record
 
 LOG = logging.getLogger(__name__)
 
+# Chunks per upload request: 4 MiB at the default chunk size (docs/adr/0005).
+DEFAULT_PACK_CHUNKS = 4
 # How much the chunker builds per trip to a worker thread: enough to amortise the hop,
 # little enough to bound memory (chunks in flight add ``concurrency`` chunks to it).
 _TAKE_BYTES = 8 << 20
@@ -192,9 +195,15 @@ class Uploader:
         concurrency: int = 8,
         bandwidth: int | None = None,
         mode: str = "stored",
+        pack_chunks: int = DEFAULT_PACK_CHUNKS,
     ) -> None:
+        """``concurrency``: upload requests in flight; ``pack_chunks``: most chunks sent in
+        one request (a chunk pack; 1 sends each chunk on its own)."""
         if concurrency < 1:
             raise ValueError("upload concurrency must be at least 1")
+        if not 1 <= pack_chunks <= MAX_PACK_CHUNKS:
+            raise ValueError(f"chunks per pack must be 1 to {MAX_PACK_CHUNKS}")
+        self.pack_chunks = pack_chunks
         self.engine = engine
         engine.snapshots_enabled = True
         self.client = client
@@ -436,8 +445,23 @@ class Uploader:
         slots = asyncio.Semaphore(self.concurrency)
         cache = vol.cached.cache if vol.cached is not None else None
         sent_ids: set[str] = set()
+        group: list[tuple[int, bytes]] = []
         try:
             async with asyncio.TaskGroup() as tg:
+
+                async def start(items: list[tuple[int, bytes]]) -> None:
+                    await slots.acquire()
+                    tg.create_task(
+                        self._put(
+                            binding,
+                            items,
+                            result=result,
+                            sent_ids=sent_ids,
+                            slots=slots,
+                            cache=cache,
+                        )
+                    )
+
                 while True:
                     items = await asyncio.to_thread(_take, gen)
                     if not items:
@@ -446,23 +470,17 @@ class Uploader:
                         if data is None:
                             result.add_zero(index)
                             continue
-                        await slots.acquire()
-                        tg.create_task(
-                            self._put(
-                                binding,
-                                index,
-                                data,
-                                result=result,
-                                sent_ids=sent_ids,
-                                slots=slots,
-                                cache=cache,
-                            )
-                        )
-        except BaseExceptionGroup as group:
-            first_exc = group.exceptions[0]
+                        group.append((index, data))
+                        if len(group) >= self.pack_chunks:
+                            await start(group)
+                            group = []
+                if group:
+                    await start(group)
+        except BaseExceptionGroup as exc_group:
+            first_exc = exc_group.exceptions[0]
             while isinstance(first_exc, BaseExceptionGroup):
                 first_exc = first_exc.exceptions[0]
-            raise first_exc from group
+            raise first_exc from exc_group
         finally:
             gen.close()
         return result
@@ -470,25 +488,34 @@ class Uploader:
     async def _put(
         self,
         binding: _Binding,
-        index: int,
-        data: bytes,
+        items: list[tuple[int, bytes]],
         *,
         result: VolumeResult,
         sent_ids: set[str],
         slots: asyncio.Semaphore,
         cache: ChunkCache | None = None,
     ) -> None:
+        """Uploads the new versions of a few chunks: one chunk PUT, or a chunk pack."""
         try:
-            chunk = await asyncio.to_thread(_prepare, data, cache)
-            result.data[index] = chunk.id
-            # The provider holds it already: at this index of the map, or sent in this batch.
-            if binding.chunks.get(index) == chunk.id or chunk.id in sent_ids:
+            chunks = await asyncio.to_thread(_prepare_all, [data for _, data in items], cache)
+            send: list[PreparedChunk] = []
+            for (index, _), chunk in zip(items, chunks, strict=True):
+                result.data[index] = chunk.id
+                # The provider holds it: at this index of the map, or sent in this batch.
+                if binding.chunks.get(index) == chunk.id or chunk.id in sent_ids:
+                    continue
+                sent_ids.add(chunk.id)
+                send.append(chunk)
+            if not send:
                 return
-            sent_ids.add(chunk.id)
-            await self.bucket.acquire(len(chunk.body))
-            await self.client.put_chunk(binding.remote_id, chunk)
-            self.chunks_uploaded += 1
-            self.bytes_sent += len(chunk.body)
+            nbytes = sum(len(chunk.body) for chunk in send)
+            await self.bucket.acquire(nbytes)
+            if len(send) == 1:
+                await self.client.put_chunk(binding.remote_id, send[0])
+            else:
+                await self.client.put_chunk_pack(binding.remote_id, send)
+            self.chunks_uploaded += len(send)
+            self.bytes_sent += nbytes
         finally:
             slots.release()
 
@@ -555,13 +582,16 @@ class Uploader:
         self._registry_dirty = False
 
 
-def _prepare(data: bytes, cache: ChunkCache | None) -> PreparedChunk:
-    """Hashes and compresses a chunk; a cached volume's new version also goes into the
-    chunk cache now, while its bytes are at hand (in a worker thread)."""
-    chunk = prepare_chunk(data)
-    if cache is not None:
-        cache.put(chunk.id, data)
-    return chunk
+def _prepare_all(datas: list[bytes], cache: ChunkCache | None) -> list[PreparedChunk]:
+    """Hashes and compresses chunks; a cached volume's new versions also go into the
+    chunk cache now, while their bytes are at hand (in a worker thread)."""
+    out = []
+    for data in datas:
+        chunk = prepare_chunk(data)
+        if cache is not None:
+            cache.put(chunk.id, data)
+        out.append(chunk)
+    return out
 
 
 def _take(gen: Iterator[ChunkVersion]) -> list[ChunkVersion]:

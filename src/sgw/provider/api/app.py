@@ -58,6 +58,7 @@ from sgw.provider.blockstore.maps import (
     SnapshotStateError,
 )
 from sgw.provider.blockstore.objects import ObjectStore, open_store
+from sgw.provider.blockstore.packs import PACKS_PREFIX
 from sgw.provider.blockstore.service import BlockService, zstd_bound
 from sgw.provider.config import ProviderConfig
 from sgw.provider.control.commands import CommandPlanner
@@ -97,7 +98,7 @@ _STATUS: list[tuple[type[SgwError], int, str]] = [
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 # Largest request body of any call (bytes): a zstd-framed chunk of the largest chunk size.
 # JSON bodies are bounded by it too, since the framework buffers them whole.
-MAX_REQUEST_BODY = zstd_bound(MAX_CHUNK_SIZE)
+MAX_REQUEST_BODY = max(zstd_bound(MAX_CHUNK_SIZE), blocks.MAX_PACK_BODY)
 
 
 def create_app(config: ProviderConfig) -> FastAPI:
@@ -247,8 +248,11 @@ def _peer_verify(config: ProviderConfig) -> ssl.SSLContext | bool:
 
 
 def _holds_chunks(store: ObjectStore) -> bool:
-    """True if the store holds any chunk (then a missing master key must not be remade)."""
-    return next(iter(store.list("chunks/")), None) is not None
+    """True if the store holds any chunk, loose or packed (then a missing master key must
+    not be remade)."""
+    return any(
+        next(iter(store.list(prefix)), None) is not None for prefix in ("chunks/", PACKS_PREFIX)
+    )
 
 
 class _BodyLimit:

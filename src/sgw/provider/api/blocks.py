@@ -17,6 +17,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from sgw.common.chunk_packs import MAX_PACK_CHUNKS
+from sgw.common.chunk_packs import MEDIA_TYPE as PACK_MEDIA_TYPE
 from sgw.common.chunks import MAX_CHUNK_SIZE
 from sgw.common.errors import (
     ChecksumMismatchError,
@@ -33,6 +35,7 @@ from sgw.provider.api.auth import (
 from sgw.provider.blockstore.maps import SnapshotInfo, VolumeInfo, VolumeMode
 from sgw.provider.blockstore.service import (
     DEFAULT_PAGE,
+    MAX_PACK_DATA,
     MAX_PAGE,
     BlockPage,
     BlockService,
@@ -43,6 +46,8 @@ from sgw.provider.blockstore.service import (
 )
 
 _OCTETS = "application/octet-stream"
+# A chunk pack's body: its data compressed at worst, and the header and entries.
+MAX_PACK_BODY = zstd_bound(MAX_PACK_DATA) + 8 + 37 * MAX_PACK_CHUNKS
 # Upper bound of sizes, versions and indexes: what the database's 64-bit integers hold.
 _INT64_MAX = (1 << 63) - 1
 _BINARY_BODY: dict[str, Any] = {
@@ -301,6 +306,38 @@ async def put_chunk(
     return ChunkStored(chunk_id=chunk_id)
 
 
+class PackStoredOut(BaseModel):
+    stored: list[str] = Field(description="chunk ids this request stored")
+    present: list[str] = Field(description="chunk ids the volume's store held already")
+
+
+@router.post(
+    "/volumes/{volume_id}/chunk-packs",
+    tags=["volumes"],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {PACK_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+            "description": "a chunk pack: several chunks in one body (docs/block-api.md)",
+        }
+    },
+    responses=_errors(400, 404, 413, 415, 422),
+)
+async def put_chunk_pack(
+    *, volume_id: str, request: Request, account: CurrentAccount, service: Service
+) -> PackStoredOut:
+    """Stores several chunks for a commit in one request (each checked as a chunk PUT)."""
+    what = "chunk pack"
+    if _content_encoding(request, what) != "identity":
+        raise UnsupportedEncodingError(
+            "chunk pack: the body itself takes no Content-Encoding; compress each chunk "
+            "(encoding 1 in its entry) instead"
+        )
+    body = await _read_wire_body(request, MAX_PACK_DATA, "identity", what, wire=MAX_PACK_BODY)
+    done = await run_in_threadpool(service.put_chunk_pack, account, volume_id, body)
+    return PackStoredOut(stored=done.stored, present=done.present)
+
+
 @router.get(
     "/volumes/{volume_id}/chunks/{chunk_id}",
     tags=["volumes"],
@@ -487,10 +524,15 @@ def _content_encoding(request: Request, what: str) -> str:
     return encoding
 
 
-async def _read_wire_body(request: Request, limit: int, encoding: str, what: str) -> bytes:
+async def _read_wire_body(
+    request: Request, limit: int, encoding: str, what: str, *, wire: int | None = None
+) -> bytes:
     """The body as sent, refused (413) past what ``limit`` bytes of data can take on the
-    wire in ``encoding``."""
-    wire_limit = limit if encoding == "identity" else zstd_bound(limit)
+    wire in ``encoding`` (or past ``wire`` bytes if given)."""
+    if wire is not None:
+        wire_limit = wire
+    else:
+        wire_limit = limit if encoding == "identity" else zstd_bound(limit)
     too_large = body_too_large(what, limit)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > wire_limit:

@@ -33,12 +33,14 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy.exc import OperationalError
 
 from sgw.common.errors import ObjectStoreError
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.blockstore.objects import ObjectInfo, ObjectStore
+from sgw.provider.blockstore.packs import PACKS_PREFIX, pack_key
 from sgw.provider.blockstore.service import chunk_key
 
 __all__ = ["DEFAULT_GRACE_SECONDS", "GcReport", "collect"]
@@ -56,6 +58,7 @@ DELETE_BATCH = 500
 
 _CHUNKS_PREFIX = "chunks/"
 _CHUNK_ID = re.compile(r"[0-9a-f]{64}")
+_PACK_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -72,7 +75,12 @@ class GcReport:
     rescued: int = 0  # unreferenced at the listing, referenced at the locked re-check
     deleted: int = 0  # in a dry run: would be deleted
     bytes_deleted: int = 0
-    foreign: int = 0  # objects under chunks/ that are not chunk objects: left alone
+    foreign: int = 0  # objects under chunks/ and packs/ that are not ours: left alone
+    locations_deleted: int = 0  # packed chunks no map references (in a dry run: would be)
+    packs: int = 0  # pack objects listed
+    packs_deleted: int = 0  # packs with no referenced chunk left (in a dry run: would be)
+    pack_bytes_deleted: int = 0
+    orphan_packs: int = 0  # pack objects without a row (an upload cut short): deleted
     errors: int = 0  # deletes or scopes that failed (logged); the next pass retries
     seconds: float = 0.0
 
@@ -84,6 +92,9 @@ class GcReport:
             f"{self.objects} chunk objects ({self.bytes_deleted} bytes) in {self.scopes} key "
             f"scopes; kept {self.referenced} referenced, {self.young} within the "
             f"{self.grace_seconds:g} s grace period, {self.rescued} referenced meanwhile; "
+            f"packs: {verb} {self.locations_deleted} unreferenced packed chunks' locations "
+            f"and {self.packs_deleted} of {self.packs} pack objects ({self.pack_bytes_deleted} "
+            f"bytes), {self.orphan_packs} orphaned packs; "
             f"{self.foreign} foreign objects, {self.segments_swept} map segments swept, "
             f"{self.errors} errors, {self.seconds:.1f} s"
         )
@@ -118,6 +129,7 @@ def collect(
         except OperationalError as e:  # e.g. a PostgreSQL deadlock victim: next pass
             report.errors += 1
             LOG.warning("gc skipped the rest of a key scope: %s", e, extra={"scope": scope})
+    _collect_packs(maps, store, cutoff=cutoff, report=report)
     report.seconds = time.monotonic() - started
     LOG.info(report.summary())
     return report
@@ -178,6 +190,76 @@ def _delete(
             "gc spared chunks committed while it ran",
             extra={"scope": scope, "chunks": len(candidates) - len(called)},
         )
+
+
+def _collect_packs(maps: ChunkMaps, store: ObjectStore, *, cutoff: float, report: GcReport) -> None:
+    """Packed chunks: drops the locations of unreferenced chunks stored before the
+    cutoff, then deletes the packs left without any (row first, then object: see
+    ``packs``), then pack objects that have no row at all."""
+    before = datetime.fromtimestamp(cutoff, UTC)
+    for scope in maps.packs.pack_scopes():
+        try:
+            referenced = set(maps.referenced_chunk_ids(scope))  # a prefilter, as above
+            stale = [c for c in maps.packs.stale_locations(scope, before) if c not in referenced]
+            if report.dry_run:
+                report.locations_deleted += len(stale)
+            else:
+                for i in range(0, len(stale), DELETE_BATCH):
+                    batch = stale[i : i + DELETE_BATCH]
+                    report.locations_deleted += len(
+                        maps.delete_unreferenced_locations(scope, batch)
+                    )
+            for pack_id, size in maps.delete_empty_packs(scope, before, dry_run=report.dry_run):
+                if not report.dry_run:
+                    try:
+                        store.delete(pack_key(scope, pack_id))
+                    except ObjectStoreError as e:  # an orphan now: a later pass deletes it
+                        report.errors += 1
+                        LOG.warning("gc could not delete a pack: %s", e, extra={"scope": scope})
+                        continue
+                report.packs_deleted += 1
+                report.pack_bytes_deleted += size
+        except OperationalError as e:
+            report.errors += 1
+            LOG.warning("gc skipped a key scope's packs: %s", e, extra={"scope": scope})
+    _sweep_orphan_packs(maps, store, cutoff=cutoff, report=report)
+
+
+def _sweep_orphan_packs(
+    maps: ChunkMaps, store: ObjectStore, *, cutoff: float, report: GcReport
+) -> None:
+    """Deletes pack objects older than the cutoff that have no row. A row is made before
+    its object is written and never made again, so such an object is garbage: an upload
+    that died before it finished, or one whose row a collection took meanwhile."""
+    batch: list[ObjectInfo] = []
+
+    def sweep() -> None:
+        rows = maps.packs.known_packs([info.key.rsplit("/", 1)[1] for info in batch])
+        for info in batch:
+            if info.key.rsplit("/", 1)[1] in rows:
+                continue
+            report.orphan_packs += 1
+            report.pack_bytes_deleted += info.size
+            if report.dry_run:
+                continue
+            try:
+                store.delete(info.key)
+            except ObjectStoreError as e:
+                report.errors += 1
+                LOG.warning("gc could not delete an orphaned pack: %s", e)
+        batch.clear()
+
+    for info in store.list_with_times(PACKS_PREFIX):
+        parts = info.key.split("/")
+        if len(parts) != 3 or not _PACK_ID.fullmatch(parts[2]):
+            report.foreign += 1
+            continue
+        report.packs += 1
+        if info.modified <= cutoff:
+            batch.append(info)
+            if len(batch) >= DELETE_BATCH:
+                sweep()
+    sweep()
 
 
 def _chunk_objects(store: ObjectStore, report: GcReport) -> Iterator[tuple[str, str, ObjectInfo]]:

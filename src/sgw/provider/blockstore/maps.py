@@ -57,12 +57,15 @@ from sgw.common.errors import (
     SnapshotStateError,
     VersionConflictError,
 )
+from sgw.provider.blockstore.packs import PackIndex, located
 from sgw.provider.db.models import (
     KEY_MAX,
     NAME_MAX,
     SEGMENT_CHUNKS,
     SEGMENT_FORMAT,
     Account,
+    ChunkLocation,
+    ChunkPack,
     CommitRecord,
     Gateway,
     GcGeneration,
@@ -184,6 +187,7 @@ class ChunkMaps:
         if engine is None:
             raise TypeError("ChunkMaps needs sessions bound to an Engine")
         self._engine = engine
+        self.packs = PackIndex(sessions)
 
     # Volumes
 
@@ -419,7 +423,9 @@ class ChunkMaps:
         with the same ``idempotency_key`` and changes returns the version the first attempt
         produced without applying anything again (the same key with other changes raises
         IdempotencyKeyError). An index outside the volume raises ValueError. Whatever
-        ``check_chunks`` raises (it runs with the volume locked) refuses the commit.
+        ``check_chunks`` raises (it runs with the volume locked) refuses the commit; it
+        is given the named chunks that have no location in a pack (those with one are
+        there: see ``packs``).
         """
         if not idempotency_key or len(idempotency_key) > KEY_MAX:
             raise ValueError(f"idempotency key {idempotency_key!r}: give 1 to {KEY_MAX} characters")
@@ -450,8 +456,8 @@ class ChunkMaps:
                 )
             size, chunk_size, version, key_scope = row
             _check_indexes(f"volume {volume_id}", size, chunk_size, parsed)
-            if check_chunks is not None:
-                check_chunks(_named_chunks(parsed), _gc_generation(s, key_scope))
+            if check_chunks is not None and (loose := _loose_chunks(s, key_scope, parsed)):
+                check_chunks(loose, _gc_generation(s, key_scope))
             rewritten = _apply(s, _Owner(VolumeSegment, volume_id), parsed)
             s.add(
                 CommitRecord(
@@ -619,8 +625,8 @@ class ChunkMaps:
                     f"snapshot {snapshot_id} is {snap.status}; only pending snapshots take chunks"
                 )
             _check_indexes(f"snapshot {snapshot_id}", snap.volume_size, snap.chunk_size, parsed)
-            if check_chunks is not None:
-                check_chunks(_named_chunks(parsed), _gc_generation(s, snap.key_scope))
+            if check_chunks is not None and (loose := _loose_chunks(s, snap.key_scope, parsed)):
+                check_chunks(loose, _gc_generation(s, snap.key_scope))
             _apply(s, _Owner(SnapshotSegment, snapshot_id), parsed)
 
     def complete_snapshot(self, snapshot_id: str) -> None:
@@ -735,18 +741,7 @@ class ChunkMaps:
             return []
         deleted: list[str] = []
         with self._sessions.begin() as s:
-            s.execute(
-                update(Volume)
-                .where(Volume.key_scope == key_scope)
-                .values(map_version=Volume.map_version)
-                .execution_options(synchronize_session=False)
-            )
-            s.execute(
-                update(Snapshot)
-                .where(Snapshot.key_scope == key_scope)
-                .values(status=Snapshot.status)
-                .execution_options(synchronize_session=False)
-            )
+            _lock_scope(s, key_scope)
             referenced = set(_referenced(s, key_scope))
             doomed = [c for c in wanted if c not in referenced]
             if doomed:  # before any object goes: commits locked out until we are done
@@ -755,6 +750,60 @@ class ChunkMaps:
                 delete(chunk_id)
                 deleted.append(chunk_id)
         return deleted
+
+    def delete_unreferenced_locations(self, key_scope: str, chunk_ids: Iterable[str]) -> list[str]:
+        """Deletes the locations of those of ``chunk_ids`` that no map of ``key_scope``
+        references (with the scope's maps locked, as ``delete_unreferenced_chunks``);
+        the ids whose locations went. Their bytes stay in their packs until
+        ``delete_empty_packs`` finds a pack with no location left."""
+        wanted = list(dict.fromkeys(chunk_ids))
+        if not wanted:
+            return []
+        with self._sessions.begin() as s:
+            _lock_scope(s, key_scope)
+            referenced = set(_referenced(s, key_scope))
+            doomed = [c for c in wanted if c not in referenced]
+            for i in range(0, len(doomed), _IN_BATCH):
+                s.execute(
+                    delete(ChunkLocation).where(
+                        ChunkLocation.key_scope == key_scope,
+                        ChunkLocation.chunk_id.in_(doomed[i : i + _IN_BATCH]),
+                    )
+                )
+        return doomed
+
+    def delete_empty_packs(
+        self, key_scope: str, created_before: datetime, *, dry_run: bool = False
+    ) -> list[tuple[str, int]]:
+        """Deletes the rows of the scope's packs made before ``created_before`` that hold
+        no location (every chunk in them unreferenced and its location deleted, or an
+        upload that never finished); (pack id, size) of each. The caller deletes their
+        objects afterwards. Runs with the scope's maps locked: a commit that saw one of
+        their chunks' locations has committed before, and its chunks still have them.
+        """
+        pack = ChunkPack.__table__.c
+        loc = ChunkLocation.__table__.c
+        empty = (
+            select(pack.id, pack.size)
+            .where(
+                pack.key_scope == key_scope,
+                pack.created < created_before,
+                ~select(loc.pack_id).where(loc.pack_id == pack.id).exists(),
+            )
+            .order_by(pack.id)
+        )
+        if dry_run:
+            with self._sessions() as s:
+                return [(str(i), int(n)) for i, n in s.execute(empty)]
+        with self._sessions.begin() as s:
+            _lock_scope(s, key_scope)
+            doomed = [(str(i), int(n)) for i, n in s.execute(empty)]
+            ids = [i for i, _ in doomed]
+            for i in range(0, len(ids), _IN_BATCH):
+                # The cascade removes a location a finishing upload added meanwhile: its
+                # chunks are not committed (the scope is locked), so a commit will ask again.
+                s.execute(delete(ChunkPack).where(ChunkPack.id.in_(ids[i : i + _IN_BATCH])))
+        return doomed
 
     def gc_generation(self, key_scope: str) -> int:
         """How many collections have deleted chunks of the scope so far. A chunk put after
@@ -820,6 +869,30 @@ def _referenced(s: Session, key_scope: str | None) -> Iterator[str]:
     for data in rows:
         for digest in set(_decode(data).values()):
             yield digest.hex()
+
+
+def _lock_scope(s: Session, key_scope: str) -> None:
+    """Locks the row of every volume and snapshot of the scope: writers of its maps
+    (commits, snapshot puts, pointer copies) wait until the transaction ends."""
+    s.execute(
+        update(Volume)
+        .where(Volume.key_scope == key_scope)
+        .values(map_version=Volume.map_version)
+        .execution_options(synchronize_session=False)
+    )
+    s.execute(
+        update(Snapshot)
+        .where(Snapshot.key_scope == key_scope)
+        .values(status=Snapshot.status)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _loose_chunks(s: Session, key_scope: str, changes: Mapping[int, bytes | None]) -> list[str]:
+    """The distinct chunk ids a parsed change names that have no location in a pack."""
+    named = _named_chunks(changes)
+    packed = located(s, key_scope, named) if named else set()
+    return [c for c in named if c not in packed]
 
 
 def _named_chunks(changes: Mapping[int, bytes | None]) -> list[str]:

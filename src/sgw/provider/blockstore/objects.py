@@ -92,6 +92,11 @@ class ObjectStore(Protocol):
         """The object's bytes; ObjectNotFoundError if there is none."""
         ...
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``offset`` (fewer only where the object
+        ends sooner); ObjectNotFoundError if there is none."""
+        ...
+
     def exists(self, key: str) -> bool:
         """True if an object is stored under ``key``."""
         ...
@@ -174,6 +179,10 @@ class MemoryStore:
                 return self._objects[key]
             except KeyError:
                 raise ObjectNotFoundError(f"no object {key!r} in memory store") from None
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        _check_range(offset, length)
+        return self.get(key)[offset : offset + length]
 
     def exists(self, key: str) -> bool:
         check_key(key)
@@ -319,6 +328,30 @@ class DirectoryStore:
             raise ObjectNotFoundError(f"no object {key!r} in {self.root}") from None
         except OSError as e:
             raise ObjectStoreError(f"cannot read object {key!r} in {self.root}: {e}") from e
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        _check_range(offset, length)
+        path = self.path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFoundError(f"no object {key!r} in {self.root}") from None
+        except OSError as e:
+            raise ObjectStoreError(f"cannot read object {key!r} in {self.root}: {e}") from e
+        try:
+            parts: list[bytes] = []
+            done = 0
+            while done < length:
+                part = os.pread(fd, length - done, offset + done)
+                if not part:
+                    break
+                parts.append(part)
+                done += len(part)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        except OSError as e:
+            raise ObjectStoreError(f"cannot read object {key!r} in {self.root}: {e}") from e
+        finally:
+            os.close(fd)
 
     def exists(self, key: str) -> bool:
         return os.path.isfile(self.path(key))
@@ -622,6 +655,29 @@ class S3Store:
             raise self._error("read", key, e) from e
         return data
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        check_key(key)
+        _check_range(offset, length)
+        if length == 0:
+            return b""
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket,
+                Key=self.prefix + key,
+                Range=f"bytes={offset}-{offset + length - 1}",
+            )
+            data: bytes = response["Body"].read()
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            code = _error_code(e)
+            if code in _NOT_FOUND_CODES:
+                raise ObjectNotFoundError(
+                    f"no object {self.prefix + key!r} in S3 bucket {self.bucket!r}"
+                ) from None
+            if code in ("InvalidRange", "416"):  # the range starts past the end
+                return b""
+            raise self._error("read", key, e) from e
+        return data
+
     def exists(self, key: str) -> bool:
         check_key(key)
         try:
@@ -699,6 +755,11 @@ class S3Store:
         what = f"object {self.prefix + key!r} in " if key is not None else ""
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
         return ObjectStoreError(f"cannot {action} {what}S3 bucket {self.bucket!r}{where}: {e}")
+
+
+def _check_range(offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ObjectStoreError(f"byte range at {offset}, {length} bytes: both must be >= 0")
 
 
 def _checksum(data: Data) -> dict[str, str]:

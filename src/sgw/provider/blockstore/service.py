@@ -48,10 +48,13 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 
 import zstandard
 
+from sgw.common.chunk_packs import decode_pack
 from sgw.common.chunks import (
+    BytesLike,
     check_chunk,
     decode_chunk,
     encode_chunk,
@@ -67,6 +70,7 @@ from sgw.common.errors import (
     MissingChunksError,
     NotFoundError,
     ObjectNotFoundError,
+    ObjectStoreError,
     PayloadTooLargeError,
     StoredChunkError,
 )
@@ -81,6 +85,8 @@ from sgw.provider.blockstore.maps import (
     VolumeMode,
 )
 from sgw.provider.blockstore.objects import ObjectStore
+from sgw.provider.blockstore.packs import Location, build_pack, pack_key
+from sgw.provider.db.models import utcnow
 
 LOG = logging.getLogger(__name__)
 
@@ -102,8 +108,13 @@ _MISSING_NAMED = 10
 # period of garbage collection (``gc.DEFAULT_GRACE_SECONDS``, far longer) before its
 # commit. Rewriting costs one object write per such chunk and hour at most.
 REFRESH_AGE = 3600.0
-# Tries of a block put whose chunk garbage collection removed between store and record.
+# Tries of a block put whose chunk garbage collection removed between store and record
+# (and of a chunk pack whose row it removed before the pack was finished).
 _PUT_BLOCK_TRIES = 3
+# Most bytes of chunk data in one chunk pack request (their plaintext, summed).
+MAX_PACK_DATA = 64 << 20
+# Packed chunk locations cached per process.
+_LOCATIONS_MAX = 1 << 18
 
 
 def chunk_key(scope: str, chunk_id: str) -> str:
@@ -119,6 +130,14 @@ def check_chunk_id(value: str, what: str) -> str:
             "chunk's plaintext (64 characters)"
         )
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class PackStored:
+    """What a chunk pack request did: the chunks it stored and those already held."""
+
+    stored: list[str]
+    present: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +181,9 @@ class BlockService:
         # value read before a put will do: an old one only makes the check ask the store).
         self._fresh: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._generations: dict[str, tuple[float, int]] = {}
+        # Where packed chunks are (they move only when garbage collection deletes a pack,
+        # which a read of a stale entry finds and looks again).
+        self._locations: OrderedDict[tuple[str, str], Location] = OrderedDict()
         self._fresh_lock = threading.Lock()
 
     def close(self) -> None:
@@ -224,32 +246,36 @@ class BlockService:
         """
         volume = self.get_volume(account, volume_id)
         check_chunk_id(chunk_id, "chunk id")
-        what = f"chunk {chunk_id}"
-        if len(body) > (zstd_bound(volume.chunk_size) if zstd else volume.chunk_size):
-            raise body_too_large(what, volume.chunk_size)
-        frame: bytes | None = None
-        data = body
-        if zstd:
-            inflated = inflate_frame(body, volume.chunk_size)
-            if inflated is None:
-                data = inflate_body(body, volume.chunk_size, what)
-            else:
-                data, frame = inflated, body
-        if len(data) > volume.chunk_size:
-            raise BadRequestError(
-                f"chunk {chunk_id} has {len(data)} bytes, more than volume {volume.id}'s "
-                f"chunk size of {volume.chunk_size}; split the data into chunks"
-            )
-        if not zstd and body_sha256 is not None:  # the body is the plaintext
-            _check_digest(body_sha256, chunk_id, what)
-        else:
-            _check_digest(sha256_id(data), chunk_id, what)
-        if is_zero(data):
-            raise BadRequestError(
-                f"chunk {chunk_id} is all zero; zero chunks are not stored: commit null "
-                "for its index instead"
-            )
+        data, frame = _checked_body(
+            volume, chunk_id, body, zstd=zstd, body_sha256=body_sha256, what=f"chunk {chunk_id}"
+        )
         return self._store_chunk(volume.key_scope, chunk_id, data, frame=frame)
+
+    def put_chunk_pack(self, account: str, volume_id: str, body: bytes) -> PackStored:
+        """Stores the chunks of a chunk pack request (``sgw.common.chunk_packs``) for the
+        volume in one pack object; which were new and which the volume's scope held.
+
+        Every chunk is checked as ``put_chunk`` checks one (and the pack holds each chunk
+        once, at most ``MAX_PACK_DATA`` bytes of data in all) before anything is stored:
+        a bad chunk refuses the whole request, naming it. Chunks the scope holds in a pack
+        already (stored within ``REFRESH_AGE``) are not stored again.
+        """
+        volume = self.get_volume(account, volume_id)
+        checked: list[tuple[str, BytesLike, BytesLike | None]] = []
+        total = 0
+        for i, chunk in enumerate(decode_pack(body)):
+            what = f"chunk {i} of the pack ({chunk.id})"
+            if any(chunk.id == c for c, _, _ in checked):
+                raise BadRequestError(f"{what} is in the pack twice; send each chunk once")
+            data, frame = _checked_body(volume, chunk.id, chunk.body, zstd=chunk.zstd, what=what)
+            total += len(data)
+            if total > MAX_PACK_DATA:
+                raise PayloadTooLargeError(
+                    f"chunk pack holds more than {MAX_PACK_DATA} bytes of data; send fewer "
+                    "chunks per pack"
+                )
+            checked.append((chunk.id, data, frame))
+        return self._store_pack(volume.key_scope, checked)
 
     def get_chunk(self, account: str, volume_id: str, chunk_id: str) -> bytes:
         """The plaintext of a chunk stored in the volume's key scope (see the module doc)."""
@@ -463,7 +489,7 @@ class BlockService:
     # Chunk objects
 
     def _store_chunk(
-        self, scope: str, chunk_id: str, data: bytes, *, frame: bytes | None = None
+        self, scope: str, chunk_id: str, data: BytesLike, *, frame: BytesLike | None = None
     ) -> bool:
         """Stores the chunk unless an intact copy is there; True if none was. An old copy
         is rewritten (see REFRESH_AGE) but still counts as there.
@@ -499,8 +525,99 @@ class BlockService:
         )
         return info is None or damaged
 
+    def _store_pack(
+        self, scope: str, chunks: list[tuple[str, BytesLike, BytesLike | None]]
+    ) -> PackStored:
+        """Stores checked chunks ``(id, plaintext, zstd frame or None)`` of a scope in one
+        pack object, leaving out those packed there recently (see ``packs``)."""
+        ids = [c for c, _, _ in chunks]
+        for attempt in range(1, _PUT_BLOCK_TRIES + 1):
+            fresh_after = utcnow() - timedelta(seconds=REFRESH_AGE)
+            pack_id, new = self.maps.packs.begin(scope, ids, fresh_after)
+            if pack_id is None:
+                return PackStored(stored=[], present=ids)
+            wanted = set(new)
+            key = self.keys.key(scope)
+            blobs = [
+                (c, encode_chunk(data, key, frame=frame))
+                for c, data, frame in chunks
+                if c in wanted
+            ]
+            obj, entries = build_pack(blobs)
+            try:
+                self.store.put(pack_key(scope, pack_id), obj, durable=True)
+            except BaseException:
+                with contextlib.suppress(Exception):  # else garbage collection takes it
+                    self.maps.packs.abandon(pack_id)
+                raise
+            if self.maps.packs.finish(pack_id, len(obj), scope, entries):
+                with self._fresh_lock:
+                    for c, offset, length in entries:
+                        self._remember_location(scope, c, Location(pack_id, offset, length))
+                LOG.debug(
+                    "chunk pack stored",
+                    extra={
+                        "scope": scope,
+                        "pack": pack_id,
+                        "chunks": len(entries),
+                        "bytes": len(obj),
+                    },
+                )
+                return PackStored(stored=new, present=[c for c in ids if c not in wanted])
+            # A collection took the row before the object was marked written (only with
+            # a grace period shorter than this upload took): store the chunks again.
+            LOG.info(
+                "chunk pack was collected before it was finished; storing it again",
+                extra={"scope": scope, "pack": pack_id, "attempt": attempt},
+            )
+        raise ObjectStoreError(
+            f"chunk pack for key scope {scope} was collected {_PUT_BLOCK_TRIES} times before "
+            "it was finished; garbage collection's grace period is too short for uploads"
+        )
+
+    def _remember_location(self, scope: str, chunk_id: str, location: Location) -> None:
+        """Caches a location (call with ``_fresh_lock`` held)."""
+        self._locations[(scope, chunk_id)] = location
+        self._locations.move_to_end((scope, chunk_id))
+        while len(self._locations) > _LOCATIONS_MAX:
+            self._locations.popitem(last=False)
+
+    def _location(self, scope: str, chunk_id: str, *, fresh: bool = False) -> Location | None:
+        """Where the scope's chunk is packed (cached unless ``fresh``); None if loose."""
+        if not fresh:
+            with self._fresh_lock:
+                cached = self._locations.get((scope, chunk_id))
+            if cached is not None:
+                return cached
+        location = self.maps.packs.locate(scope, chunk_id)
+        with self._fresh_lock:
+            if location is None:
+                self._locations.pop((scope, chunk_id), None)
+            else:
+                self._remember_location(scope, chunk_id, location)
+        return location
+
+    def _read_blob(self, scope: str, chunk_id: str) -> bytes:
+        """The stored (encoded) chunk: its range of a pack, or its loose object."""
+        location = self._location(scope, chunk_id)
+        if location is not None:
+            try:
+                return self._read_range(scope, location)
+            except ObjectNotFoundError:
+                # The pack was collected after the lookup (the chunk was moved, or
+                # unreferenced and stored again since): look again.
+                location = self._location(scope, chunk_id, fresh=True)
+                if location is not None:
+                    return self._read_range(scope, location)
+        return self.store.get(chunk_key(scope, chunk_id))
+
+    def _read_range(self, scope: str, location: Location) -> bytes:
+        return self.store.get_range(
+            pack_key(scope, location.pack_id), location.offset, location.length
+        )
+
     def _read_chunk(self, scope: str, chunk_id: str) -> bytes:
-        blob = self.store.get(chunk_key(scope, chunk_id))
+        blob = self._read_blob(scope, chunk_id)
         try:
             return decode_chunk(blob, self.keys.key(scope), expected_id=chunk_id)
         except ChunkError as e:
@@ -583,7 +700,44 @@ class BlockService:
         return list(self._pool.map(self.store.exists, keys))
 
 
-def inflate_body(body: bytes, limit: int, what: str) -> bytes:
+def _checked_body(
+    volume: VolumeInfo,
+    chunk_id: str,
+    body: BytesLike,
+    *,
+    zstd: bool,
+    what: str,
+    body_sha256: str | None = None,
+) -> tuple[BytesLike, BytesLike | None]:
+    """A chunk body checked for the volume: its plaintext, and the body itself if that is
+    one zstd frame declaring its size (stored as sent); see ``BlockService.put_chunk``."""
+    if len(body) > (zstd_bound(volume.chunk_size) if zstd else volume.chunk_size):
+        raise body_too_large(what, volume.chunk_size)
+    frame: BytesLike | None = None
+    data = body
+    if zstd:
+        inflated = inflate_frame(body, volume.chunk_size)
+        if inflated is None:
+            data = inflate_body(body, volume.chunk_size, what)
+        else:
+            data, frame = inflated, body
+    if len(data) > volume.chunk_size:
+        raise BadRequestError(
+            f"{what} has {len(data)} bytes, more than volume {volume.id}'s chunk size of "
+            f"{volume.chunk_size}; split the data into chunks"
+        )
+    if not zstd and body_sha256 is not None:  # the body is the plaintext
+        _check_digest(body_sha256, chunk_id, what)
+    else:
+        _check_digest(sha256_id(data), chunk_id, what)
+    if is_zero(data):
+        raise BadRequestError(
+            f"{what} is all zero; zero chunks are not stored: commit null for its index instead"
+        )
+    return data, frame
+
+
+def inflate_body(body: BytesLike, limit: int, what: str) -> bytes:
     """Decompresses a ``Content-Encoding: zstd`` body (one or more frames), refusing more
     than ``limit`` bytes of output (PayloadTooLargeError) and invalid zstd (400)."""
     out = bytearray()

@@ -215,6 +215,42 @@ class GcGeneration(Base):
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class ChunkPack(Base):
+    """One pack object (``packs/<key scope>/<id>``): the encoded chunks of one upload
+    request and an index of them (``sgw.provider.blockstore.packs``).
+
+    The row is made before the object is written and marked ``written`` together with
+    the locations of its chunks once the object is durable, so an object without a row is
+    always garbage, and deleting a row deletes its locations (the foreign key cascades).
+    """
+
+    __tablename__ = "chunk_packs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX), index=True)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    written: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class ChunkLocation(Base):
+    """Where a packed chunk of a key scope is: its pack and byte range. A chunk of the
+    scope with no location is a loose object (``chunks/<scope>/<id[:2]>/<id>``)."""
+
+    __tablename__ = "chunk_locations"
+
+    key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX), primary_key=True)
+    chunk_id: Mapped[str] = mapped_column(String(DIGEST_HEX), primary_key=True)
+    pack_id: Mapped[str] = mapped_column(
+        ForeignKey("chunk_packs.id", ondelete="CASCADE"), index=True
+    )
+    offset: Mapped[int] = mapped_column(BigInteger)
+    length: Mapped[int] = mapped_column(Integer)
+    # When the chunk was last stored: garbage collection spares younger ones (the grace
+    # period covers an upload whose commit has not come yet).
+    created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
 class MapSegment(Base):
     """Immutable entries of SEGMENT_CHUNKS consecutive chunk indexes (encoding above)."""
 
