@@ -13,12 +13,14 @@ Request body (integers big-endian)::
     5       1       reserved, zero
     6       2       number of chunks n (1 to MAX_PACK_CHUNKS)
     8       37 * n  per chunk: SHA-256 of its plaintext (32 bytes, the chunk id),
-                    encoding (1 byte: 0 plaintext, 1 one zstd stream),
+                    encoding (1 byte: 0 plaintext, stored as sent; 1 zstd,
+                    stored as sent if it is one frame declaring its size),
                     body length (4 bytes)
     ..      ...     the bodies, in the order of the entries, nothing after them
 
 Every chunk is checked by the provider as a single ``PUT`` would be (size, SHA-256, not
-all zero); one bad chunk refuses the whole request.
+all zero); one bad chunk refuses the whole request. A plaintext chunk is stored
+uncompressed: send every chunk that zstd shrinks compressed (the gateway does).
 """
 
 from __future__ import annotations

@@ -115,7 +115,11 @@ def is_zero(data: BytesLike) -> bool:
 
 
 def encode_chunk(
-    data: BytesLike, key: BytesLike | None, *, frame: BytesLike | None = None
+    data: BytesLike,
+    key: BytesLike | None,
+    *,
+    frame: BytesLike | None = None,
+    compress: bool = True,
 ) -> bytearray:
     """Turns plaintext into a stored chunk: compressed if that helps, encrypted with
     ``key`` (32 bytes, AES-256-GCM) if one is given, always checksummed.
@@ -123,14 +127,15 @@ def encode_chunk(
     ``frame``: a zstd frame of ``data`` that ``inflate_frame`` accepted (the upload's own
     wire frame). It becomes the payload as it is when it is smaller than ``data``, which
     saves compressing again; a frame that is not smaller means ``data`` is stored raw.
-    The blob is built in one buffer, without intermediate copies of the data.
+    ``compress=False`` (and no frame) stores ``data`` raw without trying: the sender
+    found it incompressible already. The blob is built in one buffer, without intermediate copies of the data.
     """
     length = len(data)
     if length > MAX_CHUNK_SIZE:
         raise ValueError(f"chunk of {length} bytes exceeds the maximum of {MAX_CHUNK_SIZE}")
     if key is not None and len(key) != KEY_SIZE:
         raise ValueError(f"chunk key must be {KEY_SIZE} bytes (AES-256), got {len(key)}")
-    payload, compressed = _compress(data, frame)
+    payload, compressed = _compress(data, frame) if compress or frame else (data, False)
     flags = (FLAG_ZSTD if compressed else 0) | (FLAG_AES_GCM if key is not None else 0)
     fields = _FIELDS.pack(MAGIC, FORMAT_VERSION, flags, 0, length)
     body_start = HEADER_SIZE + (NONCE_SIZE if key is not None else 0)

@@ -538,8 +538,10 @@ class BlockService:
                 return PackStored(stored=[], present=ids)
             wanted = set(new)
             key = self.keys.key(scope)
+            # A chunk sent as plaintext is stored as such: the gateway sends every chunk
+            # that compresses as zstd, so trying again would only cost CPU.
             blobs = [
-                (c, encode_chunk(data, key, frame=frame))
+                (c, encode_chunk(data, key, frame=frame, compress=False))
                 for c, data, frame in chunks
                 if c in wanted
             ]
