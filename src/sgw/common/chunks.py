@@ -128,7 +128,8 @@ def encode_chunk(
     wire frame). It becomes the payload as it is when it is smaller than ``data``, which
     saves compressing again; a frame that is not smaller means ``data`` is stored raw.
     ``compress=False`` (and no frame) stores ``data`` raw without trying: the sender
-    found it incompressible already. The blob is built in one buffer, without intermediate copies of the data.
+    found it incompressible already. The blob is built in one buffer, without
+    intermediate copies of the data.
     """
     length = len(data)
     if length > MAX_CHUNK_SIZE:
