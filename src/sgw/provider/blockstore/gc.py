@@ -37,10 +37,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy.exc import OperationalError
 
-from sgw.common.errors import ObjectStoreError
+from sgw.common.chunks import check_chunk
+from sgw.common.errors import ChunkCorruptError, ObjectStoreError
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.blockstore.objects import ObjectInfo, ObjectStore
-from sgw.provider.blockstore.packs import PACKS_PREFIX, pack_key
+from sgw.provider.blockstore.packs import PACKS_PREFIX, build_pack, pack_key
 from sgw.provider.blockstore.service import chunk_key
 
 __all__ = ["DEFAULT_GRACE_SECONDS", "GcReport", "collect"]
@@ -81,6 +82,8 @@ class GcReport:
     packs_deleted: int = 0  # packs with no referenced chunk left (in a dry run: would be)
     pack_bytes_deleted: int = 0
     orphan_packs: int = 0  # pack objects without a row (an upload cut short): deleted
+    packs_rewritten: int = 0  # less than half live: live chunks copied to a new pack
+    pack_bytes_freed: int = 0  # by those rewrites, once their old packs go (next pass)
     errors: int = 0  # deletes or scopes that failed (logged); the next pass retries
     seconds: float = 0.0
 
@@ -94,7 +97,8 @@ class GcReport:
             f"{self.grace_seconds:g} s grace period, {self.rescued} referenced meanwhile; "
             f"packs: {verb} {self.locations_deleted} unreferenced packed chunks' locations "
             f"and {self.packs_deleted} of {self.packs} pack objects ({self.pack_bytes_deleted} "
-            f"bytes), {self.orphan_packs} orphaned packs; "
+            f"bytes), {self.orphan_packs} orphaned packs, rewrote {self.packs_rewritten} sparse "
+            f"packs ({self.pack_bytes_freed} bytes to free); "
             f"{self.foreign} foreign objects, {self.segments_swept} map segments swept, "
             f"{self.errors} errors, {self.seconds:.1f} s"
         )
@@ -219,10 +223,62 @@ def _collect_packs(maps: ChunkMaps, store: ObjectStore, *, cutoff: float, report
                         continue
                 report.packs_deleted += 1
                 report.pack_bytes_deleted += size
+            _rewrite_sparse_packs(maps, store, scope, before, report)
         except OperationalError as e:
             report.errors += 1
             LOG.warning("gc skipped a key scope's packs: %s", e, extra={"scope": scope})
     _sweep_orphan_packs(maps, store, cutoff=cutoff, report=report)
+
+
+def _rewrite_sparse_packs(
+    maps: ChunkMaps, store: ObjectStore, scope: str, before: datetime, report: GcReport
+) -> None:
+    """Copies the live chunks of packs that are less than half live into a new pack
+    each and moves their locations there; the old pack, left without locations, goes in
+    a later pass (``delete_empty_packs``), so a reader that looked a location up just
+    before still finds its bytes meanwhile (and one that does not looks again)."""
+    for sparse in maps.packs.sparse_packs(scope, before):
+        live_bytes = sum(n for _, _, n in sparse.live)
+        if report.dry_run:
+            report.packs_rewritten += 1
+            report.pack_bytes_freed += sparse.size - live_bytes
+            continue
+        try:
+            data = store.get(pack_key(scope, sparse.id))
+        except ObjectStoreError as e:
+            report.errors += 1
+            LOG.error("gc cannot read a pack to rewrite it: %s", e, extra={"scope": scope})
+            continue
+        blobs = [(c, data[o : o + n]) for c, o, n in sparse.live]
+        damaged = [c for c, blob in blobs if not _whole(blob)]
+        if damaged:  # copying would hide it: keep the pack and say so
+            report.errors += 1
+            LOG.error(
+                "gc found damaged chunks in a pack; not rewriting it",
+                extra={"scope": scope, "pack": sparse.id, "chunks": damaged[:10]},
+            )
+            continue
+        obj, entries = build_pack(blobs)
+        new_id = maps.packs.new_row(scope)
+        try:
+            store.put(pack_key(scope, new_id), obj, durable=True)
+        except ObjectStoreError as e:
+            maps.packs.abandon(new_id)
+            report.errors += 1
+            LOG.warning("gc could not write a rewritten pack: %s", e, extra={"scope": scope})
+            continue
+        if maps.packs.move(sparse.id, new_id, len(obj), scope, entries) is None:
+            continue  # its row was collected meanwhile: the object is an orphan now
+        report.packs_rewritten += 1
+        report.pack_bytes_freed += sparse.size - len(obj)
+
+
+def _whole(blob: bytes) -> bool:
+    try:
+        check_chunk(blob)
+    except ChunkCorruptError:
+        return False
+    return True
 
 
 def _sweep_orphan_packs(

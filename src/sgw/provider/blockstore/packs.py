@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any
 
 from crc32c import crc32c
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sgw.common.errors import ChunkCorruptError
@@ -55,6 +55,16 @@ def pack_key(scope: str, pack_id: str) -> str:
 def new_pack_id() -> str:
     """A fresh random pack id (32 hex digits)."""
     return secrets.token_hex(16)
+
+
+@dataclass(frozen=True, slots=True)
+class SparsePack:
+    """A pack worth rewriting: its id, size and its chunks that still have locations
+    (id, offset, length)."""
+
+    id: str
+    size: int
+    live: list[tuple[str, int, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +182,73 @@ class PackIndex:
             s.execute(
                 delete(ChunkPack).where(ChunkPack.id == pack_id, ChunkPack.written.is_(False))
             )
+
+    def new_row(self, scope: str) -> str:
+        """A new pack row (not written) for a rewrite; its id."""
+        pack_id = new_pack_id()
+        with self._sessions.begin() as s:
+            s.add(ChunkPack(id=pack_id, key_scope=scope, size=0, written=False, created=utcnow()))
+        return pack_id
+
+    def sparse_packs(self, scope: str, before: datetime) -> list[SparsePack]:
+        """The scope's written packs made before ``before`` whose chunks that still have
+        locations take less than half of the pack object (its index counts: a pack of
+        four equal chunks with two live qualifies), and at least one has one."""
+        pack = ChunkPack.__table__.c
+        live = func.sum(_LOC.length)
+        with self._sessions() as s:
+            rows = s.execute(
+                select(pack.id, pack.size)
+                .join(ChunkLocation.__table__, _LOC.pack_id == pack.id)
+                .where(pack.key_scope == scope, pack.written, pack.created < before)
+                .group_by(pack.id, pack.size)
+                .having(live * 2 < pack.size)
+                .order_by(pack.id)
+            ).all()
+            out = []
+            for pack_id, size in rows:
+                entries = s.execute(
+                    select(_LOC.chunk_id, _LOC.offset, _LOC.length)
+                    .where(_LOC.pack_id == pack_id)
+                    .order_by(_LOC.offset)
+                ).all()
+                out.append(
+                    SparsePack(
+                        str(pack_id), int(size), [(str(c), int(o), int(n)) for c, o, n in entries]
+                    )
+                )
+        return out
+
+    def move(
+        self, old: str, new: str, size: int, scope: str, entries: Iterable[tuple[str, int, int]]
+    ) -> list[str] | None:
+        """Marks the rewritten pack ``new`` written and points those of its chunks whose
+        locations are still in ``old`` at it; the ids moved. None if ``new``'s row is gone
+        (a collection took it before this: the rewrite is abandoned)."""
+        moved: list[str] = []
+        with self._sessions.begin() as s:
+            marked = s.execute(
+                update(ChunkPack)
+                .where(ChunkPack.id == new)
+                .values(written=True, size=size)
+                .execution_options(synchronize_session=False)
+            )
+            if not marked.rowcount:  # type: ignore[attr-defined]
+                return None
+            for chunk_id, offset, length in entries:
+                done = s.execute(
+                    update(ChunkLocation)
+                    .where(
+                        ChunkLocation.key_scope == scope,
+                        ChunkLocation.chunk_id == chunk_id,
+                        ChunkLocation.pack_id == old,
+                    )
+                    .values(pack_id=new, offset=offset, length=length)
+                    .execution_options(synchronize_session=False)
+                )
+                if done.rowcount:  # type: ignore[attr-defined]
+                    moved.append(chunk_id)
+        return moved
 
     def locate(self, scope: str, chunk_id: str) -> Location | None:
         """Where the scope's chunk is packed; None if it is not (a loose object, or none)."""
