@@ -114,3 +114,26 @@ def test_bad_toml(tmp_path: Path, body: str, message: str) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load(str(tmp_path / "nope.toml"))
+
+
+def _remote_toml(tmp_path: Path, extra: str) -> str:
+    conf = tmp_path / "gw.toml"
+    conf.write_text(f'[remote]\nurl = "http://127.0.0.1:8480"\n{extra}')
+    return str(conf)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [("", 4), ("pack_chunks = 1\n", 1), ("pack_chunks = 8\n", 8), ("pack_chunks = 64\n", 64)],
+)
+def test_remote_pack_chunks(tmp_path: Path, line: str, expected: int) -> None:
+    cfg = load(_remote_toml(tmp_path, line), data_dir=str(tmp_path), volumes=["a:1G"])
+    assert cfg.remote is not None and cfg.remote.pack_chunks == expected
+
+
+@pytest.mark.parametrize("value", ["0", "65", "-1", '"4"', "true", "false", "4.0", "[4]"])
+def test_bad_remote_pack_chunks_is_one_line_naming_the_key(tmp_path: Path, value: str) -> None:
+    conf = _remote_toml(tmp_path, f"pack_chunks = {value}\n")
+    with pytest.raises(ConfigError, match=r"^remote\.pack_chunks: .* from 1 to 64$") as info:
+        load(conf, data_dir=str(tmp_path), volumes=["a:1G"])
+    assert "\n" not in str(info.value)

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import zstandard
 
+from sgw.common.chunk_packs import decode_pack
 from sgw.common.errors import (
     ConfigError,
     RemoteConflictError,
@@ -267,6 +268,18 @@ class FakeProvider:
             new = parts[4] not in self.chunks
             self.chunks[parts[4]] = data
             return httpx.Response(201 if new else 200)
+        if parts[3] == "chunk-packs" and request.method == "POST":
+            stored, present = [], []
+            for chunk in decode_pack(request.content):
+                data = bytes(chunk.body)
+                if chunk.zstd:
+                    data = zstandard.ZstdDecompressor().decompress(data)
+                if hashlib.sha256(data).hexdigest() != chunk.id:
+                    return httpx.Response(400, json={"error": "checksum", "message": "mismatch"})
+                self.puts += 1
+                (present if chunk.id in self.chunks else stored).append(chunk.id)
+                self.chunks[chunk.id] = data
+            return httpx.Response(200, json={"stored": stored, "present": present})
         if parts[3] == "map":
             m = {str(i): c for i, c in self.maps[vid].items()}
             return httpx.Response(200, json={"version": vol["map_version"], "chunks": m})

@@ -22,6 +22,7 @@ from sgw.common.chunk_packs import MEDIA_TYPE as PACK_MEDIA_TYPE
 from sgw.common.chunks import MAX_CHUNK_SIZE
 from sgw.common.errors import (
     ChecksumMismatchError,
+    PayloadTooLargeError,
     UnsupportedEncodingError,
 )
 from sgw.provider.api.auth import (
@@ -333,7 +334,11 @@ async def put_chunk_pack(
             "chunk pack: the body itself takes no Content-Encoding; compress each chunk "
             "(encoding 1 in its entry) instead"
         )
-    body = await _read_wire_body(request, MAX_PACK_DATA, "identity", what, wire=MAX_PACK_BODY)
+    too_large = PayloadTooLargeError(
+        f"chunk pack is larger than {MAX_PACK_BODY} bytes, the most this call accepts; send "
+        "fewer chunks per pack"
+    )
+    body = await _read_wire_body(request, MAX_PACK_DATA, "identity", what, too_large=too_large)
     done = await run_in_threadpool(service.put_chunk_pack, account, volume_id, body)
     return PackStoredOut(stored=done.stored, present=done.present)
 
@@ -525,15 +530,20 @@ def _content_encoding(request: Request, what: str) -> str:
 
 
 async def _read_wire_body(
-    request: Request, limit: int, encoding: str, what: str, *, wire: int | None = None
+    request: Request,
+    limit: int,
+    encoding: str,
+    what: str,
+    *,
+    too_large: PayloadTooLargeError | None = None,
 ) -> bytes:
     """The body as sent, refused (413) past what ``limit`` bytes of data can take on the
-    wire in ``encoding`` (or past ``wire`` bytes if given)."""
-    if wire is not None:
-        wire_limit = wire
+    wire in ``encoding``: with ``too_large`` (a chunk pack's), past ``MAX_PACK_BODY``."""
+    if too_large is not None:
+        wire_limit = MAX_PACK_BODY
     else:
         wire_limit = limit if encoding == "identity" else zstd_bound(limit)
-    too_large = body_too_large(what, limit)
+        too_large = body_too_large(what, limit)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > wire_limit:
         raise too_large

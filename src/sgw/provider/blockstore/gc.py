@@ -78,7 +78,7 @@ class GcReport:
     bytes_deleted: int = 0
     foreign: int = 0  # objects under chunks/ and packs/ that are not ours: left alone
     locations_deleted: int = 0  # packed chunks no map references (in a dry run: would be)
-    packs: int = 0  # pack objects listed
+    packs: int = 0  # pack rows at the start of the pass
     packs_deleted: int = 0  # packs with no referenced chunk left (in a dry run: would be)
     pack_bytes_deleted: int = 0
     orphan_packs: int = 0  # pack objects without a row (an upload cut short): deleted
@@ -201,26 +201,25 @@ def _collect_packs(maps: ChunkMaps, store: ObjectStore, *, cutoff: float, report
     cutoff, then deletes the packs left without any (row first, then object: see
     ``packs``), then pack objects that have no row at all."""
     before = datetime.fromtimestamp(cutoff, UTC)
+    report.packs = maps.packs.count()
     for scope in maps.packs.pack_scopes():
         try:
             referenced = set(maps.referenced_chunk_ids(scope))  # a prefilter, as above
             stale = [c for c in maps.packs.stale_locations(scope, before) if c not in referenced]
             if report.dry_run:
                 report.locations_deleted += len(stale)
-            else:
-                for i in range(0, len(stale), DELETE_BATCH):
-                    batch = stale[i : i + DELETE_BATCH]
-                    report.locations_deleted += len(
-                        maps.delete_unreferenced_locations(scope, batch)
-                    )
-            for pack_id, size in maps.delete_empty_packs(scope, before, dry_run=report.dry_run):
-                if not report.dry_run:
-                    try:
-                        store.delete(pack_key(scope, pack_id))
-                    except ObjectStoreError as e:  # an orphan now: a later pass deletes it
-                        report.errors += 1
-                        LOG.warning("gc could not delete a pack: %s", e, extra={"scope": scope})
-                        continue
+                _dry_run_packs(maps, scope, before, set(stale), report)
+                continue
+            for i in range(0, len(stale), DELETE_BATCH):
+                batch = stale[i : i + DELETE_BATCH]
+                report.locations_deleted += len(maps.delete_unreferenced_locations(scope, batch))
+            for pack_id, size in maps.delete_empty_packs(scope, before):
+                try:
+                    store.delete(pack_key(scope, pack_id))
+                except ObjectStoreError as e:  # an orphan now: a later pass deletes it
+                    report.errors += 1
+                    LOG.warning("gc could not delete a pack: %s", e, extra={"scope": scope})
+                    continue
                 report.packs_deleted += 1
                 report.pack_bytes_deleted += size
             _rewrite_sparse_packs(maps, store, scope, before, report)
@@ -228,6 +227,20 @@ def _collect_packs(maps: ChunkMaps, store: ObjectStore, *, cutoff: float, report
             report.errors += 1
             LOG.warning("gc skipped a key scope's packs: %s", e, extra={"scope": scope})
     _sweep_orphan_packs(maps, store, cutoff=cutoff, report=report)
+
+
+def _dry_run_packs(
+    maps: ChunkMaps, scope: str, before: datetime, stale: set[str], report: GcReport
+) -> None:
+    """What a pass would do to the scope's packs once the ``stale`` locations went."""
+    for _, size, chunks in maps.packs.contents(scope, before):
+        live = sum(n for c, n in chunks if c not in stale)
+        if not any(c not in stale for c, _ in chunks):
+            report.packs_deleted += 1
+            report.pack_bytes_deleted += size
+        elif live * 2 < size:
+            report.packs_rewritten += 1
+            report.pack_bytes_freed += size - live
 
 
 def _rewrite_sparse_packs(
@@ -238,11 +251,6 @@ def _rewrite_sparse_packs(
     a later pass (``delete_empty_packs``), so a reader that looked a location up just
     before still finds its bytes meanwhile (and one that does not looks again)."""
     for sparse in maps.packs.sparse_packs(scope, before):
-        live_bytes = sum(n for _, _, n in sparse.live)
-        if report.dry_run:
-            report.packs_rewritten += 1
-            report.pack_bytes_freed += sparse.size - live_bytes
-            continue
         try:
             data = store.get(pack_key(scope, sparse.id))
         except ObjectStoreError as e:
@@ -310,7 +318,6 @@ def _sweep_orphan_packs(
         if len(parts) != 3 or not _PACK_ID.fullmatch(parts[2]):
             report.foreign += 1
             continue
-        report.packs += 1
         if info.modified <= cutoff:
             batch.append(info)
             if len(batch) >= DELETE_BATCH:

@@ -772,19 +772,24 @@ class ChunkMaps:
                 )
         return doomed
 
-    def delete_empty_packs(
-        self, key_scope: str, created_before: datetime, *, dry_run: bool = False
-    ) -> list[tuple[str, int]]:
+    def delete_empty_packs(self, key_scope: str, created_before: datetime) -> list[tuple[str, int]]:
         """Deletes the rows of the scope's packs made before ``created_before`` that hold
         no location (every chunk in them unreferenced and its location deleted, or an
         upload that never finished); (pack id, size) of each. The caller deletes their
         objects afterwards. Runs with the scope's maps locked: a commit that saw one of
         their chunks' locations has committed before, and its chunks still have them.
+
+        An upload finishing meanwhile (``PackIndex.finish``, or a rewrite's ``move``)
+        marks its unwritten pack written in the same transaction that gives it locations,
+        and may move a committed chunk's location into it. So a row is deleted only if it
+        is still as it was seen (``written`` unchanged: PostgreSQL re-checks that against
+        the row a concurrent upload committed), never a pack that just got locations; a
+        written pack never gains any.
         """
         pack = ChunkPack.__table__.c
         loc = ChunkLocation.__table__.c
         empty = (
-            select(pack.id, pack.size)
+            select(pack.id, pack.written)
             .where(
                 pack.key_scope == key_scope,
                 pack.created < created_before,
@@ -792,17 +797,22 @@ class ChunkMaps:
             )
             .order_by(pack.id)
         )
-        if dry_run:
-            with self._sessions() as s:
-                return [(str(i), int(n)) for i, n in s.execute(empty)]
+        doomed: list[tuple[str, int]] = []
         with self._sessions.begin() as s:
             _lock_scope(s, key_scope)
-            doomed = [(str(i), int(n)) for i, n in s.execute(empty)]
-            ids = [i for i, _ in doomed]
-            for i in range(0, len(ids), _IN_BATCH):
-                # The cascade removes a location a finishing upload added meanwhile: its
-                # chunks are not committed (the scope is locked), so a commit will ask again.
-                s.execute(delete(ChunkPack).where(ChunkPack.id.in_(ids[i : i + _IN_BATCH])))
+            seen = s.execute(empty).all()
+            for written in (False, True):
+                ids = [str(i) for i, w in seen if bool(w) == written]
+                for i in range(0, len(ids), _IN_BATCH):
+                    rows = s.execute(
+                        delete(ChunkPack)
+                        .where(
+                            ChunkPack.id.in_(ids[i : i + _IN_BATCH]),
+                            ChunkPack.written.is_(written),
+                        )
+                        .returning(ChunkPack.id, ChunkPack.size)
+                    )
+                    doomed += [(str(i), int(n)) for i, n in rows]
         return doomed
 
     def gc_generation(self, key_scope: str) -> int:

@@ -42,7 +42,7 @@ MAGIC = b"SGWP"
 FORMAT_VERSION = 1
 
 _ENTRY = struct.Struct(">32sQI")
-_TRAILER = struct.Struct(">II4sB3x")
+_TRAILER = struct.Struct(">II4sB3s")
 # Ids per IN (...) list: well below SQLite's bound on host parameters.
 _IN_BATCH = 500
 
@@ -88,7 +88,7 @@ def build_pack(
         out += blob
     index = b"".join(_ENTRY.pack(bytes.fromhex(c), off, n) for c, off, n in entries)
     out += index
-    out += _TRAILER.pack(len(entries), crc32c(index), MAGIC, FORMAT_VERSION)
+    out += _TRAILER.pack(len(entries), crc32c(index), MAGIC, FORMAT_VERSION, bytes(3))
     return out, entries
 
 
@@ -97,9 +97,11 @@ def read_index(data: bytes) -> list[tuple[str, int, int]]:
     its index is damaged or does not fit the object."""
     if len(data) < _TRAILER.size:
         raise ChunkCorruptError(f"pack object of {len(data)} bytes is shorter than its trailer")
-    count, crc, magic, version = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
-    if magic != MAGIC or version != FORMAT_VERSION:
-        raise ChunkCorruptError(f"pack trailer has magic {magic!r} version {version}")
+    count, crc, magic, version, reserved = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
+    if magic != MAGIC or version != FORMAT_VERSION or reserved != bytes(3):
+        raise ChunkCorruptError(
+            f"pack trailer has magic {magic!r}, version {version}, reserved {reserved.hex()}"
+        )
     start = len(data) - _TRAILER.size - count * _ENTRY.size
     if start < 0:
         raise ChunkCorruptError(f"pack index of {count} entries does not fit the object")
@@ -255,6 +257,31 @@ class PackIndex:
         with self._sessions() as s:
             row = s.execute(_LOCATE, {"scope": scope, "chunk": chunk_id}).one_or_none()
         return None if row is None else Location(row[0], int(row[1]), int(row[2]))
+
+    def contents(
+        self, scope: str, before: datetime
+    ) -> list[tuple[str, int, list[tuple[str, int]]]]:
+        """(pack id, size, [(chunk id, length)]) of the scope's packs made before
+        ``before``, with the chunks that have locations in each (for dry runs)."""
+        pack = ChunkPack.__table__.c
+        out: dict[str, tuple[int, list[tuple[str, int]]]] = {}
+        with self._sessions() as s:
+            rows = s.execute(
+                select(pack.id, pack.size, _LOC.chunk_id, _LOC.length)
+                .outerjoin(ChunkLocation.__table__, _LOC.pack_id == pack.id)
+                .where(pack.key_scope == scope, pack.created < before)
+                .order_by(pack.id)
+            )
+            for pack_id, size, chunk_id, length in rows:
+                entry = out.setdefault(str(pack_id), (int(size), []))
+                if chunk_id is not None:
+                    entry[1].append((str(chunk_id), int(length)))
+        return [(p, size, chunks) for p, (size, chunks) in out.items()]
+
+    def count(self) -> int:
+        """How many pack rows there are."""
+        with self._sessions() as s:
+            return int(s.scalar(select(func.count()).select_from(ChunkPack)) or 0)
 
     def pack_scopes(self) -> list[str]:
         """Every key scope that has pack rows."""

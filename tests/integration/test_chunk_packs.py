@@ -1,0 +1,1022 @@
+"""Chunk packs on the provider (docs/adr/0005-chunk-packs.md).
+
+``POST /v1/volumes/{id}/chunk-packs`` through a real ``sgw provider serve`` on each
+object store (a directory, S3 on the moto server; SQLite), and once on each database;
+``get_range`` of each store; garbage collection of packed chunks and packs on each
+database and store, in process as tests/integration/test_gc.py does, including the
+races between a pass and an upload; and the master key guard of a store holding packs
+only.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import zstandard
+from sqlalchemy import event, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from sgw.common.chunk_packs import MAX_PACK_CHUNKS, MEDIA_TYPE, PackedChunk, encode_pack
+from sgw.common.chunks import HEADER_SIZE, NONCE_SIZE, TAG_SIZE, check_chunk, decode_chunk
+from sgw.common.errors import (
+    MissingChunksError,
+    NotFoundError,
+    ObjectNotFoundError,
+    ObjectStoreError,
+)
+from sgw.provider.api.auth import ensure_account
+from sgw.provider.api.blocks import MAX_PACK_BODY
+from sgw.provider.blockstore import service
+from sgw.provider.blockstore.keys import KeyRing, derive_key
+from sgw.provider.blockstore.maps import ChunkMaps
+from sgw.provider.blockstore.objects import DirectoryStore, ObjectStore
+from sgw.provider.blockstore.packs import Location, PackIndex, new_pack_id, pack_key, read_index
+from sgw.provider.blockstore.service import MAX_PACK_DATA, BlockService, PackStored
+from sgw.provider.db.models import ChunkLocation, ChunkPack, utcnow
+from sgw.provider.db.schema import bound_engine, make_engine, session_factory
+from tests.conftest import ProviderProcess
+from tests.fixtures.s3 import s3_store
+from tests.integration.test_block_api import MIB, SMALL, Api, _start, chunk, sha
+from tests.integration.test_gc import ACCOUNT, Env, content
+
+# What encode_chunk adds around an encrypted payload.
+OVERHEAD = HEADER_SIZE + NONCE_SIZE + TAG_SIZE
+PACK_KEY = re.compile(r"packs/(?P<scope>[^/]+)/(?P<pack>[0-9a-f]{32})")
+
+
+def plain(data: bytes) -> PackedChunk:
+    return PackedChunk(sha(data), data, False)
+
+
+def one_frame(data: bytes) -> PackedChunk:
+    """The chunk as one zstd frame declaring its size (stored as sent)."""
+    return PackedChunk(sha(data), zstandard.ZstdCompressor(level=3).compress(data), True)
+
+
+def two_frames(data: bytes) -> PackedChunk:
+    """The chunk as two concatenated zstd frames (inflated, then stored as plaintext)."""
+    zc = zstandard.ZstdCompressor(level=1)
+    half = len(data) // 2
+    return PackedChunk(sha(data), zc.compress(data[:half]) + zc.compress(data[half:]), True)
+
+
+def incompressible(tag: object, size: int = SMALL) -> bytes:
+    return random.Random(repr(tag)).randbytes(size)
+
+
+# Over HTTP, against a provider process
+
+
+class PackApi(Api):
+    """``Api`` with chunk pack calls and a view of the provider's pack rows."""
+
+    sessions: sessionmaker[Session]
+
+    def post_pack(
+        self, volume_id: str, chunks: list[PackedChunk] | bytes, **headers: str
+    ) -> httpx.Response:
+        body = chunks if isinstance(chunks, bytes) else encode_pack(chunks)
+        return self.client.post(
+            f"/v1/volumes/{volume_id}/chunk-packs",
+            content=body,
+            headers={"content-type": MEDIA_TYPE, **headers},
+        )
+
+    def packs(self, scope: str) -> dict[str, tuple[int, bool]]:
+        """The scope's pack rows: id -> (size, written)."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(ChunkPack.id, ChunkPack.size, ChunkPack.written).where(
+                    ChunkPack.key_scope == scope
+                )
+            )
+            return {i: (n, w) for i, n, w in rows}
+
+    def locations(self, scope: str) -> dict[str, tuple[str, int, int]]:
+        """The scope's chunk locations: chunk id -> (pack id, offset, length)."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(
+                    ChunkLocation.chunk_id,
+                    ChunkLocation.pack_id,
+                    ChunkLocation.offset,
+                    ChunkLocation.length,
+                ).where(ChunkLocation.key_scope == scope)
+            )
+            return {c: (p, o, n) for c, p, o, n in rows}
+
+    def pack_keys(self, scope: str) -> set[str]:
+        return {k for k in self.keys() if k.startswith(f"packs/{scope}/")}
+
+    def read(self, volume_id: str, chunk_id: str) -> httpx.Response:
+        return self.client.get(f"/v1/volumes/{volume_id}/chunks/{chunk_id}")
+
+
+def _pack_api(process: ProviderProcess, client: httpx.Client, store: str, **extra: Any) -> PackApi:
+    api = PackApi(process, client, store, **extra)
+    url = process.db_url or f"sqlite:///{process.data_dir / 'provider.db'}"
+    api.sessions = session_factory(make_engine(url))
+    return api
+
+
+def _dispose(api: PackApi) -> None:
+    engine = bound_engine(api.sessions)
+    if engine is not None:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module", params=["dir", "s3"])
+def api(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PackApi]:
+    """One provider per object store (SQLite) for the module; tests make their own volumes."""
+    store = request.param
+    process, extra = _start(tmp_path_factory.mktemp(f"packs-{store}") / "provider", store, request)
+    try:
+        with httpx.Client(base_url=process.url, timeout=60) as client:
+            packs = _pack_api(process, client, store, **extra)
+            yield packs
+            _dispose(packs)
+        assert process.stop() == 0
+    finally:
+        process.kill()
+
+
+def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
+    vid = api.volume()["id"]  # 64 chunks of 4 KiB
+    compressible, framed, multi = chunk("p-plain"), chunk("p-frame"), chunk("p-frames")
+    short, noise = chunk("p-short", 100), incompressible("p-noise")
+    sent = [plain(compressible), one_frame(framed), two_frames(multi), plain(short), plain(noise)]
+    datas = [compressible, framed, multi, short, noise]
+    ids = [sha(d) for d in datas]
+    before = api.keys()
+
+    r = api.post_pack(vid, sent)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"stored": ids, "present": []}
+    after = api.keys()
+    (key,) = after - before
+    match = PACK_KEY.fullmatch(key)
+    assert match is not None and match["scope"] == vid, key
+    assert not any(k.startswith(f"chunks/{vid}/") for k in after)  # nothing loose
+
+    # The object: the chunks in request order, each encrypted under the scope's key; a
+    # plaintext chunk stored raw even where zstd would shrink it, a one-frame zstd chunk
+    # stored as that frame, a multi-frame one inflated and stored raw.
+    obj = api.raw(key)
+    index = read_index(obj)
+    assert [c for c, _, _ in index] == ids
+    assert [n for _, _, n in index] == [
+        OVERHEAD + len(compressible),
+        OVERHEAD + len(sent[1].body),
+        OVERHEAD + len(multi),
+        OVERHEAD + len(short),
+        OVERHEAD + len(noise),
+    ]
+    scope_key = derive_key((api.data_dir / "master.key").read_bytes(), vid)
+    for (cid, offset, length), data in zip(index, datas, strict=True):
+        info = check_chunk(obj[offset : offset + length])
+        assert info.encrypted and info.plaintext_length == len(data)
+        assert info.compressed == (cid == sha(framed))
+        assert decode_chunk(obj[offset : offset + length], scope_key, expected_id=cid) == data
+    assert compressible[:32] not in obj and noise[:32] not in obj
+    # The rows: one written pack of the object's size, a location per chunk as indexed.
+    pack_id = match["pack"]
+    assert api.packs(vid) == {pack_id: (len(obj), True)}
+    assert api.locations(vid) == {c: (pack_id, o, n) for c, o, n in index}
+
+    for cid, data in zip(ids, datas, strict=True):
+        got = api.read(vid, cid)
+        assert got.status_code == 200 and got.content == data, cid
+        assert got.headers["x-sgw-sha256"] == cid
+
+    # A commit naming packed chunks goes through, and the map and snapshots read them.
+    changes = {0: ids[0], 1: ids[1], 2: ids[2], 63: ids[3], 7: ids[4], 8: ids[0]}
+    done = api.commit(vid, 0, changes)
+    assert done.status_code == 200 and done.json() == {"version": 1}, done.text
+    assert api.map(vid) == (1, changes)
+    snap = api.client.post(f"/v1/volumes/{vid}/snapshots").json()
+    for index_, cid in changes.items():
+        block = api.client.get(f"/v1/snapshots/{snap['id']}/blocks/{index_}")
+        assert block.status_code == 200 and block.content == datas[ids.index(cid)]
+    # A volume made from the snapshot reads them, and packs what it uploads in the
+    # lineage's scope.
+    copy = api.volume(from_snapshot_id=snap["id"])["id"]
+    assert api.read(copy, ids[2]).content == multi
+    more = chunk("p-copy")
+    assert api.post_pack(copy, [plain(more)]).json() == {"stored": [sha(more)], "present": []}
+    assert api.pack_keys(copy) == set()
+    assert len(api.pack_keys(vid)) == 2 and sha(more) in api.locations(vid)
+    assert api.read(copy, sha(more)).content == more
+
+
+def test_sending_a_pack_again_answers_present_and_writes_nothing(api: PackApi) -> None:
+    vid = api.volume()["id"]
+    a, b, c = chunk("again-a"), chunk("again-b"), chunk("again-c")
+    first = api.post_pack(vid, [plain(a), one_frame(b)])
+    assert first.json() == {"stored": [sha(a), sha(b)], "present": []}, first.text
+    keys, packs, locations = api.keys(), api.packs(vid), api.locations(vid)
+
+    again = api.post_pack(vid, [plain(a), one_frame(b)])
+    assert again.status_code == 200 and again.json() == {"stored": [], "present": [sha(a), sha(b)]}
+    assert (api.keys(), api.packs(vid), api.locations(vid)) == (keys, packs, locations)
+    # Whatever the encoding it is sent in this time.
+    assert api.post_pack(vid, [one_frame(a)]).json() == {"stored": [], "present": [sha(a)]}
+    assert api.keys() == keys
+
+    # Only the new chunk of a partly known pack is stored, in a pack of its own.
+    mixed = api.post_pack(vid, [plain(b), plain(c), plain(a)])
+    assert mixed.json() == {"stored": [sha(c)], "present": [sha(b), sha(a)]}, mixed.text
+    (new,) = api.keys() - keys
+    assert [cid for cid, _, _ in read_index(api.raw(new))] == [sha(c)]
+    located = api.locations(vid)
+    assert located[sha(a)] == locations[sha(a)] and located[sha(b)] == locations[sha(b)]
+    assert located[sha(c)][0] == PACK_KEY.fullmatch(new)["pack"]  # type: ignore[index]
+    assert [api.read(vid, sha(d)).content for d in (a, b, c)] == [a, b, c]
+
+    # Another volume is another key scope: it stores its own copy.
+    other = api.volume()["id"]
+    assert api.post_pack(other, [plain(a)]).json() == {"stored": [sha(a)], "present": []}
+    assert len(api.pack_keys(other)) == 1 and set(api.locations(other)) == {sha(a)}
+
+
+def test_refused_packs_store_nothing(api: PackApi) -> None:
+    vid = api.volume()["id"]
+    big = api.volume(size=128 * MIB, chunk_size=64 * MIB)["id"]
+    good, other = chunk("r-good"), chunk("r-other")
+    forged = sha(b"not this data")
+    huge = [chunk(("r-huge", i), 40 * MIB) for i in range(2)]
+    zc = zstandard.ZstdCompressor(level=1)
+    before = api.keys()
+    cases: list[tuple[str, httpx.Response, int, str, str]] = [
+        (
+            "wrong SHA-256",
+            api.post_pack(vid, [plain(good), PackedChunk(forged, other, False)]),
+            400,
+            "checksum_mismatch",
+            f"chunk 1 of the pack ({forged}): the data's SHA-256 is {sha(other)}",
+        ),
+        (
+            "zstd chunk of other data",
+            api.post_pack(vid, [plain(good), PackedChunk(forged, zc.compress(other), True)]),
+            400,
+            "checksum_mismatch",
+            f"chunk 1 of the pack ({forged})",
+        ),
+        (
+            "larger than the chunk size",
+            api.post_pack(vid, [plain(good), plain(chunk("r-big", SMALL + 1))]),
+            413,
+            "payload_too_large",
+            f"chunk 1 of the pack ({sha(chunk('r-big', SMALL + 1))}) is larger than {SMALL}",
+        ),
+        (
+            "zstd inflating past the chunk size",
+            api.post_pack(vid, [plain(good), one_frame(chunk("r-bomb", 64 * SMALL))]),
+            413,
+            "payload_too_large",
+            "chunk 1 of the pack",
+        ),
+        (
+            "zstd flag on a body that is not zstd",
+            api.post_pack(vid, [plain(good), PackedChunk(sha(other), other, True)]),
+            400,
+            "bad_request",
+            "not valid zstd",
+        ),
+        (
+            "all-zero chunk",
+            api.post_pack(vid, [plain(good), plain(bytes(SMALL))]),
+            400,
+            "bad_request",
+            f"chunk 1 of the pack ({sha(bytes(SMALL))}) is all zero",
+        ),
+        (
+            "empty chunk",
+            api.post_pack(vid, [plain(good), plain(b"")]),
+            400,
+            "bad_request",
+            "is all zero",
+        ),
+        (
+            "the same chunk twice",
+            api.post_pack(vid, [plain(good), plain(other), one_frame(good)]),
+            400,
+            "bad_request",
+            f"chunk 2 of the pack ({sha(good)}) is in the pack twice",
+        ),
+        (
+            "not a pack",
+            api.post_pack(vid, b'{"chunks": []}'),
+            400,
+            "bad_request",
+            "chunk pack magic",
+        ),
+        (
+            "bytes after the last chunk",
+            api.post_pack(vid, encode_pack([plain(good)]) + b"\x01"),
+            400,
+            "bad_request",
+            "1 bytes after its last chunk",
+        ),
+        (
+            "a body shorter than it declares",
+            api.post_pack(vid, encode_pack([plain(good), plain(other)])[:-1]),
+            400,
+            "bad_request",
+            f"chunk 1 of the pack ({sha(other)}) declares",
+        ),
+        (
+            "too many chunks",
+            api.post_pack(
+                vid,
+                b"SGWK\x01\x00"
+                + (MAX_PACK_CHUNKS + 1).to_bytes(2, "big")
+                + bytes(37 * (MAX_PACK_CHUNKS + 1)),
+            ),
+            400,
+            "bad_request",
+            f"declares {MAX_PACK_CHUNKS + 1} chunks",
+        ),
+        (
+            "zstd on the whole body",
+            api.post_pack(
+                vid,
+                zc.compress(encode_pack([plain(good)])),
+                **{"content-encoding": "zstd"},
+            ),
+            415,
+            "unsupported_encoding",
+            "the body itself takes no Content-Encoding",
+        ),
+        (
+            "gzip on the whole body",
+            api.post_pack(vid, [plain(good)], **{"content-encoding": "gzip"}),
+            415,
+            "unsupported_encoding",
+            "'gzip'",
+        ),
+        (
+            "unknown volume",
+            api.post_pack(str(uuid.uuid4()), [plain(good)]),
+            404,
+            "not_found",
+            "not found",
+        ),
+        (
+            "more than MAX_PACK_DATA of data in all",
+            api.post_pack(big, [plain(good), *map(one_frame, huge)]),
+            413,
+            "payload_too_large",
+            f"more than {MAX_PACK_DATA} bytes of data; send fewer chunks",
+        ),
+    ]
+    for name, response, status, error, fragment in cases:
+        assert response.status_code == status, (name, response.text)
+        body = response.json()
+        assert body["error"] == error, (name, body)
+        assert fragment in body["message"], (name, body)
+    # A body declared larger than a pack can be is refused before it is read.
+    with socket.create_connection(("127.0.0.1", api.process.port), timeout=10) as conn:
+        conn.sendall(
+            f"POST /v1/volumes/{vid}/chunk-packs HTTP/1.1\r\nHost: test\r\n"
+            f"Content-Type: {MEDIA_TYPE}\r\nContent-Length: {MAX_PACK_BODY + 1}\r\n\r\n".encode()
+            + b"SGWK"
+        )
+        assert conn.recv(65536).startswith(b"HTTP/1.1 413")
+
+    assert api.keys() == before
+    for scope in (vid, big):
+        assert api.packs(scope) == {} and api.locations(scope) == {}
+    for data in (good, other):
+        missing = api.read(vid, sha(data))
+        assert missing.status_code == 404, missing.text
+    refused = api.commit(vid, 0, {0: sha(good), 1: sha(other)})
+    assert refused.status_code == 400 and refused.json()["error"] == "missing_chunks"
+    assert set(refused.json()["chunk_ids"]) == {sha(good), sha(other)}
+    assert api.map(vid) == (0, {})
+    # The good chunks on their own are fine.
+    ok = api.post_pack(vid, [plain(good), plain(other)])
+    assert ok.json() == {"stored": [sha(good), sha(other)], "present": []}, ok.text
+    assert api.commit(vid, 0, {0: sha(good), 1: sha(other)}).status_code == 200
+
+
+def test_a_pack_of_exactly_the_data_limit_is_stored(api: PackApi) -> None:
+    big = api.volume(size=128 * MIB, chunk_size=64 * MIB)["id"]
+    halves = [chunk(("limit", i), MAX_PACK_DATA // 2) for i in range(2)]
+    r = api.post_pack(big, [one_frame(h) for h in halves])
+    assert r.status_code == 200 and r.json()["stored"] == [sha(h) for h in halves], r.text
+    for h in halves:
+        got = api.read(big, sha(h))
+        assert got.status_code == 200 and len(got.content) == len(h) and got.content == h
+
+
+@pytest.mark.parametrize("store", ["dir", "s3"])
+def test_packs_on_each_database(
+    store: str, empty_db_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    process, extra = _start(tmp_path / "packs", store, request, db_url=empty_db_url)
+    try:
+        with httpx.Client(base_url=process.url, timeout=30) as client:
+            api = _pack_api(process, client, store, **extra)
+            vid = api.volume(size=16 * SMALL)["id"]
+            a, b = chunk("db-a"), incompressible("db-b")
+            r = api.post_pack(vid, [one_frame(a), plain(b)])
+            assert r.json() == {"stored": [sha(a), sha(b)], "present": []}, r.text
+            assert api.post_pack(vid, [plain(a)]).json() == {"stored": [], "present": [sha(a)]}
+            (pack_id,) = api.packs(vid)
+            assert {p for p, _, _ in api.locations(vid).values()} == {pack_id}
+            assert api.commit(vid, 0, {0: sha(a), 15: sha(b)}).json() == {"version": 1}
+            assert api.map(vid) == (1, {0: sha(a), 15: sha(b)})
+            assert api.read(vid, sha(a)).content == a and api.read(vid, sha(b)).content == b
+            ghost = api.commit(vid, 1, {3: sha(chunk("db-never"))})
+            assert ghost.status_code == 400 and ghost.json()["error"] == "missing_chunks"
+            _dispose(api)
+        assert process.stop() == 0
+    finally:
+        process.kill()
+
+
+def test_a_lost_master_key_is_not_remade_when_the_store_holds_only_packs(
+    provider: ProviderProcess, provider_factory: type[ProviderProcess]
+) -> None:
+    key_file = provider.data_dir / "master.key"
+    master = key_file.read_bytes()
+    data = chunk("keep-packed")
+    with httpx.Client(base_url=provider.url, timeout=30) as client:
+        vid = client.post("/v1/volumes", json={"name": "v", "size": MIB, "mode": "cached"}).json()[
+            "id"
+        ]
+        r = client.post(
+            f"/v1/volumes/{vid}/chunk-packs",
+            content=encode_pack([plain(data)]),
+            headers={"content-type": MEDIA_TYPE},
+        )
+        assert r.status_code == 200, r.text
+    assert provider.stop() == 0
+    objects = provider.data_dir / "objects"
+    stored = [p.relative_to(objects) for p in objects.rglob("*") if p.is_file()]
+    assert [p.parts[0] for p in stored] == ["packs"]  # one pack, no loose chunk
+
+    key_file.unlink()
+    again = provider_factory(provider.data_dir)
+    with pytest.raises(RuntimeError, match="exited 2") as refused:
+        again.start()
+    assert "restore" in str(refused.value)
+    assert not key_file.exists()  # no new key that could not read the packed chunk
+    key_file.write_bytes(master)
+    key_file.chmod(0o600)
+    restored = provider_factory(provider.data_dir).start()
+    got = httpx.get(f"{restored.url}/v1/volumes/{vid}/chunks/{sha(data)}")
+    assert got.status_code == 200 and got.content == data
+    assert restored.stop() == 0
+
+
+# Ranged reads of each store (MemoryStore: tests/unit/test_chunk_packs.py)
+
+
+@pytest.fixture(params=["directory", "s3", "s3-prefixed"])
+def ranged(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    if request.param == "directory":
+        return DirectoryStore(tmp_path / "objects")
+    return s3_store(
+        request.getfixturevalue("s3_endpoint"),
+        request.getfixturevalue("s3_bucket"),
+        prefix="tenant/1" if request.param == "s3-prefixed" else "",
+    )
+
+
+def test_get_range(ranged: ObjectStore) -> None:
+    data = random.Random(3).randbytes(10_000)
+    key = f"packs/scope/{new_pack_id()}"
+    ranged.put(key, data, durable=True)
+    for offset, length in ((0, 1), (0, 10_000), (1234, 4321), (9_990, 10), (0, 0), (5, 0)):
+        assert ranged.get_range(key, offset, length) == data[offset : offset + length]
+    # Fewer bytes where the object ends sooner, none past its end.
+    assert ranged.get_range(key, 9_990, 100) == data[9_990:]
+    assert ranged.get_range(key, 0, 1 << 30) == data
+    assert ranged.get_range(key, 10_000, 1) == b""
+    assert ranged.get_range(key, 50_000, 10) == b""
+    ranged.put("packs/scope/empty", b"")
+    assert ranged.get_range("packs/scope/empty", 0, 16) == b""
+    # Many ranges at once, as parallel reads of packed chunks do.
+    spans = [(i * 97 % 9_000, 1 + i * 31 % 1_000) for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda span: ranged.get_range(key, *span), spans))
+    assert got == [data[o : o + n] for o, n in spans]
+    for missing in ("packs/scope/nope", "packs/other/x"):
+        with pytest.raises(ObjectNotFoundError, match=re.escape(missing)):
+            ranged.get_range(missing, 0, 10)
+    with pytest.raises(ObjectStoreError, match="must be >= 0"):
+        ranged.get_range(key, -1, 10)
+    ranged.delete(key)
+    with pytest.raises(ObjectNotFoundError):
+        ranged.get_range(key, 0, 10)
+
+
+# Garbage collection of packs, in process on each database and store
+
+
+@pytest.fixture(params=["directory", "s3"])
+def env(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[Env]:
+    if request.param == "directory":
+        store: ObjectStore = DirectoryStore(tmp_path / "objects")
+    else:
+        store = s3_store(
+            request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket")
+        )
+    engine = make_engine(db_url)
+    sessions = session_factory(engine)
+    ensure_account(sessions, ACCOUNT, ACCOUNT)
+    blocks = BlockService(ChunkMaps(sessions), store, KeyRing(os.urandom(32)))
+    yield Env(blocks, store, sessions)
+    blocks.close()
+    engine.dispose()
+
+
+def put_pack(env: Env, volume_id: str, datas: Iterable[bytes]) -> PackStored:
+    return env.blocks.put_chunk_pack(ACCOUNT, volume_id, encode_pack([plain(d) for d in datas]))
+
+
+def pack_of(env: Env, scope: str, data: bytes) -> str:
+    location = env.maps.packs.locate(scope, sha(data))
+    assert location is not None, f"{sha(data)} has no location"
+    return location.pack_id
+
+
+def pack_rows(env: Env, scope: str) -> dict[str, bool]:
+    """The scope's pack rows: id -> written."""
+    with env.sessions() as s:
+        rows = s.execute(
+            select(ChunkPack.id, ChunkPack.written).where(ChunkPack.key_scope == scope)
+        )
+        return {i: bool(w) for i, w in rows}
+
+
+def pack_objects(env: Env, scope: str) -> set[str]:
+    return {k.rsplit("/", 1)[1] for k in env.store.list(f"packs/{scope}/")}
+
+
+def reader(env: Env) -> BlockService:
+    """Another provider process on the same database and store (its own caches)."""
+    return BlockService(ChunkMaps(env.sessions), env.store, env.blocks.keys)
+
+
+def test_unreferenced_packed_chunks_lose_their_locations_and_empty_packs_go(env: Env) -> None:
+    vol = env.volume()
+    scope = env.scope(vol)
+    a, b, c, d, e = (content(("gc", t)) for t in "abcde")
+    assert put_pack(env, vol, [a, b, e]).stored == [sha(a), sha(b), sha(e)]
+    assert put_pack(env, vol, [c, d]).stored == [sha(c), sha(d)]
+    kept, doomed = pack_of(env, scope, a), pack_of(env, scope, c)
+    assert kept != doomed and pack_of(env, scope, b) == kept and pack_of(env, scope, d) == doomed
+    doomed_size = env.store.stat(pack_key(scope, doomed)).size  # type: ignore[union-attr]
+    env.commit(vol, {0: sha(a), 3: sha(e)})  # two of three live: not rewritten
+
+    report = env.collect()
+    assert (report.locations_deleted, report.packs_deleted, report.pack_bytes_deleted) == (
+        3,
+        1,
+        doomed_size,
+    )
+    assert (report.orphan_packs, report.errors, report.deleted) == (0, 0, 0)
+    assert "deleted 3 unreferenced packed chunks' locations and 1 of " in report.summary()
+    # The pack with a live chunk stays whole (its dead chunk too); the other is gone.
+    assert pack_objects(env, scope) == {kept} and pack_rows(env, scope) == {kept: True}
+    assert env.maps.packs.known_packs([kept, doomed]) == {kept}
+    assert pack_of(env, scope, a) == kept
+    assert [env.maps.packs.locate(scope, sha(x)) for x in (b, c, d)] == [None] * 3
+    assert env.has(scope, sha(a)) and not any(env.has(scope, sha(x)) for x in (b, c, d))
+    other = reader(env)
+    assert other.get_chunk(ACCOUNT, vol, sha(a)) == a
+    for x in (b, c):
+        with pytest.raises(NotFoundError):
+            other.get_chunk(ACCOUNT, vol, sha(x))
+    other.close()
+    # A commit naming a collected chunk is refused until it is uploaded again.
+    with pytest.raises(MissingChunksError) as refused:
+        env.commit(vol, {1: sha(b), 2: sha(c)})
+    assert sorted(refused.value.chunk_ids) == sorted([sha(b), sha(c)])
+    assert env.maps.read_map(vol) == {0: sha(a), 3: sha(e)}
+    assert put_pack(env, vol, [b, c]) == PackStored(stored=[sha(b), sha(c)], present=[])
+    env.commit(vol, {1: sha(b), 2: sha(c)})
+    again = env.collect()
+    assert (again.locations_deleted, again.packs_deleted, again.packs) == (0, 0, 2)
+    assert env.dangling() == []
+
+    # With the volume gone, every pack goes.
+    env.blocks.delete_volume(ACCOUNT, vol)
+    last = env.collect()
+    assert (last.locations_deleted, last.packs_deleted) == (4, 2)
+    assert pack_objects(env, scope) == set() and pack_rows(env, scope) == {}
+    assert list(env.store.list("packs/")) == []
+
+
+def test_young_packs_and_locations_are_kept_and_a_dry_run_deletes_nothing(env: Env) -> None:
+    vol = env.volume()
+    scope = env.scope(vol)
+    a, b = content("young-a"), content("young-b")
+    put_pack(env, vol, [a, b])
+    pack = pack_of(env, scope, a)
+    size = env.store.stat(pack_key(scope, pack)).size  # type: ignore[union-attr]
+
+    young = env.collect(grace=3600)
+    assert (young.locations_deleted, young.packs_deleted, young.orphan_packs) == (0, 0, 0)
+    assert young.packs == 1 and env.has(scope, sha(a)) and env.has(scope, sha(b))
+
+    def later() -> float:
+        return time.time() + 7200
+
+    dry = env.collect(grace=3600, dry_run=True, clock=later)
+    assert dry.dry_run and dry.locations_deleted == 2
+    assert "would delete 2 unreferenced packed chunks' locations" in dry.summary()
+    assert pack_rows(env, scope) == {pack: True} and pack_objects(env, scope) == {pack}
+    assert env.has(scope, sha(a)) and env.has(scope, sha(b))
+
+    real = env.collect(grace=3600, clock=later)
+    assert (real.locations_deleted, real.packs_deleted, real.pack_bytes_deleted) == (2, 1, size)
+    assert pack_rows(env, scope) == {} and pack_objects(env, scope) == set()
+    assert not env.has(scope, sha(a)) and not env.has(scope, sha(b))
+
+
+def test_a_dry_run_reports_the_packs_a_pass_would_delete(env: Env) -> None:
+    vol = env.volume()
+    scope = env.scope(vol)
+    put_pack(env, vol, [content("dry-a"), content("dry-b")])
+    size = env.store.stat(pack_key(scope, pack_of(env, scope, content("dry-a")))).size  # type: ignore[union-attr]
+    dry = env.collect(dry_run=True)
+    real = env.collect()
+    assert (real.packs_deleted, real.pack_bytes_deleted) == (1, size)
+    assert (dry.locations_deleted, dry.packs_deleted, dry.pack_bytes_deleted) == (
+        real.locations_deleted,
+        real.packs_deleted,
+        real.pack_bytes_deleted,
+    )
+
+
+def test_orphan_pack_objects_and_unwritten_pack_rows_go_after_the_grace_period(
+    env: Env,
+) -> None:
+    vol = env.volume()
+    scope = env.scope(vol)
+    live = content("orphans-live")
+    put_pack(env, vol, [live])
+    env.commit(vol, {0: sha(live)})
+    live_pack = pack_of(env, scope, live)
+    # An object whose row never was (or was collected): garbage whatever its age ...
+    orphan = new_pack_id()
+    env.store.put(pack_key(scope, orphan), b"left by an upload that died", durable=True)
+    # ... rows of uploads that died before finishing, one before and one after its put ...
+    fresh_after = utcnow() - timedelta(hours=1)
+    lost = content("orphans-lost")
+    unwritten, new = env.maps.packs.begin(scope, [sha(lost)], fresh_after)
+    assert unwritten is not None and new == [sha(lost)]
+    crashed, _ = env.maps.packs.begin(scope, [sha(lost)], fresh_after)
+    assert crashed is not None
+    env.store.put(pack_key(scope, crashed), b"written, never finished", durable=True)
+    # ... and objects under packs/ that are not ours: left alone.
+    foreign = ["packs/README", f"packs/{scope}/not-a-pack-id", f"packs/{scope}/{'AB' * 16}"]
+    for key in foreign:
+        env.store.put(key, b"x")
+
+    young = env.collect(grace=3600)
+    assert (young.orphan_packs, young.packs_deleted, young.foreign, young.packs) == (0, 0, 3, 3)
+    assert pack_objects(env, scope) >= {orphan, crashed, live_pack}
+    assert set(pack_rows(env, scope)) == {live_pack, unwritten, crashed}
+
+    report = env.collect(grace=0)
+    assert (report.orphan_packs, report.packs_deleted, report.errors) == (1, 2, 0)
+    assert pack_rows(env, scope) == {live_pack: True}
+    assert pack_objects(env, scope) == {live_pack, "not-a-pack-id", "AB" * 16}
+    assert all(env.store.exists(key) for key in foreign)
+    # The upload that lost its row learns it when it finishes, and nothing is recorded.
+    assert env.maps.packs.finish(unwritten, 10, scope, [(sha(lost), 0, 10)]) is False
+    assert env.maps.packs.locate(scope, sha(lost)) is None
+    assert env.blocks.get_chunk(ACCOUNT, vol, sha(live)) == live
+    assert env.dangling() == []
+
+
+def test_a_pack_collected_before_it_was_finished_is_stored_again(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass between an upload's ``begin`` and ``finish`` (a grace period shorter than the
+    upload) takes the unwritten row and the object; ``finish`` says so and the upload
+    stores the chunks in a new pack, so its answer and the following commit hold."""
+    vol = env.volume()
+    scope = env.scope(vol)
+    datas = [content(("again", i)) for i in range(3)]
+    ids = [sha(d) for d in datas]
+    finish = PackIndex.finish
+    tries: list[tuple[str, bool]] = []
+    passes: list[Any] = []
+
+    def collected_first(
+        self: PackIndex, pack_id: str, size: int, scope_: str, entries: Any
+    ) -> bool:
+        if not passes:
+            assert env.store.exists(pack_key(scope, pack_id))  # written, not finished
+            passes.append(env.collect(grace=0))
+        done = finish(self, pack_id, size, scope_, entries)
+        tries.append((pack_id, done))
+        return done
+
+    monkeypatch.setattr(PackIndex, "finish", collected_first)
+    assert put_pack(env, vol, datas) == PackStored(stored=ids, present=[])
+    (first, lost), (second, kept) = tries
+    assert (lost, kept) == (False, True) and first != second
+    assert (passes[0].packs_deleted, passes[0].errors) == (1, 0)
+    assert pack_objects(env, scope) == {second} and pack_rows(env, scope) == {second: True}
+    assert all(pack_of(env, scope, d) == second for d in datas)
+    env.commit(vol, dict(enumerate(ids)))
+    other = reader(env)
+    assert [other.get_chunk(ACCOUNT, vol, c) for c in ids] == datas
+    other.close()
+    assert [env.blocks.get_chunk(ACCOUNT, vol, c) for c in ids] == datas
+    assert env.collect(grace=0).packs_deleted == 0 and env.dangling() == []
+
+
+def test_an_upload_collected_every_time_fails_and_leaves_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol = env.volume()
+    scope = env.scope(vol)
+    data = content("unlucky")
+    finish = PackIndex.finish
+    tries: list[bool] = []
+
+    def always_collected(
+        self: PackIndex, pack_id: str, size: int, scope_: str, entries: Any
+    ) -> bool:
+        env.collect(grace=0)
+        tries.append(finish(self, pack_id, size, scope_, entries))
+        return tries[-1]
+
+    monkeypatch.setattr(PackIndex, "finish", always_collected)
+    with pytest.raises(ObjectStoreError, match="collected 3 times before it was finished"):
+        put_pack(env, vol, [data])
+    assert tries == [False] * 3
+    assert pack_rows(env, scope) == {} and pack_objects(env, scope) == set()
+    assert env.maps.packs.locate(scope, sha(data)) is None
+    with pytest.raises(MissingChunksError):
+        env.commit(vol, {0: sha(data)})
+    monkeypatch.undo()
+    assert put_pack(env, vol, [data]).stored == [sha(data)]
+    env.commit(vol, {0: sha(data)})
+    assert env.blocks.get_chunk(ACCOUNT, vol, sha(data)) == data
+
+
+def test_a_read_through_a_stale_cached_location_looks_again(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider that read a chunk caches its location; after the chunk was packed
+    again elsewhere and its first pack collected, the cached location leads to a missing
+    object, and the read looks the chunk up again instead of failing."""
+    vol = env.volume()
+    scope = env.scope(vol)
+    a, b = content("stale-a"), content("stale-b")
+    put_pack(env, vol, [a, b])
+    first = pack_of(env, scope, a)
+    env.commit(vol, {0: sha(a)})
+    other = reader(env)
+    assert other.get_chunk(ACCOUNT, vol, sha(a)) == a
+    assert other.get_chunk(ACCOUNT, vol, sha(b)) == b
+
+    # Two hours on, a's location is old: an upload of it packs it anew ...
+    now = utcnow
+    with monkeypatch.context() as m:
+        m.setattr(service, "utcnow", lambda: now() + timedelta(hours=2))
+        assert put_pack(env, vol, [a, b]).stored == [sha(a), sha(b)]
+    second = pack_of(env, scope, a)
+    assert second != first and pack_of(env, scope, b) == second
+    env.commit(vol, {1: sha(b)})
+    # ... so the first pack has no location left and goes.
+    report = env.collect()
+    assert (report.locations_deleted, report.packs_deleted) == (0, 1)
+    assert pack_objects(env, scope) == {second}
+
+    lookups: list[str] = []
+    locate = other.maps.packs.locate
+
+    def counted(scope_: str, chunk_id: str) -> Location | None:
+        lookups.append(chunk_id)
+        return locate(scope_, chunk_id)
+
+    monkeypatch.setattr(other.maps.packs, "locate", counted)
+    assert other.get_chunk(ACCOUNT, vol, sha(a)) == a
+    assert lookups == [sha(a)]
+    assert other.get_chunk(ACCOUNT, vol, sha(a)) == a  # the new location is cached
+    assert lookups == [sha(a)]
+    assert other.get_chunk(ACCOUNT, vol, sha(b)) == b
+    # A chunk whose location went with its pack is not found (404), not an error.
+    c = content("stale-c")
+    put_pack(env, vol, [c])
+    assert other.get_chunk(ACCOUNT, vol, sha(c)) == c
+    assert env.collect().packs_deleted == 1
+    with pytest.raises(NotFoundError):
+        other.get_chunk(ACCOUNT, vol, sha(c))
+    other.close()
+    assert env.dangling() == []
+
+
+@pytest.mark.parametrize("env", ["directory"], indirect=True)
+@pytest.mark.parametrize("empty_db_url", ["postgresql"], indirect=True)
+def test_a_pass_deleting_an_unwritten_pack_while_its_upload_finishes_keeps_moved_chunks(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk a map names, packed over an hour ago, is uploaded again: it goes into a
+    new pack, and ``finish`` moves its location there. A pass with a grace period shorter
+    than that upload selects the new pack as empty (unwritten, no location yet); if the
+    upload finishes before the pass deletes the rows it selected, the pass must not take
+    the moved location with the pack: the map names the chunk."""
+    vol = env.volume()
+    scope = env.scope(vol)
+    data = content("moved")
+    put_pack(env, vol, [data])
+    old_pack = pack_of(env, scope, data)
+    env.commit(vol, {0: sha(data)})
+    with env.sessions.begin() as s:
+        s.execute(update(ChunkLocation).values(created=utcnow() - timedelta(hours=2)))
+
+    engine = bound_engine(env.sessions)
+    assert engine is not None
+    finish = PackIndex.finish
+    held: list[Callable[[], bool]] = []
+    finished: list[bool] = []
+
+    def hook(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if held and statement.lstrip().upper().startswith("DELETE FROM CHUNK_PACKS"):
+            finished.append(held.pop()())  # the upload finishes as the pass deletes
+
+    def finish_during_a_pass(
+        self: PackIndex, pack_id: str, size: int, scope_: str, entries: Any
+    ) -> bool:
+        rows = list(entries)
+        held.append(lambda: finish(self, pack_id, size, scope_, rows))
+        env.collect(grace=0)  # selects the upload's pack as empty, then deletes it
+        if held:  # the pass deleted nothing: finish now
+            finished.append(held.pop()())
+        return finished[-1]
+
+    event.listen(engine, "before_cursor_execute", hook)
+    monkeypatch.setattr(PackIndex, "finish", finish_during_a_pass)
+    try:
+        assert put_pack(env, vol, [data]).stored == [sha(data)]
+    finally:
+        event.remove(engine, "before_cursor_execute", hook)
+        monkeypatch.undo()
+    assert env.dangling() == []
+    assert pack_of(env, scope, data) != old_pack
+    env.collect(grace=0)
+    assert env.dangling() == []
+    assert reader(env).get_chunk(ACCOUNT, vol, sha(data)) == data
+
+
+@pytest.mark.timeout(60)
+def test_pack_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_chunk(
+    env: Env,
+) -> None:
+    """Writers upload in packs (some chunks present already, some loose), commit
+    (re-uploading what a refused commit names), take and delete snapshots, while passes
+    with no grace period run again and again. After every pass every chunk a map names
+    can be read, and at the end every map reads back right."""
+    pool = [content(("pack-pool", i)) for i in range(10)]
+    by_id = {sha(d): d for d in pool}
+    duration = 3.0
+    stop = threading.Event()
+    failures: list[str] = []
+    counts = {"refused": 0, "restored": 0, "packs": 0}
+    passes: list[Any] = []
+    models: dict[str, dict[int, int]] = {}
+    frozen: dict[str, dict[int, int]] = {}
+    lock = threading.Lock()
+
+    def upload(vol: str, datas: list[bytes], rng: random.Random) -> None:
+        if rng.random() < 0.2:  # now and then one by one, as old gateways do
+            for d in datas:
+                env.put(vol, d)
+            return
+        for _ in range(20):
+            try:
+                put_pack(env, vol, datas)
+                with lock:
+                    counts["packs"] += 1
+                return
+            except ObjectStoreError as e:  # collected 3 times before finishing
+                assert "collected" in str(e)
+                with lock:
+                    counts["restored"] += 1
+        raise AssertionError("a pack upload was collected 20 times in a row")
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        vol = env.volume(chunks=8)
+        model: dict[int, int] = {}
+        snaps: list[str] = []
+        try:
+            while not stop.is_set():
+                changes: dict[int, int | None] = {}
+                for _ in range(rng.randint(1, 5)):
+                    changes[rng.randrange(8)] = (
+                        None if rng.random() < 0.15 else rng.randrange(len(pool))
+                    )
+                named = {i: None if n is None else sha(pool[n]) for i, n in changes.items()}
+                wanted = sorted({n for n in changes.values() if n is not None})
+                if wanted:
+                    upload(vol, [pool[n] for n in wanted], rng)
+                for _ in range(50):
+                    try:
+                        env.commit(vol, named)
+                        break
+                    except MissingChunksError as e:
+                        with lock:
+                            counts["refused"] += 1
+                        upload(vol, [by_id[c] for c in e.chunk_ids], rng)
+                else:
+                    raise AssertionError("a commit was refused 50 times in a row")
+                for i, change in changes.items():
+                    if change is None:
+                        model.pop(i, None)
+                    else:
+                        model[i] = change
+                if rng.random() < 0.2:
+                    snap = env.blocks.snapshot_volume(ACCOUNT, vol).id
+                    snaps.append(snap)
+                    with lock:
+                        frozen[snap] = dict(model)
+                if len(snaps) > 2 and rng.random() < 0.3:
+                    gone = snaps.pop(rng.randrange(len(snaps)))
+                    env.blocks.delete_snapshot(ACCOUNT, gone)
+                    with lock:
+                        del frozen[gone]
+        except Exception as e:
+            failures.append(f"writer {seed}: {e!r}")
+            stop.set()
+        with lock:
+            models[vol] = model
+
+    def collector() -> None:
+        try:
+            while not stop.is_set():
+                passes.append(env.collect(grace=0))
+                dangling = env.dangling()
+                if dangling:
+                    failures.append(f"after pass {len(passes)}: {dangling[:5]}")
+                    stop.set()
+        except Exception as e:
+            failures.append(f"collector: {e!r}")
+            stop.set()
+
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in (11, 12)]
+    threads.append(threading.Thread(target=collector))
+    for t in threads:
+        t.start()
+    stop.wait(duration)
+    stop.set()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive(), "a racing thread hung"
+    assert failures == []
+    final = env.collect(grace=0)
+    assert final.errors == 0 and env.dangling() == []
+    check = reader(env)  # no cached locations: every read looks its chunk up
+    for vol, model in models.items():
+        assert env.maps.read_map(vol) == {i: sha(pool[n]) for i, n in model.items()}
+        for n in set(model.values()):
+            assert check.get_chunk(ACCOUNT, vol, sha(pool[n])) == pool[n]
+    for snap, model in frozen.items():
+        assert env.maps.read_map(None, snapshot_id=snap) == {
+            i: sha(pool[n]) for i, n in model.items()
+        }
+        for i, n in model.items():
+            assert check.get_block(ACCOUNT, snap, i)[1] == pool[n]
+    check.close()
+    print(
+        f"{len(passes)} passes deleted {sum(p.locations_deleted for p in passes)} locations "
+        f"and {sum(p.packs_deleted for p in passes)} packs; {counts}"
+    )
+    assert len(passes) >= 2 and counts["packs"] > 0
+    # With every map gone, one pass leaves no pack, row or location behind: the race left
+    # nothing that a pass cannot find.
+    for snap in frozen:
+        env.blocks.delete_snapshot(ACCOUNT, snap)
+    for vol in models:
+        env.blocks.delete_volume(ACCOUNT, vol)
+    last = env.collect(grace=0)
+    assert last.errors == 0 and last.packs_deleted > 0
+    assert list(env.store.list("packs/")) == []
+    with env.sessions() as s:
+        assert s.scalars(select(ChunkPack.id)).all() == []
+        assert s.scalars(select(ChunkLocation.chunk_id)).all() == []
