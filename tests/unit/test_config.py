@@ -137,3 +137,16 @@ def test_bad_remote_pack_chunks_is_one_line_naming_the_key(tmp_path: Path, value
     with pytest.raises(ConfigError, match=r"^remote\.pack_chunks: .* from 1 to 64$") as info:
         load(conf, data_dir=str(tmp_path), volumes=["a:1G"])
     assert "\n" not in str(info.value)
+
+
+def test_chunks_in_flight_are_bounded(tmp_path: Path) -> None:
+    """concurrency x pack_chunks chunks are held in memory at once: at most 512."""
+    ok = load(
+        _remote_toml(tmp_path, "concurrency = 8\npack_chunks = 64\n"),
+        data_dir=str(tmp_path),
+        volumes=["a:1G"],
+    )
+    assert ok.remote is not None and ok.remote.concurrency * ok.remote.pack_chunks == 512
+    conf = _remote_toml(tmp_path, "concurrency = 16\npack_chunks = 64\n")
+    with pytest.raises(ConfigError, match=r"concurrency x remote\.pack_chunks = 1024: at most 512"):
+        load(conf, data_dir=str(tmp_path), volumes=["a:1G"])

@@ -69,6 +69,9 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LOG_SIZE = 1 << 30
+# Most chunks the uploads may hold in memory at once ([remote] concurrency x pack_chunks):
+# 512 MiB at the default chunk size.
+MAX_CHUNKS_IN_FLIGHT = 512
 DEFAULT_CACHE_SIZE = 4 << 30
 # The cache must hold the chunks of a few reads in flight (1 MiB chunks by default).
 MIN_CACHE_SIZE = 16 << 20
@@ -470,6 +473,11 @@ def _remote(
     pack = table.get("pack_chunks", 4)
     if isinstance(pack, bool) or not isinstance(pack, int) or not 1 <= pack <= 64:
         raise ConfigError(f"remote.pack_chunks: {pack!r} must be a whole number from 1 to 64")
+    if conc * pack > MAX_CHUNKS_IN_FLIGHT:
+        raise ConfigError(
+            f"remote.concurrency x remote.pack_chunks = {conc * pack}: at most "
+            f"{MAX_CHUNKS_IN_FLIGHT} chunks may be in flight (each is held in memory)"
+        )
     bw = table.get("bandwidth")
     bandwidth = None if bw is None else parse_size(bw, "remote.bandwidth (bytes per second)")
     ca = provider_ca or table.get("ca")

@@ -63,7 +63,8 @@ LOG = logging.getLogger(__name__)
 # Chunks per upload request: 4 MiB at the default chunk size (docs/adr/0005).
 DEFAULT_PACK_CHUNKS = 4
 # How much the chunker builds per trip to a worker thread: enough to amortise the hop,
-# little enough to bound memory (chunks in flight add ``concurrency`` chunks to it).
+# little enough to bound memory (requests in flight add ``concurrency * pack_chunks``
+# chunks to it, bounded by the configuration: ``MAX_CHUNKS_IN_FLIGHT``).
 _TAKE_BYTES = 8 << 20
 _TAKE_ITEMS = 4096  # all-zero chunks cost no memory; this bounds one trip's time
 

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sgw import __version__
@@ -187,6 +188,13 @@ def create_app(config: ProviderConfig) -> FastAPI:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         return _error(422, "invalid_request", f"{problems} (the API is described at /openapi.json)")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _exc: ClientDisconnect) -> JSONResponse:
+        # The client went away while sending its body (a timeout, a cut connection): it
+        # will retry or not; nothing was stored and no one reads this answer.
+        LOG.info("client disconnected before its body ended", extra={"path": request.url.path})
+        return _error(400, "client_disconnected", "the request body ended early")
 
     @app.exception_handler(HTTPException)
     async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
