@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,45 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
+import zstandard
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
+from sgw.common.chunk_packs import MEDIA_TYPE, PackedChunk, encode_pack
 from tests.fixtures.management import SecureProvider, activate
 
 # Examples per operation: ~35 operations, each call a few milliseconds on loopback.
 MAX_EXAMPLES = 25
+
+
+def _pack(chunks: list[tuple[bytes, bool, bool]]) -> bytes:
+    """A chunk pack of ``(data, zstd, right id)`` chunks."""
+    return encode_pack(
+        [
+            PackedChunk(
+                hashlib.sha256(data if right else data + b"!").hexdigest(),
+                zstandard.compress(data) if zstd else data,
+                zstd,
+            )
+            for data, zstd, right in chunks
+        ]
+    )
+
+
+# Chunk pack bodies: well-formed packs (right or wrong ids, plaintext or zstd, maybe
+# all-zero or repeated chunks) and arbitrary bytes, some starting like a pack.
+schemathesis.openapi.media_type(
+    MEDIA_TYPE,
+    st.one_of(
+        st.lists(
+            st.tuples(st.binary(min_size=0, max_size=2048), st.booleans(), st.booleans()),
+            min_size=1,
+            max_size=6,
+        ).map(_pack),
+        st.binary(max_size=512),
+        st.binary(max_size=512).map(lambda b: b"SGWK\x01\x00" + b),
+    ),
+)
 
 
 @pytest.fixture(scope="module")
