@@ -114,6 +114,59 @@ def is_zero(data: BytesLike) -> bool:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """What a chunk will store: its payload (the plaintext, or a zstd frame of it) and
+    the plaintext's length (``prepare_payload``)."""
+
+    data: BytesLike
+    compressed: bool
+    length: int
+
+    def encoded_size(self, encrypted: bool) -> int:
+        """The size of the stored chunk (``encode_into`` fills exactly that many bytes)."""
+        return HEADER_SIZE + len(self.data) + (NONCE_SIZE + TAG_SIZE if encrypted else 0)
+
+
+def prepare_payload(
+    data: BytesLike, *, frame: BytesLike | None = None, compress: bool = True
+) -> Payload:
+    """The payload of a chunk of ``data``: compressed if that helps.
+
+    ``frame``: a zstd frame of ``data`` that ``inflate_frame`` accepted (the upload's own
+    wire frame). It becomes the payload as it is when it is smaller than ``data``, which
+    saves compressing again; a frame that is not smaller means ``data`` is stored raw.
+    ``compress=False`` (and no frame) stores ``data`` raw without trying: the sender
+    found it incompressible already.
+    """
+    length = len(data)
+    if length > MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk of {length} bytes exceeds the maximum of {MAX_CHUNK_SIZE}")
+    payload, compressed = _compress(data, frame) if compress or frame else (data, False)
+    return Payload(payload, compressed, length)
+
+
+def encode_into(view: memoryview, payload: Payload, key: BytesLike | None) -> None:
+    """Writes the stored chunk of ``payload`` into ``view`` (exactly
+    ``payload.encoded_size(key is not None)`` bytes): encrypted with ``key`` (32 bytes,
+    AES-256-GCM) if one is given, always checksummed."""
+    if key is not None and len(key) != KEY_SIZE:
+        raise ValueError(f"chunk key must be {KEY_SIZE} bytes (AES-256), got {len(key)}")
+    if len(view) != payload.encoded_size(key is not None):
+        raise ValueError(f"chunk of {len(view)} bytes cannot hold this payload")
+    flags = (FLAG_ZSTD if payload.compressed else 0) | (FLAG_AES_GCM if key is not None else 0)
+    fields = _FIELDS.pack(MAGIC, FORMAT_VERSION, flags, 0, payload.length)
+    body_start = HEADER_SIZE + (NONCE_SIZE if key is not None else 0)
+    view[: _FIELDS.size] = fields
+    if key is None:
+        view[body_start:] = payload.data
+    else:
+        nonce = os.urandom(NONCE_SIZE)
+        view[HEADER_SIZE:body_start] = nonce
+        AESGCM(key).encrypt_into(nonce, payload.data, fields, view[body_start:])
+    _CRC.pack_into(view, _FIELDS.size, crc32c(view[HEADER_SIZE:], crc32c(fields)))
+
+
 def encode_chunk(
     data: BytesLike,
     key: BytesLike | None,
@@ -121,35 +174,17 @@ def encode_chunk(
     frame: BytesLike | None = None,
     compress: bool = True,
 ) -> bytearray:
-    """Turns plaintext into a stored chunk: compressed if that helps, encrypted with
-    ``key`` (32 bytes, AES-256-GCM) if one is given, always checksummed.
-
-    ``frame``: a zstd frame of ``data`` that ``inflate_frame`` accepted (the upload's own
-    wire frame). It becomes the payload as it is when it is smaller than ``data``, which
-    saves compressing again; a frame that is not smaller means ``data`` is stored raw.
-    ``compress=False`` (and no frame) stores ``data`` raw without trying: the sender
-    found it incompressible already. The blob is built in one buffer, without
-    intermediate copies of the data.
+    """Turns plaintext into a stored chunk: compressed if that helps (see
+    ``prepare_payload`` for ``frame`` and ``compress``), encrypted with ``key`` (32
+    bytes, AES-256-GCM) if one is given, always checksummed. The blob is built in one
+    buffer, without intermediate copies of the data.
     """
-    length = len(data)
-    if length > MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk of {length} bytes exceeds the maximum of {MAX_CHUNK_SIZE}")
     if key is not None and len(key) != KEY_SIZE:
         raise ValueError(f"chunk key must be {KEY_SIZE} bytes (AES-256), got {len(key)}")
-    payload, compressed = _compress(data, frame) if compress or frame else (data, False)
-    flags = (FLAG_ZSTD if compressed else 0) | (FLAG_AES_GCM if key is not None else 0)
-    fields = _FIELDS.pack(MAGIC, FORMAT_VERSION, flags, 0, length)
-    body_start = HEADER_SIZE + (NONCE_SIZE if key is not None else 0)
-    blob = bytearray(body_start + len(payload) + (TAG_SIZE if key is not None else 0))
+    payload = prepare_payload(data, frame=frame, compress=compress)
+    blob = bytearray(payload.encoded_size(key is not None))
     with memoryview(blob) as view:
-        view[: _FIELDS.size] = fields
-        if key is None:
-            view[body_start:] = payload
-        else:
-            nonce = os.urandom(NONCE_SIZE)
-            view[HEADER_SIZE:body_start] = nonce
-            AESGCM(key).encrypt_into(nonce, payload, fields, view[body_start:])
-        _CRC.pack_into(view, _FIELDS.size, crc32c(view[HEADER_SIZE:], crc32c(fields)))
+        encode_into(view, payload, key)
     return blob
 
 

@@ -34,6 +34,7 @@ from crc32c import crc32c
 from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from sgw.common.chunks import Payload, encode_into
 from sgw.common.errors import ChunkCorruptError
 from sgw.provider.db.models import ChunkLocation, ChunkPack, utcnow
 
@@ -78,18 +79,41 @@ class Location:
 
 def build_pack(
     blobs: Sequence[tuple[str, bytes | bytearray]],
-) -> tuple[bytearray, list[tuple[str, int, int]]]:
+) -> tuple[bytes, list[tuple[str, int, int]]]:
     """The pack object of encoded chunks ``(chunk id, blob)``, and (id, offset, length)
-    of each."""
-    out = bytearray()
+    of each (one copy of the blobs)."""
     entries: list[tuple[str, int, int]] = []
+    offset = 0
     for chunk_id, blob in blobs:
-        entries.append((chunk_id, len(out), len(blob)))
-        out += blob
-    index = b"".join(_ENTRY.pack(bytes.fromhex(c), off, n) for c, off, n in entries)
-    out += index
-    out += _TRAILER.pack(len(entries), crc32c(index), MAGIC, FORMAT_VERSION, bytes(3))
+        entries.append((chunk_id, offset, len(blob)))
+        offset += len(blob)
+    return b"".join([*(blob for _, blob in blobs), _index(entries)]), entries
+
+
+def encode_pack(
+    chunks: Sequence[tuple[str, Payload]], key: bytes | None
+) -> tuple[bytearray, list[tuple[str, int, int]]]:
+    """The pack object of chunks ``(chunk id, payload)`` encoded with ``key`` straight
+    into it (one buffer, each byte written once), and (id, offset, length) of each."""
+    entries: list[tuple[str, int, int]] = []
+    offset = 0
+    for chunk_id, payload in chunks:
+        size = payload.encoded_size(key is not None)
+        entries.append((chunk_id, offset, size))
+        offset += size
+    index = _index(entries)
+    out = bytearray(offset + len(index))
+    with memoryview(out) as view:
+        for (_, payload), (_, start, size) in zip(chunks, entries, strict=True):
+            encode_into(view[start : start + size], payload, key)
+        view[offset:] = index
     return out, entries
+
+
+def _index(entries: Sequence[tuple[str, int, int]]) -> bytes:
+    """The index entries and the trailer that end a pack."""
+    index = b"".join(_ENTRY.pack(bytes.fromhex(c), off, n) for c, off, n in entries)
+    return index + _TRAILER.pack(len(entries), crc32c(index), MAGIC, FORMAT_VERSION, bytes(3))
 
 
 def read_index(data: bytes) -> list[tuple[str, int, int]]:

@@ -60,6 +60,7 @@ from sgw.common.chunks import (
     encode_chunk,
     inflate_frame,
     is_zero,
+    prepare_payload,
 )
 from sgw.common.chunks import chunk_id as sha256_id
 from sgw.common.errors import (
@@ -85,7 +86,7 @@ from sgw.provider.blockstore.maps import (
     VolumeMode,
 )
 from sgw.provider.blockstore.objects import ObjectStore
-from sgw.provider.blockstore.packs import Location, build_pack, pack_key
+from sgw.provider.blockstore.packs import Location, encode_pack, pack_key
 from sgw.provider.db.models import utcnow
 
 LOG = logging.getLogger(__name__)
@@ -537,15 +538,14 @@ class BlockService:
             if pack_id is None:
                 return PackStored(stored=[], present=ids)
             wanted = set(new)
-            key = self.keys.key(scope)
             # A chunk sent as plaintext is stored as such: the gateway sends every chunk
             # that compresses as zstd, so trying again would only cost CPU.
-            blobs = [
-                (c, encode_chunk(data, key, frame=frame, compress=False))
+            payloads = [
+                (c, prepare_payload(data, frame=frame, compress=False))
                 for c, data, frame in chunks
                 if c in wanted
             ]
-            obj, entries = build_pack(blobs)
+            obj, entries = encode_pack(payloads, self.keys.key(scope))
             try:
                 self.store.put(pack_key(scope, pack_id), obj, durable=True)
             except BaseException:
