@@ -6,7 +6,11 @@ store holds: upload first, then commit) and turns the repository's ``ValueError`
 ``BadRequestError``, so each client mistake reaches HTTP as a 4xx naming the fix.
 
 Chunk objects live under ``chunks/<key scope>/<id[:2]>/<id>``, encoded by
-``sgw.common.chunks`` and encrypted with the scope's key (``KeyRing``). Putting a chunk
+``sgw.common.chunks`` and encrypted with the scope's key (``KeyRing``); chunks uploaded
+in a chunk pack (``put_chunk_pack``) are byte ranges of one pack object instead, found
+through their locations (``packs``). Pack objects are durable when the request is
+answered, so a commit accepts a chunk with a location without asking the store; the
+rest of this docstring is about loose chunk objects. Putting a chunk
 that is already there stores nothing (it is only rewritten when it is old, which renews
 its time against garbage collection's grace period), so uploads are idempotent and may
 run in parallel.

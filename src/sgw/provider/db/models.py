@@ -27,6 +27,8 @@ segment rows that some pointer names and sweeps objects that are not among them 
 older than a grace period, the grace covering chunks uploaded for a commit that has not
 landed yet. (Writers delete the segment rows they orphan; the rare row two concurrent
 PostgreSQL transactions leave behind is removed by ``ChunkMaps.sweep_segments``.)
+``chunk_locations`` is not such a table either: it says where a packed chunk's bytes are
+(one row per stored chunk, not per reference) and is collected the same way.
 
 Identifiers of user-visible records are UUID strings (portable between SQLite and
 PostgreSQL, safe to expose); timestamps are timezone-aware UTC.
