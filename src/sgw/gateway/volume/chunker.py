@@ -28,7 +28,9 @@ class _Readable(Protocol):
 
 
 # A chunk's new content: ``None`` when it is all zero (its map entry becomes null).
-ChunkVersion = tuple[int, bytes | None]
+# (index, the chunk's new content, or None if it is all zero). The content is the buffer
+# it was built in (no copy): its consumers only read it.
+ChunkVersion = tuple[int, bytes | bytearray | None]
 
 
 def touched_chunks(
@@ -136,7 +138,8 @@ def iter_chunks(
                         (b - a) << BLOCK_SHIFT
                     )
             _overlay_blocks(view, b0, mine, values, log)
-            yield index, (None if is_zero(view) else bytes(buf))
+            view.release()
+            yield index, (None if is_zero(buf) else buf)
 
 
 def _overlay_blocks(

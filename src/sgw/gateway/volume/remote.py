@@ -95,12 +95,12 @@ class PreparedChunk:
     """A chunk ready to send: its id, the body, and the body's Content-Encoding."""
 
     id: str
-    body: bytes
+    body: bytes | bytearray
     encoding: str | None  # "zstd" or None (plaintext)
     size: int  # plaintext bytes
 
 
-def prepare_chunk(data: bytes) -> PreparedChunk:
+def prepare_chunk(data: bytes | bytearray) -> PreparedChunk:
     """Hashes a chunk and compresses it for the wire when that shrinks it (CPU-bound:
     run it in a worker thread)."""
     cid = sha256_hex(data)
@@ -199,7 +199,7 @@ class BlockApiClient:
             "PUT",
             f"/v1/volumes/{volume_id}/chunks/{chunk.id}",
             f"chunk {chunk.id[:12]} of {volume_id}",
-            content=chunk.body,
+            content=bytes(chunk.body),  # httpx takes a bytearray as an iterable of ints
             headers=headers,
             extensions=extensions,
         )

@@ -446,11 +446,11 @@ class Uploader:
         slots = asyncio.Semaphore(self.concurrency)
         cache = vol.cached.cache if vol.cached is not None else None
         sent_ids: set[str] = set()
-        group: list[tuple[int, bytes]] = []
+        group: list[tuple[int, bytes | bytearray]] = []
         try:
             async with asyncio.TaskGroup() as tg:
 
-                async def start(items: list[tuple[int, bytes]]) -> None:
+                async def start(items: list[tuple[int, bytes | bytearray]]) -> None:
                     await slots.acquire()
                     tg.create_task(
                         self._put(
@@ -489,7 +489,7 @@ class Uploader:
     async def _put(
         self,
         binding: _Binding,
-        items: list[tuple[int, bytes]],
+        items: list[tuple[int, bytes | bytearray]],
         *,
         result: VolumeResult,
         sent_ids: set[str],
@@ -583,7 +583,7 @@ class Uploader:
         self._registry_dirty = False
 
 
-def _prepare_all(datas: list[bytes], cache: ChunkCache | None) -> list[PreparedChunk]:
+def _prepare_all(datas: list[bytes | bytearray], cache: ChunkCache | None) -> list[PreparedChunk]:
     """Hashes and compresses chunks; a cached volume's new versions also go into the
     chunk cache now, while their bytes are at hand (in a worker thread)."""
     out = []
