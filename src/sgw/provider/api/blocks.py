@@ -338,7 +338,7 @@ async def put_chunk_pack(
         f"chunk pack is larger than {MAX_PACK_BODY} bytes, the most this call accepts; send "
         "fewer chunks per pack"
     )
-    body = await _read_wire_body(request, MAX_PACK_DATA, "identity", what, too_large=too_large)
+    body = await _read_limited(request, MAX_PACK_BODY, too_large)
     done = await run_in_threadpool(service.put_chunk_pack, account, volume_id, body)
     return PackStoredOut(stored=done.stored, present=done.present)
 
@@ -529,21 +529,16 @@ def _content_encoding(request: Request, what: str) -> str:
     return encoding
 
 
-async def _read_wire_body(
-    request: Request,
-    limit: int,
-    encoding: str,
-    what: str,
-    *,
-    too_large: PayloadTooLargeError | None = None,
-) -> bytes:
+async def _read_wire_body(request: Request, limit: int, encoding: str, what: str) -> bytes:
     """The body as sent, refused (413) past what ``limit`` bytes of data can take on the
-    wire in ``encoding``: with ``too_large`` (a chunk pack's), past ``MAX_PACK_BODY``."""
-    if too_large is not None:
-        wire_limit = MAX_PACK_BODY
-    else:
-        wire_limit = limit if encoding == "identity" else zstd_bound(limit)
-        too_large = body_too_large(what, limit)
+    wire in ``encoding``."""
+    wire_limit = limit if encoding == "identity" else zstd_bound(limit)
+    return await _read_limited(request, wire_limit, body_too_large(what, limit))
+
+
+async def _read_limited(request: Request, wire_limit: int, too_large: Exception) -> bytes:
+    """The body as sent, refused with ``too_large`` past ``wire_limit`` bytes (by its
+    Content-Length up front, and by counting while reading)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > wire_limit:
         raise too_large

@@ -37,12 +37,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy.exc import OperationalError
 
-from sgw.common.chunks import check_chunk
-from sgw.common.errors import ChunkCorruptError, ObjectStoreError
+from sgw.common.errors import ObjectStoreError
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.blockstore.objects import ObjectInfo, ObjectStore
-from sgw.provider.blockstore.packs import PACKS_PREFIX, build_pack, pack_key
-from sgw.provider.blockstore.service import chunk_key
+from sgw.provider.blockstore.packs import PACKS_PREFIX, build_pack, is_sparse, pack_key
+from sgw.provider.blockstore.service import chunk_key, is_intact
 
 __all__ = ["DEFAULT_GRACE_SECONDS", "GcReport", "collect"]
 
@@ -233,14 +232,14 @@ def _dry_run_packs(
     maps: ChunkMaps, scope: str, before: datetime, stale: set[str], report: GcReport
 ) -> None:
     """What a pass would do to the scope's packs once the ``stale`` locations went."""
-    for _, size, chunks in maps.packs.contents(scope, before):
-        live = sum(n for c, n in chunks if c not in stale)
-        if not any(c not in stale for c, _ in chunks):
+    for pack in maps.packs.contents(scope, before):
+        live = sum(n for c, _, n in pack.chunks if c not in stale)
+        if not any(c not in stale for c, _, _ in pack.chunks):
             report.packs_deleted += 1
-            report.pack_bytes_deleted += size
-        elif live * 2 < size:
+            report.pack_bytes_deleted += pack.size
+        elif is_sparse(pack.size, live):
             report.packs_rewritten += 1
-            report.pack_bytes_freed += size - live
+            report.pack_bytes_freed += pack.size - live
 
 
 def _rewrite_sparse_packs(
@@ -250,15 +249,17 @@ def _rewrite_sparse_packs(
     each and moves their locations there; the old pack, left without locations, goes in
     a later pass (``delete_empty_packs``), so a reader that looked a location up just
     before still finds its bytes meanwhile (and one that does not looks again)."""
-    for sparse in maps.packs.sparse_packs(scope, before):
+    for sparse in maps.packs.contents(scope, before):
+        if not (sparse.written and is_sparse(sparse.size, sum(n for _, _, n in sparse.chunks))):
+            continue
         try:
             data = store.get(pack_key(scope, sparse.id))
         except ObjectStoreError as e:
             report.errors += 1
             LOG.error("gc cannot read a pack to rewrite it: %s", e, extra={"scope": scope})
             continue
-        blobs = [(c, data[o : o + n]) for c, o, n in sparse.live]
-        damaged = [c for c, blob in blobs if not _whole(blob)]
+        blobs = [(c, data[o : o + n]) for c, o, n in sparse.chunks]
+        damaged = [c for c, blob in blobs if not is_intact(blob)]
         if damaged:  # copying would hide it: keep the pack and say so
             report.errors += 1
             LOG.error(
@@ -279,14 +280,6 @@ def _rewrite_sparse_packs(
             continue  # its row was collected meanwhile: the object is an orphan now
         report.packs_rewritten += 1
         report.pack_bytes_freed += sparse.size - len(obj)
-
-
-def _whole(blob: bytes) -> bool:
-    try:
-        check_chunk(blob)
-    except ChunkCorruptError:
-        return False
-    return True
 
 
 def _sweep_orphan_packs(

@@ -78,7 +78,7 @@ from sgw.provider.db.models import (
     VolumeSegment,
     utcnow,
 )
-from sgw.provider.db.schema import bound_engine
+from sgw.provider.db.schema import bound_engine, upsert_insert
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -1246,13 +1246,9 @@ def _gc_generation(s: Session, key_scope: str) -> int:
 
 def _bump_gc_generation(s: Session, key_scope: str) -> None:
     """Adds one to the scope's GC generation (an upsert: two collectors may race)."""
-    dialect = s.get_bind().dialect.name
-    upsert: Any
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as upsert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as upsert
-    stmt = upsert(GcGeneration).values(key_scope=key_scope, generation=1)
+    stmt = upsert_insert(s.get_bind().dialect.name)(GcGeneration).values(
+        key_scope=key_scope, generation=1
+    )
     s.execute(
         stmt.on_conflict_do_update(
             index_elements=[GcGeneration.key_scope],

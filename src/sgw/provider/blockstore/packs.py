@@ -28,7 +28,6 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from crc32c import crc32c
 from sqlalchemy import bindparam, delete, func, select, update
@@ -37,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sgw.common.chunks import Payload, encode_into
 from sgw.common.errors import ChunkCorruptError
 from sgw.provider.db.models import ChunkLocation, ChunkPack, utcnow
+from sgw.provider.db.schema import upsert_insert
 
 PACKS_PREFIX = "packs/"
 MAGIC = b"SGWP"
@@ -59,13 +59,20 @@ def new_pack_id() -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class SparsePack:
-    """A pack worth rewriting: its id, size and its chunks that still have locations
-    (id, offset, length)."""
+class PackContents:
+    """A pack row and its chunks that have locations (id, offset, length)."""
 
     id: str
     size: int
-    live: list[tuple[str, int, int]]
+    written: bool
+    chunks: list[tuple[str, int, int]]
+
+
+def is_sparse(size: int, live_bytes: int) -> bool:
+    """True if a pack of ``size`` bytes whose live chunks take ``live_bytes`` is worth
+    rewriting: some live, less than half of the object (its index counts: a pack of four
+    equal chunks with two live qualifies)."""
+    return live_bytes > 0 and live_bytes * 2 < size
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +164,7 @@ class PackIndex:
             new = [c for c in chunk_ids if c not in held]
             if not new:
                 return None, []
-            pack_id = new_pack_id()
-            s.add(ChunkPack(id=pack_id, key_scope=scope, size=0, written=False, created=utcnow()))
+            pack_id = _add_row(s, scope)
         return pack_id, new
 
     def finish(
@@ -168,13 +174,7 @@ class PackIndex:
         row is gone (a garbage collection took it: the chunks must be stored again)."""
         now = utcnow()
         with self._sessions.begin() as s:
-            marked = s.execute(
-                update(ChunkPack)
-                .where(ChunkPack.id == pack_id)
-                .values(written=True, size=size)
-                .execution_options(synchronize_session=False)
-            )
-            if not marked.rowcount:  # type: ignore[attr-defined]
+            if not _mark_written(s, pack_id, size):
                 return False
             rows = [
                 {
@@ -187,7 +187,7 @@ class PackIndex:
                 }
                 for c, o, n in entries
             ]
-            stmt = _upsert(s)(ChunkLocation).values(rows)
+            stmt = upsert_insert(s.get_bind().dialect.name)(ChunkLocation).values(rows)
             s.execute(
                 stmt.on_conflict_do_update(
                     index_elements=[ChunkLocation.key_scope, ChunkLocation.chunk_id],
@@ -211,39 +211,8 @@ class PackIndex:
 
     def new_row(self, scope: str) -> str:
         """A new pack row (not written) for a rewrite; its id."""
-        pack_id = new_pack_id()
         with self._sessions.begin() as s:
-            s.add(ChunkPack(id=pack_id, key_scope=scope, size=0, written=False, created=utcnow()))
-        return pack_id
-
-    def sparse_packs(self, scope: str, before: datetime) -> list[SparsePack]:
-        """The scope's written packs made before ``before`` whose chunks that still have
-        locations take less than half of the pack object (its index counts: a pack of
-        four equal chunks with two live qualifies), and at least one has one."""
-        pack = ChunkPack.__table__.c
-        live = func.sum(_LOC.length)
-        with self._sessions() as s:
-            rows = s.execute(
-                select(pack.id, pack.size)
-                .join(ChunkLocation.__table__, _LOC.pack_id == pack.id)
-                .where(pack.key_scope == scope, pack.written, pack.created < before)
-                .group_by(pack.id, pack.size)
-                .having(live * 2 < pack.size)
-                .order_by(pack.id)
-            ).all()
-            out = []
-            for pack_id, size in rows:
-                entries = s.execute(
-                    select(_LOC.chunk_id, _LOC.offset, _LOC.length)
-                    .where(_LOC.pack_id == pack_id)
-                    .order_by(_LOC.offset)
-                ).all()
-                out.append(
-                    SparsePack(
-                        str(pack_id), int(size), [(str(c), int(o), int(n)) for c, o, n in entries]
-                    )
-                )
-        return out
+            return _add_row(s, scope)
 
     def move(
         self, old: str, new: str, size: int, scope: str, entries: Iterable[tuple[str, int, int]]
@@ -253,13 +222,7 @@ class PackIndex:
         (a collection took it before this: the rewrite is abandoned)."""
         moved: list[str] = []
         with self._sessions.begin() as s:
-            marked = s.execute(
-                update(ChunkPack)
-                .where(ChunkPack.id == new)
-                .values(written=True, size=size)
-                .execution_options(synchronize_session=False)
-            )
-            if not marked.rowcount:  # type: ignore[attr-defined]
+            if not _mark_written(s, new, size):
                 return None
             for chunk_id, offset, length in entries:
                 done = s.execute(
@@ -282,25 +245,25 @@ class PackIndex:
             row = s.execute(_LOCATE, {"scope": scope, "chunk": chunk_id}).one_or_none()
         return None if row is None else Location(row[0], int(row[1]), int(row[2]))
 
-    def contents(
-        self, scope: str, before: datetime
-    ) -> list[tuple[str, int, list[tuple[str, int]]]]:
-        """(pack id, size, [(chunk id, length)]) of the scope's packs made before
-        ``before``, with the chunks that have locations in each (for dry runs)."""
+    def contents(self, scope: str, before: datetime) -> list[PackContents]:
+        """The scope's packs made before ``before``, each with its chunks that have
+        locations (ordered by offset)."""
         pack = ChunkPack.__table__.c
-        out: dict[str, tuple[int, list[tuple[str, int]]]] = {}
+        out: dict[str, PackContents] = {}
         with self._sessions() as s:
             rows = s.execute(
-                select(pack.id, pack.size, _LOC.chunk_id, _LOC.length)
+                select(pack.id, pack.size, pack.written, _LOC.chunk_id, _LOC.offset, _LOC.length)
                 .outerjoin(ChunkLocation.__table__, _LOC.pack_id == pack.id)
                 .where(pack.key_scope == scope, pack.created < before)
-                .order_by(pack.id)
+                .order_by(pack.id, _LOC.offset)
             )
-            for pack_id, size, chunk_id, length in rows:
-                entry = out.setdefault(str(pack_id), (int(size), []))
+            for pack_id, size, written, chunk_id, offset, length in rows:
+                entry = out.setdefault(
+                    str(pack_id), PackContents(str(pack_id), int(size), bool(written), [])
+                )
                 if chunk_id is not None:
-                    entry[1].append((str(chunk_id), int(length)))
-        return [(p, size, chunks) for p, (size, chunks) in out.items()]
+                    entry.chunks.append((str(chunk_id), int(offset), int(length)))
+        return list(out.values())
 
     def count(self) -> int:
         """How many pack rows there are."""
@@ -335,6 +298,24 @@ class PackIndex:
             )
 
 
+def _add_row(s: Session, scope: str) -> str:
+    """Adds a new, not yet written pack row of ``scope``; its id."""
+    pack_id = new_pack_id()
+    s.add(ChunkPack(id=pack_id, key_scope=scope, size=0, written=False, created=utcnow()))
+    return pack_id
+
+
+def _mark_written(s: Session, pack_id: str, size: int) -> bool:
+    """Marks a pack row written with its object's size; False if the row is gone."""
+    marked = s.execute(
+        update(ChunkPack)
+        .where(ChunkPack.id == pack_id)
+        .values(written=True, size=size)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(marked.rowcount)  # type: ignore[attr-defined]
+
+
 _LOC = ChunkLocation.__table__.c
 _LOCATE = select(_LOC.pack_id, _LOC.offset, _LOC.length).where(
     _LOC.key_scope == bindparam("scope"), _LOC.chunk_id == bindparam("chunk")
@@ -353,16 +334,6 @@ def located(
             query = query.where(_LOC.created >= stored_after)
         out.update(s.scalars(query))
     return out
-
-
-def _upsert(s: Session) -> Any:
-    """The dialect's INSERT that takes ON CONFLICT (PostgreSQL and SQLite have one)."""
-    insert: Any
-    if s.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
 
 
 __all__ = [

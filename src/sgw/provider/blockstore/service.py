@@ -515,7 +515,7 @@ class BlockService:
         info = self.store.stat(key)
         damaged = False
         if info is not None and time.time() - info.modified < REFRESH_AGE:
-            damaged = bool(self.store.sync([key], check=_intact))
+            damaged = bool(self.store.sync([key], check=is_intact))
             if not damaged:
                 return False
             LOG.warning(
@@ -672,7 +672,7 @@ class BlockService:
             # Chunks are put without fsync; here, before a map names them, they are made
             # durable, and checked: a put cut short by a power loss leaves a damaged file.
             keys = [chunk_key(owner.key_scope, c) for c in chunk_ids]
-            failed = set(self.store.sync(keys, check=_intact))
+            failed = set(self.store.sync(keys, check=is_intact))
             missing = [c for c, k in zip(chunk_ids, keys, strict=True) if k in failed]
             if missing:
                 LOG.error(
@@ -765,7 +765,7 @@ def inflate_body(body: BytesLike, limit: int, what: str) -> bytes:
     return bytes(out)
 
 
-def _intact(blob: bytes) -> bool:
+def is_intact(blob: bytes) -> bool:
     """True if a stored chunk's structure and checksum are whole (no key needed)."""
     try:
         check_chunk(blob)

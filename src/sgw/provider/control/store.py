@@ -40,8 +40,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -53,7 +51,7 @@ from sgw.provider.db.models import (
     UtcDateTime,
 )
 from sgw.provider.db.raw import ThreadConnections, WouldBlock
-from sgw.provider.db.schema import make_engine, session_factory, write_lock
+from sgw.provider.db.schema import make_engine, session_factory, upsert_insert, write_lock
 
 QUEUED = "queued"
 DELIVERED = "delivered"
@@ -198,7 +196,7 @@ class ControlStore:
             yield c
 
     def _insert(self) -> Any:
-        return pg_insert if self.dialect == "postgresql" else sqlite_insert
+        return upsert_insert(self.dialect)
 
     def _relaxed(self, s: Session) -> None:
         if self.dialect == "postgresql":

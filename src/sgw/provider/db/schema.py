@@ -20,6 +20,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -100,6 +102,12 @@ def write_lock(url: str) -> AbstractContextManager[object]:
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions whose loaded objects stay readable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def upsert_insert(dialect: str) -> Any:
+    """The INSERT of ``dialect`` ("postgresql" or "sqlite") that takes ON CONFLICT clauses
+    (both have one; SQLAlchemy's generic INSERT does not)."""
+    return pg_insert if dialect == "postgresql" else sqlite_insert
 
 
 def bound_engine(sessions: sessionmaker[Session]) -> Engine | None:
