@@ -16,6 +16,7 @@ import pytest
 import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sgw.common.chunk_packs import PackedChunk, encode_pack
 from sgw.common.chunks import HEADER_SIZE, NONCE_SIZE, check_chunk
 from sgw.common.errors import BadRequestError, ChecksumMismatchError, MissingChunksError
 from sgw.provider.api.auth import ensure_account
@@ -180,3 +181,33 @@ def test_zstd_bodies_that_do_not_verify_store_nothing(env: Env) -> None:
         with pytest.raises(error):
             env.blocks.put_chunk(ACCOUNT, env.volume, chunk, body, zstd=True)
     assert env.stored() == set()
+
+
+def test_a_pack_is_durable_before_its_chunks_get_locations(
+    env: Env, fsyncs: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk pack's object (its file, and the directories made for it) is fsynced
+    before the locations that let a commit use its chunks are written; the commit then
+    syncs nothing."""
+    synced_at_finish: list[list[str]] = []
+    finish = env.blocks.maps.packs.finish
+
+    def watched(pack_id: str, *args: object, **kwargs: object) -> bool:
+        synced_at_finish.append(list(fsyncs))
+        return finish(pack_id, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(env.blocks.maps.packs, "finish", watched)
+    datas = [content(("packed", i)) for i in range(3)]
+    body = encode_pack([PackedChunk(sha(d), d, False) for d in datas])
+    assert len(env.blocks.put_chunk_pack(ACCOUNT, env.volume, body).stored) == 3
+    [before] = synced_at_finish
+    [key] = env.store.list("packs/")
+    path = Path(env.store.path(key))
+    root = Path(env.store.root)
+    # The file is fsynced under its temporary name, then renamed; its directory (and those
+    # made for it) after the rename.
+    assert any(Path(p).parent == path.parent and p.endswith(".tmp") for p in before), before
+    assert {str(path.parent), str(path.parent.parent), str(root)} <= set(before)
+    fsyncs.clear()
+    env.commit({i: sha(d) for i, d in enumerate(datas)})
+    assert fsyncs == []

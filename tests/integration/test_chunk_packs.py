@@ -10,7 +10,6 @@ only.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import socket
@@ -37,10 +36,9 @@ from sgw.common.errors import (
     ObjectNotFoundError,
     ObjectStoreError,
 )
-from sgw.provider.api.auth import ensure_account
 from sgw.provider.api.blocks import MAX_PACK_BODY
 from sgw.provider.blockstore import service
-from sgw.provider.blockstore.keys import KeyRing, derive_key
+from sgw.provider.blockstore.keys import derive_key
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.blockstore.objects import DirectoryStore, ObjectStore
 from sgw.provider.blockstore.packs import Location, PackIndex, new_pack_id, pack_key, read_index
@@ -50,7 +48,9 @@ from sgw.provider.db.schema import bound_engine, make_engine, session_factory
 from tests.conftest import ProviderProcess
 from tests.fixtures.s3 import s3_store
 from tests.integration.test_block_api import MIB, SMALL, Api, _start, chunk, sha
-from tests.integration.test_gc import ACCOUNT, Env, content
+from tests.integration.test_gc import ACCOUNT, Env, content, env, race_with_collector
+
+__all__ = ["env"]  # the fixture, imported for these tests
 
 # What encode_chunk adds around an encrypted payload.
 OVERHEAD = HEADER_SIZE + NONCE_SIZE + TAG_SIZE
@@ -530,23 +530,6 @@ def test_get_range(ranged: ObjectStore) -> None:
 # Garbage collection of packs, in process on each database and store
 
 
-@pytest.fixture(params=["directory", "s3"])
-def env(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[Env]:
-    if request.param == "directory":
-        store: ObjectStore = DirectoryStore(tmp_path / "objects")
-    else:
-        store = s3_store(
-            request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket")
-        )
-    engine = make_engine(db_url)
-    sessions = session_factory(engine)
-    ensure_account(sessions, ACCOUNT, ACCOUNT)
-    blocks = BlockService(ChunkMaps(sessions), store, KeyRing(os.urandom(32)))
-    yield Env(blocks, store, sessions)
-    blocks.close()
-    engine.dispose()
-
-
 def put_pack(env: Env, volume_id: str, datas: Iterable[bytes]) -> PackStored:
     return env.blocks.put_chunk_pack(ACCOUNT, volume_id, encode_pack([plain(d) for d in datas]))
 
@@ -893,14 +876,7 @@ def test_pack_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_
     with no grace period run again and again. After every pass every chunk a map names
     can be read, and at the end every map reads back right."""
     pool = [content(("pack-pool", i)) for i in range(10)]
-    by_id = {sha(d): d for d in pool}
-    duration = 3.0
-    stop = threading.Event()
-    failures: list[str] = []
-    counts = {"refused": 0, "restored": 0, "packs": 0}
-    passes: list[Any] = []
-    models: dict[str, dict[int, int]] = {}
-    frozen: dict[str, dict[int, int]] = {}
+    counts = {"restored": 0, "packs": 0}
     lock = threading.Lock()
 
     def upload(vol: str, datas: list[bytes], rng: random.Random) -> None:
@@ -920,75 +896,8 @@ def test_pack_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_
                     counts["restored"] += 1
         raise AssertionError("a pack upload was collected 20 times in a row")
 
-    def writer(seed: int) -> None:
-        rng = random.Random(seed)
-        vol = env.volume(chunks=8)
-        model: dict[int, int] = {}
-        snaps: list[str] = []
-        try:
-            while not stop.is_set():
-                changes: dict[int, int | None] = {}
-                for _ in range(rng.randint(1, 5)):
-                    changes[rng.randrange(8)] = (
-                        None if rng.random() < 0.15 else rng.randrange(len(pool))
-                    )
-                named = {i: None if n is None else sha(pool[n]) for i, n in changes.items()}
-                wanted = sorted({n for n in changes.values() if n is not None})
-                if wanted:
-                    upload(vol, [pool[n] for n in wanted], rng)
-                for _ in range(50):
-                    try:
-                        env.commit(vol, named)
-                        break
-                    except MissingChunksError as e:
-                        with lock:
-                            counts["refused"] += 1
-                        upload(vol, [by_id[c] for c in e.chunk_ids], rng)
-                else:
-                    raise AssertionError("a commit was refused 50 times in a row")
-                for i, change in changes.items():
-                    if change is None:
-                        model.pop(i, None)
-                    else:
-                        model[i] = change
-                if rng.random() < 0.2:
-                    snap = env.blocks.snapshot_volume(ACCOUNT, vol).id
-                    snaps.append(snap)
-                    with lock:
-                        frozen[snap] = dict(model)
-                if len(snaps) > 2 and rng.random() < 0.3:
-                    gone = snaps.pop(rng.randrange(len(snaps)))
-                    env.blocks.delete_snapshot(ACCOUNT, gone)
-                    with lock:
-                        del frozen[gone]
-        except Exception as e:
-            failures.append(f"writer {seed}: {e!r}")
-            stop.set()
-        with lock:
-            models[vol] = model
-
-    def collector() -> None:
-        try:
-            while not stop.is_set():
-                passes.append(env.collect(grace=0))
-                dangling = env.dangling()
-                if dangling:
-                    failures.append(f"after pass {len(passes)}: {dangling[:5]}")
-                    stop.set()
-        except Exception as e:
-            failures.append(f"collector: {e!r}")
-            stop.set()
-
-    threads = [threading.Thread(target=writer, args=(seed,)) for seed in (11, 12)]
-    threads.append(threading.Thread(target=collector))
-    for t in threads:
-        t.start()
-    stop.wait(duration)
-    stop.set()
-    for t in threads:
-        t.join(30)
-        assert not t.is_alive(), "a racing thread hung"
-    assert failures == []
+    race = race_with_collector(env, pool, upload, seeds=[11, 12], duration=3.0, max_changes=5)
+    models, frozen, passes = race.models, race.frozen, race.passes
     final = env.collect(grace=0)
     assert final.errors == 0 and env.dangling() == []
     check = reader(env)  # no cached locations: every read looks its chunk up
@@ -1005,7 +914,8 @@ def test_pack_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_
     check.close()
     print(
         f"{len(passes)} passes deleted {sum(p.locations_deleted for p in passes)} locations "
-        f"and {sum(p.packs_deleted for p in passes)} packs; {counts}"
+        f"and {sum(p.packs_deleted for p in passes)} packs; {race.refused} commits refused; "
+        f"{counts}"
     )
     assert len(passes) >= 2 and counts["packs"] > 0
     # With every map gone, one pass leaves no pack, row or location behind: the race left

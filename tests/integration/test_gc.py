@@ -298,22 +298,42 @@ def test_putting_an_old_chunk_again_renews_its_time(
     assert env.store.get(key) == again
 
 
-@pytest.mark.timeout(60)
-def test_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_chunk(
+Upload = Callable[[str, list[bytes], random.Random], None]
+
+
+@dataclass
+class Race:
+    """What ``race_with_collector`` left: each volume's and snapshot's expected map
+    (index -> number of its content in the pool), the collector's passes, and how many
+    commits were refused for missing chunks."""
+
+    models: dict[str, dict[int, int]]
+    frozen: dict[str, dict[int, int]]
+    passes: list[gc.GcReport]
+    refused: int
+
+
+def race_with_collector(
     env: Env,
-) -> None:
-    """Writers upload and commit (re-uploading what a refused commit names, as the
-    gateway's destager does by retrying the batch), take and delete snapshots, while a
-    collector with no grace period at all runs again and again. After every pass every
-    chunk any map names is in the store, and at the end every map reads back right."""
-    rng = random.Random(7)
-    pool = [content(("pool", i)) for i in range(12)]  # few contents: lots of reuse
-    duration = 4.0
+    pool: list[bytes],
+    upload: Upload,
+    *,
+    seeds: list[int],
+    duration: float,
+    max_changes: int,
+) -> Race:
+    """One writer per seed uploads (``upload``) and commits changes of up to
+    ``max_changes`` chunks of its 8-chunk volume (re-uploading what a refused commit
+    names, as the gateway's destager does by retrying the batch), takes and deletes
+    snapshots, while a collector with no grace period runs again and again for
+    ``duration`` seconds. Fails if a pass leaves a map naming a chunk the store lacks,
+    or if any thread fails or hangs."""
+    by_id = {sha(d): d for d in pool}
     stop = threading.Event()
     failures: list[str] = []
     refused = [0]
     passes: list[gc.GcReport] = []
-    # volume id -> index -> content number; snapshot id -> (its map, volume id)
+    # volume id -> index -> content number; snapshot id -> its map
     models: dict[str, dict[int, int]] = {}
     frozen: dict[str, dict[int, int]] = {}
     lock = threading.Lock()
@@ -326,13 +346,14 @@ def test_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_chunk
         try:
             while not stop.is_set():
                 changes: dict[int, int | None] = {}
-                for _ in range(wrng.randint(1, 4)):
+                for _ in range(wrng.randint(1, max_changes)):
                     changes[wrng.randrange(8)] = (
                         None if wrng.random() < 0.15 else wrng.randrange(len(pool))
                     )
                 named = {i: None if n is None else sha(pool[n]) for i, n in changes.items()}
-                for n in {n for n in changes.values() if n is not None}:
-                    env.put(vol, pool[n])
+                wanted = sorted({n for n in changes.values() if n is not None})
+                if wanted:
+                    upload(vol, [pool[n] for n in wanted], wrng)
                 for _ in range(50):
                     try:
                         env.commit(vol, named)
@@ -340,9 +361,7 @@ def test_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_chunk
                     except MissingChunksError as e:
                         with lock:
                             refused[0] += 1
-                        by_id = {sha(pool[n]): pool[n] for n in changes.values() if n is not None}
-                        for missing in e.chunk_ids:
-                            env.put(vol, by_id[missing])
+                        upload(vol, [by_id[c] for c in e.chunk_ids], wrng)
                 else:
                     raise AssertionError("a commit was refused 50 times in a row")
                 for i, change in changes.items():
@@ -378,7 +397,7 @@ def test_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_chunk
             failures.append(f"collector: {e!r}")
             stop.set()
 
-    threads = [threading.Thread(target=writer, args=(rng.randrange(1 << 30),)) for _ in range(2)]
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in seeds]
     threads.append(threading.Thread(target=collector))
     for t in threads:
         t.start()
@@ -388,21 +407,48 @@ def test_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_chunk
         t.join(30)
         assert not t.is_alive(), "a racing thread hung"
     assert failures == []
+    return Race(models, frozen, passes, refused[0])
+
+
+@pytest.mark.timeout(60)
+def test_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_chunk(
+    env: Env,
+) -> None:
+    """Writers upload chunk by chunk and commit, take and delete snapshots, while a
+    collector with no grace period at all runs again and again (``race_with_collector``).
+    After every pass every chunk any map names is in the store, and at the end every map
+    reads back right."""
+    rng = random.Random(7)
+    pool = [content(("pool", i)) for i in range(12)]  # few contents: lots of reuse
+
+    def upload(vol: str, datas: list[bytes], _: random.Random) -> None:
+        for data in datas:
+            env.put(vol, data)
+
+    race = race_with_collector(
+        env,
+        pool,
+        upload,
+        seeds=[rng.randrange(1 << 30) for _ in range(2)],
+        duration=4.0,
+        max_changes=4,
+    )
     final = env.collect(grace=0)
     assert final.errors == 0 and env.dangling() == []
-    for vol, model in models.items():
+    for vol, model in race.models.items():
         assert env.maps.read_map(vol) == {i: sha(pool[n]) for i, n in model.items()}
         for i, n in model.items():
             assert env.blocks.get_chunk(ACCOUNT, vol, sha(pool[n])) == pool[n], i
-    for snap, model in frozen.items():
+    for snap, model in race.frozen.items():
         assert env.maps.read_map(None, snapshot_id=snap) == {
             i: sha(pool[n]) for i, n in model.items()
         }
         for i, n in model.items():
             assert env.blocks.get_block(ACCOUNT, snap, i)[1] == pool[n]
+    passes = race.passes
     deleted = sum(p.deleted for p in passes)
     print(
-        f"{len(passes)} gc passes deleted {deleted} objects; {refused[0]} commits refused "
+        f"{len(passes)} gc passes deleted {deleted} objects; {race.refused} commits refused "
         f"and re-uploaded; {sum(p.rescued for p in passes)} candidates rescued at re-check"
     )
     assert len(passes) >= 3 and deleted > 0

@@ -4,16 +4,16 @@ the next pass. Real databases (SQLite, PostgreSQL) and stores (directory, S3 on 
 
 from __future__ import annotations
 
-from sgw.common.chunk_packs import PackedChunk, encode_pack
 from sgw.provider.blockstore.packs import PACKS_PREFIX, pack_key, read_index
+from tests.integration.test_chunk_packs import put_pack
 from tests.integration.test_gc import ACCOUNT, Env, content, env, sha
 
 __all__ = ["env"]  # the fixture, imported for these tests
 
 
-def put_pack(e: Env, volume_id: str, datas: list[bytes]) -> list[str]:
-    body = encode_pack([PackedChunk(sha(d), d, False) for d in datas])
-    done = e.blocks.put_chunk_pack(ACCOUNT, volume_id, body)
+def pack_of_new(e: Env, volume_id: str, datas: list[bytes]) -> list[str]:
+    """Uploads ``datas`` as one pack (all new); their ids."""
+    done = put_pack(e, volume_id, datas)
     assert sorted(done.stored) == sorted(sha(d) for d in datas)
     return [sha(d) for d in datas]
 
@@ -26,7 +26,7 @@ def test_a_mostly_dead_pack_is_rewritten_and_its_live_chunk_stays_readable(env: 
     vol = env.volume()
     scope = env.scope(vol)
     datas = [content(("rewrite", i)) for i in range(4)]
-    ids = put_pack(env, vol, datas)
+    ids = pack_of_new(env, vol, datas)
     env.commit(vol, dict(enumerate(ids)))
     [old] = packs(env, scope)
     env.commit(vol, {1: None, 2: None, 3: None})  # one chunk of four still referenced
@@ -55,7 +55,7 @@ def test_a_mostly_dead_pack_is_rewritten_and_its_live_chunk_stays_readable(env: 
 def test_a_mostly_live_pack_is_kept(env: Env) -> None:
     vol = env.volume()
     scope = env.scope(vol)
-    ids = put_pack(env, vol, [content(("mostly", i)) for i in range(4)])
+    ids = pack_of_new(env, vol, [content(("mostly", i)) for i in range(4)])
     env.commit(vol, dict(enumerate(ids)))
     env.commit(vol, {3: None})
     report = env.collect()
@@ -69,7 +69,7 @@ def test_a_damaged_pack_is_not_rewritten(env: Env) -> None:
     vol = env.volume()
     scope = env.scope(vol)
     datas = [content(("damaged", i)) for i in range(4)]
-    ids = put_pack(env, vol, datas)
+    ids = pack_of_new(env, vol, datas)
     env.commit(vol, dict(enumerate(ids)))
     env.commit(vol, {1: None, 2: None, 3: None})
     [old] = packs(env, scope)
