@@ -14,7 +14,7 @@ import random
 import sys
 
 from sgw.gateway.volume.base import FileBaseStore
-from sgw.gateway.volume.restore import TreeRestore
+from sgw.gateway.volume.restore_tree import TreeRestore
 
 BLOCK = 4096
 

@@ -14,10 +14,10 @@ import pytest
 import zstandard
 
 from sgw.common import signing
-from sgw.gateway.request_signing import BODY_SHA256, GatewayAuth
+from sgw.gateway.link.request_signing import BODY_SHA256, GatewayAuth
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.db import schema
-from sgw.provider.gateways import OWNER_TRUST_S, Gateways
+from sgw.provider.management.gateways import OWNER_TRUST_S, Gateways
 from tests.conftest import ProviderProcess
 from tests.fixtures.control_db import control_db
 from tests.fixtures.management import FakeGateway, SecureProvider, activate, new_account

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 
 from sgw.common import signing
+from sgw.provider.auth.nonces import NonceLedger
 from sgw.provider.db import schema
-from sgw.provider.gateways import KEY_TRUST_S
-from sgw.provider.nonces import NonceLedger
+from sgw.provider.management.gateways import KEY_TRUST_S
 from tests.fixtures.management import FakeGateway, SecureProvider, activate
 from tests.integration.test_control_servers import start_servers
 

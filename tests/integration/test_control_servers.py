@@ -29,8 +29,8 @@ from typing import Any
 import httpx
 import pytest
 
-from sgw.gateway.control import ControlChannel
-from sgw.gateway.control_journal import Command
+from sgw.gateway.link.channel import ControlChannel
+from sgw.gateway.link.journal import Command
 from sgw.provider.control import peers
 from sgw.provider.control.hub import DOORBELL_PATH
 from tests.conftest import SGW, GatewayProcess

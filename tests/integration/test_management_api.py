@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sgw.provider.accounts import token_hash
+from sgw.provider.management.accounts import token_hash
 from tests.conftest import SGW
 from tests.fixtures.management import SecureProvider, activate, init_provider, new_account
 

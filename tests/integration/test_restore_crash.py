@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from sgw.gateway.volume.base import FileBaseStore
-from sgw.gateway.volume.restore import MARK_SECTOR, TreeRestore, tree_path
+from sgw.gateway.volume.restore_tree import MARK_SECTOR, TreeRestore, tree_path
 from tests.integration.restore_child import BLOCK, snapshot_chunk, user_block
 
 KIB = 1 << 10

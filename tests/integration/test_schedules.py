@@ -43,7 +43,7 @@ from sgw.provider.db.models import (
     SnapshotSchedule,
     utcnow,
 )
-from sgw.provider.volume_settings import SecretBox, VolumeSettings
+from sgw.provider.management.volume_settings import SecretBox, VolumeSettings
 from tests.conftest import GatewayProcess
 from tests.fixtures.management import SecureProvider
 from tests.integration.test_control import activated_gateway, cli_json, wait_for

@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from sgw.gateway.volume.cache import ChunkCache
+from sgw.gateway.volume.chunk_cache import ChunkCache
 
 KIB = 1024
 

@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from sgw.common.errors import CommandError
-from sgw.gateway.control import BACKOFF_FIRST_S, QUICK_S, ControlChannel, backoff
-from sgw.gateway.control_journal import INTERRUPTED, Command, ControlJournal, Reply
+from sgw.gateway.link.channel import BACKOFF_FIRST_S, QUICK_S, ControlChannel, backoff
+from sgw.gateway.link.journal import INTERRUPTED, Command, ControlJournal, Reply
 
 URL = "http://provider.test"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from sgw.common.errors import ConfigError
-from sgw.gateway.chap import ChapCredential
 from sgw.gateway.lio.access import Access, InitiatorAccess, access_of, load_access
+from sgw.gateway.lio.chap import ChapCredential
 from sgw.gateway.lio.desired import (
     Change,
     Create,

@@ -25,7 +25,7 @@ from sgw.common.errors import (
     VolumeStateError,
 )
 from sgw.gateway.volume.base import FileBaseStore
-from sgw.gateway.volume.restore import (
+from sgw.gateway.volume.restore_tree import (
     MARK_SECTOR,
     TreeRestore,
     tree_children,

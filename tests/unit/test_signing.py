@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from sgw.common import activation_key, signing
 from sgw.common.errors import ActivationKeyError, ConfigError, IdentityError
 from sgw.gateway import config as cfg
-from sgw.gateway.identity import (
+from sgw.gateway.link.identity import (
     Credentials,
     load_or_create_key,
     read_credentials,

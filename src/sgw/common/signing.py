@@ -36,6 +36,9 @@ CLOCK_SKEW_S = 300
 NONCE_HEX = 32
 GATEWAY_PREFIX = "gw:"
 PUBLIC_KEY_PREFIX = "pk:"
+# An httpx request extension: the body's SHA-256 (hex) where the caller knows it (a chunk's
+# id is the SHA-256 of its plaintext), so that the signer does not hash the body again.
+BODY_DIGEST_EXTENSION = "sgw_body_sha256"
 _HEADER = re.compile(
     rf"^{SCHEME}\s+key=([!-~]{{1,80}}?),\s*ts=([0-9]{{1,12}}),\s*"
     rf"nonce=([0-9a-f]{{{NONCE_HEX}}}),\s*sig=([A-Za-z0-9_-]{{86}})$"

@@ -19,20 +19,20 @@ import resource
 import signal
 
 from sgw.common.errors import SgwError
-from sgw.gateway.activation import Activation, tls_verify
-from sgw.gateway.admin import AdminOps, AdminServer, socket_path
-from sgw.gateway.commands import GatewayCommands
+from sgw.gateway.admin_socket import AdminOps, AdminServer, socket_path
 from sgw.gateway.config import GatewayConfig
-from sgw.gateway.control import ControlChannel
-from sgw.gateway.identity import load_or_create_key
+from sgw.gateway.link.activation import Activation, tls_verify
+from sgw.gateway.link.channel import ControlChannel
+from sgw.gateway.link.command_runner import GatewayCommands
+from sgw.gateway.link.identity import load_or_create_key
+from sgw.gateway.link.request_signing import GatewayAuth
 from sgw.gateway.lio.exporter import LioExporter
 from sgw.gateway.nbd.server import NbdServer
-from sgw.gateway.request_signing import GatewayAuth
-from sgw.gateway.volume.cache import ChunkCache
+from sgw.gateway.volume.chunk_cache import ChunkCache
 from sgw.gateway.volume.destager import Destager
 from sgw.gateway.volume.engine import VolumeEngine
 from sgw.gateway.volume.remote import BlockApiClient, RetryPolicy
-from sgw.gateway.volume.restoring import VolumeRestore
+from sgw.gateway.volume.snapshot_restore import VolumeRestore
 from sgw.gateway.volume.upload import TokenBucket, Uploader
 from sgw.gateway.volume.volume import LOADING_MAP, Volume, VolumeStatus
 
@@ -64,7 +64,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        # Identity and activation (sgw.gateway.activation): every provider request is
+        # Identity and activation (sgw.gateway.link.activation): every provider request is
         # signed once the gateway has its credentials.
         self.auth = GatewayAuth(load_or_create_key(config.data_dir))
         self.activation = Activation(config.data_dir, config.remote, config.activation, self.auth)

@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass
 
 from sgw.common.errors import ConfigError
-from sgw.provider.tls import tls_files
+from sgw.provider.auth.tls import tls_files
 
 DEFAULT_LISTEN = "127.0.0.1:8480"
 

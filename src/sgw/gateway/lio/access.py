@@ -1,7 +1,7 @@
 """Who may log in to each volume's target: initiator ACLs with CHAP and mutual CHAP.
 
 The credentials come from ``DATA_DIR/chap.json`` (mode 0600), which the control channel
-writes when an admin sets them at the provider (:mod:`sgw.gateway.chap`)::
+writes when an admin sets them at the provider (:mod:`sgw.gateway.lio.chap`)::
 
     {"volumes": {"vol0": [{"initiator": "iqn.1993-08.org.debian:01:host1",
                            "secret": "12-to-16-chars", "target_secret": "another-one"}]}}
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sgw.common.errors import ConfigError
-from sgw.gateway.chap import ChapStore
+from sgw.gateway.lio.chap import ChapStore
 
 # RFC 3720 recommends CHAP secrets of at least 96 bits; LIO takes up to 255 characters.
 MIN_SECRET = 12

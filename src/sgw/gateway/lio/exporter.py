@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sgw.common.errors import ConfigError, IscsiExportError, SgwError
 from sgw.common.files import write_atomically
 from sgw.common.signing import public_key_hex
-from sgw.gateway.chap import CHAP_FILE
 from sgw.gateway.lio.access import Access, load_access
+from sgw.gateway.lio.chap import CHAP_FILE
 from sgw.gateway.lio.desired import (
     Change,
     Create,

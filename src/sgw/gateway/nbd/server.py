@@ -24,7 +24,7 @@ from typing import Any, cast
 from sgw.common.errors import SgwError
 from sgw.gateway.nbd import protocol as p
 from sgw.gateway.nbd.negotiation import ExportInfo, Negotiation, greeting
-from sgw.gateway.volume.cached import CachedBaseStore
+from sgw.gateway.volume.cached_base import CachedBaseStore
 from sgw.gateway.volume.engine import VolumeEngine
 from sgw.gateway.volume.index import BLOCK
 from sgw.gateway.volume.volume import LazyRestore, Volume

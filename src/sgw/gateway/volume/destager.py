@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sgw.common.errors import SgwError, VolumeStateError
-from sgw.gateway.volume.cached import CachedBaseStore, ChunkMapUpdate
+from sgw.gateway.volume.cached_base import CachedBaseStore, ChunkMapUpdate
 from sgw.gateway.volume.engine import VolumeEngine
 from sgw.gateway.volume.index import BLOCK, BLOCK_SHIFT, SMALL_ZERO_BLOCKS, zero_marker
 from sgw.gateway.volume.snapshots import SnapshotState

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from sgw.common.errors import VolumeStateError
 from sgw.common.files import write_atomically
 from sgw.gateway.volume.base import BaseStore, FileBaseStore
-from sgw.gateway.volume.cache import ChunkCache
-from sgw.gateway.volume.cached import DEFAULT_READ_AHEAD, CachedBaseStore
+from sgw.gateway.volume.cached_base import DEFAULT_READ_AHEAD, CachedBaseStore
+from sgw.gateway.volume.chunk_cache import ChunkCache
 from sgw.gateway.volume.index import BLOCK
 from sgw.gateway.volume.snapshots import (
     SnapshotRequest,

@@ -41,7 +41,7 @@ from sgw.common.errors import (
     RemoteRejectedError,
     RemoteUnavailableError,
 )
-from sgw.gateway.request_signing import BODY_SHA256
+from sgw.common.signing import BODY_DIGEST_EXTENSION
 
 LOG = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class BlockApiClient:
         if chunk.encoding:
             headers["content-encoding"] = chunk.encoding
         else:  # the body is the plaintext, whose SHA-256 is the chunk id
-            extensions[BODY_SHA256] = chunk.id
+            extensions[BODY_DIGEST_EXTENSION] = chunk.id
         resp = await self._call(
             "PUT",
             f"/v1/volumes/{volume_id}/chunks/{chunk.id}",

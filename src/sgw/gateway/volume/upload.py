@@ -47,8 +47,8 @@ from sgw.common.errors import (
     RemoteRejectedError,
     VolumeStateError,
 )
-from sgw.gateway.volume.cache import ChunkCache
-from sgw.gateway.volume.cached import ChunkMapUpdate
+from sgw.gateway.volume.cached_base import ChunkMapUpdate
+from sgw.gateway.volume.chunk_cache import ChunkCache
 from sgw.gateway.volume.chunker import ChunkVersion, iter_chunks
 from sgw.gateway.volume.destager import Batch, VolumeChanges
 from sgw.gateway.volume.engine import RegistryEntry, VolumeEngine

@@ -13,7 +13,7 @@ import logging
 from typing import Protocol
 
 from sgw.gateway.volume.base import BaseStore
-from sgw.gateway.volume.cached import CachedBaseStore
+from sgw.gateway.volume.cached_base import CachedBaseStore
 from sgw.gateway.volume.index import (
     BLOCK,
     BLOCK_SHIFT,

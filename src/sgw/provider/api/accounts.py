@@ -8,9 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from sgw.provider.accounts import AccountInfo, Accounts, TokenInfo
 from sgw.provider.api.auth import AdminPrincipal, OperatorPrincipal
 from sgw.provider.api.blocks import ErrorOut
+from sgw.provider.management.accounts import AccountInfo, Accounts, TokenInfo
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -41,8 +41,7 @@ from sgw.common.errors import (
     UnsupportedEncodingError,
     VersionConflictError,
 )
-from sgw.provider.accounts import Accounts
-from sgw.provider.api import accounts, blocks, control, gateways, volume_admin
+from sgw.provider.api import accounts, blocks, control, gateways, volume_settings
 from sgw.provider.api.auth import (
     DEV_ACCOUNT_ID,
     DEV_ACCOUNT_NAME,
@@ -51,6 +50,8 @@ from sgw.provider.api.auth import (
     ensure_account,
 )
 from sgw.provider.api.lean import LeanControl
+from sgw.provider.auth.nonces import NonceLedger
+from sgw.provider.auth.tls import tls_files
 from sgw.provider.blockstore.keys import MASTER_KEY_FILE, open_keyring, read_master_key
 from sgw.provider.blockstore.maps import (
     ChunkMaps,
@@ -62,16 +63,15 @@ from sgw.provider.blockstore.objects import ObjectStore, open_store
 from sgw.provider.blockstore.packs import PACKS_PREFIX
 from sgw.provider.blockstore.service import BlockService, zstd_bound
 from sgw.provider.config import ProviderConfig
-from sgw.provider.control.commands import CommandPlanner
 from sgw.provider.control.hub import ControlHub
 from sgw.provider.control.peers import load_or_create_secret
+from sgw.provider.control.planner import CommandPlanner
 from sgw.provider.control.schedules import SnapshotScheduler
 from sgw.provider.control.store import ControlStore, MessageInfo
 from sgw.provider.db import schema
-from sgw.provider.gateways import Gateways
-from sgw.provider.nonces import NonceLedger
-from sgw.provider.tls import tls_files
-from sgw.provider.volume_settings import SecretBox, VolumeSettings
+from sgw.provider.management.accounts import Accounts
+from sgw.provider.management.gateways import Gateways
+from sgw.provider.management.volume_settings import SecretBox, VolumeSettings
 
 LOG = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def create_app(config: ProviderConfig) -> FastAPI:
     app.include_router(control.router)
     app.include_router(accounts.router)
     app.include_router(gateways.router)
-    app.include_router(volume_admin.router)
+    app.include_router(volume_settings.router)
     # Outermost first: the body limit, then authentication, then the routes.
     app.add_middleware(AuthMiddleware, authenticator=authenticator, limit=MAX_REQUEST_BODY)
     app.add_middleware(_BodyLimit, limit=MAX_REQUEST_BODY)

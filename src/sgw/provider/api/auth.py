@@ -49,10 +49,10 @@ from sgw.common.errors import (
     NotFoundError,
     UnauthenticatedError,
 )
-from sgw.provider.accounts import TOKEN_PREFIX, Accounts, token_hash
+from sgw.provider.auth.nonces import NonceLedger
 from sgw.provider.db.models import Account, GatewayStatus
-from sgw.provider.gateways import DEACTIVATED_POLL_S, GatewayKey, Gateways
-from sgw.provider.nonces import NonceLedger
+from sgw.provider.management.accounts import TOKEN_PREFIX, Accounts, token_hash
+from sgw.provider.management.gateways import DEACTIVATED_POLL_S, GatewayKey, Gateways
 
 LOG = logging.getLogger(__name__)
 

@@ -42,17 +42,17 @@ from sgw.provider.api.auth import (
     current_principal,
 )
 from sgw.provider.control import peers
-from sgw.provider.control.commands import (
+from sgw.provider.control.hub import ControlHub
+from sgw.provider.control.planner import (
     QUEUED_TTL_S,
     TYPES,
     CommandPlanner,
     requires_online,
 )
-from sgw.provider.control.hub import ControlHub
 from sgw.provider.control.schedules import KEY_PREFIX
 from sgw.provider.control.store import MessageInfo
 from sgw.provider.db.models import utcnow
-from sgw.provider.volume_settings import VolumeSettings
+from sgw.provider.management.volume_settings import VolumeSettings
 
 # Longest hold of a poll or a command wait (seconds): below common proxy idle timeouts.
 MAX_WAIT_S = 60.0

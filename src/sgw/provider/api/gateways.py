@@ -14,7 +14,7 @@ from sgw.common.signing import GATEWAY_PREFIX
 from sgw.provider.api.accounts import errors
 from sgw.provider.api.auth import AdminPrincipal, CurrentPrincipal, Kind
 from sgw.provider.db.models import GatewayStatus
-from sgw.provider.gateways import GatewayInfo, Gateways
+from sgw.provider.management.gateways import GatewayInfo, Gateways
 
 
 class ActivationIn(BaseModel):

@@ -45,8 +45,8 @@ from sgw.provider.api.control import (
     poll_out,
     send_command,
 )
-from sgw.provider.control.commands import CommandPlanner
 from sgw.provider.control.hub import ControlHub
+from sgw.provider.control.planner import CommandPlanner
 
 LOG = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from sgw.common.errors import ChunkCorruptError, VolumeStateError
 from sgw.gateway.volume.base import FileBaseStore
 from sgw.gateway.volume.engine import RegistryEntry, VolumeEngine
 from sgw.gateway.volume.remote import BlockApiClient
-from sgw.gateway.volume.restore import TreeRestore
+from sgw.gateway.volume.restore_tree import TreeRestore
 from sgw.gateway.volume.volume import Volume, VolumeStatus
 
 LOG = logging.getLogger(__name__)

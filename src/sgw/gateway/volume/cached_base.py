@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sgw.common.errors import RemoteError, StorageError
-from sgw.gateway.volume.cache import ChunkCache
+from sgw.gateway.volume.chunk_cache import ChunkCache
 from sgw.gateway.volume.remote import BlockApiClient
 
 LOG = logging.getLogger(__name__)

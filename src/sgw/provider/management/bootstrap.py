@@ -12,13 +12,13 @@ import os
 from dataclasses import dataclass
 
 from sgw.common.errors import ConfigError
-from sgw.provider.accounts import AccountInfo, Accounts
+from sgw.provider.auth.tls import TlsFiles
+from sgw.provider.auth.tls import create as create_tls
 from sgw.provider.blockstore.keys import open_keyring
 from sgw.provider.config import ProviderConfig
 from sgw.provider.control.peers import load_or_create_secret
 from sgw.provider.db import schema
-from sgw.provider.tls import TlsFiles
-from sgw.provider.tls import create as create_tls
+from sgw.provider.management.accounts import AccountInfo, Accounts
 
 LOG = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sgw.provider.api.accounts import errors
 from sgw.provider.api.auth import AdminPrincipal
 from sgw.provider.api.blocks import SnapshotOut
-from sgw.provider.volume_settings import (
+from sgw.provider.management.volume_settings import (
     CHAP_SECRET_MAX,
     CHAP_SECRET_MIN,
     ChapInfo,

@@ -31,8 +31,8 @@ import httpx
 from sgw.common import activation_key
 from sgw.common.errors import SgwError
 from sgw.gateway.config import ActivationConfig, RemoteConfig
-from sgw.gateway.identity import Credentials, read_credentials, write_credentials
-from sgw.gateway.request_signing import GatewayAuth
+from sgw.gateway.link.identity import Credentials, read_credentials, write_credentials
+from sgw.gateway.link.request_signing import GatewayAuth
 
 LOG = logging.getLogger(__name__)
 

@@ -24,15 +24,15 @@ import httpx
 
 from sgw.common.errors import CommandError, SgwError
 from sgw.common.files import write_atomically
-from sgw.gateway.activation import tls_verify
-from sgw.gateway.chap import ChapCredential, ChapStore
-from sgw.gateway.control_journal import Command
-from sgw.gateway.diagnostics import LogRing, build_bundle, system_info
+from sgw.gateway.link.activation import tls_verify
+from sgw.gateway.link.diagnostics import LogRing, build_bundle, system_info
+from sgw.gateway.link.journal import Command
+from sgw.gateway.lio.chap import ChapCredential, ChapStore
 from sgw.gateway.volume.engine import MODE_CACHED, MODE_STORED, VolumeSpec
 
 if TYPE_CHECKING:
-    from sgw.gateway.control import ControlChannel
     from sgw.gateway.daemon import Gateway
+    from sgw.gateway.link.channel import ControlChannel
 
 LOG = logging.getLogger(__name__)
 

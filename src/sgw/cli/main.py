@@ -7,7 +7,8 @@ import sys
 import warnings
 from typing import NoReturn
 
-from sgw import __version__, admin
+from sgw import __version__
+from sgw.cli import admin
 from sgw.common.errors import ConfigError, SgwError
 
 
@@ -191,9 +192,9 @@ def _gateway_admin(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from sgw.gateway import admin
+    from sgw.gateway import admin_socket
 
-    path = admin.socket_path(args.data_dir)
+    path = admin_socket.socket_path(args.data_dir)
     if args.command == "status":
         request: dict[str, object] = {"op": "status"}
     else:
@@ -203,7 +204,7 @@ def _gateway_admin(args: argparse.Namespace) -> int:
             "description": args.description,
             "wait": args.wait,
         }
-    answer = asyncio.run(admin.call(path, request))
+    answer = asyncio.run(admin_socket.call(path, request))
     answer.pop("ok", None)
     if args.output == "json":
         print(json.dumps(answer, indent=2))

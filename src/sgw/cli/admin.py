@@ -16,7 +16,7 @@ or failing (5xx), 6 the gateway is offline or did not answer in time.
 
 Commands that a gateway carries out (``sgw volumes create --gateway``, ``volumes delete``
 and ``snapshots create`` of a gateway's volume, ``gateways local-state|bandwidth|
-diagnostics``) go through the control channel (``sgw.gateway.control``): they return
+diagnostics``) go through the control channel (``sgw.gateway.link.channel``): they return
 once the gateway confirmed, with a progress indicator meanwhile.
 """
 
@@ -732,7 +732,7 @@ def add_provider_init(pcmds: Any) -> None:
 
 def _provider_init(args: argparse.Namespace) -> int:
     from sgw.provider import config as pcfg
-    from sgw.provider.bootstrap import initialize
+    from sgw.provider.management.bootstrap import initialize
 
     config = pcfg.load(args.data_dir, db_url=args.db)
     result = initialize(config, args.account, tls_names=args.tls_name, tls=not args.no_tls)
@@ -769,7 +769,7 @@ def add_activation_key(gcmds: Any) -> None:
 
 def _activation_key(args: argparse.Namespace) -> int:
     from sgw.common import activation_key
-    from sgw.gateway.identity import load_or_create_key, read_credentials
+    from sgw.gateway.link.identity import load_or_create_key, read_credentials
 
     data_dir = args.data_dir
     if not data_dir and args.config:

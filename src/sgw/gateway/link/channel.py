@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from sgw.common.errors import ControlChannelError, SgwError
-from sgw.gateway.control_journal import Command, ControlJournal, Reply
+from sgw.gateway.link.journal import Command, ControlJournal, Reply
 
 LOG = logging.getLogger(__name__)
 

@@ -17,10 +17,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sgw.common import signing
 
-# A request extension: the body's SHA-256 (hex) where the caller knows it, so that signing
-# does not hash the body again.
-BODY_SHA256 = "sgw_body_sha256"
-
 
 class GatewayAuth(httpx.Auth):
     """Adds ``Authorization: SGW1-Ed25519 ...`` to each request (a new nonce every time,
@@ -51,6 +47,6 @@ class GatewayAuth(httpx.Auth):
                 request.url.raw_path,
                 request.content,
                 timestamp=int(self.clock()),
-                digest=request.extensions.get(BODY_SHA256),
+                digest=request.extensions.get(signing.BODY_DIGEST_EXTENSION),
             )
         yield request

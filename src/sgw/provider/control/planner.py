@@ -34,7 +34,7 @@ from sgw.common.errors import BadRequestError, NotFoundError
 from sgw.provider.blockstore.maps import VolumeInfo, VolumeMode
 from sgw.provider.blockstore.service import BlockService
 from sgw.provider.control.store import EXPIRED, FAILED, SUCCEEDED, MessageInfo
-from sgw.provider.gateways import Gateways
+from sgw.provider.management.gateways import Gateways
 
 LOG = logging.getLogger(__name__)
 
