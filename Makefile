@@ -5,7 +5,7 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run run-gateway test test-appliance lint typecheck unit setup bench clean image
+.PHONY: run run-gateway test test-appliance lint typecheck unit check setup bench clean image
 
 $(STAMP): pyproject.toml scripts/install-host-deps
 	./scripts/install-host-deps
@@ -35,12 +35,22 @@ run-gateway: $(STAMP)
 	exec $(VENV)/bin/sgw gateway serve --data-dir $(RUN_DIR) --volume vol0:1G \
 		--nbd unix:$(CURDIR)/$(RUN_DIR)/nbd.sock --nbd tcp:127.0.0.1:10809
 
+PY_SCRIPTS := bench/datapath bench/remote bench/restore bench/control scripts/run-appliance image
+
+# ruff (lint and format), and the import contracts of pyproject.toml (docs/layout.md).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench bench/datapath bench/remote bench/restore bench/control
-	$(VENV)/bin/ruff format --check src tests bench bench/datapath bench/remote bench/restore bench/control
+	$(VENV)/bin/ruff check src tests bench $(PY_SCRIPTS)
+	$(VENV)/bin/ruff format --check src tests bench $(PY_SCRIPTS)
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+# The developer's fast loop: unit tests only (under a minute), then all three checks.
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q tests/unit
+
+check: lint typecheck unit
 
 # The appliance image (dist/): Debian packages, Packer and Ansible; see docs/appliance.md.
 image: $(STAMP)

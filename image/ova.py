@@ -95,7 +95,7 @@ def descriptor(vmdk_name: str, vmdk_size: int, capacity: int, version: str) -> s
   <NetworkSection>
     <Info>The logical networks</Info>
     <Network ovf:name="VM Network">
-      <Description>The network of the iSCSI initiators (iSCSI 3260, activation 80, ssh 22)</Description>
+      <Description>The initiators' network (iSCSI 3260, activation 80, ssh 22)</Description>
     </Network>
   </NetworkSection>
   <VirtualSystem ovf:id="sgw-appliance">

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from sgw.provider.auth.nonces import NonceLedger
-from sgw.provider.control.batching import GroupRunner
 from sgw.provider.control.hub import ControlHub
 from sgw.provider.control.store import ControlStore, NewMessage
 from sgw.provider.db import schema
+from sgw.provider.db.batching import GroupRunner
 from sgw.provider.db.models import utcnow
 from sgw.provider.db.raw import ThreadConnections, WouldBlock
 from tests.fixtures.control_db import control_db

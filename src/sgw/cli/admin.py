@@ -732,7 +732,7 @@ def add_provider_init(pcmds: Any) -> None:
 
 def _provider_init(args: argparse.Namespace) -> int:
     from sgw.provider import config as pcfg
-    from sgw.provider.management.bootstrap import initialize
+    from sgw.provider.bootstrap import initialize
 
     config = pcfg.load(args.data_dir, db_url=args.db)
     result = initialize(config, args.account, tls_names=args.tls_name, tls=not args.no_tls)

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Table, delete, event, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from sgw.provider.control.batching import GroupRunner
+from sgw.provider.db.batching import GroupRunner
 from sgw.provider.db.models import RequestNonce
 from sgw.provider.db.raw import ThreadConnections, WouldBlock
 from sgw.provider.db.schema import make_engine, write_lock

@@ -48,7 +48,6 @@ import httpx
 
 from sgw.common.errors import GatewayOfflineError
 from sgw.provider.control import peers
-from sgw.provider.control.batching import GroupRunner
 from sgw.provider.control.store import (
     DELIVERED,
     Completion,
@@ -56,6 +55,7 @@ from sgw.provider.control.store import (
     MessageInfo,
     NewMessage,
 )
+from sgw.provider.db.batching import GroupRunner
 from sgw.provider.db.models import utcnow
 
 LOG = logging.getLogger(__name__)
