@@ -12,25 +12,31 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import logging
 import os
 import random
 import resource
 import signal
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
 
 from sgw.common.errors import SgwError
 from sgw.gateway.admin_socket import AdminOps, AdminServer, socket_path
-from sgw.gateway.config import GatewayConfig
+from sgw.gateway.config import GatewayConfig, RemoteConfig
 from sgw.gateway.link.activation import Activation, tls_verify
 from sgw.gateway.link.channel import ControlChannel
-from sgw.gateway.link.command_runner import GatewayCommands
+from sgw.gateway.link.command_runner import CommandRunner
 from sgw.gateway.link.identity import load_or_create_key
 from sgw.gateway.link.request_signing import GatewayAuth
+from sgw.gateway.lio.chap import ChapStore
 from sgw.gateway.lio.exporter import LioExporter
 from sgw.gateway.nbd.server import NbdServer
 from sgw.gateway.volume.chunk_cache import ChunkCache
 from sgw.gateway.volume.destager import Destager
-from sgw.gateway.volume.engine import VolumeEngine
+from sgw.gateway.volume.engine import RegistryEntry, VolumeEngine, VolumeSpec
 from sgw.gateway.volume.remote import BlockApiClient, RetryPolicy
 from sgw.gateway.volume.snapshot_restore import VolumeRestore
 from sgw.gateway.volume.upload import TokenBucket, Uploader
@@ -127,7 +133,7 @@ class Gateway:
             socket_path(config.data_dir),
         )
         # The control channel: commands from the provider's console (once activated).
-        self.commands = GatewayCommands(self)
+        self.commands = CommandRunner(GatewayCommandHost(self))
         self.control: ControlChannel | None = None
         if config.remote is not None:
             self.control = ControlChannel(
@@ -139,7 +145,6 @@ class Gateway:
                 wait=config.control.wait,
                 ready=self.activation.activated,
             )
-            self.commands.channel = self.control
         # iSCSI through LIO (the appliance): each volume on /dev/nbdN, one target each.
         self.lio = LioExporter.from_config(config, self.auth.key)
 
@@ -352,6 +357,108 @@ class Gateway:
                 vol.set_status(VolumeStatus.BOOTSTRAPPING, reason)
             else:
                 vol.set_status(VolumeStatus.AVAILABLE)
+
+
+class GatewayCommandHost:
+    """The gateway as console commands see it (``CommandHost``): a narrow view of its
+    engine, destager, NBD server, LIO exporter, uploader and control channel."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+        self._chap = ChapStore(gateway.config.data_dir)
+
+    @property
+    def data_dir(self) -> str:
+        return self._gw.config.data_dir
+
+    @property
+    def remote(self) -> RemoteConfig | None:
+        return self._gw.config.remote
+
+    @property
+    def provider_auth(self) -> httpx.Auth:
+        return self._gw.auth
+
+    def configuration(self) -> dict[str, Any]:
+        return dataclasses.asdict(self._gw.config)
+
+    def status(self) -> dict[str, Any]:
+        return self._gw.admin.ops.status()
+
+    async def snapshot(self, volume: str, description: str | None, wait: bool) -> dict[str, Any]:
+        return await self._gw.admin.ops.snapshot(volume, description, wait)
+
+    def control_info(self) -> dict[str, Any]:
+        control = self._gw.control
+        return {} if control is None else control.info()
+
+    @property
+    def registry(self) -> Mapping[str, RegistryEntry]:
+        return self._gw.engine.registry
+
+    def volume(self, name: str) -> Volume | None:
+        return self._gw.engine.volumes.get(name)
+
+    async def create_volume(self, spec: VolumeSpec, remote_id: str) -> None:
+        gw = self._gw
+        read_ahead = gw.config.cache.read_ahead if gw.config.cache else 0
+        await gw.engine.create_volume(
+            spec, cache=gw.cache, read_ahead=read_ahead, remote_id=remote_id
+        )
+
+    async def bind_volume(self, name: str) -> None:
+        assert self._gw.uploader is not None
+        await self._gw.uploader.bind(self._gw.engine.volumes[name])
+
+    def serve_new_volume(self, name: str) -> None:
+        self._gw.serve_new_volume(self._gw.engine.volumes[name])
+
+    async def retire_volume(self, name: str) -> None:
+        await self._gw.retire_volume(self._gw.engine.volumes[name])
+
+    async def remove_volume(self, name: str) -> None:
+        gw = self._gw
+        if gw.uploader is not None:  # its id may be given to a new volume later
+            gw.uploader.forget(gw.engine.volumes[name].id)
+        await gw.engine.remove_volume(name)
+
+    def connections_to(self, name: str) -> int:
+        return self._gw.server.connections_to(name)
+
+    @property
+    def iscsi(self) -> bool:
+        return self._gw.lio is not None
+
+    async def unexport(self, name: str) -> None:
+        if self._gw.lio is not None:
+            await self._gw.lio.unexport(name)
+
+    async def reexport(self) -> None:
+        if self._gw.lio is not None:
+            await self._gw.lio.reexport()
+
+    @property
+    def chap(self) -> ChapStore:
+        return self._chap
+
+    def holds_log_data(self, name: str) -> bool:
+        return self._gw.engine.holds_log_data(name)
+
+    def hurry_destager(self) -> None:
+        self._gw.destager.hurry()
+
+    @property
+    def destage_error(self) -> str:
+        return self._gw.destager.last_error
+
+    @property
+    def upload_bucket(self) -> TokenBucket | None:
+        uploader = self._gw.uploader
+        return None if uploader is None else uploader.bucket
+
+    @property
+    def download_bucket(self) -> TokenBucket:
+        return self._gw.download_bucket
 
 
 def _mark_unsynced(engine: VolumeEngine) -> None:

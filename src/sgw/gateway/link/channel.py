@@ -124,6 +124,16 @@ class ControlChannel:
     def url(self) -> str:
         return self.urls[self._current]
 
+    def info(self) -> dict[str, Any]:
+        """The channel's state for ``describe`` and diagnostics bundles."""
+        return {
+            "connected": self.connected,
+            "server": self.server,
+            "servers": list(self.urls),
+            "stats": dict(self.stats),
+            "replies_unsent": self.journal.unsent,
+        }
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:

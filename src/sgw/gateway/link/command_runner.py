@@ -4,35 +4,49 @@ The same operations as the local admin socket (``AdminOps``: status, snapshot) p
 what only the provider's console asks for: volumes created and deleted at runtime, CHAP
 credentials fetched into ``chap.json``, bandwidth limits changed on the fly (kept in
 ``DATA_DIR/bandwidth.json``, which overrides ``[remote] bandwidth`` at start), and a
-diagnostics bundle. A refusal raises ``CommandError`` (or another ``SgwError``) whose
+diagnostics bundle. The arguments are parsed with the schema the provider sends them by
+(sgw.common.commands). A refusal raises ``CommandError`` (or another ``SgwError``) whose
 message becomes the failed reply.
+
+The runner sees the gateway only through ``CommandHost``: what a command may do on it,
+and what an in-memory fake provides in the unit tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
+from sgw import __version__
+from sgw.common.commands import (
+    CommandArgs,
+    CreateVolumeArgs,
+    DeleteVolumeArgs,
+    DescribeArgs,
+    DiagnosticsArgs,
+    SetBandwidthArgs,
+    SnapshotArgs,
+    SyncChapArgs,
+)
 from sgw.common.errors import CommandError, SgwError
 from sgw.common.files import write_atomically
+from sgw.gateway.config import RemoteConfig
 from sgw.gateway.link.activation import tls_verify
 from sgw.gateway.link.diagnostics import LogRing, build_bundle, system_info
 from sgw.gateway.link.journal import Command
 from sgw.gateway.lio.chap import ChapCredential, ChapStore
-from sgw.gateway.volume.engine import MODE_CACHED, MODE_STORED, VolumeSpec
-
-if TYPE_CHECKING:
-    from sgw.gateway.daemon import Gateway
-    from sgw.gateway.link.channel import ControlChannel
+from sgw.gateway.volume.engine import MODE_CACHED, RegistryEntry, VolumeSpec
+from sgw.gateway.volume.upload import TokenBucket
+from sgw.gateway.volume.volume import VolumeStatus
 
 LOG = logging.getLogger(__name__)
 
@@ -41,18 +55,168 @@ BANDWIDTH_FILE = "bandwidth.json"
 DRAIN_TIMEOUT_S = 600.0
 # How long a delete waits for the NBD connection of a detached /dev/nbdN to close.
 DETACH_WAIT_S = 5.0
+# Seconds between the checks of those two waits.
+DRAIN_POLL_S = 0.1
+DETACH_POLL_S = 0.05
 
 
-class GatewayCommands:
+class VolumeView(Protocol):
+    """What a command reads of an open volume."""
+
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def status(self) -> VolumeStatus: ...
+
+
+class CommandHost(Protocol):
+    """Everything console commands may do on the running gateway, and nothing more.
+
+    Volumes are named as on the gateway. ``remote`` None means no provider is configured
+    (then nothing is uploaded: there is no upload limit and no volume can be created).
+    """
+
+    @property
+    def data_dir(self) -> str: ...
+
+    @property
+    def remote(self) -> RemoteConfig | None: ...
+
+    @property
+    def provider_auth(self) -> httpx.Auth:
+        """Signs the gateway's requests to the provider."""
+        ...
+
+    def configuration(self) -> dict[str, Any]:
+        """The running configuration as plain data (for a diagnostics bundle)."""
+        ...
+
+    # -- state (what the local admin socket offers too) ---------------------------------
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def snapshot(
+        self, volume: str, description: str | None, wait: bool
+    ) -> dict[str, Any]: ...
+
+    def control_info(self) -> dict[str, Any]:
+        """The control channel's state; empty without one."""
+        ...
+
+    # -- volumes ----------------------------------------------------------------------
+
+    @property
+    def registry(self) -> Mapping[str, RegistryEntry]:
+        """Every volume's permanent facts (live objects: they change as the volume does)."""
+        ...
+
+    def volume(self, name: str) -> VolumeView | None:
+        """The open volume, None if there is none of that name."""
+        ...
+
+    async def create_volume(self, spec: VolumeSpec, remote_id: str) -> None:
+        """Adds a volume, bound to the provider's volume ``remote_id`` (not checked yet)."""
+        ...
+
+    async def bind_volume(self, name: str) -> None:
+        """Checks that the provider's volume exists and matches (SgwError if not)."""
+        ...
+
+    def serve_new_volume(self, name: str) -> None:
+        """Starts a created volume's map load or restore."""
+        ...
+
+    async def retire_volume(self, name: str) -> None:
+        """Stops what serves a volume about to be removed."""
+        ...
+
+    async def remove_volume(self, name: str) -> None:
+        """Removes a volume created at runtime with its disk, and forgets its binding."""
+        ...
+
+    def connections_to(self, name: str) -> int:
+        """Open NBD connections to the volume."""
+        ...
+
+    # -- iSCSI (LIO) ------------------------------------------------------------------
+
+    @property
+    def iscsi(self) -> bool:
+        """True if the gateway exports its volumes over iSCSI."""
+        ...
+
+    async def unexport(self, name: str) -> None:
+        """Removes the volume's target and detaches its /dev/nbdN."""
+        ...
+
+    async def reexport(self) -> None:
+        """Exports every volume again (after an unexport not followed by a removal)."""
+        ...
+
+    @property
+    def chap(self) -> ChapStore: ...
+
+    # -- write log ----------------------------------------------------------------------
+
+    def holds_log_data(self, name: str) -> bool:
+        """True while the write log holds a record of the volume."""
+        ...
+
+    def hurry_destager(self) -> None:
+        """Makes the destager take what the log holds now, however little."""
+        ...
+
+    @property
+    def destage_error(self) -> str:
+        """Why the destager's last batch failed ("" while it succeeds)."""
+        ...
+
+    # -- bandwidth ----------------------------------------------------------------------
+
+    @property
+    def upload_bucket(self) -> TokenBucket | None: ...
+
+    @property
+    def download_bucket(self) -> TokenBucket: ...
+
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+A = TypeVar("A", bound=CommandArgs)
+
+
+def _handler(schema: type[A], run: Callable[[A], Awaitable[dict[str, Any]]]) -> Handler:
+    """A command's handler: parses the arguments with ``schema``, then ``run``s."""
+
+    async def handle(args: dict[str, Any]) -> dict[str, Any]:
+        return await run(schema.from_args(args))
+
+    return handle
+
+
+class CommandRunner:
     """Executes the control channel's commands on a running gateway."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
-        self.chap = ChapStore(gateway.config.data_dir)
+    def __init__(
+        self, host: CommandHost, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.host = host
         self.logs = LogRing()
-        self.channel: ControlChannel | None = None
         self.started = time.monotonic()
+        self._transport = transport  # for the provider's CHAP requests (tests)
         self._http: httpx.AsyncClient | None = None
+        self._handlers: dict[str, Handler] = {
+            "describe": _handler(DescribeArgs, self._describe),
+            "diagnostics": _handler(DiagnosticsArgs, self._diagnostics),
+            "set_bandwidth": _handler(SetBandwidthArgs, self._set_bandwidth),
+            "snapshot": _handler(SnapshotArgs, self._snapshot),
+            "create_volume": _handler(CreateVolumeArgs, self._create_volume),
+            "delete_volume": _handler(DeleteVolumeArgs, self._delete_volume),
+            "sync_chap": _handler(SyncChapArgs, self._sync_chap),
+        }
 
     def install(self) -> None:
         """Starts keeping log lines for diagnostics; applies the stored bandwidth limits."""
@@ -68,39 +232,38 @@ class GatewayCommands:
             await self._http.aclose()
 
     async def __call__(self, cmd: Command) -> dict[str, Any]:
-        handler = getattr(self, f"_do_{cmd.type}", None)
+        handler = self._handlers.get(cmd.type)
         if handler is None:
             raise CommandError(
-                f"this gateway (sgw {self._version()}) does not know the command {cmd.type!r}; "
+                f"this gateway (sgw {__version__}) does not know the command {cmd.type!r}; "
                 "update it"
             )
-        result: dict[str, Any] = await handler(cmd.args)
-        return result
+        return await handler(cmd.args)
 
     # -- state ---------------------------------------------------------------------------
 
-    async def _do_describe(self, _args: dict[str, Any]) -> dict[str, Any]:
-        status = self.gw.admin.ops.status()
+    async def _describe(self, _a: DescribeArgs) -> dict[str, Any]:
+        status = self.host.status()
         status["gateway"] = {
-            "version": self._version(),
+            "version": __version__,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "bandwidth": self._current_limits(),
-            "control": self._control_info(),
+            "control": self.host.control_info(),
         }
         return status
 
-    async def _do_diagnostics(self, _args: dict[str, Any]) -> dict[str, Any]:
-        gw = self.gw
+    async def _diagnostics(self, _a: DiagnosticsArgs) -> dict[str, Any]:
+        host = self.host
         registry = {
             name: {k: v for k, v in vars(e).items() if k != "restore_token"}
-            for name, e in gw.engine.registry.items()
+            for name, e in host.registry.items()
         }
         files = {
-            "status.json": gw.admin.ops.status(),
-            "config.json": dataclasses.asdict(gw.config),
+            "status.json": host.status(),
+            "config.json": host.configuration(),
             "volumes.json": registry,
-            "control.json": self._control_info(),
-            "system.json": system_info(gw.config.data_dir, self.started),
+            "control.json": host.control_info(),
+            "system.json": system_info(host.data_dir, self.started),
         }
         bundle = await asyncio.to_thread(build_bundle, files, list(self.logs.lines))
         return {
@@ -110,112 +273,99 @@ class GatewayCommands:
             "files": [*sorted(files), "logs.jsonl"],
         }
 
-    async def _do_snapshot(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self.gw.admin.ops.snapshot(
-            _text(args, "volume"), args.get("description"), bool(args.get("wait", False))
-        )
+    async def _snapshot(self, a: SnapshotArgs) -> dict[str, Any]:
+        return await self.host.snapshot(a.volume, a.description, a.wait)
 
     # -- volumes -------------------------------------------------------------------------
 
-    async def _do_create_volume(self, args: dict[str, Any]) -> dict[str, Any]:
-        gw = self.gw
-        name, mode = _text(args, "name"), _text(args, "mode")
-        size, remote_id = int(args["size"]), _text(args, "volume_id")
-        snapshot = args.get("snapshot_id")
-        if gw.uploader is None or gw.config.remote is None:
+    async def _create_volume(self, a: CreateVolumeArgs) -> dict[str, Any]:
+        host, name = self.host, a.name
+        if host.remote is None:
             raise CommandError("this gateway has no provider configured ([remote] url)")
-        if mode not in (MODE_STORED, MODE_CACHED):
-            raise CommandError(f"mode {mode!r} is not stored or cached")
-        existing = gw.engine.registry.get(name)
+        existing = host.registry.get(name)
         if existing is not None:
-            if existing.remote_id == remote_id and existing.size == size:
+            if existing.remote_id == a.volume_id and existing.size == a.size:
                 return self._volume_info(name)  # made before, by this very command
             raise CommandError(f"a volume named {name} exists on this gateway already")
-        disks = os.path.join(gw.config.data_dir, "volumes")
-        path = "" if mode == MODE_CACHED else os.path.join(disks, f"{name}.img")
-        spec = VolumeSpec(name, size, path, mode, None if snapshot is None else str(snapshot))
-        read_ahead = gw.config.cache.read_ahead if gw.config.cache else 0
-        vol = await gw.engine.create_volume(
-            spec, cache=gw.cache, read_ahead=read_ahead, remote_id=remote_id
-        )
+        disks = os.path.join(host.data_dir, "volumes")
+        path = "" if a.mode == MODE_CACHED else os.path.join(disks, f"{name}.img")
+        await host.create_volume(VolumeSpec(name, a.size, path, a.mode, a.snapshot_id), a.volume_id)
         try:
-            await gw.uploader.bind(vol)  # the provider's volume exists and matches
+            await host.bind_volume(name)  # the provider's volume exists and matches
         except BaseException as exc:
-            gw.uploader.forget(vol.id)
-            await gw.engine.remove_volume(name)
+            await host.remove_volume(name)
             if isinstance(exc, SgwError):
                 raise CommandError(f"volume {name} not created: {exc}") from exc
             raise
-        gw.serve_new_volume(vol)
+        host.serve_new_volume(name)
         return self._volume_info(name)
 
-    async def _do_delete_volume(self, args: dict[str, Any]) -> dict[str, Any]:
-        gw = self.gw
-        name = _text(args, "volume")
-        vol = gw.engine.volumes.get(name)
-        if vol is None:  # gone already (deleted before, or never made): nothing to do
+    async def _delete_volume(self, a: DeleteVolumeArgs) -> dict[str, Any]:
+        host, name = self.host, a.volume
+        if host.volume(name) is None:  # gone already (deleted before, or never made)
             return {"name": name, "deleted": False, "reason": "no such volume on this gateway"}
-        entry = gw.engine.registry[name]
-        remote_id = args.get("volume_id")
-        if remote_id and entry.remote_id not in (None, remote_id):
+        entry = host.registry[name]
+        if a.volume_id and entry.remote_id not in (None, a.volume_id):
             raise CommandError(
-                f"volume {name} on this gateway is bound to {entry.remote_id}, not {remote_id}"
+                f"volume {name} on this gateway is bound to {entry.remote_id}, not {a.volume_id}"
             )
         if not entry.managed:  # refused before anything is torn down
             raise CommandError(
                 f"volume {name} is in the gateway's configuration: remove it there (and "
                 "restart the gateway) instead"
             )
-        if not args.get("drain") and gw.engine.holds_log_data(name):
+        if not a.drain and host.holds_log_data(name):
             raise CommandError(
                 f"the write log still holds data of volume {name} that is not uploaded; "
                 "delete it with drain (sgw volumes delete --drain) to upload it first, or "
                 "retry later"
             )
-        if gw.lio is not None:  # its iSCSI target goes first (that ends the sessions)
-            await gw.lio.unexport(name)
+        if host.iscsi:  # its iSCSI target goes first (that ends the sessions)
+            await host.unexport(name)
         users = await self._connections_after_detach(name)
         if users:
-            if gw.lio is not None:  # refused: the target comes back as it was
-                await gw.lio.reexport()
+            if host.iscsi:  # refused: the target comes back as it was
+                await host.reexport()
             raise CommandError(
                 f"volume {name} is in use by {users} NBD connection(s) other than its "
                 "iSCSI target; disconnect them first"
             )
-        if args.get("drain"):
+        if a.drain:
             await self._drain(name)
-        await gw.retire_volume(vol)
-        await gw.engine.remove_volume(name)
-        await asyncio.to_thread(self.chap.remove_volume, name)
+        await host.retire_volume(name)
+        await host.remove_volume(name)
+        await asyncio.to_thread(host.chap.remove_volume, name)
         return {"name": name, "deleted": True, "remote_id": entry.remote_id}
 
     async def _connections_after_detach(self, name: str) -> int:
         """The NBD connections to the volume left once a detached /dev/nbdN's connection
         has closed (it closes shortly after ``nbd-client -d``)."""
         deadline = time.monotonic() + DETACH_WAIT_S
-        users = self.gw.server.connections_to(name)
-        while users and self.gw.lio is not None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            users = self.gw.server.connections_to(name)
+        users = self.host.connections_to(name)
+        while users and self.host.iscsi and time.monotonic() < deadline:
+            await asyncio.sleep(DETACH_POLL_S)
+            users = self.host.connections_to(name)
         return users
 
     async def _drain(self, name: str) -> None:
-        """Waits until the destager has taken every record of the volume out of the log."""
-        gw = self.gw
+        """Waits until the destager has taken every record of the volume out of the log
+        and uploaded what pass-through left on its disk."""
+        host = self.host
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        entry = gw.engine.registry[name]
-        while gw.engine.holds_log_data(name) or entry.dirty:
+        entry = host.registry[name]
+        while host.holds_log_data(name) or entry.dirty:
             if time.monotonic() > deadline:
                 raise CommandError(
                     f"volume {name}: its data did not leave the write log within "
-                    f"{DRAIN_TIMEOUT_S:.0f} s ({gw.destager.last_error or 'uploads are slow'})"
+                    f"{DRAIN_TIMEOUT_S:.0f} s ({host.destage_error or 'uploads are slow'})"
                 )
-            gw.destager.hurry()
-            await asyncio.sleep(0.1)
+            host.hurry_destager()
+            await asyncio.sleep(DRAIN_POLL_S)
 
     def _volume_info(self, name: str) -> dict[str, Any]:
-        vol = self.gw.engine.volumes[name]
-        entry = self.gw.engine.registry[name]
+        vol = self.host.volume(name)
+        assert vol is not None
+        entry = self.host.registry[name]
         return {
             "name": name,
             "mode": vol.mode,
@@ -227,9 +377,9 @@ class GatewayCommands:
 
     # -- CHAP ----------------------------------------------------------------------------
 
-    async def _do_sync_chap(self, args: dict[str, Any]) -> dict[str, Any]:
-        name, volume_id = _text(args, "volume"), _text(args, "volume_id")
-        entry = self.gw.engine.registry.get(name)
+    async def _sync_chap(self, a: SyncChapArgs) -> dict[str, Any]:
+        name, volume_id = a.volume, a.volume_id
+        entry = self.host.registry.get(name)
         if entry is None:
             raise CommandError(f"no volume named {name!r} on this gateway")
         if entry.remote_id not in (None, volume_id):
@@ -244,7 +394,7 @@ class GatewayCommands:
             ChapCredential(str(c["initiator"]), str(c["secret"]), c.get("target_secret"))
             for c in resp.json()
         ]
-        await asyncio.to_thread(self.chap.replace, name, creds)
+        await asyncio.to_thread(self.host.chap.replace, name, creds)
         LOG.info("chap credentials stored", extra={"volume": name, "initiators": len(creds)})
         return {
             "volume": name,
@@ -255,80 +405,60 @@ class GatewayCommands:
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
-            remote = self.gw.config.remote
+            remote = self.host.remote
             if remote is None:
                 raise CommandError("this gateway has no provider configured ([remote] url)")
             self._http = httpx.AsyncClient(
-                base_url=remote.url, auth=self.gw.auth, verify=tls_verify(remote), timeout=30.0
+                base_url=remote.url,
+                auth=self.host.provider_auth,
+                verify=tls_verify(remote),
+                timeout=30.0,
+                transport=self._transport,
             )
         return self._http
 
     # -- bandwidth -----------------------------------------------------------------------
 
-    async def _do_set_bandwidth(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _set_bandwidth(self, a: SetBandwidthArgs) -> dict[str, Any]:
         current = self._current_limits()
-        upload = _rate(args["upload"]) if "upload" in args else current["upload"]
-        download = _rate(args["download"]) if "download" in args else current["download"]
-        if "upload" in args and self.gw.uploader is None:
+        # None: unchanged; 0: no limit (None from here on).
+        upload = current["upload"] if a.upload is None else a.upload or None
+        download = current["download"] if a.download is None else a.download or None
+        if a.upload is not None and self.host.upload_bucket is None:
             raise CommandError("this gateway uploads nothing (no [remote]): no upload limit")
         limits = {"upload": upload, "download": download}
-        path = os.path.join(self.gw.config.data_dir, BANDWIDTH_FILE)
+        path = os.path.join(self.host.data_dir, BANDWIDTH_FILE)
         await asyncio.to_thread(write_atomically, path, json.dumps(limits).encode())
         self._apply_limits(upload, download)
         LOG.info("bandwidth limits set", extra=limits)
         return limits
 
     def _apply_limits(self, upload: int | None, download: int | None) -> None:
-        if self.gw.uploader is not None:
-            self.gw.uploader.bucket.set_rate(upload)
-        self.gw.download_bucket.set_rate(download)
+        bucket = self.host.upload_bucket
+        if bucket is not None:
+            bucket.set_rate(upload)
+        self.host.download_bucket.set_rate(download)
 
     def _current_limits(self) -> dict[str, int | None]:
-        up = self.gw.uploader.bucket.rate if self.gw.uploader is not None else None
-        return {"upload": up, "download": self.gw.download_bucket.rate}
+        bucket = self.host.upload_bucket
+        up = bucket.rate if bucket is not None else None
+        return {"upload": up, "download": self.host.download_bucket.rate}
 
     def _load_limits(self) -> dict[str, int | None]:
-        path = os.path.join(self.gw.config.data_dir, BANDWIDTH_FILE)
+        path = os.path.join(self.host.data_dir, BANDWIDTH_FILE)
         try:
             with open(path, "rb") as f:
                 doc = json.load(f)
-            return {k: _rate(doc.get(k)) for k in ("upload", "download")}
+            return {k: _stored_rate(doc.get(k)) for k in ("upload", "download")}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, TypeError) as exc:
             LOG.error("bandwidth limits in %s unreadable, ignored: %s", path, exc)
             return {}
 
-    # -- helpers -------------------------------------------------------------------------
 
-    def _control_info(self) -> dict[str, Any]:
-        ch = self.channel
-        if ch is None:
-            return {}
-        return {
-            "connected": ch.connected,
-            "server": ch.server,
-            "servers": list(ch.urls),
-            "stats": dict(ch.stats),
-            "replies_unsent": ch.journal.unsent,
-        }
-
-    @staticmethod
-    def _version() -> str:
-        from sgw import __version__
-
-        return __version__
-
-
-def _text(args: dict[str, Any], key: str) -> str:
-    value = args.get(key)
-    if not isinstance(value, str) or not value:
-        raise CommandError(f"the command lacks {key!r}")
-    return value
-
-
-def _rate(value: object) -> int | None:
-    """A limit in bytes/s; 0 or None: no limit."""
+def _stored_rate(value: object) -> int | None:
+    """A limit in bytes/s from ``bandwidth.json``; 0 or None: no limit."""
     if value is None:
         return None
     rate = int(value)  # type: ignore[call-overload]

@@ -31,6 +31,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive
 
+from sgw.common.commands import TYPES
 from sgw.common.errors import BadRequestError, ForbiddenError, UnauthenticatedError
 from sgw.provider.api.accounts import errors
 from sgw.provider.api.auth import (
@@ -43,12 +44,7 @@ from sgw.provider.api.auth import (
 )
 from sgw.provider.control import peers
 from sgw.provider.control.hub import ControlHub
-from sgw.provider.control.planner import (
-    QUEUED_TTL_S,
-    TYPES,
-    CommandPlanner,
-    requires_online,
-)
+from sgw.provider.control.planner import QUEUED_TTL_S, CommandPlanner, requires_online
 from sgw.provider.control.schedules import KEY_PREFIX
 from sgw.provider.control.store import MessageInfo
 from sgw.provider.db.models import utcnow

@@ -1,15 +1,20 @@
 """The commands an admin may send a gateway: validated, completed from the provider's
 records, and followed up when the gateway's reply (or the deadline) comes.
 
-| type           | admin gives                         | the gateway gets (``args``)            |
+| type           | admin gives                         | the gateway gets (sgw.common.commands) |
 |----------------|-------------------------------------|----------------------------------------|
-| describe       | -                                   | -                                      |
-| diagnostics    | -                                   | -                                      |
-| set_bandwidth  | upload, download (bytes/s, 0: none) | the same                               |
-| snapshot       | volume_id, description, wait        | + volume (its name on the gateway)     |
-| create_volume  | name, size, mode, from_snapshot_id  | + volume_id (made here), snapshot_id   |
-| delete_volume  | volume_id, drain                    | + volume                               |
-| sync_chap      | volume_id                           | + volume (it fetches the secrets)      |
+| describe       | -                                   | ``DescribeArgs``: -                    |
+| diagnostics    | -                                   | ``DiagnosticsArgs``: -                 |
+| set_bandwidth  | upload, download (bytes/s, 0: none) | ``SetBandwidthArgs``: the same         |
+| snapshot       | volume_id, description, wait        | ``SnapshotArgs``: + volume (its name)  |
+| create_volume  | name, size, mode, from_snapshot_id  | ``CreateVolumeArgs``: + volume_id      |
+|                |                                     | (made here), snapshot_id               |
+| delete_volume  | volume_id, drain                    | ``DeleteVolumeArgs``: + volume         |
+| sync_chap      | volume_id                           | ``SyncChapArgs``: + volume             |
+
+What the admin gives is validated here (pydantic: the API's 400 messages); what the
+gateway gets is built with the shared schema of sgw.common.commands (``to_args()``),
+which the gateway parses with ``from_args()``.
 
 ``create_volume`` makes the provider's volume record first (bound to the gateway), so
 the gateway binds to it and even a snapshot of another gateway's volume can be used;
@@ -30,6 +35,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sgw.common.commands import (
+    TYPES,
+    CreateVolumeArgs,
+    DeleteVolumeArgs,
+    Mode,
+    SetBandwidthArgs,
+    SnapshotArgs,
+    SyncChapArgs,
+)
 from sgw.common.errors import BadRequestError, NotFoundError
 from sgw.provider.blockstore.maps import VolumeInfo, VolumeMode
 from sgw.provider.blockstore.service import BlockService
@@ -38,15 +52,6 @@ from sgw.provider.management.gateways import Gateways
 
 LOG = logging.getLogger(__name__)
 
-TYPES = (
-    "describe",
-    "diagnostics",
-    "set_bandwidth",
-    "snapshot",
-    "create_volume",
-    "delete_volume",
-    "sync_chap",
-)
 # How long a command may wait for its gateway to take it (seconds): an admin waits for
 # these, so a command that cannot run soon is better refused than run by surprise later.
 INTERACTIVE_TTL_S = 120.0
@@ -55,6 +60,7 @@ QUEUED_TTL_S = 7 * 86400.0
 # Volume names on a gateway: what its NBD exports and disk files accept.
 _GATEWAY_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _INT64_MAX = (1 << 63) - 1
+_GATEWAY_MODES: dict[VolumeMode, Mode] = {VolumeMode.CACHED: "cached", VolumeMode.STORED: "stored"}
 
 
 class _Args(BaseModel):
@@ -174,26 +180,30 @@ class CommandPlanner:
         if isinstance(a, _Bandwidth):
             if a.upload is None and a.download is None:
                 raise BadRequestError("set_bandwidth: give upload and/or download (bytes/s)")
-            out = a.model_dump(exclude_none=True)
+            out = SetBandwidthArgs(upload=a.upload, download=a.download).to_args()
             return Prepared(type_, out, INTERACTIVE_TTL_S, True)
         if isinstance(a, _Snapshot):
             vol = self._gateway_volume(account_id, gateway_id, a.volume_id)
-            out = {**a.model_dump(), "volume": vol.name}
-            return Prepared(type_, out, INTERACTIVE_TTL_S, True)
+            snapshot = SnapshotArgs(
+                volume=vol.name, volume_id=a.volume_id, description=a.description, wait=a.wait
+            )
+            return Prepared(type_, snapshot.to_args(), INTERACTIVE_TTL_S, True)
         if isinstance(a, _DeleteVolume):
             vol = self._gateway_volume(account_id, gateway_id, a.volume_id)
-            out = {**a.model_dump(), "volume": vol.name}
-            return Prepared(type_, out, INTERACTIVE_TTL_S, True)
+            delete = DeleteVolumeArgs(volume=vol.name, volume_id=a.volume_id, drain=a.drain)
+            return Prepared(type_, delete.to_args(), INTERACTIVE_TTL_S, True)
         if isinstance(a, _SyncChap):
             vol = self._gateway_volume(account_id, gateway_id, a.volume_id)
-            out = {"volume_id": vol.id, "volume": vol.name}
+            out = SyncChapArgs(volume=vol.name, volume_id=vol.id).to_args()
             return Prepared(type_, out, QUEUED_TTL_S, requires_online(type_))
         if isinstance(a, _CreateVolume):
-            out = self._create_volume(account_id, gateway_id, a)
+            out = self._create_volume(account_id, gateway_id, a).to_args()
             return Prepared(type_, out, INTERACTIVE_TTL_S, True)
         return Prepared(type_, {}, INTERACTIVE_TTL_S, True)
 
-    def _create_volume(self, account_id: str, gateway_id: str, a: _CreateVolume) -> dict[str, Any]:
+    def _create_volume(
+        self, account_id: str, gateway_id: str, a: _CreateVolume
+    ) -> CreateVolumeArgs:
         if not _GATEWAY_VOLUME_NAME.match(a.name):
             raise BadRequestError(
                 f"volume name {a.name[:80]!r}: a gateway's volumes are named with 1 to 64 "
@@ -213,13 +223,13 @@ class CommandPlanner:
             "volume record created for the gateway",
             extra={"volume": vol.id, "gateway": gateway_id, "volume_name": vol.name},
         )
-        return {
-            "name": vol.name,
-            "size": vol.size,
-            "mode": vol.mode.value,
-            "volume_id": vol.id,
-            "snapshot_id": a.from_snapshot_id,
-        }
+        return CreateVolumeArgs(
+            name=vol.name,
+            size=vol.size,
+            mode=_GATEWAY_MODES[vol.mode],
+            volume_id=vol.id,
+            snapshot_id=a.from_snapshot_id,
+        )
 
     def _gateway_volume(self, account_id: str, gateway_id: str, volume_id: str) -> VolumeInfo:
         vol = self.blocks.get_volume(account_id, volume_id)

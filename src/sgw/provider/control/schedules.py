@@ -40,6 +40,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from sgw.common.commands import SnapshotArgs
 from sgw.common.errors import NotFoundError, SgwError
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.control.hub import ControlHub
@@ -159,12 +160,10 @@ class Due:
 
     def args(self) -> dict[str, Any]:
         """The gateway's ``snapshot`` command (as ``CommandPlanner`` prepares one)."""
-        return {
-            "volume_id": self.volume_id,
-            "description": self.description,
-            "wait": True,
-            "volume": self.volume,
-        }
+        snapshot = SnapshotArgs(
+            volume=self.volume, volume_id=self.volume_id, description=self.description, wait=True
+        )
+        return snapshot.to_args()
 
 
 class SnapshotScheduler:
