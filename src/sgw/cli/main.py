@@ -1,4 +1,12 @@
-"""The ``sgw`` command: one sub-command group per area."""
+"""The ``sgw`` command: the root parser, dispatch to the command's handler, and one line
+with an exit status for every error a user can cause.
+
+Each command group is a module of ``sgw.cli``: ``gateway`` and ``provider`` (the daemons
+and their local tools), then the admin groups over the provider's management API
+(``gateways`` with ``activate``, ``accounts``, ``tokens``, ``volumes``, ``snapshots``),
+which share ``client`` (the typed API client), ``config``, ``options``, ``output`` and
+``gateway_commands``; their exit statuses are in ``errors``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,9 @@ import warnings
 from typing import NoReturn
 
 from sgw import __version__
-from sgw.cli import admin, gateway, provider
+from sgw.cli import accounts, gateway, gateways, provider, snapshots, tokens, volumes
+from sgw.cli.client import ApiError
+from sgw.cli.errors import CommandError, exit_status
 from sgw.common.errors import ConfigError, SgwError
 
 
@@ -26,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway.register(areas)
     provider.register(areas)
-    admin.register(areas)
+    gateways.register_activate(areas)
+    accounts.register(areas)
+    tokens.register(areas)
+    gateways.register(areas)
+    volumes.register(areas)
+    snapshots.register(areas)
     return parser
 
 
@@ -43,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sgw: error: {exc}", file=sys.stderr)
         return 2
-    except admin.ApiError as exc:
+    except ApiError as exc:
+        print(f"sgw: error: {exc}", file=sys.stderr)
+        return exit_status(exc)
+    except CommandError as exc:
         print(f"sgw: error: {exc}", file=sys.stderr)
         return exc.exit_status
     except SgwError as exc:
