@@ -1,0 +1,162 @@
+"""``sgw gateway``: the gateway daemon on the appliance (``serve``), its activation key,
+and ``status`` and ``snapshot`` of the running daemon through its local admin socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import tomllib
+from typing import Any
+
+from sgw.common.errors import ConfigError
+
+
+def register(areas: Any) -> None:
+    """Adds ``sgw gateway`` and its commands to the ``sgw`` parser's sub-commands."""
+    gateway = areas.add_parser("gateway", help="the gateway daemon on the appliance")
+    gcmds = gateway.add_subparsers(dest="command", required=True, parser_class=type(gateway))
+    serve = gcmds.add_parser(
+        "serve",
+        help="run the gateway daemon",
+        description="Run the gateway: serve volumes over NBD from a durable write log.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve.add_argument("--data-dir", metavar="DIR", help="state directory (log, volume disks)")
+    serve.add_argument(
+        "--volume",
+        metavar="NAME:SIZE[:MODE]",
+        action="append",
+        help="a volume, e.g. vol0:10G (stored) or vol1:10G:cached (repeatable)",
+    )
+    serve.add_argument(
+        "--nbd",
+        metavar="ADDR",
+        action="append",
+        help="listen on unix:PATH or tcp:HOST:PORT (repeatable)",
+    )
+    serve.add_argument("--log-size", metavar="SIZE", help="write log size for a file (1G)")
+    serve.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+    serve.add_argument(
+        "--provider",
+        metavar="URL",
+        help="upload to the provider's block API at URL (sets [remote] url)",
+    )
+    serve.add_argument("--provider-ca", metavar="FILE", help="pin the provider's CA (PEM)")
+    serve.add_argument(
+        "--activation-listen", metavar="HOST:PORT", help="serve the activation page there"
+    )
+    serve.set_defaults(handler=_serve)
+
+    key = gcmds.add_parser(
+        "activation-key",
+        help="print a new one-time activation key of this gateway",
+        description="Print a new activation key (valid 30 minutes, once) for `sgw activate`.",
+    )
+    key.add_argument("--config", metavar="FILE", help="the gateway's TOML configuration")
+    key.add_argument("--data-dir", metavar="DIR", help="the gateway's state directory")
+    key.add_argument("--region", default="", help="activation region to bind the key to")
+    key.set_defaults(handler=_activation_key)
+
+    status = gcmds.add_parser(
+        "status",
+        help="show the running gateway's volumes, write log and snapshots",
+        description="Ask the running gateway (through its admin socket) for its state.",
+    )
+    status.add_argument("--data-dir", metavar="DIR", default="/var/lib/sgw")
+    status.add_argument("--output", choices=("table", "json"), default="table")
+    status.set_defaults(handler=_admin_socket)
+    snap = gcmds.add_parser(
+        "snapshot",
+        help="snapshot a volume as of now",
+        description="Snapshot a volume of the running gateway: the snapshot holds every "
+        "write acknowledged before the command and none after it; the provider keeps it.",
+    )
+    snap.add_argument("volume", metavar="VOLUME")
+    snap.add_argument("--description", metavar="TEXT")
+    snap.add_argument(
+        "--wait", action="store_true", help="return once the provider holds the snapshot"
+    )
+    snap.add_argument("--data-dir", metavar="DIR", default="/var/lib/sgw")
+    snap.add_argument("--output", choices=("table", "json"), default="table")
+    snap.set_defaults(handler=_admin_socket)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sgw.common.logs import setup_logging
+    from sgw.gateway import config as cfg
+    from sgw.gateway.daemon import serve
+
+    config = cfg.load(
+        args.config,
+        data_dir=args.data_dir,
+        volumes=args.volume,
+        nbd=args.nbd,
+        log_size=args.log_size,
+        log_level=args.log_level,
+        provider=args.provider,
+        provider_ca=args.provider_ca,
+        activation_listen=args.activation_listen,
+    )
+    setup_logging(config.log_level)
+    import uvloop
+
+    return int(uvloop.run(serve(config)))
+
+
+def _activation_key(args: argparse.Namespace) -> int:
+    from sgw.common import activation_key
+    from sgw.gateway.link.identity import load_or_create_key, read_credentials
+
+    data_dir = args.data_dir
+    if not data_dir and args.config:
+        with open(args.config, "rb") as f:
+            data_dir = tomllib.load(f).get("data_dir")
+    if not data_dir:
+        raise ConfigError("no data directory: pass --data-dir DIR or --config FILE")
+    data_dir = os.path.abspath(data_dir)
+    credentials = read_credentials(data_dir)
+    if credentials is not None:
+        raise ConfigError(
+            f"this gateway is activated already (gateway {credentials.gateway_id}, "
+            f"{credentials.name!r}); it hands out no more activation keys"
+        )
+    key = load_or_create_key(data_dir)
+    print(activation_key.mint(key, time.time(), args.region))
+    return 0
+
+
+def _admin_socket(args: argparse.Namespace) -> int:
+    """``status`` and ``snapshot``: one request to the running daemon's admin socket."""
+    import asyncio
+
+    from sgw.gateway import admin_socket
+
+    path = admin_socket.socket_path(args.data_dir)
+    if args.command == "status":
+        request: dict[str, object] = {"op": "status"}
+    else:
+        request = {
+            "op": "snapshot",
+            "volume": args.volume,
+            "description": args.description,
+            "wait": args.wait,
+        }
+    answer = asyncio.run(admin_socket.call(path, request))
+    answer.pop("ok", None)
+    if args.output == "json":
+        print(json.dumps(answer, indent=2))
+    elif args.command == "status":
+        for vol in answer["volumes"]:
+            reason = f" ({vol['reason']})" if vol.get("reason") else ""
+            print(f"{vol['name']:16} {vol['mode']:7} {vol['size']:>16} {vol['status']}{reason}")
+        log = answer["write_log"]
+        print(f"write log: {log['used']} of {log['size']} bytes used")
+    else:
+        print(f"{answer['snapshot_id']} {answer['state']}")
+    if args.command == "snapshot" and answer.get("state") == "FAILED":
+        print(f"sgw: error: snapshot failed: {answer.get('error')}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,160 @@
+"""``sgw provider``: the provider side on its own machine: ``init`` (database, operator
+account, TLS files), ``serve`` (the HTTP API) and ``gc`` (one garbage collection pass)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from sgw.common.errors import ConfigError
+
+
+def register(areas: Any) -> None:
+    """Adds ``sgw provider`` and its commands to the ``sgw`` parser's sub-commands."""
+    provider = areas.add_parser("provider", help="the provider side (block service, API)")
+    pcmds = provider.add_subparsers(dest="command", required=True, parser_class=type(provider))
+    serve = pcmds.add_parser(
+        "serve",
+        help="run the provider's HTTP API",
+        description="Run the provider: block service over HTTP (loopback by default).",
+    )
+    serve.add_argument("--data-dir", metavar="DIR", help="state directory (database, objects)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address (127.0.0.1:8480)")
+    serve.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default: SQLite in DIR)")
+    serve.add_argument(
+        "--store", metavar="URL", help="object store: file:///dir or s3://bucket/prefix"
+    )
+    serve.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="development only: no authentication, every request acts for account 'dev'",
+    )
+    serve.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="development only: plain HTTP beyond loopback even with TLS files",
+    )
+    serve.add_argument(
+        "--advertise-url",
+        metavar="URL",
+        help="where the other control servers reach this one (default: the --listen address)",
+    )
+    serve.add_argument("--log-level", metavar="LEVEL", default="info", help="log level")
+    serve.set_defaults(handler=_serve)
+
+    init = pcmds.add_parser(
+        "init",
+        help="create the database, the operator account, its first token and TLS files",
+        description=(
+            "Initialise a provider: database schema, master key, the operator account and "
+            "its first API token (printed once), a CA and server certificate in DIR/tls."
+        ),
+    )
+    init.add_argument("--data-dir", metavar="DIR", help="state directory (database, objects)")
+    init.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default: SQLite in DIR)")
+    init.add_argument("--account", default="admin", help="the operator account's name")
+    init.add_argument(
+        "--tls-name",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="a DNS name or IP address gateways reach the provider by (repeatable)",
+    )
+    init.add_argument("--no-tls", action="store_true", help="make no CA or certificate")
+    init.add_argument("--output", choices=("table", "json"), default="table")
+    init.set_defaults(handler=_init)
+
+    gc = pcmds.add_parser(
+        "gc",
+        help="delete chunk objects no volume or snapshot references",
+        description=(
+            "One garbage collection pass over the provider's object store; safe while the "
+            "provider serves. Prints a one-line summary."
+        ),
+    )
+    gc.add_argument("--data-dir", metavar="DIR", help="the provider's state directory")
+    gc.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default: SQLite in DIR)")
+    gc.add_argument("--store", metavar="URL", help="object store: file:///dir or s3://bucket")
+    gc.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        type=float,
+        help="keep unreferenced objects younger than this (default: 86400, one day)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    gc.add_argument("--log-level", metavar="LEVEL", default="warning", help="log level")
+    gc.set_defaults(handler=_gc)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sgw.common.logs import setup_logging
+    from sgw.provider import config as pcfg
+    from sgw.provider.server import serve
+
+    config = pcfg.load(
+        args.data_dir,
+        listen=args.listen,
+        db_url=args.db,
+        store_url=args.store,
+        insecure_dev=args.insecure_dev,
+        insecure_http=args.insecure_http,
+        advertise_url=args.advertise_url,
+    )
+    setup_logging(args.log_level)
+    return serve(config)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from sgw.provider import config as pcfg
+    from sgw.provider.bootstrap import initialize
+
+    config = pcfg.load(args.data_dir, db_url=args.db)
+    result = initialize(config, args.account, tls_names=args.tls_name, tls=not args.no_tls)
+    doc = {
+        "account_id": result.account.id,
+        "account": result.account.name,
+        "token": result.token,
+        "ca_certificate": result.tls.ca_cert if result.tls else None,
+    }
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"Provider initialised in {config.data_dir}.")
+    print(f"Operator account: {result.account.name} ({result.account.id})")
+    print(f"API token (shown only now, store it safely): {result.token}")
+    if result.tls:
+        print(f"CA certificate for gateways and the CLI: {result.tls.ca_cert}")
+    print("Next: sgw provider serve --data-dir ... ; export SGW_ENDPOINT=... SGW_TOKEN=...")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from sgw.common.logs import setup_logging
+    from sgw.provider import config as pcfg
+    from sgw.provider.blockstore import gc
+    from sgw.provider.blockstore.maps import ChunkMaps
+    from sgw.provider.blockstore.objects import open_store
+    from sgw.provider.db import schema
+
+    config = pcfg.load(args.data_dir, db_url=args.db, store_url=args.store)
+    if not os.path.isdir(config.data_dir):
+        raise ConfigError(
+            f"--data-dir {config.data_dir} does not exist: give the provider's state directory"
+        )
+    grace = gc.DEFAULT_GRACE_SECONDS if args.grace is None else args.grace
+    if grace < 0:
+        raise ConfigError(f"--grace {args.grace}: give 0 or more seconds")
+    setup_logging(args.log_level)
+    schema.upgrade(config.db_url)
+    engine = schema.make_engine(config.db_url)
+    try:
+        maps = ChunkMaps(schema.session_factory(engine))
+        report = gc.collect(
+            maps, open_store(config.store_url), grace_seconds=grace, dry_run=args.dry_run
+        )
+    finally:
+        engine.dispose()
+    print(report.summary())
+    return 1 if report.errors else 0

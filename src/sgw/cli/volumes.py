@@ -1,0 +1,217 @@
+"""``sgw volumes``: volumes, their CHAP credentials and snapshot schedules. A volume on a
+gateway is created and deleted by the gateway (through the control channel); one at the
+provider only (the block API's) by the provider."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from typing import Any
+
+from sgw.cli.client import ApiClient, ApiError
+from sgw.cli.config import open_client
+from sgw.cli.gateway_commands import result_of, run_on_gateway
+from sgw.cli.options import add_timeout, group
+from sgw.cli.output import done, emit
+from sgw.common.errors import ConfigError
+
+
+def register(areas: Any) -> None:
+    command = group(areas, "volumes", "volumes, their CHAP credentials and snapshot schedules")
+    command("list", "list volumes", _list).add_argument(
+        "--gateway", metavar="ID", help="of this gateway"
+    )
+    command(
+        "describe", "show a volume with its CHAP initiators and schedule", _describe
+    ).add_argument("id")
+    create = command("create", "create a volume", _create)
+    create.add_argument("name")
+    create.add_argument("size", help="e.g. 10G")
+    create.add_argument("--mode", choices=("cached", "stored"), default="cached")
+    create.add_argument(
+        "--gateway", metavar="ID", help="create it on this gateway (waits for it to confirm)"
+    )
+    create.add_argument("--from-snapshot", metavar="ID", help="start from a snapshot")
+    add_timeout(create)
+    vdel = command("delete", "delete a volume (from its gateway too; its snapshots stay)", _delete)
+    vdel.add_argument("id")
+    vdel.add_argument(
+        "--drain", action="store_true", help="upload what the gateway's write log holds first"
+    )
+    add_timeout(vdel)
+    chap = command(
+        "chap-set", "set an initiator's CHAP secret (read from stdin or prompted)", _chap_set
+    )
+    chap.add_argument("id")
+    chap.add_argument("--initiator", required=True, help="the initiator's IQN")
+    chap.add_argument("--mutual", action="store_true", help="also a target secret")
+    add_timeout(chap, 30.0)
+    command("chap-list", "list the initiators with CHAP credentials", _chap_list).add_argument("id")
+    chapdel = command("chap-delete", "remove an initiator's CHAP credentials", _chap_delete)
+    chapdel.add_argument("id")
+    chapdel.add_argument("initiator")
+    add_timeout(chapdel, 30.0)
+    sched = command("schedule-set", "snapshot the volume on a schedule", _schedule_set)
+    sched.add_argument("id")
+    sched.add_argument("--start-hour", type=int, required=True, help="0-23, gateway time")
+    sched.add_argument(
+        "--every", type=int, required=True, choices=(1, 2, 4, 8, 12, 24), help="hours"
+    )
+    sched.add_argument(
+        "--retain", type=int, help="keep this many newest scheduled snapshots (not manual ones)"
+    )
+    sched.add_argument("--description")
+    command(
+        "schedule-delete", "remove the volume's snapshot schedule", _schedule_delete
+    ).add_argument("id")
+
+
+def _list(args: argparse.Namespace) -> int:
+    cols = ["id", "name", "gateway_id", "mode", "size", "map_version", "created"]
+    with open_client(args.endpoint) as client:
+        emit(args, client.list_volumes(args.gateway), cols)
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    with open_client(args.endpoint) as client:
+        volume = client.get_volume(args.id)
+        volume["chap"] = client.list_chap(args.id)
+        try:
+            volume["snapshot_schedule"] = client.get_snapshot_schedule(args.id)
+        except ApiError as e:
+            if e.status_code != 404:
+                raise
+            volume["snapshot_schedule"] = None
+    emit(args, volume)
+    return 0
+
+
+def _create(args: argparse.Namespace) -> int:
+    from sgw.gateway.config import parse_size
+
+    with open_client(args.endpoint) as client:
+        size = parse_size(args.size, "SIZE")
+        if args.gateway is None:  # a volume at the provider only (the block API's)
+            made = client.create_volume(
+                args.name, size, args.mode, from_snapshot_id=args.from_snapshot
+            )
+            emit(args, made)
+            return 0
+        fields = {
+            "name": args.name,
+            "size": size,
+            "mode": args.mode,
+            "from_snapshot_id": args.from_snapshot,
+        }
+        finished = run_on_gateway(
+            client,
+            args.gateway,
+            "create_volume",
+            {k: v for k, v in fields.items() if v},
+            timeout=args.timeout,
+            label=f"creating volume {args.name}",
+        )
+        volume = client.get_volume(finished["args"]["volume_id"])
+    volume["status"] = result_of(finished).get("status")
+    emit(args, volume)
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    with open_client(args.endpoint) as client:
+        volume = client.get_volume(args.id)
+        gateway_id = volume.get("gateway_id")
+        if gateway_id is None:
+            client.delete_volume(args.id)
+        else:  # the gateway removes it first; the provider's record goes after
+            run_on_gateway(
+                client,
+                gateway_id,
+                "delete_volume",
+                {"volume_id": args.id, "drain": args.drain},
+                timeout=args.timeout,
+                label=f"deleting volume {volume['name']}",
+            )
+    done(args, f"volume {args.id} deleted")
+    return 0
+
+
+def _chap_set(args: argparse.Namespace) -> int:
+    with open_client(args.endpoint) as client:
+        secret, target = _read_secrets(args.mutual)
+        emit(args, client.set_chap(args.id, args.initiator, secret, target))
+        _sync_chap(client, args)
+    return 0
+
+
+def _chap_list(args: argparse.Namespace) -> int:
+    with open_client(args.endpoint) as client:
+        emit(args, client.list_chap(args.id), ["initiator", "mutual", "updated"])
+    return 0
+
+
+def _chap_delete(args: argparse.Namespace) -> int:
+    with open_client(args.endpoint) as client:
+        client.delete_chap(args.id, args.initiator)
+        _sync_chap(client, args)
+    done(args, f"CHAP credentials of {args.initiator} removed from volume {args.id}")
+    return 0
+
+
+def _schedule_set(args: argparse.Namespace) -> int:
+    with open_client(args.endpoint) as client:
+        schedule = client.set_snapshot_schedule(
+            args.id,
+            args.start_hour,
+            args.every,
+            description=args.description,
+            retain=args.retain,
+        )
+    emit(args, schedule)
+    return 0
+
+
+def _schedule_delete(args: argparse.Namespace) -> int:
+    with open_client(args.endpoint) as client:
+        client.delete_snapshot_schedule(args.id)
+    done(args, f"snapshot schedule of volume {args.id} removed")
+    return 0
+
+
+def _sync_chap(client: ApiClient, args: argparse.Namespace) -> None:
+    """Has the volume's gateway fetch its CHAP credentials (kept for it while offline)."""
+    volume = client.get_volume(args.id)
+    gateway_id = volume.get("gateway_id")
+    if gateway_id is None:
+        return
+    finished = run_on_gateway(
+        client,
+        gateway_id,
+        "sync_chap",
+        {"volume_id": args.id},
+        timeout=args.timeout,
+        label="handing the credentials to the gateway",
+        wait_offline=True,
+    )
+    if finished["status"] != "succeeded":
+        print(
+            f"gateway {gateway_id} has not taken the credentials yet (offline?); it gets "
+            "them when it is back (see `sgw gateways commands`)",
+            file=sys.stderr,
+        )
+
+
+def _read_secrets(mutual: bool) -> tuple[str, str | None]:
+    """CHAP secrets from standard input (one a line) or prompted: never from argv, which
+    every user of the machine can read."""
+    if not sys.stdin.isatty():
+        lines = sys.stdin.read().splitlines()
+        need = 2 if mutual else 1
+        if len(lines) < need:
+            raise ConfigError(f"expected {need} secret line(s) on standard input")
+        return lines[0], (lines[1] if mutual else None)
+    secret = getpass.getpass("CHAP secret (12-16 characters): ")
+    target = getpass.getpass("mutual CHAP target secret: ") if mutual else None
+    return secret, target
