@@ -12,7 +12,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from sgw.gateway.nbd.server import throttle_delay
+from sgw.gateway.nbd.connection import throttle_delay
 from tests.conftest import SGW, SMALL_LOG, GatewayProcess, free_port
 
 MIB = 1 << 20

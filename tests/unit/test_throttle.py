@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sgw.gateway.nbd.server import THROTTLE_MAX, THROTTLE_START, throttle_delay
+from sgw.gateway.nbd.connection import THROTTLE_MAX, THROTTLE_START, throttle_delay
 
 
 def test_no_delay_until_the_log_is_mostly_full() -> None:

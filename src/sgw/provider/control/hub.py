@@ -34,7 +34,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import logging
 import random
 import ssl
@@ -43,8 +42,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
-
-import httpx
 
 from sgw.common.errors import GatewayOfflineError
 from sgw.provider.control import peers
@@ -66,7 +63,6 @@ R = TypeVar("R")
 FinishedHook = Callable[[MessageInfo], Awaitable[None]]
 # A gateway's reply: message id, succeeded, result, error.
 Reply = tuple[str, bool, dict[str, Any] | None, str | None]
-DOORBELL_PATH = "/v1/control/doorbell"
 # Threads for the hub's database reads (writes go through one writer thread, in groups:
 # SQLite serialises writers anyway, and one transaction per group costs less everywhere).
 _DB_THREADS = 4
@@ -165,7 +161,7 @@ class ControlHub:
         self._posts = self._group(self._post_many)
         self._marks = self._group(self._mark_many)
         self._background: set[asyncio.Task[None]] = set()
-        self._http: httpx.AsyncClient | None = None
+        self._doorbell: peers.Doorbell | None = None
         self.peer_urls: list[str] = []  # live servers, from the last heartbeat
         self.stats = {"polls": 0, "delivered": 0, "doorbells_sent": 0, "broadcasts": 0}
 
@@ -221,10 +217,8 @@ class ControlHub:
 
     async def start(self) -> None:
         """Announces the server and starts the background loops."""
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.t.peer_timeout_s),
-            verify=self._verify,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        self._doorbell = peers.Doorbell(
+            self.secret, self.server_id, timeout_s=self.t.peer_timeout_s, verify=self._verify
         )
         await self._heartbeat()
         loop = asyncio.get_running_loop()
@@ -259,8 +253,8 @@ class ControlHub:
             await self._write(self.store.remove_server, self.server_id)
         except Exception as exc:  # the database may be gone too; peers time us out
             LOG.warning("control server: cannot withdraw from the registry: %s", exc)
-        if self._http is not None:
-            await self._http.aclose()
+        if self._doorbell is not None:
+            await self._doorbell.aclose()
         self._pool.shutdown(wait=False)
         self._writer.shutdown(wait=False)
         LOG.info("control server stopped", extra={"server": self.server_id})
@@ -642,28 +636,10 @@ class ControlHub:
         self, url: str, *, gateways: Sequence[str] = (), messages: Sequence[str] = ()
     ) -> list[str]:
         """One doorbell call to a peer; the gateways it holds (empty if it failed)."""
-        if self._http is None:
+        if self._doorbell is None:
             return []
-        body = json.dumps({"gateways": list(gateways), "messages": list(messages)}).encode()
-        header = peers.sign(self.secret, self.server_id, "POST", DOORBELL_PATH, body)
         self.stats["doorbells_sent"] += 1
-        try:
-            resp = await self._http.post(
-                url.rstrip("/") + DOORBELL_PATH,
-                content=body,
-                headers={peers.HEADER: header, "content-type": "application/json"},
-            )
-            if resp.status_code != 200:
-                LOG.warning(
-                    "doorbell refused by peer",
-                    extra={"peer": url, "status": resp.status_code, "body": resp.text[:200]},
-                )
-                return []
-            held = resp.json().get("held", [])
-            return [str(g) for g in held] if isinstance(held, list) else []
-        except (httpx.HTTPError, ValueError) as exc:
-            LOG.warning("doorbell to peer failed: %s", exc, extra={"peer": url})
-            return []
+        return await self._doorbell.ring(url, gateways=gateways, messages=messages)
 
     # -- background ----------------------------------------------------------------------
 

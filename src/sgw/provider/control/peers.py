@@ -7,17 +7,24 @@ the MAC an HMAC-SHA256 under the secret over the timestamp, method, path and the
 SHA-256 of the body; a call more than ``PEER_SKEW_S`` off the receiver's clock is
 refused. Peer calls only ring doorbells (the messages themselves are in the database),
 so a replayed call within the window can do no more than wake a poll early.
+
+The hub decides whom to ring (``ControlHub.route``); ``Doorbell`` makes the call.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
+import ssl
 import stat
 import time
+from collections.abc import Sequence
+
+import httpx
 
 from sgw.common.errors import ConfigError
 from sgw.common.files import create_exclusively
@@ -26,6 +33,7 @@ LOG = logging.getLogger(__name__)
 
 SECRET_FILE = "control.secret"
 HEADER = "x-sgw-peer"
+DOORBELL_PATH = "/v1/control/doorbell"
 # Seconds a peer call's timestamp may differ from the receiver's clock.
 PEER_SKEW_S = 60
 _SECRET_BYTES = 32
@@ -99,3 +107,45 @@ def verify(secret: bytes, header: str | None, method: str, path: str, body: byte
         return None
     expected = _mac(secret, server_id, ts, (method, path, body))
     return server_id if hmac.compare_digest(expected, mac) else None
+
+
+class Doorbell:
+    """Rings peers' doorbells: one signed ``POST /v1/control/doorbell`` per call."""
+
+    def __init__(
+        self, secret: bytes, server_id: str, *, timeout_s: float, verify: ssl.SSLContext | bool
+    ) -> None:
+        self.secret = secret
+        self.server_id = server_id
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s),
+            verify=verify,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
+
+    async def ring(
+        self, url: str, *, gateways: Sequence[str] = (), messages: Sequence[str] = ()
+    ) -> list[str]:
+        """One doorbell call to a peer; the gateways it holds (empty if it failed)."""
+        body = json.dumps({"gateways": list(gateways), "messages": list(messages)}).encode()
+        header = sign(self.secret, self.server_id, "POST", DOORBELL_PATH, body)
+        try:
+            resp = await self._http.post(
+                url.rstrip("/") + DOORBELL_PATH,
+                content=body,
+                headers={HEADER: header, "content-type": "application/json"},
+            )
+            if resp.status_code != 200:
+                LOG.warning(
+                    "doorbell refused by peer",
+                    extra={"peer": url, "status": resp.status_code, "body": resp.text[:200]},
+                )
+                return []
+            held = resp.json().get("held", [])
+            return [str(g) for g in held] if isinstance(held, list) else []
+        except (httpx.HTTPError, ValueError) as exc:
+            LOG.warning("doorbell to peer failed: %s", exc, extra={"peer": url})
+            return []
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,742 @@
+"""One NBD client connection: the handshake (``negotiation``), then the transmission loop.
+
+Requests are handled inline on the event loop as they are parsed (reads and log appends
+hit the page cache), replies produced while handling one received batch leave in one
+``writelines``; only FLUSH and FUA wait, for the log's group commit, and large reads from
+the base store alone run in a worker thread, where the copy overlaps with this loop's sends
+(measured: 1 MiB reads went from 0.79x to 0.88x of nbdkit; a 4 MiB socket send buffer took
+them to 1.13x). Payloads are received straight into their final buffer. A full log stalls
+the connection (reading paused) until the destager frees space: writers slow down, they do
+not fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from sgw.common.errors import SgwError
+from sgw.gateway.nbd import protocol as p
+from sgw.gateway.nbd.negotiation import Negotiation, greeting
+from sgw.gateway.volume.cached_base import CachedBaseStore
+from sgw.gateway.volume.index import BLOCK
+from sgw.gateway.volume.volume import LazyRestore, Volume
+
+if TYPE_CHECKING:
+    from sgw.gateway.nbd.server import NbdServer
+
+LOG = logging.getLogger(__name__)
+
+# Receive buffer: holds many small requests per read; large payloads bypass it.
+RECV_BUFFER = 512 * 1024
+_REQ = p.REQUEST.size
+_SEND_BUFFER = 4 * 1024 * 1024
+# Reads at least this large that come from the base store alone run in a worker thread.
+_OFFLOAD_READ = 256 * 1024
+# A cached read whose chunks were fetched but evicted again before it ran (a cache far
+# too small for the reads in flight) is retried this many times, then fails with EIO.
+_CACHED_READ_ATTEMPTS = 3
+# Largest payload buffer a connection keeps for reuse (bytes).
+_KEEP_PAYLOAD_BUFFER = 4 * 1024 * 1024
+_BLOCK_MASK = BLOCK - 1
+# Writes are held back once the write log is this full (a fraction), by up to THROTTLE_MAX
+# seconds when it is full (see throttle_delay).
+THROTTLE_START = 0.8
+THROTTLE_MAX = 0.02
+_WRITE_FLAGS = p.CMD_FLAG_FUA
+_ZERO_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO
+_READ_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_DF
+_STATUS_FLAGS = p.CMD_FLAG_REQ_ONE
+_simple = p.SIMPLE_REPLY.pack
+_structured = p.STRUCTURED_REPLY.pack
+_u64 = struct.Struct(">Q").pack
+
+
+class NbdConnection(asyncio.BufferedProtocol):
+    """One client connection: handshake, then transmission."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.log = server.engine.log
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._transport: asyncio.Transport | None = None
+        self._negotiation: Negotiation | None = Negotiation(
+            server.lookup, server.listing, lambda: server.shutting_down
+        )
+        self._volume: Volume | None = None
+        self._structured = False
+        self._contexts: dict[int, str] = {}
+        # A WRITE payload larger than what is buffered is received straight into
+        # _payload_view, a view of _payload_buf, which is reused (a write is appended to
+        # the log before the next payload arrives; a write that must wait copies it).
+        self._payload_buf = bytearray()
+        self._payload_view: memoryview | None = None
+        self._payload_got = 0
+        self._payload_req: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._stalls = 0  # writes of this connection waiting for log space
+        self._write_paused = False
+        self._draining = False
+        self._inflight = 0
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.peer = ""
+
+    @property
+    def volume(self) -> Volume | None:
+        """The volume the connection serves (None during the handshake)."""
+        return self._volume
+
+    # -- asyncio protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Room for a few large replies per send (capped by net.core.wmem_max).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        if self.server.shutting_down:
+            transport.close()
+            return
+        self._transport.write(greeting())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self._transport = None
+        self._payload_view = None  # a half-received write is never applied
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._payload_view is not None:
+            return self._payload_view[self._payload_got :]
+        if self._end == len(self._buf):
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._payload_view is not None:
+            self._payload_got += nbytes
+            if self._payload_got < len(self._payload_view):
+                return
+            payload, flags, cookie, offset = self._payload_view, *self._payload_req[:3]
+            self._payload_view = None
+            self._out_begin()
+            self._write(flags, cookie, offset, payload)
+            self._out_flush()
+            if not self._stalled:
+                self._process()
+            return
+        self._end += nbytes
+        self._process()
+
+    def _compact(self) -> None:
+        n = self._end - self._start
+        if self._start:
+            self._buf[:n] = self._buf[self._start : self._end]
+        self._start, self._end = 0, n
+
+    # -- reading control -------------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        t = self._transport
+        if t is None or t.is_closing():
+            return
+        if self._stalled or self._write_paused or self._draining:
+            t.pause_reading()
+        else:
+            t.resume_reading()
+
+    def abort(self, reason: str) -> None:
+        """Drops the connection at once (protocol violation, shutdown timeout)."""
+        LOG.warning("nbd connection dropped", extra={"peer": self.peer, "reason": reason})
+        if self._transport is not None:
+            self._transport.abort()
+
+    def drain_and_close(self) -> None:
+        """Stops reading; closes once the requests already received have been answered."""
+        self._draining = True
+        self._update_reading()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._draining and not self._inflight and not self._stalled and self._transport:
+            self._transport.close()
+
+    # -- output ----------------------------------------------------------------------
+
+    def _out_begin(self) -> None:
+        self._out = []
+
+    def _out_flush(self) -> None:
+        if self._out and self._transport is not None:
+            self._transport.writelines(self._out)
+        self._out = []
+
+    def _send_now(self, *parts: bytes | bytearray | memoryview) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(parts)
+
+    # -- parsing -------------------------------------------------------------------
+
+    def _process(self) -> None:
+        self._out_begin()
+        try:
+            if self._negotiation is not None:
+                self._handshake()
+            if self._volume is not None:
+                self._transmission()
+        finally:
+            self._out_flush()
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._maybe_close()
+
+    def _handshake(self) -> None:
+        neg = self._negotiation
+        assert neg is not None
+        used = neg.feed(self._view[self._start : self._end])
+        self._start += used
+        self._out.extend(neg.out)
+        neg.out.clear()
+        if neg.closed:
+            self._out_flush()
+            LOG.info("nbd handshake ended", extra={"peer": self.peer, "reason": neg.close_reason})
+            if self._transport is not None:
+                self._transport.close()
+            self._negotiation = None
+        elif neg.done:
+            assert neg.export is not None
+            self._volume = self.server.volume(neg.export.name)
+            self._structured = neg.structured
+            self._contexts = dict(neg.meta_contexts)
+            self._negotiation = None
+            LOG.info(
+                "nbd client connected",
+                extra={"peer": self.peer, "export": neg.export.name, "structured": neg.structured},
+            )
+
+    def _transmission(self) -> None:
+        buf, view = self._buf, self._view
+        pos, end = self._start, self._end
+        unpack = p.REQUEST.unpack_from
+        while not self._stalled and end - pos >= _REQ:
+            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            if magic != p.REQUEST_MAGIC:
+                self._start = pos
+                self.abort("bad request magic")
+                self._volume = None
+                return
+            if cmd == p.CMD_WRITE:
+                if length > p.MAX_PAYLOAD:
+                    self._start = pos
+                    self.abort(f"write of {length} bytes exceeds the {p.MAX_PAYLOAD} maximum")
+                    self._volume = None
+                    return
+                have = end - pos - _REQ
+                if have < length:
+                    if len(self._payload_buf) < length:
+                        buf_new = bytearray(length)
+                        if length <= _KEEP_PAYLOAD_BUFFER:
+                            self._payload_buf = buf_new
+                        payload = memoryview(buf_new)
+                    else:
+                        payload = memoryview(self._payload_buf)[:length]
+                    payload[:have] = view[pos + _REQ : end]
+                    self._payload_view = payload
+                    self._payload_got = have
+                    self._payload_req = (flags, cookie, offset, length)
+                    pos = end
+                    break
+                data = view[pos + _REQ : pos + _REQ + length]
+                pos += _REQ + length
+                self._write(flags, cookie, offset, data)
+                continue
+            pos += _REQ
+            self.server.requests += 1
+            if cmd == p.CMD_READ:
+                self._read(flags, cookie, offset, length)
+            elif cmd == p.CMD_FLUSH:
+                self._async(cookie, self.engine.flush())
+            elif cmd in (p.CMD_WRITE_ZEROES, p.CMD_TRIM):
+                self._zero(cmd, flags, cookie, offset, length)
+            elif cmd == p.CMD_BLOCK_STATUS:
+                self._block_status(flags, cookie, offset, length)
+            elif cmd == p.CMD_DISC:
+                self._start = pos
+                self.drain_and_close()
+                self._volume = None
+                return
+            else:
+                self._error(cookie, p.EINVAL)
+        self._start, self._end = pos, end
+
+    # -- replies ------------------------------------------------------------------------
+
+    def _ok(self, cookie: int) -> None:
+        self._out.append(_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def _error(self, cookie: int, error: int, read: bool = False, message: str = "") -> None:
+        if read and self._structured:
+            msg = message.encode()[: p.MAX_STRING]
+            payload = struct.pack(">IH", error, len(msg)) + msg
+            self._out.append(
+                _structured(
+                    p.STRUCTURED_REPLY_MAGIC,
+                    p.REPLY_FLAG_DONE,
+                    p.REPLY_TYPE_ERROR,
+                    cookie,
+                    len(payload),
+                )
+                + payload
+            )
+        else:
+            self._out.append(_simple(p.SIMPLE_REPLY_MAGIC, error, cookie))
+
+    def _async(self, cookie: int, work: Any) -> None:
+        """Replies to ``cookie`` when ``work`` (a coroutine) is done; other requests go on."""
+        self._inflight += 1
+        task = asyncio.get_running_loop().create_task(work)
+        task.add_done_callback(lambda t: self._async_done(t, cookie))
+
+    def _async_done(self, task: asyncio.Task[None], cookie: int) -> None:
+        self._inflight -= 1
+        error = 0
+        if task.cancelled():
+            error = p.ESHUTDOWN
+        elif task.exception() is not None:
+            LOG.error("flush failed", exc_info=task.exception(), extra={"peer": self.peer})
+            error = p.EIO
+        self._send_now(_simple(p.SIMPLE_REPLY_MAGIC, error, cookie))
+        self._maybe_close()
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        vol = self._volume
+        assert vol is not None
+        self._read_from(vol, flags, cookie, offset, length)
+
+    def _read_from(
+        self, vol: Volume, flags: int, cookie: int, offset: int, length: int, *, attempt: int = 0
+    ) -> None:
+        if flags & ~_READ_FLAGS or length > p.MAX_PAYLOAD or offset + length > vol.size:
+            self._error(cookie, p.EINVAL, True, "read out of range or bad flags")
+            return
+        if length == 0:  # an OFFSET_DATA chunk cannot be empty
+            if self._structured:
+                self._out.append(
+                    _structured(
+                        p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, cookie, 0
+                    )
+                )
+            else:
+                self._ok(cookie)
+            return
+        cached = vol.cached
+        if cached is not None:
+            # A cached volume: the base's chunks may have to come from the provider first,
+            # which is awaited off this inline path (never blocking the loop).
+            spans = vol.base_spans(offset, length)
+            if not attempt:
+                cached.note_read(offset, length)
+            if spans and not cached.ready_for(spans):
+                if attempt >= _CACHED_READ_ATTEMPTS:
+                    LOG.error("read failed: chunks evicted before use", extra={"volume": vol.name})
+                    self._error(cookie, p.EIO, True, "chunk cache too small for this read")
+                    return
+                self._inflight += 1
+                task = asyncio.get_running_loop().create_task(cached.ensure(spans))
+                req = (flags, cookie, offset, length, attempt)
+                task.add_done_callback(lambda t: self._fetched(t, vol, cached, req))
+                return
+        restore = vol.restore
+        if restore is not None and not restore.is_restored(offset, length):
+            # A volume restoring from a snapshot: the chunks under the read come first.
+            spans = vol.base_spans(offset, length)
+            if spans and not all(restore.is_restored(o, n) for o, n in spans):
+                self._inflight += 1
+                rtask = asyncio.get_running_loop().create_task(_ensure_all(restore, spans))
+                req = (flags, cookie, offset, length, attempt)
+                rtask.add_done_callback(lambda t: self._restored(t, vol, req))
+                return
+        if length >= _OFFLOAD_READ and not vol.index.touches(offset >> 12, (length + 4095) >> 12):
+            # A large read from the base store: copying it costs more than a thread hop, and
+            # in a worker it overlaps with this loop's sends.
+            self._inflight += 1
+            fut = asyncio.get_running_loop().run_in_executor(
+                self.server.read_pool, vol.base.read, offset, length
+            )
+            fut.add_done_callback(lambda f: self._read_done(f, cookie, offset, length))
+            return
+        try:
+            data = vol.read(offset, length)
+        except (OSError, SgwError) as exc:
+            LOG.error("read failed", extra={"volume": vol.name, "error": str(exc)})
+            self._error(cookie, p.EIO, True, "read failed")
+            return
+        self._read_reply(cookie, offset, length, data)
+
+    def _fetched(
+        self,
+        task: asyncio.Task[list[str]],
+        vol: Volume,
+        cached: CachedBaseStore,
+        req: tuple[int, int, int, int, int],
+    ) -> None:
+        """The chunks of a cached read are fetched and pinned: the read runs inline now."""
+        self._inflight -= 1
+        flags, cookie, offset, length, attempt = req
+        self._out_begin()
+        if task.cancelled():
+            self._error(cookie, p.ESHUTDOWN, True, "shutting down")
+        elif (exc := task.exception()) is not None:
+            LOG.error(
+                "read failed: chunks could not be fetched from the provider",
+                extra={"volume": vol.name, "offset": offset, "error": str(exc)},
+            )
+            self._error(cookie, p.EIO, True, "chunk fetch from the provider failed")
+        else:
+            pinned = task.result()
+            try:
+                self._read_from(vol, flags, cookie, offset, length, attempt=attempt + 1)
+            finally:
+                cached.unpin(pinned)
+        self._out_flush()
+        self._maybe_close()
+
+    def _restored(
+        self, task: asyncio.Task[None], vol: Volume, req: tuple[int, int, int, int, int]
+    ) -> None:
+        """The chunks of a read are restored from the snapshot: the read runs now."""
+        self._inflight -= 1
+        flags, cookie, offset, length, attempt = req
+        self._out_begin()
+        if task.cancelled():
+            self._error(cookie, p.ESHUTDOWN, True, "shutting down")
+        elif (exc := task.exception()) is not None:
+            LOG.error(
+                "read failed: chunks could not be restored from the snapshot",
+                extra={"volume": vol.name, "offset": offset, "error": str(exc)},
+            )
+            self._error(cookie, p.EIO, True, "restore from the snapshot failed")
+        else:
+            self._read_from(vol, flags, cookie, offset, length, attempt=attempt + 1)
+        self._out_flush()
+        self._maybe_close()
+
+    def _read_done(self, fut: asyncio.Future[bytes], cookie: int, offset: int, length: int) -> None:
+        self._inflight -= 1
+        self._out_begin()
+        exc = fut.exception()
+        if exc is not None:
+            LOG.error("read failed", extra={"offset": offset, "error": str(exc)})
+            self._error(cookie, p.EIO, True, "read failed")
+        else:
+            self._read_reply(cookie, offset, length, fut.result())
+        self._out_flush()
+        self._maybe_close()
+
+    def _read_reply(self, cookie: int, offset: int, length: int, data: bytes | bytearray) -> None:
+        if self._structured:
+            hdr = _structured(
+                p.STRUCTURED_REPLY_MAGIC,
+                p.REPLY_FLAG_DONE,
+                p.REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                8 + length,
+            )
+            self._out.append(hdr + _u64(offset))
+        else:
+            self._out.append(_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie))
+        self._out.append(data)
+
+    def _write(self, flags: int, cookie: int, offset: int, data: memoryview | bytearray) -> None:
+        vol = self._volume
+        assert vol is not None
+        self.server.requests += 1
+        length = len(data)
+        if flags & ~_WRITE_FLAGS:
+            self._error(cookie, p.EINVAL)
+            return
+        if offset + length > vol.size:
+            self._error(cookie, p.ENOSPC)
+            return
+        if (offset | length) & _BLOCK_MASK and self._edges_missing(vol, offset, length):
+            # A partial block of a cached or restoring volume: the rest of the block comes
+            # from the provider first (off this inline path).
+            held = bytearray(data)
+            self._after_edges(
+                vol,
+                offset,
+                length,
+                cookie,
+                lambda: self._write_now(vol, flags, cookie, offset, held),
+            )
+            return
+        self._write_now(vol, flags, cookie, offset, data)
+
+    def _write_now(
+        self,
+        vol: Volume,
+        flags: int,
+        cookie: int,
+        offset: int,
+        data: memoryview | bytearray,
+        *,
+        throttled: bool = False,
+    ) -> None:
+        delay = 0.0 if throttled else throttle_delay(self.log.used / self.log.data_size)
+        if delay:
+            # Backpressure, not a cliff: the fuller the log, the later the reply.
+            held_data = bytearray(data) if isinstance(data, memoryview) else data
+            self.server.throttled += 1
+            self._inflight += 1
+
+            def later() -> None:
+                self._inflight -= 1
+                if self._transport is None:
+                    return
+                self._out_begin()
+                self._write_now(vol, flags, cookie, offset, held_data, throttled=True)
+                self._out_flush()
+                self._maybe_close()
+
+            asyncio.get_running_loop().call_later(delay, later)
+            return
+        need = vol.log_bytes_for_write(offset, len(data))
+        if self.log.space_waiters or not self.log.fits(need):
+            # Copy the payload: the receive buffer is reused while this write waits.
+            held = bytearray(data) if isinstance(data, memoryview) else data
+            self._stall(need, lambda: self._do_write(vol, flags, cookie, offset, held))
+            return
+        self._do_write(vol, flags, cookie, offset, data)
+
+    @staticmethod
+    def _edge_spans(vol: Volume, offset: int, length: int) -> list[tuple[int, int]]:
+        """The base-store parts of the partial blocks at the ends of a write."""
+        end = offset + length
+        edges = {offset & ~_BLOCK_MASK, (end - 1) & ~_BLOCK_MASK} if length else set()
+        spans: list[tuple[int, int]] = []
+        for start in sorted(edges):
+            if start == offset and start + BLOCK <= end:
+                continue  # whole block written at the front
+            if start + BLOCK == end and start >= offset:
+                continue  # whole block written at the back
+            spans += vol.base_spans(start, min(BLOCK, vol.size - start))
+        return spans
+
+    def _edges_missing(self, vol: Volume, offset: int, length: int) -> bool:
+        if vol.cached is None and vol.restore is None:
+            return False
+        spans = self._edge_spans(vol, offset, length)
+        if not spans:
+            return False
+        if vol.cached is not None:
+            return not vol.cached.ready_for(spans)
+        restore = vol.restore
+        assert restore is not None
+        return not all(restore.is_restored(o, n) for o, n in spans)
+
+    async def _fetch_edges(self, vol: Volume, offset: int, length: int) -> list[str]:
+        spans = self._edge_spans(vol, offset, length)
+        if vol.cached is not None:
+            return await vol.cached.ensure(spans)
+        if vol.restore is not None:
+            await _ensure_all(vol.restore, spans)
+        return []
+
+    def _after_edges(
+        self, vol: Volume, offset: int, length: int, cookie: int, cont: Callable[[], None]
+    ) -> None:
+        """Runs ``cont`` once the partial blocks at the ends of the range are local."""
+        self._inflight += 1
+        task = asyncio.get_running_loop().create_task(self._fetch_edges(vol, offset, length))
+        task.add_done_callback(lambda t: self._edges_fetched(t, vol, offset, cookie, cont))
+
+    def _edges_fetched(
+        self,
+        task: asyncio.Task[list[str]],
+        vol: Volume,
+        offset: int,
+        cookie: int,
+        cont: Callable[[], None],
+    ) -> None:
+        self._inflight -= 1
+        self._out_begin()
+        if task.cancelled():
+            self._error(cookie, p.ESHUTDOWN)
+        elif (exc := task.exception()) is not None:
+            LOG.error(
+                "write failed: the rest of a partial block could not be fetched",
+                extra={"volume": vol.name, "offset": offset, "error": str(exc)},
+            )
+            self._error(cookie, p.EIO)
+        else:
+            pinned = task.result()
+            try:
+                cont()
+            finally:
+                if pinned and vol.cached is not None:
+                    vol.cached.unpin(pinned)
+        self._out_flush()
+        self._maybe_close()
+
+    def _do_write(
+        self, vol: Volume, flags: int, cookie: int, offset: int, data: memoryview | bytearray
+    ) -> None:
+        try:
+            vol.write(offset, data)
+        except (OSError, SgwError) as exc:
+            LOG.error("write failed", extra={"volume": vol.name, "error": str(exc)})
+            self._error(cookie, p.EIO)
+            return
+        self._written(flags, cookie)
+
+    def _written(self, flags: int, cookie: int) -> None:
+        """A write, zero or trim is in the log: reply now, or once durable if FUA."""
+        self.server.on_write()
+        if flags & p.CMD_FLAG_FUA:
+            self._async(cookie, self.engine.flush())
+        else:
+            self._ok(cookie)
+
+    def _zero(self, cmd: int, flags: int, cookie: int, offset: int, length: int) -> None:
+        vol = self._volume
+        assert vol is not None
+        allowed = _ZERO_FLAGS if cmd == p.CMD_WRITE_ZEROES else _WRITE_FLAGS
+        if flags & ~allowed:
+            self._error(cookie, p.EINVAL)
+            return
+        if offset + length > vol.size:
+            self._error(cookie, p.ENOSPC)
+            return
+        if length == 0:
+            self._ok(cookie)
+            return
+
+        def run() -> None:
+            try:
+                if cmd == p.CMD_TRIM:
+                    vol.trim(offset, length)
+                else:
+                    vol.write_zeroes(offset, length, punch=not flags & p.CMD_FLAG_NO_HOLE)
+            except (OSError, SgwError) as exc:
+                LOG.error("zero failed", extra={"volume": vol.name, "error": str(exc)})
+                self._error(cookie, p.EIO)
+                return
+            self._written(flags, cookie)
+
+        def go() -> None:
+            need = vol.log_bytes_for_zero()
+            if self.log.space_waiters or not self.log.fits(need):
+                self._stall(need, run)
+                return
+            run()
+
+        if (
+            cmd != p.CMD_TRIM
+            and (offset | length) & _BLOCK_MASK
+            and self._edges_missing(vol, offset, length)
+        ):
+            self._after_edges(vol, offset, length, cookie, go)
+            return
+        go()
+
+    def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        vol = self._volume
+        assert vol is not None
+        if not self._structured or not self._contexts:
+            self._error(cookie, p.EINVAL)
+            return
+        if flags & ~_STATUS_FLAGS or length == 0 or offset + length > vol.size:
+            self._error(cookie, p.EINVAL)
+            return
+        try:
+            extents = vol.block_status(offset, length)
+        except OSError:
+            self._error(cookie, p.EIO)
+            return
+        if flags & p.CMD_FLAG_REQ_ONE:
+            extents = extents[:1]
+        ctx_id = next(iter(self._contexts))
+        body = struct.pack(">I", ctx_id) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+        self._out.append(
+            _structured(
+                p.STRUCTURED_REPLY_MAGIC,
+                p.REPLY_FLAG_DONE,
+                p.REPLY_TYPE_BLOCK_STATUS,
+                cookie,
+                len(body),
+            )
+            + body
+        )
+
+    # -- waiting for log space -------------------------------------------------------------
+
+    @property
+    def _stalled(self) -> bool:
+        """True while a write waits for log space: the connection stops reading."""
+        return self._stalls > 0
+
+    def _stall(self, need: int, resume: Callable[[], None]) -> None:
+        # More than one write may wait (a held-back or fetched write can come back while
+        # another waits): each waits in the log's FIFO with its own continuation.
+        self._stalls += 1
+        self._update_reading()
+        LOG.debug("write stalled: log full", extra={"peer": self.peer})
+        self.log.wait_for_space(need).add_done_callback(lambda f: self._unstall(f, resume))
+
+    def _unstall(self, fut: asyncio.Future[None], resume: Callable[[], None]) -> None:
+        if fut.cancelled():
+            return
+        try:
+            if self._transport is not None:
+                self._out_begin()
+                resume()
+                self._out_flush()
+        finally:
+            self.log.waiter_done()
+            self._stalls -= 1
+        if self._transport is None:
+            return
+        self._update_reading()
+        self._process()
+
+
+def throttle_delay(fill: float) -> float:
+    """Seconds to hold a write back when the write log is ``fill`` full (0..1): nothing
+    below THROTTLE_START, then rising with the square of the fill to THROTTLE_MAX when
+    full, so that write latency grows smoothly as the log fills rather than jumping from
+    microseconds to a stall."""
+    if fill <= THROTTLE_START:
+        return 0.0
+    x = min(1.0, (fill - THROTTLE_START) / (1.0 - THROTTLE_START))
+    return THROTTLE_MAX * x * x
+
+
+async def _ensure_all(restore: LazyRestore, spans: list[tuple[int, int]]) -> None:
+    for offset, length in spans:
+        await restore.ensure(offset, length)
