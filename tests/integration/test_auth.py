@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from sgw.common import signing
-from sgw.gateway.link.request_signing import BODY_SHA256, GatewayAuth
+from sgw.gateway.link.request_signing import GatewayAuth
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.db import schema
 from sgw.provider.management.gateways import OWNER_TRUST_S, Gateways
@@ -319,7 +319,9 @@ def test_gateway_auth_signs_the_digest_its_caller_gives() -> None:
     auth = GatewayAuth(gw.key, "gw:" + gw.gateway_id)
     public = bytes.fromhex(signing.public_key_hex(gw.key))
     given = signing.body_digest(b"other")
-    req = httpx.Request("PUT", "https://p/c", content=b"data", extensions={BODY_SHA256: given})
+    req = httpx.Request(
+        "PUT", "https://p/c", content=b"data", extensions={signing.BODY_DIGEST_EXTENSION: given}
+    )
     parsed = signing.parse_header(next(auth.sync_auth_flow(req)).headers["authorization"])
     assert parsed is not None
     assert signing.verify(public, parsed, "PUT", b"/c", given)
