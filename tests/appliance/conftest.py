@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import SGW, free_port
+from tests.fixtures.daemons import SGW, free_port
 from tests.fixtures.management import SecureProvider
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ import pytest
 
 from sgw.common import activation_key
 from sgw.common.errors import ActivationKeyError
-from tests.conftest import SGW, GatewayProcess, free_port, need
+from tests.fixtures.daemons import SGW, GatewayProcess, free_port, need
 from tests.fixtures.management import FakeGateway, SecureProvider, activate
 
 MIB = 1 << 20

@@ -18,8 +18,8 @@ from sgw.gateway.link.request_signing import GatewayAuth
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.db import schema
 from sgw.provider.management.gateways import OWNER_TRUST_S, Gateways
-from tests.conftest import ProviderProcess
 from tests.fixtures.control_db import control_db
+from tests.fixtures.daemons import ProviderProcess
 from tests.fixtures.management import FakeGateway, SecureProvider, activate, new_account
 
 KIB = 1 << 10

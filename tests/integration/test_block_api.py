@@ -23,7 +23,7 @@ import zstandard
 
 from sgw.common.chunks import decode_chunk
 from sgw.provider.blockstore.keys import derive_key
-from tests.conftest import ProviderProcess
+from tests.fixtures.daemons import ProviderProcess
 from tests.fixtures.s3 import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY
 
 KIB = 1 << 10

@@ -45,7 +45,7 @@ from sgw.provider.blockstore.packs import Location, PackIndex, new_pack_id, pack
 from sgw.provider.blockstore.service import MAX_PACK_DATA, BlockService, PackStored
 from sgw.provider.db.models import ChunkLocation, ChunkPack, utcnow
 from sgw.provider.db.schema import bound_engine, make_engine, session_factory
-from tests.conftest import ProviderProcess
+from tests.fixtures.daemons import ProviderProcess
 from tests.fixtures.s3 import s3_store
 from tests.integration.test_block_api import MIB, SMALL, Api, _start, chunk, sha
 from tests.integration.test_gc import ACCOUNT, Env, content, env, race_with_collector

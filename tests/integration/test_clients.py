@@ -16,7 +16,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import GatewayProcess, free_port, need
+from tests.fixtures.daemons import GatewayProcess, free_port, need
 
 KIB = 1 << 10
 MIB = 1 << 20

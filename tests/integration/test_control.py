@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import SGW, GatewayProcess, need
+from tests.fixtures.daemons import SGW, GatewayProcess, need
 from tests.fixtures.management import SecureProvider
 
 MIB = 1 << 20

@@ -33,7 +33,7 @@ from sgw.gateway.link.channel import ControlChannel
 from sgw.gateway.link.journal import Command
 from sgw.provider.control import peers
 from sgw.provider.control.hub import DOORBELL_PATH
-from tests.conftest import SGW, GatewayProcess
+from tests.fixtures.daemons import SGW, GatewayProcess
 from tests.fixtures.management import FakeGateway, SecureProvider, activate, init_provider
 from tests.integration.test_control import cli_json, online
 

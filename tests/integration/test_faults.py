@@ -19,7 +19,7 @@ import httpx
 import nbd
 import pytest
 
-from tests.conftest import SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
+from tests.fixtures.daemons import SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
 from tests.fixtures.faultproxy import Fault, FaultProxy
 
 MIB = 1 << 20

@@ -38,7 +38,7 @@ from sgw.provider.blockstore.packs import pack_key
 from sgw.provider.blockstore.service import BlockService, chunk_key
 from sgw.provider.db.models import Snapshot, Volume
 from sgw.provider.db.schema import make_engine, session_factory
-from tests.conftest import SGW, GatewayProcess, ProviderProcess
+from tests.fixtures.daemons import SGW, GatewayProcess, ProviderProcess
 from tests.fixtures.s3 import s3_store
 from tests.integration.test_faults import (
     VOL_SIZE,

@@ -21,7 +21,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import SGW, GatewayProcess
+from tests.fixtures.daemons import SGW, GatewayProcess
 
 # --- wire constants (NBD doc/proto.md) ---------------------------------------------------
 NBDMAGIC = b"NBDMAGIC"

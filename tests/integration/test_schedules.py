@@ -44,7 +44,7 @@ from sgw.provider.db.models import (
     utcnow,
 )
 from sgw.provider.management.volume_settings import SecretBox, VolumeSettings
-from tests.conftest import GatewayProcess
+from tests.fixtures.daemons import GatewayProcess
 from tests.fixtures.management import SecureProvider
 from tests.integration.test_control import activated_gateway, cli_json, wait_for
 

@@ -41,7 +41,7 @@ from sgw.gateway.volume.destager import Destager
 from sgw.gateway.volume.engine import VolumeEngine, VolumeSpec
 from sgw.gateway.volume.remote import BlockApiClient, RetryPolicy
 from sgw.gateway.volume.upload import DEFAULT_PACK_CHUNKS, TokenBucket, Uploader
-from tests.conftest import SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
+from tests.fixtures.daemons import SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
 from tests.fixtures.faultproxy import _ClosedError, _read_body, _read_head
 from tests.integration.test_faults import VOL_SIZE, assert_clean_log, read_all, wait_remote_equal
 from tests.unit.test_upload_logic import FakeProvider
