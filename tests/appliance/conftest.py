@@ -37,6 +37,7 @@ import pytest
 
 from tests.fixtures.daemons import SGW, free_port
 from tests.fixtures.management import SecureProvider
+from tests.fixtures.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "dist"
@@ -94,14 +95,6 @@ def image_path() -> Path | None:
     doc = json.loads(manifest.read_text())
     path = DIST / doc["qcow2"]
     return path if path.exists() else None
-
-
-def wait_until(what: str, timeout: float, probe: Callable[[], bool], every: float = 1.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 def start_provider(data_dir: Path) -> SecureProvider:
@@ -324,7 +317,7 @@ class Appliance:
         key = query["activationKey"][0]
         doc = self.sgw_json("activate", key, "--name", "appliance", "--timezone", "UTC")
         self.gateway_id = str(doc["id"])
-        wait_until("the appliance's control channel", READY_TIMEOUT, self.online, every=0.5)
+        wait_for(self.online, READY_TIMEOUT, "the appliance's control channel", every=0.5)
         self.activated_seconds = time.monotonic() - start
 
     def create_volume(self, name: str, size: int = VOLUME_SIZE) -> dict[str, Any]:
@@ -335,7 +328,7 @@ class Appliance:
             *("--mode", "stored", "--timeout", str(COMMAND_TIMEOUT)),
         )
         self.volumes[name] = vol
-        wait_until(f"the iSCSI target of {name}", 60, lambda: name in self.targets())
+        wait_for(lambda: name in self.targets(), 60, f"the iSCSI target of {name}", every=1.0)
         return vol
 
     def _wait(self, what: str, timeout: float, probe: Callable[[], Any]) -> None:

@@ -17,17 +17,9 @@ from typing import Any
 
 from tests.fixtures.daemons import SGW, GatewayProcess, need
 from tests.fixtures.management import SecureProvider
+from tests.fixtures.waiting import wait_for
 
 MIB = 1 << 20
-
-
-def wait_for(check: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def gateway_config(tmp_path: Path, p: SecureProvider, idle: float = 0.2) -> Path:

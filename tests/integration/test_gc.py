@@ -5,7 +5,6 @@ missing chunk. Then the ``sgw provider gc`` command against a running provider."
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import subprocess
@@ -38,6 +37,7 @@ from sgw.provider.blockstore.packs import pack_key
 from sgw.provider.blockstore.service import BlockService, chunk_key
 from sgw.provider.db.models import Snapshot, Volume
 from sgw.provider.db.schema import make_engine, session_factory
+from tests.fixtures.chunk_data import content, sha256_hex
 from tests.fixtures.daemons import SGW, GatewayProcess, ProviderProcess
 from tests.fixtures.s3 import s3_store
 from tests.integration.test_faults import (
@@ -52,16 +52,6 @@ from tests.integration.test_faults import (
 KIB = 1 << 10
 CHUNK = 4 * KIB  # the smallest chunk size: many chunks, small bodies
 ACCOUNT = "acct"
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def content(tag: object) -> bytes:
-    """Distinct, non-zero chunk data for ``tag``."""
-    seed = hashlib.sha256(repr(tag).encode()).digest()
-    return (seed * (CHUNK // len(seed) + 1))[:CHUNK]
 
 
 @dataclass
@@ -89,8 +79,8 @@ class Env:
         return info.id
 
     def put(self, volume_id: str, data: bytes) -> str:
-        self.blocks.put_chunk(ACCOUNT, volume_id, sha(data), data)
-        return sha(data)
+        self.blocks.put_chunk(ACCOUNT, volume_id, sha256_hex(data), data)
+        return sha256_hex(data)
 
     def commit(self, volume_id: str, changes: dict[int, str | None]) -> int:
         base = self.blocks.get_volume(ACCOUNT, volume_id).map_version
@@ -212,10 +202,10 @@ def test_each_key_scope_is_judged_by_its_own_maps(env: Env) -> None:
 def test_block_api_snapshot_chunks_are_references(env: Env) -> None:
     snap = env.blocks.start_snapshot(ACCOUNT, 8 * CHUNK, chunk_size=CHUNK).id
     data = content("block")
-    env.blocks.put_block(ACCOUNT, snap, 2, data, sha(data))
+    env.blocks.put_block(ACCOUNT, snap, 2, data, sha256_hex(data))
     env.blocks.complete_snapshot(ACCOUNT, snap)
     assert env.collect().deleted == 0
-    assert env.blocks.get_block(ACCOUNT, snap, 2) == (sha(data), data)
+    assert env.blocks.get_block(ACCOUNT, snap, 2) == (sha256_hex(data), data)
     env.blocks.delete_snapshot(ACCOUNT, snap)
     assert env.collect().deleted == 1
 
@@ -285,7 +275,7 @@ def test_putting_an_old_chunk_again_renews_its_time(
             return time.time() + 7200
 
     monkeypatch.setattr(service, "time", Later)
-    assert env.blocks.put_chunk(ACCOUNT, vol, sha(content("old")), content("old")) is False
+    assert env.blocks.put_chunk(ACCOUNT, vol, sha256_hex(content("old")), content("old")) is False
     monkeypatch.undo()
     assert env.store.get(key) != first  # rewritten (a fresh nonce), so its time is new
     # Old by the first write, young by the second: a collector with a one-hour grace
@@ -294,7 +284,7 @@ def test_putting_an_old_chunk_again_renews_its_time(
     assert (report.deleted, report.young) == (0, 1)
     # An object still young is not rewritten.
     again = env.store.get(key)
-    assert env.blocks.put_chunk(ACCOUNT, vol, sha(content("old")), content("old")) is False
+    assert env.blocks.put_chunk(ACCOUNT, vol, sha256_hex(content("old")), content("old")) is False
     assert env.store.get(key) == again
 
 
@@ -328,7 +318,7 @@ def race_with_collector(
     snapshots, while a collector with no grace period runs again and again for
     ``duration`` seconds. Fails if a pass leaves a map naming a chunk the store lacks,
     or if any thread fails or hangs."""
-    by_id = {sha(d): d for d in pool}
+    by_id = {sha256_hex(d): d for d in pool}
     stop = threading.Event()
     failures: list[str] = []
     refused = [0]
@@ -350,7 +340,7 @@ def race_with_collector(
                     changes[wrng.randrange(8)] = (
                         None if wrng.random() < 0.15 else wrng.randrange(len(pool))
                     )
-                named = {i: None if n is None else sha(pool[n]) for i, n in changes.items()}
+                named = {i: None if n is None else sha256_hex(pool[n]) for i, n in changes.items()}
                 wanted = sorted({n for n in changes.values() if n is not None})
                 if wanted:
                     upload(vol, [pool[n] for n in wanted], wrng)
@@ -436,12 +426,12 @@ def test_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_chunk
     final = env.collect(grace=0)
     assert final.errors == 0 and env.dangling() == []
     for vol, model in race.models.items():
-        assert env.maps.read_map(vol) == {i: sha(pool[n]) for i, n in model.items()}
+        assert env.maps.read_map(vol) == {i: sha256_hex(pool[n]) for i, n in model.items()}
         for i, n in model.items():
-            assert env.blocks.get_chunk(ACCOUNT, vol, sha(pool[n])) == pool[n], i
+            assert env.blocks.get_chunk(ACCOUNT, vol, sha256_hex(pool[n])) == pool[n], i
     for snap, model in race.frozen.items():
         assert env.maps.read_map(None, snapshot_id=snap) == {
-            i: sha(pool[n]) for i, n in model.items()
+            i: sha256_hex(pool[n]) for i, n in model.items()
         }
         for i, n in model.items():
             assert env.blocks.get_block(ACCOUNT, snap, i)[1] == pool[n]
@@ -464,11 +454,11 @@ def test_gc_command(tmp_path: Path, provider: ProviderProcess) -> None:
         ids = []
         for tag in ("committed", "orphan"):
             data = content(tag)
-            ids.append(sha(data))
+            ids.append(sha256_hex(data))
             r = http.put(
-                f"/v1/volumes/{vol}/chunks/{sha(data)}",
+                f"/v1/volumes/{vol}/chunks/{sha256_hex(data)}",
                 content=data,
-                headers={"x-sgw-sha256": sha(data)},
+                headers={"x-sgw-sha256": sha256_hex(data)},
             )
             assert r.status_code == 201, r.text
         r = http.post(

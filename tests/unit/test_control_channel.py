@@ -24,6 +24,7 @@ import pytest
 from sgw.common.errors import CommandError
 from sgw.gateway.link.channel import BACKOFF_FIRST_S, QUICK_S, ControlChannel, backoff
 from sgw.gateway.link.journal import INTERRUPTED, Command, ControlJournal, Reply
+from tests.fixtures.clock import FakeClock
 
 URL = "http://provider.test"
 
@@ -322,16 +323,16 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
 
 
 def test_journal_forgets_old_keys_but_keeps_recent_ones(tmp_path: Path) -> None:
-    now = [1_000_000.0]
-    journal = ControlJournal(str(tmp_path), clock=lambda: now[0])
+    clock = FakeClock(1_000_000.0)
+    journal = ControlJournal(str(tmp_path), clock=clock)
     journal.load()
 
     async def main() -> None:
-        old = Command("a", "describe", {}, "ka", now[0] + 60)
+        old = Command("a", "describe", {}, "ka", clock.now + 60)
         await journal.admit([old])
         await journal.finish(old, Reply("a", "succeeded", {}))
-        now[0] += 8 * 86400  # past KEEP_S
-        new = Command("b", "describe", {}, "kb", now[0] + 60)
+        clock.now += 8 * 86400  # past KEEP_S
+        new = Command("b", "describe", {}, "kb", clock.now + 60)
         await journal.admit([new])
         await journal.finish(new, Reply("b", "succeeded", {}))
 

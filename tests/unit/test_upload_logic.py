@@ -31,32 +31,16 @@ from sgw.gateway.volume.destager import Destager, merge
 from sgw.gateway.volume.engine import VolumeEngine, VolumeSpec
 from sgw.gateway.volume.remote import BlockApiClient, RetryPolicy, is_retryable, prepare_chunk
 from sgw.gateway.volume.upload import TokenBucket, Uploader, VolumeResult, idempotency_key
+from tests.fixtures.clock import FakeClock, no_sleep
 
 MIB = 1 << 20
-
-
-async def no_sleep(_: float) -> None:
-    return None
 
 
 # -- token bucket ------------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-
-
 def test_token_bucket_holds_the_long_run_rate() -> None:
-    clock = Clock()
+    clock = FakeClock()
     bucket = TokenBucket(1000, clock=clock, sleep=clock.sleep)
 
     async def run() -> None:
@@ -69,7 +53,7 @@ def test_token_bucket_holds_the_long_run_rate() -> None:
 
 
 def test_token_bucket_lets_a_request_larger_than_the_burst_through_in_debt() -> None:
-    clock = Clock()
+    clock = FakeClock()
     bucket = TokenBucket(100, clock=clock, sleep=clock.sleep)
     assert bucket.delay_for(1000) == pytest.approx(9.0)
     clock.now += 9.0
@@ -77,7 +61,7 @@ def test_token_bucket_lets_a_request_larger_than_the_burst_through_in_debt() -> 
 
 
 def test_token_bucket_refills_while_idle_but_not_beyond_the_burst() -> None:
-    clock = Clock()
+    clock = FakeClock()
     bucket = TokenBucket(100, clock=clock, sleep=clock.sleep)
     clock.now = 1000.0
     assert bucket.delay_for(100) == 0.0
