@@ -32,9 +32,8 @@ from typing import Any
 import httpx
 import nbd
 import pytest
-import zstandard
 
-from sgw.common.chunk_packs import MEDIA_TYPE, decode_pack
+from sgw.common.chunk_packs import decode_pack
 from sgw.common.errors import RemoteRejectedError
 from sgw.gateway.volume.destager import Destager
 from sgw.gateway.volume.engine import VolumeEngine, VolumeSpec
@@ -44,8 +43,8 @@ from tests.fixtures.chunk_data import sha256_hex
 from tests.fixtures.clock import no_sleep
 from tests.fixtures.daemons import SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
 from tests.fixtures.faultproxy import _ClosedError, _read_body, _read_head
+from tests.fixtures.provider_sim import ProviderSim
 from tests.integration.test_faults import VOL_SIZE, assert_clean_log, read_all, wait_remote_equal
-from tests.unit.test_upload_logic import FakeProvider
 
 MIB = 1 << 20
 CHUNKS = VOL_SIZE // MIB + 1  # 17: 16 whole chunks and a short last one
@@ -515,63 +514,9 @@ def test_bandwidth_limit_holds_with_packs_larger_than_its_burst(
 UNIT_VOL = 16 * MIB
 
 
-class PackingProvider:
-    """``FakeProvider`` (tests/unit/test_upload_logic.py) with the chunk-pack route; records
-    the chunk ids of every PUT and pack, and how many of them were in flight at most."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.fake = FakeProvider()
-        self.requests: list[tuple[str, list[str], int]] = []  # (kind, chunk ids, body bytes)
-        self.delay = delay
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.refuse_packs = False
-        self.lose_next_pack_reply = False
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        parts = request.url.path.strip("/").split("/")
-        kind = "pack" if parts[-1] == "chunk-packs" else "put" if request.method == "PUT" else ""
-        if not kind:
-            return self.fake(request)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await asyncio.sleep(self.delay)
-            if kind == "put":
-                self.requests.append(("put", [parts[4]], len(request.content)))
-                return self.fake(request)
-            return self._pack(request)
-        finally:
-            self.in_flight -= 1
-
-    def _pack(self, request: httpx.Request) -> httpx.Response:
-        assert request.headers["content-type"] == MEDIA_TYPE
-        chunks = decode_pack(request.content)
-        self.requests.append(("pack", [c.id for c in chunks], len(request.content)))
-        if self.refuse_packs:
-            return httpx.Response(413, json={"error": "too_large", "message": "pack refused"})
-        stored = []
-        for c in chunks:
-            data = bytes(c.body)
-            if c.zstd:
-                data = zstandard.ZstdDecompressor().decompress(data)
-            assert sha256_hex(data) == c.id and any(data)
-            if c.id not in self.fake.chunks:
-                stored.append(c.id)
-            self.fake.chunks[c.id] = data
-        if self.lose_next_pack_reply:
-            self.lose_next_pack_reply = False
-            raise httpx.ReadError("reply lost", request=request)
-        present = [c.id for c in chunks if c.id not in stored]
-        return httpx.Response(200, json={"stored": stored, "present": present})
-
-    def sent(self) -> list[str]:
-        return [c for _, ids, _ in self.requests for c in ids]
-
-
 def run_upload(
     workdir: Path,
-    provider: PackingProvider,
+    provider: ProviderSim,
     writes: dict[int, bytes],
     *,
     configure: Callable[[Uploader], None] = lambda _: None,
@@ -609,15 +554,15 @@ def run_upload(
     return asyncio.run(run())
 
 
-def assert_remote_equal(provider: PackingProvider, want: bytes) -> None:
-    [rid] = provider.fake.volumes
-    assert provider.fake.volume_bytes(rid, UNIT_VOL) == want
+def assert_remote_equal(provider: ProviderSim, want: bytes) -> None:
+    [rid] = provider.volumes
+    assert provider.volume_bytes(rid, UNIT_VOL) == want
 
 
 def test_groups_of_pack_chunks_and_a_last_single_put(tmp_path: Path) -> None:
     """pack_chunks=3, seven new non-zero chunks around zero ones: packs of 3 and 3 in
     index order, the seventh as a single PUT; the zero chunks are never sent."""
-    provider = PackingProvider()
+    provider = ProviderSim()
     rng = random.Random(31)
     writes = {i: rng.randbytes(MIB) if i % 2 else text_chunk(i) for i in (0, 1, 3, 4, 5, 7, 9)}
     writes[2] = writes[6] = bytes(MIB)
@@ -626,11 +571,11 @@ def test_groups_of_pack_chunks_and_a_last_single_put(tmp_path: Path) -> None:
     index_of = {sha256_hex(d): i for i, d in writes.items()}
     got = sorted((kind, sorted(index_of[c] for c in ids)) for kind, ids, _ in provider.requests)
     assert got == [("pack", [0, 1, 3]), ("pack", [4, 5, 7]), ("put", [9])]
-    assert sha256_hex(bytes(MIB)) not in provider.fake.chunks
+    assert sha256_hex(bytes(MIB)) not in provider.chunks
 
 
 def test_pack_chunks_1_sends_each_chunk_in_its_own_put(tmp_path: Path) -> None:
-    provider = PackingProvider()
+    provider = ProviderSim()
     rng = random.Random(32)
     writes = {i: rng.randbytes(MIB) for i in range(6)}
     want = run_upload(tmp_path, provider, writes, pack_chunks=1)
@@ -640,7 +585,7 @@ def test_pack_chunks_1_sends_each_chunk_in_its_own_put(tmp_path: Path) -> None:
 
 
 def test_duplicates_in_a_batch_are_sent_once(tmp_path: Path) -> None:
-    provider = PackingProvider()
+    provider = ProviderSim()
     rng = random.Random(33)
     a, b = rng.randbytes(MIB), text_chunk(0)
     layout = [a, a, a, a, a, b, b, a, b, a]
@@ -655,7 +600,7 @@ def test_duplicates_in_a_batch_are_sent_once(tmp_path: Path) -> None:
 
 
 def test_concurrency_bounds_the_requests_in_flight(tmp_path: Path) -> None:
-    provider = PackingProvider(delay=0.05)
+    provider = ProviderSim(delay=0.05)
     rng = random.Random(34)
     writes = {i: rng.randbytes(MIB) for i in range(10)}
     want = run_upload(tmp_path, provider, writes, pack_chunks=2, concurrency=2)
@@ -667,7 +612,7 @@ def test_concurrency_bounds_the_requests_in_flight(tmp_path: Path) -> None:
 def test_bandwidth_limit_counts_whole_packs_larger_than_the_burst(tmp_path: Path) -> None:
     """1 MiB/s (a 1 MiB burst), three packs of 4 MiB of incompressible chunks: they wait
     3, 7 and 11 s, the long-run rate exactly (no clock runs: the waits are recorded)."""
-    provider = PackingProvider()
+    provider = ProviderSim()
     rng = random.Random(35)
     writes = {i: rng.randbytes(MIB) for i in range(12)}
     waits: list[float] = []
@@ -686,27 +631,27 @@ def test_bandwidth_limit_counts_whole_packs_larger_than_the_burst(tmp_path: Path
 
 
 def test_a_lost_pack_reply_is_retried(tmp_path: Path) -> None:
-    provider = PackingProvider()
+    provider = ProviderSim()
     provider.lose_next_pack_reply = True
     rng = random.Random(36)
     writes = {i: rng.randbytes(MIB) for i in range(4)}
     want = run_upload(tmp_path, provider, writes)
     assert_remote_equal(provider, want)
     assert [kind for kind, _, _ in provider.requests] == ["pack", "pack"]
-    assert list(provider.fake.keys.values()) == [1]  # one commit
+    assert list(provider.keys.values()) == [1]  # one commit
 
 
 def test_a_refused_pack_fails_the_batch_and_commits_nothing(tmp_path: Path) -> None:
-    provider = PackingProvider()
+    provider = ProviderSim()
     provider.refuse_packs = True
     rng = random.Random(37)
     writes = {i: rng.randbytes(MIB) for i in range(4)}
     with pytest.raises(RemoteRejectedError, match=r"pack of 4 chunks.*413.*pack refused"):
         run_upload(tmp_path, provider, writes)
     assert len(provider.requests) == 1  # a 4xx is not retried
-    assert provider.fake.keys == {}
-    [rid] = provider.fake.volumes
-    assert provider.fake.maps[rid] == {}
+    assert provider.keys == {}
+    [rid] = provider.volumes
+    assert provider.maps[rid] == {}
 
 
 @pytest.mark.parametrize("pack_chunks", [0, 65])
