@@ -10,7 +10,12 @@ import pytest
 
 from tests.fixtures.daemons import GatewayProcess, ProviderProcess, free_port
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.postgres", "tests.fixtures.management"]
+pytest_plugins = [
+    "tests.fixtures.s3",
+    "tests.fixtures.postgres",
+    "tests.fixtures.management",
+    "tests.fixtures.block_service",
+]
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.appliance.conftest import VOLUME_SIZE, Appliance
+from tests.fixtures.appliance import VOLUME_SIZE, Appliance
 from tests.fixtures.waiting import wait_for
 
 pytestmark = [pytest.mark.appliance, pytest.mark.timeout(900)]

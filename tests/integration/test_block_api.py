@@ -7,14 +7,11 @@ SQLite metadata) and make their own volumes; the end-to-end test runs on each da
 
 from __future__ import annotations
 
-import os
 import socket
 import stat
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,129 +19,21 @@ import zstandard
 
 from sgw.common.chunks import decode_chunk
 from sgw.provider.blockstore.keys import derive_key
+from tests.fixtures.block_api import SMALL, Api, start_provider_on
 from tests.fixtures.chunk_data import content, sha256_hex
 from tests.fixtures.daemons import ProviderProcess
-from tests.fixtures.s3 import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY
 
 KIB = 1 << 10
 MIB = 1 << 20
-SMALL = 4 * KIB  # the smallest chunk size: keeps bodies small and volumes many-chunked
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-    "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-}
-
-
-@dataclass
-class Api:
-    """A running provider, an HTTP client for it, and a raw view of its object store."""
-
-    process: ProviderProcess
-    client: httpx.Client
-    store: str  # "dir" or "s3"
-    s3: Any = None
-    bucket: str = ""
-
-    @property
-    def data_dir(self) -> Path:
-        return self.process.data_dir
-
-    def keys(self) -> set[str]:
-        """Every object key in the store."""
-        if self.store == "s3":
-            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
-            return {item["Key"] for page in pages for item in page.get("Contents", ())}
-        root = self.data_dir / "objects"
-        return {
-            str(p.relative_to(root))
-            for p in root.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
-        }
-
-    def raw(self, key: str) -> bytes:
-        if self.store == "s3":
-            return bytes(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
-        return (self.data_dir / "objects" / key).read_bytes()
-
-    def volume(
-        self, size: int = 64 * SMALL, chunk_size: int | None = SMALL, **kw: Any
-    ) -> dict[str, Any]:
-        body = {"name": f"vol-{uuid.uuid4().hex[:8]}", "size": size, "mode": "cached"}
-        body.update(chunk_size=chunk_size, **kw)
-        r = self.client.post("/v1/volumes", json=body)
-        assert r.status_code == 201, r.text
-        return dict(r.json())
-
-    def put_chunk(self, volume_id: str, data: bytes, **headers: str) -> httpx.Response:
-        cid = sha256_hex(data)
-        return self.client.put(
-            f"/v1/volumes/{volume_id}/chunks/{cid}",
-            content=data,
-            headers={"x-sgw-sha256": cid, **headers},
-        )
-
-    def commit(
-        self, volume_id: str, base: int, changes: Mapping[int, str | None], key: str | None = None
-    ) -> httpx.Response:
-        return self.client.post(
-            f"/v1/volumes/{volume_id}/commits",
-            json={
-                "base_version": base,
-                "idempotency_key": key or uuid.uuid4().hex,
-                "changes": {str(i): c for i, c in changes.items()},
-            },
-        )
-
-    def map(self, volume_id: str) -> tuple[int, dict[int, str]]:
-        r = self.client.get(f"/v1/volumes/{volume_id}/map")
-        assert r.status_code == 200, r.text
-        body = r.json()
-        return body["version"], {int(i): c for i, c in body["chunks"].items()}
-
-    def put_block(self, snapshot_id: str, index: int, data: bytes) -> httpx.Response:
-        return self.client.put(
-            f"/v1/snapshots/{snapshot_id}/blocks/{index}",
-            content=data,
-            headers={"x-sgw-sha256": sha256_hex(data)},
-        )
-
-    def pages(self, path: str, limit: int, **params: str) -> list[tuple[int, str | None]]:
-        """Every item of a paginated block listing, following ``next``."""
-        items: list[tuple[int, str | None]] = []
-        start: int | None = 0
-        while start is not None:
-            r = self.client.get(path, params={**params, "start": start, "limit": limit})
-            assert r.status_code == 200, r.text
-            body = r.json()
-            assert len(body["blocks"]) <= limit
-            items += [(b["index"], b["chunk_id"]) for b in body["blocks"]]
-            start = body["next"]
-        return items
-
-
-def _start(
-    data_dir: Path, store: str, request: pytest.FixtureRequest, db_url: str | None = None
-) -> tuple[ProviderProcess, dict[str, Any]]:
-    """A started provider on ``store`` and the Api fields describing that store."""
-    if store == "dir":
-        return ProviderProcess(data_dir, db_url=db_url).start(), {}
-    endpoint = request.getfixturevalue("s3_endpoint")
-    s3 = request.getfixturevalue("_s3_admin")
-    bucket = f"sgw-api-{uuid.uuid4().hex[:12]}"
-    s3.create_bucket(Bucket=bucket)
-    url = f"s3://{bucket}?endpoint={endpoint}&region={S3_REGION}"
-    process = ProviderProcess(data_dir, db_url=db_url, store_url=url, env=S3_ENV).start()
-    return process, {"s3": s3, "bucket": bucket}
 
 
 @pytest.fixture(scope="module", params=["dir", "s3"])
 def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """One provider per object store for the whole module (tests make their own volumes)."""
     store = request.param
-    process, extra = _start(tmp_path_factory.mktemp(f"api-{store}") / "provider", store, request)
+    process, extra = start_provider_on(
+        tmp_path_factory.mktemp(f"api-{store}") / "provider", store, request
+    )
     try:
         with httpx.Client(base_url=process.url, timeout=30) as client:
             yield Api(process, client, store, **extra)
@@ -666,7 +555,7 @@ def test_master_key_is_refused_when_loose_or_lost(
 def test_end_to_end_on_each_database_and_store(
     store: str, empty_db_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    process, extra = _start(tmp_path / "e2e", store, request, db_url=empty_db_url)
+    process, extra = start_provider_on(tmp_path / "e2e", store, request, db_url=empty_db_url)
     try:
         with httpx.Client(base_url=process.url, timeout=30) as client:
             api = Api(process, client, store, **extra)

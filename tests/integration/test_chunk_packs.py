@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -45,14 +45,13 @@ from sgw.provider.blockstore.packs import Location, PackIndex, new_pack_id, pack
 from sgw.provider.blockstore.service import MAX_PACK_DATA, BlockService, PackStored
 from sgw.provider.db.models import ChunkLocation, ChunkPack, utcnow
 from sgw.provider.db.schema import bound_engine, make_engine, session_factory
+from tests.fixtures.block_api import SMALL, Api, start_provider_on
+from tests.fixtures.block_service import ACCOUNT, Env, put_pack, race_with_collector
 from tests.fixtures.chunk_data import content, sha256_hex
 from tests.fixtures.daemons import ProviderProcess
 from tests.fixtures.s3 import s3_store
-from tests.integration.test_block_api import MIB, SMALL, Api, _start
-from tests.integration.test_gc import ACCOUNT, Env, env, race_with_collector
 
-__all__ = ["env"]  # the fixture, imported for these tests
-
+MIB = 1 << 20
 # What encode_chunk adds around an encrypted payload.
 OVERHEAD = HEADER_SIZE + NONCE_SIZE + TAG_SIZE
 PACK_KEY = re.compile(r"packs/(?P<scope>[^/]+)/(?P<pack>[0-9a-f]{32})")
@@ -145,7 +144,9 @@ def api(
 ) -> Iterator[PackApi]:
     """One provider per object store (SQLite) for the module; tests make their own volumes."""
     store = request.param
-    process, extra = _start(tmp_path_factory.mktemp(f"packs-{store}") / "provider", store, request)
+    process, extra = start_provider_on(
+        tmp_path_factory.mktemp(f"packs-{store}") / "provider", store, request
+    )
     try:
         with httpx.Client(base_url=process.url, timeout=60) as client:
             packs = _pack_api(process, client, store, **extra)
@@ -441,7 +442,7 @@ def test_a_pack_of_exactly_the_data_limit_is_stored(api: PackApi) -> None:
 def test_packs_on_each_database(
     store: str, empty_db_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    process, extra = _start(tmp_path / "packs", store, request, db_url=empty_db_url)
+    process, extra = start_provider_on(tmp_path / "packs", store, request, db_url=empty_db_url)
     try:
         with httpx.Client(base_url=process.url, timeout=30) as client:
             api = _pack_api(process, client, store, **extra)
@@ -549,10 +550,6 @@ def test_get_range(ranged: ObjectStore) -> None:
 
 
 # Garbage collection of packs, in process on each database and store
-
-
-def put_pack(env: Env, volume_id: str, datas: Iterable[bytes]) -> PackStored:
-    return env.blocks.put_chunk_pack(ACCOUNT, volume_id, encode_pack([plain(d) for d in datas]))
 
 
 def pack_of(env: Env, scope: str, data: bytes) -> str:

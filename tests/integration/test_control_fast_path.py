@@ -17,8 +17,7 @@ from sgw.common import signing
 from sgw.provider.auth.nonces import NonceLedger
 from sgw.provider.db import schema
 from sgw.provider.management.gateways import KEY_TRUST_S
-from tests.fixtures.management import FakeGateway, SecureProvider, activate
-from tests.integration.test_control_servers import start_servers
+from tests.fixtures.management import FakeGateway, SecureProvider, activate, start_servers
 
 
 def signed_request(

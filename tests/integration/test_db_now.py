@@ -25,8 +25,7 @@ from sgw.provider.control.store import ControlStore, NewMessage
 from sgw.provider.db import schema
 from sgw.provider.db.models import utcnow
 from sgw.provider.db.raw import ThreadConnections, WouldBlock
-from tests.fixtures.control_db import control_db
-from tests.integration.test_control_handover import with_hub
+from tests.fixtures.control_db import control_db, with_hub
 
 
 @pytest.fixture

@@ -5,11 +5,8 @@ the next pass. Real databases (SQLite, PostgreSQL) and stores (directory, S3 on 
 from __future__ import annotations
 
 from sgw.provider.blockstore.packs import PACKS_PREFIX, pack_key, read_index
+from tests.fixtures.block_service import ACCOUNT, Env, put_pack
 from tests.fixtures.chunk_data import content, sha256_hex
-from tests.integration.test_chunk_packs import put_pack
-from tests.integration.test_gc import ACCOUNT, Env, env
-
-__all__ = ["env"]  # the fixture, imported for these tests
 
 
 def pack_of_new(e: Env, volume_id: str, datas: list[bytes]) -> list[str]:

@@ -45,9 +45,8 @@ from sgw.provider.db.models import (
 )
 from sgw.provider.management.volume_settings import SecretBox, VolumeSettings
 from tests.fixtures.daemons import GatewayProcess
-from tests.fixtures.management import SecureProvider
+from tests.fixtures.management import SecureProvider, activated_gateway, cli_json
 from tests.fixtures.waiting import wait_for
-from tests.integration.test_control import activated_gateway, cli_json
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 LOGGER = "sgw.provider.control.schedules"

@@ -43,8 +43,8 @@ from tests.fixtures.chunk_data import sha256_hex
 from tests.fixtures.clock import no_sleep
 from tests.fixtures.daemons import SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
 from tests.fixtures.faultproxy import _ClosedError, _read_body, _read_head
+from tests.fixtures.gateway_uploads import VOL_SIZE, assert_clean_log, read_all, wait_remote_equal
 from tests.fixtures.provider_sim import ProviderSim
-from tests.integration.test_faults import VOL_SIZE, assert_clean_log, read_all, wait_remote_equal
 
 MIB = 1 << 20
 CHUNKS = VOL_SIZE // MIB + 1  # 17: 16 whole chunks and a short last one
