@@ -389,15 +389,15 @@ def test_kill_9_at_random_moments(tmp_path: Path) -> None:
         if model is not None:
             args = [path, str(size), str(chunk_size), model.token.hex(), str(model.snap_seed)]
             args += ["0", str(rng.randrange(1 << 30))]
-            proc = subprocess.run(
+            done = subprocess.run(
                 [sys.executable, "-m", "tests.fixtures.restore_child", *args],
                 cwd=ROOT,
                 capture_output=True,
                 timeout=60,
                 check=False,
             )
-            assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-            apply_reports(model, proc.stdout.decode().splitlines())
+            assert done.returncode == 0, done.stderr.decode()[-3000:]
+            apply_reports(model, done.stdout.decode().splitlines())
             model.check(path, complete=True)
             finished += 1
     except BaseException:

@@ -189,7 +189,7 @@ def blob(tag: object, size: int = 200) -> bytearray:
     return encode_chunk(data, KEY, compress=False)
 
 
-def sample(n: int = 3) -> tuple[bytearray, list[tuple[str, int, int]], list[bytearray]]:
+def sample(n: int = 3) -> tuple[bytes, list[tuple[str, int, int]], list[bytearray]]:
     blobs = [blob(i, 100 + 50 * i) for i in range(n)]
     obj, entries = build_pack([(sha256_hex(bytes([i])), b) for i, b in enumerate(blobs)])
     return obj, entries, blobs
@@ -228,9 +228,7 @@ def test_pack_keys_and_ids() -> None:
     assert pack_key("scope-1", "ab" * 16) == f"packs/scope-1/{'ab' * 16}"
 
 
-def reindex(
-    obj: bytearray, entries: list[tuple[bytes, int, int]], count: int | None = None
-) -> bytes:
+def reindex(obj: bytes, entries: list[tuple[bytes, int, int]], count: int | None = None) -> bytes:
     """The object with its index replaced by ``entries`` and a matching CRC and trailer."""
     old_count = struct.unpack_from(">I", obj, len(obj) - PACK_TRAILER)[0]
     body = obj[: len(obj) - PACK_TRAILER - old_count * PACK_ENTRY.size]
