@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.appliance.conftest import VOLUME_SIZE, Appliance, wait_until
+from tests.fixtures.appliance import VOLUME_SIZE, Appliance
+from tests.fixtures.waiting import wait_for
 
 pytestmark = [pytest.mark.appliance, pytest.mark.timeout(900)]
 
@@ -157,7 +158,7 @@ def test_chap_and_acls(appliance: Appliance) -> None:
     def acl() -> bool:
         return bool(appliance.targets()["vol2"]["initiators"])
 
-    wait_until("the CHAP credentials in LIO", 60, acl)
+    wait_for(acl, 60, "the CHAP credentials in LIO", every=1.0)
     t = appliance.targets()["vol2"]
     assert t["tpg_attributes"]["generate_node_acls"] == "0"
     assert t["tpg_attributes"]["authentication"] == "1"
@@ -194,8 +195,11 @@ def test_restart_tears_down_in_order_and_keeps_data(appliance: Appliance, vol0: 
     before = sorted(appliance.targets())
     since = appliance.ssh("date +%s.%N").stdout.strip()
     appliance.ssh("sudo systemctl restart sgw-gateway", timeout=180)
-    wait_until(
-        "the targets back after a restart", 120, lambda: sorted(appliance.targets()) == before
+    wait_for(
+        lambda: sorted(appliance.targets()) == before,
+        120,
+        "the targets back after a restart",
+        every=1.0,
     )
     log = appliance.ssh(f"sudo journalctl -u sgw-gateway -o cat --no-pager --since @{since}").stdout
     order = [
@@ -217,7 +221,7 @@ def test_restart_tears_down_in_order_and_keeps_data(appliance: Appliance, vol0: 
     ], log[-3000:]
     res = qemu_io(appliance, vol0, f"read -P {PATTERN:#x} 0 64M")
     assert res.returncode == 0 and "Pattern verification failed" not in res.stdout, res.stdout
-    wait_until("the control channel back", 120, appliance.online)
+    wait_for(appliance.online, 120, "the control channel back", every=1.0)
 
 
 def cu_results(output: str) -> tuple[set[str], set[str]]:
@@ -284,7 +288,7 @@ def test_data_reaches_the_provider(appliance: Appliance, vol0: str) -> None:
         vols = appliance.sgw_json("volumes", "list", "--gateway", appliance.gateway_id)
         return any(v["name"] == vol0 and v["map_version"] >= 1 for v in vols)
 
-    wait_until("an upload of vol0 at the provider", 240, uploaded, every=2)
+    wait_for(uploaded, 240, "an upload of vol0 at the provider", every=2)
     objects = appliance.provider.data_dir / "objects"
     assert any(p.is_file() for p in objects.rglob("*")), appliance.provider.log_text()
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import testinfra
 
-from tests.appliance.conftest import Appliance
+from tests.fixtures.appliance import Appliance
 
 pytestmark = [pytest.mark.appliance, pytest.mark.appliance_full, pytest.mark.timeout(600)]
 

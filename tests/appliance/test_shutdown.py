@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.appliance.conftest import Appliance
+from tests.fixtures.appliance import Appliance
 
 pytestmark = [pytest.mark.appliance, pytest.mark.timeout(600)]
 

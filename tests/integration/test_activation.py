@@ -17,19 +17,11 @@ import pytest
 
 from sgw.common import activation_key
 from sgw.common.errors import ActivationKeyError
-from tests.conftest import SGW, GatewayProcess, free_port, need
+from tests.fixtures.daemons import SGW, GatewayProcess, free_port, need
 from tests.fixtures.management import FakeGateway, SecureProvider, activate
+from tests.fixtures.waiting import wait_for
 
 MIB = 1 << 20
-
-
-def wait_for(check: object, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def port_open(port: int) -> bool:
@@ -70,7 +62,7 @@ def test_activation_end_to_end(
     gw.start()
     key_file = gw.data_dir / "identity.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    wait_for(lambda: port_open(port), what="the activation page")
+    wait_for(lambda: port_open(port), timeout=20, what="the activation page")
 
     # The page hands out a one-time key in a redirect.
     page = httpx.get(f"http://127.0.0.1:{port}/?activationRegion=eu-test")
@@ -108,11 +100,11 @@ def test_activation_end_to_end(
     gateway_id = json.loads(act.stdout)["id"]
 
     creds_file = gw.data_dir / "credentials.json"
-    wait_for(creds_file.exists, what="the credentials")
+    wait_for(creds_file.exists, timeout=20, what="the credentials")
     assert stat.S_IMODE(creds_file.stat().st_mode) == 0o600
     creds = json.loads(creds_file.read_text())
     assert creds["gateway_id"] == gateway_id and creds["key_id"] == f"gw:{gateway_id}"
-    wait_for(lambda: not port_open(port), what="the activation page to close")
+    wait_for(lambda: not port_open(port), timeout=20, what="the activation page to close")
 
     # From now on its uploads are signed and land in the account, bound to the gateway.
     def uploaded() -> bool:

@@ -14,13 +14,13 @@ import pytest
 import zstandard
 
 from sgw.common import signing
-from sgw.common.signing import BODY_DIGEST_EXTENSION
 from sgw.gateway.link.request_signing import GatewayAuth
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.db import schema
 from sgw.provider.management.gateways import OWNER_TRUST_S, Gateways
-from tests.conftest import ProviderProcess
+from tests.fixtures.clock import FakeClock
 from tests.fixtures.control_db import control_db
+from tests.fixtures.daemons import ProviderProcess
 from tests.fixtures.management import FakeGateway, SecureProvider, activate, new_account
 
 KIB = 1 << 10
@@ -321,7 +321,7 @@ def test_gateway_auth_signs_the_digest_its_caller_gives() -> None:
     public = bytes.fromhex(signing.public_key_hex(gw.key))
     given = signing.body_digest(b"other")
     req = httpx.Request(
-        "PUT", "https://p/c", content=b"data", extensions={BODY_DIGEST_EXTENSION: given}
+        "PUT", "https://p/c", content=b"data", extensions={signing.BODY_DIGEST_EXTENSION: given}
     )
     parsed = signing.parse_header(next(auth.sync_auth_flow(req)).headers["authorization"])
     assert parsed is not None
@@ -339,8 +339,8 @@ def test_a_volumes_gateway_is_trusted_from_the_cache_for_a_few_seconds(
     maps = ChunkMaps(sessions)
     vol = maps.create_volume("acct", "v", MIB, gateway_id="gw-a").id
     gateways = Gateways(sessions)
-    now = [1000.0]
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    clock = FakeClock(1000.0)
+    monkeypatch.setattr(time, "monotonic", clock)
     assert not gateways.owns_volume_known("gw-a", vol)  # never read
     assert not gateways.owns_volume("gw-b", vol)
     assert gateways.owns_volume_known("gw-a", vol)  # the read above found gw-a
@@ -348,7 +348,7 @@ def test_a_volumes_gateway_is_trusted_from_the_cache_for_a_few_seconds(
     assert not gateways.owns_volume_known("gw-a", "no-such-volume")
     assert not gateways.owns_volume("gw-a", "no-such-volume")
     assert not gateways.owns_volume_known("gw-a", "no-such-volume")
-    now[0] += OWNER_TRUST_S
+    clock.now += OWNER_TRUST_S
     assert not gateways.owns_volume_known("gw-a", vol)  # stale: asked again
     assert gateways.owns_volume("gw-a", vol)
     assert gateways.owns_volume_known("gw-a", vol)

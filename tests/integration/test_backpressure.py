@@ -13,7 +13,7 @@ import nbd
 import pytest
 
 from sgw.gateway.nbd.connection import throttle_delay
-from tests.conftest import SGW, SMALL_LOG, GatewayProcess, free_port
+from tests.fixtures.daemons import SGW, SMALL_LOG, GatewayProcess, free_port
 
 MIB = 1 << 20
 

@@ -7,15 +7,11 @@ SQLite metadata) and make their own volumes; the end-to-end test runs on each da
 
 from __future__ import annotations
 
-import hashlib
-import os
 import socket
 import stat
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -23,138 +19,21 @@ import zstandard
 
 from sgw.common.chunks import decode_chunk
 from sgw.provider.blockstore.keys import derive_key
-from tests.conftest import ProviderProcess
-from tests.fixtures.s3 import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY
+from tests.fixtures.block_api import SMALL, Api, start_provider_on
+from tests.fixtures.chunk_data import content, sha256_hex
+from tests.fixtures.daemons import ProviderProcess
 
 KIB = 1 << 10
 MIB = 1 << 20
-SMALL = 4 * KIB  # the smallest chunk size: keeps bodies small and volumes many-chunked
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-    "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-}
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def chunk(tag: object, size: int = SMALL) -> bytes:
-    """Distinct, non-zero, somewhat compressible data."""
-    seed = hashlib.sha256(repr(tag).encode()).digest()
-    return (seed * (size // len(seed) + 1))[:size]
-
-
-@dataclass
-class Api:
-    """A running provider, an HTTP client for it, and a raw view of its object store."""
-
-    process: ProviderProcess
-    client: httpx.Client
-    store: str  # "dir" or "s3"
-    s3: Any = None
-    bucket: str = ""
-
-    @property
-    def data_dir(self) -> Path:
-        return self.process.data_dir
-
-    def keys(self) -> set[str]:
-        """Every object key in the store."""
-        if self.store == "s3":
-            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
-            return {item["Key"] for page in pages for item in page.get("Contents", ())}
-        root = self.data_dir / "objects"
-        return {
-            str(p.relative_to(root))
-            for p in root.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
-        }
-
-    def raw(self, key: str) -> bytes:
-        if self.store == "s3":
-            return bytes(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
-        return (self.data_dir / "objects" / key).read_bytes()
-
-    def volume(
-        self, size: int = 64 * SMALL, chunk_size: int | None = SMALL, **kw: Any
-    ) -> dict[str, Any]:
-        body = {"name": f"vol-{uuid.uuid4().hex[:8]}", "size": size, "mode": "cached"}
-        body.update(chunk_size=chunk_size, **kw)
-        r = self.client.post("/v1/volumes", json=body)
-        assert r.status_code == 201, r.text
-        return dict(r.json())
-
-    def put_chunk(self, volume_id: str, data: bytes, **headers: str) -> httpx.Response:
-        cid = sha(data)
-        return self.client.put(
-            f"/v1/volumes/{volume_id}/chunks/{cid}",
-            content=data,
-            headers={"x-sgw-sha256": cid, **headers},
-        )
-
-    def commit(
-        self, volume_id: str, base: int, changes: Mapping[int, str | None], key: str | None = None
-    ) -> httpx.Response:
-        return self.client.post(
-            f"/v1/volumes/{volume_id}/commits",
-            json={
-                "base_version": base,
-                "idempotency_key": key or uuid.uuid4().hex,
-                "changes": {str(i): c for i, c in changes.items()},
-            },
-        )
-
-    def map(self, volume_id: str) -> tuple[int, dict[int, str]]:
-        r = self.client.get(f"/v1/volumes/{volume_id}/map")
-        assert r.status_code == 200, r.text
-        body = r.json()
-        return body["version"], {int(i): c for i, c in body["chunks"].items()}
-
-    def put_block(self, snapshot_id: str, index: int, data: bytes) -> httpx.Response:
-        return self.client.put(
-            f"/v1/snapshots/{snapshot_id}/blocks/{index}",
-            content=data,
-            headers={"x-sgw-sha256": sha(data)},
-        )
-
-    def pages(self, path: str, limit: int, **params: str) -> list[tuple[int, str | None]]:
-        """Every item of a paginated block listing, following ``next``."""
-        items: list[tuple[int, str | None]] = []
-        start: int | None = 0
-        while start is not None:
-            r = self.client.get(path, params={**params, "start": start, "limit": limit})
-            assert r.status_code == 200, r.text
-            body = r.json()
-            assert len(body["blocks"]) <= limit
-            items += [(b["index"], b["chunk_id"]) for b in body["blocks"]]
-            start = body["next"]
-        return items
-
-
-def _start(
-    data_dir: Path, store: str, request: pytest.FixtureRequest, db_url: str | None = None
-) -> tuple[ProviderProcess, dict[str, Any]]:
-    """A started provider on ``store`` and the Api fields describing that store."""
-    if store == "dir":
-        return ProviderProcess(data_dir, db_url=db_url).start(), {}
-    endpoint = request.getfixturevalue("s3_endpoint")
-    s3 = request.getfixturevalue("_s3_admin")
-    bucket = f"sgw-api-{uuid.uuid4().hex[:12]}"
-    s3.create_bucket(Bucket=bucket)
-    url = f"s3://{bucket}?endpoint={endpoint}&region={S3_REGION}"
-    process = ProviderProcess(data_dir, db_url=db_url, store_url=url, env=S3_ENV).start()
-    return process, {"s3": s3, "bucket": bucket}
 
 
 @pytest.fixture(scope="module", params=["dir", "s3"])
 def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """One provider per object store for the whole module (tests make their own volumes)."""
     store = request.param
-    process, extra = _start(tmp_path_factory.mktemp(f"api-{store}") / "provider", store, request)
+    process, extra = start_provider_on(
+        tmp_path_factory.mktemp(f"api-{store}") / "provider", store, request
+    )
     try:
         with httpx.Client(base_url=process.url, timeout=30) as client:
             yield Api(process, client, store, **extra)
@@ -200,107 +79,108 @@ def test_volume_create_get_delete(api: Api) -> None:
 
 def test_chunk_put_is_idempotent_reads_back_and_accepts_zstd(api: Api) -> None:
     vol = api.volume()
-    data = chunk("a")
+    data = content("a")
     before = api.keys()
     first = api.put_chunk(vol["id"], data)
-    assert first.status_code == 201 and first.json() == {"chunk_id": sha(data)}
+    assert first.status_code == 201 and first.json() == {"chunk_id": sha256_hex(data)}
     assert api.put_chunk(vol["id"], data).status_code == 200
-    got = api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha(data)}")
+    got = api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha256_hex(data)}")
     assert got.status_code == 200 and got.content == data
-    assert got.headers["x-sgw-sha256"] == sha(data)
+    assert got.headers["x-sgw-sha256"] == sha256_hex(data)
     assert got.headers["content-type"] == "application/octet-stream"
     # A zstd body (here much smaller than the chunk) is stored as its plaintext.
-    packed = chunk("z")
+    packed = content("z")
     wire = zstandard.ZstdCompressor().compress(packed)
     assert len(wire) < len(packed)
     zput = api.client.put(
-        f"/v1/volumes/{vol['id']}/chunks/{sha(packed)}",
+        f"/v1/volumes/{vol['id']}/chunks/{sha256_hex(packed)}",
         content=wire,
-        headers={"x-sgw-sha256": sha(packed), "content-encoding": "zstd"},
+        headers={"x-sgw-sha256": sha256_hex(packed), "content-encoding": "zstd"},
     )
     assert zput.status_code == 201, zput.text
-    assert api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha(packed)}").content == packed
+    assert api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha256_hex(packed)}").content == packed
     # So is a body of several zstd frames.
-    framed = chunk("frames")
+    framed = content("frames")
     half = len(framed) // 2
     zc = zstandard.ZstdCompressor()
     frames = zc.compress(framed[:half]) + zc.compress(framed[half:])
-    assert put_zstd(api, vol["id"], sha(framed), frames).status_code == 201
-    assert api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha(framed)}").content == framed
+    assert put_zstd(api, vol["id"], sha256_hex(framed), frames).status_code == 201
+    assert api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha256_hex(framed)}").content == framed
     # A short chunk (the end of a volume) is fine.
-    short = chunk("short", 100)
+    short = content("short", 100)
     assert api.put_chunk(vol["id"], short).status_code == 201
     assert api.keys() - before == {
-        f"chunks/{vol['id']}/{c[:2]}/{c}" for c in (sha(data), sha(packed), sha(framed), sha(short))
+        f"chunks/{vol['id']}/{c[:2]}/{c}"
+        for c in (sha256_hex(data), sha256_hex(packed), sha256_hex(framed), sha256_hex(short))
     }
-    missing = api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha(b'nope')}")
+    missing = api.client.get(f"/v1/volumes/{vol['id']}/chunks/{sha256_hex(b'nope')}")
     assert missing.status_code == 404 and "PUT" in missing.json()["message"]
 
 
 def test_commit_map_conflicts_retries_and_missing_chunks(api: Api) -> None:
     vol = api.volume()
     vid = vol["id"]
-    a, b = chunk("a"), chunk("b")
+    a, b = content("a"), content("b")
     for data in (a, b):
         assert api.put_chunk(vid, data).status_code in {200, 201}
     assert api.map(vid) == (0, {})
-    r = api.commit(vid, 0, {0: sha(a), 5: sha(b)}, key="k1")
+    r = api.commit(vid, 0, {0: sha256_hex(a), 5: sha256_hex(b)}, key="k1")
     assert r.status_code == 200 and r.json() == {"version": 1}
-    assert api.map(vid) == (1, {0: sha(a), 5: sha(b)})
+    assert api.map(vid) == (1, {0: sha256_hex(a), 5: sha256_hex(b)})
     assert api.client.get(f"/v1/volumes/{vid}").json()["map_version"] == 1
     # A stale base is refused and changes nothing.
-    stale = api.commit(vid, 0, {1: sha(a)}, key="k2")
+    stale = api.commit(vid, 0, {1: sha256_hex(a)}, key="k2")
     assert stale.status_code == 409 and stale.json()["error"] == "version_conflict"
     assert "version 1" in stale.json()["message"]
     # A retry (same key, same changes) answers the first version and applies nothing.
-    retry = api.commit(vid, 0, {0: sha(a), 5: sha(b)}, key="k1")
+    retry = api.commit(vid, 0, {0: sha256_hex(a), 5: sha256_hex(b)}, key="k1")
     assert retry.status_code == 200 and retry.json() == {"version": 1}
-    reused = api.commit(vid, 1, {0: sha(b)}, key="k1")
+    reused = api.commit(vid, 1, {0: sha256_hex(b)}, key="k1")
     assert reused.status_code == 409 and reused.json()["error"] == "idempotency_key_reused"
     # Naming a chunk the store does not hold: 400 naming it, nothing changes.
-    ghost = sha(b"never uploaded")
-    missing = api.commit(vid, 1, {2: sha(a), 3: ghost})
+    ghost = sha256_hex(b"never uploaded")
+    missing = api.commit(vid, 1, {2: sha256_hex(a), 3: ghost})
     assert missing.status_code == 400, missing.text
     assert missing.json()["error"] == "missing_chunks" and ghost in missing.json()["message"]
     assert missing.json()["chunk_ids"] == [ghost]
     for bad, fragment in (
-        ({64: sha(a)}, "out of range"),
-        ({-1: sha(a)}, "out of range"),
+        ({64: sha256_hex(a)}, "out of range"),
+        ({-1: sha256_hex(a)}, "out of range"),
         ({1: "ABC"}, "not a chunk id"),
-        ({1: sha(a).upper()}, "not a chunk id"),
+        ({1: sha256_hex(a).upper()}, "not a chunk id"),
     ):
         r = api.commit(vid, 1, bad)
         assert r.status_code == 400 and fragment in r.json()["message"], r.text
     not_index = api.client.post(
         f"/v1/volumes/{vid}/commits",
-        json={"base_version": 1, "idempotency_key": "x", "changes": {"first": sha(a)}},
+        json={"base_version": 1, "idempotency_key": "x", "changes": {"first": sha256_hex(a)}},
     )
     assert not_index.status_code == 400 and "first" in not_index.json()["message"]
-    assert api.map(vid) == (1, {0: sha(a), 5: sha(b)})
+    assert api.map(vid) == (1, {0: sha256_hex(a), 5: sha256_hex(b)})
     # null: the chunk is all zero now.
-    assert api.commit(vid, 1, {5: None, 1: sha(b)}).json() == {"version": 2}
-    assert api.map(vid) == (2, {0: sha(a), 1: sha(b)})
+    assert api.commit(vid, 1, {5: None, 1: sha256_hex(b)}).json() == {"version": 2}
+    assert api.map(vid) == (2, {0: sha256_hex(a), 1: sha256_hex(b)})
     unknown = api.commit(str(uuid.uuid4()), 0, {})
     assert unknown.status_code == 404
 
 
 def test_snapshot_of_a_volume_is_immutable_after_later_commits(api: Api) -> None:
     vid = api.volume()["id"]
-    old, new = chunk("old"), chunk("new")
+    old, new = content("old"), content("new")
     api.put_chunk(vid, old)
     api.put_chunk(vid, new)
-    assert api.commit(vid, 0, {3: sha(old), 7: sha(old)}).status_code == 200
+    assert api.commit(vid, 0, {3: sha256_hex(old), 7: sha256_hex(old)}).status_code == 200
     r = api.client.post(f"/v1/volumes/{vid}/snapshots", json={"description": "before"})
     assert r.status_code == 201, r.text
     snap = r.json()
     assert (snap["status"], snap["volume_id"], snap["description"]) == ("completed", vid, "before")
     assert snap["completed"] is not None and snap["chunk_size"] == SMALL
-    assert api.commit(vid, 1, {3: sha(new), 7: None, 9: sha(new)}).status_code == 200
+    assert api.commit(vid, 1, {3: sha256_hex(new), 7: None, 9: sha256_hex(new)}).status_code == 200
     listed = api.pages(f"/v1/snapshots/{snap['id']}/blocks", limit=10)
-    assert listed == [(3, sha(old)), (7, sha(old))]
+    assert listed == [(3, sha256_hex(old)), (7, sha256_hex(old))]
     block = api.client.get(f"/v1/snapshots/{snap['id']}/blocks/3")
     assert block.status_code == 200 and block.content == old
-    assert block.headers["x-sgw-sha256"] == sha(old)
+    assert block.headers["x-sgw-sha256"] == sha256_hex(old)
     assert api.client.get(f"/v1/snapshots/{snap['id']}/blocks/9").status_code == 404
     sneaky = api.put_block(snap["id"], 3, new)
     assert sneaky.status_code == 409 and sneaky.json()["error"] == "snapshot_state"
@@ -313,9 +193,9 @@ def test_caller_named_snapshots_and_volumes_are_idempotent(api: Api) -> None:
     """What a gateway relies on to retry after a lost reply: the same snapshot or volume
     again, never a second one; a snapshot at a map version that moved on is refused."""
     vid = api.volume()["id"]
-    data = chunk("idem")
+    data = content("idem")
     api.put_chunk(vid, data)
-    assert api.commit(vid, 0, {2: sha(data)}).status_code == 200
+    assert api.commit(vid, 0, {2: sha256_hex(data)}).status_code == 200
     sid = str(uuid.uuid4())
     ask = {"snapshot_id": sid, "map_version": 1}
     first = api.client.post(f"/v1/volumes/{vid}/snapshots", json=ask)
@@ -351,36 +231,36 @@ def test_block_api_flow_with_changed_blocks_and_volume_from_snapshot(api: Api) -
     base = r.json()
     assert (base["status"], base["volume_id"], base["completed"]) == ("pending", None, None)
     assert api.client.get(f"/v1/snapshots/{base['id']}").json() == base
-    blocks = {i: chunk(("base", i)) for i in (0, 1, 2, 10, 20, 30)}
-    blocks[40] = chunk("last", 1000)
+    blocks = {i: content(("base", i)) for i in (0, 1, 2, 10, 20, 30)}
+    blocks[40] = content("last", 1000)
     for i, data in blocks.items():
         put = api.put_block(base["id"], i, data)
         assert put.status_code == 201, put.text
-        assert put.json() == {"index": i, "chunk_id": sha(data)}
-    wrong_length = api.put_block(base["id"], 5, chunk("x", SMALL - 1))
+        assert put.json() == {"index": i, "chunk_id": sha256_hex(data)}
+    wrong_length = api.put_block(base["id"], 5, content("x", SMALL - 1))
     assert wrong_length.status_code == 400 and "exactly" in wrong_length.json()["message"]
-    out_of_range = api.put_block(base["id"], 41, chunk("x"))
+    out_of_range = api.put_block(base["id"], 41, content("x"))
     assert out_of_range.status_code == 400 and "out of range" in out_of_range.json()["message"]
-    expected = sorted((i, sha(d)) for i, d in blocks.items())
+    expected = sorted((i, sha256_hex(d)) for i, d in blocks.items())
     assert api.pages(f"/v1/snapshots/{base['id']}/blocks", limit=3) == expected
     assert api.pages(f"/v1/snapshots/{base['id']}/blocks", limit=1000) == expected
     page = api.client.get(f"/v1/snapshots/{base['id']}/blocks", params={"start": 2, "limit": 2})
     assert page.json() == {
-        "blocks": [{"index": i, "chunk_id": sha(blocks[i])} for i in (2, 10)],
+        "blocks": [{"index": i, "chunk_id": sha256_hex(blocks[i])} for i in (2, 10)],
         "next": 20,
     }
     done = api.client.post(f"/v1/snapshots/{base['id']}/complete")
     assert done.status_code == 200 and done.json()["status"] == "completed"
     assert done.json()["completed"] is not None
     assert api.client.post(f"/v1/snapshots/{base['id']}/complete").status_code == 200
-    late = api.put_block(base["id"], 3, chunk("late"))
+    late = api.put_block(base["id"], 3, content("late"))
     assert late.status_code == 409 and "pending" in late.json()["message"]
     # An incremental child: changes some blocks, zeroes one (a zero block is allowed here).
     child = api.client.post(
         "/v1/snapshots", json={"volume_size": size, "parent_snapshot_id": base["id"]}
     ).json()
     assert child["chunk_size"] == SMALL and child["parent_snapshot_id"] == base["id"]
-    changed = {1: chunk("c1"), 5: chunk("c5"), 30: chunk("c30"), 39: chunk("c39")}
+    changed = {1: content("c1"), 5: content("c5"), 30: content("c30"), 39: content("c39")}
     for i, data in changed.items():
         assert api.put_block(child["id"], i, data).status_code == 201
     zero = api.put_block(child["id"], 10, bytes(SMALL))
@@ -393,11 +273,11 @@ def test_block_api_flow_with_changed_blocks_and_volume_from_snapshot(api: Api) -
     diff = api.pages(
         f"/v1/snapshots/{child['id']}/changed-blocks", limit=2, first_snapshot_id=base["id"]
     )
-    assert diff == sorted([(i, sha(d)) for i, d in changed.items()] + [(10, None)])
+    assert diff == sorted([(i, sha256_hex(d)) for i, d in changed.items()] + [(10, None)])
     everything = api.pages(f"/v1/snapshots/{child['id']}/changed-blocks", limit=4)
     final = {**blocks, **changed}
     del final[10]
-    assert everything == sorted((i, sha(d)) for i, d in final.items())
+    assert everything == sorted((i, sha256_hex(d)) for i, d in final.items())
     assert api.client.get(f"/v1/snapshots/{child['id']}/blocks/10").status_code == 404
     assert api.client.get(f"/v1/snapshots/{child['id']}/blocks/0").content == blocks[0]
     assert api.client.get(f"/v1/snapshots/{child['id']}/blocks/40").content == blocks[40]
@@ -412,7 +292,7 @@ def test_block_api_flow_with_changed_blocks_and_volume_from_snapshot(api: Api) -
         assert got.status_code == 200 and got.content == final[i]
     assert api.keys() == keys
     # The volume's own uploads land in the snapshot lineage's scope too.
-    api.put_chunk(vol["id"], chunk("restored"))
+    api.put_chunk(vol["id"], content("restored"))
     assert {k.split("/")[1] for k in api.keys() - keys} == {base["id"]}
     # Deleting the base leaves the child (and the volume) readable.
     assert api.client.delete(f"/v1/snapshots/{base['id']}").status_code == 204
@@ -441,17 +321,17 @@ def test_bad_requests_are_refused_and_store_nothing(api: Api) -> None:
     vid = vol["id"]
     snap = api.client.post("/v1/snapshots", json={"volume_size": 8 * SMALL, "chunk_size": SMALL})
     sid = snap.json()["id"]
-    data = chunk("good")
-    cid = sha(data)
+    data = content("good")
+    cid = sha256_hex(data)
     zc = zstandard.ZstdCompressor(level=1)
     before = api.keys()
     cases: list[tuple[str, httpx.Response, int, str]] = [
         (
             "wrong checksum",
             api.client.put(
-                f"/v1/volumes/{vid}/chunks/{sha(b'other')}",
+                f"/v1/volumes/{vid}/chunks/{sha256_hex(b'other')}",
                 content=data,
-                headers={"x-sgw-sha256": sha(b"other")},
+                headers={"x-sgw-sha256": sha256_hex(b"other")},
             ),
             400,
             "SHA-256",
@@ -464,14 +344,19 @@ def test_bad_requests_are_refused_and_store_nothing(api: Api) -> None:
             400,
             "differs",
         ),
-        ("larger than the chunk size", api.put_chunk(vid, chunk("big", SMALL + 1)), 413, "larger"),
+        (
+            "larger than the chunk size",
+            api.put_chunk(vid, content("big", SMALL + 1)),
+            413,
+            "larger",
+        ),
         (
             "zstd inflating past the chunk size",
             api.client.put(
-                f"/v1/volumes/{vid}/chunks/{sha(chunk('bomb', 64 * KIB))}",
-                content=zstandard.ZstdCompressor().compress(chunk("bomb", 64 * KIB)),
+                f"/v1/volumes/{vid}/chunks/{sha256_hex(content('bomb', 64 * KIB))}",
+                content=zstandard.ZstdCompressor().compress(content("bomb", 64 * KIB)),
                 headers={
-                    "x-sgw-sha256": sha(chunk("bomb", 64 * KIB)),
+                    "x-sgw-sha256": sha256_hex(content("bomb", 64 * KIB)),
                     "content-encoding": "zstd",
                 },
             ),
@@ -486,7 +371,9 @@ def test_bad_requests_are_refused_and_store_nothing(api: Api) -> None:
         ),
         (
             "two zstd frames that are not the chunk",
-            put_zstd(api, vid, sha(data[:100]), zc.compress(data[:100]) + zc.compress(data[100:])),
+            put_zstd(
+                api, vid, sha256_hex(data[:100]), zc.compress(data[:100]) + zc.compress(data[100:])
+            ),
             400,
             "SHA-256",
         ),
@@ -498,7 +385,7 @@ def test_bad_requests_are_refused_and_store_nothing(api: Api) -> None:
         ),
         (
             "zstd frame of other data",
-            put_zstd(api, vid, sha(chunk("other")), zc.compress(data)),
+            put_zstd(api, vid, sha256_hex(content("other")), zc.compress(data)),
             400,
             "SHA-256",
         ),
@@ -529,7 +416,7 @@ def test_bad_requests_are_refused_and_store_nothing(api: Api) -> None:
             400,
             "SHA-256",
         ),
-        ("block too large", api.put_block(sid, 0, chunk("big", SMALL + 1)), 413, "larger"),
+        ("block too large", api.put_block(sid, 0, content("big", SMALL + 1)), 413, "larger"),
         ("unknown snapshot", api.put_block(str(uuid.uuid4()), 0, data), 404, "not found"),
     ]
     for name, response, status, fragment in cases:
@@ -547,11 +434,11 @@ def test_bad_requests_are_refused_and_store_nothing(api: Api) -> None:
     huge_base = api.commit(vid, 1 << 70, {})
     assert huge_base.status_code == 422 and "base_version" in huge_base.json()["message"]
     # Without Content-Length (chunked), the limit applies while reading.
-    big = chunk("streamed", 2 * SMALL)
+    big = content("streamed", 2 * SMALL)
     streamed = api.client.put(
-        f"/v1/volumes/{vid}/chunks/{sha(big)}",
+        f"/v1/volumes/{vid}/chunks/{sha256_hex(big)}",
         content=iter([big[:SMALL], big[SMALL:]]),
-        headers={"x-sgw-sha256": sha(big)},
+        headers={"x-sgw-sha256": sha256_hex(big)},
     )
     assert streamed.status_code == 413, streamed.text
     assert api.keys() == before
@@ -568,19 +455,19 @@ def test_chunks_at_rest_are_encrypted_under_the_volume_scope_key(api: Api) -> No
     vol = api.volume()
     data = b"plaintext that must not be visible at rest " * 90
     assert api.put_chunk(vol["id"], data).status_code == 201
-    key = f"chunks/{vol['id']}/{sha(data)[:2]}/{sha(data)}"
+    key = f"chunks/{vol['id']}/{sha256_hex(data)[:2]}/{sha256_hex(data)}"
     blob = api.raw(key)
     assert b"plaintext that must not" not in blob
     master_path = api.data_dir / "master.key"
     assert stat.S_IMODE(master_path.stat().st_mode) == 0o600
     master = master_path.read_bytes()
     assert len(master) == 32
-    assert decode_chunk(blob, derive_key(master, vol["id"]), expected_id=sha(data)) == data
+    assert decode_chunk(blob, derive_key(master, vol["id"]), expected_id=sha256_hex(data)) == data
     # A snapshot of the volume, and a volume made from that, share its scope.
-    assert api.commit(vol["id"], 0, {0: sha(data)}).status_code == 200
+    assert api.commit(vol["id"], 0, {0: sha256_hex(data)}).status_code == 200
     snap = api.client.post(f"/v1/volumes/{vol['id']}/snapshots").json()
     copy = api.volume(from_snapshot_id=snap["id"])
-    assert api.client.get(f"/v1/volumes/{copy['id']}/chunks/{sha(data)}").content == data
+    assert api.client.get(f"/v1/volumes/{copy['id']}/chunks/{sha256_hex(data)}").content == data
     if api.store == "dir":
         assert stat.S_IMODE((api.data_dir / "objects" / key).stat().st_mode) == 0o600
 
@@ -633,11 +520,11 @@ def test_master_key_is_refused_when_loose_or_lost(
     vid = httpx.post(
         f"{p.url}/v1/volumes", json={"name": "v", "size": MIB, "mode": "cached"}
     ).json()["id"]
-    data = chunk("keep")
+    data = content("keep")
     put = httpx.put(
-        f"{p.url}/v1/volumes/{vid}/chunks/{sha(data)}",
+        f"{p.url}/v1/volumes/{vid}/chunks/{sha256_hex(data)}",
         content=data,
-        headers={"x-sgw-sha256": sha(data)},
+        headers={"x-sgw-sha256": sha256_hex(data)},
     )
     assert put.status_code == 201
     assert p.stop() == 0
@@ -659,7 +546,7 @@ def test_master_key_is_refused_when_loose_or_lost(
     key_file.write_bytes(master)
     key_file.chmod(0o600)
     p3 = provider_factory(data_dir).start()
-    got = httpx.get(f"{p3.url}/v1/volumes/{vid}/chunks/{sha(data)}")
+    got = httpx.get(f"{p3.url}/v1/volumes/{vid}/chunks/{sha256_hex(data)}")
     assert got.status_code == 200 and got.content == data
     assert p3.stop() == 0
 
@@ -668,33 +555,37 @@ def test_master_key_is_refused_when_loose_or_lost(
 def test_end_to_end_on_each_database_and_store(
     store: str, empty_db_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    process, extra = _start(tmp_path / "e2e", store, request, db_url=empty_db_url)
+    process, extra = start_provider_on(tmp_path / "e2e", store, request, db_url=empty_db_url)
     try:
         with httpx.Client(base_url=process.url, timeout=30) as client:
             api = Api(process, client, store, **extra)
             vid = api.volume(size=16 * SMALL)["id"]
-            a, b = chunk("e2e-a"), chunk("e2e-b")
+            a, b = content("e2e-a"), content("e2e-b")
             assert api.put_chunk(vid, a).status_code == 201
             assert api.put_chunk(vid, a).status_code == 200
-            assert api.commit(vid, 0, {0: sha(a), 15: sha(a)}, key="one").json() == {"version": 1}
-            assert api.commit(vid, 0, {0: sha(a), 15: sha(a)}, key="one").json() == {"version": 1}
-            assert api.commit(vid, 0, {1: sha(a)}).status_code == 409
-            assert api.commit(vid, 1, {2: sha(b)}).status_code == 400
+            assert api.commit(vid, 0, {0: sha256_hex(a), 15: sha256_hex(a)}, key="one").json() == {
+                "version": 1
+            }
+            assert api.commit(vid, 0, {0: sha256_hex(a), 15: sha256_hex(a)}, key="one").json() == {
+                "version": 1
+            }
+            assert api.commit(vid, 0, {1: sha256_hex(a)}).status_code == 409
+            assert api.commit(vid, 1, {2: sha256_hex(b)}).status_code == 400
             first = client.post(f"/v1/volumes/{vid}/snapshots").json()
             assert api.put_chunk(vid, b).status_code == 201
-            assert api.commit(vid, 1, {0: None, 2: sha(b)}).json() == {"version": 2}
+            assert api.commit(vid, 1, {0: None, 2: sha256_hex(b)}).json() == {"version": 2}
             second = client.post(f"/v1/volumes/{vid}/snapshots").json()
             diff = api.pages(
                 f"/v1/snapshots/{second['id']}/changed-blocks",
                 limit=1,
                 first_snapshot_id=first["id"],
             )
-            assert diff == [(0, None), (2, sha(b))]
+            assert diff == [(0, None), (2, sha256_hex(b))]
             listed = api.pages(f"/v1/snapshots/{second['id']}/blocks", limit=1)
-            assert listed == [(2, sha(b)), (15, sha(a))]
+            assert listed == [(2, sha256_hex(b)), (15, sha256_hex(a))]
             copy = api.volume(size=16 * SMALL, from_snapshot_id=first["id"])
-            assert api.map(copy["id"]) == (0, {0: sha(a), 15: sha(a)})
-            assert client.get(f"/v1/volumes/{copy['id']}/chunks/{sha(a)}").content == a
+            assert api.map(copy["id"]) == (0, {0: sha256_hex(a), 15: sha256_hex(a)})
+            assert client.get(f"/v1/volumes/{copy['id']}/chunks/{sha256_hex(a)}").content == a
             assert client.delete(f"/v1/volumes/{vid}").status_code == 204
             assert client.get(f"/v1/snapshots/{first['id']}/blocks/0").content == a
         assert process.stop() == 0

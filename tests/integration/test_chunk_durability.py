@@ -25,14 +25,11 @@ from sgw.provider.blockstore.maps import ChunkMaps, VolumeMode
 from sgw.provider.blockstore.objects import DirectoryStore
 from sgw.provider.blockstore.service import BlockService, chunk_key
 from sgw.provider.db.schema import make_engine, session_factory, upgrade
+from tests.fixtures.chunk_data import sha256_hex
 
 KIB = 1 << 10
 CHUNK = 64 * KIB
 ACCOUNT = "acct"
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def content(tag: object) -> bytes:
@@ -52,8 +49,8 @@ class Env:
         return Path(self.store.path(chunk_key(self.scope, chunk_id)))
 
     def put(self, data: bytes) -> str:
-        self.blocks.put_chunk(ACCOUNT, self.volume, sha(data), data)
-        return sha(data)
+        self.blocks.put_chunk(ACCOUNT, self.volume, sha256_hex(data), data)
+        return sha256_hex(data)
 
     def commit(self, changes: dict[int, str | None]) -> int:
         base = self.blocks.get_volume(ACCOUNT, self.volume).map_version
@@ -141,15 +138,15 @@ def test_a_commit_refuses_a_chunk_a_power_loss_damaged(env: Env, damage: str) ->
 def test_a_single_zstd_frame_is_stored_as_sent(env: Env) -> None:
     data = content("frame")
     frame = zstandard.ZstdCompressor(level=1).compress(data)
-    assert env.blocks.put_chunk(ACCOUNT, env.volume, sha(data), frame, zstd=True) is True
-    blob = (env.path(sha(data))).read_bytes()
+    assert env.blocks.put_chunk(ACCOUNT, env.volume, sha256_hex(data), frame, zstd=True) is True
+    blob = (env.path(sha256_hex(data))).read_bytes()
     assert check_chunk(blob).compressed
     nonce = blob[HEADER_SIZE : HEADER_SIZE + NONCE_SIZE]
     payload = AESGCM(env.blocks.keys.key(env.scope)).decrypt(
         nonce, blob[HEADER_SIZE + NONCE_SIZE :], blob[:12]
     )
     assert payload == frame
-    assert env.blocks.get_chunk(ACCOUNT, env.volume, sha(data)) == data
+    assert env.blocks.get_chunk(ACCOUNT, env.volume, sha256_hex(data)) == data
 
 
 def test_zstd_bodies_of_other_shapes_are_verified_and_stored_anew(env: Env) -> None:
@@ -157,10 +154,10 @@ def test_zstd_bodies_of_other_shapes_are_verified_and_stored_anew(env: Env) -> N
     data = content("two frames")
     zc = zstandard.ZstdCompressor(level=1)
     body = zc.compress(data[: CHUNK // 2]) + zc.compress(data[CHUNK // 2 :])
-    assert env.blocks.put_chunk(ACCOUNT, env.volume, sha(data), body, zstd=True) is True
-    blob = env.path(sha(data)).read_bytes()
+    assert env.blocks.put_chunk(ACCOUNT, env.volume, sha256_hex(data), body, zstd=True) is True
+    blob = env.path(sha256_hex(data)).read_bytes()
     assert len(blob) != HEADER_SIZE + NONCE_SIZE + len(body) + 16  # not the body as sent
-    assert env.blocks.get_chunk(ACCOUNT, env.volume, sha(data)) == data
+    assert env.blocks.get_chunk(ACCOUNT, env.volume, sha256_hex(data)) == data
 
 
 def test_zstd_bodies_that_do_not_verify_store_nothing(env: Env) -> None:
@@ -172,10 +169,14 @@ def test_zstd_bodies_that_do_not_verify_store_nothing(env: Env) -> None:
     lying[end - 2 : end] = (CHUNK - 256 - 100).to_bytes(2, "little")
     assert zstandard.frame_content_size(bytes(lying)) == CHUNK - 100
     cases: list[tuple[bytes, str, type[Exception]]] = [
-        (zc.compress(data[:-4]) + zc.compress(b"tail"), sha(data), ChecksumMismatchError),
-        (bytes(lying), sha(data), BadRequestError),
-        (frame, sha(content("other")), ChecksumMismatchError),
-        (zc.compress(data[:100]) + zc.compress(data[100:]), sha(data[:100]), BadRequestError),
+        (zc.compress(data[:-4]) + zc.compress(b"tail"), sha256_hex(data), ChecksumMismatchError),
+        (bytes(lying), sha256_hex(data), BadRequestError),
+        (frame, sha256_hex(content("other")), ChecksumMismatchError),
+        (
+            zc.compress(data[:100]) + zc.compress(data[100:]),
+            sha256_hex(data[:100]),
+            BadRequestError,
+        ),
     ]
     for body, chunk, error in cases:
         with pytest.raises(error):
@@ -198,7 +199,7 @@ def test_a_pack_is_durable_before_its_chunks_get_locations(
 
     monkeypatch.setattr(env.blocks.maps.packs, "finish", watched)
     datas = [content(("packed", i)) for i in range(3)]
-    body = encode_pack([PackedChunk(sha(d), d, False) for d in datas])
+    body = encode_pack([PackedChunk(sha256_hex(d), d, False) for d in datas])
     assert len(env.blocks.put_chunk_pack(ACCOUNT, env.volume, body).stored) == 3
     [before] = synced_at_finish
     [key] = env.store.list("packs/")
@@ -209,5 +210,5 @@ def test_a_pack_is_durable_before_its_chunks_get_locations(
     assert any(Path(p).parent == path.parent and p.endswith(".tmp") for p in before), before
     assert {str(path.parent), str(path.parent.parent), str(root)} <= set(before)
     fsyncs.clear()
-    env.commit({i: sha(d) for i, d in enumerate(datas)})
+    env.commit({i: sha256_hex(d) for i, d in enumerate(datas)})
     assert fsyncs == []

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -45,32 +45,32 @@ from sgw.provider.blockstore.packs import Location, PackIndex, new_pack_id, pack
 from sgw.provider.blockstore.service import MAX_PACK_DATA, BlockService, PackStored
 from sgw.provider.db.models import ChunkLocation, ChunkPack, utcnow
 from sgw.provider.db.schema import bound_engine, make_engine, session_factory
-from tests.conftest import ProviderProcess
+from tests.fixtures.block_api import SMALL, Api, start_provider_on
+from tests.fixtures.block_service import ACCOUNT, Env, put_pack, race_with_collector
+from tests.fixtures.chunk_data import content, sha256_hex
+from tests.fixtures.daemons import ProviderProcess
 from tests.fixtures.s3 import s3_store
-from tests.integration.test_block_api import MIB, SMALL, Api, _start, chunk, sha
-from tests.integration.test_gc import ACCOUNT, Env, content, env, race_with_collector
 
-__all__ = ["env"]  # the fixture, imported for these tests
-
+MIB = 1 << 20
 # What encode_chunk adds around an encrypted payload.
 OVERHEAD = HEADER_SIZE + NONCE_SIZE + TAG_SIZE
 PACK_KEY = re.compile(r"packs/(?P<scope>[^/]+)/(?P<pack>[0-9a-f]{32})")
 
 
 def plain(data: bytes) -> PackedChunk:
-    return PackedChunk(sha(data), data, False)
+    return PackedChunk(sha256_hex(data), data, False)
 
 
 def one_frame(data: bytes) -> PackedChunk:
     """The chunk as one zstd frame declaring its size (stored as sent)."""
-    return PackedChunk(sha(data), zstandard.ZstdCompressor(level=3).compress(data), True)
+    return PackedChunk(sha256_hex(data), zstandard.ZstdCompressor(level=3).compress(data), True)
 
 
 def two_frames(data: bytes) -> PackedChunk:
     """The chunk as two concatenated zstd frames (inflated, then stored as plaintext)."""
     zc = zstandard.ZstdCompressor(level=1)
     half = len(data) // 2
-    return PackedChunk(sha(data), zc.compress(data[:half]) + zc.compress(data[half:]), True)
+    return PackedChunk(sha256_hex(data), zc.compress(data[:half]) + zc.compress(data[half:]), True)
 
 
 def incompressible(tag: object, size: int = SMALL) -> bytes:
@@ -144,7 +144,9 @@ def api(
 ) -> Iterator[PackApi]:
     """One provider per object store (SQLite) for the module; tests make their own volumes."""
     store = request.param
-    process, extra = _start(tmp_path_factory.mktemp(f"packs-{store}") / "provider", store, request)
+    process, extra = start_provider_on(
+        tmp_path_factory.mktemp(f"packs-{store}") / "provider", store, request
+    )
     try:
         with httpx.Client(base_url=process.url, timeout=60) as client:
             packs = _pack_api(process, client, store, **extra)
@@ -157,11 +159,11 @@ def api(
 
 def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
     vid = api.volume()["id"]  # 64 chunks of 4 KiB
-    compressible, framed, multi = chunk("p-plain"), chunk("p-frame"), chunk("p-frames")
-    short, noise = chunk("p-short", 100), incompressible("p-noise")
+    compressible, framed, multi = content("p-plain"), content("p-frame"), content("p-frames")
+    short, noise = content("p-short", 100), incompressible("p-noise")
     sent = [plain(compressible), one_frame(framed), two_frames(multi), plain(short), plain(noise)]
     datas = [compressible, framed, multi, short, noise]
-    ids = [sha(d) for d in datas]
+    ids = [sha256_hex(d) for d in datas]
     before = api.keys()
 
     r = api.post_pack(vid, sent)
@@ -190,7 +192,7 @@ def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
     for (cid, offset, length), data in zip(index, datas, strict=True):
         info = check_chunk(obj[offset : offset + length])
         assert info.encrypted and info.plaintext_length == len(data)
-        assert info.compressed == (cid == sha(framed))
+        assert info.compressed == (cid == sha256_hex(framed))
         assert decode_chunk(obj[offset : offset + length], scope_key, expected_id=cid) == data
     assert compressible[:32] not in obj and noise[:32] not in obj
     # The rows: one written pack of the object's size, a location per chunk as indexed.
@@ -216,49 +218,60 @@ def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
     # lineage's scope.
     copy = api.volume(from_snapshot_id=snap["id"])["id"]
     assert api.read(copy, ids[2]).content == multi
-    more = chunk("p-copy")
-    assert api.post_pack(copy, [plain(more)]).json() == {"stored": [sha(more)], "present": []}
+    more = content("p-copy")
+    assert api.post_pack(copy, [plain(more)]).json() == {
+        "stored": [sha256_hex(more)],
+        "present": [],
+    }
     assert api.pack_keys(copy) == set()
-    assert len(api.pack_keys(vid)) == 2 and sha(more) in api.locations(vid)
-    assert api.read(copy, sha(more)).content == more
+    assert len(api.pack_keys(vid)) == 2 and sha256_hex(more) in api.locations(vid)
+    assert api.read(copy, sha256_hex(more)).content == more
 
 
 def test_sending_a_pack_again_answers_present_and_writes_nothing(api: PackApi) -> None:
     vid = api.volume()["id"]
-    a, b, c = chunk("again-a"), chunk("again-b"), chunk("again-c")
+    a, b, c = content("again-a"), content("again-b"), content("again-c")
     first = api.post_pack(vid, [plain(a), one_frame(b)])
-    assert first.json() == {"stored": [sha(a), sha(b)], "present": []}, first.text
+    assert first.json() == {"stored": [sha256_hex(a), sha256_hex(b)], "present": []}, first.text
     keys, packs, locations = api.keys(), api.packs(vid), api.locations(vid)
 
     again = api.post_pack(vid, [plain(a), one_frame(b)])
-    assert again.status_code == 200 and again.json() == {"stored": [], "present": [sha(a), sha(b)]}
+    assert again.status_code == 200 and again.json() == {
+        "stored": [],
+        "present": [sha256_hex(a), sha256_hex(b)],
+    }
     assert (api.keys(), api.packs(vid), api.locations(vid)) == (keys, packs, locations)
     # Whatever the encoding it is sent in this time.
-    assert api.post_pack(vid, [one_frame(a)]).json() == {"stored": [], "present": [sha(a)]}
+    assert api.post_pack(vid, [one_frame(a)]).json() == {"stored": [], "present": [sha256_hex(a)]}
     assert api.keys() == keys
 
     # Only the new chunk of a partly known pack is stored, in a pack of its own.
     mixed = api.post_pack(vid, [plain(b), plain(c), plain(a)])
-    assert mixed.json() == {"stored": [sha(c)], "present": [sha(b), sha(a)]}, mixed.text
+    assert mixed.json() == {"stored": [sha256_hex(c)], "present": [sha256_hex(b), sha256_hex(a)]}, (
+        mixed.text
+    )
     (new,) = api.keys() - keys
-    assert [cid for cid, _, _ in read_index(api.raw(new))] == [sha(c)]
+    assert [cid for cid, _, _ in read_index(api.raw(new))] == [sha256_hex(c)]
     located = api.locations(vid)
-    assert located[sha(a)] == locations[sha(a)] and located[sha(b)] == locations[sha(b)]
-    assert located[sha(c)][0] == PACK_KEY.fullmatch(new)["pack"]  # type: ignore[index]
-    assert [api.read(vid, sha(d)).content for d in (a, b, c)] == [a, b, c]
+    assert (
+        located[sha256_hex(a)] == locations[sha256_hex(a)]
+        and located[sha256_hex(b)] == locations[sha256_hex(b)]
+    )
+    assert located[sha256_hex(c)][0] == PACK_KEY.fullmatch(new)["pack"]  # type: ignore[index]
+    assert [api.read(vid, sha256_hex(d)).content for d in (a, b, c)] == [a, b, c]
 
     # Another volume is another key scope: it stores its own copy.
     other = api.volume()["id"]
-    assert api.post_pack(other, [plain(a)]).json() == {"stored": [sha(a)], "present": []}
-    assert len(api.pack_keys(other)) == 1 and set(api.locations(other)) == {sha(a)}
+    assert api.post_pack(other, [plain(a)]).json() == {"stored": [sha256_hex(a)], "present": []}
+    assert len(api.pack_keys(other)) == 1 and set(api.locations(other)) == {sha256_hex(a)}
 
 
 def test_refused_packs_store_nothing(api: PackApi) -> None:
     vid = api.volume()["id"]
     big = api.volume(size=128 * MIB, chunk_size=64 * MIB)["id"]
-    good, other = chunk("r-good"), chunk("r-other")
-    forged = sha(b"not this data")
-    huge = [chunk(("r-huge", i), 40 * MIB) for i in range(2)]
+    good, other = content("r-good"), content("r-other")
+    forged = sha256_hex(b"not this data")
+    huge = [content(("r-huge", i), 40 * MIB) for i in range(2)]
     zc = zstandard.ZstdCompressor(level=1)
     before = api.keys()
     cases: list[tuple[str, httpx.Response, int, str, str]] = [
@@ -267,7 +280,7 @@ def test_refused_packs_store_nothing(api: PackApi) -> None:
             api.post_pack(vid, [plain(good), PackedChunk(forged, other, False)]),
             400,
             "checksum_mismatch",
-            f"chunk 1 of the pack ({forged}): the data's SHA-256 is {sha(other)}",
+            f"chunk 1 of the pack ({forged}): the data's SHA-256 is {sha256_hex(other)}",
         ),
         (
             "zstd chunk of other data",
@@ -278,21 +291,22 @@ def test_refused_packs_store_nothing(api: PackApi) -> None:
         ),
         (
             "larger than the chunk size",
-            api.post_pack(vid, [plain(good), plain(chunk("r-big", SMALL + 1))]),
+            api.post_pack(vid, [plain(good), plain(content("r-big", SMALL + 1))]),
             413,
             "payload_too_large",
-            f"chunk 1 of the pack ({sha(chunk('r-big', SMALL + 1))}) is larger than {SMALL}",
+            f"chunk 1 of the pack ({sha256_hex(content('r-big', SMALL + 1))}) "
+            f"is larger than {SMALL}",
         ),
         (
             "zstd inflating past the chunk size",
-            api.post_pack(vid, [plain(good), one_frame(chunk("r-bomb", 64 * SMALL))]),
+            api.post_pack(vid, [plain(good), one_frame(content("r-bomb", 64 * SMALL))]),
             413,
             "payload_too_large",
             "chunk 1 of the pack",
         ),
         (
             "zstd flag on a body that is not zstd",
-            api.post_pack(vid, [plain(good), PackedChunk(sha(other), other, True)]),
+            api.post_pack(vid, [plain(good), PackedChunk(sha256_hex(other), other, True)]),
             400,
             "bad_request",
             "not valid zstd",
@@ -302,7 +316,7 @@ def test_refused_packs_store_nothing(api: PackApi) -> None:
             api.post_pack(vid, [plain(good), plain(bytes(SMALL))]),
             400,
             "bad_request",
-            f"chunk 1 of the pack ({sha(bytes(SMALL))}) is all zero",
+            f"chunk 1 of the pack ({sha256_hex(bytes(SMALL))}) is all zero",
         ),
         (
             "empty chunk",
@@ -316,7 +330,7 @@ def test_refused_packs_store_nothing(api: PackApi) -> None:
             api.post_pack(vid, [plain(good), plain(other), one_frame(good)]),
             400,
             "bad_request",
-            f"chunk 2 of the pack ({sha(good)}) is in the pack twice",
+            f"chunk 2 of the pack ({sha256_hex(good)}) is in the pack twice",
         ),
         (
             "not a pack",
@@ -337,7 +351,7 @@ def test_refused_packs_store_nothing(api: PackApi) -> None:
             api.post_pack(vid, encode_pack([plain(good), plain(other)])[:-1]),
             400,
             "bad_request",
-            f"chunk 1 of the pack ({sha(other)}) declares",
+            f"chunk 1 of the pack ({sha256_hex(other)}) declares",
         ),
         (
             "too many chunks",
@@ -402,25 +416,25 @@ def test_refused_packs_store_nothing(api: PackApi) -> None:
     for scope in (vid, big):
         assert api.packs(scope) == {} and api.locations(scope) == {}
     for data in (good, other):
-        missing = api.read(vid, sha(data))
+        missing = api.read(vid, sha256_hex(data))
         assert missing.status_code == 404, missing.text
-    refused = api.commit(vid, 0, {0: sha(good), 1: sha(other)})
+    refused = api.commit(vid, 0, {0: sha256_hex(good), 1: sha256_hex(other)})
     assert refused.status_code == 400 and refused.json()["error"] == "missing_chunks"
-    assert set(refused.json()["chunk_ids"]) == {sha(good), sha(other)}
+    assert set(refused.json()["chunk_ids"]) == {sha256_hex(good), sha256_hex(other)}
     assert api.map(vid) == (0, {})
     # The good chunks on their own are fine.
     ok = api.post_pack(vid, [plain(good), plain(other)])
-    assert ok.json() == {"stored": [sha(good), sha(other)], "present": []}, ok.text
-    assert api.commit(vid, 0, {0: sha(good), 1: sha(other)}).status_code == 200
+    assert ok.json() == {"stored": [sha256_hex(good), sha256_hex(other)], "present": []}, ok.text
+    assert api.commit(vid, 0, {0: sha256_hex(good), 1: sha256_hex(other)}).status_code == 200
 
 
 def test_a_pack_of_exactly_the_data_limit_is_stored(api: PackApi) -> None:
     big = api.volume(size=128 * MIB, chunk_size=64 * MIB)["id"]
-    halves = [chunk(("limit", i), MAX_PACK_DATA // 2) for i in range(2)]
+    halves = [content(("limit", i), MAX_PACK_DATA // 2) for i in range(2)]
     r = api.post_pack(big, [one_frame(h) for h in halves])
-    assert r.status_code == 200 and r.json()["stored"] == [sha(h) for h in halves], r.text
+    assert r.status_code == 200 and r.json()["stored"] == [sha256_hex(h) for h in halves], r.text
     for h in halves:
-        got = api.read(big, sha(h))
+        got = api.read(big, sha256_hex(h))
         assert got.status_code == 200 and len(got.content) == len(h) and got.content == h
 
 
@@ -428,21 +442,29 @@ def test_a_pack_of_exactly_the_data_limit_is_stored(api: PackApi) -> None:
 def test_packs_on_each_database(
     store: str, empty_db_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    process, extra = _start(tmp_path / "packs", store, request, db_url=empty_db_url)
+    process, extra = start_provider_on(tmp_path / "packs", store, request, db_url=empty_db_url)
     try:
         with httpx.Client(base_url=process.url, timeout=30) as client:
             api = _pack_api(process, client, store, **extra)
             vid = api.volume(size=16 * SMALL)["id"]
-            a, b = chunk("db-a"), incompressible("db-b")
+            a, b = content("db-a"), incompressible("db-b")
             r = api.post_pack(vid, [one_frame(a), plain(b)])
-            assert r.json() == {"stored": [sha(a), sha(b)], "present": []}, r.text
-            assert api.post_pack(vid, [plain(a)]).json() == {"stored": [], "present": [sha(a)]}
+            assert r.json() == {"stored": [sha256_hex(a), sha256_hex(b)], "present": []}, r.text
+            assert api.post_pack(vid, [plain(a)]).json() == {
+                "stored": [],
+                "present": [sha256_hex(a)],
+            }
             (pack_id,) = api.packs(vid)
             assert {p for p, _, _ in api.locations(vid).values()} == {pack_id}
-            assert api.commit(vid, 0, {0: sha(a), 15: sha(b)}).json() == {"version": 1}
-            assert api.map(vid) == (1, {0: sha(a), 15: sha(b)})
-            assert api.read(vid, sha(a)).content == a and api.read(vid, sha(b)).content == b
-            ghost = api.commit(vid, 1, {3: sha(chunk("db-never"))})
+            assert api.commit(vid, 0, {0: sha256_hex(a), 15: sha256_hex(b)}).json() == {
+                "version": 1
+            }
+            assert api.map(vid) == (1, {0: sha256_hex(a), 15: sha256_hex(b)})
+            assert (
+                api.read(vid, sha256_hex(a)).content == a
+                and api.read(vid, sha256_hex(b)).content == b
+            )
+            ghost = api.commit(vid, 1, {3: sha256_hex(content("db-never"))})
             assert ghost.status_code == 400 and ghost.json()["error"] == "missing_chunks"
             _dispose(api)
         assert process.stop() == 0
@@ -455,7 +477,7 @@ def test_a_lost_master_key_is_not_remade_when_the_store_holds_only_packs(
 ) -> None:
     key_file = provider.data_dir / "master.key"
     master = key_file.read_bytes()
-    data = chunk("keep-packed")
+    data = content("keep-packed")
     with httpx.Client(base_url=provider.url, timeout=30) as client:
         vid = client.post("/v1/volumes", json={"name": "v", "size": MIB, "mode": "cached"}).json()[
             "id"
@@ -480,7 +502,7 @@ def test_a_lost_master_key_is_not_remade_when_the_store_holds_only_packs(
     key_file.write_bytes(master)
     key_file.chmod(0o600)
     restored = provider_factory(provider.data_dir).start()
-    got = httpx.get(f"{restored.url}/v1/volumes/{vid}/chunks/{sha(data)}")
+    got = httpx.get(f"{restored.url}/v1/volumes/{vid}/chunks/{sha256_hex(data)}")
     assert got.status_code == 200 and got.content == data
     assert restored.stop() == 0
 
@@ -530,13 +552,9 @@ def test_get_range(ranged: ObjectStore) -> None:
 # Garbage collection of packs, in process on each database and store
 
 
-def put_pack(env: Env, volume_id: str, datas: Iterable[bytes]) -> PackStored:
-    return env.blocks.put_chunk_pack(ACCOUNT, volume_id, encode_pack([plain(d) for d in datas]))
-
-
 def pack_of(env: Env, scope: str, data: bytes) -> str:
-    location = env.maps.packs.locate(scope, sha(data))
-    assert location is not None, f"{sha(data)} has no location"
+    location = env.maps.packs.locate(scope, sha256_hex(data))
+    assert location is not None, f"{sha256_hex(data)} has no location"
     return location.pack_id
 
 
@@ -562,12 +580,12 @@ def test_unreferenced_packed_chunks_lose_their_locations_and_empty_packs_go(env:
     vol = env.volume()
     scope = env.scope(vol)
     a, b, c, d, e = (content(("gc", t)) for t in "abcde")
-    assert put_pack(env, vol, [a, b, e]).stored == [sha(a), sha(b), sha(e)]
-    assert put_pack(env, vol, [c, d]).stored == [sha(c), sha(d)]
+    assert put_pack(env, vol, [a, b, e]).stored == [sha256_hex(a), sha256_hex(b), sha256_hex(e)]
+    assert put_pack(env, vol, [c, d]).stored == [sha256_hex(c), sha256_hex(d)]
     kept, doomed = pack_of(env, scope, a), pack_of(env, scope, c)
     assert kept != doomed and pack_of(env, scope, b) == kept and pack_of(env, scope, d) == doomed
     doomed_size = env.store.stat(pack_key(scope, doomed)).size  # type: ignore[union-attr]
-    env.commit(vol, {0: sha(a), 3: sha(e)})  # two of three live: not rewritten
+    env.commit(vol, {0: sha256_hex(a), 3: sha256_hex(e)})  # two of three live: not rewritten
 
     report = env.collect()
     assert (report.locations_deleted, report.packs_deleted, report.pack_bytes_deleted) == (
@@ -581,21 +599,25 @@ def test_unreferenced_packed_chunks_lose_their_locations_and_empty_packs_go(env:
     assert pack_objects(env, scope) == {kept} and pack_rows(env, scope) == {kept: True}
     assert env.maps.packs.known_packs([kept, doomed]) == {kept}
     assert pack_of(env, scope, a) == kept
-    assert [env.maps.packs.locate(scope, sha(x)) for x in (b, c, d)] == [None] * 3
-    assert env.has(scope, sha(a)) and not any(env.has(scope, sha(x)) for x in (b, c, d))
+    assert [env.maps.packs.locate(scope, sha256_hex(x)) for x in (b, c, d)] == [None] * 3
+    assert env.has(scope, sha256_hex(a)) and not any(
+        env.has(scope, sha256_hex(x)) for x in (b, c, d)
+    )
     other = reader(env)
-    assert other.get_chunk(ACCOUNT, vol, sha(a)) == a
+    assert other.get_chunk(ACCOUNT, vol, sha256_hex(a)) == a
     for x in (b, c):
         with pytest.raises(NotFoundError):
-            other.get_chunk(ACCOUNT, vol, sha(x))
+            other.get_chunk(ACCOUNT, vol, sha256_hex(x))
     other.close()
     # A commit naming a collected chunk is refused until it is uploaded again.
     with pytest.raises(MissingChunksError) as refused:
-        env.commit(vol, {1: sha(b), 2: sha(c)})
-    assert sorted(refused.value.chunk_ids) == sorted([sha(b), sha(c)])
-    assert env.maps.read_map(vol) == {0: sha(a), 3: sha(e)}
-    assert put_pack(env, vol, [b, c]) == PackStored(stored=[sha(b), sha(c)], present=[])
-    env.commit(vol, {1: sha(b), 2: sha(c)})
+        env.commit(vol, {1: sha256_hex(b), 2: sha256_hex(c)})
+    assert sorted(refused.value.chunk_ids) == sorted([sha256_hex(b), sha256_hex(c)])
+    assert env.maps.read_map(vol) == {0: sha256_hex(a), 3: sha256_hex(e)}
+    assert put_pack(env, vol, [b, c]) == PackStored(
+        stored=[sha256_hex(b), sha256_hex(c)], present=[]
+    )
+    env.commit(vol, {1: sha256_hex(b), 2: sha256_hex(c)})
     again = env.collect()
     assert (again.locations_deleted, again.packs_deleted, again.packs) == (0, 0, 2)
     assert env.dangling() == []
@@ -618,7 +640,7 @@ def test_young_packs_and_locations_are_kept_and_a_dry_run_deletes_nothing(env: E
 
     young = env.collect(grace=3600)
     assert (young.locations_deleted, young.packs_deleted, young.orphan_packs) == (0, 0, 0)
-    assert young.packs == 1 and env.has(scope, sha(a)) and env.has(scope, sha(b))
+    assert young.packs == 1 and env.has(scope, sha256_hex(a)) and env.has(scope, sha256_hex(b))
 
     def later() -> float:
         return time.time() + 7200
@@ -627,12 +649,12 @@ def test_young_packs_and_locations_are_kept_and_a_dry_run_deletes_nothing(env: E
     assert dry.dry_run and dry.locations_deleted == 2
     assert "would delete 2 unreferenced packed chunks' locations" in dry.summary()
     assert pack_rows(env, scope) == {pack: True} and pack_objects(env, scope) == {pack}
-    assert env.has(scope, sha(a)) and env.has(scope, sha(b))
+    assert env.has(scope, sha256_hex(a)) and env.has(scope, sha256_hex(b))
 
     real = env.collect(grace=3600, clock=later)
     assert (real.locations_deleted, real.packs_deleted, real.pack_bytes_deleted) == (2, 1, size)
     assert pack_rows(env, scope) == {} and pack_objects(env, scope) == set()
-    assert not env.has(scope, sha(a)) and not env.has(scope, sha(b))
+    assert not env.has(scope, sha256_hex(a)) and not env.has(scope, sha256_hex(b))
 
 
 def test_a_dry_run_reports_the_packs_a_pass_would_delete(env: Env) -> None:
@@ -657,7 +679,7 @@ def test_orphan_pack_objects_and_unwritten_pack_rows_go_after_the_grace_period(
     scope = env.scope(vol)
     live = content("orphans-live")
     put_pack(env, vol, [live])
-    env.commit(vol, {0: sha(live)})
+    env.commit(vol, {0: sha256_hex(live)})
     live_pack = pack_of(env, scope, live)
     # An object whose row never was (or was collected): garbage whatever its age ...
     orphan = new_pack_id()
@@ -665,9 +687,9 @@ def test_orphan_pack_objects_and_unwritten_pack_rows_go_after_the_grace_period(
     # ... rows of uploads that died before finishing, one before and one after its put ...
     fresh_after = utcnow() - timedelta(hours=1)
     lost = content("orphans-lost")
-    unwritten, new = env.maps.packs.begin(scope, [sha(lost)], fresh_after)
-    assert unwritten is not None and new == [sha(lost)]
-    crashed, _ = env.maps.packs.begin(scope, [sha(lost)], fresh_after)
+    unwritten, new = env.maps.packs.begin(scope, [sha256_hex(lost)], fresh_after)
+    assert unwritten is not None and new == [sha256_hex(lost)]
+    crashed, _ = env.maps.packs.begin(scope, [sha256_hex(lost)], fresh_after)
     assert crashed is not None
     env.store.put(pack_key(scope, crashed), b"written, never finished", durable=True)
     # ... and objects under packs/ that are not ours: left alone.
@@ -686,9 +708,9 @@ def test_orphan_pack_objects_and_unwritten_pack_rows_go_after_the_grace_period(
     assert pack_objects(env, scope) == {live_pack, "not-a-pack-id", "AB" * 16}
     assert all(env.store.exists(key) for key in foreign)
     # The upload that lost its row learns it when it finishes, and nothing is recorded.
-    assert env.maps.packs.finish(unwritten, 10, scope, [(sha(lost), 0, 10)]) is False
-    assert env.maps.packs.locate(scope, sha(lost)) is None
-    assert env.blocks.get_chunk(ACCOUNT, vol, sha(live)) == live
+    assert env.maps.packs.finish(unwritten, 10, scope, [(sha256_hex(lost), 0, 10)]) is False
+    assert env.maps.packs.locate(scope, sha256_hex(lost)) is None
+    assert env.blocks.get_chunk(ACCOUNT, vol, sha256_hex(live)) == live
     assert env.dangling() == []
 
 
@@ -701,7 +723,7 @@ def test_a_pack_collected_before_it_was_finished_is_stored_again(
     vol = env.volume()
     scope = env.scope(vol)
     datas = [content(("again", i)) for i in range(3)]
-    ids = [sha(d) for d in datas]
+    ids = [sha256_hex(d) for d in datas]
     finish = PackIndex.finish
     tries: list[tuple[str, bool]] = []
     passes: list[Any] = []
@@ -752,13 +774,13 @@ def test_an_upload_collected_every_time_fails_and_leaves_nothing(
         put_pack(env, vol, [data])
     assert tries == [False] * 3
     assert pack_rows(env, scope) == {} and pack_objects(env, scope) == set()
-    assert env.maps.packs.locate(scope, sha(data)) is None
+    assert env.maps.packs.locate(scope, sha256_hex(data)) is None
     with pytest.raises(MissingChunksError):
-        env.commit(vol, {0: sha(data)})
+        env.commit(vol, {0: sha256_hex(data)})
     monkeypatch.undo()
-    assert put_pack(env, vol, [data]).stored == [sha(data)]
-    env.commit(vol, {0: sha(data)})
-    assert env.blocks.get_chunk(ACCOUNT, vol, sha(data)) == data
+    assert put_pack(env, vol, [data]).stored == [sha256_hex(data)]
+    env.commit(vol, {0: sha256_hex(data)})
+    assert env.blocks.get_chunk(ACCOUNT, vol, sha256_hex(data)) == data
 
 
 def test_a_read_through_a_stale_cached_location_looks_again(
@@ -772,19 +794,19 @@ def test_a_read_through_a_stale_cached_location_looks_again(
     a, b = content("stale-a"), content("stale-b")
     put_pack(env, vol, [a, b])
     first = pack_of(env, scope, a)
-    env.commit(vol, {0: sha(a)})
+    env.commit(vol, {0: sha256_hex(a)})
     other = reader(env)
-    assert other.get_chunk(ACCOUNT, vol, sha(a)) == a
-    assert other.get_chunk(ACCOUNT, vol, sha(b)) == b
+    assert other.get_chunk(ACCOUNT, vol, sha256_hex(a)) == a
+    assert other.get_chunk(ACCOUNT, vol, sha256_hex(b)) == b
 
     # Two hours on, a's location is old: an upload of it packs it anew ...
     now = utcnow
     with monkeypatch.context() as m:
         m.setattr(service, "utcnow", lambda: now() + timedelta(hours=2))
-        assert put_pack(env, vol, [a, b]).stored == [sha(a), sha(b)]
+        assert put_pack(env, vol, [a, b]).stored == [sha256_hex(a), sha256_hex(b)]
     second = pack_of(env, scope, a)
     assert second != first and pack_of(env, scope, b) == second
-    env.commit(vol, {1: sha(b)})
+    env.commit(vol, {1: sha256_hex(b)})
     # ... so the first pack has no location left and goes.
     report = env.collect()
     assert (report.locations_deleted, report.packs_deleted) == (0, 1)
@@ -798,18 +820,18 @@ def test_a_read_through_a_stale_cached_location_looks_again(
         return locate(scope_, chunk_id)
 
     monkeypatch.setattr(other.maps.packs, "locate", counted)
-    assert other.get_chunk(ACCOUNT, vol, sha(a)) == a
-    assert lookups == [sha(a)]
-    assert other.get_chunk(ACCOUNT, vol, sha(a)) == a  # the new location is cached
-    assert lookups == [sha(a)]
-    assert other.get_chunk(ACCOUNT, vol, sha(b)) == b
+    assert other.get_chunk(ACCOUNT, vol, sha256_hex(a)) == a
+    assert lookups == [sha256_hex(a)]
+    assert other.get_chunk(ACCOUNT, vol, sha256_hex(a)) == a  # the new location is cached
+    assert lookups == [sha256_hex(a)]
+    assert other.get_chunk(ACCOUNT, vol, sha256_hex(b)) == b
     # A chunk whose location went with its pack is not found (404), not an error.
     c = content("stale-c")
     put_pack(env, vol, [c])
-    assert other.get_chunk(ACCOUNT, vol, sha(c)) == c
+    assert other.get_chunk(ACCOUNT, vol, sha256_hex(c)) == c
     assert env.collect().packs_deleted == 1
     with pytest.raises(NotFoundError):
-        other.get_chunk(ACCOUNT, vol, sha(c))
+        other.get_chunk(ACCOUNT, vol, sha256_hex(c))
     other.close()
     assert env.dangling() == []
 
@@ -829,7 +851,7 @@ def test_a_pass_deleting_an_unwritten_pack_while_its_upload_finishes_keeps_moved
     data = content("moved")
     put_pack(env, vol, [data])
     old_pack = pack_of(env, scope, data)
-    env.commit(vol, {0: sha(data)})
+    env.commit(vol, {0: sha256_hex(data)})
     with env.sessions.begin() as s:
         s.execute(update(ChunkLocation).values(created=utcnow() - timedelta(hours=2)))
 
@@ -856,7 +878,7 @@ def test_a_pass_deleting_an_unwritten_pack_while_its_upload_finishes_keeps_moved
     event.listen(engine, "before_cursor_execute", hook)
     monkeypatch.setattr(PackIndex, "finish", finish_during_a_pass)
     try:
-        assert put_pack(env, vol, [data]).stored == [sha(data)]
+        assert put_pack(env, vol, [data]).stored == [sha256_hex(data)]
     finally:
         event.remove(engine, "before_cursor_execute", hook)
         monkeypatch.undo()
@@ -864,7 +886,7 @@ def test_a_pass_deleting_an_unwritten_pack_while_its_upload_finishes_keeps_moved
     assert pack_of(env, scope, data) != old_pack
     env.collect(grace=0)
     assert env.dangling() == []
-    assert reader(env).get_chunk(ACCOUNT, vol, sha(data)) == data
+    assert reader(env).get_chunk(ACCOUNT, vol, sha256_hex(data)) == data
 
 
 @pytest.mark.timeout(60)
@@ -902,12 +924,12 @@ def test_pack_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_
     assert final.errors == 0 and env.dangling() == []
     check = reader(env)  # no cached locations: every read looks its chunk up
     for vol, model in models.items():
-        assert env.maps.read_map(vol) == {i: sha(pool[n]) for i, n in model.items()}
+        assert env.maps.read_map(vol) == {i: sha256_hex(pool[n]) for i, n in model.items()}
         for n in set(model.values()):
-            assert check.get_chunk(ACCOUNT, vol, sha(pool[n])) == pool[n]
+            assert check.get_chunk(ACCOUNT, vol, sha256_hex(pool[n])) == pool[n]
     for snap, model in frozen.items():
         assert env.maps.read_map(None, snapshot_id=snap) == {
-            i: sha(pool[n]) for i, n in model.items()
+            i: sha256_hex(pool[n]) for i, n in model.items()
         }
         for i, n in model.items():
             assert check.get_block(ACCOUNT, snap, i)[1] == pool[n]

@@ -12,11 +12,12 @@ import random
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import nbd
 import pytest
 
-from tests.conftest import GatewayProcess, free_port, need
+from tests.fixtures.daemons import GatewayProcess, free_port, need
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -58,8 +59,9 @@ def qemu_io_rc(uri: str, *commands: str) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def nbdinfo_json(*args: str) -> dict:
-    return json.loads(run(need("nbdinfo"), "--json", *args).stdout)
+def nbdinfo_json(*args: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(run(need("nbdinfo"), "--json", *args).stdout)
+    return doc
 
 
 def pattern(seed: int, n: int) -> bytes:
@@ -82,9 +84,9 @@ def read_export(gw: GatewayProcess, offset: int, length: int, export: str = "vol
     return bytes(out)
 
 
-def map_entries(uri: str) -> list[dict]:
+def map_entries(uri: str) -> list[dict[str, Any]]:
     """``nbdinfo --map`` as a list of ``{offset, length, type}``, checked to be contiguous."""
-    entries = json.loads(run(need("nbdinfo"), "--json", "--map", uri).stdout)
+    entries: list[dict[str, Any]] = json.loads(run(need("nbdinfo"), "--json", "--map", uri).stdout)
     pos = 0
     for e in entries:
         assert e["offset"] == pos, f"map has a gap or overlap at {pos}: {e}"
@@ -93,7 +95,7 @@ def map_entries(uri: str) -> list[dict]:
     return entries
 
 
-def types_in(entries: list[dict], offset: int, length: int) -> set[int]:
+def types_in(entries: list[dict[str, Any]], offset: int, length: int) -> set[int]:
     return {
         e["type"]
         for e in entries
@@ -101,7 +103,7 @@ def types_in(entries: list[dict], offset: int, length: int) -> set[int]:
     }
 
 
-def assert_map_truthful(entries: list[dict], model: bytes | bytearray) -> None:
+def assert_map_truthful(entries: list[dict[str, Any]], model: bytes | bytearray) -> None:
     """No extent within the model's range claims ZERO where the model holds data."""
     for e in entries:
         if e["type"] & ZERO and e["offset"] < len(model):

@@ -13,75 +13,12 @@ import subprocess
 import tarfile
 import time
 from pathlib import Path
-from typing import Any
 
-from tests.conftest import SGW, GatewayProcess, need
-from tests.fixtures.management import SecureProvider
+from tests.fixtures.daemons import SGW, GatewayProcess, need
+from tests.fixtures.management import SecureProvider, activated_gateway, cli_json, online
+from tests.fixtures.waiting import wait_for
 
 MIB = 1 << 20
-
-
-def wait_for(check: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def gateway_config(tmp_path: Path, p: SecureProvider, idle: float = 0.2) -> Path:
-    conf = tmp_path / "gateway.toml"
-    conf.write_text(
-        f"""
-[remote]
-url = "{p.url}"
-ca = "{p.ca}"
-
-[activation]
-poll_interval = 0.2
-
-[destage]
-idle_seconds = {idle}
-"""
-    )
-    return conf
-
-
-def activated_gateway(
-    tmp_path: Path,
-    p: SecureProvider,
-    factory: type[GatewayProcess],
-    volumes: list[str],
-    idle: float = 0.2,
-) -> tuple[GatewayProcess, str]:
-    """A real gateway activated with the CLI, its control channel connected."""
-    conf = gateway_config(tmp_path, p, idle)
-    gw = factory(tmp_path / "gw", volumes, extra_args=["--config", str(conf)])
-    gw.start()
-    key = subprocess.run(
-        [SGW, "gateway", "activation-key", "--data-dir", str(gw.data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout.strip()
-    act = p.sgw("activate", key, "--name", "edge", "--output", "json")
-    assert act.returncode == 0, act.stderr
-    gateway_id = str(json.loads(act.stdout)["id"])
-    wait_for(lambda: online(p, gateway_id), what="the control channel")
-    return gw, gateway_id
-
-
-def online(p: SecureProvider, gateway_id: str) -> bool:
-    conn = p.admin().get(f"/v1/gateways/{gateway_id}/connection").json()
-    return bool(conn["online"])
-
-
-def cli_json(p: SecureProvider, *args: str) -> Any:
-    res = p.sgw(*args, "--output", "json")
-    assert res.returncode == 0, (args, res.stderr)
-    return json.loads(res.stdout)
 
 
 def qemu_io(uri: str, *commands: str) -> subprocess.CompletedProcess[bytes]:

@@ -17,8 +17,7 @@ from sgw.common import signing
 from sgw.provider.auth.nonces import NonceLedger
 from sgw.provider.db import schema
 from sgw.provider.management.gateways import KEY_TRUST_S
-from tests.fixtures.management import FakeGateway, SecureProvider, activate
-from tests.integration.test_control_servers import start_servers
+from tests.fixtures.management import FakeGateway, SecureProvider, activate, start_servers
 
 
 def signed_request(
@@ -164,7 +163,9 @@ def test_nonce_groups_refuse_replays_within_and_across_ledgers(tmp_path: Path) -
     fresh = [uuid.uuid4().hex for _ in range(100)]
     mixed = [n for pair in zip(nonces[:100], fresh, strict=True) for n in pair]
 
-    async def run() -> tuple[list[bool], ...]:
+    async def run() -> tuple[
+        list[bool], list[bool], list[bool], list[bool], tuple[int, int], tuple[bool, bool, bool]
+    ]:
         first = await asyncio.gather(*(one.first_use_async("gw:a", n, expires) for n in nonces))
         # The same nonces: refused from memory by the same ledger, from the database by
         # another (another process).

@@ -7,15 +7,14 @@ Real ``ControlStore`` on SQLite, a real ``ControlHub`` on an event loop."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sgw.provider.control.hub import ControlHub
 from sgw.provider.control.store import ControlStore, NewMessage
-from tests.fixtures.control_db import control_db
+from tests.fixtures.control_db import control_db, with_hub
 
 ACCOUNT = "acct-1"
 GATEWAYS = ["gw-1", "gw-2"]
@@ -26,20 +25,6 @@ def store(tmp_path: Path) -> Iterator[ControlStore]:
     store = ControlStore(control_db(tmp_path, ACCOUNT, GATEWAYS))
     yield store
     store.close()
-
-
-def with_hub(store: ControlStore, body: Callable[[ControlHub], Awaitable[None]]) -> None:
-    """Runs ``body`` with a started hub of ``store``, stopped afterwards."""
-
-    async def run() -> None:
-        hub = ControlHub(store, server_id=str(uuid.uuid4()), url="http://127.0.0.1:9", secret=b"s")
-        await hub.start()
-        try:
-            await body(hub)
-        finally:
-            await hub.stop()
-
-    asyncio.run(run())
 
 
 async def waiting(hub: ControlHub, gateway_id: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import ssl
 import stat
 import subprocess
@@ -33,9 +32,15 @@ from sgw.gateway.link.channel import ControlChannel
 from sgw.gateway.link.journal import Command
 from sgw.provider.control import peers
 from sgw.provider.control.peers import DOORBELL_PATH
-from tests.conftest import SGW, GatewayProcess
-from tests.fixtures.management import FakeGateway, SecureProvider, activate, init_provider
-from tests.integration.test_control import cli_json, online
+from tests.fixtures.daemons import SGW, GatewayProcess
+from tests.fixtures.management import (
+    FakeGateway,
+    SecureProvider,
+    activate,
+    cli_json,
+    online,
+    start_servers,
+)
 
 SIMULATED = 9
 TERMINAL = ("succeeded", "failed", "expired")
@@ -83,27 +88,6 @@ def fleet() -> Iterator[Fleet]:
     f = Fleet()
     yield f
     f.stop()
-
-
-def start_servers(
-    tmp_path: Path, factory: type[SecureProvider], db_url: str, n: int
-) -> list[SecureProvider]:
-    """``sgw provider init`` once; its master key, control secret and TLS files copied to
-    every server's data directory, as an operator would to each machine."""
-    first = tmp_path / "server0"
-    doc = init_provider(first, db_url)
-    servers = []
-    for i in range(n):
-        data = tmp_path / f"server{i}"
-        if i:
-            data.mkdir(mode=0o700)
-            for name in ("master.key", "control.secret"):
-                shutil.copy2(first / name, data / name)
-            shutil.copytree(first / "tls", data / "tls")
-        p = factory(data, db_url=db_url, token=doc["token"], account_id=doc["account_id"])
-        p.ca = str(data / "tls" / "ca.pem")
-        servers.append(p.start())
-    return servers
 
 
 def server_stats(server: SecureProvider) -> dict[str, int]:

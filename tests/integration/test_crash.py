@@ -34,7 +34,7 @@ import nbd
 import pytest
 
 from sgw.gateway.volume.wal import WriteLog
-from tests.conftest import SMALL_LOG, GatewayProcess
+from tests.fixtures.daemons import SMALL_LOG, GatewayProcess
 
 KIB = 1 << 10
 MIB = 1 << 20

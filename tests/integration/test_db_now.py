@@ -20,13 +20,12 @@ import pytest
 
 from sgw.provider.auth.nonces import NonceLedger
 from sgw.provider.control.hub import ControlHub
-from sgw.provider.control.store import ControlStore, NewMessage
+from sgw.provider.control.store import ControlStore, MessageInfo, NewMessage
 from sgw.provider.db import schema
 from sgw.provider.db.batching import GroupRunner
 from sgw.provider.db.models import utcnow
 from sgw.provider.db.raw import ThreadConnections, WouldBlock
-from tests.fixtures.control_db import control_db
-from tests.integration.test_control_handover import with_hub
+from tests.fixtures.control_db import control_db, with_hub
 
 
 @pytest.fixture
@@ -94,15 +93,15 @@ def test_a_group_that_would_wait_goes_to_the_thread_with_the_same_results(db: st
     writer = concurrent.futures.ThreadPoolExecutor(1)
     tried_now: list[int] = []
 
-    def run_now(items: list[NewMessage]) -> list[object]:
+    def run_now(items: list[NewMessage]) -> list[tuple[MessageInfo, bool] | BaseException]:
         tried_now.append(len(items))
         return list(store.post_many(items, utcnow(), nowait=True))
 
-    runner: GroupRunner[NewMessage, object] = GroupRunner(
+    runner: GroupRunner[NewMessage, tuple[MessageInfo, bool]] = GroupRunner(
         lambda items: list(store.post_many(items, utcnow())), writer, run_now=run_now
     )
 
-    async def run() -> tuple[list[object], list[object]]:
+    async def run() -> tuple[list[tuple[MessageInfo, bool]], list[tuple[MessageInfo, bool]]]:
         quick = await asyncio.gather(*(runner.submit(_message(i)) for i in range(5)))
         # Another writer holds the lock until the group gave up trying on the loop (a
         # few tries): the thread writes it once the lock is free.
@@ -125,7 +124,7 @@ def test_a_group_that_would_wait_goes_to_the_thread_with_the_same_results(db: st
     try:
         quick, slow = asyncio.run(run())
         assert runner.deferred == 1 and len(tried_now) > 2
-        for i, (info, created) in enumerate(quick + slow):  # type: ignore[misc]
+        for i, (info, created) in enumerate(quick + slow):
             assert created and info.args == {"n": i}
         assert _count(db) == 10
     finally:

@@ -19,15 +19,20 @@ import httpx
 import nbd
 import pytest
 
-from tests.conftest import SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
+from tests.fixtures.daemons import SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
 from tests.fixtures.faultproxy import Fault, FaultProxy
+from tests.fixtures.gateway_uploads import (
+    VOL_SIZE,
+    assert_clean_log,
+    full_log,
+    gateway_args,
+    read_all,
+    wait_remote_equal,
+    write_for,
+    write_round,
+)
 
 MIB = 1 << 20
-VOL_SIZE = 16 * MIB + 64 * 1024  # 17 chunks of 1 MiB, the last one short
-# Seconds the gateway gets to converge once the faults stop: its destager backs off up
-# to 30 s after consecutive failed batches, so keep failures short and this generous.
-CONVERGE_TIMEOUT = 30.0
-
 # (fault, probability, seconds) phases the proxy cycles through while the gateway writes.
 # Delays first: a phase right after heavy faults may see no request at all (the uploader
 # is backing off), and every kind of fault must be met at least once.
@@ -57,95 +62,6 @@ def proxy_for() -> Iterator[Callable[[int], FaultProxy]]:
     yield make
     for p in started:
         p.stop()
-
-
-def gateway_args(tmp_path: Path, provider_url: str) -> list[str]:
-    cfg = tmp_path / "gw.toml"
-    cfg.write_text('[destage]\nstart_fill = 0.0\nidle_seconds = 0.05\nbatch = "4M"\n')
-    return ["--config", str(cfg), "--provider", provider_url]
-
-
-def remote_bytes(provider_url: str, volume_id: str) -> bytes:
-    """The volume as the provider holds it: its map's chunks, zeroes where absent."""
-    with httpx.Client(base_url=provider_url, timeout=10) as http:
-        vol = http.get(f"/v1/volumes/{volume_id}").raise_for_status().json()
-        size, chunk = vol["size"], vol["chunk_size"]
-        doc = http.get(f"/v1/volumes/{volume_id}/map").raise_for_status().json()
-        out = bytearray(size)
-        for index, cid in doc["chunks"].items():
-            r = http.get(f"/v1/volumes/{volume_id}/chunks/{cid}")
-            assert r.status_code == 200, f"the map names chunk {cid} but: {r.text}"
-            start = int(index) * chunk
-            assert len(r.content) == min(chunk, size - start), f"chunk {index}: wrong size"
-            out[start : start + len(r.content)] = r.content
-        return bytes(out)
-
-
-def wait_remote_equal(gw: GatewayProcess, provider_url: str, want: bytes) -> float:
-    started = time.monotonic()
-    last = "no remote volume bound yet"
-    while time.monotonic() - started < CONVERGE_TIMEOUT:
-        rid = remote_id(gw)
-        if rid is not None:
-            try:
-                got = remote_bytes(provider_url, rid)
-            except httpx.HTTPError as e:
-                last = f"provider: {e}"
-            else:
-                if got == want:
-                    return time.monotonic() - started
-                diff = [
-                    i // MIB
-                    for i in range(0, VOL_SIZE, MIB)
-                    if got[i : i + MIB] != want[i : i + MIB]
-                ]
-                last = f"chunks still differing: {diff}"
-        time.sleep(0.25)
-    pytest.fail(
-        f"the provider's copy did not converge in {CONVERGE_TIMEOUT} s: {last}\n{gw.log_text()}"
-    )
-
-
-def write_round(h: nbd.NBD, rng: random.Random, model: bytearray, ops: int) -> None:
-    """Block-aligned writes, zeroes and trims through NBD, mirrored in ``model``; flushed."""
-    for _ in range(ops):
-        kind = rng.choices(["write", "zero", "trim"], [8, 1, 1])[0]
-        off = rng.randrange(0, VOL_SIZE // 4096) * 4096
-        length = min(rng.choice([4096, 65536, 256 * 1024, MIB + 8192]), VOL_SIZE - off)
-        if kind == "write":
-            data = rng.randbytes(length)
-            h.pwrite(data, off)
-            model[off : off + length] = data
-        elif kind == "zero":
-            h.zero(length, off)
-            model[off : off + length] = bytes(length)
-        else:
-            h.trim(length, off)
-            model[off : off + length] = bytes(length)
-    h.flush()
-
-
-def write_for(h: nbd.NBD, rng: random.Random, model: bytearray, seconds: float) -> int:
-    """Write rounds for ``seconds``, paced so that the log never fills (a full log makes
-    writes wait for the provider, which is right, but would stall the test); how many."""
-    rounds = 0
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        write_round(h, rng, model, 4)
-        rounds += 1
-        time.sleep(0.1)
-    return rounds
-
-
-def read_all(gw: GatewayProcess) -> bytes:
-    h = nbd.NBD()
-    h.connect_uri(gw.uri())
-    try:
-        return b"".join(
-            bytes(h.pread(min(4 * MIB, VOL_SIZE - off), off)) for off in range(0, VOL_SIZE, 4 * MIB)
-        )
-    finally:
-        h.shutdown()
 
 
 class Cycler(threading.Thread):
@@ -184,17 +100,6 @@ class Cycler(threading.Thread):
         self.done.set()
         self.join(10)
         assert not self.is_alive()
-
-
-def full_log(gw: GatewayProcess) -> str:
-    assert gw.stderr_path is not None
-    return gw.stderr_path.read_text(errors="replace")
-
-
-def assert_clean_log(gw: GatewayProcess) -> None:
-    text = full_log(gw)
-    for bad in ("something else writes", "Traceback", '"level": "error"'):
-        assert bad not in text, f"{bad!r} in the gateway's log:\n{gw.log_text()}"
 
 
 @pytest.mark.timeout(75, method="thread")

@@ -5,42 +5,28 @@ missing chunk. Then the ``sgw provider gc`` command against a running provider."
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import subprocess
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import nbd
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
-from sgw.common.chunks import check_chunk
-from sgw.common.errors import (
-    ChunkCorruptError,
-    MissingChunksError,
-    NotFoundError,
-    ObjectNotFoundError,
-)
-from sgw.provider.api.auth import ensure_account
+from sgw.common.errors import MissingChunksError
 from sgw.provider.blockstore import gc, service
 from sgw.provider.blockstore.keys import KeyRing
-from sgw.provider.blockstore.maps import ChunkMaps, VolumeMode
-from sgw.provider.blockstore.objects import DirectoryStore, ObjectStore
-from sgw.provider.blockstore.packs import pack_key
+from sgw.provider.blockstore.maps import ChunkMaps
+from sgw.provider.blockstore.objects import DirectoryStore
 from sgw.provider.blockstore.service import BlockService, chunk_key
-from sgw.provider.db.models import Snapshot, Volume
 from sgw.provider.db.schema import make_engine, session_factory
-from tests.conftest import SGW, GatewayProcess, ProviderProcess
-from tests.fixtures.s3 import s3_store
-from tests.integration.test_faults import (
+from tests.fixtures.block_service import ACCOUNT, CHUNK, Env, race_with_collector
+from tests.fixtures.chunk_data import content, sha256_hex
+from tests.fixtures.daemons import SGW, GatewayProcess, ProviderProcess
+from tests.fixtures.gateway_uploads import (
     VOL_SIZE,
     full_log,
     gateway_args,
@@ -48,116 +34,6 @@ from tests.integration.test_faults import (
     wait_remote_equal,
     write_for,
 )
-
-KIB = 1 << 10
-CHUNK = 4 * KIB  # the smallest chunk size: many chunks, small bodies
-ACCOUNT = "acct"
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def content(tag: object) -> bytes:
-    """Distinct, non-zero chunk data for ``tag``."""
-    seed = hashlib.sha256(repr(tag).encode()).digest()
-    return (seed * (CHUNK // len(seed) + 1))[:CHUNK]
-
-
-@dataclass
-class Env:
-    """A block service on a real database and store, as the provider builds it."""
-
-    blocks: BlockService
-    store: ObjectStore
-    sessions: sessionmaker[Session]
-
-    @property
-    def maps(self) -> ChunkMaps:
-        return self.blocks.maps
-
-    def volume(self, chunks: int = 16, from_snapshot_id: str | None = None) -> str:
-        name = f"vol-{uuid.uuid4().hex[:8]}"
-        info = self.blocks.create_volume(
-            ACCOUNT,
-            name,
-            chunks * CHUNK,
-            mode=VolumeMode.CACHED,
-            chunk_size=CHUNK,
-            from_snapshot_id=from_snapshot_id,
-        )
-        return info.id
-
-    def put(self, volume_id: str, data: bytes) -> str:
-        self.blocks.put_chunk(ACCOUNT, volume_id, sha(data), data)
-        return sha(data)
-
-    def commit(self, volume_id: str, changes: dict[int, str | None]) -> int:
-        base = self.blocks.get_volume(ACCOUNT, volume_id).map_version
-        return self.blocks.commit(ACCOUNT, volume_id, base, uuid.uuid4().hex, changes)
-
-    def scope(self, volume_id: str) -> str:
-        return self.blocks.get_volume(ACCOUNT, volume_id).key_scope
-
-    def has(self, scope: str, chunk_id: str) -> bool:
-        """True if the store holds the chunk intact: in a pack where its location says,
-        or as a loose object."""
-        location = self.maps.packs.locate(scope, chunk_id)
-        if location is None:
-            return self.store.exists(chunk_key(scope, chunk_id))
-        try:
-            blob = self.store.get_range(
-                pack_key(scope, location.pack_id), location.offset, location.length
-            )
-            check_chunk(blob)
-        except (ObjectNotFoundError, ChunkCorruptError):
-            return False
-        return len(blob) == location.length
-
-    def collect(
-        self, grace: float = 0.0, *, dry_run: bool = False, clock: Callable[[], float] = time.time
-    ) -> gc.GcReport:
-        return gc.collect(self.maps, self.store, grace_seconds=grace, dry_run=dry_run, clock=clock)
-
-    def dangling(self) -> list[str]:
-        """Every (owner, chunk) that some map names but the store lacks: must be empty."""
-        missing: list[str] = []
-        with self.sessions() as s:
-            owners = [("volume", i, sc) for i, sc in s.execute(select(Volume.id, Volume.key_scope))]
-            owners += [
-                ("snapshot", i, sc) for i, sc in s.execute(select(Snapshot.id, Snapshot.key_scope))
-            ]
-        for kind, owner_id, scope in owners:
-            try:
-                if kind == "volume":
-                    chunks = self.maps.read_map(owner_id)
-                else:
-                    chunks = self.maps.read_map(None, snapshot_id=owner_id)
-            except NotFoundError:  # deleted meanwhile
-                continue
-            missing += [
-                f"{kind} {owner_id} index {i}: {c}"
-                for i, c in chunks.items()
-                if not self.has(scope, c)
-            ]
-        return missing
-
-
-@pytest.fixture(params=["directory", "s3"])
-def env(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[Env]:
-    if request.param == "directory":
-        store: ObjectStore = DirectoryStore(tmp_path / "objects")
-    else:
-        store = s3_store(
-            request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket")
-        )
-    engine = make_engine(db_url)
-    sessions = session_factory(engine)
-    ensure_account(sessions, ACCOUNT, ACCOUNT)
-    blocks = BlockService(ChunkMaps(sessions), store, KeyRing(os.urandom(32)))
-    yield Env(blocks, store, sessions)
-    blocks.close()
-    engine.dispose()
 
 
 def test_snapshots_keep_chunks_and_deleted_maps_release_them(env: Env) -> None:
@@ -212,10 +88,10 @@ def test_each_key_scope_is_judged_by_its_own_maps(env: Env) -> None:
 def test_block_api_snapshot_chunks_are_references(env: Env) -> None:
     snap = env.blocks.start_snapshot(ACCOUNT, 8 * CHUNK, chunk_size=CHUNK).id
     data = content("block")
-    env.blocks.put_block(ACCOUNT, snap, 2, data, sha(data))
+    env.blocks.put_block(ACCOUNT, snap, 2, data, sha256_hex(data))
     env.blocks.complete_snapshot(ACCOUNT, snap)
     assert env.collect().deleted == 0
-    assert env.blocks.get_block(ACCOUNT, snap, 2) == (sha(data), data)
+    assert env.blocks.get_block(ACCOUNT, snap, 2) == (sha256_hex(data), data)
     env.blocks.delete_snapshot(ACCOUNT, snap)
     assert env.collect().deleted == 1
 
@@ -285,7 +161,7 @@ def test_putting_an_old_chunk_again_renews_its_time(
             return time.time() + 7200
 
     monkeypatch.setattr(service, "time", Later)
-    assert env.blocks.put_chunk(ACCOUNT, vol, sha(content("old")), content("old")) is False
+    assert env.blocks.put_chunk(ACCOUNT, vol, sha256_hex(content("old")), content("old")) is False
     monkeypatch.undo()
     assert env.store.get(key) != first  # rewritten (a fresh nonce), so its time is new
     # Old by the first write, young by the second: a collector with a one-hour grace
@@ -294,120 +170,8 @@ def test_putting_an_old_chunk_again_renews_its_time(
     assert (report.deleted, report.young) == (0, 1)
     # An object still young is not rewritten.
     again = env.store.get(key)
-    assert env.blocks.put_chunk(ACCOUNT, vol, sha(content("old")), content("old")) is False
+    assert env.blocks.put_chunk(ACCOUNT, vol, sha256_hex(content("old")), content("old")) is False
     assert env.store.get(key) == again
-
-
-Upload = Callable[[str, list[bytes], random.Random], None]
-
-
-@dataclass
-class Race:
-    """What ``race_with_collector`` left: each volume's and snapshot's expected map
-    (index -> number of its content in the pool), the collector's passes, and how many
-    commits were refused for missing chunks."""
-
-    models: dict[str, dict[int, int]]
-    frozen: dict[str, dict[int, int]]
-    passes: list[gc.GcReport]
-    refused: int
-
-
-def race_with_collector(
-    env: Env,
-    pool: list[bytes],
-    upload: Upload,
-    *,
-    seeds: list[int],
-    duration: float,
-    max_changes: int,
-) -> Race:
-    """One writer per seed uploads (``upload``) and commits changes of up to
-    ``max_changes`` chunks of its 8-chunk volume (re-uploading what a refused commit
-    names, as the gateway's destager does by retrying the batch), takes and deletes
-    snapshots, while a collector with no grace period runs again and again for
-    ``duration`` seconds. Fails if a pass leaves a map naming a chunk the store lacks,
-    or if any thread fails or hangs."""
-    by_id = {sha(d): d for d in pool}
-    stop = threading.Event()
-    failures: list[str] = []
-    refused = [0]
-    passes: list[gc.GcReport] = []
-    # volume id -> index -> content number; snapshot id -> its map
-    models: dict[str, dict[int, int]] = {}
-    frozen: dict[str, dict[int, int]] = {}
-    lock = threading.Lock()
-
-    def writer(seed: int) -> None:
-        wrng = random.Random(seed)
-        vol = env.volume(chunks=8)
-        model: dict[int, int] = {}
-        snaps: list[str] = []
-        try:
-            while not stop.is_set():
-                changes: dict[int, int | None] = {}
-                for _ in range(wrng.randint(1, max_changes)):
-                    changes[wrng.randrange(8)] = (
-                        None if wrng.random() < 0.15 else wrng.randrange(len(pool))
-                    )
-                named = {i: None if n is None else sha(pool[n]) for i, n in changes.items()}
-                wanted = sorted({n for n in changes.values() if n is not None})
-                if wanted:
-                    upload(vol, [pool[n] for n in wanted], wrng)
-                for _ in range(50):
-                    try:
-                        env.commit(vol, named)
-                        break
-                    except MissingChunksError as e:
-                        with lock:
-                            refused[0] += 1
-                        upload(vol, [by_id[c] for c in e.chunk_ids], wrng)
-                else:
-                    raise AssertionError("a commit was refused 50 times in a row")
-                for i, change in changes.items():
-                    if change is None:
-                        model.pop(i, None)
-                    else:
-                        model[i] = change
-                if wrng.random() < 0.2:
-                    snap = env.blocks.snapshot_volume(ACCOUNT, vol).id
-                    snaps.append(snap)
-                    with lock:
-                        frozen[snap] = dict(model)
-                if len(snaps) > 2 and wrng.random() < 0.3:
-                    gone = snaps.pop(wrng.randrange(len(snaps)))
-                    env.blocks.delete_snapshot(ACCOUNT, gone)
-                    with lock:
-                        del frozen[gone]
-        except Exception as e:
-            failures.append(f"writer {seed}: {e!r}")
-            stop.set()
-        with lock:
-            models[vol] = model
-
-    def collector() -> None:
-        try:
-            while not stop.is_set():
-                passes.append(env.collect(grace=0))
-                dangling = env.dangling()
-                if dangling:
-                    failures.append(f"after pass {len(passes)}: {dangling[:5]}")
-                    stop.set()
-        except Exception as e:
-            failures.append(f"collector: {e!r}")
-            stop.set()
-
-    threads = [threading.Thread(target=writer, args=(seed,)) for seed in seeds]
-    threads.append(threading.Thread(target=collector))
-    for t in threads:
-        t.start()
-    stop.wait(duration)
-    stop.set()
-    for t in threads:
-        t.join(30)
-        assert not t.is_alive(), "a racing thread hung"
-    assert failures == []
-    return Race(models, frozen, passes, refused[0])
 
 
 @pytest.mark.timeout(60)
@@ -436,12 +200,12 @@ def test_uploads_racing_with_zero_grace_collection_never_lose_a_referenced_chunk
     final = env.collect(grace=0)
     assert final.errors == 0 and env.dangling() == []
     for vol, model in race.models.items():
-        assert env.maps.read_map(vol) == {i: sha(pool[n]) for i, n in model.items()}
+        assert env.maps.read_map(vol) == {i: sha256_hex(pool[n]) for i, n in model.items()}
         for i, n in model.items():
-            assert env.blocks.get_chunk(ACCOUNT, vol, sha(pool[n])) == pool[n], i
+            assert env.blocks.get_chunk(ACCOUNT, vol, sha256_hex(pool[n])) == pool[n], i
     for snap, model in race.frozen.items():
         assert env.maps.read_map(None, snapshot_id=snap) == {
-            i: sha(pool[n]) for i, n in model.items()
+            i: sha256_hex(pool[n]) for i, n in model.items()
         }
         for i, n in model.items():
             assert env.blocks.get_block(ACCOUNT, snap, i)[1] == pool[n]
@@ -464,11 +228,11 @@ def test_gc_command(tmp_path: Path, provider: ProviderProcess) -> None:
         ids = []
         for tag in ("committed", "orphan"):
             data = content(tag)
-            ids.append(sha(data))
+            ids.append(sha256_hex(data))
             r = http.put(
-                f"/v1/volumes/{vol}/chunks/{sha(data)}",
+                f"/v1/volumes/{vol}/chunks/{sha256_hex(data)}",
                 content=data,
-                headers={"x-sgw-sha256": sha(data)},
+                headers={"x-sgw-sha256": sha256_hex(data)},
             )
             assert r.status_code == 201, r.text
         r = http.post(

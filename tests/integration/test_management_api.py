@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sgw.provider.management.accounts import token_hash
-from tests.conftest import SGW
+from tests.fixtures.daemons import SGW
 from tests.fixtures.management import SecureProvider, activate, init_provider, new_account
 
 MIB = 1 << 20

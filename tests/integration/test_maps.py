@@ -253,10 +253,11 @@ def _race(n: int, call: Callable[[int], int]) -> list[int | Exception]:
 def test_concurrent_commits_on_one_base_exactly_one_wins(db: Db) -> None:
     vol = db.volume()
     for round_ in range(5):
-        results = _race(
-            2,
-            lambda i, r=round_: db.maps.commit_changes(vol, r, {i: cid((r, i))}, f"r{r}-{i}"),
-        )
+
+        def commit(i: int, r: int = round_) -> int:
+            return db.maps.commit_changes(vol, r, {i: cid((r, i))}, f"r{r}-{i}")
+
+        results = _race(2, commit)
         wins = [i for i, r in enumerate(results) if isinstance(r, int)]
         losses = [r for r in results if isinstance(r, VersionConflictError)]
         assert len(wins) == 1 and len(losses) == 1, results

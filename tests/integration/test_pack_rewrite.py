@@ -5,17 +5,15 @@ the next pass. Real databases (SQLite, PostgreSQL) and stores (directory, S3 on 
 from __future__ import annotations
 
 from sgw.provider.blockstore.packs import PACKS_PREFIX, pack_key, read_index
-from tests.integration.test_chunk_packs import put_pack
-from tests.integration.test_gc import ACCOUNT, Env, content, env, sha
-
-__all__ = ["env"]  # the fixture, imported for these tests
+from tests.fixtures.block_service import ACCOUNT, Env, put_pack
+from tests.fixtures.chunk_data import content, sha256_hex
 
 
 def pack_of_new(e: Env, volume_id: str, datas: list[bytes]) -> list[str]:
     """Uploads ``datas`` as one pack (all new); their ids."""
     done = put_pack(e, volume_id, datas)
-    assert sorted(done.stored) == sorted(sha(d) for d in datas)
-    return [sha(d) for d in datas]
+    assert sorted(done.stored) == sorted(sha256_hex(d) for d in datas)
+    return [sha256_hex(d) for d in datas]
 
 
 def packs(e: Env, scope: str) -> list[str]:

@@ -17,11 +17,12 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import nbd
 import pytest
 
-from tests.conftest import SGW, GatewayProcess
+from tests.fixtures.daemons import SGW, GatewayProcess
 
 # --- wire constants (NBD doc/proto.md) ---------------------------------------------------
 NBDMAGIC = b"NBDMAGIC"
@@ -126,7 +127,9 @@ def extents(h: nbd.NBD, offset: int, length: int) -> list[tuple[int, int, int]]:
     while pos < end:
         got: list[tuple[int, int]] = []
 
-        def cb(meta: str, off: int, entries: list[int], err: object, got: list = got) -> int:
+        def cb(
+            meta: str, off: int, entries: list[int], err: object, got: list[tuple[int, int]] = got
+        ) -> int:
             if meta == nbd.CONTEXT_BASE_ALLOCATION:
                 got.extend(zip(entries[0::2], entries[1::2], strict=True))
             return 0
@@ -259,17 +262,17 @@ def recv_reply(s: socket.socket, reads: dict[int, int] | None = None) -> tuple[i
         data = recv_exact(s, n) if n and not error else b""
         return cookie, error, data
     assert magic == STRUCTURED_REPLY_MAGIC, f"bad reply magic {magic:#x}"
-    data = bytearray()
+    body = bytearray()
     error = 0
     while True:
         rflags, rtype, cookie, length = struct.unpack(">HHQI", recv_exact(s, 16))
         payload = recv_exact(s, length)
         if rtype == REPLY_TYPE_OFFSET_DATA:
-            data += payload[8:]  # the callers' reads fit one chunk
+            body += payload[8:]  # the callers' reads fit one chunk
         elif rtype & (1 << 15):
             (error,) = struct.unpack_from(">I", payload)
         if rflags & REPLY_FLAG_DONE:
-            return cookie, error, bytes(data) if not error else b""
+            return cookie, error, bytes(body) if not error else b""
 
 
 def send_quietly(s: socket.socket, data: bytes) -> None:
@@ -569,7 +572,9 @@ def test_block_status_after_write_trim_zero(gateway: GatewayProcess) -> None:
         # REQ_ONE: a single extent, within the range asked for.
         one: list[list[int]] = []
 
-        def first(meta: str, off: int, entries: list[int], err: object, one: list = one) -> int:
+        def first(
+            meta: str, off: int, entries: list[int], err: object, one: list[list[int]] = one
+        ) -> int:
             one.append(list(entries))
             return 0
 
@@ -1057,7 +1062,7 @@ def test_sigterm_with_requests_in_flight_exits_0(gateway: GatewayProcess) -> Non
         bufs.append(buf)
         off = (300 + 2 * i) * MIB + 512
 
-        def completed(err: object, i: int = i) -> int:
+        def completed(err: Any, i: int = i) -> int:
             done[i] = int(getattr(err, "value", err))
             return 1
 

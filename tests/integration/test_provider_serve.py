@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import SGW, free_port
+from tests.fixtures.daemons import SGW, free_port
 
 
 def start_provider(data_dir: Path, port: int) -> subprocess.Popen[bytes]:

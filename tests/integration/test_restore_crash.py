@@ -31,7 +31,7 @@ import pytest
 
 from sgw.gateway.volume.base import FileBaseStore
 from sgw.gateway.volume.restore_tree import MARK_SECTOR, TreeRestore, tree_path
-from tests.integration.restore_child import BLOCK, snapshot_chunk, user_block
+from tests.fixtures.restore_child import BLOCK, snapshot_chunk, user_block
 
 KIB = 1 << 10
 ROOT = Path(__file__).resolve().parents[2]
@@ -361,7 +361,7 @@ def test_kill_9_at_random_moments(tmp_path: Path) -> None:
             args = [path, str(size), str(chunk_size), model.token.hex(), str(model.snap_seed)]
             args += ["0" if begun else "1", str(rng.randrange(1 << 30))]
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.integration.restore_child", *args],
+                [sys.executable, "-m", "tests.fixtures.restore_child", *args],
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -389,15 +389,15 @@ def test_kill_9_at_random_moments(tmp_path: Path) -> None:
         if model is not None:
             args = [path, str(size), str(chunk_size), model.token.hex(), str(model.snap_seed)]
             args += ["0", str(rng.randrange(1 << 30))]
-            proc = subprocess.run(
-                [sys.executable, "-m", "tests.integration.restore_child", *args],
+            done = subprocess.run(
+                [sys.executable, "-m", "tests.fixtures.restore_child", *args],
                 cwd=ROOT,
                 capture_output=True,
                 timeout=60,
                 check=False,
             )
-            assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-            apply_reports(model, proc.stdout.decode().splitlines())
+            assert done.returncode == 0, done.stderr.decode()[-3000:]
+            apply_reports(model, done.stdout.decode().splitlines())
             model.check(path, complete=True)
             finished += 1
     except BaseException:

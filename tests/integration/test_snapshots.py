@@ -19,7 +19,7 @@ import httpx
 import nbd
 import pytest
 
-from tests.conftest import SGW, SMALL_LOG, GatewayProcess, ProviderProcess
+from tests.fixtures.daemons import SGW, SMALL_LOG, GatewayProcess, ProviderProcess
 
 MIB = 1 << 20
 VOL_SIZE = 24 * MIB + 8192  # the last chunk is short

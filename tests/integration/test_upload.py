@@ -20,7 +20,7 @@ import httpx
 import nbd
 import pytest
 
-from tests.conftest import SGW, SMALL_LOG, GatewayProcess, free_port, remote_id
+from tests.fixtures.daemons import SGW, SMALL_LOG, GatewayProcess, free_port, remote_id
 
 MIB = 1 << 20
 VOL_SIZE = 48 * MIB + 64 * 1024  # the last chunk is short

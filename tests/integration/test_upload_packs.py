@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import json
 import math
 import random
@@ -33,18 +32,19 @@ from typing import Any
 import httpx
 import nbd
 import pytest
-import zstandard
 
-from sgw.common.chunk_packs import MEDIA_TYPE, decode_pack
+from sgw.common.chunk_packs import decode_pack
 from sgw.common.errors import RemoteRejectedError
 from sgw.gateway.volume.destager import Destager
 from sgw.gateway.volume.engine import VolumeEngine, VolumeSpec
 from sgw.gateway.volume.remote import BlockApiClient, RetryPolicy
 from sgw.gateway.volume.upload import DEFAULT_PACK_CHUNKS, TokenBucket, Uploader
-from tests.conftest import SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
+from tests.fixtures.chunk_data import sha256_hex
+from tests.fixtures.clock import no_sleep
+from tests.fixtures.daemons import SMALL_LOG, GatewayProcess, ProviderProcess, remote_id
 from tests.fixtures.faultproxy import _ClosedError, _read_body, _read_head
-from tests.integration.test_faults import VOL_SIZE, assert_clean_log, read_all, wait_remote_equal
-from tests.unit.test_upload_logic import FakeProvider
+from tests.fixtures.gateway_uploads import VOL_SIZE, assert_clean_log, read_all, wait_remote_equal
+from tests.fixtures.provider_sim import ProviderSim
 
 MIB = 1 << 20
 CHUNKS = VOL_SIZE // MIB + 1  # 17: 16 whole chunks and a short last one
@@ -239,10 +239,6 @@ def chunk_of(model: bytearray, index: int) -> bytes:
     return bytes(model[index * MIB : (index + 1) * MIB])
 
 
-def cid(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def write_chunks(gw: GatewayProcess, model: bytearray, writes: dict[int, bytes]) -> float:
     """Writes each chunk's new content (at its start) through NBD in one burst, mirrored in
     ``model``; flushed. Returns time.monotonic() after the flush."""
@@ -333,7 +329,7 @@ def test_new_chunks_go_four_per_request_and_are_stored_in_packs(
 
     new = [i for i in range(CHUNKS) if any(chunk_of(model, i))]
     assert new == [0, 1, 2, 3, 4, 5, 7, 8, 9, 16]
-    index_of = {cid(chunk_of(model, i)): i for i in new}
+    index_of = {sha256_hex(chunk_of(model, i)): i for i in new}
     packs = proxy.seen("pack")
     assert len(packs) == math.ceil(len(new) / DEFAULT_PACK_CHUNKS) == 3
     assert proxy.seen("put") == []  # no group was left with one chunk
@@ -356,11 +352,11 @@ def test_new_chunks_go_four_per_request_and_are_stored_in_packs(
     converge(gw, provider, model)
     packs2, puts = proxy.seen("pack")[3:], proxy.seen("put")
     assert [sorted(index_of.get(c, -1) for c in p.chunk_ids) for p in packs2] == [[-1] * 4]
-    assert {c for p in packs2 for c in p.chunk_ids} == {cid(second[i]) for i in (0, 1, 2, 4)}
-    assert [p.chunk_ids for p in puts] == [[cid(second[5])]]
+    assert {c for p in packs2 for c in p.chunk_ids} == {sha256_hex(second[i]) for i in (0, 1, 2, 4)}
+    assert [p.chunk_ids for p in puts] == [[sha256_hex(second[5])]]
     state = provider_state(provider)
     assert state.chunks_per_pack() == [2, 4, 4, 4]
-    assert state.loose == [cid(second[5])]
+    assert state.loose == [sha256_hex(second[5])]
     assert_clean_log(gw)
     assert gw.stop() == 0
 
@@ -382,11 +378,13 @@ def test_pack_chunks_1_sends_every_chunk_on_its_own(
     converge(gw, provider, model)
     assert proxy.seen("pack") == []
     puts = proxy.seen("put")
-    assert sorted(c for p in puts for c in p.chunk_ids) == sorted(cid(d) for d in writes.values())
+    assert sorted(c for p in puts for c in p.chunk_ids) == sorted(
+        sha256_hex(d) for d in writes.values()
+    )
     assert all(p.status == 201 for p in puts)
     state = provider_state(provider)
     assert state.packs == {} and state.locations == {} and state.pack_objects == []
-    assert state.loose == sorted(cid(d) for d in writes.values())
+    assert state.loose == sorted(sha256_hex(d) for d in writes.values())
     assert_clean_log(gw)
     assert gw.stop() == 0
 
@@ -407,13 +405,15 @@ def test_duplicate_content_in_a_batch_is_sent_once(
     write_chunks(gw, model, dict(enumerate(layout)))
     converge(gw, provider, model)
     sent = [x for s in proxy.seen("pack", "put") for x in s.chunk_ids]
-    assert sorted(sent) == sorted({cid(a), cid(b), cid(c)})
+    assert sorted(sent) == sorted({sha256_hex(a), sha256_hex(b), sha256_hex(c)})
     assert all(s.status in (200, 201) for s in proxy.seen("pack", "put"))
     with httpx.Client(base_url=provider.url, timeout=10) as http:
         doc = http.get(f"/v1/volumes/{remote_id(gw)}/map").raise_for_status().json()
-    assert doc["chunks"] == {str(i): cid(d) for i, d in enumerate(layout)}
+    assert doc["chunks"] == {str(i): sha256_hex(d) for i, d in enumerate(layout)}
     state = provider_state(provider)
-    assert sorted([*state.locations, *state.loose]) == sorted({cid(a), cid(b), cid(c)})
+    assert sorted([*state.locations, *state.loose]) == sorted(
+        {sha256_hex(a), sha256_hex(b), sha256_hex(c)}
+    )
     assert_clean_log(gw)
     assert gw.stop() == 0
 
@@ -442,7 +442,7 @@ def test_pack_requests_cut_lost_or_refused_are_retried_and_stored_once(
         converge(gw, provider, model)
         assert proxy.faults_left == 0
         tries = proxy.seen("pack")[before:]
-        want = sorted(cid(d) for d in writes.values())
+        want = sorted(sha256_hex(d) for d in writes.values())
         assert [t.fault for t in tries] == [fault, "none"], tries
         assert all(sorted(t.chunk_ids) == want for t in tries)
         first, retry = tries
@@ -514,67 +514,9 @@ def test_bandwidth_limit_holds_with_packs_larger_than_its_burst(
 UNIT_VOL = 16 * MIB
 
 
-class PackingProvider:
-    """``FakeProvider`` (tests/unit/test_upload_logic.py) with the chunk-pack route; records
-    the chunk ids of every PUT and pack, and how many of them were in flight at most."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.fake = FakeProvider()
-        self.requests: list[tuple[str, list[str], int]] = []  # (kind, chunk ids, body bytes)
-        self.delay = delay
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.refuse_packs = False
-        self.lose_next_pack_reply = False
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        parts = request.url.path.strip("/").split("/")
-        kind = "pack" if parts[-1] == "chunk-packs" else "put" if request.method == "PUT" else ""
-        if not kind:
-            return self.fake(request)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await asyncio.sleep(self.delay)
-            if kind == "put":
-                self.requests.append(("put", [parts[4]], len(request.content)))
-                return self.fake(request)
-            return self._pack(request)
-        finally:
-            self.in_flight -= 1
-
-    def _pack(self, request: httpx.Request) -> httpx.Response:
-        assert request.headers["content-type"] == MEDIA_TYPE
-        chunks = decode_pack(request.content)
-        self.requests.append(("pack", [c.id for c in chunks], len(request.content)))
-        if self.refuse_packs:
-            return httpx.Response(413, json={"error": "too_large", "message": "pack refused"})
-        stored = []
-        for c in chunks:
-            data = bytes(c.body)
-            if c.zstd:
-                data = zstandard.ZstdDecompressor().decompress(data)
-            assert cid(data) == c.id and any(data)
-            if c.id not in self.fake.chunks:
-                stored.append(c.id)
-            self.fake.chunks[c.id] = data
-        if self.lose_next_pack_reply:
-            self.lose_next_pack_reply = False
-            raise httpx.ReadError("reply lost", request=request)
-        present = [c.id for c in chunks if c.id not in stored]
-        return httpx.Response(200, json={"stored": stored, "present": present})
-
-    def sent(self) -> list[str]:
-        return [c for _, ids, _ in self.requests for c in ids]
-
-
-async def no_sleep(_: float) -> None:
-    return None
-
-
 def run_upload(
     workdir: Path,
-    provider: PackingProvider,
+    provider: ProviderSim,
     writes: dict[int, bytes],
     *,
     configure: Callable[[Uploader], None] = lambda _: None,
@@ -612,53 +554,53 @@ def run_upload(
     return asyncio.run(run())
 
 
-def assert_remote_equal(provider: PackingProvider, want: bytes) -> None:
-    [rid] = provider.fake.volumes
-    assert provider.fake.volume_bytes(rid, UNIT_VOL) == want
+def assert_remote_equal(provider: ProviderSim, want: bytes) -> None:
+    [rid] = provider.volumes
+    assert provider.volume_bytes(rid, UNIT_VOL) == want
 
 
 def test_groups_of_pack_chunks_and_a_last_single_put(tmp_path: Path) -> None:
     """pack_chunks=3, seven new non-zero chunks around zero ones: packs of 3 and 3 in
     index order, the seventh as a single PUT; the zero chunks are never sent."""
-    provider = PackingProvider()
+    provider = ProviderSim()
     rng = random.Random(31)
     writes = {i: rng.randbytes(MIB) if i % 2 else text_chunk(i) for i in (0, 1, 3, 4, 5, 7, 9)}
     writes[2] = writes[6] = bytes(MIB)
     want = run_upload(tmp_path, provider, writes, pack_chunks=3, concurrency=2)
     assert_remote_equal(provider, want)
-    index_of = {cid(d): i for i, d in writes.items()}
+    index_of = {sha256_hex(d): i for i, d in writes.items()}
     got = sorted((kind, sorted(index_of[c] for c in ids)) for kind, ids, _ in provider.requests)
     assert got == [("pack", [0, 1, 3]), ("pack", [4, 5, 7]), ("put", [9])]
-    assert cid(bytes(MIB)) not in provider.fake.chunks
+    assert sha256_hex(bytes(MIB)) not in provider.chunks
 
 
 def test_pack_chunks_1_sends_each_chunk_in_its_own_put(tmp_path: Path) -> None:
-    provider = PackingProvider()
+    provider = ProviderSim()
     rng = random.Random(32)
     writes = {i: rng.randbytes(MIB) for i in range(6)}
     want = run_upload(tmp_path, provider, writes, pack_chunks=1)
     assert_remote_equal(provider, want)
     assert [kind for kind, _, _ in provider.requests] == ["put"] * 6
-    assert sorted(provider.sent()) == sorted(cid(d) for d in writes.values())
+    assert sorted(provider.sent()) == sorted(sha256_hex(d) for d in writes.values())
 
 
 def test_duplicates_in_a_batch_are_sent_once(tmp_path: Path) -> None:
-    provider = PackingProvider()
+    provider = ProviderSim()
     rng = random.Random(33)
     a, b = rng.randbytes(MIB), text_chunk(0)
     layout = [a, a, a, a, a, b, b, a, b, a]
     want = run_upload(tmp_path, provider, dict(enumerate(layout)), concurrency=1)
     assert_remote_equal(provider, want)
-    assert sorted(provider.sent()) == sorted([cid(a), cid(b)])
+    assert sorted(provider.sent()) == sorted([sha256_hex(a), sha256_hex(b)])
     # [a a a a] leaves one chunk to send: a single PUT; [a b b a] then only b.
     assert [(kind, ids) for kind, ids, _ in provider.requests] == [
-        ("put", [cid(a)]),
-        ("put", [cid(b)]),
+        ("put", [sha256_hex(a)]),
+        ("put", [sha256_hex(b)]),
     ]
 
 
 def test_concurrency_bounds_the_requests_in_flight(tmp_path: Path) -> None:
-    provider = PackingProvider(delay=0.05)
+    provider = ProviderSim(delay=0.05)
     rng = random.Random(34)
     writes = {i: rng.randbytes(MIB) for i in range(10)}
     want = run_upload(tmp_path, provider, writes, pack_chunks=2, concurrency=2)
@@ -670,7 +612,7 @@ def test_concurrency_bounds_the_requests_in_flight(tmp_path: Path) -> None:
 def test_bandwidth_limit_counts_whole_packs_larger_than_the_burst(tmp_path: Path) -> None:
     """1 MiB/s (a 1 MiB burst), three packs of 4 MiB of incompressible chunks: they wait
     3, 7 and 11 s, the long-run rate exactly (no clock runs: the waits are recorded)."""
-    provider = PackingProvider()
+    provider = ProviderSim()
     rng = random.Random(35)
     writes = {i: rng.randbytes(MIB) for i in range(12)}
     waits: list[float] = []
@@ -689,27 +631,27 @@ def test_bandwidth_limit_counts_whole_packs_larger_than_the_burst(tmp_path: Path
 
 
 def test_a_lost_pack_reply_is_retried(tmp_path: Path) -> None:
-    provider = PackingProvider()
+    provider = ProviderSim()
     provider.lose_next_pack_reply = True
     rng = random.Random(36)
     writes = {i: rng.randbytes(MIB) for i in range(4)}
     want = run_upload(tmp_path, provider, writes)
     assert_remote_equal(provider, want)
     assert [kind for kind, _, _ in provider.requests] == ["pack", "pack"]
-    assert list(provider.fake.keys.values()) == [1]  # one commit
+    assert list(provider.keys.values()) == [1]  # one commit
 
 
 def test_a_refused_pack_fails_the_batch_and_commits_nothing(tmp_path: Path) -> None:
-    provider = PackingProvider()
+    provider = ProviderSim()
     provider.refuse_packs = True
     rng = random.Random(37)
     writes = {i: rng.randbytes(MIB) for i in range(4)}
     with pytest.raises(RemoteRejectedError, match=r"pack of 4 chunks.*413.*pack refused"):
         run_upload(tmp_path, provider, writes)
     assert len(provider.requests) == 1  # a 4xx is not retried
-    assert provider.fake.keys == {}
-    [rid] = provider.fake.volumes
-    assert provider.fake.maps[rid] == {}
+    assert provider.keys == {}
+    [rid] = provider.volumes
+    assert provider.maps[rid] == {}
 
 
 @pytest.mark.parametrize("pack_chunks", [0, 65])

@@ -11,20 +11,13 @@ import pytest
 
 from sgw.gateway.volume.remote import BlockApiClient
 from sgw.gateway.volume.upload import TokenBucket
+from tests.fixtures.clock import FakeClock
 
 MIB = 1 << 20
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_set_rate_applies_from_now_on() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     bucket = TokenBucket(1 * MIB, clock=clock)
     assert bucket.delay_for(MIB) == 0.0  # the first second's burst
     assert bucket.delay_for(MIB) == pytest.approx(1.0)  # in debt: a second at 1 MiB/s
@@ -52,7 +45,7 @@ def test_download_limit_throttles_chunk_reads() -> None:
         async def sleep(delay: float) -> None:
             slept.append(delay)
 
-        clock = Clock()
+        clock = FakeClock(100.0)
         bucket = TokenBucket(MIB, clock=clock, sleep=sleep)
         client = BlockApiClient("http://provider.test", transport=httpx.MockTransport(handler))
         client.read_throttle = bucket.acquire

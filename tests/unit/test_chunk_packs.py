@@ -31,16 +31,13 @@ from sgw.common.errors import (
 )
 from sgw.provider.blockstore.objects import MemoryStore
 from sgw.provider.blockstore.packs import build_pack, new_pack_id, pack_key, read_index
+from tests.fixtures.chunk_data import sha256_hex
 
 KEY = bytes(range(32))
 HEADER = struct.Struct(">4sBBH")
 ENTRY = struct.Struct(">32sBI")
 PACK_ENTRY = struct.Struct(">32sQI")
 PACK_TRAILER = 16
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def header(
@@ -67,7 +64,7 @@ chunk_bodies = st.lists(st.tuples(st.binary(max_size=300), st.booleans()), min_s
 @settings(max_examples=200, deadline=None)
 @given(chunk_bodies)
 def test_encode_decode_round_trip(bodies: list[tuple[bytes, bool]]) -> None:
-    chunks = [PackedChunk(sha(b + bytes([i])), b, z) for i, (b, z) in enumerate(bodies)]
+    chunks = [PackedChunk(sha256_hex(b + bytes([i])), b, z) for i, (b, z) in enumerate(bodies)]
     wire = encode_pack(chunks)
     assert len(wire) == 8 + 37 * len(chunks) + sum(len(b) for b, _ in bodies)
     assert wire[:4] == MAGIC and wire[4] == FORMAT_VERSION and wire[5] == 0
@@ -76,18 +73,20 @@ def test_encode_decode_round_trip(bodies: list[tuple[bytes, bool]]) -> None:
 
 def test_layout_is_the_documented_one() -> None:
     a, b = b"first body", b"\x00\x01second"
-    wire = encode_pack([PackedChunk(sha(a), a, False), PackedChunk(sha(b), memoryview(b), True)])
+    wire = encode_pack(
+        [PackedChunk(sha256_hex(a), a, False), PackedChunk(sha256_hex(b), memoryview(b), True)]
+    )
     expected = header(2) + entry(a) + entry(b, ENCODING_ZSTD) + a + b
     assert wire == expected
     decoded = decode_pack(expected)
-    assert as_tuples(decoded) == [(sha(a), a, False), (sha(b), b, True)]
+    assert as_tuples(decoded) == [(sha256_hex(a), a, False), (sha256_hex(b), b, True)]
     # The bodies are views into the request body, not copies.
     assert all(isinstance(c.body, memoryview) and c.body.obj is expected for c in decoded)
 
 
 def test_the_largest_pack_and_empty_bodies_decode() -> None:
     bodies = [bytes([i + 1]) * (i % 3) for i in range(MAX_PACK_CHUNKS)]
-    chunks = [PackedChunk(sha(bytes([i])), b, i % 2 == 1) for i, b in enumerate(bodies)]
+    chunks = [PackedChunk(sha256_hex(bytes([i])), b, i % 2 == 1) for i, b in enumerate(bodies)]
     decoded = decode_pack(encode_pack(chunks))
     assert len(decoded) == MAX_PACK_CHUNKS
     assert as_tuples(decoded) == [(c.id, bytes(c.body), c.zstd) for c in chunks]
@@ -95,7 +94,7 @@ def test_the_largest_pack_and_empty_bodies_decode() -> None:
 
 @pytest.mark.parametrize("count", [0, MAX_PACK_CHUNKS + 1])
 def test_encode_refuses_a_pack_of_no_or_too_many_chunks(count: int) -> None:
-    chunks = [PackedChunk(sha(bytes([i])), b"x", False) for i in range(count)]
+    chunks = [PackedChunk(sha256_hex(bytes([i])), b"x", False) for i in range(count)]
     with pytest.raises(ValueError, match=f"1 to {MAX_PACK_CHUNKS} chunks, not {count}"):
         encode_pack(chunks)
 
@@ -134,9 +133,13 @@ MALFORMED = {
     ),
     "first body short": (
         header(1) + entry(A, length=len(A) + 3) + A,
-        f"chunk 0 of the pack ({sha(A)}) declares {len(A) + 3} bytes but the body ends 3 bytes",
+        f"chunk 0 of the pack ({sha256_hex(A)}) declares {len(A) + 3} bytes "
+        "but the body ends 3 bytes",
     ),
-    "last body short": (GOOD[:-1], f"chunk 1 of the pack ({sha(B)}) declares {len(B)} bytes"),
+    "last body short": (
+        GOOD[:-1],
+        f"chunk 1 of the pack ({sha256_hex(B)}) declares {len(B)} bytes",
+    ),
     "length 2**32-1": (
         header(1) + entry(A, length=(1 << 32) - 1) + A,
         "declares 4294967295 bytes",
@@ -157,7 +160,7 @@ def test_malformed_bodies_are_bad_requests_naming_the_fault(
 
 
 def test_entries_only_names_the_first_missing_body() -> None:
-    with pytest.raises(BadRequestError, match=f"chunk 0 of the pack \\({sha(A)}\\)"):
+    with pytest.raises(BadRequestError, match=f"chunk 0 of the pack \\({sha256_hex(A)}\\)"):
         decode_pack(GOOD[: 8 + 2 * 37])
 
 
@@ -168,7 +171,7 @@ def test_every_cut_or_extension_of_a_body_is_refused(
 ) -> None:
     """No prefix of a valid body and nothing with bytes appended decodes; each is a 400
     (never another exception, never a silently shorter pack)."""
-    chunks = [PackedChunk(sha(b + bytes([i])), b, z) for i, (b, z) in enumerate(bodies)]
+    chunks = [PackedChunk(sha256_hex(b + bytes([i])), b, z) for i, (b, z) in enumerate(bodies)]
     wire = encode_pack(chunks)
     cut = data.draw(st.integers(0, len(wire) - 1), label="cut")
     with pytest.raises(BadRequestError):
@@ -186,16 +189,16 @@ def blob(tag: object, size: int = 200) -> bytearray:
     return encode_chunk(data, KEY, compress=False)
 
 
-def sample(n: int = 3) -> tuple[bytearray, list[tuple[str, int, int]], list[bytearray]]:
+def sample(n: int = 3) -> tuple[bytes, list[tuple[str, int, int]], list[bytearray]]:
     blobs = [blob(i, 100 + 50 * i) for i in range(n)]
-    obj, entries = build_pack([(sha(bytes([i])), b) for i, b in enumerate(blobs)])
+    obj, entries = build_pack([(sha256_hex(bytes([i])), b) for i, b in enumerate(blobs)])
     return obj, entries, blobs
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.binary(max_size=200), max_size=10))
 def test_build_pack_and_read_index_round_trip(payloads: list[bytes]) -> None:
-    named = [(sha(p + bytes([i])), p) for i, p in enumerate(payloads)]
+    named = [(sha256_hex(p + bytes([i])), p) for i, p in enumerate(payloads)]
     obj, entries = build_pack(named)
     assert [c for c, _, _ in entries] == [c for c, _ in named]
     offset = 0
@@ -225,9 +228,7 @@ def test_pack_keys_and_ids() -> None:
     assert pack_key("scope-1", "ab" * 16) == f"packs/scope-1/{'ab' * 16}"
 
 
-def reindex(
-    obj: bytearray, entries: list[tuple[bytes, int, int]], count: int | None = None
-) -> bytes:
+def reindex(obj: bytes, entries: list[tuple[bytes, int, int]], count: int | None = None) -> bytes:
     """The object with its index replaced by ``entries`` and a matching CRC and trailer."""
     old_count = struct.unpack_from(">I", obj, len(obj) - PACK_TRAILER)[0]
     body = obj[: len(obj) - PACK_TRAILER - old_count * PACK_ENTRY.size]

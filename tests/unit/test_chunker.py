@@ -67,8 +67,8 @@ def test_chunks_equal_the_volume_after_the_batch(
         before = bytearray(size)
         for _ in range(rng.randrange(0, 30)):
             b = rng.randrange(VOL_BLOCKS)
-            data = rng.randbytes(BLOCK)
-            before[b * BLOCK : (b + 1) * BLOCK] = data
+            block = rng.randbytes(BLOCK)
+            before[b * BLOCK : (b + 1) * BLOCK] = block
         vol.base.write(0, before)
         after = bytearray(before)
         for kind, first, count, fill in ops:

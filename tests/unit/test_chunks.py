@@ -47,7 +47,7 @@ def reseal(blob: bytes | bytearray) -> bytes:
     return bytes(blob[:12]) + struct.pack("<I", crc) + bytes(blob[HEADER_SIZE:])
 
 
-def flip(blob: bytes, bit: int) -> bytes:
+def flip(blob: bytes | bytearray, bit: int) -> bytes:
     damaged = bytearray(blob)
     damaged[bit // 8] ^= 1 << (bit % 8)
     return bytes(damaged)

@@ -7,11 +7,9 @@ long-poll that simply ends does not."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import stat
 import time
-import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -24,8 +22,8 @@ import pytest
 from sgw.common.errors import CommandError
 from sgw.gateway.link.channel import BACKOFF_FIRST_S, QUICK_S, ControlChannel, backoff
 from sgw.gateway.link.journal import INTERRUPTED, Command, ControlJournal, Reply
-
-URL = "http://provider.test"
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.provider_sim import URL, ProviderSim
 
 
 def message(
@@ -46,52 +44,6 @@ def message(
         "expires": (datetime.now(UTC) + timedelta(seconds=expires_in)).isoformat(),
         "delivery": 1,
     }
-
-
-class FakeProvider:
-    """Answers polls from a script of batches, then holds them (briefly) empty; records
-    acknowledgements and replies; fails on request."""
-
-    def __init__(self, batches: list[list[dict[str, Any]]]) -> None:
-        self.batches = list(batches)
-        self.acks: list[str] = []
-        self.replies: list[dict[str, Any]] = []
-        self.polls = 0
-        self.poll_errors = 0  # the next this many polls answer 503 at once
-        self.reply_errors = 0  # the next this many reply posts answer 500
-        self.hold = 0.05  # seconds an empty poll is held
-        self.drop_after: float | None = None  # hold this long, then break the connection
-
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/gateway/messages":
-            self.polls += 1
-            query = urllib.parse.parse_qs(request.url.query.decode())
-            self.acks += [i for i in query.get("ack", [""])[0].split(",") if i]
-            if self.poll_errors:
-                self.poll_errors -= 1
-                return httpx.Response(503, json={"error": "x", "message": "overloaded"})
-            if self.drop_after is not None:
-                await asyncio.sleep(self.drop_after)
-                self.drop_after = None
-                raise httpx.ReadError("connection reset by peer")
-            if self.batches:
-                return self.answer(self.batches.pop(0))
-            await asyncio.sleep(self.hold)
-            return self.answer([])
-        if request.url.path == "/v1/gateway/messages/replies":
-            if self.reply_errors:
-                self.reply_errors -= 1
-                return httpx.Response(500, json={"error": "x", "message": "database away"})
-            replies = json.loads(request.content)["replies"]
-            self.replies += replies
-            return httpx.Response(200, json={"accepted": [r["id"] for r in replies], "refused": []})
-        return httpx.Response(404)
-
-    @staticmethod
-    def answer(messages: list[dict[str, Any]]) -> httpx.Response:
-        return httpx.Response(
-            200, json={"messages": messages, "server": URL, "servers": [URL, "http://p2.test"]}
-        )
 
 
 class Recorder:
@@ -117,7 +69,7 @@ class Recorder:
 
 def channel(
     tmp_path: Path,
-    provider: FakeProvider,
+    provider: ProviderSim,
     execute: Callable[[Command], Awaitable[dict[str, Any]]],
     sleeps: list[float] | None = None,
 ) -> ControlChannel:
@@ -131,7 +83,7 @@ def channel(
         [URL],
         execute,
         wait=5.0,
-        transport=httpx.MockTransport(provider.handle),
+        transport=httpx.MockTransport(provider),
         rng=lambda: 0.0,
         sleep=sleep,
     )
@@ -149,7 +101,7 @@ def test_each_command_runs_once_however_often_delivered(tmp_path: Path) -> None:
     async def main() -> None:
         refused = message(3)
         refused["args"] = {"refuse": True}
-        provider = FakeProvider(
+        provider = ProviderSim(
             [[message(1), message(2)], [message(1), refused], [message(2), message(1, key="k1")]]
         )
         rec = Recorder()
@@ -176,7 +128,7 @@ def test_each_command_runs_once_however_often_delivered(tmp_path: Path) -> None:
 
 def test_replies_are_kept_until_accepted_also_across_a_restart(tmp_path: Path) -> None:
     async def main() -> None:
-        provider = FakeProvider([[message(1)]])
+        provider = ProviderSim([[message(1)]])
         provider.reply_errors = 10**6  # the provider refuses every reply
         rec = Recorder()
         ch = channel(tmp_path, provider, rec)
@@ -186,7 +138,7 @@ def test_replies_are_kept_until_accepted_also_across_a_restart(tmp_path: Path) -
         assert len(os.listdir(tmp_path / "control" / "outbox")) == 1
         # The restarted gateway sends it; the command is delivered again meanwhile and
         # not run again.
-        provider2 = FakeProvider([[message(1)]])
+        provider2 = ProviderSim([[message(1)]])
         ch2 = channel(tmp_path, provider2, rec)
         await ch2.start()
         await until(lambda: bool(provider2.replies) and "m1" in provider2.acks)
@@ -201,7 +153,7 @@ def test_replies_are_kept_until_accepted_also_across_a_restart(tmp_path: Path) -
 def test_a_command_cut_off_is_answered_failed_and_one_not_started_runs(tmp_path: Path) -> None:
     async def main() -> None:
         # Two commands on one volume: the second waits for the first.
-        provider = FakeProvider(
+        provider = ProviderSim(
             [[message(1, type="snapshot", volume="v"), message(2, type="snapshot", volume="v")]]
         )
         rec = Recorder()
@@ -217,7 +169,7 @@ def test_a_command_cut_off_is_answered_failed_and_one_not_started_runs(tmp_path:
         await asyncio.gather(*tasks, return_exceptions=True)
         await ch._http.aclose()
         rec2 = Recorder()
-        provider2 = FakeProvider([])
+        provider2 = ProviderSim([])
         ch2 = channel(tmp_path, provider2, rec2)
         await ch2.start()
         await until(lambda: len(provider2.replies) == 2)
@@ -232,7 +184,7 @@ def test_a_command_cut_off_is_answered_failed_and_one_not_started_runs(tmp_path:
 
 def test_commands_of_one_volume_run_in_order_and_others_beside_them(tmp_path: Path) -> None:
     async def main() -> None:
-        provider = FakeProvider(
+        provider = ProviderSim(
             [
                 [
                     message(1, type="delete_volume", volume="a"),  # a long drain
@@ -265,7 +217,7 @@ def test_commands_of_one_volume_run_in_order_and_others_beside_them(tmp_path: Pa
 
 def test_a_command_past_its_deadline_is_not_run(tmp_path: Path) -> None:
     async def main() -> None:
-        provider = FakeProvider([[message(1, expires_in=-1)]])
+        provider = ProviderSim([[message(1, expires_in=-1)]])
         rec = Recorder()
         ch = channel(tmp_path, provider, rec)
         await ch.start()
@@ -280,7 +232,7 @@ def test_a_command_past_its_deadline_is_not_run(tmp_path: Path) -> None:
 
 def test_quick_failures_back_off_and_a_long_poll_that_ends_does_not(tmp_path: Path) -> None:
     async def main() -> None:
-        provider = FakeProvider([])
+        provider = ProviderSim([])
         provider.poll_errors = 4
         provider.hold = QUICK_S + 0.05  # a long-poll that runs its course
         sleeps: list[float] = []
@@ -300,7 +252,7 @@ def test_quick_failures_back_off_and_a_long_poll_that_ends_does_not(tmp_path: Pa
         assert ch.stats["errors"] == 4
         assert len(sleeps) == n
         # An empty answer long before the wait ran out counts as an error.
-        provider3 = FakeProvider([])
+        provider3 = ProviderSim([])
         provider3.hold = 0.0
         sleeps3: list[float] = []
         ch3 = channel(tmp_path / "other", provider3, Recorder(), sleeps3)
@@ -322,16 +274,16 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
 
 
 def test_journal_forgets_old_keys_but_keeps_recent_ones(tmp_path: Path) -> None:
-    now = [1_000_000.0]
-    journal = ControlJournal(str(tmp_path), clock=lambda: now[0])
+    clock = FakeClock(1_000_000.0)
+    journal = ControlJournal(str(tmp_path), clock=clock)
     journal.load()
 
     async def main() -> None:
-        old = Command("a", "describe", {}, "ka", now[0] + 60)
+        old = Command("a", "describe", {}, "ka", clock.now + 60)
         await journal.admit([old])
         await journal.finish(old, Reply("a", "succeeded", {}))
-        now[0] += 8 * 86400  # past KEEP_S
-        new = Command("b", "describe", {}, "kb", now[0] + 60)
+        clock.now += 8 * 86400  # past KEEP_S
+        new = Command("b", "describe", {}, "kb", clock.now + 60)
         await journal.admit([new])
         await journal.finish(new, Reply("b", "succeeded", {}))
 

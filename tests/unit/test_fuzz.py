@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sgw.gateway.nbd.negotiation import ExportInfo, Negotiation
-from tests.conftest import GatewayProcess
+from tests.fixtures.daemons import GatewayProcess
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054

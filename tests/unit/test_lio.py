@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,9 @@ def devices(*names: str) -> dict[str, str]:
     return {n: f"/dev/nbd{i}" for i, n in enumerate(names)}
 
 
-def state(names: tuple[str, ...], rules: dict[str, Access] | None = None, **cfg: int) -> dict:
+def state(
+    names: tuple[str, ...], rules: dict[str, Access] | None = None, **cfg: Any
+) -> dict[str, Any]:
     config = replace(LioConfig(enabled=True), **cfg)
     return desired_state(volumes(*names), devices(*names), config, BASE, rules or {})
 
@@ -77,7 +80,7 @@ def test_settings_defaults_and_values() -> None:
         ({"chap": True}, "unknown key"),
     ],
 )
-def test_settings_refused(table: dict, message: str) -> None:
+def test_settings_refused(table: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_lio(table)
 
@@ -85,7 +88,7 @@ def test_settings_refused(table: dict, message: str) -> None:
 # -- chap.json ------------------------------------------------------------------------
 
 
-def write_chap(data_dir: Path, doc: dict, mode: int = 0o600) -> None:
+def write_chap(data_dir: Path, doc: dict[str, Any], mode: int = 0o600) -> None:
     path = data_dir / "chap.json"
     path.write_text(json.dumps(doc))
     os.chmod(path, mode)

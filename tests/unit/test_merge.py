@@ -90,5 +90,5 @@ def test_point_in_time_batch_is_the_volume_at_its_last_record(
         shutil.rmtree(d)  # 129 MiB of preallocated log per example
 
 
-async def _read(vol, size: int) -> bytes:  # type: ignore[no-untyped-def]
+async def _read(vol, size: int) -> bytes:
     return bytes(vol.read(0, size))

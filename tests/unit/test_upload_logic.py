@@ -17,7 +17,6 @@ import httpx
 import pytest
 import zstandard
 
-from sgw.common.chunk_packs import decode_pack
 from sgw.common.errors import (
     ConfigError,
     RemoteConflictError,
@@ -31,32 +30,17 @@ from sgw.gateway.volume.destager import Destager, merge
 from sgw.gateway.volume.engine import VolumeEngine, VolumeSpec
 from sgw.gateway.volume.remote import BlockApiClient, RetryPolicy, is_retryable, prepare_chunk
 from sgw.gateway.volume.upload import TokenBucket, Uploader, VolumeResult, idempotency_key
+from tests.fixtures.clock import FakeClock, no_sleep
+from tests.fixtures.provider_sim import ProviderSim
 
 MIB = 1 << 20
-
-
-async def no_sleep(_: float) -> None:
-    return None
 
 
 # -- token bucket ------------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-
-
 def test_token_bucket_holds_the_long_run_rate() -> None:
-    clock = Clock()
+    clock = FakeClock()
     bucket = TokenBucket(1000, clock=clock, sleep=clock.sleep)
 
     async def run() -> None:
@@ -69,7 +53,7 @@ def test_token_bucket_holds_the_long_run_rate() -> None:
 
 
 def test_token_bucket_lets_a_request_larger_than_the_burst_through_in_debt() -> None:
-    clock = Clock()
+    clock = FakeClock()
     bucket = TokenBucket(100, clock=clock, sleep=clock.sleep)
     assert bucket.delay_for(1000) == pytest.approx(9.0)
     clock.now += 9.0
@@ -77,7 +61,7 @@ def test_token_bucket_lets_a_request_larger_than_the_burst_through_in_debt() -> 
 
 
 def test_token_bucket_refills_while_idle_but_not_beyond_the_burst() -> None:
-    clock = Clock()
+    clock = FakeClock()
     bucket = TokenBucket(100, clock=clock, sleep=clock.sleep)
     clock.now = 1000.0
     assert bucket.delay_for(100) == 0.0
@@ -224,97 +208,6 @@ def test_idempotency_key_is_deterministic_and_short() -> None:
 # -- the upload step against an in-memory provider ---------------------------------------------
 
 
-class FakeProvider:
-    """Just enough of docs/block-api.md: volumes, chunks, maps, commits (idempotent)."""
-
-    def __init__(self) -> None:
-        self.volumes: dict[str, dict[str, object]] = {}
-        self.maps: dict[str, dict[int, str]] = {}
-        self.chunks: dict[str, bytes] = {}
-        self.keys: dict[str, int] = {}
-        self.puts = 0
-        self.lose_next_commit_reply = False
-        self.fail_commits = 0  # the next this many commits answer 503, changing nothing
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        parts = request.url.path.strip("/").split("/")
-        if parts == ["v1", "volumes"] and request.method == "POST":
-            body = json.loads(request.content)
-            vid = f"vol-{len(self.volumes) + 1}"
-            self.volumes[vid] = {
-                "id": vid,
-                "name": body["name"],
-                "size": body["size"],
-                "chunk_size": MIB,
-                "mode": body["mode"],
-                "map_version": 0,
-                "created": "now",
-            }
-            self.maps[vid] = {}
-            return httpx.Response(201, json=self.volumes[vid])
-        vid = parts[2]
-        if vid not in self.volumes:
-            return httpx.Response(404, json={"error": "not_found", "message": vid})
-        vol = self.volumes[vid]
-        if len(parts) == 3:
-            return httpx.Response(200, json=vol)
-        if parts[3] == "chunks" and request.method == "PUT":
-            data = request.content
-            if request.headers.get("content-encoding") == "zstd":
-                data = zstandard.ZstdDecompressor().decompress(data)
-            if hashlib.sha256(data).hexdigest() != request.headers["x-sgw-sha256"]:
-                return httpx.Response(400, json={"error": "checksum", "message": "mismatch"})
-            self.puts += 1
-            new = parts[4] not in self.chunks
-            self.chunks[parts[4]] = data
-            return httpx.Response(201 if new else 200)
-        if parts[3] == "chunk-packs" and request.method == "POST":
-            stored, present = [], []
-            for chunk in decode_pack(request.content):
-                data = bytes(chunk.body)
-                if chunk.zstd:
-                    data = zstandard.ZstdDecompressor().decompress(data)
-                if hashlib.sha256(data).hexdigest() != chunk.id:
-                    return httpx.Response(400, json={"error": "checksum", "message": "mismatch"})
-                self.puts += 1
-                (present if chunk.id in self.chunks else stored).append(chunk.id)
-                self.chunks[chunk.id] = data
-            return httpx.Response(200, json={"stored": stored, "present": present})
-        if parts[3] == "map":
-            m = {str(i): c for i, c in self.maps[vid].items()}
-            return httpx.Response(200, json={"version": vol["map_version"], "chunks": m})
-        if parts[3] == "commits":
-            if self.fail_commits:
-                self.fail_commits -= 1
-                return httpx.Response(503, json={"error": "unavailable", "message": "busy"})
-            body = json.loads(request.content)
-            key = body["idempotency_key"]
-            if key in self.keys:
-                return httpx.Response(200, json={"version": self.keys[key]})
-            if body["base_version"] != vol["map_version"]:
-                return httpx.Response(409, json={"error": "conflict", "message": "stale"})
-            for i, c in body["changes"].items():
-                if c is None:
-                    self.maps[vid].pop(int(i), None)
-                else:
-                    assert c in self.chunks, "commit names a chunk the store does not hold"
-                    self.maps[vid][int(i)] = c
-            vol["map_version"] = int(str(vol["map_version"])) + 1
-            self.keys[key] = int(str(vol["map_version"]))
-            if self.lose_next_commit_reply:
-                self.lose_next_commit_reply = False
-                raise httpx.ReadError("reply lost", request=request)
-            return httpx.Response(200, json={"version": vol["map_version"]})
-        return httpx.Response(404, json={"error": "route", "message": request.url.path})
-
-    def volume_bytes(self, vid: str, size: int) -> bytes:
-        out = bytearray(size)
-        for i, c in self.maps[vid].items():
-            data = self.chunks[c]
-            out[i * MIB : i * MIB + len(data)] = data
-        return bytes(out)
-
-
 VOL = 4 * MIB + 64 * 1024  # the last chunk is short
 
 
@@ -324,7 +217,7 @@ def open_engine(d: Path) -> VolumeEngine:
     )
 
 
-def uploader_for(engine: VolumeEngine, provider: FakeProvider) -> Uploader:
+def uploader_for(engine: VolumeEngine, provider: ProviderSim) -> Uploader:
     client = BlockApiClient(
         "http://provider.test",
         retry=RetryPolicy(attempts=3, sleep=no_sleep),
@@ -341,7 +234,7 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_upload_makes_the_remote_map_equal_the_volume(workdir: Path) -> None:
-    provider = FakeProvider()
+    provider = ProviderSim()
 
     async def run() -> tuple[bytes, str]:
         engine = open_engine(workdir)
@@ -386,7 +279,7 @@ def test_pipelined_batches_upload_exactly_the_volume_through_failures(
     """Small batches, each chunk written piecewise over several of them, writes landing
     while a batch is in flight, commits failing now and then: the provider's copy equals
     the volume, and batches did overlap (the next one sent while one was committed)."""
-    provider = FakeProvider()
+    provider = ProviderSim()
     rng = random.Random(seed)
 
     async def run() -> tuple[bytes, str, Destager]:
@@ -432,7 +325,7 @@ def test_pipelined_batches_upload_exactly_the_volume_through_failures(
 
 
 def test_lost_commit_reply_is_recognised_by_its_idempotency_key(workdir: Path) -> None:
-    provider = FakeProvider()
+    provider = ProviderSim()
     provider.lose_next_commit_reply = True
 
     async def run() -> None:
@@ -454,7 +347,7 @@ def test_lost_commit_reply_is_recognised_by_its_idempotency_key(workdir: Path) -
 def test_restart_after_an_unrecorded_commit_rebases_on_it(workdir: Path) -> None:
     """Crash after the commit, before the registry and the tail were updated: the next
     batch (same tail, possibly more records) is committed on top, nothing is lost."""
-    provider = FakeProvider()
+    provider = ProviderSim()
 
     async def run() -> tuple[bytes, str]:
         engine = open_engine(workdir)
@@ -489,7 +382,7 @@ def test_restart_after_an_unrecorded_commit_rebases_on_it(workdir: Path) -> None
 
 
 def test_a_foreign_writer_fails_the_upload_loudly(workdir: Path) -> None:
-    provider = FakeProvider()
+    provider = ProviderSim()
 
     async def run() -> None:
         engine = open_engine(workdir)
@@ -642,7 +535,7 @@ def test_bad_remote_config_is_one_line(
 def test_destaging_without_remote_then_with_it_again_uploads_what_differs(
     workdir: Path,
 ) -> None:
-    provider = FakeProvider()
+    provider = ProviderSim()
 
     async def run() -> tuple[bytes, str]:
         engine = open_engine(workdir)

@@ -222,7 +222,7 @@ def test_a_torn_record_in_the_middle_ends_the_chain(tmp_path: Path) -> None:
 
 def fill_lap(log: WriteLog, first_tag: int = 0) -> list[Record]:
     """Appends 8 MiB records until the next one would not fit in this lap."""
-    out = []
+    out: list[Record] = []
     lap = log.head // DATA_SIZE
     while (log.head + HEADER_SIZE + BIG) // DATA_SIZE == lap and log.fits(HEADER_SIZE + BIG):
         out.append(log.append(KIND_DATA, 1, 0, BIG, pattern(first_tag + len(out), BIG)))
@@ -697,7 +697,7 @@ def spy_base(
             finally:
                 inside[0] = False
 
-        base.copy_from = spy_copy  # type: ignore[attr-defined]
+        base.copy_from = spy_copy  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
