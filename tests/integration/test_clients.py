@@ -6,10 +6,12 @@ contents are kept in a model (a bytearray) and compared byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import random
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import nbd
 import pytest
 
 from tests.fixtures.daemons import GatewayProcess, free_port, need
+from tests.fixtures.waiting import wait_for
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -476,23 +479,46 @@ def test_kill_9_during_heavy_writes_restarts_consistent(
     gateway_factory: type[GatewayProcess], tmp_path: Path
 ) -> None:
     """A crash in the middle of a copy: the gateway restarts, flushed data is intact and
-    every block of the copy target is either its old or its new content, never a mix."""
+    every block of the copy target is either its old or its new content, never a mix.
+
+    The copy reads its source from a pipe that the test fills: the first half, then (once
+    that half reads back: the copy is under way) the second half while the gateway is
+    killed; the copy failing shows the kill cut it off before it was done."""
     nbdcopy = need("nbdcopy")
     gw = gateway_factory(tmp_path / "gw", ["vol0:64M", "scratch:128M"]).start()
     qemu_io(gw.uri("vol0"), "write -P 0x42 0 64M", "flush")
     qemu_io(gw.uri("scratch"), "write -P 0x11 0 128M", "flush")
-    src = tmp_path / "src.img"
     rng = random.Random(11)
-    with open(src, "wb") as f:
-        for _ in range(8):
-            f.write(rng.randbytes(16 * MIB))
-    copy = subprocess.Popen([nbdcopy, str(src), gw.uri("scratch")], stderr=subprocess.DEVNULL)
-    time.sleep(0.15)
+    new = b"".join(rng.randbytes(16 * MIB) for _ in range(8))
+    half = len(new) // 2
+    copy = subprocess.Popen(
+        [nbdcopy, "-", gw.uri("scratch")], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    source = copy.stdin
+    assert source is not None
+    source.write(new[:half])
+    source.flush()
+    wait_for(
+        lambda: read_export(gw, half - MIB, MIB, "scratch") == new[half - MIB : half],
+        what="the first half of the copy to be acknowledged",
+    )
+
+    def rest() -> None:
+        try:
+            source.write(new[half:])
+        except BrokenPipeError:
+            pass  # the copy gave up: the gateway is gone
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                source.close()
+
+    feeder = threading.Thread(target=rest)
+    feeder.start()
     gw.kill()
-    copy.wait(60)
+    assert copy.wait(60) != 0, "the copy finished before the gateway was killed"
+    feeder.join(60)
     gw.start()
     qemu_io(gw.uri("vol0"), "read -P 0x42 0 64M")
-    new = src.read_bytes()
     got = read_export(gw, 0, 128 * MIB, "scratch")
     old_block = b"\x11" * BLOCK
     mixed = [

@@ -44,8 +44,16 @@ def signed_request(
 
 
 def send(p: SecureProvider, request: httpx.Request) -> httpx.Response:
+    """Sends ``request`` to server ``p``, whichever server it was built for (a signature
+    covers the method, the target and the body, not the host)."""
+    url = httpx.URL(p.url + request.url.raw_path.decode())
+    headers = {
+        k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
+    }
     with httpx.Client(verify=p.tls, timeout=30) as client:
-        return client.send(request)
+        return client.send(
+            httpx.Request(request.method, url, headers=headers, content=request.content)
+        )
 
 
 def test_lean_poll_authenticates_like_the_framework(secure_provider: SecureProvider) -> None:
@@ -124,12 +132,17 @@ def test_replays_and_deactivation_across_two_server_processes(
     a, b = start_servers(tmp_path, secure_provider_factory, empty_db_url, 2)
     gw = activate(a, a.token, "gw")
     poll = "/v1/gateway/messages?wait=0"
-    # A poll accepted by one server is a replay at the other (and at the first).
+    # A poll accepted by one server is a replay at the other (and at the first): b's own
+    # memory never saw the nonce, only the shared table tells it.
     first = signed_request(a, gw, "GET", poll)
-    assert send(a, first).status_code == 200
+    r = send(a, first)
+    assert r.status_code == 200 and r.json()["server"] == a.url
     for server in (b, a):
         r = send(server, first)
         assert r.status_code == 401 and "replayed" in r.json()["message"], server.url
+    # Requests go to the server they are sent to: b answers one signed for a's address.
+    r = send(b, signed_request(a, gw, "GET", poll))
+    assert r.status_code == 200 and r.json()["server"] == b.url
     # The other way round, and for replies.
     target = "/v1/gateway/messages/replies"
     reply = signed_request(b, gw, "POST", target, b'{"replies": []}')

@@ -43,11 +43,24 @@ def _message(n: int) -> NewMessage:
     return NewMessage("acct", "gw", "describe", {"n": n}, None, 60.0, "server")
 
 
-def test_a_write_that_would_wait_writes_nothing_and_says_so(db: str) -> None:
+def test_a_write_that_would_wait_writes_nothing_and_says_so(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The raw connections the store's writes run on (the real ones, recorded).
+    used: list[sqlite3.Connection] = []
+    real_raw = ThreadConnections._raw
+
+    def raw(self: ThreadConnections) -> sqlite3.Connection:
+        conn: sqlite3.Connection = real_raw(self)
+        used.append(conn)
+        return conn
+
+    monkeypatch.setattr(ThreadConnections, "_raw", raw)
     store = ControlStore(db)
     lock = schema.write_lock(db)
     try:
-        # The process's write lock taken by another thread.
+        # The process's write lock taken by this very thread: a call that waited for it
+        # would never return.
         with lock, pytest.raises(WouldBlock):
             store.post_many([_message(1)], utcnow(), nowait=True)
         assert _count(db) == 0
@@ -70,15 +83,22 @@ def test_a_write_that_would_wait_writes_nothing_and_says_so(db: str) -> None:
         )
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-            started = time.monotonic()
             with pytest.raises(WouldBlock):
                 store.post_many([_message(2)], utcnow(), nowait=True)
-            assert time.monotonic() - started < 1.0, "it waited for the lock"
+            # It gave up while the other process still held the lock (released only below),
+            # on a connection that SQLite never lets wait for a lock: a busy timeout of 0
+            # returns SQLITE_BUSY at once instead of sleeping and retrying.
+            assert used, "the write never reached SQLite"
+            assert used[-1].execute("PRAGMA busy_timeout").fetchone()[0] == 0
+            assert holder.poll() is None
         finally:
             assert holder.stdin is not None
             holder.stdin.write("\n")
             holder.stdin.flush()
             holder.wait(10)
+            holder.stdin.close()
+            if holder.stdout is not None:
+                holder.stdout.close()
         assert _count(db) == 0
         # Free: written at once.
         [(info, created)] = store.post_many([_message(3)], utcnow(), nowait=True)  # type: ignore[misc]

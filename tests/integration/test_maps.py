@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, inspect, select, update
+from sqlalchemy import event, func, inspect, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sgw.common.errors import NotFoundError, VersionConflictError
@@ -39,12 +38,14 @@ from sgw.provider.db.models import (
     VolumeSegment,
 )
 from sgw.provider.db.schema import (
+    bound_engine,
     current_revision,
     head_revision,
     make_engine,
     session_factory,
     upgrade,
 )
+from tests.fixtures.waiting import wait_for
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -270,19 +271,58 @@ def test_concurrent_commits_on_one_base_exactly_one_wins(db: Db) -> None:
 def test_commit_waiting_for_a_writer_sees_its_result(db: Db) -> None:
     """A commit that has to wait for another writer's lock re-checks after it: conflict."""
     vol = db.volume()
-    with db.sessions() as holder:
-        # Another committer, mid-transaction, holding the volume's row (or SQLite's) lock.
-        holder.execute(update(Volume).where(Volume.id == vol).values(map_version=1))
-        outcome: list[object] = []
-        waiter = threading.Thread(
-            target=lambda: outcome.append(_result(lambda: db.maps.commit_changes(vol, 0, {}, "w")))
-        )
-        waiter.start()
-        time.sleep(0.3)
-        assert waiter.is_alive() and not outcome  # blocked on the lock
-        holder.commit()
-    waiter.join(30)
+    engine = bound_engine(db.sessions)
+    assert engine is not None
+    blocked = threading.Event()
+    traced: list[Any] = []
+    outcome: list[object] = []
+    waiter = threading.Thread(
+        target=lambda: outcome.append(_result(lambda: db.maps.commit_changes(vol, 0, {}, "w")))
+    )
+
+    def on_execute(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        # SQLite: its trace callback runs as the statement starts running, before it asks
+        # for the write lock; from then on it cannot finish while the holder holds it.
+        if threading.current_thread() is waiter and statement.startswith("UPDATE volumes"):
+            raw = cursor.connection
+            raw.set_trace_callback(lambda sql: _set_if(blocked, sql, "UPDATE volumes"))
+            traced.append(raw)
+
+    def waiting_on_postgres() -> bool:
+        with db.sessions() as s:
+            return bool(s.scalar(text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE volumes%'"
+            )))  # fmt: skip
+
+    sqlite = engine.dialect.name == "sqlite"
+    if sqlite:
+        event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        with db.sessions() as holder:
+            # Another committer, mid-transaction, holding the volume's row (or SQLite's) lock.
+            holder.execute(update(Volume).where(Volume.id == vol).values(map_version=1))
+            waiter.start()
+            # Positive evidence that the waiter is at the lock: its UPDATE is running
+            # (SQLite) or waits for a lock in the server (PostgreSQL).
+            if sqlite:
+                assert blocked.wait(30), "the waiter never issued its UPDATE"
+            else:
+                wait_for(waiting_on_postgres, what="the waiter blocked on the row lock")
+            assert waiter.is_alive() and not outcome  # blocked on the lock
+            holder.commit()
+        waiter.join(30)
+    finally:
+        if sqlite:
+            event.remove(engine, "before_cursor_execute", on_execute)
+        for raw in traced:
+            raw.set_trace_callback(None)
     assert len(outcome) == 1 and isinstance(outcome[0], VersionConflictError), outcome
+
+
+def _set_if(flag: threading.Event, sql: str, prefix: str) -> None:
+    if sql.startswith(prefix):
+        flag.set()
 
 
 def _result(call: Callable[[], int]) -> int | Exception:

@@ -19,7 +19,8 @@ import httpx
 import nbd
 import pytest
 
-from tests.fixtures.daemons import SGW, SMALL_LOG, GatewayProcess, ProviderProcess
+from tests.fixtures.daemons import SGW, SMALL_LOG, GatewayProcess, ProviderProcess, gateway_status
+from tests.fixtures.waiting import wait_for
 
 MIB = 1 << 20
 VOL_SIZE = 24 * MIB + 8192  # the last chunk is short
@@ -154,7 +155,12 @@ def test_snapshot_marker_survives_kill_9(
     write_all(gw, a)
     snap_a = snapshot(gw)
     write_all(gw, b)
-    time.sleep(0.5)
+    # The snapshot asked the destager to start at once: it has tried to upload towards
+    # the marker and failed, and the snapshot waits.
+    wait_for(
+        lambda: gateway_status(gw)["destager"]["failures"] >= 1,
+        what="an upload attempt to fail while the provider is away",
+    )
     assert snapshot_state(gw, snap_a["snapshot_id"]) == "PENDING"
     gw.kill()
     provider.start()

@@ -11,7 +11,7 @@ import asyncio
 import os
 import random
 import struct
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -473,37 +473,57 @@ def test_a_file_that_is_not_a_log_is_refused(tmp_path: Path, content: str) -> No
 def test_group_commit_many_concurrent_syncs_few_fdatasyncs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """While one fdatasync is in flight (held until the test lets it go), 199 more writers
+    append and ask for a sync: they all share the next fdatasync, two in all; a sync with
+    nothing new appended costs none."""
     path = new_log(tmp_path)
     log, _ = WriteLog.open(path)
     real = os.fdatasync
     # (next_seq when the fdatasync started, finished?) per call
     calls: list[list[int]] = []
+    first_started, release_first = threading.Event(), threading.Event()
 
-    def slow_fdatasync(fd: int) -> None:
+    def held_fdatasync(fd: int) -> None:
         entry = [log.next_seq, 0]
         calls.append(entry)
-        time.sleep(0.02)
+        if len(calls) == 1:
+            first_started.set()
+            if not release_first.wait(30):
+                raise TimeoutError("the test never let the first fdatasync go")
         real(fd)
         entry[1] = 1
 
-    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    monkeypatch.setattr(os, "fdatasync", held_fdatasync)
+    writers = 200
+    waiting = 0
+    all_waiting = asyncio.Event()
 
     async def writer(i: int) -> None:
-        await asyncio.sleep(random.Random(i).random() * 0.01)
+        nonlocal waiting
         rec = log.append(KIND_DATA, 1, i * BLOCK, BLOCK, pattern(i, BLOCK))
-        await log.sync()
+        waiting += 1
+        if waiting == writers:
+            all_waiting.set()
+        await log.sync()  # runs up to its first await in this step: its target is taken
         # Durable: an fdatasync that started after this append has finished.
         assert any(start > rec.seq and done for start, done in calls), i
 
     async def main() -> None:
-        await asyncio.gather(*(writer(i) for i in range(200)))
+        tasks = [asyncio.create_task(writer(0))]
+        assert await asyncio.to_thread(first_started.wait, 30), "no fdatasync started"
+        tasks += [asyncio.create_task(writer(i)) for i in range(1, writers)]
+        await asyncio.wait_for(all_waiting.wait(), 30)
+        assert not any(done for _, done in calls)  # the first is still held
+        release_first.set()
+        await asyncio.gather(*tasks)
         before = log.syncs
         await asyncio.gather(*(log.sync() for _ in range(50)))  # nothing new: no fdatasync
         assert log.syncs == before
 
     asyncio.run(main())
-    assert 1 <= log.syncs <= 8, f"{log.syncs} fdatasyncs for 200 concurrent flushes"
-    assert log.syncs == len(calls)
+    # The one in flight covered writer 0 alone; the next, every other writer.
+    assert [start for start, _ in calls] == [1, writers]
+    assert log.syncs == len(calls) == 2
     log.close()
 
 

@@ -43,11 +43,13 @@ class AdminOps:
         destager: Destager,
         extra_status: Callable[[str], dict[str, Any]] | None = None,
         writes_throttled: Callable[[], int] | None = None,
+        uploads_held: Callable[[], int] | None = None,
     ) -> None:
         self.engine = engine
         self.destager = destager
         self.extra_status = extra_status
         self.writes_throttled = writes_throttled or (lambda: 0)
+        self.uploads_held = uploads_held or (lambda: 0)
 
     def status(self) -> dict[str, Any]:
         """Volumes, write log, destager and snapshots, as plain data."""
@@ -80,6 +82,7 @@ class AdminOps:
                 "bytes": self.destager.bytes_destaged,
                 "failures": self.destager.failures,
                 "last_error": self.destager.last_error or None,
+                "uploads_held": self.uploads_held(),
             },
             "snapshots": [r.describe() for r in self.engine.snapshots.values()],
         }

@@ -129,6 +129,7 @@ class Gateway:
                 self.destager,
                 self._volume_status,
                 writes_throttled=lambda: self.server.throttled,
+                uploads_held=lambda: 0 if self.uploader is None else self.uploader.bucket.held,
             ),
             socket_path(config.data_dir),
         )

@@ -93,6 +93,7 @@ class TokenBucket:
         self._sleep = sleep
         self._tokens = self.burst
         self._stamp = clock()
+        self.held = 0  # requests that had to wait for the limit
 
     def delay_for(self, n: int) -> float:
         """Takes ``n`` tokens now; returns how long the taker must wait (seconds)."""
@@ -122,6 +123,7 @@ class TokenBucket:
         """Waits until ``n`` bytes may be sent (no wait without a limit)."""
         delay = self.delay_for(n)
         if delay > 0:
+            self.held += 1
             await self._sleep(delay)
 
 
