@@ -70,7 +70,8 @@ test-appliance: lint typecheck image
 # Mutation checks, not part of `make test` (docs/testing.md, "Mutation checks"): mutmut
 # over the write log, the flush path, request signing, activation keys, the nonce ledger
 # and CHAP/LIO planning (scripts/mutation; [tool.mutmut] in pyproject.toml). Stops by
-# itself at SGW_MUTATION_BUDGET_S (default 3600 s) and prints a summary with the survivors.
+# itself at SGW_MUTATION_BUDGET_S (default 7200 s; a full run takes about 1 h 50 min on 2
+# cores) and prints a summary with the survivors.
 mutation: $(STAMP)
 	$(VENV)/bin/python scripts/mutation
 
