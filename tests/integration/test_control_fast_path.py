@@ -202,6 +202,7 @@ def test_expired_nonces_leave_the_table_and_live_ones_stay(empty_db_url: str) ->
     """Nonces past their expiry are deleted as new ones are written (SQLite: with each
     group; PostgreSQL: a purge at most once a second); unexpired ones are never touched."""
     schema.upgrade(empty_db_url)
+    NonceLedger(empty_db_url).close()  # one that never wrote closes cleanly too
     ledger = NonceLedger(empty_db_url)
     engine = schema.make_engine(empty_db_url)
     now = datetime.now(UTC)

@@ -129,6 +129,7 @@ def test_chap_store_refuses_a_symlink_and_drops_cleared_volumes(tmp_path: Path) 
     store.replace("vol0", [ChapCredential(HOST1, "s" * 12)])
     store.replace("vol1", [ChapCredential(HOST2, "u" * 12)])
     store.replace("vol0", [])  # CHAP cleared: the volume is open again
+    store.replace("vol9", [])  # clearing what was never set changes nothing
     assert list(store.load()) == ["vol1"]
     assert os.stat(store.path).st_mode & 0o777 == 0o600
     (tmp_path / "chap.json").write_text("{}")
