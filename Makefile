@@ -5,7 +5,7 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run run-gateway test test-appliance lint typecheck unit check setup bench clean image
+.PHONY: run run-gateway test test-appliance lint typecheck unit check setup bench clean image mutation
 
 $(STAMP): pyproject.toml scripts/install-host-deps
 	./scripts/install-host-deps
@@ -35,7 +35,8 @@ run-gateway: $(STAMP)
 	exec $(VENV)/bin/sgw gateway serve --data-dir $(RUN_DIR) --volume vol0:1G \
 		--nbd unix:$(CURDIR)/$(RUN_DIR)/nbd.sock --nbd tcp:127.0.0.1:10809
 
-PY_SCRIPTS := bench/datapath bench/remote bench/restore bench/control scripts/run-appliance image
+PY_SCRIPTS := bench/datapath bench/remote bench/restore bench/control scripts/run-appliance image \
+	scripts/mutation
 
 # ruff (lint and format), and the import contracts of pyproject.toml (docs/layout.md).
 lint: $(STAMP)
@@ -66,8 +67,16 @@ test: lint typecheck
 test-appliance: lint typecheck image
 	SGW_APPLIANCE_REQUIRED=1 $(VENV)/bin/pytest -q tests/appliance
 
+# Mutation checks, not part of `make test` (docs/testing.md, "Mutation checks"): mutmut
+# over the write log, the flush path, request signing, activation keys, the nonce ledger
+# and CHAP/LIO planning (scripts/mutation; [tool.mutmut] in pyproject.toml). Stops by
+# itself at SGW_MUTATION_BUDGET_S (default 7200 s; a full run takes about 1 h 50 min on 2
+# cores) and prints a summary with the survivors.
+mutation: $(STAMP)
+	$(VENV)/bin/python scripts/mutation
+
 bench: $(STAMP)
 	$(VENV)/bin/python bench/datapath
 
 clean:
-	rm -rf $(VENV) run-data bench-data build dist
+	rm -rf $(VENV) run-data bench-data build dist mutants

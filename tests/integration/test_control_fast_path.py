@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+from sqlalchemy import text
 
 from sgw.common import signing
 from sgw.provider.auth.nonces import NonceLedger
@@ -165,8 +166,10 @@ def test_replays_and_deactivation_across_two_server_processes(
         time.sleep(0.2)
 
 
-def test_nonce_groups_refuse_replays_within_and_across_ledgers(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'provider.db'}"
+def test_nonce_groups_refuse_replays_within_and_across_ledgers(empty_db_url: str) -> None:
+    """On SQLite (grouped on the event loop's thread) and PostgreSQL (the writer thread's
+    INSERT ... RETURNING), the answers are the same."""
+    url = empty_db_url
     schema.upgrade(url)
     one, two, three = NonceLedger(url), NonceLedger(url), NonceLedger(url)
     expires = datetime.now(UTC) + timedelta(seconds=signing.CLOCK_SKEW_S)
@@ -206,3 +209,45 @@ def test_nonce_groups_refuse_replays_within_and_across_ledgers(tmp_path: Path) -
         one.close()
         two.close()
         three.close()
+
+
+def test_expired_nonces_leave_the_table_and_live_ones_stay(empty_db_url: str) -> None:
+    """Nonces past their expiry are deleted as new ones are written (SQLite: with each
+    group; PostgreSQL: a purge at most once a second); unexpired ones are never touched."""
+    schema.upgrade(empty_db_url)
+    NonceLedger(empty_db_url).close()  # one that never wrote closes cleanly too
+    ledger = NonceLedger(empty_db_url)
+    engine = schema.make_engine(empty_db_url)
+    now = datetime.now(UTC)
+    past, soon = now - timedelta(seconds=30), now + timedelta(seconds=signing.CLOCK_SKEW_S)
+
+    def count(prefix: str) -> int:
+        with engine.connect() as c:
+            query = text("SELECT count(*) FROM request_nonces WHERE nonce LIKE :p")
+            return int(c.execute(query, {"p": prefix + "%"}).scalar_one())
+
+    async def use(nonces: list[str], expires: datetime) -> None:
+        answers = await asyncio.gather(
+            *(ledger.first_use_async("gw:a", n, expires) for n in nonces)
+        )
+        assert all(answers)
+
+    async def run() -> tuple[int, int]:
+        await use([f"old-{n}" for n in range(40)], past)
+        await use([f"live-{n}" for n in range(30)], soon)
+        # Write on until the first expired rows are gone (each write may purge).
+        more = 0
+        deadline = time.monotonic() + 30
+        while count("old-") and time.monotonic() < deadline:
+            await use([f"more-{more}"], past)
+            more += 1
+            await asyncio.sleep(0.05)
+        return count("old-"), count("live-")
+
+    try:
+        old, live = asyncio.run(run())
+        assert old == 0, "expired nonces stayed in the table"
+        assert live == 30, "an unexpired nonce was deleted"
+    finally:
+        ledger.close()
+        engine.dispose()

@@ -15,7 +15,7 @@ import pytest
 
 from sgw.common.errors import ConfigError
 from sgw.gateway.lio.access import Access, InitiatorAccess, access_of, load_access
-from sgw.gateway.lio.chap import ChapCredential
+from sgw.gateway.lio.chap import ChapCredential, ChapStore
 from sgw.gateway.lio.desired import (
     Change,
     Create,
@@ -113,6 +113,37 @@ def test_access_from_chap_json(tmp_path: Path) -> None:
     assert "a" * 16 not in repr(rules)
 
 
+def test_access_keeps_each_initiators_secrets() -> None:
+    creds = [ChapCredential(HOST1, "a" * 255, "t" * 12), ChapCredential(HOST2, "b" * 12)]
+    access = access_of("vol0", creds)
+    assert [(a.initiator, a.secret, a.target_secret) for a in access.initiators] == [
+        (HOST1, "a" * 255, "t" * 12),
+        (HOST2, "b" * 12, None),
+    ]
+    with pytest.raises(ConfigError, match="secret: 12-255"):
+        access_of("vol0", [ChapCredential(HOST1, "a" * 256)])
+
+
+def test_chap_store_refuses_a_symlink_and_drops_cleared_volumes(tmp_path: Path) -> None:
+    store = ChapStore(str(tmp_path))
+    store.replace("vol0", [ChapCredential(HOST1, "s" * 12)])
+    store.replace("vol1", [ChapCredential(HOST2, "u" * 12)])
+    store.replace("vol0", [])  # CHAP cleared: the volume is open again
+    store.replace("vol9", [])  # clearing what was never set changes nothing
+    assert list(store.load()) == ["vol1"]
+    assert os.stat(store.path).st_mode & 0o777 == 0o600
+    (tmp_path / "chap.json").write_text("{}")
+    assert store.load() == {}
+    # A link planted in the data directory is not followed (O_NOFOLLOW).
+    other = tmp_path / "elsewhere.json"
+    other.write_text(json.dumps({"volumes": {}}))
+    os.chmod(other, 0o600)
+    os.unlink(store.path)
+    os.symlink(other, store.path)
+    with pytest.raises(OSError):
+        store.load()
+
+
 def test_access_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     write_chap(tmp_path, {"volumes": {}}, mode=0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
@@ -146,23 +177,56 @@ def test_one_open_target_per_volume() -> None:
         "/dev/nbd0",
         ("0.0.0.0", 3260),
     )
-    attrs = dict(t.tpg_attributes)
-    assert attrs["generate_node_acls"] == "1" and attrs["authentication"] == "0"
-    assert attrs["demo_mode_write_protect"] == "0" and attrs["default_cmdsn_depth"] == "128"
-    params = dict(t.parameters)
-    assert params["MaxRecvDataSegmentLength"] == "262144"
-    assert params["MaxBurstLength"] == "1048576" and params["FirstBurstLength"] == "262144"
-    assert dict(t.backstore_attributes)["emulate_tpu"] == "1"
+    # Every name is one configfs reads: a misspelt one would be refused or ignored by LIO.
+    assert dict(t.tpg_attributes) == {
+        "authentication": "0",
+        "generate_node_acls": "1",
+        "cache_dynamic_acls": "1",
+        "demo_mode_write_protect": "0",
+        "default_cmdsn_depth": "128",
+    }
+    assert t.serial == volumes("vol0")[0].serial
+    assert dict(t.parameters) == {
+        "MaxRecvDataSegmentLength": "262144",
+        "MaxXmitDataSegmentLength": "262144",
+        "MaxBurstLength": "1048576",
+        "FirstBurstLength": "262144",
+    }
+    assert dict(t.backstore_attributes) == {
+        "emulate_tpu": "1",
+        "emulate_tpws": "1",
+        "emulate_3pc": "1",
+    }
 
 
 def test_credentials_make_acls_with_chap() -> None:
     rules = {"vol0": Access((InitiatorAccess(HOST1, "s" * 12, "t" * 12),))}
     want = state(("vol0", "vol1"), rules, cmdsn_depth=32)
-    locked = dict(want[f"{BASE}:vol0"].tpg_attributes)
-    assert locked["generate_node_acls"] == "0" and locked["authentication"] == "1"
-    assert locked["default_cmdsn_depth"] == "32"
+    assert dict(want[f"{BASE}:vol0"].tpg_attributes) == {
+        "authentication": "1",
+        "generate_node_acls": "0",
+        "cache_dynamic_acls": "0",
+        "demo_mode_write_protect": "0",
+        "default_cmdsn_depth": "32",
+    }
     assert want[f"{BASE}:vol0"].access.initiators[0].initiator == HOST1
     assert dict(want[f"{BASE}:vol1"].tpg_attributes)["generate_node_acls"] == "1"
+
+
+def test_login_parameters_come_from_the_settings() -> None:
+    t = state(
+        ("vol0",),
+        max_recv_data_segment_length=8192,
+        max_xmit_data_segment_length=16384,
+        max_burst_length=65536,
+        first_burst_length=32768,
+    )[f"{BASE}:vol0"]
+    assert dict(t.parameters) == {
+        "MaxRecvDataSegmentLength": "8192",
+        "MaxXmitDataSegmentLength": "16384",
+        "MaxBurstLength": "65536",
+        "FirstBurstLength": "32768",
+    }
 
 
 def test_volume_without_device_is_not_exported() -> None:
@@ -179,6 +243,13 @@ def test_colliding_names_are_refused() -> None:
 def test_names_and_serials() -> None:
     assert default_iqn_base("ABCDEF0123456789" * 4) == "iqn.2024-01.org.sgw:abcdef012345"
     assert target_iqn(BASE, "My_Vol.1") == f"{BASE}:my-vol.1"
+    # An IQN is 223 characters at most (RFC 3720); a bad base is refused at any length.
+    longest = target_iqn(BASE, "v" * (223 - len(BASE) - 1))
+    assert len(longest) == 223
+    with pytest.raises(ConfigError, match="223 at most"):
+        target_iqn(BASE, "v" * (224 - len(BASE) - 1))
+    with pytest.raises(ConfigError, match="not a valid iSCSI name"):
+        target_iqn("not-an-iqn", "vol0")
     assert lun_serial("ab" * 32, 1) == lun_serial("ab" * 32, 1)
     assert lun_serial("ab" * 32, 1) != lun_serial("cd" * 32, 1)
     assert lun_serial("ab" * 32, 1) != lun_serial("ab" * 32, 2)

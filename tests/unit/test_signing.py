@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,34 @@ def test_verifier_refuses_a_key_of_the_wrong_size() -> None:
         signing.Verifier(b"\x01" * 31)
 
 
+def test_canonical_form_and_scheme_are_exact() -> None:
+    """The bytes signed are the documented ones (a provider written in another language
+    computes the same), and only this scheme's headers are taken for signed ones."""
+    canonical = signing.canonical_request(
+        "post", b"/v1/x?y=%41", "ab" * 32, timestamp=1700000000, nonce="0f" * 16, key_id="gw:7"
+    )
+    assert canonical == b"\n".join(
+        [b"SGW1-Ed25519", b"POST", b"/v1/x?y=%41", b"ab" * 32, b"1700000000", b"0f" * 16, b"gw:7"]
+    )
+    key = Ed25519PrivateKey.generate()
+    header = signing.sign(key, "gw:7", "GET", b"/v1/x", b"", timestamp=1)
+    assert signing.is_signed(header)
+    for other in ("Bearer abc", "SGW1-Ed25519key=x", "sgw1-ed25519 key=x", ""):
+        assert not signing.is_signed(other), other
+
+
+def test_verify_takes_a_verifier_and_refuses_a_malformed_key() -> None:
+    key = Ed25519PrivateKey.generate()
+    raw = bytes.fromhex(signing.public_key_hex(key))
+    parsed = signing.parse_header(signing.sign(key, "gw:1", "GET", b"/v1/x", b"", timestamp=9))
+    assert parsed is not None
+    digest = signing.body_digest(b"")
+    assert signing.verify(signing.Verifier(raw), parsed, "GET", b"/v1/x", digest)
+    # A stored key of the wrong size (a damaged row) refuses, never accepts.
+    assert not signing.verify(raw[:31], parsed, "GET", b"/v1/x", digest)
+    assert not signing.verify(b"", parsed, "GET", b"/v1/x", digest)
+
+
 def test_activation_key_round_trip_and_refusals() -> None:
     key = Ed25519PrivateKey.generate()
     now = time.time()
@@ -98,6 +128,45 @@ def test_activation_key_round_trip_and_refusals() -> None:
             activation_key.check(bad, now)
     # Two keys of one gateway differ (a new nonce each) and are used up separately.
     assert activation_key.check(activation_key.mint(key, now), now).digest != checked.digest
+
+
+def test_activation_key_limits_are_exact() -> None:
+    """Expiry, the clock-skew bound, the region's length and the alphabet, each at its
+    edge; each refusal says what is wrong."""
+    key = Ed25519PrivateKey.generate()
+    minted_at = 1_800_000_000
+    text = activation_key.mint(key, minted_at)
+    expires = minted_at + activation_key.VALIDITY_S
+    assert activation_key.check(text, expires - 0.5).expires == expires
+    with pytest.raises(ActivationKeyError, match="expired"):
+        activation_key.check(text, expires)
+    earliest = expires - activation_key.VALIDITY_S - signing.CLOCK_SKEW_S
+    assert activation_key.check(text, earliest).expires == expires
+    with pytest.raises(ActivationKeyError, match="clock is wrong"):
+        activation_key.check(text, earliest - 1)
+    longest = "r" * 64
+    assert activation_key.check(activation_key.mint(key, minted_at, longest), expires - 1).region
+    with pytest.raises(ValueError, match="longer than 64 bytes"):
+        activation_key.mint(key, minted_at, longest + "r")
+    prefix, payload, sig = text.split(".")
+    # Characters outside base64url are refused, not skipped by a lenient decoder (four, so
+    # that the padding still fits and only the alphabet check can refuse the key).
+    for bad, message in (
+        (f"{prefix}.{payload[:8]}!!!!{payload[8:]}.{sig}", "not base64url"),
+        (f"{prefix}.{payload}.{sig}.x", "copy it whole"),
+        (f"{prefix}.{payload[:40]}.{sig}", "wrong length"),
+    ):
+        with pytest.raises(ActivationKeyError, match=message):
+            activation_key.check(bad, minted_at)
+    # A genuine signature over a region that is not UTF-8.
+    public = bytes.fromhex(signing.public_key_hex(key))
+    raw = struct.pack(">32sQ16s", public, expires, b"\0" * 16) + b"\xff"
+    signature = key.sign(b"sgw activation key v1\0" + raw)
+    forged = ".".join(
+        [prefix, *(base64.urlsafe_b64encode(b).decode().rstrip("=") for b in (raw, signature))]
+    )
+    with pytest.raises(ActivationKeyError, match="bad region"):
+        activation_key.check(forged, minted_at)
 
 
 def test_identity_key_and_credentials_are_private(tmp_path: Path) -> None:

@@ -307,6 +307,80 @@ def test_recovery_follows_a_skip_to_the_next_lap(tmp_path: Path) -> None:
     log.close()
 
 
+def test_the_destager_follows_a_skip_that_sits_at_the_tail(tmp_path: Path) -> None:
+    """Destaged up to exactly where the writer left the rest of a lap unused: the next
+    record to destage is on the next lap, and reading from the tail finds it."""
+    log, _ = WriteLog.open(new_log(tmp_path))
+    lap0 = fill_lap(log)
+    destage_log(log, lap0[5])
+    skipped = log.append(KIND_DATA, 1, 0, BIG, pattern(51, BIG))
+    assert skipped.virt == DATA_SIZE
+    destage_log(log, lap0[-1])
+    assert log.tail == lap0[-1].virt + lap0[-1].size < DATA_SIZE
+    recs = log.read_records(log.tail, log.tail_seq, log.head, DATA_SIZE)
+    assert [key(r) for r in recs] == [key(skipped)]
+    log.close()
+
+
+def test_a_record_that_fills_the_space_exactly_fits(tmp_path: Path) -> None:
+    log, _ = WriteLog.open(new_log(tmp_path))
+    assert log.fits(DATA_SIZE)
+    fill_lap(log)
+    rest = DATA_SIZE - log.head
+    assert log.fits(rest) and not log.fits(rest + 1)
+    last = log.append(KIND_DATA, 1, 0, rest - HEADER_SIZE, pattern(7, rest - HEADER_SIZE))
+    assert last.virt + last.size == DATA_SIZE  # in this lap, not skipped to the next
+    # The log is full (nothing destaged): an append that did not wait is refused.
+    with pytest.raises(LogFullError, match="no room"):
+        log.append(KIND_DATA, 1, 0, BLOCK, pattern(8, BLOCK))
+    log.close()
+
+
+def test_the_destager_refuses_a_record_that_is_not_the_expected_one(tmp_path: Path) -> None:
+    """``read_records`` checks each header's magic, sequence number and position."""
+    log, _ = WriteLog.open(new_log(tmp_path))
+    recs = [log.append(KIND_DATA, 1, i * BLOCK, BLOCK, pattern(i, BLOCK)) for i in range(3)]
+    fields = list(HEADER.unpack(log.read(DATA_START + recs[1].virt, HEADER_SIZE)))
+    for index, value in ((0, 0), (5, recs[1].seq + 7), (6, recs[1].virt + BLOCK)):
+        tampered = list(fields)
+        tampered[index] = value  # magic, seq, virtual position: one at a time
+        os.pwrite(log.fileno(), HEADER.pack(*tampered), DATA_START + recs[1].virt)
+        with pytest.raises(LogCorruptError, match=f"record {recs[1].seq} is missing"):
+            log.read_records(0, 0, log.head, DATA_SIZE)
+    log.close()
+
+
+def test_sync_after_a_blocking_sync_waits_only_for_newer_records(tmp_path: Path) -> None:
+    async def main() -> None:
+        log, _ = WriteLog.open(new_log(tmp_path))
+        log.append(KIND_DATA, 1, 0, BLOCK, pattern(1, BLOCK))
+        log.sync_now()
+        syncs = log.syncs
+        await log.sync()  # nothing new: already durable
+        assert log.syncs == syncs
+        log.append(KIND_DATA, 1, BLOCK, BLOCK, pattern(2, BLOCK))
+        await log.sync()  # the new record needs its own fdatasync
+        assert log.syncs == syncs + 1
+        log.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_waiter_does_not_hold_up_the_next(tmp_path: Path) -> None:
+    async def main() -> None:
+        log, _ = WriteLog.open(new_log(tmp_path))
+        lap0 = fill_lap(log)
+        assert not log.fits(HEADER_SIZE + BIG)
+        first = log.wait_for_space(HEADER_SIZE + BIG)
+        second = log.wait_for_space(HEADER_SIZE + BIG)
+        first.cancel()
+        destage_log(log, lap0[5])  # frees space: the cancelled one is skipped over
+        assert second.done() and log.space_waiters == 1
+        log.close()
+
+    asyncio.run(main())
+
+
 # -- the epoch rule ---------------------------------------------------------------------------
 
 
