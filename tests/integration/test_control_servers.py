@@ -81,6 +81,7 @@ class Fleet:
         asyncio.run_coroutine_threadsafe(stop_all(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()  # its self-pipe sockets, else a ResourceWarning in a later test
 
 
 @pytest.fixture

@@ -45,6 +45,8 @@ def test_serves_health_and_openapi_then_stops_cleanly(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+        assert proc.stderr is not None
+        proc.stderr.close()
     assert (tmp_path / "prov").is_dir()
 
 
