@@ -170,14 +170,14 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         authorization = peer = length = None
-        sized = False  # Transfer-Encoding: the body's length is not announced
+        chunked = False  # Transfer-Encoding: the body's length is not announced
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
             elif name == b"content-length":
                 length = value
             elif name == b"transfer-encoding":
-                sized = True
+                chunked = True
             elif name == b"x-sgw-peer":
                 peer = value
         try:
@@ -188,10 +188,9 @@ class Gate:
             return await refuse(scope, send, exc)
         # uvicorn's parser refuses a Content-Length that is not a number and delivers no
         # more body than one announces; a body without one is counted as it is read.
-        announced = length is not None and length.isdigit()
-        if announced and int(length or b"0") > cap.limit:
+        if length is not None and length.isdigit() and int(length) > cap.limit:
             return await reply(scope, send, 413, "payload_too_large", cap.message())
-        if sized or (length is not None and not announced):
+        if chunked or (length is not None and not length.isdigit()):
             receive = _counted(receive, cap)
         return await self.app(scope, receive, send)
 
