@@ -39,11 +39,14 @@ def test_serves_health_and_openapi_then_stops_cleanly(tmp_path: Path) -> None:
         spec = httpx.get(f"http://127.0.0.1:{port}/openapi.json").json()
         assert spec["info"]["title"] == "sgw provider"
         assert "/v1/health" in spec["paths"]
+        # Every path but the open ones needs credentials, one that does not exist too.
         missing = httpx.get(f"http://127.0.0.1:{port}/v1/nothing-here")
-        assert missing.status_code == 404
+        assert missing.status_code == 401 and "no credentials" in missing.json()["message"]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+        assert proc.stderr is not None
+        proc.stderr.close()
     assert (tmp_path / "prov").is_dir()
 
 

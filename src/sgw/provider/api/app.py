@@ -19,7 +19,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sgw import __version__
 from sgw.common.chunks import MAX_CHUNK_SIZE
@@ -49,6 +48,7 @@ from sgw.provider.api.auth import (
     AuthMiddleware,
     ensure_account,
 )
+from sgw.provider.api.gate import Gate
 from sgw.provider.api.lean import LeanControl
 from sgw.provider.auth.nonces import NonceLedger
 from sgw.provider.auth.tls import tls_files
@@ -97,8 +97,9 @@ _STATUS: list[tuple[type[SgwError], int, str]] = [
     (ObjectStoreError, 503, "store_unavailable"),
 ]
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-# Largest request body of any call (bytes): a zstd-framed chunk of the largest chunk size.
-# JSON bodies are bounded by it too, since the framework buffers them whole.
+# Largest request body of any call (bytes): a chunk pack's. Each route's own cap, smaller
+# for most, is the gate's (sgw.provider.api.gate.body_cap); this bounds what
+# AuthMiddleware reads should a body get past it.
 MAX_REQUEST_BODY = max(zstd_bound(MAX_CHUNK_SIZE), blocks.MAX_PACK_BODY)
 
 
@@ -174,9 +175,8 @@ def create_app(config: ProviderConfig) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(gateways.router)
     app.include_router(volume_settings.router)
-    # Outermost first: the body limit, then authentication, then the routes.
+    # In front of the routes: authentication (the gate, before it, caps the bodies).
     app.add_middleware(AuthMiddleware, authenticator=authenticator, limit=MAX_REQUEST_BODY)
-    app.add_middleware(_BodyLimit, limit=MAX_REQUEST_BODY)
 
     @app.exception_handler(SgwError)
     async def _sgw_error(request: Request, exc: SgwError) -> JSONResponse:
@@ -206,16 +206,11 @@ def create_app(config: ProviderConfig) -> FastAPI:
         """Liveness: the process answers."""
         return {"status": "ok", "version": __version__}
 
-    # What the server runs: the control channel's hot calls served without the framework,
-    # everything else by it (sgw.provider.api.lean).
-    app.state.asgi = LeanControl(
-        app,
-        hub=hub,
-        planner=planner,
-        auth=authenticator,
-        errors=error_response,
-        limit=MAX_REQUEST_BODY,
-    )
+    # What the server runs: the gate, which refuses from a request's head what must not
+    # be read (sgw.provider.api.gate); then the control channel's hot calls served without
+    # the framework, everything else by it (sgw.provider.api.lean).
+    lean = LeanControl(app, hub=hub, planner=planner, auth=authenticator, errors=error_response)
+    app.state.asgi = Gate(lean, authenticator, insecure_dev=config.insecure_dev)
     return app
 
 
@@ -261,37 +256,3 @@ def _holds_chunks(store: ObjectStore) -> bool:
     return any(
         next(iter(store.list(prefix)), None) is not None for prefix in ("chunks/", PACKS_PREFIX)
     )
-
-
-class _BodyLimit:
-    """Refuses request bodies over ``limit`` bytes (413), by Content-Length up front and
-    by counting while the application reads, so no call buffers an unbounded body."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        message = (
-            f"request body is larger than {self.limit} bytes, the most any call accepts; "
-            "send at most one chunk per request"
-        )
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _error(413, "payload_too_large", message)(scope, receive, send)
-                return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
-            msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.limit:
-                    raise HTTPException(413, message)
-            return msg
-
-        await self.app(scope, limited, send)

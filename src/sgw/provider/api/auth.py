@@ -10,15 +10,19 @@ Two kinds of credentials (docs/adr/0003-gateway-authentication.md):
   snapshots (anything else is 404 to it), and no admin call (403). A not yet activated
   gateway signs with its bare public key and may only fetch its credentials.
 
-``AuthMiddleware`` checks credentials before anything else runs (a bad one is a 401,
-logged); the control channel's hot calls are checked by ``sgw.provider.api.lean`` with
-the same ``Authenticator`` on the event loop (``signed_async``, ``bearer_async``: the
-gateway's key and a token's principal from caches, the nonce written in a group), as are
-all other signed calls (their body hashed as it arrives; the digest is left in the
+``sgw.provider.api.gate`` runs first: it refuses what the request's head alone gives
+away (no credentials, a malformed header, a ``pk:`` key outside the credentials call, a
+body over its route's cap) before any body is read, and hands a signed request's parsed
+header on, checked, in the request's state (``SIGNED_HEADER``). ``AuthMiddleware`` then checks
+credentials before anything else runs (a bad one is a 401, logged); the control
+channel's hot calls are checked by ``sgw.provider.api.lean`` with the same
+``Authenticator`` on the event loop (``signed_async``, ``bearer_async``: the gateway's
+key and a token's principal from caches, the nonce written in a group), as are all
+other signed calls (their body hashed as it arrives; the digest is left in the
 request's state as ``BODY_SHA256`` for routes that need it too); the route dependencies
 (``CurrentAccount``, ``AdminPrincipal``) say what a route needs, so no route can forget
-to ask. In development mode (``--insecure-dev``) a request
-without credentials acts for the built-in account ``dev``.
+to ask. In development mode (``--insecure-dev``) a request without credentials acts for
+the built-in account ``dev``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import contextlib
 import enum
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,9 +64,12 @@ LOG = logging.getLogger(__name__)
 # Where a signed request's body digest (hex SHA-256, checked by the signature) is kept in
 # the ASGI scope's state.
 BODY_SHA256 = "body_sha256"
+# Where the gate leaves a signed request's checked header (SignedHead) in the ASGI scope's
+# state.
+SIGNED_HEADER = "signed_header"
 DEV_ACCOUNT_ID = "dev"
 DEV_ACCOUNT_NAME = "dev"
-_NO_CREDENTIALS = (
+NO_CREDENTIALS = (
     "no credentials: send an API token of the management plane (Authorization: Bearer "
     "TOKEN; `sgw provider init` prints the first) or a request signed by an activated "
     "gateway; on a development machine start the provider with `sgw provider serve "
@@ -89,11 +97,27 @@ class Principal:
 
 
 DEV_PRINCIPAL = Principal(Kind.DEV, DEV_ACCOUNT_ID)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedHead:
+    """A signed request's header, checked without the body (``Authenticator.check_head``):
+    its parts, who signs with its key id, and that key."""
+
+    parsed: signing.SignedHeader
+    principal: Principal
+    verifier: signing.Verifier
+
+
 # An API token's principal, once checked, is trusted this long (seconds): a token revoked
 # through another provider process is refused by this one within it (at once by the
 # process that revoked it).
 TOKEN_TRUST_S = 5.0
 _TOKEN_CACHE_MAX = 10_000
+# What a signed request's key id may be: an activated gateway's id, or a public key.
+_KEY_ID = re.compile(
+    rf"{signing.GATEWAY_PREFIX}[!-~]+|{signing.PUBLIC_KEY_PREFIX}[0-9a-fA-F]{{64}}"
+)
 
 
 class Authenticator:
@@ -183,23 +207,45 @@ class Authenticator:
 
     # Signed requests
 
+    async def check_head(
+        self, header: str, parsed: signing.SignedHeader | None = None
+    ) -> SignedHead:
+        """A signed request's header checked as far as it can be without the body: its
+        form and timestamp (``parse``; ``parsed`` if the caller did that already), and its
+        key id an active gateway's (the key from the cache, read in a thread otherwise) or
+        a public key. UnauthenticatedError naming what is wrong otherwise."""
+        if parsed is None:
+            parsed = self.parse(header)
+        key_id = parsed.key_id
+        if key_id.startswith(signing.GATEWAY_PREFIX):
+            key = self.gateways.signing_key(key_id[len(signing.GATEWAY_PREFIX) :])
+            if key is not None:
+                return SignedHead(parsed, _gateway_signer(key), key.verifier)
+            principal, verifier = await asyncio.to_thread(self._signer, key_id)
+        else:
+            principal, verifier = self._signer(key_id)
+        return SignedHead(parsed, principal, verifier)
+
     async def signed_async(
-        self, header: str, method: str, target: bytes, body: bytes, *, digest: str | None = None
+        self,
+        header: str,
+        method: str,
+        target: bytes,
+        body: bytes,
+        *,
+        digest: str | None = None,
+        head: SignedHead | None = None,
     ) -> Principal:
         """A signed request's principal, on the event loop: the signature checked inline,
         the gateway's key from the cache (read in a thread otherwise), the nonce written
         in a group.
-        ``digest``: the body's SHA-256 (hex) if the caller has it; else it is computed."""
-        parsed = self._parse(header)
+        ``digest``: the body's SHA-256 (hex) if the caller has it; else it is computed.
+        ``head``: ``check_head(header)`` if the caller (the gate) did it already."""
+        if head is None:
+            head = await self.check_head(header)
+        parsed, principal = head.parsed, head.principal
         key_id = parsed.key_id
-        key = None
-        if key_id.startswith(signing.GATEWAY_PREFIX):
-            key = self.gateways.signing_key(key_id[len(signing.GATEWAY_PREFIX) :])
-        if key is not None:
-            principal, public_key = _gateway_signer(key), key.verifier
-        else:
-            principal, public_key = await asyncio.to_thread(self._signer, key_id)
-        self._verify(parsed, public_key, method, target, digest or signing.body_digest(body))
+        self._verify(parsed, head.verifier, method, target, digest or signing.body_digest(body))
         if not await self.nonces.first_use_async(key_id, parsed.nonce, _nonce_expiry(parsed)):
             raise _replayed(parsed)
         if (
@@ -219,12 +265,21 @@ class Authenticator:
         finally:
             self._flushing = False
 
-    def _parse(self, header: str) -> signing.SignedHeader:
+    def parse(self, header: str) -> signing.SignedHeader:
+        """The parts of a signed request's header, refused (UnauthenticatedError) if it is
+        malformed, its key id neither ``gw:ID`` nor ``pk:`` and 64 hex digits, or its
+        timestamp outside the clock-skew window: what can be told without the body."""
         parsed = signing.parse_header(header)
         if parsed is None:
             raise UnauthenticatedError(
-                f"malformed {signing.SCHEME} Authorization header; see "
-                "docs/adr/0003-gateway-authentication.md"
+                f"malformed {signing.SCHEME} Authorization header: expected '{signing.SCHEME} "
+                "key=KEY-ID, ts=UNIX-SECONDS, nonce=32-HEX-DIGITS, sig=86-BASE64URL-CHARACTERS' "
+                "(docs/adr/0003-gateway-authentication.md)"
+            )
+        if not _KEY_ID.fullmatch(parsed.key_id):
+            raise UnauthenticatedError(
+                f"key id {parsed.key_id[:80]!r}: expected gw:GATEWAY-ID or pk: and the "
+                "gateway's Ed25519 public key as 64 hex digits"
             )
         skew = parsed.timestamp - self.clock()
         if abs(skew) > signing.CLOCK_SKEW_S:
@@ -295,7 +350,8 @@ def _replayed(parsed: signing.SignedHeader) -> UnauthenticatedError:
 class AuthMiddleware:
     """Authenticates every request that carries credentials before the application sees
     it; stores the Principal in the request state. Bodies of signed requests (at most
-    ``limit`` bytes) are read here, hashed, and handed on unchanged."""
+    ``limit`` bytes, and at most their route's cap: ``sgw.provider.api.gate``) are read
+    here, hashed, and handed on unchanged."""
 
     def __init__(self, app: ASGIApp, authenticator: Authenticator, limit: int) -> None:
         self.app = app
@@ -322,15 +378,19 @@ class AuthMiddleware:
             if header[:7].lower() == "bearer ":
                 principal = await run_in_threadpool(self.auth.bearer, header[7:].strip())
             elif signing.is_signed(header):
+                head = scope.get("state", {}).get(SIGNED_HEADER)
+                if head is None:
+                    head = await self.auth.check_head(header)  # before the body is read
                 hasher = hashlib.sha256()
-                body = await read_body(receive, self.limit, hasher)
-                if body is None:
-                    await _reply(scope, send, 413, "payload_too_large", "request body too large")
+                try:
+                    body = await read_body(receive, self.limit, hasher)
+                except BodyTooLarge as exc:
+                    await reply(scope, send, 413, "payload_too_large", str(exc.detail))
                     return
                 receive = replay(body, receive)
                 digest = hasher.hexdigest()
                 principal = await self.auth.signed_async(
-                    header, method, target, body, digest=digest
+                    header, method, target, body, digest=digest, head=head
                 )
                 scope.setdefault("state", {})[BODY_SHA256] = digest
             else:
@@ -357,28 +417,35 @@ async def refuse(scope: Scope, send: Send, exc: UnauthenticatedError) -> None:
             "client": client[0] if client else None,
         },
     )
-    await _reply(scope, send, 401, "unauthenticated", str(exc))
+    await reply(scope, send, 401, "unauthenticated", str(exc))
 
 
-async def read_body(
-    receive: Receive, limit: int, hasher: hashlib._Hash | None = None
-) -> bytes | None:
-    """The whole body, at most ``limit`` bytes (None past it). ``hasher`` is fed each
-    part as it arrives (spread over the receipt, and without a worker thread's hop)."""
+class BodyTooLarge(HTTPException):
+    """A request body over its cap (413): raised while it is read, so the framework's
+    handler answers it too when a route reads the body (an HTTPException, which the
+    framework passes on where it turns other errors of a body's reading into 400)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
+
+
+async def read_body(receive: Receive, limit: int, hasher: hashlib._Hash | None = None) -> bytes:
+    """The whole body, at most ``limit`` bytes (BodyTooLarge past it, or past the gate's
+    cap). ``hasher`` is fed each part as it arrives (spread over the receipt, and without
+    a worker thread's hop)."""
     parts: list[bytes] = []
     size = 0
     while True:
-        try:
-            msg = await receive()
-        except HTTPException:  # the body limit's own refusal
-            return None
+        msg = await receive()
         if msg["type"] == "http.disconnect":
             raise UnauthenticatedError("the client went away before sending its body")
         if msg["type"] == "http.request":
             part = msg.get("body", b"")
             size += len(part)
             if size > limit:
-                return None
+                raise BodyTooLarge(
+                    f"request body is larger than {limit} bytes, the most any call accepts"
+                )
             parts.append(part)
             if hasher is not None:
                 hasher.update(part)
@@ -400,7 +467,9 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def _reply(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+async def reply(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+    """Answers with our error document (``{"error", "message"}``) and ``status``; the
+    request's body is not read."""
     headers = {"WWW-Authenticate": 'Bearer realm="sgw"'} if status == 401 else None
     response = JSONResponse({"error": code, "message": message}, status, headers=headers)
 
@@ -420,7 +489,7 @@ def current_principal(request: Request) -> Principal:
         return principal
     if request.app.state.config.insecure_dev:
         return DEV_PRINCIPAL
-    raise UnauthenticatedError(_NO_CREDENTIALS)
+    raise UnauthenticatedError(NO_CREDENTIALS)
 
 
 async def current_account(request: Request) -> str:

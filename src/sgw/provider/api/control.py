@@ -50,6 +50,8 @@ from sgw.provider.control.store import MessageInfo
 from sgw.provider.db.models import utcnow
 from sgw.provider.management.volume_settings import VolumeSettings
 
+POLL_PATH = "/v1/gateway/messages"
+REPLIES_PATH = "/v1/gateway/messages/replies"
 # Longest hold of a poll or a command wait (seconds): below common proxy idle timeouts.
 MAX_WAIT_S = 60.0
 # Most message ids one poll acknowledges.
@@ -193,7 +195,7 @@ router = APIRouter(prefix="/v1")
 # Gateways
 
 
-@router.get("/gateway/messages", tags=["gateway"], responses=errors(403))
+@router.get(POLL_PATH.removeprefix("/v1"), tags=["gateway"], responses=errors(403))
 async def poll_messages(
     request: Request,
     principal: GatewayPrincipal,
@@ -233,7 +235,7 @@ def poll_out(hub: ControlHub, messages: list[MessageInfo]) -> PollOut:
     )
 
 
-@router.post("/gateway/messages/replies", tags=["gateway"], responses=errors(403, 422))
+@router.post(REPLIES_PATH.removeprefix("/v1"), tags=["gateway"], responses=errors(403, 422))
 async def post_replies(body: RepliesIn, principal: GatewayPrincipal, hub: Hub) -> RepliesOut:
     """Outcomes of commands; the first reply of a command is kept, later ones accepted
     and ignored (a gateway sends its replies again until they are accepted)."""

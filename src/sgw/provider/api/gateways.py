@@ -16,6 +16,9 @@ from sgw.provider.api.auth import AdminPrincipal, CurrentPrincipal, Kind
 from sgw.provider.db.models import GatewayStatus
 from sgw.provider.management.gateways import GatewayInfo, Gateways
 
+# The one call a gateway that is not activated yet may make (signed with its public key).
+CREDENTIALS_PATH = "/v1/gateway/credentials"
+
 
 class ActivationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -110,11 +113,7 @@ def deactivate_gateway(gateway_id: str, principal: AdminPrincipal, repo: Repo) -
     return GatewayOut.of(repo.deactivate(principal.account_id, gateway_id))
 
 
-@router.get(
-    "/gateway/credentials",
-    tags=["gateway"],
-    responses=errors(404),
-)
+@router.get(CREDENTIALS_PATH.removeprefix("/v1"), tags=["gateway"], responses=errors(404))
 def credentials(principal: CurrentPrincipal, repo: Repo, response: Response) -> Credentials:
     """A gateway's own credentials, once an admin activated it (the gateway polls this)."""
     if principal.kind is Kind.GATEWAY and principal.gateway_id is not None:

@@ -5,19 +5,21 @@ and every command is four requests (the admin's POST, the poll it wakes, the gat
 reply, the next poll carrying the acknowledgement). Through the framework each costs
 about 2 ms of CPU (middleware, routing, dependencies, a worker thread for the
 credentials check) and each held poll some 30 KiB of request objects. ``LeanControl`` is
-the ASGI application the server runs: it serves
+the ASGI application the server runs (behind the gate): it serves
 
 - ``GET /v1/gateway/messages`` (a gateway's long-poll),
 - ``POST /v1/gateway/messages/replies`` (its replies),
 - ``POST /v1/gateways/{id}/commands`` (an admin's command),
 
-on the event loop, authenticated exactly as ``AuthMiddleware`` would (signature checked
-inline, the gateway's key and a token's principal from caches, the nonce written to the
-database in a group before anything else happens; ``sgw.provider.api.auth``), and hands
-everything else to the framework. A call it cannot serve plainly (another
-``Authorization`` scheme or none, a query or body the framework must refuse with its own
-422, a principal not allowed here) is handed on too, with its principal (the nonce is
-spent already) and its body, so the answers are the framework's.
+on the event loop, behind ``sgw.provider.api.gate`` (which refused already what the
+request's head gives away, and capped the body), authenticated exactly as
+``AuthMiddleware`` would (signature checked inline, the gateway's key and a token's
+principal from caches, the nonce written to the database in a group before anything
+else happens; ``sgw.provider.api.auth``), and hands everything else to the framework. A
+call it cannot serve plainly (another ``Authorization`` scheme or none, a query or body
+the framework must refuse with its own 422, a principal not allowed here) is handed on
+too, with its principal (the nonce is spent already) and its body, so the answers are the
+framework's.
 """
 
 from __future__ import annotations
@@ -33,9 +35,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sgw.common import signing
 from sgw.common.errors import SgwError, UnauthenticatedError
-from sgw.provider.api.auth import Authenticator, Kind, Principal, read_body, refuse, replay
+from sgw.provider.api.auth import (
+    SIGNED_HEADER,
+    Authenticator,
+    BodyTooLarge,
+    Kind,
+    Principal,
+    read_body,
+    refuse,
+    replay,
+    reply,
+)
 from sgw.provider.api.control import (
     MAX_WAIT_S,
+    POLL_PATH,
+    REPLIES_PATH,
     CommandIn,
     CommandOut,
     RepliesIn,
@@ -45,13 +59,12 @@ from sgw.provider.api.control import (
     poll_out,
     send_command,
 )
+from sgw.provider.api.gate import body_cap
 from sgw.provider.control.hub import ControlHub
 from sgw.provider.control.planner import CommandPlanner
 
 LOG = logging.getLogger(__name__)
 
-POLL_PATH = "/v1/gateway/messages"
-REPLIES_PATH = "/v1/gateway/messages/replies"
 _COMMANDS_PREFIX = "/v1/gateways/"
 _WAIT = re.compile(r"^[0-9]{1,5}(\.[0-9]{1,9})?$")
 _JSON = (b"content-type", b"application/json")
@@ -73,14 +86,12 @@ class LeanControl:
         planner: CommandPlanner,
         auth: Authenticator,
         errors: ErrorResponse,
-        limit: int,
     ) -> None:
         self.app = app
         self.hub = hub
         self.planner = planner
         self.auth = auth
         self.errors = errors
-        self.limit = limit
         self._empty: tuple[tuple[str, ...], bytes] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -102,18 +113,22 @@ class LeanControl:
         """A gateway's call: authenticated here, served by ``handler`` (False: by the
         framework)."""
         header = _header(scope, b"authorization")
-        if header is None or not signing.is_signed(header) or not self._plain_body(scope):
+        limit = self._plain_body(scope)
+        if header is None or not signing.is_signed(header) or limit is None:
             return await self.app(scope, receive, send)
         target = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
+        head = scope.get("state", {}).get(SIGNED_HEADER)
         try:
-            body = await read_body(receive, self.limit)
-            if body is None:  # more than Content-Length said
-                raise UnauthenticatedError("the request body is longer than announced")
-            principal = await self.auth.signed_async(header, scope["method"], target, body)
+            body = await read_body(receive, limit)
+            principal = await self.auth.signed_async(
+                header, scope["method"], target, body, head=head
+            )
         except UnauthenticatedError as exc:
             return await refuse(scope, send, exc)
+        except BodyTooLarge as exc:  # more than Content-Length said: uvicorn prevents it
+            return await reply(scope, send, 413, "payload_too_large", str(exc.detail))
         if principal.kind is Kind.GATEWAY and principal.gateway_id is not None:
             try:
                 if await handler(scope, receive, send, principal, body):
@@ -123,13 +138,15 @@ class LeanControl:
         scope.setdefault("state", {})["principal"] = principal
         return await self.app(scope, replay(body, receive), send)
 
-    def _plain_body(self, scope: Scope) -> bool:
-        """True if the body's length is announced and within the limit (otherwise the
+    def _plain_body(self, scope: Scope) -> int | None:
+        """The body's cap if its length is announced and within it (otherwise None: the
         framework answers, as for any call)."""
+        limit = body_cap(scope["method"], scope["path"]).limit
         length = _header(scope, b"content-length")
         if length is None:
-            return scope["method"] == "GET" and _header(scope, b"transfer-encoding") is None
-        return length.isdigit() and int(length) <= self.limit
+            plain = scope["method"] == "GET" and _header(scope, b"transfer-encoding") is None
+            return limit if plain else None
+        return limit if length.isdigit() and int(length) <= limit else None
 
     async def _admin(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /v1/gateways/{id}/commands`` with an API token."""
@@ -137,6 +154,7 @@ class LeanControl:
         header = _header(scope, b"authorization")
         query = _query(scope)
         content_type = _header(scope, b"content-type")
+        limit = self._plain_body(scope)
         if (
             len(parts) != 5
             or not parts[3]
@@ -145,7 +163,7 @@ class LeanControl:
             or query is None
             or not query.keys() <= {"wait"}
             or (content_type is not None and not content_type.startswith("application/json"))
-            or not self._plain_body(scope)
+            or limit is None
             or scope["method"] != "POST"
         ):
             return await self.app(scope, receive, send)
@@ -154,9 +172,10 @@ class LeanControl:
             principal = await self.auth.bearer_async(header[7:].strip())
         except UnauthenticatedError as exc:
             return await refuse(scope, send, exc)
-        body = await read_body(receive, self.limit)
-        if body is None:  # more than Content-Length said: uvicorn does not let that happen
-            raise RuntimeError("request body longer than announced")
+        try:
+            body = await read_body(receive, limit)
+        except BodyTooLarge as exc:  # more than Content-Length said: uvicorn prevents it
+            return await reply(scope, send, 413, "payload_too_large", str(exc.detail))
         if principal.kind is Kind.TOKEN and wait is not None:
             try:
                 command = CommandIn.model_validate_json(body)

@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import ssl
 import stat
@@ -37,6 +38,9 @@ DOORBELL_PATH = "/v1/control/doorbell"
 # Seconds a peer call's timestamp may differ from the receiver's clock.
 PEER_SKEW_S = 60
 _SECRET_BYTES = 32
+# A server id (a UUID) and an HMAC-SHA256 in hex, as ``sign`` writes them.
+_SERVER_ID = re.compile(r"[0-9A-Za-z._-]{1,64}")
+_MAC = re.compile(r"[0-9a-f]{64}")
 
 
 def load_or_create_secret(data_dir: str) -> bytes:
@@ -95,16 +99,28 @@ def sign(secret: bytes, server_id: str, method: str, path: str, body: bytes) -> 
     return f"{server_id} {ts} {_mac(secret, server_id, ts, (method, path, body))}"
 
 
+def well_formed(header: str | None, now: float) -> bool:
+    """True if ``header`` has the form of an ``x-sgw-peer`` value and a timestamp within
+    ``PEER_SKEW_S`` of ``now``: what can be checked before the body is read."""
+    if not header:
+        return False
+    parts = header.split(" ")
+    return (
+        len(parts) == 3
+        and _SERVER_ID.fullmatch(parts[0]) is not None
+        and parts[1].isdigit()
+        and len(parts[1]) <= 12
+        and abs(int(parts[1]) - now) <= PEER_SKEW_S
+        and _MAC.fullmatch(parts[2]) is not None
+    )
+
+
 def verify(secret: bytes, header: str | None, method: str, path: str, body: bytes) -> str | None:
     """The calling server's id if ``header`` authenticates the call, else None."""
-    if not header:
+    if header is None or not well_formed(header, time.time()):
         return None
     parts = header.split(" ")
-    if len(parts) != 3 or not parts[1].isdigit():
-        return None
     server_id, ts, mac = parts[0], int(parts[1]), parts[2]
-    if abs(ts - time.time()) > PEER_SKEW_S:
-        return None
     expected = _mac(secret, server_id, ts, (method, path, body))
     return server_id if hmac.compare_digest(expected, mac) else None
 
