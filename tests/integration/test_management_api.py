@@ -331,6 +331,12 @@ def test_management_on_postgresql(
         f"/v1/volumes/{vol['id']}/chap", json={"initiator": "iqn.a:b", "secret": "x" * 14}
     )
     assert put.status_code == 200
+    # iSCSI access on PostgreSQL: the listing counts each volume's initiators.
+    acl = admin.put(f"/v1/volumes/{vol['id']}/acl", json={"initiator": HOST1})
+    assert acl.status_code == 200, acl.text
+    assert [v["access"] for v in admin.get("/v1/volumes").json()] == ["chap 1, acl 1"]
+    assert admin.put(f"/v1/volumes/{vol['id']}/open", json={"open": True}).status_code == 200
+    assert signed.get(f"/v1/gateway/volumes/{vol['id']}/access").json()["open"] is True
     _other_id, other_token = new_account(p, "other")
     assert p.client(other_token).get(f"/v1/volumes/{vol['id']}").status_code == 404
 
