@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from sgw.common.errors import ConfigError
+from sgw.common.errors import ConfigError, IscsiExportError
+from sgw.gateway.lio import kernel
 from sgw.gateway.lio.access import Access, InitiatorAccess, access_of, load_access
 from sgw.gateway.lio.chap import ChapCredential, ChapStore, VolumeRules
 from sgw.gateway.lio.desired import (
@@ -622,3 +623,58 @@ def test_every_export_of_an_open_target_is_warned_about(
     assert [getattr(r, "volume", None) for r in opened] == ["lab", "lab"]
     assert "open flag" in opened[0].getMessage()
     assert exporter.access == {"lab": "OPEN", "vol0": "closed"}
+
+
+# -- the adapter's reading and writing of one ACL (rtslib-fb objects faked) ----------------
+
+
+class FakeAcl:
+    """An rtslib NodeACL: its attributes (None: a kernel without per-ACL authentication)
+    and CHAP fields."""
+
+    def __init__(self, attrs: dict[str, str] | None, userid: str = "", password: str = "") -> None:
+        self.node_wwn = HOST1
+        self.attrs = attrs
+        self.chap_userid, self.chap_password = userid, password
+        self.chap_mutual_userid = self.chap_mutual_password = ""
+
+    def list_attributes(self) -> list[str]:
+        return [] if self.attrs is None else list(self.attrs)
+
+    def get_attribute(self, name: str) -> str:
+        assert self.attrs is not None
+        return self.attrs[name]
+
+    def set_attribute(self, name: str, value: str) -> None:
+        assert self.attrs is not None and name in self.attrs
+        self.attrs[name] = value
+
+
+@pytest.mark.parametrize(
+    ("acl", "read"),
+    [
+        (FakeAcl({"authentication": "0"}), InitiatorAccess(HOST1)),
+        (FakeAcl({"authentication": "1"}, HOST1, "s" * 12), CHAP1),
+        (FakeAcl({"authentication": "-1"}), InitiatorAccess(HOST1)),
+        (FakeAcl(None), InitiatorAccess(HOST1)),
+        (FakeAcl(None, HOST1, "s" * 12), CHAP1),
+        # Written otherwise (another CHAP user): differs from any rule, so it is rewritten.
+        (FakeAcl(None, "someone", "s" * 12), InitiatorAccess(HOST1, "")),
+    ],
+)
+def test_an_acl_reads_back_as_the_rule_that_wrote_it(acl: FakeAcl, read: InitiatorAccess) -> None:
+    assert kernel._read_acl(acl, f"{BASE}:vol0") == read
+
+
+def test_each_acl_says_whether_it_needs_chap_and_old_kernels_refuse_mixing() -> None:
+    mixed = Access((CHAP1, PLAIN2))
+    for rule, expected in ((CHAP1, "1"), (PLAIN2, "0")):
+        acl = FakeAcl({"authentication": "-1"})
+        kernel.RtslibLio._set_acl_authentication(acl, rule, mixed)
+        assert acl.attrs == {"authentication": expected}
+    # Without the kernel's per-ACL switch: fine when the TPG's decides for every ACL...
+    kernel.RtslibLio._set_acl_authentication(FakeAcl(None), CHAP1, Access((CHAP1,)))
+    kernel.RtslibLio._set_acl_authentication(FakeAcl(None), PLAIN2, Access((PLAIN2,)))
+    # ... refused (not opened) when it cannot.
+    with pytest.raises(IscsiExportError, match=r"Linux 6\.0 or newer"):
+        kernel.RtslibLio._set_acl_authentication(FakeAcl(None), PLAIN2, mixed)
