@@ -66,15 +66,18 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
 
 @pytest.fixture(scope="session")
 def vol0(appliance: Appliance) -> str:
-    """A 256 MiB volume made through the control channel, open to any initiator."""
+    """A 256 MiB volume made through the control channel; INITIATOR logs in with CHAP
+    (set with `sgw volumes chap-set`), nobody else."""
     if "vol0" not in appliance.volumes:
         appliance.create_volume("vol0")
+        appliance.chap_set("vol0")
     return "vol0"
 
 
 @pytest.fixture(scope="session")
 def vol1(appliance: Appliance) -> str:
-    """A second one (iscsi-test-cu writes it; the delete test removes it)."""
+    """A second one, CHAP as vol0 (iscsi-test-cu writes it; the delete test removes it)."""
     if "vol1" not in appliance.volumes:
         appliance.create_volume("vol1")
+        appliance.chap_set("vol1")
     return "vol1"

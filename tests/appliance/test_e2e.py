@@ -1,8 +1,9 @@
 """End to end: the appliance activated with its key (``sgw activate``), its volumes made
 and deleted with the admin CLI through the control channel; the host's iSCSI
-initiators (libiscsi, QEMU) talk to LIO in the booted appliance, through /dev/nbdN, to
-the gateway daemon, which uploads to the provider on the host. Runs first (the modules
-run in name order; test_shutdown.py last)."""
+initiators (libiscsi, QEMU) log in to LIO in the booted appliance with CHAP (access is
+closed by default) and talk, through /dev/nbdN, to the gateway daemon, which uploads to
+the provider on the host. Runs first (the modules run in name order; test_shutdown.py
+last)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.fixtures.appliance import VOLUME_SIZE, Appliance
+from tests.fixtures.appliance import CHAP_SECRET, INITIATOR, VOLUME_SIZE, Appliance
 from tests.fixtures.waiting import wait_for
 
 pytestmark = [pytest.mark.appliance, pytest.mark.timeout(900)]
@@ -39,9 +41,13 @@ PATTERN = 0xA5
 # What fails for LIO over a plain nbdkit export through /dev/nbd0 on these machines (all
 # of iscsi-test-cu): a copy of the lab's baseline (shared/baselines).
 BASELINE = HERE / "iscsi-test-cu-ALL-lio-over-nbdkit.failures"
-INITIATOR = "iqn.2024-01.test.host:e2e"
-CHAP_SECRET = "initiator-sec1"
+# test_chap_and_acls: an initiator with mutual CHAP.
+MUTUAL_INITIATOR = "iqn.2024-01.test.host:e2e"
+MUTUAL_SECRET = "initiator-sec1"
 TARGET_SECRET = "target-secret-22"
+# Initiators that have no CHAP credentials.
+PLAIN = "iqn.2024-01.test.host:plain"
+STRANGER = "iqn.2024-01.test.host:stranger"
 
 
 def tool(name: str) -> str:
@@ -53,6 +59,17 @@ def tool(name: str) -> str:
 
 def run(argv: list[str], timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def inq(initiator: str, url: str) -> subprocess.CompletedProcess[str]:
+    """iscsi-inq as ``initiator`` (a login and an INQUIRY)."""
+    return run([tool("iscsi-inq"), "-i", initiator, url], timeout=120)
+
+
+def refused(res: subprocess.CompletedProcess[str], why: str) -> bool:
+    """True if the login failed with LIO's ``why``: "Authorization failure" (no ACL for
+    the initiator) or "Authentication failure" (its ACL needs CHAP, or another secret)."""
+    return res.returncode != 0 and why in res.stdout + res.stderr
 
 
 def test_activated_with_its_key(appliance: Appliance) -> None:
@@ -86,32 +103,84 @@ def test_volumes_created_through_the_control_channel(
     assert sorted(targets) == ["vol0", "vol1"]
     t0 = targets["vol0"]
     assert t0["iqn"] == appliance.iqn("vol0") and t0["device"].startswith("/dev/nbd")
-    assert t0["tpg_attributes"]["generate_node_acls"] == "1"  # no CHAP: any initiator
+    # Its one rule: INITIATOR with CHAP; nobody else, no generated ACLs.
+    assert t0["access"] == "chap 1" and t0["open"] is False
+    assert t0["initiators"] == [{"initiator": INITIATOR, "chap": True, "mutual": False}]
+    assert t0["tpg_attributes"]["generate_node_acls"] == "0"
+    assert t0["tpg_attributes"]["authentication"] == "1"
     assert int(t0["parameters"]["MaxRecvDataSegmentLength"]) >= 262144
     # Requests of up to 1 MiB reach the gateway in one piece.
     dev = t0["device"].rsplit("/", 1)[1]
     kb = appliance.ssh(f"cat /sys/block/{dev}/queue/max_sectors_kb").stdout
     assert int(kb) >= 512
     state = appliance.sgw_json("gateways", "local-state", appliance.gateway_id)
-    assert {v["name"] for v in state["volumes"]} == {"vol0", "vol1"}
+    assert {v["name"]: v["iscsi_access"] for v in state["volumes"]} == {
+        "vol0": "chap 1",
+        "vol1": "chap 1",
+    }
 
 
 def test_inquiry_and_capacity(appliance: Appliance, vol0: str) -> None:
     url = appliance.iscsi_url(vol0)
-    inq = run([tool("iscsi-inq"), url])
-    assert inq.returncode == 0, inq.stderr
-    assert "DIRECT_ACCESS" in inq.stdout
-    cap = run([tool("iscsi-readcapacity16"), url])
+    found = inq(INITIATOR, url)
+    assert found.returncode == 0, found.stderr
+    assert "DIRECT_ACCESS" in found.stdout
+    cap = run([tool("iscsi-readcapacity16"), "-i", INITIATOR, url])
     assert cap.returncode == 0, cap.stderr
     assert f"Total size:{VOLUME_SIZE}" in cap.stdout
     assert "LOGICAL BLOCK LENGTH IN BYTES:512" in cap.stdout
     assert "LBPME:1" in cap.stdout  # thin provisioning: UNMAP reaches the gateway
 
 
+def test_no_login_without_a_rule(appliance: Appliance, vol0: str) -> None:
+    """Access is closed by default: an initiator without credentials cannot log in to a
+    new volume (it has no rule: no ACL at all), nor to one with CHAP, nor to one whose last
+    rule was removed; the CHAP initiator gets in while its rule lasts."""
+    vol = appliance.create_volume("closed0", 16 * MIB)
+    t = appliance.targets()["closed0"]
+    assert (t["access"], t["open"], t["initiators"]) == ("closed", False, [])
+    assert t["tpg_attributes"]["generate_node_acls"] == "0"
+    assert t["tpg_attributes"]["authentication"] == "1"
+    anonymous = appliance.iscsi_url("closed0", chap=False)
+    with_chap = appliance.iscsi_url("closed0")
+    for initiator, url in ((INITIATOR, anonymous), (STRANGER, anonymous), (INITIATOR, with_chap)):
+        res = inq(initiator, url)
+        assert refused(res, "Authorization failure"), (initiator, url, res.stdout, res.stderr)
+    listed = {v["name"]: v for v in appliance.sgw_json("volumes", "list")}
+    assert listed["closed0"]["access"] == "closed" and listed[vol0]["access"] == "chap 1"
+
+    # A volume with a CHAP rule: without the credentials, refused.
+    res = inq(INITIATOR, appliance.iscsi_url(vol0, chap=False))
+    assert refused(res, "Authentication failure"), (res.stdout, res.stderr)
+    assert refused(inq(STRANGER, appliance.iscsi_url(vol0, chap=False)), "Authorization failure")
+
+    # One rule: its initiator gets in. The last rule removed: closed again, for everyone.
+    appliance.chap_set("closed0")
+    ok = inq(INITIATOR, with_chap)
+    assert ok.returncode == 0 and "DIRECT_ACCESS" in ok.stdout, ok.stderr
+    res = appliance.sgw("volumes", "chap-delete", vol["id"], INITIATOR, "--timeout", "180")
+    assert res.returncode == 0, res.stderr
+    wait_for(
+        lambda: appliance.targets()["closed0"]["initiators"] == [],
+        60,
+        "the last ACL of closed0 removed",
+        every=1.0,
+    )
+    t = appliance.targets()["closed0"]
+    assert t["access"] == "closed" and t["tpg_attributes"]["generate_node_acls"] == "0"
+    assert t["tpg_attributes"]["authentication"] == "1"
+    for url in (anonymous, with_chap):
+        res = inq(INITIATOR, url)
+        assert refused(res, "Authorization failure"), (url, res.stdout, res.stderr)
+    listed = {v["name"]: v for v in appliance.sgw_json("volumes", "list")}
+    assert listed["closed0"]["access"] == "closed"
+
+
 def qemu_io(
     box: Appliance, volume: str, *commands: str, **opts: str
 ) -> subprocess.CompletedProcess[str]:
-    """qemu-io on a volume through QEMU's iSCSI driver (``opts``: CHAP login)."""
+    """qemu-io on a volume through QEMU's iSCSI driver, as INITIATOR with CHAP (``opts``:
+    another login)."""
     image = {
         "driver": "iscsi",
         "transport": "tcp",
@@ -119,6 +188,8 @@ def qemu_io(
         "target": box.iqn(volume),
         "lun": "0",
         "initiator-name": INITIATOR,
+        "user": INITIATOR,
+        "password": CHAP_SECRET,
         **opts,
     }
     argv = [tool("qemu-io"), "--image-opts", ",".join(f"{k}={v}" for k, v in image.items())]
@@ -148,8 +219,8 @@ def test_chap_and_acls(appliance: Appliance) -> None:
     """CHAP and mutual CHAP set with `sgw volumes chap-set` reach the appliance's LIO."""
     vol = appliance.create_volume("vol2", 16 * MIB)
     res = appliance.sgw(
-        *("volumes", "chap-set", vol["id"], "--initiator", INITIATOR, "--mutual"),
-        stdin=f"{CHAP_SECRET}\n{TARGET_SECRET}\n",
+        *("volumes", "chap-set", vol["id"], "--initiator", MUTUAL_INITIATOR, "--mutual"),
+        stdin=f"{MUTUAL_SECRET}\n{TARGET_SECRET}\n",
     )
     assert res.returncode == 0, res.stderr
     mode = appliance.ssh("sudo stat -c %a /var/lib/sgw/chap.json").stdout.strip()
@@ -162,29 +233,123 @@ def test_chap_and_acls(appliance: Appliance) -> None:
     t = appliance.targets()["vol2"]
     assert t["tpg_attributes"]["generate_node_acls"] == "0"
     assert t["tpg_attributes"]["authentication"] == "1"
-    assert t["initiators"] == [{"initiator": INITIATOR, "chap": True, "mutual": True}]
+    assert t["initiators"] == [{"initiator": MUTUAL_INITIATOR, "chap": True, "mutual": True}]
 
-    inq = tool("iscsi-inq")
+    iscsi_inq = tool("iscsi-inq")
     target = appliance.iqn("vol2")
-    base = f"iscsi://{INITIATOR}%{{}}@127.0.0.1:{appliance.iscsi_port}/{target}/0"
-    ok = run([inq, "-i", INITIATOR, base.format(CHAP_SECRET)])
+    base = f"iscsi://{MUTUAL_INITIATOR}%{{}}@127.0.0.1:{appliance.iscsi_port}/{target}/0"
+    ok = run([iscsi_inq, "-i", MUTUAL_INITIATOR, base.format(MUTUAL_SECRET)])
     assert ok.returncode == 0 and "DIRECT_ACCESS" in ok.stdout, ok.stderr
-    bad = run([inq, "-i", INITIATOR, base.format("wrong-secret-99")])
+    bad = run([iscsi_inq, "-i", MUTUAL_INITIATOR, base.format("wrong-secret-99")])
     assert bad.returncode != 0 and "Authentication failure" in bad.stdout + bad.stderr
-    stranger = "iqn.2024-01.test.host:stranger"
-    url = base.format(CHAP_SECRET).replace(INITIATOR, stranger)
-    other = run([inq, "-i", stranger, url])
+    url = base.format(MUTUAL_SECRET).replace(MUTUAL_INITIATOR, STRANGER)
+    other = run([iscsi_inq, "-i", STRANGER, url])
     assert other.returncode != 0 and "Authorization failure" in other.stdout + other.stderr
-    anonymous = run([inq, "-i", INITIATOR, appliance.iscsi_url("vol2")])
+    anonymous = run([iscsi_inq, "-i", MUTUAL_INITIATOR, appliance.iscsi_url("vol2", chap=False)])
     assert anonymous.returncode != 0
-    mutual = base.format(CHAP_SECRET) + f"?target_user={target}&target_password={TARGET_SECRET}"
-    assert run([inq, "-i", INITIATOR, mutual]).returncode == 0
-    forged = base.format(CHAP_SECRET) + f"?target_user={target}&target_password=not-the-target1"
-    res = run([inq, "-i", INITIATOR, forged])
+    mutual = base.format(MUTUAL_SECRET) + f"?target_user={target}&target_password={TARGET_SECRET}"
+    assert run([iscsi_inq, "-i", MUTUAL_INITIATOR, mutual]).returncode == 0
+    forged = base.format(MUTUAL_SECRET) + f"?target_user={target}&target_password=not-the-target1"
+    res = run([iscsi_inq, "-i", MUTUAL_INITIATOR, forged])
     assert res.returncode != 0 and "CHAP_R" in res.stdout + res.stderr
-    chap = {"user": INITIATOR, "password": CHAP_SECRET}
+    chap = {"initiator-name": MUTUAL_INITIATOR, "user": MUTUAL_INITIATOR, "password": MUTUAL_SECRET}
     io = qemu_io(appliance, "vol2", "write -P 0x3c 0 1M", "read -P 0x3c 0 1M", **chap)
     assert io.returncode == 0 and "Pattern verification failed" not in io.stdout, io.stdout
+
+
+def wait_access(box: Appliance, volume: str, access: str) -> dict[str, Any]:
+    """Waits until the volume's target in LIO has this access label; returns it."""
+    wait_for(
+        lambda: box.targets().get(volume, {}).get("access") == access,
+        60,
+        f"{volume} {access} in LIO",
+        every=1.0,
+    )
+    return box.targets()[volume]
+
+
+@pytest.mark.appliance_full
+def test_initiators_without_chap_and_the_open_flag(appliance: Appliance) -> None:
+    """`sgw volumes acl-add`: that initiator logs in without CHAP, others are refused;
+    with CHAP and without on one volume each is held to its own rule (per-ACL
+    authentication, Linux 6.0+); `set-open --open` lets anyone in, `--closed` restores the
+    rules."""
+    vid = appliance.create_volume("acl0", 16 * MIB)["id"]
+    anonymous = appliance.iscsi_url("acl0", chap=False)
+    res = appliance.sgw("volumes", "acl-add", vid, "--initiator", PLAIN, "--timeout", "180")
+    assert res.returncode == 0, res.stderr
+    t = wait_access(appliance, "acl0", "acl 1")
+    assert t["initiators"] == [{"initiator": PLAIN, "chap": False, "mutual": False}]
+    assert t["tpg_attributes"]["generate_node_acls"] == "0"
+    assert t["tpg_attributes"]["authentication"] == "0"
+    ok = inq(PLAIN, anonymous)
+    assert ok.returncode == 0 and "DIRECT_ACCESS" in ok.stdout, ok.stderr
+    assert refused(inq(STRANGER, anonymous), "Authorization failure")
+
+    appliance.chap_set("acl0")
+    t = wait_access(appliance, "acl0", "chap 1, acl 1")
+    assert inq(PLAIN, anonymous).returncode == 0
+    res = inq(INITIATOR, anonymous)  # its ACL needs CHAP though the TPG does not
+    assert refused(res, "Authentication failure"), (res.stdout, res.stderr)
+    assert inq(INITIATOR, appliance.iscsi_url("acl0")).returncode == 0
+    assert refused(inq(STRANGER, anonymous), "Authorization failure")
+
+    since = appliance.ssh("date +%s.%N").stdout.strip()
+    opened = appliance.sgw("volumes", "set-open", vid, "--open", "--timeout", "180")
+    assert opened.returncode == 0 and "is OPEN" in opened.stderr, opened.stderr
+    t = wait_access(appliance, "acl0", "OPEN")
+    assert t["open"] is True and t["initiators"] == []
+    assert t["tpg_attributes"]["generate_node_acls"] == "1"
+    assert inq(STRANGER, anonymous).returncode == 0
+    log = appliance.ssh(f"sudo journalctl -u sgw-gateway -o cat --no-pager --since @{since}")
+    assert "iSCSI target OPEN" in log.stdout and "open flag" in log.stdout
+
+    closed = appliance.sgw("volumes", "set-open", vid, "--closed", "--timeout", "180")
+    assert closed.returncode == 0, closed.stderr
+    wait_access(appliance, "acl0", "chap 1, acl 1")
+    assert refused(inq(STRANGER, anonymous), "Authorization failure")
+    assert inq(PLAIN, anonymous).returncode == 0
+
+
+@pytest.mark.appliance_full
+def test_a_volume_open_before_an_update_stays_open_until_its_access_is_set(
+    appliance: Appliance,
+) -> None:
+    """An update from a version that exported volumes without rules to anyone, replayed:
+    the volume's registry entry as that version wrote it (no iscsi_legacy_open), the
+    gateway restarted: the volume is exported open, flagged legacy in the gateway's state
+    and then in the provider's listing; `set-open --closed` closes it, for good."""
+    vid = appliance.create_volume("legacy0", 16 * MIB)["id"]
+    edit = (
+        "import json; p = '/var/lib/sgw/volumes.json'; d = json.load(open(p)); "
+        "d['legacy0'].pop('iscsi_legacy_open'); json.dump(d, open(p, 'w'))"
+    )
+    appliance.ssh("sudo systemctl stop sgw-gateway", timeout=180)
+    appliance.ssh(f'sudo /opt/sgw/current/bin/python -c "{edit}"')
+    appliance.ssh("sudo systemctl start sgw-gateway", timeout=180)
+    t = wait_access(appliance, "legacy0", "OPEN")
+    assert t["tpg_attributes"]["generate_node_acls"] == "1"
+    assert inq(STRANGER, appliance.iscsi_url("legacy0", chap=False)).returncode == 0
+    wait_for(appliance.online, 120, "the control channel back", every=1.0)
+    state = appliance.sgw_json("gateways", "local-state", appliance.gateway_id)
+    access = {v["name"]: v["iscsi_access"] for v in state["volumes"]}
+    assert access["legacy0"] == "OPEN (legacy)" and access["vol0"] == "chap 1"
+
+    def listed() -> str:
+        rows = {v["name"]: v for v in appliance.sgw_json("volumes", "list")}
+        return str(rows["legacy0"]["access"])
+
+    wait_for(lambda: listed() == "OPEN (legacy)", 60, "the report in the listing", every=1.0)
+    res = appliance.sgw("volumes", "set-open", vid, "--closed", "--timeout", "180")
+    assert res.returncode == 0, res.stderr
+    wait_access(appliance, "legacy0", "closed")
+    assert listed() == "closed"
+    assert refused(inq(STRANGER, appliance.iscsi_url("legacy0", chap=False)), "Authorization")
+    flag = appliance.ssh(
+        'sudo /opt/sgw/current/bin/python -c "import json; '
+        "print(json.load(open('/var/lib/sgw/volumes.json'))['legacy0']['iscsi_legacy_open'])\""
+    )
+    assert flag.stdout.strip() == "False"
 
 
 @pytest.mark.appliance_full
@@ -260,7 +425,10 @@ def iscsi_test_cu(box: Appliance, volume: str, tests: list[str]) -> None:
     """Runs the tests (-d: writes allowed); only known failures may fail."""
     names = ",".join(f"SCSI.{t}" for t in tests)
     start = time.monotonic()
-    res = run([tool("iscsi-test-cu"), "-d", f"--test={names}", box.iscsi_url(volume)], 900)
+    # Both of its initiators are INITIATOR (with different session ids): the URL's CHAP
+    # user is the same for both logins, and LIO's CHAP user is the initiator's name.
+    argv = [tool("iscsi-test-cu"), "-d", "-i", INITIATOR, "-I", INITIATOR, f"--test={names}"]
+    res = run([*argv, box.iscsi_url(volume)], 900)
     seconds = time.monotonic() - start
     passed, failed = cu_results(res.stdout)
     print(f"iscsi-test-cu: {len(passed)} passed, {len(failed)} failed in {seconds:.0f} s")
@@ -300,7 +468,7 @@ def test_volume_deleted_through_the_control_channel(appliance: Appliance, vol1: 
     vid = appliance.volumes[vol1]["id"]
     iqn = appliance.iqn(vol1)
     assert iqn in json.dumps(appliance.lio_status())
-    # An initiator logged in while the volume goes.
+    # An initiator logged in while the volume goes (qemu-io: as INITIATOR, QEMU's name).
     reader = subprocess.Popen(
         [tool("qemu-io"), "-f", "raw", "-r", "-c", "read 0 256M", appliance.iscsi_url(vol1)],
         stdout=subprocess.DEVNULL,
@@ -317,7 +485,7 @@ def test_volume_deleted_through_the_control_channel(appliance: Appliance, vol1: 
     status = appliance.lio_status()
     assert vol1 not in {t["volume"] for t in status["targets"]}
     assert iqn not in json.dumps(status)
-    gone = run([tool("iscsi-inq"), appliance.iscsi_url(vol1)], timeout=60)
+    gone = inq(INITIATOR, appliance.iscsi_url(vol1))
     assert gone.returncode != 0
     state = appliance.sgw_json("gateways", "local-state", appliance.gateway_id)
     assert vol1 not in {v["name"] for v in state["volumes"]}

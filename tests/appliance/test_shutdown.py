@@ -20,7 +20,8 @@ def test_clean_shutdown_within_20_s(appliance: Appliance, vol0: str) -> None:
     qemu_io = shutil.which("qemu-io")
     assert qemu_io is not None
     assert vol0 in appliance.targets()
-    # An initiator logged in during the shutdown: a long read that the power-off cuts.
+    # An initiator logged in during the shutdown: a long read that the power-off cuts
+    # (qemu-io logs in as QEMU's initiator name, INITIATOR, with the URL's CHAP secret).
     reader = subprocess.Popen(
         [qemu_io, "-f", "raw", "-r", "-c", "read 0 256M", appliance.iscsi_url(vol0)],
         stdout=subprocess.DEVNULL,

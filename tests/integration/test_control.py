@@ -1,18 +1,20 @@
 """The control channel end to end with real processes: `sgw provider init` and `serve`
 (HTTPS), an activated `sgw gateway serve` holding its long-poll, and the admin CLI
 sending it commands: volumes created (stored, cached, from a snapshot) and deleted,
-snapshots, CHAP credentials, bandwidth limits, its local state, a diagnostics bundle;
+snapshots, iSCSI access rules, bandwidth limits, its local state, a diagnostics bundle;
 refusals and an offline gateway give clear errors and leave nothing behind."""
 
 from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import stat
 import subprocess
 import tarfile
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from tests.fixtures.daemons import SGW, GatewayProcess, need
 from tests.fixtures.management import SecureProvider, activated_gateway, cli_json, online
@@ -210,3 +212,78 @@ def test_commands_wait_for_a_gateway_that_comes_back(
     wait_for(refused_late, timeout=60, what="the late command refused")
     assert not (gw.data_dir / "bandwidth.json").exists()
     assert gw.stop() == 0
+
+
+def test_iscsi_access_rules_reach_the_gateway_and_close_with_the_last(
+    tmp_path: Path,
+    secure_provider: SecureProvider,
+    gateway_factory: type[GatewayProcess],
+) -> None:
+    """Each access change at the provider reaches the gateway's chap.json through
+    sync_chap: initiators without CHAP, with CHAP, the open flag; removing the last rule
+    takes the volume out of the file (closed). What the gateway reports in a describe
+    (here: nothing is exported over iSCSI, so nothing is legacy open) corrects the
+    provider's record of a legacy open volume."""
+    p = secure_provider
+    gw, gid = activated_gateway(tmp_path, p, gateway_factory, ["local0:16M"])
+    vid = cli_json(p, "volumes", "create", "vol1", "16M", "--gateway", gid)["id"]
+    chap_file = gw.data_dir / "chap.json"
+
+    def access() -> str:
+        rows = {v["id"]: v for v in cli_json(p, "volumes", "list")}
+        return str(rows[vid]["access"])
+
+    def on_gateway() -> dict[str, Any]:
+        return dict(json.loads(chap_file.read_text()))
+
+    assert access() == "closed" and not chap_file.exists()
+    added = cli_json(p, "volumes", "acl-add", vid, "--initiator", "iqn.2024-01.test:plain")
+    assert added["initiator"] == "iqn.2024-01.test:plain"
+    doc = on_gateway()
+    assert doc["version"] == 2 and doc["initiators"] == {"vol1": ["iqn.2024-01.test:plain"]}
+    assert stat.S_IMODE(chap_file.stat().st_mode) == 0o600
+    chap = subprocess.run(
+        [SGW, "volumes", "chap-set", vid, "--initiator", "iqn.2024-01.test:host"],
+        input="initiator-pw1\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=p.cli_env(),
+        check=False,
+    )
+    assert chap.returncode == 0, chap.stderr
+    assert on_gateway()["volumes"]["vol1"][0]["initiator"] == "iqn.2024-01.test:host"
+    assert access() == "chap 1, acl 1"
+    described = cli_json(p, "volumes", "describe", vid)
+    assert described["access"] == "chap 1, acl 1"
+    assert [a["initiator"] for a in described["acl"]] == ["iqn.2024-01.test:plain"]
+
+    opened = p.sgw("volumes", "set-open", vid, "--open")
+    assert opened.returncode == 0 and "is OPEN" in opened.stderr, opened.stderr
+    assert on_gateway()["open"] == ["vol1"] and access() == "OPEN"
+    listing = p.sgw("volumes", "list")
+    assert "1 volume(s) OPEN" in listing.stderr, listing.stderr
+    assert p.sgw("volumes", "set-open", vid, "--closed").returncode == 0
+    assert on_gateway()["open"] == []
+
+    # The last rule removed: the volume leaves the gateway's file, closed.
+    assert p.sgw("volumes", "acl-delete", vid, "iqn.2024-01.test:plain").returncode == 0
+    assert p.sgw("volumes", "chap-delete", vid, "iqn.2024-01.test:host").returncode == 0
+    doc = on_gateway()
+    assert "vol1" not in doc["volumes"] and "vol1" not in doc["initiators"]
+    assert access() == "closed"
+    commands = cli_json(p, "gateways", "commands", gid, "--limit", "20")
+    syncs = [c for c in commands if c["type"] == "sync_chap"]
+    assert len(syncs) == 6 and all(c["status"] == "succeeded" for c in syncs)
+
+    # A record of legacy open (as the schema upgrade makes) is corrected by the gateway's
+    # report: this gateway exports nothing over iSCSI.
+    db = sqlite3.connect(p.data_dir / "provider.db")
+    with db:
+        db.execute("UPDATE volumes SET iscsi_legacy_open = 1 WHERE id = ?", (vid,))
+    db.close()
+    assert access() == "OPEN (legacy)"
+    state = cli_json(p, "gateways", "local-state", gid)
+    reported = {v["name"]: v["iscsi_access"] for v in state["volumes"]}
+    assert reported == {"local0": "not exported", "vol1": "not exported"}
+    wait_for(lambda: access() == "closed", timeout=30, what="the gateway's report recorded")

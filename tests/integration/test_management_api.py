@@ -10,6 +10,7 @@ import stat
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -83,6 +84,11 @@ def test_admin_calls_need_a_token_and_see_only_their_account(
         ("DELETE", f"/v1/volumes/{vol['id']}", None),
         ("GET", f"/v1/volumes/{vol['id']}/chap", None),
         ("PUT", f"/v1/volumes/{vol['id']}/chap", {"initiator": "iqn.x:y", "secret": "s" * 12}),
+        ("GET", f"/v1/volumes/{vol['id']}/access", None),
+        ("GET", f"/v1/volumes/{vol['id']}/acl", None),
+        ("PUT", f"/v1/volumes/{vol['id']}/acl", {"initiator": "iqn.2024-01.x:y"}),
+        ("DELETE", f"/v1/volumes/{vol['id']}/acl/iqn.2024-01.x:y", None),
+        ("PUT", f"/v1/volumes/{vol['id']}/open", {"open": True}),
         ("GET", f"/v1/volumes/{vol['id']}/snapshot-schedule", None),
         (
             "PUT",
@@ -186,6 +192,106 @@ def test_gateways_rename_deactivate_volumes_chap_schedules(
     assert admin.delete(f"/v1/volumes/{vol['id']}").status_code == 204
 
 
+HOST1 = "iqn.1994-05.com.redhat:host1"
+HOST2 = "iqn.1994-05.com.redhat:host2"
+
+
+def test_iscsi_access_is_closed_until_a_rule_and_reaches_only_the_gateway(
+    secure_provider: SecureProvider,
+) -> None:
+    """A new volume is closed; initiators with CHAP, without CHAP and the open flag are
+    stored and listed (an initiator is held to CHAP once it has credentials); removing the
+    last rule closes the volume again; the rules with their secrets go to the volume's
+    gateway only, and another account sees nothing."""
+    p = secure_provider
+    admin = p.admin()
+    gw = activate(p, p.token, "gw-a")
+    vol = admin.post(
+        "/v1/volumes",
+        json={"name": "data", "size": 4 * MIB, "mode": "stored", "gateway_id": gw.gateway_id},
+    ).json()
+    vid = vol["id"]
+
+    def listed() -> dict[str, Any]:
+        rows = {v["id"]: v for v in admin.get("/v1/volumes").json()}
+        return dict(rows[vid])
+
+    def access() -> dict[str, Any]:
+        r = admin.get(f"/v1/volumes/{vid}/access")
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    assert listed()["access"] == "closed" and access()["access"] == "closed"
+    assert (listed()["iscsi_open"], listed()["iscsi_legacy_open"]) == (False, False)
+
+    # Without CHAP, by name: normalised to lower case, checked as LIO would.
+    added = admin.put(f"/v1/volumes/{vid}/acl", json={"initiator": " " + HOST2.upper()})
+    assert added.status_code == 200 and added.json()["initiator"] == HOST2, added.text
+    for bad in ("iqn.x:y", "host1", HOST2 + "\nx", "iqn.2024-01.x:" + "a" * 220):
+        r = admin.put(f"/v1/volumes/{vid}/acl", json={"initiator": bad})
+        assert r.status_code == 400 and "iSCSI initiator name" in r.json()["message"], bad
+    assert [a["initiator"] for a in admin.get(f"/v1/volumes/{vid}/acl").json()] == [HOST2]
+    assert listed()["access"] == "acl 1"
+
+    # With CHAP: an initiator allowed without it gets credentials and needs them from now.
+    chap = {"initiator": HOST2, "secret": "abcdefghijkl"}
+    assert admin.put(f"/v1/volumes/{vid}/chap", json=chap).status_code == 200
+    assert admin.get(f"/v1/volumes/{vid}/acl").json() == []
+    refused = admin.put(f"/v1/volumes/{vid}/acl", json={"initiator": HOST2})
+    assert refused.status_code == 400 and "chap-delete" in refused.json()["message"]
+    assert admin.put(f"/v1/volumes/{vid}/acl", json={"initiator": HOST1}).status_code == 200
+    got = access()
+    assert got["access"] == "chap 1, acl 1" and got["open"] is False
+    assert [c["initiator"] for c in got["chap"]] == [HOST2]
+    assert [a["initiator"] for a in got["acl"]] == [HOST1]
+    assert "abcdefghijkl" not in json.dumps(got)
+
+    # Open: any initiator, the rules kept aside; closed again: the rules apply.
+    opened = admin.put(f"/v1/volumes/{vid}/open", json={"open": True})
+    assert opened.status_code == 200 and opened.json()["access"] == "OPEN"
+    assert listed()["access"] == "OPEN" and listed()["iscsi_open"] is True
+    assert admin.put(f"/v1/volumes/{vid}/open", json={"open": "yes"}).status_code == 422
+    assert admin.put(f"/v1/volumes/{vid}/open", json={"open": False}).json()["open"] is False
+    assert listed()["access"] == "chap 1, acl 1"
+
+    # The volume's gateway fetches the rules, secrets in the clear; nobody else does.
+    signed = p.client(auth=gw.auth())
+    r = signed.get(f"/v1/gateway/volumes/{vid}/access")
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store", r.text
+    assert r.json() == {
+        "chap": [{"initiator": HOST2, "secret": "abcdefghijkl", "target_secret": None}],
+        "acl": [HOST1],
+        "open": False,
+    }
+    assert admin.get(f"/v1/gateway/volumes/{vid}/access").status_code == 403
+    other_gw = activate(p, p.token, "gw-b")
+    assert (
+        p.client(auth=other_gw.auth()).get(f"/v1/gateway/volumes/{vid}/access").status_code == 404
+    )
+    _other_id, other_token = new_account(p, "other")
+    other = p.client(other_token)
+    for method, path, body in (
+        ("GET", f"/v1/volumes/{vid}/access", None),
+        ("PUT", f"/v1/volumes/{vid}/acl", {"initiator": HOST1}),
+        ("DELETE", f"/v1/volumes/{vid}/acl/{HOST1}", None),
+        ("PUT", f"/v1/volumes/{vid}/open", {"open": True}),
+    ):
+        r = other.request(method, path, json=body)
+        assert r.status_code == 404, (method, path, r.text)
+    assert listed()["access"] == "chap 1, acl 1"  # nothing changed
+
+    # Removing the last rule closes the volume.
+    assert admin.delete(f"/v1/volumes/{vid}/acl/{HOST1.upper()}").status_code == 204
+    assert admin.delete(f"/v1/volumes/{vid}/acl/{HOST1}").status_code == 404
+    assert admin.delete(f"/v1/volumes/{vid}/chap/{HOST2}").status_code == 204
+    assert listed()["access"] == "closed" and access()["chap"] == access()["acl"] == []
+    assert signed.get(f"/v1/gateway/volumes/{vid}/access").json() == {
+        "chap": [],
+        "acl": [],
+        "open": False,
+    }
+
+
 def test_gateways_cannot_make_admin_calls(secure_provider: SecureProvider) -> None:
     p = secure_provider
     gw = activate(p, p.token, "gw")
@@ -225,6 +331,12 @@ def test_management_on_postgresql(
         f"/v1/volumes/{vol['id']}/chap", json={"initiator": "iqn.a:b", "secret": "x" * 14}
     )
     assert put.status_code == 200
+    # iSCSI access on PostgreSQL: the listing counts each volume's initiators.
+    acl = admin.put(f"/v1/volumes/{vol['id']}/acl", json={"initiator": HOST1})
+    assert acl.status_code == 200, acl.text
+    assert [v["access"] for v in admin.get("/v1/volumes").json()] == ["chap 1, acl 1"]
+    assert admin.put(f"/v1/volumes/{vol['id']}/open", json={"open": True}).status_code == 200
+    assert signed.get(f"/v1/gateway/volumes/{vol['id']}/access").json()["open"] is True
     _other_id, other_token = new_account(p, "other")
     assert p.client(other_token).get(f"/v1/volumes/{vol['id']}").status_code == 404
 
@@ -333,6 +445,10 @@ def test_openapi_describes_the_management_api(secure_provider: SecureProvider, p
         "/v1/gateway/credentials",
         "/v1/volumes",
         "/v1/volumes/{volume_id}/chap",
+        "/v1/volumes/{volume_id}/access",
+        "/v1/volumes/{volume_id}/acl",
+        "/v1/volumes/{volume_id}/open",
+        "/v1/gateway/volumes/{volume_id}/access",
         "/v1/volumes/{volume_id}/snapshot-schedule",
         "/v1/snapshots",
     ):

@@ -94,6 +94,21 @@ def test_requests_have_the_method_path_query_and_body_the_api_expects() -> None:
             "/v1/volumes/v1/chap/iqn.a:b",
             None,
         ),
+        (lambda: client.get_access("v1"), "GET", "/v1/volumes/v1/access", None),
+        (lambda: client.list_acl("v1"), "GET", "/v1/volumes/v1/acl", None),
+        (
+            lambda: client.add_acl("v1", "iqn.2024-01.a:b"),
+            "PUT",
+            "/v1/volumes/v1/acl",
+            {"initiator": "iqn.2024-01.a:b"},
+        ),
+        (
+            lambda: client.delete_acl("v1", "iqn.2024-01.a:b"),
+            "DELETE",
+            "/v1/volumes/v1/acl/iqn.2024-01.a:b",
+            None,
+        ),
+        (lambda: client.set_open("v1", False), "PUT", "/v1/volumes/v1/open", {"open": False}),
         (
             lambda: client.set_snapshot_schedule("v1", 3, 24, retain=7),
             "PUT",

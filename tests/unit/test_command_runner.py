@@ -1,8 +1,8 @@
 """The gateway's console commands (sgw.gateway.link.command_runner) against an in-memory
 gateway (``FakeHost``, a ``CommandHost``): what each command does on the gateway, in
-which order, and what it refuses; the provider's CHAP answers come from an httpx
-``MockTransport``. The integration tests (tests/integration/test_control*.py) run the
-same commands on real gateways."""
+which order, and what it refuses; the provider's answers to the access rules' fetch
+come from an httpx ``MockTransport``. The integration tests
+(tests/integration/test_control*.py) run the same commands on real gateways."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from sgw.gateway.config import RemoteConfig
 from sgw.gateway.link import command_runner
 from sgw.gateway.link.command_runner import BANDWIDTH_FILE, CommandRunner
 from sgw.gateway.link.journal import Command
-from sgw.gateway.lio.chap import ChapCredential, ChapStore
+from sgw.gateway.lio.chap import ChapCredential, ChapStore, VolumeRules
 from sgw.gateway.volume.engine import RegistryEntry, VolumeSpec
 from sgw.gateway.volume.upload import TokenBucket
 from sgw.gateway.volume.volume import VolumeStatus
@@ -131,6 +131,10 @@ class FakeHost:
 
     async def reexport(self) -> None:
         self.calls.append(("reexport",))
+
+    async def end_legacy_open(self, name: str) -> None:
+        self.calls.append(("end_legacy_open", name, self.chap.load().get(name)))
+        self.registry[name].iscsi_legacy_open = False
 
     def holds_log_data(self, name: str) -> bool:
         return name in self.log_data
@@ -338,7 +342,7 @@ def test_deleting_an_unknown_volume_is_done_already(host: FakeHost) -> None:
 def test_delete_volume_removes_it_and_its_chap_credentials(host: FakeHost) -> None:
     host.iscsi = True
     host.add("data")
-    host.chap.replace("data", [ChapCredential("iqn.x", "s" * 12)])
+    host.chap.replace("data", VolumeRules(chap=(ChapCredential("iqn.x", "s" * 12),)))
     got = execute(CommandRunner(host), "delete_volume", delete_args())
     assert got == {"name": "data", "deleted": True, "remote_id": "vol-1"}
     assert host.calls == [("unexport", "data"), ("retire", "data"), ("remove", "data")]
@@ -400,69 +404,154 @@ def test_a_drain_that_does_not_finish_refuses_the_delete(
     assert "data" in host.registry
 
 
-# -- sync_chap ---------------------------------------------------------------------------
+# -- sync_chap: the volume's access rules ----------------------------------------------
+
+HOST_A = "iqn.2024-01.test:a"
+HOST_B = "iqn.2024-01.test:b"
+HOST_C = "iqn.2024-01.test:c"
+ACCESS = {
+    "chap": [
+        {"initiator": HOST_B, "secret": "b" * 12, "target_secret": "t" * 12},
+        {"initiator": HOST_A, "secret": "a" * 12, "target_secret": None},
+    ],
+    "acl": [HOST_C],
+    "open": False,
+}
 
 
-def chap_provider(status: int = 200) -> tuple[httpx.MockTransport, list[httpx.Request]]:
+def access_provider(
+    answers: dict[str, tuple[int, Any]],
+) -> tuple[httpx.MockTransport, list[httpx.Request]]:
+    """A provider answering by path (a path not listed: 404, as a route it lacks)."""
     seen: list[httpx.Request] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        if status != 200:
-            return httpx.Response(status, text="no such volume")
-        return httpx.Response(
-            200,
-            json=[
-                {"initiator": "iqn.b", "secret": "b" * 12, "target_secret": "t" * 12},
-                {"initiator": "iqn.a", "secret": "a" * 12, "target_secret": None},
-            ],
-        )
+        status, body = answers.get(request.url.path, (404, {"detail": "Not Found"}))
+        if isinstance(body, str):
+            return httpx.Response(status, text=body)
+        return httpx.Response(status, json=body)
 
     return httpx.MockTransport(answer), seen
 
 
-def test_sync_chap_fetches_and_stores_the_credentials(host: FakeHost) -> None:
-    host.add("data")
-    transport, seen = chap_provider()
+def sync(host: FakeHost, transport: httpx.MockTransport) -> Any:
     runner = CommandRunner(host, transport=transport)
     try:
-        got = execute(runner, "sync_chap", {"volume_id": "vol-1", "volume": "data"})
+        return execute(runner, "sync_chap", {"volume_id": "vol-1", "volume": "data"})
     finally:
         run(runner.close())
-    assert [str(r.url) for r in seen] == [f"{URL}/v1/gateway/volumes/vol-1/chap"]
+
+
+def test_sync_fetches_and_stores_the_access_rules(host: FakeHost) -> None:
+    host.add("data")
+    host.registry["data"].iscsi_legacy_open = True
+    transport, seen = access_provider({"/v1/gateway/volumes/vol-1/access": (200, ACCESS)})
+    got = sync(host, transport)
+    assert [str(r.url) for r in seen] == [f"{URL}/v1/gateway/volumes/vol-1/access"]
     assert got == {
         "volume": "data",
         "initiators": [
-            {"initiator": "iqn.b", "mutual": True},
-            {"initiator": "iqn.a", "mutual": False},
+            {"initiator": HOST_B, "mutual": True},
+            {"initiator": HOST_A, "mutual": False},
         ],
+        "acl": [HOST_C],
+        "open": False,
+        "iscsi_access": "chap 2, acl 1",
     }
     assert host.chap.load() == {
-        "data": [
-            ChapCredential("iqn.a", "a" * 12, None),
-            ChapCredential("iqn.b", "b" * 12, "t" * 12),
-        ]
+        "data": VolumeRules(
+            chap=(
+                ChapCredential(HOST_A, "a" * 12, None),
+                ChapCredential(HOST_B, "b" * 12, "t" * 12),
+            ),
+            initiators=(HOST_C,),
+        )
     }
     assert "a" * 12 not in json.dumps(got)  # no secret in the reply
+    # Legacy open ended before the rules were written (a crash between leaves it closed).
+    assert host.calls == [("end_legacy_open", "data", None)]
+    assert host.registry["data"].iscsi_legacy_open is False
 
 
-def test_sync_chap_refuses_an_unknown_or_foreign_volume(host: FakeHost) -> None:
-    transport, seen = chap_provider()
-    runner = CommandRunner(host, transport=transport)
+def test_sync_of_no_rules_closes_the_volume(host: FakeHost) -> None:
+    """The last rule removed at the provider: the volume leaves chap.json (closed)."""
+    host.add("data")
+    host.chap.replace("data", VolumeRules(initiators=(HOST_C,)))
+    empty = {"chap": [], "acl": [], "open": False}
+    transport, _seen = access_provider({"/v1/gateway/volumes/vol-1/access": (200, empty)})
+    assert sync(host, transport)["iscsi_access"] == "closed"
+    assert host.chap.load() == {}
+
+
+def test_sync_stores_the_open_flag(host: FakeHost) -> None:
+    host.add("data")
+    flagged = {**ACCESS, "open": True}
+    transport, _seen = access_provider({"/v1/gateway/volumes/vol-1/access": (200, flagged)})
+    assert sync(host, transport)["iscsi_access"] == "OPEN"
+    assert host.chap.load()["data"].open
+
+
+def test_sync_from_a_provider_without_access_rules_takes_its_chap(host: FakeHost) -> None:
+    """A provider from before access rules has only the CHAP route: its credentials are
+    the volume's rules."""
+    host.add("data")
+    transport, seen = access_provider({"/v1/gateway/volumes/vol-1/chap": (200, ACCESS["chap"])})
+    assert sync(host, transport)["iscsi_access"] == "chap 2"
+    assert [r.url.path for r in seen] == [
+        "/v1/gateway/volumes/vol-1/access",
+        "/v1/gateway/volumes/vol-1/chap",
+    ]
+    assert host.chap.load()["data"].initiators == ()
+
+
+def test_sync_refuses_rules_lio_would_refuse_and_stores_nothing(host: FakeHost) -> None:
+    """One bad name would make chap.json unreadable for every volume (fail closed):
+    refused here, with the name, before anything is written."""
+    host.add("data")
+    host.registry["data"].iscsi_legacy_open = True
+    bad = {**ACCESS, "acl": ["iqn.x:y"]}
+    transport, _seen = access_provider({"/v1/gateway/volumes/vol-1/access": (200, bad)})
+    with pytest.raises(CommandError, match=r"'iqn\.x:y' is not an iSCSI initiator name"):
+        sync(host, transport)
+    assert host.chap.load() == {} and host.calls == []
+    assert host.registry["data"].iscsi_legacy_open is True
+
+
+def test_sync_refuses_an_unknown_or_foreign_volume(host: FakeHost) -> None:
+    transport, seen = access_provider({})
     with pytest.raises(CommandError, match="no volume named 'data' on this gateway"):
-        execute(runner, "sync_chap", {"volume_id": "vol-1", "volume": "data"})
+        sync(host, transport)
     host.add("data", remote_id="vol-7")
     with pytest.raises(CommandError, match="volume data is bound to vol-7, not vol-1"):
-        execute(runner, "sync_chap", {"volume_id": "vol-1", "volume": "data"})
+        sync(host, transport)
     assert seen == []
 
 
-def test_sync_chap_reports_the_providers_refusal(host: FakeHost) -> None:
+@pytest.mark.parametrize(
+    ("answers", "message"),
+    [
+        (
+            {"/v1/gateway/volumes/vol-1/chap": (404, "no such volume")},
+            "access rules of vol-1: 404 no such volume",
+        ),
+        (
+            {"/v1/gateway/volumes/vol-1/access": (403, "not yours")},
+            "access rules of vol-1: 403 not yours",
+        ),
+        (
+            {"/v1/gateway/volumes/vol-1/access": (200, {"chap": []})},
+            "access rules of vol-1 are malformed",
+        ),
+    ],
+)
+def test_sync_reports_the_providers_refusal(
+    host: FakeHost, answers: dict[str, tuple[int, Any]], message: str
+) -> None:
     host.add("data")
-    transport, _seen = chap_provider(404)
-    runner = CommandRunner(host, transport=transport)
-    with pytest.raises(CommandError, match="credentials of vol-1: 404 no such volume"):
-        execute(runner, "sync_chap", {"volume_id": "vol-1", "volume": "data"})
+    transport, _seen = access_provider(answers)
+    with pytest.raises(CommandError, match=message):
+        sync(host, transport)
     assert host.chap.load() == {}
 
 

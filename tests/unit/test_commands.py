@@ -1,10 +1,12 @@
 """The console commands' shared schema (sgw.common.commands): what the provider sends
 parses back to the same arguments, bad input is refused naming the field, unknown keys
 are skipped, and the provider's planner sends byte for byte what earlier versions sent
-(gateways and providers of different versions talk to each other)."""
+(gateways and providers of different versions talk to each other) and records what a
+gateway's describe says of its volumes' iSCSI access."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from datetime import UTC, datetime
@@ -31,7 +33,9 @@ from sgw.common.errors import CommandError
 from sgw.provider.blockstore.maps import VolumeInfo, VolumeMode
 from sgw.provider.blockstore.service import BlockService
 from sgw.provider.control.planner import CommandPlanner
+from sgw.provider.control.store import MessageInfo
 from sgw.provider.management.gateways import Gateways
+from sgw.provider.management.volume_settings import VolumeSettings
 
 names = st.text(min_size=1, max_size=20)
 rates = st.none() | st.integers(min_value=0, max_value=(1 << 63) - 1)
@@ -214,3 +218,56 @@ def test_the_planner_sends_what_earlier_versions_sent(
     assert json.dumps(prepared.args) == wire
     # ... and the gateway reads it with the same schema.
     assert SCHEMAS[type_].from_args(prepared.args).to_args() == prepared.args
+
+
+class RecordingSettings:
+    """Where the planner records what gateways report of their volumes' access."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, dict[str, bool]]] = []
+
+    def record_reported_access(self, gateway_id: str, legacy_open: dict[str, bool]) -> None:
+        self.reports.append((gateway_id, legacy_open))
+
+
+def finished(type_: str, status: str, result: dict[str, Any] | None) -> MessageInfo:
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    return MessageInfo(
+        "m-1", ACCOUNT, GATEWAY, type_, {}, "k-1", status, None, now, now, now, 1, now, now,
+        result, None,
+    )  # fmt: skip
+
+
+DESCRIBED = {
+    "volumes": [
+        {"name": "old", "remote_id": "vol-1", "iscsi_access": "OPEN (legacy)"},
+        {"name": "new", "remote_id": "vol-2", "iscsi_access": "closed"},
+        {"name": "local", "remote_id": None, "iscsi_access": "OPEN (legacy)"},
+        {"name": "older", "remote_id": "vol-3"},  # a gateway from before access rules
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    ("message", "reports"),
+    [
+        (
+            finished("describe", "succeeded", DESCRIBED),
+            [(GATEWAY, {"vol-1": True, "vol-2": False})],
+        ),
+        (finished("describe", "succeeded", {"volumes": [{"remote_id": "vol-3"}]}), []),
+        (finished("describe", "failed", DESCRIBED), []),
+        (finished("snapshot", "succeeded", DESCRIBED), []),
+    ],
+)
+def test_a_describe_answer_records_which_volumes_are_legacy_open(
+    message: MessageInfo, reports: list[tuple[str, dict[str, bool]]]
+) -> None:
+    settings = RecordingSettings()
+    planner = CommandPlanner(
+        cast(BlockService, FakeBlocks()),
+        cast(Gateways, FakeGateways()),
+        cast(VolumeSettings, settings),
+    )
+    asyncio.run(planner.follow_up(message))
+    assert settings.reports == reports

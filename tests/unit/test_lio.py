@@ -1,11 +1,14 @@
 """The iSCSI export's logic without a kernel: [lio] settings, chap.json rules, the
-desired LIO state, the plan that reaches it, and the exporter's order of work (LIO
-objects before /dev/nbdN, both before the NBD server) against in-memory LIO and NBD."""
+desired LIO state (closed by default, CHAP, initiators without CHAP, open, legacy open),
+the plan that reaches it, and the exporter's order of work (LIO objects before /dev/nbdN,
+both before the NBD server) and upgrade rule against in-memory LIO and NBD and a real
+volume registry."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -13,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from sgw.common.errors import ConfigError
+from sgw.common.errors import ConfigError, IscsiExportError
+from sgw.gateway.lio import kernel
 from sgw.gateway.lio.access import Access, InitiatorAccess, access_of, load_access
-from sgw.gateway.lio.chap import ChapCredential, ChapStore
+from sgw.gateway.lio.chap import ChapCredential, ChapStore, VolumeRules
 from sgw.gateway.lio.desired import (
     Change,
     Create,
@@ -31,15 +35,19 @@ from sgw.gateway.lio.desired import (
 )
 from sgw.gateway.lio.exporter import LioExporter
 from sgw.gateway.lio.settings import LioConfig, parse_lio
+from sgw.gateway.volume.engine import REGISTRY_FILE, VolumeEngine, VolumeSpec
+from sgw.gateway.volume.wal import DATA_START, MIN_DATA_SIZE
 
 BASE = "iqn.2024-01.com.example:gw1"
 HOST1 = "iqn.1993-08.org.debian:01:host1"
 HOST2 = "iqn.1993-08.org.debian:01:host2"
+CHAP1 = InitiatorAccess(HOST1, "s" * 12)
+PLAIN2 = InitiatorAccess(HOST2)  # allowed without CHAP
 
 
-def volumes(*names: str) -> list[ExportedVolume]:
+def volumes(*names: str, legacy: tuple[str, ...] = ()) -> list[ExportedVolume]:
     """Volumes with serials that depend on their names only (as registry ids do)."""
-    return [ExportedVolume(n, lun_serial("ab" * 32, sum(n.encode()))) for n in names]
+    return [ExportedVolume(n, lun_serial("ab" * 32, sum(n.encode())), n in legacy) for n in names]
 
 
 def devices(*names: str) -> dict[str, str]:
@@ -47,10 +55,18 @@ def devices(*names: str) -> dict[str, str]:
 
 
 def state(
-    names: tuple[str, ...], rules: dict[str, Access] | None = None, **cfg: Any
-) -> dict[str, Any]:
+    names: tuple[str, ...],
+    rules: dict[str, Access] | None = None,
+    legacy: tuple[str, ...] = (),
+    **cfg: Any,
+) -> dict[str, TargetSpec]:
     config = replace(LioConfig(enabled=True), **cfg)
-    return desired_state(volumes(*names), devices(*names), config, BASE, rules or {})
+    vols = volumes(*names, legacy=legacy)
+    return desired_state(vols, devices(*names), config, BASE, rules or {})
+
+
+def attrs(spec: TargetSpec) -> dict[str, str]:
+    return dict(spec.tpg_attributes)
 
 
 # -- settings -------------------------------------------------------------------------
@@ -94,7 +110,9 @@ def write_chap(data_dir: Path, doc: dict[str, Any], mode: int = 0o600) -> None:
     os.chmod(path, mode)
 
 
-def test_access_from_chap_json(tmp_path: Path) -> None:
+def test_access_from_a_chap_json_of_format_1(tmp_path: Path) -> None:
+    """A file an older gateway wrote (or a seed disk brought) means what it meant: CHAP
+    credentials, nothing else."""
     assert load_access(str(tmp_path)) == {}
     write_chap(
         tmp_path,
@@ -109,27 +127,57 @@ def test_access_from_chap_json(tmp_path: Path) -> None:
     )
     rules = load_access(str(tmp_path))
     assert [a.initiator for a in rules["vol0"].initiators] == [HOST1, HOST2]
+    assert all(a.chap for a in rules["vol0"].initiators) and not rules["vol0"].open
     assert rules["vol0"].initiators[0].target_secret == "t" * 14
     assert "a" * 16 not in repr(rules)
+    assert rules["vol0"].label() == "chap 2"
+
+
+def test_chap_json_of_format_2_round_trip(tmp_path: Path) -> None:
+    store = ChapStore(str(tmp_path))
+    store.replace("vol0", VolumeRules(chap=(ChapCredential(HOST1, "s" * 12),)))
+    store.replace("vol1", VolumeRules(initiators=(HOST2, HOST2, HOST1)))
+    store.replace("lab", VolumeRules(chap=(ChapCredential(HOST1, "s" * 12),), open=True))
+    doc = json.loads((tmp_path / "chap.json").read_text())
+    assert doc["version"] == 2 and doc["open"] == ["lab"]
+    assert doc["volumes"]["vol0"] == [
+        {"initiator": HOST1, "secret": "s" * 12, "target_secret": None}
+    ]
+    assert doc["initiators"] == {"vol1": [HOST1, HOST2]}
+    rules = load_access(str(tmp_path))
+    assert rules["vol1"] == Access((InitiatorAccess(HOST1), InitiatorAccess(HOST2)))
+    assert rules["vol1"].label() == "acl 2" and rules["lab"].label() == "OPEN"
+    # No rules: the volume leaves the file (it is closed).
+    store.replace("vol1", VolumeRules())
+    assert sorted(load_access(str(tmp_path))) == ["lab", "vol0"]
+
+
+def test_a_chap_json_of_a_newer_format_is_refused(tmp_path: Path) -> None:
+    write_chap(tmp_path, {"version": 3, "volumes": {}})
+    with pytest.raises(ConfigError, match="newer than this gateway reads"):
+        load_access(str(tmp_path))
+    write_chap(tmp_path, {"version": 2, "initiators": {"vol0": 5}})
+    with pytest.raises(ConfigError, match="malformed"):
+        load_access(str(tmp_path))
 
 
 def test_access_keeps_each_initiators_secrets() -> None:
-    creds = [ChapCredential(HOST1, "a" * 255, "t" * 12), ChapCredential(HOST2, "b" * 12)]
-    access = access_of("vol0", creds)
+    creds = (ChapCredential(HOST1, "a" * 255, "t" * 12), ChapCredential(HOST2, "b" * 12))
+    access = access_of("vol0", VolumeRules(chap=creds))
     assert [(a.initiator, a.secret, a.target_secret) for a in access.initiators] == [
         (HOST1, "a" * 255, "t" * 12),
         (HOST2, "b" * 12, None),
     ]
     with pytest.raises(ConfigError, match="secret: 12-255"):
-        access_of("vol0", [ChapCredential(HOST1, "a" * 256)])
+        access_of("vol0", VolumeRules(chap=(ChapCredential(HOST1, "a" * 256),)))
 
 
 def test_chap_store_refuses_a_symlink_and_drops_cleared_volumes(tmp_path: Path) -> None:
     store = ChapStore(str(tmp_path))
-    store.replace("vol0", [ChapCredential(HOST1, "s" * 12)])
-    store.replace("vol1", [ChapCredential(HOST2, "u" * 12)])
-    store.replace("vol0", [])  # CHAP cleared: the volume is open again
-    store.replace("vol9", [])  # clearing what was never set changes nothing
+    store.replace("vol0", VolumeRules(chap=(ChapCredential(HOST1, "s" * 12),)))
+    store.replace("vol1", VolumeRules(chap=(ChapCredential(HOST2, "u" * 12),)))
+    store.replace("vol0", VolumeRules())  # rules cleared: the volume is closed again
+    store.replace("vol9", VolumeRules())  # clearing what was never set changes nothing
     assert list(store.load()) == ["vol1"]
     assert os.stat(store.path).st_mode & 0o777 == 0o600
     (tmp_path / "chap.json").write_text("{}")
@@ -151,23 +199,31 @@ def test_access_file_readable_by_others_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("cred", "message"),
+    ("rules", "message"),
     [
-        (ChapCredential("host1", "s" * 12), "not an iSCSI initiator name"),
-        (ChapCredential(HOST1, "short"), "secret: 12-255"),
-        (ChapCredential(HOST1, "with space 12"), "secret: 12-255"),
-        (ChapCredential(HOST1, "s" * 12, "s" * 12), "must differ"),
+        (VolumeRules(chap=(ChapCredential("host1", "s" * 12),)), "not an iSCSI initiator name"),
+        (VolumeRules(chap=(ChapCredential(HOST1 + "\nx", "s" * 12),)), "not an iSCSI initiator"),
+        (VolumeRules(initiators=("iqn.x:y",)), "not an iSCSI initiator name"),
+        (VolumeRules(chap=(ChapCredential(HOST1, "short"),)), "secret: 12-255"),
+        (VolumeRules(chap=(ChapCredential(HOST1, "with space 12"),)), "secret: 12-255"),
+        (VolumeRules(chap=(ChapCredential(HOST1, "s" * 12, "s" * 12),)), "must differ"),
     ],
 )
-def test_access_refused(cred: ChapCredential, message: str) -> None:
+def test_access_refused(rules: VolumeRules, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        access_of("vol0", [cred])
+        access_of("vol0", rules)
+
+
+def test_an_initiator_with_and_without_chap_is_held_to_chap() -> None:
+    rules = VolumeRules(chap=(ChapCredential(HOST1, "s" * 12),), initiators=(HOST1, HOST2))
+    assert access_of("vol0", rules) == Access((CHAP1, PLAIN2))
 
 
 # -- desired state --------------------------------------------------------------------
 
 
-def test_one_open_target_per_volume() -> None:
+def test_a_volume_without_rules_is_closed() -> None:
+    """No ACL, no generated ACLs, authentication required: LIO refuses every initiator."""
     want = state(("vol0", "Data_1"))
     assert sorted(want) == [f"{BASE}:data-1", f"{BASE}:vol0"]
     t = want[f"{BASE}:vol0"]
@@ -177,11 +233,12 @@ def test_one_open_target_per_volume() -> None:
         "/dev/nbd0",
         ("0.0.0.0", 3260),
     )
+    assert t.access == Access() and t.access.closed and t.access.label() == "closed"
     # Every name is one configfs reads: a misspelt one would be refused or ignored by LIO.
     assert dict(t.tpg_attributes) == {
-        "authentication": "0",
-        "generate_node_acls": "1",
-        "cache_dynamic_acls": "1",
+        "authentication": "1",
+        "generate_node_acls": "0",
+        "cache_dynamic_acls": "0",
         "demo_mode_write_protect": "0",
         "default_cmdsn_depth": "128",
     }
@@ -210,7 +267,52 @@ def test_credentials_make_acls_with_chap() -> None:
         "default_cmdsn_depth": "32",
     }
     assert want[f"{BASE}:vol0"].access.initiators[0].initiator == HOST1
-    assert dict(want[f"{BASE}:vol1"].tpg_attributes)["generate_node_acls"] == "1"
+    # The other volume has no rules: closed, not open.
+    assert want[f"{BASE}:vol1"].access.closed
+    assert attrs(want[f"{BASE}:vol1"])["generate_node_acls"] == "0"
+
+
+def test_initiators_without_chap_make_acls_without_authentication() -> None:
+    """An ACL alone: the named initiators log in without CHAP, nobody else (no generated
+    ACLs); mixed with CHAP, the TPG stops requiring authentication and each ACL decides."""
+    acl_only = state(("vol0",), {"vol0": Access((PLAIN2,))})[f"{BASE}:vol0"]
+    assert attrs(acl_only)["generate_node_acls"] == "0"
+    assert attrs(acl_only)["authentication"] == "0"
+    assert acl_only.access.initiators == (PLAIN2,) and not acl_only.access.mixed
+    assert acl_only.access.label() == "acl 1"
+    mixed = state(("vol0",), {"vol0": Access((CHAP1, PLAIN2))})[f"{BASE}:vol0"]
+    assert attrs(mixed)["generate_node_acls"] == "0" and attrs(mixed)["authentication"] == "0"
+    assert mixed.access.mixed and mixed.access.label() == "chap 1, acl 1"
+
+
+def test_the_open_flag_opens_to_any_initiator_and_sets_the_rules_aside() -> None:
+    rules = {"lab": Access((CHAP1,), open=True)}
+    t = state(("lab",), rules)[f"{BASE}:lab"]
+    assert t.access == Access(open=True) and t.access.label() == "OPEN"
+    a = attrs(t)
+    assert a["generate_node_acls"] == "1" and a["authentication"] == "0"
+    assert a["cache_dynamic_acls"] == "1" and a["demo_mode_write_protect"] == "0"
+
+
+def test_legacy_open_while_a_volume_has_no_rules() -> None:
+    """A volume open before the update stays open; any rule replaces that."""
+    want = state(("old", "new"), legacy=("old",))
+    assert want[f"{BASE}:old"].access == Access(open=True)
+    assert attrs(want[f"{BASE}:old"])["generate_node_acls"] == "1"
+    assert want[f"{BASE}:new"].access.closed
+    ruled = state(("old",), {"old": Access((CHAP1,))}, legacy=("old",))[f"{BASE}:old"]
+    assert ruled.access == Access((CHAP1,)) and attrs(ruled)["generate_node_acls"] == "0"
+
+
+def test_removing_the_last_rule_closes_the_target() -> None:
+    live = state(("vol0",), {"vol0": Access((CHAP1,))})
+    want = state(("vol0",), {})
+    changes = plan(want, live)
+    assert kinds(changes) == [("Update", "vol0")]
+    update = changes[0]
+    assert isinstance(update, Update) and update.spec.access.closed
+    assert attrs(update.spec)["generate_node_acls"] == "0"
+    assert attrs(update.spec)["authentication"] == "1"
 
 
 def test_login_parameters_come_from_the_settings() -> None:
@@ -437,3 +539,212 @@ def test_exporter_records_a_failed_target(tmp_path: Path) -> None:
     asyncio.run(exporter.apply(volumes("bad", "good")))
     assert exporter.errors == {"bad": "LIO create of bad failed: no"}
     assert "lio create good" in log
+
+
+# -- the upgrade rule: legacy open -------------------------------------------------------
+
+LOG_SIZE = DATA_START + MIN_DATA_SIZE
+
+
+def open_engine(data_dir: Path, *names: str) -> VolumeEngine:
+    specs = [VolumeSpec(n, 1 << 20, str(data_dir / f"{n}.img")) for n in names]
+    return VolumeEngine.open(str(data_dir), str(data_dir / "writelog"), LOG_SIZE, specs)
+
+
+def registry_flags(data_dir: Path) -> dict[str, object]:
+    doc = json.loads((data_dir / REGISTRY_FILE).read_text())
+    return {name: entry.get("iscsi_legacy_open", "absent") for name, entry in doc.items()}
+
+
+def test_volumes_open_before_the_update_stay_open_until_their_access_is_set(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway updated from a version that exported volumes without CHAP to anyone: such
+    a volume stays open (flagged, warned about) and is recorded so, once; one with CHAP
+    keeps it; a volume created after the update starts closed; the admin's first access
+    change ends legacy open for good."""
+    data = tmp_path / "gw"
+    open_engine(data, "old", "chapped").close()
+    # As the older version left them: registry entries without the flag, chap.json of
+    # format 1 with the CHAP credentials of one volume.
+    doc = json.loads((data / REGISTRY_FILE).read_text())
+    for entry in doc.values():
+        del entry["iscsi_legacy_open"]
+    (data / REGISTRY_FILE).write_text(json.dumps(doc))
+    write_chap(data, {"volumes": {"chapped": [{"initiator": HOST1, "secret": "s" * 12}]}})
+    assert registry_flags(data) == {"old": "absent", "chapped": "absent"}
+
+    log: list[str] = []
+    lio = FakeLio(log)
+    config = LioConfig(enabled=True, iqn_base=BASE, runtime_dir=str(tmp_path / "run"))
+
+    def exporter_over(engine: VolumeEngine) -> LioExporter:
+        return LioExporter(
+            config,
+            str(data),
+            "",
+            "ab" * 32,
+            backend=lio,
+            attacher=FakeNbd(log),  # type: ignore[arg-type]
+        )
+
+    async def run_once(engine: VolumeEngine) -> dict[str, str]:
+        exporter = exporter_over(engine)
+        await exporter.start(engine)
+        access = dict(exporter.access)
+        targets = {t.volume: t for t in lio.targets.values()}
+        assert targets["old"].access == Access(open=True)
+        await exporter.stop()
+        return access
+
+    engine = open_engine(data, "old", "chapped", "fresh")  # "fresh": new after the update
+    assert engine.registry["old"].iscsi_legacy_open is None
+    assert engine.registry["fresh"].iscsi_legacy_open is False
+    with caplog.at_level(logging.WARNING, logger="sgw.gateway.lio.exporter"):
+        access = asyncio.run(run_once(engine))
+    assert access == {"chapped": "chap 1", "fresh": "closed", "old": "OPEN (legacy)"}
+    assert registry_flags(data) == {"old": True, "chapped": False, "fresh": False}
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert {getattr(r, "volume", None) for r in warned} == {"old"}
+    assert any("iSCSI target OPEN" in r.getMessage() for r in warned)
+    engine.close()
+
+    # Restarted: the decision stands (not taken again), the volume is still open.
+    engine = open_engine(data, "old", "chapped", "fresh")
+    assert asyncio.run(run_once(engine))["old"] == "OPEN (legacy)"
+    engine.close()
+
+    # The admin sets its access (sync_chap: legacy open ends, the rules are stored); with
+    # no rule at all the volume is closed from now on, across restarts.
+    engine = open_engine(data, "old", "chapped", "fresh")
+    engine.registry["old"].iscsi_legacy_open = False
+    engine.save_registry()
+    ChapStore(str(data)).replace("old", VolumeRules())
+
+    async def closed_now() -> None:
+        exporter = exporter_over(engine)
+        await exporter.start(engine)
+        targets = {t.volume: t for t in lio.targets.values()}
+        assert targets["old"].access.closed and exporter.access["old"] == "closed"
+        await exporter.stop()
+
+    asyncio.run(closed_now())
+    engine.close()
+    assert registry_flags(data)["old"] is False
+
+
+def test_a_damaged_chap_file_decides_nothing(tmp_path: Path) -> None:
+    """Legacy flags are decided from readable rules only: with chap.json damaged nothing
+    is exported and the undecided volumes stay undecided."""
+    data = tmp_path / "gw"
+    open_engine(data, "old").close()
+    doc = json.loads((data / REGISTRY_FILE).read_text())
+    del doc["old"]["iscsi_legacy_open"]
+    (data / REGISTRY_FILE).write_text(json.dumps(doc))
+    (data / "chap.json").write_text("{not json")
+    os.chmod(data / "chap.json", 0o600)
+    engine = open_engine(data, "old")
+    log: list[str] = []
+    config = LioConfig(enabled=True, iqn_base=BASE, runtime_dir=str(tmp_path / "run"))
+    exporter = LioExporter(
+        config,
+        str(data),
+        "",
+        "ab" * 32,
+        backend=FakeLio(log),
+        attacher=FakeNbd(log),  # type: ignore[arg-type]
+    )
+
+    async def scenario() -> None:
+        await exporter.start(engine)
+        await exporter.stop()
+
+    asyncio.run(scenario())
+    assert "lio create old" not in log and "chap.json" in exporter.errors["old"]
+    assert engine.registry["old"].iscsi_legacy_open is None
+    engine.close()
+    assert registry_flags(data) == {"old": "absent"}
+
+
+def test_every_export_of_an_open_target_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_chap(tmp_path, {"version": 2, "open": ["lab"]})
+    log: list[str] = []
+    config = LioConfig(enabled=True, iqn_base=BASE, runtime_dir=str(tmp_path / "run"))
+    exporter = LioExporter(
+        config,
+        str(tmp_path),
+        "",
+        "ab" * 32,
+        backend=FakeLio(log),
+        attacher=FakeNbd(log),  # type: ignore[arg-type]
+    )
+
+    async def scenario() -> None:
+        await exporter.apply(volumes("lab", "vol0"))
+        await exporter.apply(volumes("lab", "vol0"))  # nothing changes: no new export
+        await exporter.clear()
+        await exporter.apply(volumes("lab", "vol0"))
+
+    with caplog.at_level(logging.WARNING, logger="sgw.gateway.lio.exporter"):
+        asyncio.run(scenario())
+    opened = [r for r in caplog.records if "iSCSI target OPEN" in r.getMessage()]
+    assert [getattr(r, "volume", None) for r in opened] == ["lab", "lab"]
+    assert "open flag" in opened[0].getMessage()
+    assert exporter.access == {"lab": "OPEN", "vol0": "closed"}
+
+
+# -- the adapter's reading and writing of one ACL (rtslib-fb objects faked) ----------------
+
+
+class FakeAcl:
+    """An rtslib NodeACL: its attributes (None: a kernel without per-ACL authentication)
+    and CHAP fields."""
+
+    def __init__(self, attrs: dict[str, str] | None, userid: str = "", password: str = "") -> None:
+        self.node_wwn = HOST1
+        self.attrs = attrs
+        self.chap_userid, self.chap_password = userid, password
+        self.chap_mutual_userid = self.chap_mutual_password = ""
+
+    def list_attributes(self) -> list[str]:
+        return [] if self.attrs is None else list(self.attrs)
+
+    def get_attribute(self, name: str) -> str:
+        assert self.attrs is not None
+        return self.attrs[name]
+
+    def set_attribute(self, name: str, value: str) -> None:
+        assert self.attrs is not None and name in self.attrs
+        self.attrs[name] = value
+
+
+@pytest.mark.parametrize(
+    ("acl", "read"),
+    [
+        (FakeAcl({"authentication": "0"}), InitiatorAccess(HOST1)),
+        (FakeAcl({"authentication": "1"}, HOST1, "s" * 12), CHAP1),
+        (FakeAcl({"authentication": "-1"}), InitiatorAccess(HOST1)),
+        (FakeAcl(None), InitiatorAccess(HOST1)),
+        (FakeAcl(None, HOST1, "s" * 12), CHAP1),
+        # Written otherwise (another CHAP user): differs from any rule, so it is rewritten.
+        (FakeAcl(None, "someone", "s" * 12), InitiatorAccess(HOST1, "")),
+    ],
+)
+def test_an_acl_reads_back_as_the_rule_that_wrote_it(acl: FakeAcl, read: InitiatorAccess) -> None:
+    assert kernel._read_acl(acl, f"{BASE}:vol0") == read
+
+
+def test_each_acl_says_whether_it_needs_chap_and_old_kernels_refuse_mixing() -> None:
+    mixed = Access((CHAP1, PLAIN2))
+    for rule, expected in ((CHAP1, "1"), (PLAIN2, "0")):
+        acl = FakeAcl({"authentication": "-1"})
+        kernel.RtslibLio._set_acl_authentication(acl, rule, mixed)
+        assert acl.attrs == {"authentication": expected}
+    # Without the kernel's per-ACL switch: fine when the TPG's decides for every ACL...
+    kernel.RtslibLio._set_acl_authentication(FakeAcl(None), CHAP1, Access((CHAP1,)))
+    kernel.RtslibLio._set_acl_authentication(FakeAcl(None), PLAIN2, Access((PLAIN2,)))
+    # ... refused (not opened) when it cannot.
+    with pytest.raises(IscsiExportError, match=r"Linux 6\.0 or newer"):
+        kernel.RtslibLio._set_acl_authentication(FakeAcl(None), PLAIN2, mixed)

@@ -262,6 +262,29 @@ class ApiClient:
     def delete_chap(self, volume_id: str, initiator: str) -> None:
         self._call("DELETE", f"/v1/volumes/{volume_id}/chap/{initiator}")
 
+    def get_access(self, volume_id: str) -> dict[str, Any]:
+        """Who may log in to the volume over iSCSI: its access label, the open and legacy
+        open flags, the initiators with CHAP and without (no secrets)."""
+        return cast(dict[str, Any], self._call("GET", f"/v1/volumes/{volume_id}/access"))
+
+    def list_acl(self, volume_id: str) -> list[dict[str, Any]]:
+        """The initiators allowed on the volume without CHAP."""
+        return cast(list[dict[str, Any]], self._call("GET", f"/v1/volumes/{volume_id}/acl"))
+
+    def add_acl(self, volume_id: str, initiator: str) -> dict[str, Any]:
+        """Allows an initiator on the volume by its name alone, without CHAP."""
+        body = {"initiator": initiator}
+        return cast(dict[str, Any], self._call("PUT", f"/v1/volumes/{volume_id}/acl", body))
+
+    def delete_acl(self, volume_id: str, initiator: str) -> None:
+        self._call("DELETE", f"/v1/volumes/{volume_id}/acl/{initiator}")
+
+    def set_open(self, volume_id: str, open_: bool) -> dict[str, Any]:
+        """Opens the volume to any initiator without authentication (labs), or closes it
+        to all but its rules' initiators; returns its access."""
+        body = {"open": open_}
+        return cast(dict[str, Any], self._call("PUT", f"/v1/volumes/{volume_id}/open", body))
+
     def get_snapshot_schedule(self, volume_id: str) -> dict[str, Any]:
         """The volume's snapshot schedule; ``ApiError`` 404 if it has none."""
         path = f"/v1/volumes/{volume_id}/snapshot-schedule"

@@ -119,7 +119,7 @@ def _local_state(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(state, indent=2, default=str))
         return 0
-    cols = ["name", "mode", "size", "status", "dirty_bytes", "remote_id", "reason"]
+    cols = ["name", "mode", "size", "status", "iscsi_access", "dirty_bytes", "remote_id", "reason"]
     emit(args, [{c: v.get(c) for c in cols} for v in state["volumes"]], cols)
     log = state["write_log"]
     gw = state.get("gateway", {})

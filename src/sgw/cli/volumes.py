@@ -1,6 +1,11 @@
-"""``sgw volumes``: volumes, their CHAP credentials and snapshot schedules. A volume on a
-gateway is created and deleted by the gateway (through the control channel); one at the
-provider only (the block API's) by the provider."""
+"""``sgw volumes``: volumes, who may log in to them over iSCSI and their snapshot
+schedules. A volume on a gateway is created and deleted by the gateway (through the control
+channel); one at the provider only (the block API's) by the provider.
+
+iSCSI access is closed by default: a volume accepts no initiator until it has a rule
+(``chap-set``: an initiator with CHAP; ``acl-add``: an initiator without CHAP, for hosts on
+a trusted network) or the open flag (``set-open --open``: any initiator, labs only). Each
+change is handed to the volume's gateway at once (kept for it while it is offline)."""
 
 from __future__ import annotations
 
@@ -15,15 +20,18 @@ from sgw.cli.gateway_commands import result_of, run_on_gateway
 from sgw.cli.options import add_timeout, group
 from sgw.cli.output import done, emit
 from sgw.common.errors import ConfigError
+from sgw.common.iscsi import LEGACY_OPEN, OPEN
 
 
 def register(areas: Any) -> None:
-    command = group(areas, "volumes", "volumes, their CHAP credentials and snapshot schedules")
-    command("list", "list volumes", _list).add_argument(
-        "--gateway", metavar="ID", help="of this gateway"
+    command = group(
+        areas, "volumes", "volumes, who may log in to them over iSCSI, snapshot schedules"
     )
     command(
-        "describe", "show a volume with its CHAP initiators and schedule", _describe
+        "list", "list volumes with their iSCSI access (closed, chap N, acl N, OPEN)", _list
+    ).add_argument("--gateway", metavar="ID", help="of this gateway")
+    command(
+        "describe", "show a volume with its iSCSI access, initiators and schedule", _describe
     ).add_argument("id")
     create = command("create", "create a volume", _create)
     create.add_argument("name")
@@ -48,10 +56,48 @@ def register(areas: Any) -> None:
     chap.add_argument("--mutual", action="store_true", help="also a target secret")
     add_timeout(chap, 30.0)
     command("chap-list", "list the initiators with CHAP credentials", _chap_list).add_argument("id")
-    chapdel = command("chap-delete", "remove an initiator's CHAP credentials", _chap_delete)
+    chapdel = command(
+        "chap-delete",
+        "remove an initiator's CHAP credentials (the last rule: the volume closes)",
+        _chap_delete,
+    )
     chapdel.add_argument("id")
     chapdel.add_argument("initiator")
     add_timeout(chapdel, 30.0)
+    acl = command(
+        "acl-add",
+        "allow an initiator without CHAP, by its name alone (hosts on a trusted network)",
+        _acl_add,
+    )
+    acl.add_argument("id")
+    acl.add_argument("--initiator", required=True, help="the initiator's IQN")
+    add_timeout(acl, 30.0)
+    command("acl-list", "list the initiators allowed without CHAP", _acl_list).add_argument("id")
+    acldel = command(
+        "acl-delete",
+        "remove an initiator allowed without CHAP (the last rule: the volume closes)",
+        _acl_delete,
+    )
+    acldel.add_argument("id")
+    acldel.add_argument("initiator")
+    add_timeout(acldel, 30.0)
+    opener = command(
+        "set-open",
+        "open the volume to any initiator without authentication (labs only), or close it",
+        _set_open,
+    )
+    opener.add_argument("id")
+    flag = opener.add_mutually_exclusive_group(required=True)
+    flag.add_argument(
+        "--open", dest="open", action="store_true", help="any initiator, no authentication"
+    )
+    flag.add_argument(
+        "--closed",
+        dest="open",
+        action="store_false",
+        help="only the initiators of its rules (none: nobody); ends legacy open too",
+    )
+    add_timeout(opener, 30.0)
     sched = command("schedule-set", "snapshot the volume on a schedule", _schedule_set)
     sched.add_argument("id")
     sched.add_argument("--start-hour", type=int, required=True, help="0-23, gateway time")
@@ -68,16 +114,21 @@ def register(areas: Any) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    cols = ["id", "name", "gateway_id", "mode", "size", "map_version", "created"]
+    cols = ["id", "name", "gateway_id", "mode", "size", "access", "map_version", "created"]
     with open_client(args.endpoint) as client:
-        emit(args, client.list_volumes(args.gateway), cols)
+        volumes = client.list_volumes(args.gateway)
+    emit(args, volumes, cols)
+    _warn_open(args, volumes)
     return 0
 
 
 def _describe(args: argparse.Namespace) -> int:
     with open_client(args.endpoint) as client:
         volume = client.get_volume(args.id)
-        volume["chap"] = client.list_chap(args.id)
+        access = client.get_access(args.id)
+        volume["access"] = access["access"]
+        volume["chap"] = access["chap"]
+        volume["acl"] = access["acl"]
         try:
             volume["snapshot_schedule"] = client.get_snapshot_schedule(args.id)
         except ApiError as e:
@@ -85,6 +136,7 @@ def _describe(args: argparse.Namespace) -> int:
                 raise
             volume["snapshot_schedule"] = None
     emit(args, volume)
+    _warn_open(args, [volume])
     return 0
 
 
@@ -142,7 +194,7 @@ def _chap_set(args: argparse.Namespace) -> int:
     with open_client(args.endpoint) as client:
         secret, target = _read_secrets(args.mutual)
         emit(args, client.set_chap(args.id, args.initiator, secret, target))
-        _sync_chap(client, args)
+        _sync_access(client, args)
     return 0
 
 
@@ -155,8 +207,44 @@ def _chap_list(args: argparse.Namespace) -> int:
 def _chap_delete(args: argparse.Namespace) -> int:
     with open_client(args.endpoint) as client:
         client.delete_chap(args.id, args.initiator)
-        _sync_chap(client, args)
+        _sync_access(client, args)
     done(args, f"CHAP credentials of {args.initiator} removed from volume {args.id}")
+    return 0
+
+
+def _acl_add(args: argparse.Namespace) -> int:
+    with open_client(args.endpoint) as client:
+        emit(args, client.add_acl(args.id, args.initiator))
+        _sync_access(client, args)
+    return 0
+
+
+def _acl_list(args: argparse.Namespace) -> int:
+    with open_client(args.endpoint) as client:
+        emit(args, client.list_acl(args.id), ["initiator", "updated"])
+    return 0
+
+
+def _acl_delete(args: argparse.Namespace) -> int:
+    with open_client(args.endpoint) as client:
+        client.delete_acl(args.id, args.initiator)
+        _sync_access(client, args)
+    done(args, f"initiator {args.initiator} no longer allowed on volume {args.id}")
+    return 0
+
+
+def _set_open(args: argparse.Namespace) -> int:
+    with open_client(args.endpoint) as client:
+        access = client.set_open(args.id, args.open)
+        _sync_access(client, args)
+    emit(args, {k: v for k, v in access.items() if k not in ("chap", "acl")})
+    if args.open:
+        print(
+            f"volume {args.id} is OPEN: any initiator on its gateway's network may log in "
+            f"and write it, without authentication; close it with `sgw volumes set-open "
+            f"{args.id} --closed`",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -180,8 +268,26 @@ def _schedule_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sync_chap(client: ApiClient, args: argparse.Namespace) -> None:
-    """Has the volume's gateway fetch its CHAP credentials (kept for it while offline)."""
+def _warn_open(args: argparse.Namespace, volumes: list[dict[str, Any]]) -> None:
+    """Names, on a terminal's error stream, the volumes any initiator may log in to."""
+    opened = [v for v in volumes if str(v.get("access", "")).startswith(OPEN)]
+    if args.output == "json" or not opened:
+        return
+    legacy = [v for v in opened if v.get("access") == LEGACY_OPEN]
+    print(
+        f"{len(opened)} volume(s) OPEN to any initiator without authentication"
+        + (
+            f", {len(legacy)} of them since before access was closed by default (legacy)"
+            if legacy
+            else ""
+        )
+        + ": add an initiator (chap-set, acl-add) or close them (set-open ID --closed)",
+        file=sys.stderr,
+    )
+
+
+def _sync_access(client: ApiClient, args: argparse.Namespace) -> None:
+    """Has the volume's gateway fetch its access rules (kept for it while offline)."""
     volume = client.get_volume(args.id)
     gateway_id = volume.get("gateway_id")
     if gateway_id is None:
@@ -192,12 +298,12 @@ def _sync_chap(client: ApiClient, args: argparse.Namespace) -> None:
         "sync_chap",
         {"volume_id": args.id},
         timeout=args.timeout,
-        label="handing the credentials to the gateway",
+        label="handing the access rules to the gateway",
         wait_offline=True,
     )
     if finished["status"] != "succeeded":
         print(
-            f"gateway {gateway_id} has not taken the credentials yet (offline?); it gets "
+            f"gateway {gateway_id} has not taken the access rules yet (offline?); it gets "
             "them when it is back (see `sgw gateways commands`)",
             file=sys.stderr,
         )

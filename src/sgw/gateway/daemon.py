@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from sgw.common.errors import SgwError
+from sgw.common.iscsi import NOT_EXPORTED
 from sgw.gateway.admin_socket import AdminOps, AdminServer, socket_path
 from sgw.gateway.config import GatewayConfig, RemoteConfig
 from sgw.gateway.link.activation import Activation, tls_verify
@@ -283,10 +284,13 @@ class Gateway:
                 await asyncio.sleep(delay)
 
     def _volume_status(self, name: str) -> dict[str, object]:
+        """A volume's extra status: who may log in over iSCSI; a restore's progress."""
+        access = NOT_EXPORTED if self.lio is None else self.lio.access_of(name)
+        extra: dict[str, object] = {"iscsi_access": access}
         for restore in self.restores:
             if restore.vol.name == name and restore.vol.restore is not None:
-                return restore.progress
-        return {}
+                return {**extra, **restore.progress}
+        return extra
 
     async def _bootstrap(self, vol: Volume) -> None:
         """Loads a cached volume's remote map, retrying while the provider is away."""
@@ -441,6 +445,16 @@ class GatewayCommandHost:
     @property
     def chap(self) -> ChapStore:
         return self._chap
+
+    async def end_legacy_open(self, name: str) -> None:
+        engine = self._gw.engine
+        entry = engine.registry[name]
+        if entry.iscsi_legacy_open is not False:
+            entry.iscsi_legacy_open = False
+            await asyncio.to_thread(engine.save_registry)
+            LOG.info(
+                "volume no longer legacy open: its access is the console's", extra={"volume": name}
+            )
 
     def holds_log_data(self, name: str) -> bool:
         return self._gw.engine.holds_log_data(name)

@@ -1,8 +1,9 @@
 """What the gateway does for each command of the control channel.
 
 The same operations as the local admin socket (``AdminOps``: status, snapshot) plus
-what only the provider's console asks for: volumes created and deleted at runtime, CHAP
-credentials fetched into ``chap.json``, bandwidth limits changed on the fly (kept in
+what only the provider's console asks for: volumes created and deleted at runtime, a
+volume's iSCSI access rules (CHAP credentials, initiators allowed without CHAP, the open
+flag) fetched into ``chap.json``, bandwidth limits changed on the fly (kept in
 ``DATA_DIR/bandwidth.json``, which overrides ``[remote] bandwidth`` at start), and a
 diagnostics bundle. The arguments are parsed with the schema the provider sends them by
 (sgw.common.commands). A refusal raises ``CommandError`` (or another ``SgwError``) whose
@@ -37,13 +38,14 @@ from sgw.common.commands import (
     SnapshotArgs,
     SyncChapArgs,
 )
-from sgw.common.errors import CommandError, SgwError
+from sgw.common.errors import CommandError, ConfigError, SgwError
 from sgw.common.files import write_atomically
 from sgw.gateway.config import RemoteConfig
 from sgw.gateway.link.activation import tls_verify
 from sgw.gateway.link.diagnostics import LogRing, build_bundle, system_info
 from sgw.gateway.link.journal import Command
-from sgw.gateway.lio.chap import ChapCredential, ChapStore
+from sgw.gateway.lio.access import access_of
+from sgw.gateway.lio.chap import ChapCredential, ChapStore, VolumeRules
 from sgw.gateway.volume.engine import MODE_CACHED, RegistryEntry, VolumeSpec
 from sgw.gateway.volume.upload import TokenBucket
 from sgw.gateway.volume.volume import VolumeStatus
@@ -159,6 +161,11 @@ class CommandHost(Protocol):
 
     @property
     def chap(self) -> ChapStore: ...
+
+    async def end_legacy_open(self, name: str) -> None:
+        """Records that the volume is no longer legacy open (its access is the console's
+        from now on; sgw.gateway.lio.exporter)."""
+        ...
 
     # -- write log ----------------------------------------------------------------------
 
@@ -375,33 +382,68 @@ class CommandRunner:
             "status": str(vol.status),
         }
 
-    # -- CHAP ----------------------------------------------------------------------------
+    # -- iSCSI access ----------------------------------------------------------------------
 
     async def _sync_chap(self, a: SyncChapArgs) -> dict[str, Any]:
+        """Fetches the volume's access rules and stores them for LIO; refuses (storing
+        nothing) rules LIO would refuse. The volume stops being legacy open: from now on
+        its access is what the console set, closed without rules."""
         name, volume_id = a.volume, a.volume_id
         entry = self.host.registry.get(name)
         if entry is None:
             raise CommandError(f"no volume named {name!r} on this gateway")
         if entry.remote_id not in (None, volume_id):
             raise CommandError(f"volume {name} is bound to {entry.remote_id}, not {volume_id}")
-        resp = await self._client().get(f"/v1/gateway/volumes/{volume_id}/chap")
-        if resp.status_code != 200:
-            raise CommandError(
-                f"cannot fetch the CHAP credentials of {volume_id}: {resp.status_code} "
-                f"{resp.text[:200]}"
-            )
-        creds = [
-            ChapCredential(str(c["initiator"]), str(c["secret"]), c.get("target_secret"))
-            for c in resp.json()
-        ]
-        await asyncio.to_thread(self.host.chap.replace, name, creds)
-        LOG.info("chap credentials stored", extra={"volume": name, "initiators": len(creds)})
+        rules = await self._fetch_rules(volume_id)
+        try:
+            access = access_of(name, rules)
+        except ConfigError as exc:
+            raise CommandError(f"the access rules of volume {name} were not stored: {exc}") from exc
+        # Legacy open ends first: a crash in between leaves the volume closed, not open.
+        await self.host.end_legacy_open(name)
+        await asyncio.to_thread(self.host.chap.replace, name, rules)
+        LOG.info(
+            "iscsi access stored",
+            extra={"volume": name, "access": access.label(), "initiators": len(access.initiators)},
+        )
         return {
             "volume": name,
             "initiators": [
-                {"initiator": c.initiator, "mutual": bool(c.target_secret)} for c in creds
+                {"initiator": c.initiator, "mutual": bool(c.target_secret)} for c in rules.chap
             ],
+            "acl": list(rules.initiators),
+            "open": rules.open,
+            "iscsi_access": access.label(),
         }
+
+    async def _fetch_rules(self, volume_id: str) -> VolumeRules:
+        """The volume's rules from the provider (a signed request); from a provider older
+        than access rules (no ``/access``), its CHAP credentials alone."""
+        client = self._client()
+        resp = await client.get(f"/v1/gateway/volumes/{volume_id}/access")
+        legacy_provider = resp.status_code == 404
+        if legacy_provider:
+            resp = await client.get(f"/v1/gateway/volumes/{volume_id}/chap")
+        if resp.status_code != 200:
+            raise CommandError(
+                f"cannot fetch the access rules of {volume_id}: {resp.status_code} "
+                f"{resp.text[:200]}"
+            )
+        try:
+            doc = resp.json()
+            chap = doc if legacy_provider else doc["chap"]
+            return VolumeRules(
+                chap=tuple(
+                    ChapCredential(str(c["initiator"]), str(c["secret"]), c.get("target_secret"))
+                    for c in chap
+                ),
+                initiators=() if legacy_provider else tuple(str(i) for i in doc["acl"]),
+                open=False if legacy_provider else doc["open"] is True,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CommandError(
+                f"the provider's access rules of {volume_id} are malformed ({exc!r})"
+            ) from exc
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:

@@ -3,7 +3,8 @@
 ``cleanup`` removes the gateway's LIO objects and detaches its NBD devices: the
 appliance's unit runs it after the daemon exits (ExecStopPost), so that a daemon that
 died leaves nothing behind that would hang the shutdown. ``status`` prints the gateway's
-live LIO targets as JSON.
+live LIO targets as JSON (each with its access: ``closed``, ``chap N``, ``acl N`` or
+``OPEN``; LIO does not know why a target is open, ``sgw gateway status`` does).
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         out = [
             {
                 **{k: v for k, v in dataclasses.asdict(spec).items() if k != "access"},
+                "access": spec.access.label(),
+                "open": spec.access.open,
                 "initiators": [
                     {
                         "initiator": a.initiator,
-                        "chap": bool(a.secret),
+                        "chap": a.chap,
                         "mutual": bool(a.target_secret),
                     }
                     for a in spec.access.initiators

@@ -6,9 +6,14 @@ shape and carries the changes out.
 
 Each volume is one iSCSI target ``<iqn_base>:<volume>`` with one TPG (tag 1), LUN 0 on
 an iblock storage object ``sgw-<volume>`` over the volume's ``/dev/nbdN``, one portal, and
-either an ACL per allowed initiator (CHAP required, mutual CHAP where the initiator has a
-target secret) or, for a volume without credentials, LIO's generated ACLs (any
-initiator, no CHAP).
+the volume's access (sgw.gateway.lio.access):
+
+- closed (no rules): no ACL and no generated ACLs, authentication required: LIO refuses
+  every initiator;
+- an ACL per allowed initiator, with CHAP (mutual CHAP where it has a target secret) or
+  without; authentication is required on the TPG unless some initiator is allowed
+  without CHAP, and then each ACL says whether it needs CHAP;
+- open (the flag, or legacy open): LIO's generated ACLs, any initiator, no CHAP.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from sgw.common.errors import ConfigError
-from sgw.gateway.lio.access import Access, rules_for
+from sgw.gateway.lio.access import Access, effective_access
 from sgw.gateway.lio.settings import IQN, LioConfig
 
 # Storage objects the gateway owns are named with this prefix; anything else in LIO is
@@ -35,10 +40,12 @@ _NOT_IN_IQN = re.compile(r"[^a-z0-9.-]")
 
 @dataclass(frozen=True)
 class ExportedVolume:
-    """A volume to export: its name and the stable serial number of its LUN."""
+    """A volume to export: its name, the stable serial number of its LUN, and whether it
+    is legacy open (exported open before closed-by-default access; no rules since)."""
 
     name: str
     serial: str
+    legacy_open: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,11 +120,12 @@ def lun_serial(gateway_key_hex: str, volume_id: int) -> str:
 
 
 def tpg_attributes(config: LioConfig, access: Access) -> tuple[tuple[str, str], ...]:
-    """The TPG attributes for these login rules: ACLs with CHAP required, or generated
-    ACLs (any initiator, writable) without CHAP for an open volume."""
+    """The TPG attributes for these login rules: explicit ACLs only, authentication
+    required unless an initiator may log in without it (then each ACL decides); or, for an
+    open volume, generated ACLs (any initiator, writable) without authentication."""
     generate = access.open
     attrs = {
-        "authentication": "0" if generate else "1",
+        "authentication": "0" if access.without_chap else "1",
         "generate_node_acls": "1" if generate else "0",
         "cache_dynamic_acls": "1" if generate else "0",
         "demo_mode_write_protect": "0",
@@ -152,7 +160,8 @@ def desired_state(
     rules: Mapping[str, Access],
 ) -> dict[str, TargetSpec]:
     """The targets LIO should hold, by IQN: one per volume that has a device attached
-    (``devices``: volume name -> /dev/nbdN)."""
+    (``devices``: volume name -> /dev/nbdN), with the access of its ``rules`` (none:
+    closed, unless the volume is legacy open)."""
     out: dict[str, TargetSpec] = {}
     by_volume: dict[str, str] = {}
     for vol in volumes:
@@ -166,7 +175,7 @@ def desired_state(
                 f"{iqn}; rename one (names differing only in case or '_'/'-' collide)"
             )
         by_volume[iqn] = vol.name
-        access = rules_for(rules, vol.name)
+        access = effective_access(rules.get(vol.name), vol.legacy_open)
         out[iqn] = TargetSpec(
             iqn=iqn,
             volume=vol.name,

@@ -10,6 +10,13 @@ still exports whose server is gone hangs the machine's shutdown).
 The attachments are recorded in ``RUNTIME_DIR/lio-exports.json`` so that a run that did
 not stop cleanly is cleared by the next start or by ``python -m sgw.gateway.lio cleanup``
 (the unit's ExecStopPost).
+
+Access is closed by default (sgw.gateway.lio.access). The upgrade rule: a volume in the
+registry from a version before that (its entry has no ``iscsi_legacy_open`` yet) and
+without rules in ``chap.json`` was exported open, and stays so ("legacy open"); the first
+``apply`` records that decision in the registry, once. The admin's first change of the
+volume's access (``sync_chap``) ends it. Every export of an open target is logged at
+warning.
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sgw.common.errors import ConfigError, IscsiExportError, SgwError
 from sgw.common.files import write_atomically
+from sgw.common.iscsi import CLOSED, LEGACY_OPEN
 from sgw.common.signing import public_key_hex
 from sgw.gateway.lio.access import Access, load_access
 from sgw.gateway.lio.chap import CHAP_FILE
@@ -34,6 +43,7 @@ from sgw.gateway.lio.desired import (
     Create,
     ExportedVolume,
     Remove,
+    Update,
     default_iqn_base,
     desired_state,
     lun_serial,
@@ -57,9 +67,14 @@ RETRY_INTERVAL = 30.0
 
 
 def exported_volumes(engine: VolumeEngine, gateway_key_hex: str) -> list[ExportedVolume]:
-    """The engine's volumes with the stable serial numbers of their LUNs."""
+    """The engine's volumes with the stable serial numbers of their LUNs and whether they
+    are legacy open."""
     return [
-        ExportedVolume(name, lun_serial(gateway_key_hex, engine.registry[name].id))
+        ExportedVolume(
+            name,
+            lun_serial(gateway_key_hex, engine.registry[name].id),
+            engine.registry[name].iscsi_legacy_open is True,
+        )
         for name in sorted(engine.volumes)
     ]
 
@@ -105,6 +120,7 @@ class LioExporter:
         self.devices: dict[str, str] = {}  # volume -> /dev/nbdN
         self.iqns: set[str] = set()  # every target made, so a half-made one is found
         self.errors: dict[str, str] = {}  # volume -> why it is not exported
+        self.access: dict[str, str] = {}  # volume -> its access label (closed, chap 1, OPEN)
         self._backend = backend
         self._lock = asyncio.Lock()
         self._engine: VolumeEngine | None = None
@@ -114,7 +130,8 @@ class LioExporter:
     async def start(self, engine: VolumeEngine) -> None:
         """Clears what a run that did not stop cleanly left, exports the engine's volumes
         and then follows them: volumes created or removed at runtime and changes of
-        ``chap.json`` are applied within WATCH_INTERVAL seconds."""
+        ``chap.json`` (and of the volumes' legacy flags) are applied within
+        WATCH_INTERVAL seconds."""
         self._engine = engine
         await self.clear()
         await self.apply(exported_volumes(engine, self._key_hex))
@@ -158,14 +175,47 @@ class LioExporter:
                 LOG.error("iSCSI export not updated: %s", exc)
 
     def _fingerprint(self) -> tuple[object, ...]:
-        """What a change of the export depends on: the volumes and chap.json."""
+        """What a change of the export depends on: the volumes, their legacy flags and
+        chap.json."""
         assert self._engine is not None
         try:
             st = os.stat(os.path.join(self.data_dir, CHAP_FILE))
             chap: tuple[int, ...] = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             chap = ()
-        return (tuple(sorted(self._engine.volumes)), chap)
+        legacy = sorted((n, e.iscsi_legacy_open) for n, e in self._engine.registry.items())
+        return (tuple(sorted(self._engine.volumes)), tuple(legacy), chap)
+
+    async def _with_legacy(
+        self, volumes: Sequence[ExportedVolume], rules: Mapping[str, Access]
+    ) -> list[ExportedVolume]:
+        """The volumes with their legacy flags from the registry, after deciding (once,
+        recorded in the registry) those of volumes an older version registered: legacy
+        open if the volume has no rules now, as that version exported it open."""
+        if self._engine is None:
+            return list(volumes)
+        registry = self._engine.registry
+        undecided = sorted(n for n, e in registry.items() if e.iscsi_legacy_open is None)
+        for name in undecided:
+            registry[name].iscsi_legacy_open = name not in rules
+            if name not in rules:
+                LOG.warning(
+                    "volume kept open to any iSCSI initiator, as before the update; set its "
+                    "access (sgw volumes chap-set, acl-add or set-open --closed) to close it",
+                    extra={"volume": name},
+                )
+        if undecided and self._engine.registry_path is not None:
+            await asyncio.to_thread(self._engine.save_registry)
+        return [
+            replace(v, legacy_open=registry[v.name].iscsi_legacy_open is True)
+            if v.name in registry
+            else v
+            for v in volumes
+        ]
+
+    def access_of(self, volume: str) -> str:
+        """The volume's access label as last applied (``closed`` before that)."""
+        return self.access.get(volume, CLOSED)
 
     async def apply(self, volumes: Sequence[ExportedVolume]) -> None:
         """Exports exactly these volumes. A volume that fails is logged and left out
@@ -181,6 +231,10 @@ class LioExporter:
                     self._failed(vol.name, exc)
                 return
             self.errors = {}  # what fails below is recorded again
+            volumes = await self._with_legacy(volumes, rules)
+            self.access = {
+                v.name: rules.get(v.name, Access()).label(v.legacy_open) for v in volumes
+            }
             wanted = {v.name for v in volumes}
             kept = {n: d for n, d in self.devices.items() if n in wanted}
             # Targets of volumes that went, before their devices are detached (a device
@@ -229,6 +283,7 @@ class LioExporter:
             "iqn_base": self.iqn_base,
             "portal": f"{self.config.portal_host}:{self.config.portal_port}",
             "devices": dict(sorted(self.devices.items())),
+            "access": dict(sorted(self.access.items())),
             "errors": dict(sorted(self.errors.items())),
         }
 
@@ -258,7 +313,8 @@ class LioExporter:
         return stuck
 
     async def _apply(self, backend: LioBackend, change: Change) -> bool:
-        """Carries out one change; a failure is logged and recorded for its volume."""
+        """Carries out one change; a failure is logged and recorded for its volume. A
+        target that becomes open is logged at warning, every time."""
         try:
             await asyncio.to_thread(backend.apply, change)
         except IscsiExportError as exc:
@@ -267,6 +323,19 @@ class LioExporter:
             return False
         if isinstance(change, Remove):
             self.iqns.discard(change.live.iqn)
+        elif change.spec.access.open and not (
+            isinstance(change, Update) and change.live.access.open
+        ):
+            legacy = self.access.get(change.spec.volume) == LEGACY_OPEN
+            LOG.warning(
+                "iSCSI target OPEN: any initiator on the network may log in and write, "
+                "without authentication (%s); close it with sgw volumes set-open --closed, "
+                "or add an initiator (sgw volumes chap-set, acl-add)",
+                "legacy open: open before the update, no rules since"
+                if legacy
+                else "the volume's open flag",
+                extra={"volume": change.spec.volume, "iqn": change.spec.iqn},
+            )
         return True
 
     async def _detach(self, name: str) -> None:

@@ -104,11 +104,13 @@ class RtslibLio:
         if tpg is None:
             return _bare(target.wwn)
         portals = list(tpg.network_portals)
+        tpg_attributes = _read(tpg.get_attribute, _TPG_ATTRIBUTES)
         access = Access(
             tuple(
                 _read_acl(acl, target.wwn)
                 for acl in sorted(tpg.node_acls, key=lambda a: str(a.node_wwn))
-            )
+            ),
+            open=dict(tpg_attributes).get("generate_node_acls") == "1",
         )
         return TargetSpec(
             iqn=target.wwn,
@@ -118,7 +120,7 @@ class RtslibLio:
             serial=so.wwn if so is not None else "",
             portal=(portals[0].ip_address, int(portals[0].port)) if portals else ("", 0),
             access=access,
-            tpg_attributes=_read(tpg.get_attribute, _TPG_ATTRIBUTES),
+            tpg_attributes=tpg_attributes,
             parameters=_read(tpg.get_parameter, _PARAMETERS),
             backstore_attributes=(
                 _read(so.get_attribute, _BACKSTORE_ATTRIBUTES) if so is not None else ()
@@ -176,7 +178,8 @@ class RtslibLio:
                 "iqn": spec.iqn,
                 "volume": spec.volume,
                 "device": spec.device,
-                "initiators": [a.initiator for a in spec.access.initiators] or "any",
+                "access": spec.access.label(),
+                "initiators": [a.initiator for a in spec.access.initiators],
                 "mutual_chap": [a.initiator for a in spec.access.initiators if a.target_secret],
             },
         )
@@ -188,6 +191,11 @@ class RtslibLio:
         for name, value in spec.parameters:
             if (name, value) not in live.parameters:
                 tpg.set_parameter(name, value)
+        # The ACLs first: each says whether it needs CHAP before the TPG stops requiring
+        # authentication (a volume that starts mixing initiators with and without CHAP).
+        if spec.access != live.access:
+            lun = rts.LUN(tpg, LUN)
+            self._set_access(tpg, lun, spec.iqn, spec.access)
         for name, value in _in_order(spec.tpg_attributes):
             if (name, value) not in live.tpg_attributes:
                 tpg.set_attribute(name, value)
@@ -195,31 +203,50 @@ class RtslibLio:
         for name, value in spec.backstore_attributes:
             if (name, value) not in live.backstore_attributes:
                 so.set_attribute(name, value)
-        if spec.access != live.access:
-            lun = rts.LUN(tpg, LUN)
-            self._set_access(tpg, lun, spec.iqn, spec.access)
         if spec.portal != live.portal:
             for portal in list(tpg.network_portals):
                 portal.delete()
             rts.NetworkPortal(tpg, spec.portal[0], spec.portal[1], mode="create")
-        LOG.info("iSCSI target updated", extra={"iqn": spec.iqn, "volume": spec.volume})
+        LOG.info(
+            "iSCSI target updated",
+            extra={"iqn": spec.iqn, "volume": spec.volume, "access": spec.access.label()},
+        )
 
     def _set_access(self, tpg: Any, lun: Any, iqn: str, access: Access) -> None:
-        """An ACL per allowed initiator, with LUN 0 and its CHAP secrets; ACLs of
-        initiators no longer allowed are deleted (their sessions end)."""
+        """An ACL per allowed initiator, with LUN 0 and its CHAP secrets (or none); ACLs
+        of initiators no longer allowed, or that change between CHAP and none, are
+        deleted first (their sessions end). An open target has no ACL."""
         rts = self._rts
         wanted = {a.initiator: a for a in access.initiators}
         for acl in list(tpg.node_acls):
-            if acl.node_wwn not in wanted:
+            rule = wanted.get(acl.node_wwn)
+            if rule is None or _read_acl(acl, iqn).chap != rule.chap:
                 acl.delete()
         for name, rule in wanted.items():
             acl = rts.NodeACL(tpg, name)
             if not list(acl.mapped_luns):
                 rts.MappedLUN(acl, LUN, lun)
+            self._set_acl_authentication(acl, rule, access)
+            if rule.secret is None:
+                continue
             acl.chap_userid = name
             acl.chap_password = rule.secret
             acl.chap_mutual_userid = iqn if rule.target_secret else ""
             acl.chap_mutual_password = rule.target_secret or ""
+
+    @staticmethod
+    def _set_acl_authentication(acl: Any, rule: InitiatorAccess, access: Access) -> None:
+        """The ACL's own authentication switch (Linux 6.0+): 1 for CHAP, 0 without. Where
+        the kernel has none, the TPG's switch decides, which serves every volume but one
+        that mixes initiators with and without CHAP: that one is refused, not opened."""
+        if "authentication" in acl.list_attributes():
+            acl.set_attribute("authentication", "1" if rule.chap else "0")
+        elif access.mixed:
+            raise IscsiExportError(
+                f"initiators with and without CHAP on one volume need per-ACL "
+                f"authentication (Linux 6.0 or newer): {rule.initiator} was not allowed; "
+                "give every initiator of the volume CHAP, or none"
+            )
 
     def _remove(self, live: TargetSpec) -> None:
         for target in self._root.targets:
@@ -259,10 +286,19 @@ def _read(get: Any, names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 
 
 def _read_acl(acl: Any, iqn: str) -> InitiatorAccess:
-    """An ACL's rule as the desired state would write it; anything else (another CHAP
-    user name, no secret) reads as an empty secret, so that it differs and is rewritten."""
+    """An ACL's rule as the desired state would write it: without CHAP if its own
+    authentication switch is off, or (kernels without one) if it has no CHAP user;
+    anything else not as written (another CHAP user name, no secret) reads as an empty
+    secret, so that it differs and is rewritten."""
     name = str(acl.node_wwn)
+    if (
+        "authentication" in acl.list_attributes()
+        and str(acl.get_attribute("authentication")).strip() == "0"
+    ):
+        return InitiatorAccess(name)
     userid, secret = acl.chap_userid or "", acl.chap_password or ""
+    if not userid and not secret:
+        return InitiatorAccess(name)
     mutual_id, mutual = acl.chap_mutual_userid or "", acl.chap_mutual_password or ""
     return InitiatorAccess(
         name,

@@ -5,7 +5,8 @@ used in log records, its size, its mode (stored on a local disk, or cached: the 
 copy at the provider, a chunk cache locally) and its disk, and, once it uploads to a
 provider, the remote volume it is bound to and the map version the gateway last
 committed. It is written atomically; files written before the remote and mode fields
-existed still load.
+existed still load (an entry without ``iscsi_legacy_open`` was written before iSCSI access
+was closed by default: see ``RegistryEntry``).
 """
 
 from __future__ import annotations
@@ -432,6 +433,11 @@ class RegistryEntry:
     dirty: list[list[int]] = field(default_factory=list)
     # Created at runtime (the control channel): opened at start without configuration.
     managed: bool = False
+    # Exported over iSCSI to any initiator, as before access was closed by default, until
+    # the admin first sets the volume's access (sgw.gateway.lio). None: registered by an
+    # older version and not yet decided (the LIO exporter decides once: open if the volume
+    # had no login rules then); volumes registered since start False (closed).
+    iscsi_legacy_open: bool | None = False
 
     def spec(self, name: str) -> VolumeSpec:
         """The volume as if it were configured."""
@@ -508,6 +514,9 @@ def _load_registry(path: str) -> dict[str, RegistryEntry]:
                 restore_done=bool(e.get("restore_done", False)),
                 dirty=[[int(a), int(b)] for a, b in e.get("dirty", [])],
                 managed=bool(e.get("managed", False)),
+                iscsi_legacy_open=(
+                    None if e.get("iscsi_legacy_open") is None else bool(e["iscsi_legacy_open"])
+                ),
             )
             for name, e in data.items()
         }

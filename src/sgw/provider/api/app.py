@@ -124,7 +124,8 @@ def create_app(config: ProviderConfig) -> FastAPI:
     account_repo = Accounts(sessions)
     gateway_repo = Gateways(sessions)
     master = read_master_key(os.path.join(config.data_dir, MASTER_KEY_FILE))
-    planner = CommandPlanner(service, gateway_repo)
+    settings = VolumeSettings(sessions, SecretBox(master))
+    planner = CommandPlanner(service, gateway_repo, settings)
     control_store = ControlStore(config.db_url)
 
     async def follow_up(info: MessageInfo) -> None:
@@ -167,7 +168,7 @@ def create_app(config: ProviderConfig) -> FastAPI:
     app.state.blocks = service
     app.state.accounts = account_repo
     app.state.gateways = gateway_repo
-    app.state.volume_settings = VolumeSettings(sessions, SecretBox(master))
+    app.state.volume_settings = settings
     app.state.control = hub
     app.state.commands = planner
     app.include_router(blocks.router)

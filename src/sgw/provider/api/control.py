@@ -3,7 +3,9 @@
 Gateways (signed requests): ``GET /v1/gateway/messages?wait=S&ack=IDS`` is the
 long-poll (held until a command arrives or ``wait`` ends; ``ack`` acknowledges earlier
 answers), ``POST /v1/gateway/messages/replies`` carries outcomes, ``GET
-/v1/gateway/volumes/{id}/chap`` hands a gateway its volume's CHAP secrets.
+/v1/gateway/volumes/{id}/access`` hands a gateway its volume's iSCSI access rules (CHAP
+secrets, initiators allowed without CHAP, the open flag); ``.../chap``, the CHAP secrets
+alone, serves gateways from before access rules.
 
 Admins (API tokens): ``POST /v1/gateways/{id}/commands`` sends a command,
 ``GET /v1/gateways/{id}/commands/{cid}?wait=S`` waits for its outcome,
@@ -100,6 +102,12 @@ class ChapSecretOut(BaseModel):
     initiator: str
     secret: str
     target_secret: str | None
+
+
+class GatewayAccessOut(BaseModel):
+    chap: list[ChapSecretOut]
+    acl: list[str] = Field(description="initiators allowed without CHAP")
+    open: bool = Field(description="any initiator, no authentication (the rules set aside)")
 
 
 class CommandIn(BaseModel):
@@ -261,6 +269,24 @@ def gateway_chap(volume_id: str, request: Request, response: Response) -> list[C
         ChapSecretOut(initiator=i, secret=s, target_secret=t)
         for i, s, t in settings.chap_secrets(volume_id)
     ]
+
+
+@router.get("/gateway/volumes/{volume_id}/access", tags=["gateway"], responses=errors(403, 404))
+def gateway_access(volume_id: str, request: Request, response: Response) -> GatewayAccessOut:
+    """Who may log in to one of the gateway's volumes, CHAP secrets in the clear (LIO
+    needs them); for the gateway itself only."""
+    principal = current_principal(request)
+    if principal.kind is not Kind.GATEWAY:
+        raise ForbiddenError("only the volume's gateway may fetch its access rules")
+    check_volume(request, principal, volume_id)
+    settings: VolumeSettings = request.app.state.volume_settings
+    response.headers["cache-control"] = "no-store"
+    rules = settings.gateway_access(volume_id)
+    return GatewayAccessOut(
+        chap=[ChapSecretOut(initiator=i, secret=s, target_secret=t) for i, s, t in rules.chap],
+        acl=rules.acl,
+        open=rules.open,
+    )
 
 
 # Admins

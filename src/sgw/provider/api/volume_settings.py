@@ -1,6 +1,8 @@
-"""Admin routes of volumes and snapshots beyond the block API: listings, CHAP credentials
-and snapshot schedules. Create, describe and delete are the block API's own calls
-(docs/block-api.md), which an API token may make for its whole account."""
+"""Admin routes of volumes and snapshots beyond the block API: listings, who may log in
+over iSCSI (CHAP credentials, initiators allowed without CHAP, the open flag) and snapshot
+schedules. Create, describe and delete are the block API's own calls (docs/block-api.md),
+which an API token may make for its whole account. A change of a volume's access reaches
+its gateway with a ``sync_chap`` command, which the CLI sends."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from sgw.provider.api.accounts import errors
 from sgw.provider.api.auth import AdminPrincipal
@@ -16,6 +18,8 @@ from sgw.provider.api.blocks import SnapshotOut
 from sgw.provider.management.volume_settings import (
     CHAP_SECRET_MAX,
     CHAP_SECRET_MIN,
+    AccessInfo,
+    AclInfo,
     ChapInfo,
     ScheduleInfo,
     VolumeSettings,
@@ -31,6 +35,12 @@ class VolumeListed(BaseModel):
     mode: Literal["cached", "stored"]
     map_version: int
     created: datetime
+    access: str = Field(
+        description="who may log in over iSCSI: closed, chap N, acl N (both: chap N, acl M), "
+        "OPEN (the open flag), OPEN (legacy) (open since before access was closed by default)"
+    )
+    iscsi_open: bool
+    iscsi_legacy_open: bool
 
 
 class ChapIn(BaseModel):
@@ -51,6 +61,48 @@ class ChapOut(BaseModel):
     @classmethod
     def of(cls, c: ChapInfo) -> ChapOut:
         return cls(initiator=c.initiator, mutual=c.mutual, updated=c.updated)
+
+
+class AclIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    initiator: str = Field(description="the initiator's iSCSI name, allowed without CHAP")
+
+
+class AclOut(BaseModel):
+    initiator: str
+    updated: datetime
+
+    @classmethod
+    def of(cls, a: AclInfo) -> AclOut:
+        return cls(initiator=a.initiator, updated=a.updated)
+
+
+class OpenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    open: StrictBool = Field(
+        description="true: any initiator may log in without authentication (labs only; the "
+        "rules are kept but not applied); false: the rules apply (none: closed)"
+    )
+
+
+class AccessOut(BaseModel):
+    access: str = Field(description="closed, chap N, acl N, OPEN or OPEN (legacy)")
+    open: bool
+    legacy_open: bool = Field(description="open since before access was closed by default")
+    chap: list[ChapOut]
+    acl: list[AclOut] = Field(description="initiators allowed without CHAP")
+
+    @classmethod
+    def of(cls, a: AccessInfo) -> AccessOut:
+        return cls(
+            access=a.access,
+            open=a.open,
+            legacy_open=a.legacy_open,
+            chap=[ChapOut.of(c) for c in a.chap],
+            acl=[AclOut.of(x) for x in a.acl],
+        )
 
 
 class ScheduleIn(BaseModel):
@@ -108,6 +160,9 @@ def list_volumes(
             mode=v.mode.value,
             map_version=v.map_version,
             created=v.created,
+            access=v.access,
+            iscsi_open=v.iscsi_open,
+            iscsi_legacy_open=v.iscsi_legacy_open,
         )
         for v in repo.list_volumes(principal.account_id, gateway_id)
     ]
@@ -161,6 +216,43 @@ def set_chap(volume_id: str, body: ChapIn, principal: AdminPrincipal, repo: Repo
 def delete_chap(volume_id: str, initiator: str, principal: AdminPrincipal, repo: Repo) -> Response:
     repo.delete_chap(principal.account_id, volume_id, initiator)
     return Response(status_code=204)
+
+
+@router.get("/volumes/{volume_id}/access", tags=["volumes"], responses=errors(404))
+def get_access(volume_id: str, principal: AdminPrincipal, repo: Repo) -> AccessOut:
+    """Who may log in to the volume over iSCSI (never the secrets)."""
+    return AccessOut.of(repo.access(principal.account_id, volume_id))
+
+
+@router.get("/volumes/{volume_id}/acl", tags=["volumes"], responses=errors(404))
+def list_acl(volume_id: str, principal: AdminPrincipal, repo: Repo) -> list[AclOut]:
+    """The initiators allowed on the volume without CHAP."""
+    return [AclOut.of(a) for a in repo.list_acl(principal.account_id, volume_id)]
+
+
+@router.put("/volumes/{volume_id}/acl", tags=["volumes"], responses=errors(400, 404, 422))
+def add_acl(volume_id: str, body: AclIn, principal: AdminPrincipal, repo: Repo) -> AclOut:
+    """Allows an initiator on the volume by its name alone, without CHAP (hosts on a
+    trusted network)."""
+    return AclOut.of(repo.add_acl(principal.account_id, volume_id, body.initiator))
+
+
+@router.delete(
+    "/volumes/{volume_id}/acl/{initiator}",
+    status_code=204,
+    tags=["volumes"],
+    responses=errors(404),
+)
+def delete_acl(volume_id: str, initiator: str, principal: AdminPrincipal, repo: Repo) -> Response:
+    repo.delete_acl(principal.account_id, volume_id, initiator)
+    return Response(status_code=204)
+
+
+@router.put("/volumes/{volume_id}/open", tags=["volumes"], responses=errors(404, 422))
+def set_open(volume_id: str, body: OpenIn, principal: AdminPrincipal, repo: Repo) -> AccessOut:
+    """Opens the volume to any initiator without authentication (labs), or closes it to
+    all but its rules' initiators."""
+    return AccessOut.of(repo.set_open(principal.account_id, volume_id, body.open))
 
 
 @router.get("/volumes/{volume_id}/snapshot-schedule", tags=["volumes"], responses=errors(404))

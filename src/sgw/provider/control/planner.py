@@ -21,7 +21,9 @@ the gateway binds to it and even a snapshot of another gateway's volume can be u
 the record is deleted again if the gateway refuses or never takes the command.
 ``delete_volume`` deletes the record once the gateway removed its volume. CHAP secrets
 never travel in a message (messages are stored in the clear): ``sync_chap`` makes the
-gateway fetch them with a signed request. Snapshot schedules post ``snapshot`` commands
+gateway fetch the volume's iSCSI access rules, secrets included, with a signed request. A
+``describe`` answer says which of the gateway's volumes it exports legacy open: recorded
+for the volumes' listing. Snapshot schedules post ``snapshot`` commands
 of their own (sgw.provider.control.schedules), under idempotency keys admins may not use.
 """
 
@@ -45,10 +47,12 @@ from sgw.common.commands import (
     SyncChapArgs,
 )
 from sgw.common.errors import BadRequestError, NotFoundError
+from sgw.common.iscsi import LEGACY_OPEN
 from sgw.provider.blockstore.maps import VolumeInfo, VolumeMode
 from sgw.provider.blockstore.service import BlockService
 from sgw.provider.control.store import EXPIRED, FAILED, SUCCEEDED, MessageInfo
 from sgw.provider.management.gateways import Gateways
+from sgw.provider.management.volume_settings import VolumeSettings
 
 LOG = logging.getLogger(__name__)
 
@@ -127,9 +131,12 @@ class Prepared:
 class CommandPlanner:
     """Turns an admin's command into the gateway's, and follows up finished ones."""
 
-    def __init__(self, blocks: BlockService, gateways: Gateways) -> None:
+    def __init__(
+        self, blocks: BlockService, gateways: Gateways, settings: VolumeSettings | None = None
+    ) -> None:
         self.blocks = blocks
         self.gateways = gateways
+        self.settings = settings  # where the gateways' access reports go (None: nowhere)
         # gateway id -> its account: a gateway never changes accounts, so once looked up
         # the answer holds (bounded; most commands then need no database read here).
         self._accounts: dict[str, str] = {}
@@ -243,12 +250,18 @@ class CommandPlanner:
     async def follow_up(self, info: MessageInfo) -> None:
         """Follow-up of a finished command: a volume made for a refused or expired
         ``create_volume`` goes again; a volume the gateway deleted goes at the provider
-        too."""
+        too; what a ``describe`` says of the volumes' access is recorded."""
         drop = (info.type == "create_volume" and info.status in (FAILED, EXPIRED)) or (
             info.type == "delete_volume" and info.status == SUCCEEDED
         )
         if drop and isinstance(info.args.get("volume_id"), str):
             await asyncio.to_thread(self._drop_volume, info)
+        if info.type == "describe" and info.status == SUCCEEDED and self.settings is not None:
+            reported = legacy_open_reported(info.result)
+            if reported:
+                await asyncio.to_thread(
+                    self.settings.record_reported_access, info.gateway_id, reported
+                )
 
     def _drop_volume(self, info: MessageInfo) -> None:
         volume_id = str(info.args["volume_id"])
@@ -260,3 +273,18 @@ class CommandPlanner:
             "volume record deleted",
             extra={"volume": volume_id, "command": info.id, "status": info.status},
         )
+
+
+def legacy_open_reported(result: dict[str, Any] | None) -> dict[str, bool]:
+    """From a ``describe`` answer: for each volume bound to the provider (by id) whose
+    ``iscsi_access`` the gateway reported, whether it is legacy open. Gateways from before
+    access rules report none."""
+    volumes = result.get("volumes") if isinstance(result, dict) else None
+    out: dict[str, bool] = {}
+    for vol in volumes if isinstance(volumes, list) else []:
+        if not isinstance(vol, dict):
+            continue
+        remote_id, access = vol.get("remote_id"), vol.get("iscsi_access")
+        if isinstance(remote_id, str) and isinstance(access, str):
+            out[remote_id] = access == LEGACY_OPEN
+    return out

@@ -203,6 +203,13 @@ class Volume(Base):
     # under: the volume's own id, or that of the snapshot it was made from (see KeyRing).
     key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX))
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # iSCSI access (sgw.common.iscsi; the initiators are in chap_credentials and
+    # initiator_acls): the admin's open flag (any initiator, no authentication: labs), and
+    # whether the volume is open since before access was closed by default (set by the
+    # schema upgrade for volumes on a gateway without CHAP, then as the gateway reports;
+    # cleared when the admin sets the volume's access).
+    iscsi_open: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    iscsi_legacy_open: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class GcGeneration(Base):
@@ -440,6 +447,19 @@ class ChapCredential(Base):
     secret: Mapped[bytes] = mapped_column(LargeBinary)
     # Mutual CHAP: the secret the target proves itself with; None for one-way CHAP.
     target_secret: Mapped[bytes | None] = mapped_column(LargeBinary)
+    updated: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class InitiatorAcl(Base):
+    """An initiator allowed on a volume without CHAP: an ACL alone, for hosts on a
+    trusted network."""
+
+    __tablename__ = "initiator_acls"
+
+    volume_id: Mapped[str] = mapped_column(
+        ForeignKey("volumes.id", ondelete="CASCADE"), primary_key=True
+    )
+    initiator: Mapped[str] = mapped_column(String(NAME_MAX), primary_key=True)
     updated: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 

@@ -1,5 +1,11 @@
-"""What an admin sets on volumes besides their data: CHAP credentials, snapshot schedules,
-and the listings of an account's volumes and snapshots.
+"""What an admin sets on volumes besides their data: who may log in over iSCSI (CHAP
+credentials, initiators allowed without CHAP, the open flag), snapshot schedules, and the
+listings of an account's volumes and snapshots.
+
+iSCSI access is closed by default (sgw.common.iscsi): a volume without rules accepts no
+initiator. Every change of a volume's rules ends its "legacy open" mark (its gateway ends
+it too when it fetches them, ``sync_chap``); the gateways' ``describe`` answers set it
+(``record_reported_access``).
 
 CHAP secrets must reach LIO in the clear, so they are encrypted, not hashed: AES-256-GCM
 under a key derived (HKDF-SHA256) from the provider's master key, the volume and the
@@ -12,19 +18,22 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sgw.common.errors import BadRequestError, MasterKeyError, NotFoundError
+from sgw.common.iscsi import INITIATOR_NAME_HELP, access_label, initiator_name
 from sgw.provider.blockstore.maps import SnapshotStatus, VolumeMode
 from sgw.provider.db.models import (
     NAME_MAX,
     ChapCredential,
+    InitiatorAcl,
     Snapshot,
     SnapshotSchedule,
     Volume,
@@ -51,6 +60,9 @@ class VolumeRow:
     mode: VolumeMode
     map_version: int
     created: datetime
+    access: str  # sgw.common.iscsi.access_label: closed, chap N, acl N, OPEN, OPEN (legacy)
+    iscsi_open: bool
+    iscsi_legacy_open: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +84,33 @@ class ChapInfo:
     initiator: str
     mutual: bool
     updated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AclInfo:
+    initiator: str
+    updated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AccessInfo:
+    """A volume's iSCSI access: its label, flags and initiators (never the secrets)."""
+
+    access: str
+    open: bool
+    legacy_open: bool
+    chap: list[ChapInfo]
+    acl: list[AclInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayAccess:
+    """A volume's rules as its gateway applies them: CHAP (initiator, secret, target
+    secret) decrypted, initiators without CHAP, the open flag."""
+
+    chap: list[tuple[str, str, str | None]]
+    acl: list[str]
+    open: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +167,9 @@ class VolumeSettings:
         if gateway_id is not None:
             query = query.where(Volume.gateway_id == gateway_id)
         with self._sessions() as s:
+            volumes = list(s.scalars(query.order_by(Volume.created, Volume.id)))
+            chap = _counts(s, ChapCredential.volume_id, account_id, gateway_id)
+            acl = _counts(s, InitiatorAcl.volume_id, account_id, gateway_id)
             return [
                 VolumeRow(
                     v.id,
@@ -138,8 +180,13 @@ class VolumeSettings:
                     VolumeMode(v.mode),
                     v.map_version,
                     v.created,
+                    access_label(
+                        chap.get(v.id, 0), acl.get(v.id, 0), v.iscsi_open, v.iscsi_legacy_open
+                    ),
+                    v.iscsi_open,
+                    v.iscsi_legacy_open,
                 )
-                for v in s.scalars(query.order_by(Volume.created, Volume.id))
+                for v in volumes
             ]
 
     def list_snapshots(self, account_id: str, volume_id: str | None = None) -> list[SnapshotRow]:
@@ -183,7 +230,14 @@ class VolumeSettings:
                 )
         context = f"{volume_id}/{initiator}"
         with self._sessions.begin() as s:
-            self._volume(s, account_id, volume_id)
+            volume = self._volume(s, account_id, volume_id)
+            volume.iscsi_legacy_open = False
+            # An initiator allowed without CHAP that gets credentials needs them from now.
+            s.execute(
+                delete(InitiatorAcl).where(
+                    InitiatorAcl.volume_id == volume_id, InitiatorAcl.initiator == initiator
+                )
+            )
             row = s.get(ChapCredential, (volume_id, initiator))
             if row is None:
                 row = ChapCredential(volume_id=volume_id, initiator=initiator)
@@ -223,8 +277,9 @@ class VolumeSettings:
         return out
 
     def delete_chap(self, account_id: str, volume_id: str, initiator: str) -> None:
+        """Removes an initiator's credentials (the volume's last rule: it is closed)."""
         with self._sessions.begin() as s:
-            self._volume(s, account_id, volume_id)
+            volume = self._volume(s, account_id, volume_id)
             gone = s.execute(
                 delete(ChapCredential).where(
                     ChapCredential.volume_id == volume_id, ChapCredential.initiator == initiator
@@ -232,6 +287,110 @@ class VolumeSettings:
             )
             if not getattr(gone, "rowcount", 0):
                 raise NotFoundError(f"volume {volume_id} has no CHAP credentials for {initiator}")
+            volume.iscsi_legacy_open = False
+
+    # Initiators without CHAP, the open flag
+
+    def add_acl(self, account_id: str, volume_id: str, initiator: str) -> AclInfo:
+        """Allows an initiator on the volume by its name alone, without CHAP."""
+        name = initiator_name(initiator)
+        if name is None:
+            raise BadRequestError(f"initiator {initiator[:80]!r}: give {INITIATOR_NAME_HELP}")
+        with self._sessions.begin() as s:
+            volume = self._volume(s, account_id, volume_id)
+            if s.get(ChapCredential, (volume_id, name)) is not None:
+                raise BadRequestError(
+                    f"initiator {name} has CHAP credentials on volume {volume_id}; remove "
+                    f"them first (sgw volumes chap-delete {volume_id} {name}) to let it in "
+                    "without CHAP"
+                )
+            row = s.get(InitiatorAcl, (volume_id, name))
+            if row is None:
+                row = InitiatorAcl(volume_id=volume_id, initiator=name)
+                s.add(row)
+            row.updated = utcnow()
+            volume.iscsi_legacy_open = False
+            info = AclInfo(name, row.updated)
+        LOG.info("initiator allowed without chap", extra={"volume": volume_id, "initiator": name})
+        return info
+
+    def list_acl(self, account_id: str, volume_id: str) -> list[AclInfo]:
+        with self._sessions() as s:
+            self._volume(s, account_id, volume_id)
+            rows = s.scalars(
+                select(InitiatorAcl)
+                .where(InitiatorAcl.volume_id == volume_id)
+                .order_by(InitiatorAcl.initiator)
+            )
+            return [AclInfo(r.initiator, r.updated) for r in rows]
+
+    def delete_acl(self, account_id: str, volume_id: str, initiator: str) -> None:
+        """Removes an initiator allowed without CHAP (the last rule: the volume closes)."""
+        name = initiator.strip().lower()
+        with self._sessions.begin() as s:
+            volume = self._volume(s, account_id, volume_id)
+            gone = s.execute(
+                delete(InitiatorAcl).where(
+                    InitiatorAcl.volume_id == volume_id, InitiatorAcl.initiator == name
+                )
+            )
+            if not getattr(gone, "rowcount", 0):
+                raise NotFoundError(f"volume {volume_id} allows no initiator {name} without CHAP")
+            volume.iscsi_legacy_open = False
+
+    def set_open(self, account_id: str, volume_id: str, open_: bool) -> AccessInfo:
+        """Sets the open flag: any initiator may log in without authentication (labs), the
+        rules kept but not applied; cleared, the rules apply (none: closed)."""
+        with self._sessions.begin() as s:
+            volume = self._volume(s, account_id, volume_id)
+            volume.iscsi_open = open_
+            volume.iscsi_legacy_open = False
+        log = LOG.warning if open_ else LOG.info
+        log(
+            "volume open to any iscsi initiator" if open_ else "volume open flag cleared",
+            extra={"volume": volume_id},
+        )
+        return self.access(account_id, volume_id)
+
+    def access(self, account_id: str, volume_id: str) -> AccessInfo:
+        with self._sessions() as s:
+            volume = self._volume(s, account_id, volume_id)
+            opened, legacy = volume.iscsi_open, volume.iscsi_legacy_open
+        chap = self.list_chap(account_id, volume_id)
+        acl = self.list_acl(account_id, volume_id)
+        label = access_label(len(chap), len(acl), opened, legacy)
+        return AccessInfo(label, opened, legacy, chap, acl)
+
+    def gateway_access(self, volume_id: str) -> GatewayAccess:
+        """The volume's rules for its gateway, secrets decrypted."""
+        with self._sessions() as s:
+            volume = s.get(Volume, volume_id)
+            if volume is None:
+                raise NotFoundError(f"volume {volume_id} not found")
+            opened = volume.iscsi_open
+            acl = list(
+                s.scalars(
+                    select(InitiatorAcl.initiator)
+                    .where(InitiatorAcl.volume_id == volume_id)
+                    .order_by(InitiatorAcl.initiator)
+                )
+            )
+        return GatewayAccess(self.chap_secrets(volume_id), acl, opened)
+
+    def record_reported_access(self, gateway_id: str, legacy_open: dict[str, bool]) -> None:
+        """Records, for the gateway's volumes it reported on (by id), whether it exports
+        them legacy open."""
+        if not legacy_open:
+            return
+        with self._sessions.begin() as s:
+            for value in (True, False):
+                ids = [v for v, legacy in legacy_open.items() if legacy is value]
+                if ids:
+                    s.execute(
+                        update(Volume)
+                        .where(Volume.gateway_id == gateway_id, Volume.id.in_(ids))
+                        .values(iscsi_legacy_open=value)
+                    )
 
     # Snapshot schedules
 
@@ -293,6 +452,19 @@ class VolumeSettings:
         if volume is None or volume.account_id != account_id:
             raise NotFoundError(f"volume {volume_id} not found in account {account_id}")
         return volume
+
+
+def _counts(s: Session, column: Any, account_id: str, gateway_id: str | None) -> dict[str, int]:
+    """How many rows of ``column``'s table (a volume id) each of the account's volumes
+    (of the gateway, if given) has."""
+    query = (
+        select(column, func.count())
+        .join(Volume, Volume.id == column)
+        .where(Volume.account_id == account_id)
+    )
+    if gateway_id is not None:
+        query = query.where(Volume.gateway_id == gateway_id)
+    return {str(v): int(n) for v, n in s.execute(query.group_by(column))}
 
 
 def _check_initiator(name: str) -> str:
