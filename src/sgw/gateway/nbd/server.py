@@ -1,6 +1,9 @@
 """The NBD server: the engine's volumes as exports, listeners on unix and TCP sockets, and
 a shutdown that lets every connection answer what it received. Each accepted socket gets
 its own protocol object (``connection.NbdConnection``).
+
+For the blue-green swap the server fences (stops accepting and reading, answers what it
+read), describes its listeners and connections, and the successor adopts the same sockets.
 """
 
 from __future__ import annotations
@@ -9,10 +12,14 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import socket
+import time
 from collections.abc import Callable
 
+from sgw.common.errors import HandoverError
 from sgw.gateway.nbd.connection import NbdConnection
 from sgw.gateway.nbd.negotiation import ExportInfo
+from sgw.gateway.nbd.state import ConnectionState, ListenerState
 from sgw.gateway.volume.engine import VolumeEngine
 from sgw.gateway.volume.volume import Volume
 
@@ -34,6 +41,8 @@ class NbdServer:
         self.on_write = on_write or (lambda: None)
         self.connections: set[NbdConnection] = set()
         self.servers: list[asyncio.Server] = []
+        # The listening sockets by address (unix:PATH, tcp:HOST:PORT) and their servers.
+        self.listeners: dict[str, tuple[socket.socket, asyncio.Server | None]] = {}
         self.read_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="nbd-read")
         self.shutting_down = False
         self.requests = 0
@@ -69,26 +78,107 @@ class NbdServer:
         """Listens on a unix socket (replacing a stale socket file)."""
         if os.path.exists(path):
             os.unlink(path)
-        loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: NbdConnection(self), path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
         os.chmod(path, 0o660)
-        self.servers.append(server)
+        sock.listen(1024)
+        await self._serve(f"unix:{path}", sock)
         LOG.info("nbd listening", extra={"address": f"unix:{path}"})
 
     async def listen_tcp(self, host: str, port: int) -> int:
         """Listens on TCP; returns the port (useful with port 0)."""
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: NbdConnection(self), host, port)
-        self.servers.append(server)
-        bound = int(server.sockets[0].getsockname()[1])
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=1024)
+        bound = int(sock.getsockname()[1])
+        await self._serve(f"tcp:{host}:{port}", sock)
         LOG.info("nbd listening", extra={"address": f"tcp:{host}:{bound}"})
         return bound
+
+    async def _serve(self, address: str, sock: socket.socket) -> None:
+        """Accepts connections on a listening socket (kept for the handover)."""
+        loop = asyncio.get_running_loop()
+        factory = lambda: NbdConnection(self)  # noqa: E731
+        if sock.family == socket.AF_UNIX:
+            server = await loop.create_unix_server(factory, sock=_dup(sock))
+        else:
+            server = await loop.create_server(factory, sock=_dup(sock))
+        self.servers.append(server)
+        self.listeners[address] = (sock, server)
+
+    # -- handover (the blue-green swap) ----------------------------------------------------
+
+    def fence(self) -> None:
+        """Stops accepting (new clients wait in the listen backlog) and stops every
+        connection reading; requests already read are still answered."""
+        for address, (sock, server) in list(self.listeners.items()):
+            if server is not None:
+                server.close()
+                self.servers.remove(server)
+                self.listeners[address] = (sock, None)
+        for conn in self.connections:
+            conn.fence()
+
+    async def quiesce(self, deadline: float) -> None:
+        """Waits until every connection answered what it read (``time.monotonic()``
+        ``deadline``; HandoverError past it, naming the connections still busy)."""
+        while True:
+            busy = [c for c in self.connections if not c.quiescent]
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise HandoverError(
+                    f"{len(busy)} NBD connection(s) still busy at the fence "
+                    f"(e.g. {busy[0].peer}: requests in flight or waiting for log space)"
+                )
+            await asyncio.sleep(0.001)
+
+    async def unfence(self) -> None:
+        """Accepts and reads again (the swap was called off)."""
+        for address, (sock, server) in list(self.listeners.items()):
+            if server is None:
+                await self._serve(address, sock)
+        for conn in list(self.connections):
+            conn.unfence()
+
+    def handover_state(self, fds: list[int]) -> tuple[list[ListenerState], list[ConnectionState]]:
+        """The fenced server's listeners and connections; their descriptors are appended
+        to ``fds`` and the states name their index there."""
+        listeners = []
+        for address, (sock, _server) in self.listeners.items():
+            fds.append(sock.fileno())
+            listeners.append(ListenerState(len(fds) - 1, "nbd", address))
+        conns = []
+        for conn in self.connections:
+            transport = conn.transport
+            if transport is None:
+                continue
+            sock = transport.get_extra_info("socket")
+            fds.append(sock.fileno())
+            conns.append(conn.handover_state(len(fds) - 1))
+        return listeners, conns
+
+    async def adopt(
+        self,
+        listeners: list[tuple[ListenerState, socket.socket]],
+        conns: list[tuple[ConnectionState, socket.socket]],
+    ) -> None:
+        """Serves blue's listeners and connections as they were (green, at the swap)."""
+        loop = asyncio.get_running_loop()
+        for state, conn_sock in conns:
+            conn_sock.setblocking(False)
+            await loop.connect_accepted_socket(_adopting(self, state), sock=conn_sock)
+        for listener, sock in listeners:
+            sock.setblocking(False)
+            await self._serve(listener.address, sock)
+            LOG.info("nbd listening (handed over)", extra={"address": listener.address})
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stops accepting, lets every connection finish the requests it received, closes."""
         self.shutting_down = True
         for server in self.servers:
             server.close()
+        for sock, _server in self.listeners.values():
+            sock.close()
         conns = list(self.connections)
         for conn in conns:
             conn.drain_and_close()
@@ -101,3 +191,13 @@ class NbdServer:
         for server in self.servers:
             await server.wait_closed()
         self.read_pool.shutdown(wait=True)
+
+
+def _dup(sock: socket.socket) -> socket.socket:
+    """A second socket object on the same listening socket: the event loop's server owns
+    and closes one, the other stays open for the handover."""
+    return socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
+
+
+def _adopting(server: NbdServer, state: ConnectionState) -> Callable[[], NbdConnection]:
+    return lambda: NbdConnection(server, adopt=state)
