@@ -23,7 +23,7 @@ READS = (1,)
 
 
 @dataclass(frozen=True)
-class SnapshotState:
+class SnapshotRecord:
     """A snapshot request blue knows about (its marker may already be destaged)."""
 
     snapshot_id: str
@@ -45,7 +45,7 @@ class HandoverRecord:
     log: LogState
     connections: list[ConnectionState]
     listeners: list[ListenerState]
-    snapshots: list[SnapshotState]
+    snapshots: list[SnapshotRecord]
     lock_fd: int
     # Kernel NBD devices by volume (/dev/nbdN), for the iSCSI export to adopt as they are.
     devices: dict[str, str] = field(default_factory=dict)
@@ -109,8 +109,8 @@ def _connection(c: Any) -> ConnectionState:
     )
 
 
-def _snapshot(s: Any) -> SnapshotState:
-    return SnapshotState(
+def _snapshot(s: Any) -> SnapshotRecord:
+    return SnapshotRecord(
         snapshot_id=str(s["snapshot_id"]),
         volume=str(s["volume"]),
         description=None if s.get("description") is None else str(s["description"]),

@@ -98,6 +98,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._hs_in = bytearray()
         self._fenced = False
         self._adopt = adopt
+        self._adopted_pending = b""  # what blue had read and not parsed, until unfenced
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -212,7 +213,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         self._fenced = True
         self._stalls += 1  # a fenced connection is a stalled one: no parsing, no reading
-        self._update_reading()
+        if self._transport is not None:
+            self._update_reading()
 
     def unfence(self) -> None:
         """Undoes ``fence`` (the swap was called off): reading and parsing go on."""
@@ -223,7 +225,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._transport is None:
             return
         self._update_reading()
-        if not self._stalled and self._payload_view is None:
+        pending, self._adopted_pending = self._adopted_pending, b""
+        if pending:
+            self._inject(pending)
+        elif not self._stalled and self._payload_view is None:
             self._process()
 
     @property
@@ -261,7 +266,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         )
 
     def _restore(self, state: ConnectionState) -> None:
-        """Takes the connection over as blue described it (from ``connection_made``)."""
+        """Takes the connection over as blue described it (from ``connection_made``),
+        fenced: nothing is read, parsed or sent until ``unfence``."""
+        self.fence()
         self.peer = state.peer
         if state.phase == HANDSHAKE:
             neg = self._negotiation
@@ -277,7 +284,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._volume = vol
             self._structured = state.structured
             self._contexts = dict(state.contexts)
-        self._inject(state.pending)
+        self._adopted_pending = state.pending
 
     def _inject(self, data: bytes) -> None:
         """Processes ``data`` as if just received (what blue had read and not parsed)."""

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from sgw.common.errors import HandoverError
+from sgw.gateway.listening import Listener
 from sgw.gateway.nbd.connection import NbdConnection
 from sgw.gateway.nbd.negotiation import ExportInfo
 from sgw.gateway.nbd.state import ConnectionState, ListenerState
@@ -40,9 +40,7 @@ class NbdServer:
         self.default_export = default_export or next(iter(engine.volumes), None)
         self.on_write = on_write or (lambda: None)
         self.connections: set[NbdConnection] = set()
-        self.servers: list[asyncio.Server] = []
-        # The listening sockets by address (unix:PATH, tcp:HOST:PORT) and their servers.
-        self.listeners: dict[str, tuple[socket.socket, asyncio.Server | None]] = {}
+        self.listeners: list[Listener] = []
         self.read_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="nbd-read")
         self.shutting_down = False
         self.requests = 0
@@ -76,51 +74,39 @@ class NbdServer:
 
     async def listen_unix(self, path: str) -> None:
         """Listens on a unix socket (replacing a stale socket file)."""
-        if os.path.exists(path):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        os.chmod(path, 0o660)
-        sock.listen(1024)
-        await self._serve(f"unix:{path}", sock)
+        await self._listen(Listener.unix(path, self._serve_socket))
         LOG.info("nbd listening", extra={"address": f"unix:{path}"})
 
     async def listen_tcp(self, host: str, port: int) -> int:
         """Listens on TCP; returns the port (useful with port 0)."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=1024)
-        bound = int(sock.getsockname()[1])
-        await self._serve(f"tcp:{host}:{port}", sock)
-        LOG.info("nbd listening", extra={"address": f"tcp:{host}:{bound}"})
-        return bound
+        listener = Listener.tcp(host, port, self._serve_socket)
+        await self._listen(listener)
+        LOG.info("nbd listening", extra={"address": f"tcp:{host}:{listener.port}"})
+        return listener.port
 
-    async def _serve(self, address: str, sock: socket.socket) -> None:
-        """Accepts connections on a listening socket (kept for the handover)."""
+    async def _listen(self, listener: Listener) -> None:
+        self.listeners.append(listener)
+        await listener.start()
+
+    def _serve_socket(self, sock: socket.socket) -> Awaitable[asyncio.AbstractServer]:
         loop = asyncio.get_running_loop()
-        factory = lambda: NbdConnection(self)  # noqa: E731
         if sock.family == socket.AF_UNIX:
-            server = await loop.create_unix_server(factory, sock=_dup(sock))
-        else:
-            server = await loop.create_server(factory, sock=_dup(sock))
-        self.servers.append(server)
-        self.listeners[address] = (sock, server)
+            return loop.create_unix_server(lambda: NbdConnection(self), sock=sock)
+        return loop.create_server(lambda: NbdConnection(self), sock=sock)
 
     # -- handover (the blue-green swap) ----------------------------------------------------
 
     def fence(self) -> None:
         """Stops accepting (new clients wait in the listen backlog) and stops every
         connection reading; requests already read are still answered."""
-        for address, (sock, server) in list(self.listeners.items()):
-            if server is not None:
-                server.close()
-                self.servers.remove(server)
-                self.listeners[address] = (sock, None)
+        for listener in self.listeners:
+            listener.pause()
         for conn in self.connections:
             conn.fence()
 
     async def quiesce(self, deadline: float) -> None:
         """Waits until every connection answered what it read (``time.monotonic()``
-        ``deadline``; HandoverError past it, naming the connections still busy)."""
+        ``deadline``; HandoverError past it, naming a connection still busy)."""
         while True:
             busy = [c for c in self.connections if not c.quiescent]
             if not busy:
@@ -134,9 +120,8 @@ class NbdServer:
 
     async def unfence(self) -> None:
         """Accepts and reads again (the swap was called off)."""
-        for address, (sock, server) in list(self.listeners.items()):
-            if server is None:
-                await self._serve(address, sock)
+        for listener in self.listeners:
+            await listener.start()
         for conn in list(self.connections):
             conn.unfence()
 
@@ -144,16 +129,15 @@ class NbdServer:
         """The fenced server's listeners and connections; their descriptors are appended
         to ``fds`` and the states name their index there."""
         listeners = []
-        for address, (sock, _server) in self.listeners.items():
-            fds.append(sock.fileno())
-            listeners.append(ListenerState(len(fds) - 1, "nbd", address))
+        for listener in self.listeners:
+            fds.append(listener.sock.fileno())
+            listeners.append(ListenerState(len(fds) - 1, "nbd", listener.address))
         conns = []
         for conn in self.connections:
             transport = conn.transport
             if transport is None:
                 continue
-            sock = transport.get_extra_info("socket")
-            fds.append(sock.fileno())
+            fds.append(transport.get_extra_info("socket").fileno())
             conns.append(conn.handover_state(len(fds) - 1))
         return listeners, conns
 
@@ -162,23 +146,21 @@ class NbdServer:
         listeners: list[tuple[ListenerState, socket.socket]],
         conns: list[tuple[ConnectionState, socket.socket]],
     ) -> None:
-        """Serves blue's listeners and connections as they were (green, at the swap)."""
+        """Takes blue's connections and listeners as they were (green, at the swap),
+        fenced: nothing is accepted, read or sent until ``unfence``."""
         loop = asyncio.get_running_loop()
         for state, conn_sock in conns:
             conn_sock.setblocking(False)
             await loop.connect_accepted_socket(_adopting(self, state), sock=conn_sock)
-        for listener, sock in listeners:
-            sock.setblocking(False)
-            await self._serve(listener.address, sock)
-            LOG.info("nbd listening (handed over)", extra={"address": listener.address})
+        for lstate, sock in listeners:
+            self.listeners.append(Listener(lstate.address, sock, self._serve_socket))
+            LOG.info("nbd listener handed over", extra={"address": lstate.address})
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stops accepting, lets every connection finish the requests it received, closes."""
         self.shutting_down = True
-        for server in self.servers:
-            server.close()
-        for sock, _server in self.listeners.values():
-            sock.close()
+        for listener in self.listeners:
+            listener.close()
         conns = list(self.connections)
         for conn in conns:
             conn.drain_and_close()
@@ -188,15 +170,7 @@ class NbdServer:
             for conn in conns:
                 if not conn.closed.done():
                     conn.abort("shutdown timeout")
-        for server in self.servers:
-            await server.wait_closed()
         self.read_pool.shutdown(wait=True)
-
-
-def _dup(sock: socket.socket) -> socket.socket:
-    """A second socket object on the same listening socket: the event loop's server owns
-    and closes one, the other stays open for the handover."""
-    return socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
 
 
 def _adopting(server: NbdServer, state: ConnectionState) -> Callable[[], NbdConnection]:
