@@ -88,6 +88,8 @@ class Gateway:
         self._adopted_side: dict[str, socket.socket] = {}
         self._adopted_devices: dict[str, str] = {}
         self._quieted = False
+        if not standby:  # before anything is opened: a second daemon must touch nothing
+            self.take_lock()
         # Identity and activation (sgw.gateway.link.activation): every provider request is
         # signed once the gateway has its credentials.
         self.auth = GatewayAuth(load_or_create_key(config.data_dir))
@@ -176,6 +178,7 @@ class Gateway:
     def take_lock(self) -> None:
         """Takes the data directory's lock: one daemon serves it. A swap's successor
         inherits its predecessor's lock (the same open file) instead."""
+        os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.config.data_dir, LOCK_FILE)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -191,7 +194,6 @@ class Gateway:
     async def start(self) -> None:
         """Starts the destager, the cached volumes' bootstrap, the status monitor and the
         listeners."""
-        self.take_lock()
         await self._start_services()
         for listener in self.config.listeners:
             if listener.kind == "unix":
@@ -406,6 +408,9 @@ class Gateway:
         if self.read_client is not None:
             await self.read_client.aclose()
         self.engine.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
         for listener in self.config.listeners:
             if listener.kind == "unix" and os.path.exists(listener.path):
                 os.unlink(listener.path)

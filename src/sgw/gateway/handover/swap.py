@@ -28,14 +28,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sgw.common.errors import HandoverError, HandoverRefusedError
+from sgw.gateway.handover import faults
 from sgw.gateway.handover.record import READS, VERSION, HandoverRecord
 from sgw.gateway.handover.wire import Channel
 
@@ -54,6 +57,9 @@ class SwapTimeouts:
 
 
 DEFAULT_TIMEOUTS = SwapTimeouts()
+# How long green waits, after blue closed the socket, for blue to have exited: its files are
+# closed before the kernel finishes its exit, so an EOF can come first.
+BLUE_EXIT_WAIT_S = 5.0
 
 
 class Blue(Protocol):
@@ -111,8 +117,12 @@ async def upgrade(
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fd = theirs.fileno()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            exe, "gateway", "serve", *serve_args, "--standby-fd", str(fd), pass_fds=(fd,)
+        # subprocess, not the event loop's spawn: it closes every other descriptor in the
+        # child (uvloop's leaves stray copies of stdio, one more per generation of swaps).
+        proc = await asyncio.to_thread(
+            subprocess.Popen,
+            [exe, "gateway", "serve", *serve_args, "--standby-fd", str(fd)],
+            pass_fds=(fd,),
         )
     finally:
         theirs.close()
@@ -136,8 +146,15 @@ async def upgrade(
         await channel.send({"op": "quiet"})
         _expect(await channel.recv(timeouts.ready), "ready")
         fenced_at = await blue.fence(time.monotonic() + timeouts.fence)
+        await faults.hit("blue-after-fence")
         record, fds = blue.handover_record(fenced_at, version)
-        await channel.send({"op": "handover", "record": record.to_json()}, fds)
+        doc = record.to_json()
+        if faults.active("blue-corrupt-record"):
+            doc["log"]["next_seq"] += 1  # a record that does not match the log
+        if faults.active("blue-record-version"):
+            doc["version"] = VERSION + 100
+        await channel.send({"op": "handover", "record": doc}, fds)
+        await faults.hit("blue-after-handover")
         _expect(await channel.recv(timeouts.prepared), "prepared")
     except BaseException as exc:
         await _kill(proc)
@@ -152,6 +169,7 @@ async def upgrade(
         raise
     # The point of no return: from here on green serves, whatever happens to it.
     await channel.send({"op": "go"})
+    await faults.hit("blue-after-go")
     pause: float | None = None
     try:
         owned = _expect(await channel.recv(timeouts.owned), "owned")
@@ -180,31 +198,40 @@ async def standby(
     Returns the daemon, serving; HandoverError if the swap was called off (green then
     exits: blue serves)."""
     channel = Channel(socket.socket(fileno=fd))
-    blue_pid = os.getppid()
+    blue = os.pidfd_open(os.getppid())  # readable once blue has exited
     await channel.send({"op": "hello", "version": version, "reads": list(READS)})
     try:
         _expect(await channel.recv(timeouts.ready), "begin")
         green = await open_green()
+        await faults.hit("green-before-indexed")
         await channel.send({"op": "indexed"})
         _expect(await channel.recv(timeouts.ready), "quiet")
         await green.prepare_standby(timeouts.ready)
+        await faults.hit("green-before-ready")
         await channel.send({"op": "ready"})
         message, fds = await channel.recv(None)  # blue kills this process if it gives up
         _expect((message, fds), "handover")
+        await faults.hit("green-after-handover")
         record = HandoverRecord.from_json(message.get("record"))
         caught_up = await green.adopt(record, fds)
+        await faults.hit("green-before-prepared")
     except Exception as exc:
         LOG.error("swap: this standby gives up: %s", exc)
         with contextlib.suppress(HandoverError):
             await channel.send({"op": "failed", "reason": str(exc)})
         raise
-    await channel.send({"op": "prepared", "caught_up": caught_up})
     try:
+        await channel.send({"op": "prepared", "caught_up": caught_up})
         _expect(await channel.recv(None), "go")
     except HandoverError:
-        if os.getppid() == blue_pid:  # blue alive: it called the swap off
+        # Blue closes the socket when it calls the swap off (and kills this process), or
+        # when it dies. Dead, it handed everything over: nobody else can serve it.
+        if not await _exited(blue, BLUE_EXIT_WAIT_S):
             raise
         LOG.warning("swap: blue died after the handover; this daemon serves")
+    finally:
+        os.close(blue)
+    await faults.hit("green-before-go")
     await green.go()
     pause = time.monotonic() - record.fenced_at
     notify(f"MAINPID={os.getpid()}\nREADY=1\nSTATUS=serving (took over from pid {record.blue_pid})")
@@ -216,6 +243,12 @@ async def standby(
         await channel.send({"op": "owned", "version": version, "pause_s": pause})
     channel.close()
     return green
+
+
+async def _exited(pidfd: int, timeout: float) -> bool:
+    """True if the process behind ``pidfd`` exits within ``timeout`` seconds."""
+    readable, _, _ = await asyncio.to_thread(select.select, [pidfd], [], [], timeout)
+    return bool(readable)
 
 
 def _expect(got: tuple[dict[str, Any], list[int]], op: str) -> dict[str, Any]:
@@ -232,9 +265,9 @@ def _expect(got: tuple[dict[str, Any], list[int]], op: str) -> dict[str, Any]:
     return message
 
 
-async def _kill(proc: asyncio.subprocess.Process) -> None:
+async def _kill(proc: subprocess.Popen[bytes]) -> None:
     """Kills green and waits for it: only a dead green cannot serve blue's sockets."""
-    if proc.returncode is None:
+    if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGKILL)
-    await proc.wait()
+    await asyncio.to_thread(proc.wait)

@@ -72,6 +72,10 @@ class Channel:
     def _recv(self) -> tuple[dict[str, Any], list[int]]:
         try:
             head, fds, _flags, _addr = socket.recv_fds(self.sock, 1, MAX_FDS)
+            for fd in fds:
+                # Received descriptors are inheritable: a release this daemon starts later
+                # would keep every socket open (a client's close would never end).
+                os.set_inheritable(fd, False)
             if not head:
                 raise HandoverError("the other daemon closed the handover socket")
             head += self._exactly(_HEADER.size - len(head))

@@ -98,7 +98,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._hs_in = bytearray()
         self._fenced = False
         self._adopt = adopt
-        self._adopted_pending = b""  # what blue had read and not parsed, until unfenced
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -225,10 +224,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._transport is None:
             return
         self._update_reading()
-        pending, self._adopted_pending = self._adopted_pending, b""
-        if pending:
-            self._inject(pending)
-        elif not self._stalled and self._payload_view is None:
+        if not self._stalled and self._payload_view is None:
             self._process()
 
     @property
@@ -284,18 +280,16 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._volume = vol
             self._structured = state.structured
             self._contexts = dict(state.contexts)
-        self._adopted_pending = state.pending
+        self._preload(state.pending)
 
-    def _inject(self, data: bytes) -> None:
-        """Processes ``data`` as if just received (what blue had read and not parsed)."""
-        if not data:
-            return
-        if len(data) > len(self._buf):
-            self._buf = bytearray(len(data))
+    def _preload(self, data: bytes) -> None:
+        """Puts what blue had read and not parsed into the buffer, ahead of anything read
+        from now on; it is parsed once the connection is unfenced."""
+        if len(data) + RECV_BUFFER > len(self._buf):
+            self._buf = bytearray(len(data) + RECV_BUFFER)
             self._view = memoryview(self._buf)
         self._view[: len(data)] = data
         self._start, self._end = 0, len(data)
-        self._process()
 
     # -- output ----------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ class NbdServer:
         self.on_write = on_write or (lambda: None)
         self.connections: set[NbdConnection] = set()
         self.listeners: list[Listener] = []
+        self._adopted: list[tuple[ConnectionState, socket.socket]] = []
         self.read_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="nbd-read")
         self.shutting_down = False
         self.requests = 0
@@ -119,7 +120,13 @@ class NbdServer:
             await asyncio.sleep(0.001)
 
     async def unfence(self) -> None:
-        """Accepts and reads again (the swap was called off)."""
+        """Accepts and reads again (the swap was called off; or green, at ``go``: the
+        adopted sockets are served from here on)."""
+        adopted, self._adopted = self._adopted, []
+        loop = asyncio.get_running_loop()
+        for state, conn_sock in adopted:
+            conn_sock.setblocking(False)
+            await loop.connect_accepted_socket(_adopting(self, state), sock=conn_sock)
         for listener in self.listeners:
             await listener.start()
         for conn in list(self.connections):
@@ -147,11 +154,8 @@ class NbdServer:
         conns: list[tuple[ConnectionState, socket.socket]],
     ) -> None:
         """Takes blue's connections and listeners as they were (green, at the swap),
-        fenced: nothing is accepted, read or sent until ``unfence``."""
-        loop = asyncio.get_running_loop()
-        for state, conn_sock in conns:
-            conn_sock.setblocking(False)
-            await loop.connect_accepted_socket(_adopting(self, state), sock=conn_sock)
+        untouched: they are accepted, read and answered from ``unfence`` on."""
+        self._adopted = list(conns)
         for lstate, sock in listeners:
             self.listeners.append(Listener(lstate.address, sock, self._serve_socket))
             LOG.info("nbd listener handed over", extra={"address": lstate.address})
