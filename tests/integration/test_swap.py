@@ -291,6 +291,8 @@ def test_twenty_swaps_under_load_fail_no_io(tmp_path: Path, fio: str) -> None:
         for pid in serving(gw):
             os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not serving(gw), 30, what="the killed gateway to go")
+        assert gw.proc is not None
+        gw.proc.wait(30)  # the first daemon, gone since the first swap
         gw.proc = None
         gw.start()
         verify(gw.uri("vol0"), writers.flushed)
