@@ -48,7 +48,24 @@ def register(areas: Any) -> None:
     serve.add_argument(
         "--activation-listen", metavar="HOST:PORT", help="serve the activation page there"
     )
+    # The successor's end of the blue-green swap's socket (set by the running daemon).
+    serve.add_argument("--standby-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(handler=_serve)
+
+    upgrade = gcmds.add_parser(
+        "upgrade",
+        help="swap the running daemon for another release, without failing any I/O",
+        description=(
+            "Start the release's daemon beside the running one and hand it every "
+            "connection (blue-green swap); initiators see a pause, not an error."
+        ),
+    )
+    upgrade.add_argument(
+        "--to", required=True, metavar="DIR", help="the release directory (with bin/sgw)"
+    )
+    upgrade.add_argument("--data-dir", metavar="DIR", default="/var/lib/sgw")
+    upgrade.add_argument("--output", choices=("table", "json"), default="table")
+    upgrade.set_defaults(handler=_upgrade)
 
     key = gcmds.add_parser(
         "activation-key",
@@ -84,10 +101,31 @@ def register(areas: Any) -> None:
     snap.set_defaults(handler=_admin_socket)
 
 
+def _serve_args(args: argparse.Namespace) -> list[str]:
+    """The ``sgw gateway serve`` arguments this daemon was started with (for the release
+    that takes over from it)."""
+    out: list[str] = []
+    for flag, value in (
+        ("--config", args.config),
+        ("--data-dir", args.data_dir),
+        ("--log-size", args.log_size),
+        ("--log-level", args.log_level),
+        ("--provider", args.provider),
+        ("--provider-ca", args.provider_ca),
+        ("--activation-listen", args.activation_listen),
+    ):
+        if value is not None:
+            out += [flag, os.path.abspath(value) if flag in ("--config", "--data-dir") else value]
+    for flag, values in (("--volume", args.volume), ("--nbd", args.nbd)):
+        for value in values or ():
+            out += [flag, value]
+    return out
+
+
 def _serve(args: argparse.Namespace) -> int:
     from sgw.common.logs import setup_logging
     from sgw.gateway import config as cfg
-    from sgw.gateway.daemon import serve
+    from sgw.gateway.service import serve
 
     config = cfg.load(
         args.config,
@@ -103,7 +141,26 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     import uvloop
 
-    return int(uvloop.run(serve(config)))
+    return int(uvloop.run(serve(config, _serve_args(args), args.standby_fd)))
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    """``sgw gateway upgrade --to DIR``: the running daemon swaps itself for the release."""
+    import asyncio
+
+    from sgw.gateway import admin_socket
+
+    release = os.path.abspath(args.to)
+    path = admin_socket.socket_path(args.data_dir)
+    answer = asyncio.run(admin_socket.call(path, {"op": "upgrade", "release": release}))
+    answer.pop("ok", None)
+    if args.output == "json":
+        print(json.dumps(answer, indent=2))
+    else:
+        pause = answer.get("pause_s")
+        shown = "unknown" if pause is None else f"{pause * 1000:.1f} ms"
+        print(f"swapped to sgw {answer.get('version')} (pid {answer.get('pid')}); pause {shown}")
+    return 0
 
 
 def _activation_key(args: argparse.Namespace) -> int:

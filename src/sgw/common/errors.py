@@ -176,3 +176,13 @@ class CommandError(SgwError):
 class IscsiExportError(SgwError):
     """A volume cannot be exported over iSCSI: LIO (configfs, rtslib-fb) or its /dev/nbdN
     attachment (nbd-client) failed or is missing."""
+
+
+class HandoverError(SgwError):
+    """The blue-green swap of the gateway daemon failed; the running daemon keeps serving
+    (or, past the point of no return, the service restarts and reattaches)."""
+
+
+class HandoverRefusedError(HandoverError):
+    """The new daemon cannot take over from this one (a handover record version it does
+    not read, another swap in progress, the write log too full); nothing was paused."""

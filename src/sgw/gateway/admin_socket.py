@@ -16,10 +16,12 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sgw.common.errors import SgwError, VolumeStateError
+from sgw.gateway.listening import Listener
 from sgw.gateway.volume.destager import Destager
 from sgw.gateway.volume.engine import VolumeEngine
 
@@ -50,6 +52,9 @@ class AdminOps:
         self.extra_status = extra_status
         self.writes_throttled = writes_throttled or (lambda: 0)
         self.uploads_held = uploads_held or (lambda: 0)
+        # The blue-green swap to a release directory (set by the service that runs the
+        # daemon; None where nothing can take over, e.g. in-process tests).
+        self.upgrade: Callable[[str], Awaitable[dict[str, Any]]] | None = None
 
     def status(self) -> dict[str, Any]:
         """Volumes, write log, destager and snapshots, as plain data."""
@@ -112,25 +117,27 @@ class AdminServer:
     def __init__(self, ops: AdminOps, path: str) -> None:
         self.ops = ops
         self.path = path
-        self._server: asyncio.AbstractServer | None = None
+        self.listener: Listener | None = None
+        # Called once the answer to a request has been sent (the swap's last word).
+        self.after_answer: Callable[[], None] | None = None
 
-    async def start(self) -> None:
-        """Listens (replacing a socket file left by a crash)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        old = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(self._serve, self.path, limit=_MAX_LINE)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listens (replacing a socket file left by a crash), or serves ``sock``, handed
+        over by the daemon this one replaced."""
+        if sock is None:
+            self.listener = Listener.unix(self.path, self._serve_socket, mode=0o600)
+        else:
+            self.listener = Listener(f"unix:{self.path}", sock, self._serve_socket)
+        await self.listener.start()
+
+    def _serve_socket(self, sock: socket.socket) -> Awaitable[asyncio.AbstractServer]:
+        return asyncio.start_unix_server(self._serve, sock=sock, limit=_MAX_LINE)
 
     async def stop(self) -> None:
         """Stops listening and removes the socket file."""
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -140,6 +147,9 @@ class AdminServer:
                 answer = await self._answer(line)
                 writer.write(json.dumps(answer).encode() + b"\n")
                 await writer.drain()
+                after, self.after_answer = self.after_answer, None
+                if after is not None:
+                    after()
         except (ConnectionError, ValueError, asyncio.LimitOverrunError):
             pass
         finally:
@@ -162,8 +172,14 @@ class AdminServer:
                 )
             elif op == "snapshot-status":
                 result = self.ops.snapshot_status(str(req["snapshot_id"]))
+            elif op == "upgrade":
+                if self.ops.upgrade is None:
+                    raise VolumeStateError("this gateway cannot swap its daemon (no service)")
+                result = await self.ops.upgrade(str(req["release"]))
             else:
-                raise ValueError(f"unknown op {op!r}; try status, snapshot, snapshot-status")
+                raise ValueError(
+                    f"unknown op {op!r}; try status, snapshot, snapshot-status, upgrade"
+                )
         except SgwError as exc:
             return {"ok": False, "error": str(exc)}
         except (ValueError, KeyError, TypeError) as exc:

@@ -13,20 +13,23 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import fcntl
 import logging
 import os
 import random
-import resource
-import signal
+import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
-from sgw.common.errors import SgwError
+from sgw.common.errors import ConfigError, HandoverError, SgwError
 from sgw.common.iscsi import NOT_EXPORTED
 from sgw.gateway.admin_socket import AdminOps, AdminServer, socket_path
 from sgw.gateway.config import GatewayConfig, RemoteConfig
+from sgw.gateway.handover.record import VERSION as RECORD_VERSION
+from sgw.gateway.handover.record import HandoverRecord, SnapshotRecord
 from sgw.gateway.link.activation import Activation, tls_verify
 from sgw.gateway.link.channel import ControlChannel
 from sgw.gateway.link.command_runner import CommandRunner
@@ -34,12 +37,15 @@ from sgw.gateway.link.identity import load_or_create_key
 from sgw.gateway.link.request_signing import GatewayAuth
 from sgw.gateway.lio.chap import ChapStore
 from sgw.gateway.lio.exporter import LioExporter
+from sgw.gateway.listening import Listener
 from sgw.gateway.nbd.server import NbdServer
+from sgw.gateway.nbd.state import ListenerState
 from sgw.gateway.volume.chunk_cache import ChunkCache
 from sgw.gateway.volume.destager import Destager
 from sgw.gateway.volume.engine import RegistryEntry, VolumeEngine, VolumeSpec
 from sgw.gateway.volume.remote import BlockApiClient, RetryPolicy
 from sgw.gateway.volume.snapshot_restore import VolumeRestore
+from sgw.gateway.volume.snapshots import SnapshotRequest, SnapshotState
 from sgw.gateway.volume.upload import TokenBucket, Uploader
 from sgw.gateway.volume.volume import LOADING_MAP, Volume, VolumeStatus
 
@@ -57,6 +63,8 @@ BOOTSTRAP_RETRY_MAX = 15.0
 READ_RETRY = RetryPolicy(attempts=3, initial=0.2, max_wait=1.0)
 
 _PR_SET_IO_FLUSHER = 57
+# The data directory's lock file: one daemon serves a data directory at a time.
+LOCK_FILE = "gateway.lock"
 
 
 def set_io_flusher() -> bool:
@@ -67,10 +75,22 @@ def set_io_flusher() -> bool:
 
 
 class Gateway:
-    """One running gateway: engine, destager and NBD server."""
+    """One running gateway: engine, destager and NBD server.
 
-    def __init__(self, config: GatewayConfig) -> None:
+    ``standby``: the successor of a running daemon in the blue-green swap. It opens the
+    same files without writing (the write log is indexed, the cache not cleaned) and is
+    started by ``adopt`` with what the running one hands over (sgw.gateway.handover)."""
+
+    def __init__(self, config: GatewayConfig, *, standby: bool = False) -> None:
         self.config = config
+        self.standby = standby
+        self.lock_fd: int | None = None
+        # What a standby adopted from its predecessor until ``go`` serves it.
+        self._adopted_side: dict[str, socket.socket] = {}
+        self._adopted_devices: dict[str, str] = {}
+        self._quieted = False
+        if not standby:  # before anything is opened: a second daemon must touch nothing
+            self.take_lock()
         # Identity and activation (sgw.gateway.link.activation): every provider request is
         # signed once the gateway has its credentials.
         self.auth = GatewayAuth(load_or_create_key(config.data_dir))
@@ -78,7 +98,7 @@ class Gateway:
         self.cache: ChunkCache | None = None
         read_ahead = 0
         if config.cache is not None:
-            self.cache = ChunkCache.open(config.cache.path, config.cache.size)
+            self.cache = ChunkCache.open(config.cache.path, config.cache.size, cleanup=not standby)
             read_ahead = config.cache.read_ahead
         self.engine = VolumeEngine.open(
             config.data_dir,
@@ -87,6 +107,7 @@ class Gateway:
             config.volumes,
             cache=self.cache,
             read_ahead=read_ahead,
+            standby=standby,
         )
         self.cached = [v for v in self.engine.volumes.values() if v.cached is not None]
         self.restores = [
@@ -101,7 +122,8 @@ class Gateway:
         self._bootstrap_errors: dict[str, str] = {}
         self.uploader: Uploader | None = None
         if config.remote is None:
-            _mark_unsynced(self.engine)
+            if not standby:
+                _mark_unsynced(self.engine)
         else:
             r = config.remote
             client = BlockApiClient(
@@ -136,23 +158,72 @@ class Gateway:
         )
         # The control channel: commands from the provider's console (once activated).
         self.commands = CommandRunner(GatewayCommandHost(self))
-        self.control: ControlChannel | None = None
-        if config.remote is not None:
-            self.control = ControlChannel(
-                config.data_dir,
-                [config.remote.url, *config.control.urls],
-                self.commands,
-                auth=self.auth,
-                verify=tls_verify(config.remote),
-                wait=config.control.wait,
-                ready=self.activation.activated,
-            )
+        self.control = self._control_channel()
         # iSCSI through LIO (the appliance): each volume on /dev/nbdN, one target each.
         self.lio = LioExporter.from_config(config, self.auth.key)
+
+    def _control_channel(self) -> ControlChannel | None:
+        """The control channel: commands from the provider's console (once activated)."""
+        config = self.config
+        if config.remote is None:
+            return None
+        return ControlChannel(
+            config.data_dir,
+            [config.remote.url, *config.control.urls],
+            self.commands,
+            auth=self.auth,
+            verify=tls_verify(config.remote),
+            wait=config.control.wait,
+            ready=self.activation.activated,
+        )
+
+    def take_lock(self) -> None:
+        """Takes the data directory's lock: one daemon serves it. A swap's successor
+        inherits its predecessor's lock (the same open file) instead."""
+        os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.config.data_dir, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"another gateway daemon serves {self.config.data_dir} (it holds {path}); "
+                "stop it first, or give this one another --data-dir"
+            ) from None
+        self.lock_fd = fd
 
     async def start(self) -> None:
         """Starts the destager, the cached volumes' bootstrap, the status monitor and the
         listeners."""
+        await self._start_services()
+        for listener in self.config.listeners:
+            if listener.kind == "unix":
+                os.makedirs(os.path.dirname(os.path.abspath(listener.path)), exist_ok=True)
+                await self.server.listen_unix(listener.path)
+            else:
+                await self.server.listen_tcp(listener.host, listener.port)
+        if self.lio is not None:
+            await self.lio.start(self.engine)
+
+    async def _start_services(
+        self,
+        *,
+        page_socket: socket.socket | None = None,
+        admin_socket: socket.socket | None = None,
+    ) -> None:
+        """Everything but the NBD listeners and the iSCSI export: the background tasks,
+        the activation page, the destager, the admin socket and the control channel."""
+        self._start_background()
+        await self.activation.start(page_socket)
+        self.destager.start()
+        await self.admin.start(admin_socket)
+        self.commands.install()
+        if self.control is not None:
+            await self.control.start()
+
+    def _start_background(self) -> None:
+        """The restores, the cached volumes' map loads and the status monitor."""
         if self.cached or self.restores:
             assert self.config.remote is not None and self.uploader is not None
             reader = self._reader()
@@ -166,20 +237,155 @@ class Gateway:
                 name = f"bootstrap:{vol.name}"
                 self._tasks.append(loop.create_task(self._bootstrap(vol), name=name))
         self._tasks.append(asyncio.get_running_loop().create_task(self._monitor(), name="status"))
-        await self.activation.start()
-        self.destager.start()
-        await self.admin.start()
+
+    # -- the blue-green swap (sgw.gateway.handover drives these) ------------------------
+
+    async def quiet(self, grace: float) -> None:
+        """Blue, once green has indexed the log: stops what changes state outside the
+        write log (the destager at a safe point, the control channel, restores and map
+        loads) and saves the registry; the NBD path goes on serving."""
+        self._quieted = True
+        await self.destager.pause(grace)
+        if self.control is not None:
+            await self.control.stop(grace)
+        await self.commands.close()
+        await self._stop_background()
+        await asyncio.to_thread(self.engine.save_registry)
+
+    async def resume(self) -> None:
+        """Blue, the swap called off at any point before green took over: serves again as
+        before (what ``quiet`` and ``fence`` stopped starts again)."""
+        await self.server.unfence()
+        for listener in self._side_listeners():
+            await listener.start()
+        if not self._quieted:
+            return
+        self._quieted = False
+        self._start_background()
+        self.destager.resume()
+        self.commands = CommandRunner(GatewayCommandHost(self))
         self.commands.install()
+        self.control = self._control_channel()
         if self.control is not None:
             await self.control.start()
-        for listener in self.config.listeners:
-            if listener.kind == "unix":
-                os.makedirs(os.path.dirname(os.path.abspath(listener.path)), exist_ok=True)
-                await self.server.listen_unix(listener.path)
+
+    async def fence(self, deadline: float) -> float:
+        """Blue, green ready: makes the log durable while still serving, then stops
+        reading (nothing is refused: requests wait in the sockets), answers what was
+        read and makes the rest durable. Returns when it stopped reading (monotonic)."""
+        await self.engine.flush()
+        self.server.fence()
+        for listener in self._side_listeners():
+            listener.pause()
+        fenced_at = time.monotonic()
+        await self.server.quiesce(deadline)
+        await self.engine.flush()
+        return fenced_at
+
+    def _side_listeners(self) -> list[Listener]:
+        """The activation page's and the admin socket's listening sockets."""
+        return [x for x in (self.activation.listener, self.admin.listener) if x is not None]
+
+    def handover_record(self, fenced_at: float, version: str) -> tuple[HandoverRecord, list[int]]:
+        """What green needs (blue, fenced), and the descriptors the record refers to."""
+        assert self.lock_fd is not None
+        fds: list[int] = [self.lock_fd]
+        listeners, conns = self.server.handover_state(fds)
+        for role, listener in (
+            ("activation", self.activation.listener),
+            ("admin", self.admin.listener),
+        ):
+            if listener is not None:
+                fds.append(listener.sock.fileno())
+                listeners.append(ListenerState(len(fds) - 1, role, listener.address))
+        snapshots = [
+            SnapshotRecord(r.id, r.volume, r.description, r.seq, str(r.state), r.error or None)
+            for r in self.engine.snapshots.values()
+        ]
+        record = HandoverRecord(
+            version=RECORD_VERSION,
+            blue_pid=os.getpid(),
+            blue_version=version,
+            fenced_at=fenced_at,
+            log=self.engine.log.state(),
+            connections=conns,
+            listeners=listeners,
+            snapshots=snapshots,
+            lock_fd=0,
+            devices=dict(self.lio.devices) if self.lio is not None else {},
+        )
+        return record, fds
+
+    async def prepare_standby(self, timeout: float) -> None:
+        """Green, once blue is quiet: loads the cached volumes' maps (blue commits
+        nothing meanwhile). HandoverError if the provider does not answer in time."""
+        if not self.cached:
+            return
+        assert self.uploader is not None
+        reader = self._reader()
+        try:
+            async with asyncio.timeout(timeout):
+                for vol in self.cached:
+                    assert vol.cached is not None
+                    vol.cached.attach(reader)
+                    await self.uploader.bind_cached(vol)
+        except (TimeoutError, SgwError, OSError) as exc:
+            raise HandoverError(
+                "the cached volumes' maps could not be loaded from the provider: "
+                f"{exc or 'timeout'}"
+            ) from exc
+
+    async def adopt(self, record: HandoverRecord, fds: list[int]) -> int:
+        """Green: takes blue's state and sockets (the log caught up, every socket adopted
+        fenced), without a visible effect yet: until ``go`` nothing is read, sent or
+        written, so blue can still resume. Returns the log records caught up."""
+        caught_up = self.engine.catch_up(
+            record.log,
+            [
+                SnapshotRequest(
+                    s.snapshot_id,
+                    s.volume,
+                    s.description,
+                    s.seq,
+                    SnapshotState(s.state),
+                    s.error or "",
+                )
+                for s in record.snapshots
+            ],
+        )
+        self.lock_fd = fds[record.lock_fd]
+        nbd_listeners = []
+        self._adopted_side = {}
+        for lstate in record.listeners:
+            sock = socket.socket(fileno=fds[lstate.fd])
+            if lstate.role == "nbd":
+                nbd_listeners.append((lstate, sock))
             else:
-                await self.server.listen_tcp(listener.host, listener.port)
+                self._adopted_side[lstate.role] = sock
+        conns = [(c, socket.socket(fileno=fds[c.fd])) for c in record.connections]
+        await self.server.adopt(nbd_listeners, conns)
+        self._adopted_devices = dict(record.devices)
+        return caught_up
+
+    async def go(self) -> None:
+        """Green, blue committed to the swap: serves (reading resumes where blue stopped),
+        then starts everything else."""
+        self.standby = False
+        await self.server.unfence()
+        side = self._adopted_side
+        await self._start_services(
+            page_socket=side.pop("activation", None), admin_socket=side.pop("admin", None)
+        )
         if self.lio is not None:
-            await self.lio.start(self.engine)
+            await self.lio.adopt(self.engine, self._adopted_devices)
+
+    async def _stop_background(self) -> None:
+        """Cancels the restores, the map loads and the status monitor."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def stop(self) -> None:
         """Drains the connections, flushes the log, stops the destager, closes files."""
@@ -191,10 +397,7 @@ class Gateway:
         await self.admin.stop()
         await self.server.shutdown()
         await self.engine.flush()
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
+        await self._stop_background()
         await self.activation.stop()
         await self.destager.stop()
         for vol in self.cached:
@@ -207,6 +410,9 @@ class Gateway:
         if self.read_client is not None:
             await self.read_client.aclose()
         self.engine.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
         for listener in self.config.listeners:
             if listener.kind == "unix" and os.path.exists(listener.path):
                 os.unlink(listener.path)
@@ -489,34 +695,3 @@ def _mark_unsynced(engine: VolumeEngine) -> None:
             "when it is configured again",
             extra={"volumes": len(stale)},
         )
-
-
-async def serve(config: GatewayConfig) -> int:
-    """Runs the gateway until SIGTERM or SIGINT; returns the exit status."""
-    io_flusher = set_io_flusher()
-    gateway = Gateway(config)
-    # Handlers first: a SIGTERM that arrives once the listeners accept must drain, not kill.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
-    LOG.info(
-        "gateway ready",
-        extra={
-            "volumes": [v.name for v in config.volumes],
-            "nbd": [str(listener) for listener in config.listeners],
-            "io_flusher": io_flusher,
-            "provider": config.remote.url if config.remote else None,
-            "pid": os.getpid(),
-        },
-    )
-    await stop.wait()
-    LOG.info("gateway stopping")
-    await gateway.stop()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    LOG.info(
-        "gateway stopped",
-        extra={"requests": gateway.server.requests, "peak_rss_kib": peak_kib},
-    )
-    return 0

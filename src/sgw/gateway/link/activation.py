@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 import urllib.parse
+from collections.abc import Awaitable
 
 import h11
 import httpx
@@ -33,6 +35,7 @@ from sgw.common.errors import SgwError
 from sgw.gateway.config import ActivationConfig, RemoteConfig
 from sgw.gateway.link.identity import Credentials, read_credentials, write_credentials
 from sgw.gateway.link.request_signing import GatewayAuth
+from sgw.gateway.listening import Listener
 
 LOG = logging.getLogger(__name__)
 
@@ -60,27 +63,34 @@ class ActivationPage:
     def __init__(self, auth: GatewayAuth, console_url: str) -> None:
         self.auth = auth
         self.console_url = console_url.rstrip("/")
-        self._server: asyncio.Server | None = None
+        self.listener: Listener | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
-    async def listen(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port)
-        LOG.info("activation page open", extra={"listen": f"{host}:{port}"})
+    async def listen(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """Serves the page on ``host:port`` (or on ``sock``, handed over by the daemon
+        this one replaced)."""
+        address = f"{host}:{port}"
+        if sock is None:
+            self.listener = Listener.tcp(host, port, self._serve_socket, address=address)
+        else:
+            self.listener = Listener(address, sock, self._serve_socket)
+        await self.listener.start()
+        LOG.info("activation page open", extra={"listen": address})
+
+    def _serve_socket(self, sock: socket.socket) -> Awaitable[asyncio.AbstractServer]:
+        return asyncio.start_server(self._serve, sock=sock)
 
     @property
     def port(self) -> int | None:
-        if self._server is None or not self._server.sockets:
-            return None
-        return int(self._server.sockets[0].getsockname()[1])
+        return None if self.listener is None else self.listener.port
 
     async def close(self) -> None:
-        if self._server is None:
+        if self.listener is None:
             return
-        self._server.close()
+        self.listener.close()
         for task in list(self._handlers):
             task.cancel()
-        await self._server.wait_closed()
-        self._server = None
+        self.listener = None
         LOG.info("activation page closed")
 
     def answer(self, target: str) -> tuple[int, dict[str, str], bytes]:
@@ -164,7 +174,14 @@ class Activation:
         self._poll: asyncio.Task[None] | None = None
         self.activated = asyncio.Event()
 
-    async def start(self) -> None:
+    @property
+    def listener(self) -> Listener | None:
+        """The activation page's listening socket while the page is open."""
+        return None if self.page is None else self.page.listener
+
+    async def start(self, page_socket: socket.socket | None = None) -> None:
+        """Activated: nothing to do. Else serves the page (on ``page_socket`` if the daemon
+        this one replaced handed it over) and polls for the credentials."""
         if self.credentials is not None:
             self.activated.set()
             LOG.info(
@@ -180,7 +197,7 @@ class Activation:
             return
         if self.config.host is not None:
             self.page = ActivationPage(self.auth, self.remote.url)
-            await self.page.listen(self.config.host, self.config.port)
+            await self.page.listen(self.config.host, self.config.port, page_socket)
         self._poll = asyncio.get_running_loop().create_task(self._poll_loop(), name="activation")
 
     async def stop(self) -> None:

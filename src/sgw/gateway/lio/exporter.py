@@ -138,6 +138,16 @@ class LioExporter:
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="lio")
         LOG.info("iSCSI export ready", extra=self.status())
 
+    async def adopt(self, engine: VolumeEngine, devices: dict[str, str]) -> None:
+        """Takes the export over as the daemon this one replaced left it (the blue-green
+        swap): LIO and the devices are not touched, only followed from now on."""
+        self._engine = engine
+        async with self._lock:
+            self._load_state()
+            self.devices = dict(devices)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="lio")
+        LOG.info("iSCSI export taken over", extra=self.status())
+
     async def stop(self) -> None:
         """Stops following the volumes, then clears (see ``clear``)."""
         if self._watcher is not None:

@@ -19,9 +19,10 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from sgw.common.errors import SgwError
+from sgw.common.errors import HandoverError, SgwError
 from sgw.gateway.nbd import protocol as p
 from sgw.gateway.nbd.negotiation import Negotiation, greeting
+from sgw.gateway.nbd.state import HANDSHAKE, TRANSMISSION, ConnectionState
 from sgw.gateway.volume.cached_base import CachedBaseStore
 from sgw.gateway.volume.index import BLOCK
 from sgw.gateway.volume.volume import LazyRestore, Volume
@@ -57,9 +58,14 @@ _u64 = struct.Struct(">Q").pack
 
 
 class NbdConnection(asyncio.BufferedProtocol):
-    """One client connection: handshake, then transmission."""
+    """One client connection: handshake, then transmission.
 
-    def __init__(self, server: NbdServer) -> None:
+    For the blue-green swap a connection can be fenced (it stops reading, answers what it
+    read, and keeps the rest unread) and described (``handover_state``); the successor
+    builds it again from that description (``adopt``) on the same socket, and the client
+    never notices."""
+
+    def __init__(self, server: NbdServer, adopt: ConnectionState | None = None) -> None:
         self.server = server
         self.engine = server.engine
         self.log = server.engine.log
@@ -88,6 +94,15 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._inflight = 0
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.peer = ""
+        # The handshake's input so far (a connection handed over mid-handshake is replayed).
+        self._hs_in = bytearray()
+        self._fenced = False
+        self._adopt = adopt
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The connection's transport (None once closed)."""
+        return self._transport
 
     @property
     def volume(self) -> Volume | None:
@@ -106,6 +121,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             # Room for a few large replies per send (capped by net.core.wmem_max).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         self.peer = str(transport.get_extra_info("peername") or "unix")
+        if self._adopt is not None:  # handed over: the client had its greeting from blue
+            self._restore(self._adopt)
+            return
         if self.server.shutting_down:
             transport.close()
             return
@@ -185,6 +203,94 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._draining and not self._inflight and not self._stalled and self._transport:
             self._transport.close()
 
+    # -- handover (the blue-green swap) ------------------------------------------------
+
+    def fence(self) -> None:
+        """Stops reading and stops taking requests out of what was read: the requests
+        already taken are answered, the rest waits in the buffer (and the socket)."""
+        if self._fenced:
+            return
+        self._fenced = True
+        self._stalls += 1  # a fenced connection is a stalled one: no parsing, no reading
+        if self._transport is not None:
+            self._update_reading()
+
+    def unfence(self) -> None:
+        """Undoes ``fence`` (the swap was called off): reading and parsing go on."""
+        if not self._fenced:
+            return
+        self._fenced = False
+        self._stalls -= 1
+        if self._transport is None:
+            return
+        self._update_reading()
+        if not self._stalled and self._payload_view is None:
+            self._process()
+
+    @property
+    def quiescent(self) -> bool:
+        """Fenced, every request taken answered, and the answers out of this process."""
+        t = self._transport
+        return (
+            self._fenced
+            and self._inflight == 0
+            and self._stalls == 1
+            and (t is None or t.get_write_buffer_size() == 0)
+        )
+
+    def handover_state(self, fd: int) -> ConnectionState:
+        """What green needs to carry this (quiescent) connection on, its socket at ``fd``."""
+        assert self.quiescent
+        pending = bytes(self._view[self._start : self._end])
+        if self._payload_view is not None:  # a write whose payload is partly received
+            flags, cookie, offset, length = self._payload_req
+            head = p.REQUEST.pack(p.REQUEST_MAGIC, flags, p.CMD_WRITE, cookie, offset, length)
+            pending = head + bytes(self._payload_view[: self._payload_got])
+        if self._negotiation is not None:
+            return ConnectionState(
+                fd, HANDSHAKE, self.peer, pending=pending, handshake_in=bytes(self._hs_in)
+            )
+        vol = self._volume
+        return ConnectionState(
+            fd,
+            TRANSMISSION,
+            self.peer,
+            export=None if vol is None else vol.name,
+            structured=self._structured,
+            contexts=dict(self._contexts),
+            pending=pending,
+        )
+
+    def _restore(self, state: ConnectionState) -> None:
+        """Takes the connection over as blue described it (from ``connection_made``),
+        fenced: nothing is read, parsed or sent until ``unfence``."""
+        self.fence()
+        self.peer = state.peer
+        if state.phase == HANDSHAKE:
+            neg = self._negotiation
+            assert neg is not None
+            neg.feed(state.handshake_in)
+            neg.out.clear()  # blue sent it
+            self._hs_in = bytearray(state.handshake_in)
+        else:
+            vol = self.server.volume(state.export or "")
+            if vol is None or vol.name != state.export:
+                raise HandoverError(f"handed a connection to volume {state.export!r}, not here")
+            self._negotiation = None
+            self._volume = vol
+            self._structured = state.structured
+            self._contexts = dict(state.contexts)
+        self._preload(state.pending)
+
+    def _preload(self, data: bytes) -> None:
+        """Puts what blue had read and not parsed into the buffer, ahead of anything read
+        from now on; it is parsed once the connection is unfenced."""
+        if len(data) + RECV_BUFFER > len(self._buf):
+            self._buf = bytearray(len(data) + RECV_BUFFER)
+            self._view = memoryview(self._buf)
+        self._view[: len(data)] = data
+        self._start, self._end = 0, len(data)
+
     # -- output ----------------------------------------------------------------------
 
     def _out_begin(self) -> None:
@@ -218,6 +324,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         neg = self._negotiation
         assert neg is not None
         used = neg.feed(self._view[self._start : self._end])
+        self._hs_in += self._view[self._start : self._start + used]
         self._start += used
         self._out.extend(neg.out)
         neg.out.clear()
@@ -233,6 +340,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._structured = neg.structured
             self._contexts = dict(neg.meta_contexts)
             self._negotiation = None
+            self._hs_in = bytearray()
             LOG.info(
                 "nbd client connected",
                 extra={"peer": self.peer, "export": neg.export.name, "structured": neg.structured},

@@ -88,11 +88,12 @@ class ChunkCache:
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, capacity: int) -> ChunkCache:
+    def open(cls, path: str, capacity: int, *, cleanup: bool = True) -> ChunkCache:
         """Opens (creating) the cache directory and rebuilds the LRU order from it.
 
-        Temporary files and files that are not named like a chunk are deleted; every file
-        found is served only after its hash was checked once.
+        Temporary files and files that are not named like a chunk are deleted (unless
+        ``cleanup`` is False: a standby daemon, while the running one still writes); every
+        file found is served only after its hash was checked once.
         """
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
@@ -110,6 +111,8 @@ class ChunkCache:
                     except FileNotFoundError:
                         continue
                     found.append((st.st_mtime, name, st.st_size))
+                    continue
+                if not cleanup:
                     continue
                 try:  # a torn temporary file, or something that does not belong here
                     os.unlink(full)

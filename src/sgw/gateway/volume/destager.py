@@ -229,6 +229,9 @@ class Destager:
         # next batch starts meanwhile (past it).
         self._finishing: asyncio.Task[None] | None = None
         self._cursor: tuple[int, int] | None = None  # (position, sequence number)
+        # Pausing (the blue-green swap): no new batch starts; the one in flight ends.
+        self._holding = False
+        self._busy = False  # a batch is being destaged
 
     def start(self) -> None:
         """Starts the background loop."""
@@ -248,6 +251,26 @@ class Destager:
             await asyncio.wait([self._task])
         if self._finishing is not None:
             await asyncio.gather(self._finishing, return_exceptions=True)
+
+    async def pause(self, grace: float) -> bool:
+        """Stops at a safe point for the blue-green swap: no new batch starts, the one in
+        flight (and a pipelined one being finished) ends within ``grace`` seconds, else it
+        is abandoned as ``stop`` does (its records stay in the log). True if it ended."""
+        self._holding = True
+        self._wake.set()
+        deadline = time.monotonic() + grace
+        while (self._busy or self._finishing is not None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        clean = not self._busy and self._finishing is None
+        await self.stop()
+        return clean
+
+    def resume(self) -> None:
+        """Starts again after ``pause`` (the swap was called off)."""
+        self._holding = False
+        self._stopping = False
+        self._stopped.clear()
+        self.start()
 
     def kick(self) -> None:
         """Tells the destager that there may be work (cheap; call after appends)."""
@@ -269,6 +292,8 @@ class Destager:
     def _due(self) -> bool:
         if self._finishing is not None:  # a batch in flight: finish it, or start the next
             return True
+        if self._holding:
+            return False
         log = self.engine.log
         if log.used == 0:  # a re-sync of pass-through changes may be due
             return self.upload is not None and bool(self._dirty_volumes())
@@ -286,8 +311,12 @@ class Destager:
 
     async def _run(self) -> None:
         while not self._stopping:
-            if self.pass_through:
-                await self._pass_through_step()
+            if self.pass_through and not self._holding:
+                self._busy = True
+                try:
+                    await self._pass_through_step()
+                finally:
+                    self._busy = False
                 continue
             if not self._due():
                 self._wake.clear()
@@ -295,7 +324,11 @@ class Destager:
                     await asyncio.wait_for(self._wake.wait(), timeout=0.1)
                 continue
             try:
-                await self.destage_once()
+                self._busy = True
+                try:
+                    await self.destage_once()
+                finally:
+                    self._busy = False
                 self._succeeded()
             except Exception as exc:
                 delay = self._failed(exc)
@@ -461,7 +494,11 @@ class Destager:
         try:
             if self._cursor is not None:  # past the batch in flight: anything worth it?
                 remaining = self.engine.log.head - self._cursor[0]
-                if remaining <= 0 or not self._worth_destaging(remaining, self._cursor[1]):
+                if (
+                    remaining <= 0
+                    or self._holding
+                    or not self._worth_destaging(remaining, self._cursor[1])
+                ):
                     await self._settle()
                     return True
             records = await self._next_records(start=self._cursor)

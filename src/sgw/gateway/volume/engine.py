@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sgw.common.errors import VolumeStateError
+from sgw.common.errors import HandoverError, VolumeStateError
 from sgw.common.files import write_atomically
 from sgw.gateway.volume.base import BaseStore, FileBaseStore
 from sgw.gateway.volume.cached_base import DEFAULT_READ_AHEAD, CachedBaseStore
@@ -35,7 +35,7 @@ from sgw.gateway.volume.snapshots import (
     new_snapshot_id,
 )
 from sgw.gateway.volume.volume import Volume, VolumeStatus
-from sgw.gateway.volume.wal import HEADER_SIZE, KIND_SNAPSHOT, Record, WriteLog
+from sgw.gateway.volume.wal import HEADER_SIZE, KIND_SNAPSHOT, LogState, Record, WriteLog
 
 LOG = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class VolumeEngine:
         # Registry saves run in worker threads: one at a time, each writing the registry
         # as it is when the save starts, so the last save holds every change before it.
         self._save_lock = threading.Lock()
+        # A standby engine's records as indexed, until ``catch_up``.
+        self._standby_records: list[Record] | None = None
 
     @classmethod
     def open(
@@ -95,11 +97,14 @@ class VolumeEngine:
         *,
         cache: ChunkCache | None = None,
         read_ahead: int = DEFAULT_READ_AHEAD,
+        standby: bool = False,
     ) -> VolumeEngine:
         """Opens (creating on first start) the log and volumes, and replays the log.
 
         Cached volumes need ``cache`` (shared by all of them); their maps are loaded from
         the provider later (``CachedBaseStore.load``), reads of their base wait for it.
+        ``standby``: the successor of a running daemon indexes the log while the running
+        one still appends, and writes nothing (``catch_up`` then takes over).
         """
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         specs = list(specs)
@@ -150,12 +155,19 @@ class VolumeEngine:
                     f"volume {spec.name} lives on {known.path} but is configured on "
                     f"{spec.path}; move the disk back or fix the configuration"
                 )
+        if changed and standby:
+            raise HandoverError(
+                "the new daemon's configuration names volumes the running one does not "
+                "have; swap with the running daemon's configuration"
+            )
         if changed:
             _save_registry(registry_path, registry)
 
         if not os.path.exists(log_path):
+            if standby:
+                raise HandoverError(f"the write log {log_path} does not exist")
             WriteLog.create(log_path, log_size)
-        log, records = WriteLog.open(log_path)
+        log, records = WriteLog.open(log_path, standby=standby)
         volumes: dict[str, Volume] = {}
         try:
             for spec in specs:
@@ -177,6 +189,8 @@ class VolumeEngine:
                 volumes[spec.name] = Volume(spec.name, entry.id, spec.size, base, log)
             engine = cls(log, volumes, registry, registry_path)
             engine._replay(records, registry)
+            if standby:
+                engine._standby_records = records
         except BaseException:
             for v in volumes.values():
                 v.base.close()
@@ -202,6 +216,29 @@ class VolumeEngine:
             vol.replay(rec)
         if records:
             LOG.info("write log replayed", extra={"records": len(records)})
+
+    def catch_up(self, state: LogState, snapshots: Iterable[SnapshotRequest]) -> int:
+        """Takes over the log from the daemon that ran it (a standby engine, at the swap):
+        forgets what that daemon destaged since the standby indexed the log, indexes what
+        it appended since, and continues from its last record. Returns the records
+        caught up."""
+        scanned = self._standby_records
+        if scanned is None:
+            raise HandoverError("this engine is not a standby: it has nothing to catch up")
+        for rec in scanned:  # destaged meanwhile: the base store has them (or newer)
+            if rec.seq < state.tail_seq:
+                self.reclaim(rec)
+        if scanned and scanned[-1].seq + 1 >= state.tail_seq:
+            last = scanned[-1]
+            pos, seq = last.virt + last.size, last.seq + 1
+        else:
+            pos, seq = state.tail, state.tail_seq
+        records = self.log.records_since(pos, seq, state)
+        self._replay(records, self.registry)
+        self.log.adopt(state)
+        self.snapshots = {req.id: req for req in snapshots}
+        self._standby_records = None
+        return len(records)
 
     def pending_snapshots(self) -> bool:
         """True while a snapshot marker waits in the log (the destager should not idle)."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from crc32c import crc32c
 
-from sgw.common.errors import LogCorruptError, LogFullError, StorageError
+from sgw.common.errors import HandoverError, LogCorruptError, LogFullError, StorageError
 from sgw.common.files import fsync_directory
 
 LOG = logging.getLogger(__name__)
@@ -88,6 +88,20 @@ class Record:
     def size(self) -> int:
         """Bytes the record occupies in the data area."""
         return HEADER_SIZE + (self.length if self.kind in PAYLOAD_KINDS else 0)
+
+
+@dataclass(frozen=True)
+class LogState:
+    """Where blue's write log stands after its last append and sync (every appended
+    record is durable)."""
+
+    epoch: int
+    head: int
+    next_seq: int
+    tail: int
+    tail_seq: int
+    tail_epoch: int
+    skips: dict[int, int]
 
 
 def _crc_header(header: bytes | bytearray | memoryview) -> int:
@@ -157,10 +171,12 @@ class WriteLog:
             fsync_directory(path)
 
     @classmethod
-    def open(cls, path: str) -> tuple[WriteLog, list[Record]]:
+    def open(cls, path: str, *, standby: bool = False) -> tuple[WriteLog, list[Record]]:
         """Opens the log, finds the live records (tail to the end of the valid chain).
 
         Returns the log, ready for appends with a new epoch, and the live records in order.
+        ``standby`` (the successor of a running daemon, which still appends): the log is
+        only read, nothing is written until ``adopt`` hands it over.
         """
         fd = os.open(path, os.O_RDWR)
         try:
@@ -176,15 +192,16 @@ class WriteLog:
             else:
                 log.head, log.next_seq = tail, tail_seq
             log._durable_seq = log.next_seq - 1
-            # A new epoch, durable before the first append, fences off stale records.
-            log.epoch = max(epoch, log._max_epoch) + 1
-            log._write_super()
-            os.fdatasync(fd)
+            if not standby:
+                # A new epoch, durable before the first append, fences off stale records.
+                log.epoch = max(epoch, log._max_epoch) + 1
+                log._write_super()
+                os.fdatasync(fd)
         except BaseException:
             os.close(fd)
             raise
         LOG.info(
-            "write log opened",
+            "write log opened" + (" (standby)" if standby else ""),
             extra={
                 "path": path,
                 "records": len(records),
@@ -193,6 +210,47 @@ class WriteLog:
             },
         )
         return log, records
+
+    def state(self) -> LogState:
+        """Where the log stands, for the successor (blue, fenced and synced)."""
+        return LogState(
+            epoch=self.epoch,
+            head=self.head,
+            next_seq=self.next_seq,
+            tail=self.tail,
+            tail_seq=self.tail_seq,
+            tail_epoch=self.tail_epoch,
+            skips=dict(self._skips),
+        )
+
+    def records_since(self, pos: int, seq: int, state: LogState) -> list[Record]:
+        """The records from ``pos`` (seq ``seq``) to blue's head, read with blue's skips
+        (green catching up); HandoverError unless they end exactly where blue's did."""
+        self._skips = dict(state.skips)
+        try:
+            records = self.read_records(pos, seq, state.head, max_bytes=1 << 62)
+        except LogCorruptError as exc:
+            raise HandoverError(f"catching up the write log: {exc}") from exc
+        end, end_seq = (
+            (pos, seq)
+            if not records
+            else (records[-1].virt + records[-1].size, records[-1].seq + 1)
+        )
+        if end_seq != state.next_seq or self._skips.get(end, end) != state.head:
+            raise HandoverError(
+                f"catching up the write log ended at record {end_seq} ({end}), blue's "
+                f"head is record {state.next_seq} ({state.head})"
+            )
+        return records
+
+    def adopt(self, state: LogState) -> None:
+        """Takes over blue's log as it stands (green, after catching up): appends go on
+        after blue's last record, in blue's epoch (its tail is clean: every record synced)."""
+        self.epoch = state.epoch
+        self.head, self.next_seq = state.head, state.next_seq
+        self.tail, self.tail_seq, self.tail_epoch = state.tail, state.tail_seq, state.tail_epoch
+        self._skips = dict(state.skips)
+        self._durable_seq = state.next_seq - 1
 
     def _scan(self) -> Iterator[Record]:
         pos, seq, min_epoch = self.tail, self.tail_seq, self.tail_epoch
