@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -434,19 +435,30 @@ class FakeLio:
 
 
 class FakeNbd:
-    """nbd-client in memory."""
+    """The kernel NBD devices in memory: ``alive`` devices can be reattached."""
 
-    def __init__(self, log: list[str]) -> None:
+    def __init__(self, log: list[str], alive: set[str] | None = None) -> None:
         self.log = log
         self.n = 0
+        self.alive = alive if alive is not None else set()
 
     async def attach(self, volume: str, taken: set[str]) -> str:
         self.log.append(f"attach {volume}")
         self.n += 1
-        return f"/dev/nbd{self.n}"
+        device = f"/dev/nbd{self.n}"
+        self.alive.add(device)
+        return device
+
+    async def reattach(self, volume: str, device: str) -> bool:
+        self.log.append(f"reattach {volume} {device}")
+        return device in self.alive
 
     async def detach(self, device: str) -> None:
         self.log.append(f"detach {device}")
+        self.alive.discard(device)
+
+    def detaching(self, device: str) -> bool:
+        return False
 
 
 def test_exporter_removes_lio_objects_before_detaching(tmp_path: Path) -> None:
@@ -455,7 +467,6 @@ def test_exporter_removes_lio_objects_before_detaching(tmp_path: Path) -> None:
     exporter = LioExporter(
         config,
         str(tmp_path),
-        "",
         "ab" * 32,
         backend=FakeLio(log),
         attacher=FakeNbd(log),  # type: ignore[arg-type]
@@ -489,7 +500,6 @@ def test_exporter_clears_what_a_crashed_run_left(tmp_path: Path) -> None:
     exporter = LioExporter(
         config,
         str(tmp_path),
-        "",
         "ab" * 32,
         backend=lio,
         attacher=FakeNbd(log),  # type: ignore[arg-type]
@@ -506,7 +516,6 @@ def test_exporter_fails_closed_on_a_damaged_chap_file(tmp_path: Path) -> None:
     exporter = LioExporter(
         config,
         str(tmp_path),
-        "",
         "ab" * 32,
         backend=FakeLio(log),
         attacher=FakeNbd(log),  # type: ignore[arg-type]
@@ -531,7 +540,6 @@ def test_exporter_records_a_failed_target(tmp_path: Path) -> None:
     exporter = LioExporter(
         config,
         str(tmp_path),
-        "",
         "ab" * 32,
         backend=RefusingLio(log),
         attacher=FakeNbd(log),  # type: ignore[arg-type]
@@ -582,7 +590,6 @@ def test_volumes_open_before_the_update_stay_open_until_their_access_is_set(
         return LioExporter(
             config,
             str(data),
-            "",
             "ab" * 32,
             backend=lio,
             attacher=FakeNbd(log),  # type: ignore[arg-type]
@@ -649,7 +656,6 @@ def test_a_damaged_chap_file_decides_nothing(tmp_path: Path) -> None:
     exporter = LioExporter(
         config,
         str(data),
-        "",
         "ab" * 32,
         backend=FakeLio(log),
         attacher=FakeNbd(log),  # type: ignore[arg-type]
@@ -675,7 +681,6 @@ def test_every_export_of_an_open_target_is_warned_about(
     exporter = LioExporter(
         config,
         str(tmp_path),
-        "",
         "ab" * 32,
         backend=FakeLio(log),
         attacher=FakeNbd(log),  # type: ignore[arg-type]
@@ -748,3 +753,50 @@ def test_each_acl_says_whether_it_needs_chap_and_old_kernels_refuse_mixing() -> 
     # ... refused (not opened) when it cannot.
     with pytest.raises(IscsiExportError, match=r"Linux 6\.0 or newer"):
         kernel.RtslibLio._set_acl_authentication(FakeAcl(None), PLAIN2, mixed)
+
+
+def test_a_restarted_daemon_reattaches_its_devices_and_leaves_lio_alone(tmp_path: Path) -> None:
+    """A daemon that died left its devices (the kernel holds their requests): the next
+    start gives them new connections; LIO's targets are not touched. A device that cannot
+    be reattached loses its target first, then is detached and attached afresh."""
+    log: list[str] = []
+    lio = FakeLio(log)
+    config = LioConfig(enabled=True, iqn_base=BASE, runtime_dir=str(tmp_path / "run"))
+    write_chap(tmp_path, {"volumes": {"vol0": [{"initiator": HOST1, "secret": "s" * 12}]}})
+    write_chap(
+        tmp_path,
+        {
+            "volumes": {
+                "vol0": [{"initiator": HOST1, "secret": "s" * 12}],
+                "vol1": [{"initiator": HOST1, "secret": "s" * 12}],
+            }
+        },
+    )
+    nbd = FakeNbd(log)
+    first = LioExporter(config, str(tmp_path), "ab" * 32, backend=lio, attacher=nbd)  # type: ignore[arg-type]
+    engine = SimpleNamespace(  # what the exporter reads of the engine
+        volumes={"vol0": None, "vol1": None},
+        registry={
+            "vol0": SimpleNamespace(id=1, iscsi_legacy_open=False),
+            "vol1": SimpleNamespace(id=2, iscsi_legacy_open=False),
+        },
+    )
+
+    async def scenario() -> None:
+        await first.start(engine)  # type: ignore[arg-type]
+        assert log[-2:] == ["lio create vol0", "lio create vol1"]
+        devices = dict(first.devices)
+        log.clear()
+        # The daemon dies (no stop): a new one starts; vol1's device is gone meanwhile.
+        nbd.alive.discard(devices["vol1"])
+        second = LioExporter(config, str(tmp_path), "ab" * 32, backend=lio, attacher=nbd)  # type: ignore[arg-type]
+        await second.start(engine)  # type: ignore[arg-type]
+        assert f"reattach vol0 {devices['vol0']}" in log
+        assert "lio create vol0" not in log and "lio remove vol0" not in log
+        assert second.devices["vol0"] == devices["vol0"]
+        # vol1: its target goes before its device, then both come back.
+        assert log.index("lio remove vol1") < log.index(f"detach {devices['vol1']}")
+        assert log.index(f"detach {devices['vol1']}") < log.index("attach vol1")
+        assert log[-1] == "lio create vol1"
+
+    asyncio.run(scenario())

@@ -38,6 +38,7 @@ from sgw.gateway.link.request_signing import GatewayAuth
 from sgw.gateway.lio.chap import ChapStore
 from sgw.gateway.lio.exporter import LioExporter
 from sgw.gateway.listening import Listener
+from sgw.gateway.nbd.negotiation import transmission_flags
 from sgw.gateway.nbd.server import NbdServer
 from sgw.gateway.nbd.state import ListenerState
 from sgw.gateway.volume.chunk_cache import ChunkCache
@@ -160,7 +161,15 @@ class Gateway:
         self.commands = CommandRunner(GatewayCommandHost(self))
         self.control = self._control_channel()
         # iSCSI through LIO (the appliance): each volume on /dev/nbdN, one target each.
-        self.lio = LioExporter.from_config(config, self.auth.key)
+        self.lio = LioExporter.from_config(
+            config,
+            self.auth.key,
+            self.server.serve_kernel,
+            lambda name: self.engine.volumes[name].size,
+            transmission_flags(structured=False),
+        )
+        if self.lio is not None:
+            self.server.on_kernel_lost = self.lio.kernel_lost
 
     def _control_channel(self) -> ControlChannel | None:
         """The control channel: commands from the provider's console (once activated)."""

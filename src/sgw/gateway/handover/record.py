@@ -106,6 +106,7 @@ def _connection(c: Any) -> ConnectionState:
         contexts={int(k): str(v) for k, v in c["contexts"]},
         pending=base64.b64decode(c["pending"], validate=True),
         handshake_in=base64.b64decode(c["handshake_in"], validate=True),
+        device=None if c.get("device") is None else str(c["device"]),
     )
 
 

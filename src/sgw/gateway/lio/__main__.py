@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cleanup":
             from sgw.gateway.lio.exporter import LioExporter
 
-            exporter = LioExporter(settings, "", "", "0" * 12)
+            exporter = LioExporter(settings, "", "0" * 12)
             asyncio.run(exporter.clear())
             return 0
         from sgw.gateway.lio.kernel import RtslibLio

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +50,7 @@ from sgw.gateway.lio.desired import (
     plan,
 )
 from sgw.gateway.lio.kernel import LioBackend, RtslibLio
-from sgw.gateway.lio.nbd import NbdAttacher
+from sgw.gateway.lio.nbd import NbdAttacher, Serve
 from sgw.gateway.lio.settings import LioConfig
 from sgw.gateway.volume.engine import VolumeEngine
 
@@ -79,32 +79,39 @@ def exported_volumes(engine: VolumeEngine, gateway_key_hex: str) -> list[Exporte
     ]
 
 
-def nbd_socket_of(config: GatewayConfig) -> str:
-    """The daemon's unix NBD socket, which nbd-client connects to."""
-    for listener in config.listeners:
-        if listener.kind == "unix":
-            return os.path.abspath(listener.path)
-    raise ConfigError(
-        '[lio] needs a unix NBD listener to attach volumes from: add "unix:/run/sgw/nbd.sock" '
-        "to nbd.listen"
-    )
-
-
 class LioExporter:
     """Keeps LIO and the NBD attachments in step with the volumes."""
 
     @classmethod
-    def from_config(cls, config: GatewayConfig, key: Ed25519PrivateKey) -> LioExporter | None:
-        """The exporter of a gateway whose ``[lio]`` is enabled, else None."""
+    def from_config(
+        cls,
+        config: GatewayConfig,
+        key: Ed25519PrivateKey,
+        serve: Serve,
+        size_of: Callable[[str], int],
+        server_flags: int,
+    ) -> LioExporter | None:
+        """The exporter of a gateway whose ``[lio]`` is enabled, else None. ``serve``
+        serves the daemon's end of a device's socket pair; ``size_of`` is a volume's size
+        and ``server_flags`` the NBD transmission flags the devices are made with."""
         if config.lio is None or not config.lio.enabled:
             return None
-        return cls(config.lio, config.data_dir, nbd_socket_of(config), public_key_hex(key))
+        key_hex = public_key_hex(key)
+        lio = config.lio
+        attacher = NbdAttacher(
+            serve,
+            key_hex,
+            size_of=size_of,
+            server_flags=server_flags,
+            block_size=lio.block_size,
+            max_sectors_kb=lio.max_sectors_kb,
+        )
+        return cls(lio, config.data_dir, key_hex, attacher=attacher)
 
     def __init__(
         self,
         config: LioConfig,
         data_dir: str,
-        nbd_socket: str,
         gateway_key_hex: str,
         *,
         backend: LioBackend | None = None,
@@ -114,7 +121,10 @@ class LioExporter:
         self.data_dir = data_dir
         self.iqn_base = config.iqn_base or default_iqn_base(gateway_key_hex)
         self.attacher = attacher or NbdAttacher(
-            nbd_socket, block_size=config.block_size, max_sectors_kb=config.max_sectors_kb
+            None,
+            gateway_key_hex,
+            block_size=config.block_size,
+            max_sectors_kb=config.max_sectors_kb,
         )
         self.state_path = os.path.join(config.runtime_dir, STATE_FILE)
         self.devices: dict[str, str] = {}  # volume -> /dev/nbdN
@@ -126,14 +136,26 @@ class LioExporter:
         self._engine: VolumeEngine | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._key_hex = gateway_key_hex
+        self._stale: dict[str, str] = {}  # devices found at start that were not reattached
+        self._reattaching: dict[str, asyncio.Task[None]] = {}
 
     async def start(self, engine: VolumeEngine) -> None:
-        """Clears what a run that did not stop cleanly left, exports the engine's volumes
-        and then follows them: volumes created or removed at runtime and changes of
-        ``chap.json`` (and of the volumes' legacy flags) are applied within
-        WATCH_INTERVAL seconds."""
+        """Reattaches the devices a run that did not stop cleanly left (the kernel held
+        their requests: LIO keeps exporting them, untouched), clears what cannot be
+        reattached, exports the engine's volumes and then follows them: volumes created
+        or removed at runtime and changes of ``chap.json`` (and of the volumes' legacy
+        flags) are applied within WATCH_INTERVAL seconds."""
         self._engine = engine
-        await self.clear()
+        async with self._lock:
+            self._load_state()
+            left, self.devices = dict(self.devices), {}
+        for name, device in sorted(left.items()):
+            if name in engine.volumes and await self.attacher.reattach(name, device):
+                self.devices[name] = device
+            else:
+                self._stale[name] = device
+        if self._stale:
+            await self._clear_stale()
         await self.apply(exported_volumes(engine, self._key_hex))
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="lio")
         LOG.info("iSCSI export ready", extra=self.status())
@@ -147,6 +169,52 @@ class LioExporter:
             self.devices = dict(devices)
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="lio")
         LOG.info("iSCSI export taken over", extra=self.status())
+
+    def kernel_lost(self, device: str) -> None:
+        """A device's connection ended without a detach (the kernel gave up on a request
+        slower than its I/O timeout): gives it a new one at once; the kernel holds its
+        requests meanwhile."""
+        volume = next((n for n, d in self.devices.items() if d == device), None)
+        if volume is None or self.attacher.detaching(device) or device in self._reattaching:
+            return
+        task = asyncio.get_running_loop().create_task(self._reattach(volume, device))
+        self._reattaching[device] = task
+
+    async def _reattach(self, volume: str, device: str) -> None:
+        try:
+            for attempt in range(5):
+                if await self.attacher.reattach(volume, device):
+                    return
+                await asyncio.sleep(0.2 * (attempt + 1))
+            LOG.error(
+                "a device lost its connection and could not be reattached",
+                extra={"volume": volume, "device": device},
+            )
+        finally:
+            self._reattaching.pop(device, None)
+
+    async def _clear_stale(self) -> None:
+        """Removes the targets of the devices that could not be reattached, then detaches
+        those devices (they are attached afresh by ``apply``)."""
+        async with self._lock:
+            backend = await self._get_backend()
+            keep = (
+                [v for v in exported_volumes(self._engine, self._key_hex) if v.name in self.devices]
+                if self._engine is not None
+                else []
+            )
+            try:
+                rules = await asyncio.to_thread(load_access, self.data_dir)
+                await self._converge(backend, keep, self.devices, rules)
+            except (ConfigError, IscsiExportError) as exc:
+                LOG.error("LIO not cleared of stale devices: %s", exc)
+            for name, device in sorted(self._stale.items()):
+                try:
+                    await self.attacher.detach(device)
+                except IscsiExportError as exc:
+                    self._failed(name, exc)
+            self._stale.clear()
+            self._save()
 
     async def stop(self) -> None:
         """Stops following the volumes, then clears (see ``clear``)."""

@@ -98,6 +98,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._hs_in = bytearray()
         self._fenced = False
         self._adopt = adopt
+        # The kernel NBD device served through this connection (None: a network client).
+        self.device: str | None = None if adopt is None else adopt.device
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -131,6 +133,8 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.device is not None:
+            self.server.kernel_connection_lost(self.device)
         self._transport = None
         self._payload_view = None  # a half-received write is never applied
         if not self.closed.done():
@@ -259,6 +263,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             structured=self._structured,
             contexts=dict(self._contexts),
             pending=pending,
+            device=self.device,
         )
 
     def _restore(self, state: ConnectionState) -> None:

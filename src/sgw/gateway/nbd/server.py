@@ -19,7 +19,7 @@ from sgw.common.errors import HandoverError
 from sgw.gateway.listening import Listener
 from sgw.gateway.nbd.connection import NbdConnection
 from sgw.gateway.nbd.negotiation import ExportInfo
-from sgw.gateway.nbd.state import ConnectionState, ListenerState
+from sgw.gateway.nbd.state import TRANSMISSION, ConnectionState, ListenerState
 from sgw.gateway.volume.engine import VolumeEngine
 from sgw.gateway.volume.volume import Volume
 
@@ -42,6 +42,9 @@ class NbdServer:
         self.connections: set[NbdConnection] = set()
         self.listeners: list[Listener] = []
         self._adopted: list[tuple[ConnectionState, socket.socket]] = []
+        # Called with the device when a kernel NBD device's connection ends other than by
+        # a shutdown (the kernel gave up on it: the device waits for a reattach).
+        self.on_kernel_lost: Callable[[str], None] | None = None
         self.read_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="nbd-read")
         self.shutting_down = False
         self.requests = 0
@@ -94,6 +97,21 @@ class NbdServer:
         if sock.family == socket.AF_UNIX:
             return loop.create_unix_server(lambda: NbdConnection(self), sock=sock)
         return loop.create_server(lambda: NbdConnection(self), sock=sock)
+
+    # -- kernel NBD devices -------------------------------------------------------------
+
+    async def serve_kernel(self, volume: str, device: str, sock: socket.socket) -> None:
+        """Serves the kernel's NBD device ``device`` on ``sock`` (the daemon's end of the
+        socket pair the device was set up with): no handshake, simple replies."""
+        state = ConnectionState(-1, TRANSMISSION, f"kernel:{device}", export=volume, device=device)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        _transport, conn = await loop.connect_accepted_socket(_adopting(self, state), sock=sock)
+        conn.unfence()
+
+    def kernel_connection_lost(self, device: str) -> None:
+        if not self.shutting_down and self.on_kernel_lost is not None:
+            self.on_kernel_lost(device)
 
     # -- handover (the blue-green swap) ----------------------------------------------------
 

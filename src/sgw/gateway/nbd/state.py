@@ -26,6 +26,8 @@ class ConnectionState:
     contexts: dict[int, str] = field(default_factory=dict)
     pending: bytes = b""
     handshake_in: bytes = b""
+    # The kernel NBD device this connection serves (one end of its socket pair), if any.
+    device: str | None = None
 
 
 @dataclass(frozen=True)
