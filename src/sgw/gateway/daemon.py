@@ -204,7 +204,9 @@ class Gateway:
 
     async def start(self) -> None:
         """Starts the destager, the cached volumes' bootstrap, the status monitor and the
-        listeners."""
+        listeners. Kernel NBD devices a crashed predecessor left are reattached first."""
+        if self.lio is not None:
+            await self.lio.reattach(self.engine)
         await self._start_services()
         for listener in self.config.listeners:
             if listener.kind == "unix":

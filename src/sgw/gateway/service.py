@@ -18,7 +18,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from sgw import __version__
+from sgw import version
 from sgw.common.errors import HandoverRefusedError
 from sgw.gateway.config import GatewayConfig
 from sgw.gateway.daemon import Gateway, set_io_flusher
@@ -66,7 +66,7 @@ async def serve(
         async def open_green() -> Green:
             return Gateway(config, standby=True)
 
-        green = await standby(standby_fd, __version__, open_green, notify, timeouts)
+        green = await standby(standby_fd, version(), open_green, notify, timeouts)
         assert isinstance(green, Gateway)
         gateway = green
     LOG.info(
@@ -77,7 +77,7 @@ async def serve(
             "io_flusher": io_flusher,
             "provider": config.remote.url if config.remote else None,
             "pid": os.getpid(),
-            "version": __version__,
+            "version": version(),
         },
     )
     swapped = asyncio.Event()
@@ -87,7 +87,7 @@ async def serve(
         if swapping.locked():
             raise HandoverRefusedError("a swap of this daemon is in progress already")
         async with swapping:
-            result = await upgrade(gateway, release, serve_args, __version__, timeouts)
+            result = await upgrade(gateway, release, serve_args, version(), timeouts)
         gateway.admin.after_answer = swapped.set
         return result.describe()
 

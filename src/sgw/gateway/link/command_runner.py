@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from sgw import __version__
+from sgw import version
 from sgw.common.commands import (
     CommandArgs,
     CreateVolumeArgs,
@@ -242,8 +242,7 @@ class CommandRunner:
         handler = self._handlers.get(cmd.type)
         if handler is None:
             raise CommandError(
-                f"this gateway (sgw {__version__}) does not know the command {cmd.type!r}; "
-                "update it"
+                f"this gateway (sgw {version()}) does not know the command {cmd.type!r}; update it"
             )
         return await handler(cmd.args)
 
@@ -252,7 +251,7 @@ class CommandRunner:
     async def _describe(self, _a: DescribeArgs) -> dict[str, Any]:
         status = self.host.status()
         status["gateway"] = {
-            "version": __version__,
+            "version": version(),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "bandwidth": self._current_limits(),
             "control": self.host.control_info(),

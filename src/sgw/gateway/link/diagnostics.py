@@ -24,7 +24,7 @@ import tarfile
 import time
 from typing import Any
 
-from sgw import __version__
+from sgw import version
 from sgw.common.logs import JsonFormatter
 
 # Newest log lines kept in memory for a bundle (about 300 bytes each).
@@ -53,7 +53,7 @@ def system_info(data_dir: str, started: float) -> dict[str, Any]:
     """Versions, process and disk facts."""
     disk = shutil.disk_usage(data_dir)
     return {
-        "sgw_version": __version__,
+        "sgw_version": version(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "pid": os.getpid(),

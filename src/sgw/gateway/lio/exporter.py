@@ -139,12 +139,10 @@ class LioExporter:
         self._stale: dict[str, str] = {}  # devices found at start that were not reattached
         self._reattaching: dict[str, asyncio.Task[None]] = {}
 
-    async def start(self, engine: VolumeEngine) -> None:
-        """Reattaches the devices a run that did not stop cleanly left (the kernel held
-        their requests: LIO keeps exporting them, untouched), clears what cannot be
-        reattached, exports the engine's volumes and then follows them: volumes created
-        or removed at runtime and changes of ``chap.json`` (and of the volumes' legacy
-        flags) are applied within WATCH_INTERVAL seconds."""
+    async def reattach(self, engine: VolumeEngine) -> None:
+        """Reattaches the devices a run that did not stop cleanly left (the kernel holds
+        their requests: LIO keeps exporting them, untouched). The first thing a restarted
+        daemon does once its engine is open: every second here is a second of pause."""
         self._engine = engine
         async with self._lock:
             self._load_state()
@@ -154,6 +152,14 @@ class LioExporter:
                 self.devices[name] = device
             else:
                 self._stale[name] = device
+
+    async def start(self, engine: VolumeEngine) -> None:
+        """Clears what could not be reattached (``reattach``, called first), exports the
+        engine's volumes and then follows them: volumes created or removed at runtime and
+        changes of ``chap.json`` (and of the volumes' legacy flags) are applied within
+        WATCH_INTERVAL seconds."""
+        if self._engine is None:
+            await self.reattach(engine)
         if self._stale:
             await self._clear_stale()
         await self.apply(exported_volumes(engine, self._key_hex))

@@ -31,10 +31,13 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sgw.common.errors import RemoteError, StorageError
 from sgw.gateway.volume.chunk_cache import ChunkCache
-from sgw.gateway.volume.remote import BlockApiClient
+
+if TYPE_CHECKING:
+    from sgw.gateway.volume.remote import BlockApiClient
 
 LOG = logging.getLogger(__name__)
 
