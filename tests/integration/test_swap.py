@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nbd
 import pytest
@@ -38,11 +39,11 @@ idle_seconds = 3600
 """
 
 
-def upgrade(gw: GatewayProcess, *, check: bool = True) -> dict[str, object]:
+def upgrade(gw: GatewayProcess, *, check: bool = True, to: str = RELEASE) -> dict[str, Any]:
     """``sgw gateway upgrade`` against the gateway's admin socket; its JSON answer."""
     res = subprocess.run(
         [
-            *(SGW, "gateway", "upgrade", "--to", RELEASE),
+            *(SGW, "gateway", "upgrade", "--to", to),
             *("--data-dir", str(gw.data_dir), "--output", "json"),
         ],
         capture_output=True,
@@ -271,7 +272,7 @@ def test_twenty_swaps_under_load_fail_no_io(tmp_path: Path, fio: str) -> None:
             wait_for(lambda: writers.writes > 50, 60, what="the writers to get going")
             for _ in range(20):
                 answer = upgrade(gw)
-                pauses.append(float(answer["pause_s"]))  # type: ignore[arg-type]
+                pauses.append(float(answer["pause_s"]))
                 print(f"swap {len(pauses)}: pause {pauses[-1]:.4f} s, writes {writers.writes}")
                 [pid] = serving(gw)  # exactly one daemon serves after a swap
                 descriptors.append(len(os.listdir(f"/proc/{pid}/fd")))
@@ -368,6 +369,46 @@ def test_blue_killed_after_go_green_serves(faulted: Faulted) -> None:
     assert faulted.gw.proc is not None
     faulted.gw.proc.wait(30)
     _after_fault(faulted, blue_serves=False)
+
+
+def test_a_swap_to_a_release_slot_makes_it_current(tmp_path: Path) -> None:
+    """Release slots as on the appliance (``ROOT/releases/VERSION``, ``ROOT/current``;
+    both slots this virtualenv): once green serves, ``current`` names its slot and the
+    previous slot stays; a release that is not a slot leaves ``current`` alone."""
+    root = tmp_path / "opt"
+    (root / "releases").mkdir(parents=True)
+    for version in ("1", "2"):
+        os.symlink(RELEASE, root / "releases" / version)
+    os.symlink(root / "releases" / "1", root / "current")
+    gw = make_gateway(tmp_path, log_size="129M")
+    writers = Writers([gw.uri("vol0")], 64 * MIB // BLOCK).start()
+    try:
+        wait_for(lambda: writers.writes > 20, 60, what="the writer to get going")
+        answer = upgrade(gw, to=str(root / "releases" / "2"))
+        assert answer["current"] == {
+            "switched": True,
+            "link": str(root / "current"),
+            "release": str(root / "releases" / "2"),
+            "previous": str(root / "releases" / "1"),
+            "reason": "",
+        }
+        assert os.readlink(root / "current") == str(root / "releases" / "2")
+        [pid] = serving(gw)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert str(root / "releases" / "2" / "bin" / "sgw").encode() in f.read().split(b"\0")
+        # Not a slot: swapped all the same, current unchanged.
+        answer = upgrade(gw)
+        assert answer["current"]["switched"] is False
+        assert "is not a release slot" in answer["current"]["reason"]
+        assert os.readlink(root / "current") == str(root / "releases" / "2")
+        assert os.path.islink(root / "releases" / "1")
+        _wait_for_writes(writers)
+        writers.stop()
+        assert not writers.errors, writers.errors[:5]
+        verify(gw.uri("vol0"), writers.flushed)
+    finally:
+        writers.stop()
+        stop_all(gw)
 
 
 def test_a_second_daemon_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
