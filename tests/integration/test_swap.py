@@ -223,6 +223,7 @@ class FioLoop:
                     *("--rw=randwrite", "--bs=16k", "--iodepth=8", "--size=128M"),
                     *("--verify=crc32c", "--verify_backlog=64", "--verify_fatal=1"),
                     *("--fsync=32", "--time_based", "--runtime=5", "--output-format=json"),
+                    "--verify_state_save=0",  # no local-*-verify.state in the working dir
                 ],
                 capture_output=True,
                 text=True,
