@@ -25,7 +25,7 @@ from typing import Any
 import nbd
 import pytest
 
-from tests.fixtures.daemons import SGW, GatewayProcess, free_port, need
+from tests.fixtures.daemons import SGW, GatewayProcess, ProviderProcess, free_port, need
 from tests.fixtures.waiting import wait_for
 
 MIB = 1 << 20
@@ -408,6 +408,81 @@ def test_a_swap_to_a_release_slot_makes_it_current(tmp_path: Path) -> None:
         assert not writers.errors, writers.errors[:5]
         verify(gw.uri("vol0"), writers.flushed)
     finally:
+        writers.stop()
+        stop_all(gw)
+
+
+def remote_version(gw: GatewayProcess) -> int:
+    """The map version the gateway last recorded committing vol0 at (volumes.json)."""
+    registry = json.loads((gw.data_dir / "volumes.json").read_text())
+    return int(registry["vol0"].get("remote_version") or 0)
+
+
+@pytest.mark.timeout(300)
+def test_blue_commits_while_green_indexes_and_green_uploads_on_top(
+    tmp_path: Path, provider_factory: type[ProviderProcess]
+) -> None:
+    """Blue's destager commits to the provider after green read the volume registry (green
+    dawdles before it reports the log indexed): green must upload on top of blue's last
+    commit, not refuse the provider's map as a foreign writer's."""
+    provider = provider_factory(tmp_path / "provider").start()
+    config = tmp_path / "gateway.toml"
+    config.write_text('[destage]\nstart_fill = 0.01\nidle_seconds = 0.2\nbatch = "1M"\n')
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        ["vol0:64M"],
+        log_size="129M",
+        extra_args=["--config", str(config), "--provider", provider.url],
+    )
+    gw.data_dir.mkdir()
+    os.environ["SGW_SWAP_FAULTS"] = "green-before-indexed=sleep:10"
+    try:
+        gw.start()
+    finally:
+        os.environ.pop("SGW_SWAP_FAULTS", None)
+    writers = Writers([gw.uri("vol0")], 64 * MIB // BLOCK).start()
+    swap: subprocess.Popen[str] | None = None
+    try:
+        wait_for(lambda: remote_version(gw) > 0, 60, what="the first commit")
+        swap = subprocess.Popen(
+            [
+                *(SGW, "gateway", "upgrade", "--to", RELEASE),
+                *("--data-dir", str(gw.data_dir), "--output", "json"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        # Green has read the registry once it sleeps at its fault point; blue commits on.
+        wait_for(
+            lambda: "swap fault point reached" in gw.log_messages(), 60, what="green to dawdle"
+        )
+        read_by_green = remote_version(gw)
+        wait_for(
+            lambda: remote_version(gw) > read_by_green,
+            8,
+            what="blue to commit while green dawdles",
+        )
+        out, _ = swap.communicate(timeout=120)
+        assert swap.returncode == 0, gw.log_text()
+        assert json.loads(out)["version"]
+        [pid] = serving(gw)
+        assert gw.proc is not None and pid != gw.proc.pid
+        committed = remote_version(gw)
+        wait_for(lambda: remote_version(gw) > committed, 60, what="green to commit on top of blue")
+        writers.stop()
+        assert not writers.errors, writers.errors[:5]
+
+        def destaged() -> bool:
+            volumes: Any = admin_status(gw)["volumes"]
+            return bool(volumes[0]["dirty_bytes"] == 0)
+
+        wait_for(destaged, 60, what="green to destage everything")
+        destager: Any = admin_status(gw)["destager"]
+        assert destager["failures"] == 0 and destager["last_error"] is None, destager
+        verify(gw.uri("vol0"), writers.flushed)
+    finally:
+        if swap is not None and swap.poll() is None:
+            swap.kill()
         writers.stop()
         stop_all(gw)
 
