@@ -20,11 +20,12 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nbd
 import pytest
 
-from tests.fixtures.daemons import SGW, GatewayProcess, free_port, need
+from tests.fixtures.daemons import SGW, GatewayProcess, ProviderProcess, free_port, need
 from tests.fixtures.waiting import wait_for
 
 MIB = 1 << 20
@@ -38,11 +39,11 @@ idle_seconds = 3600
 """
 
 
-def upgrade(gw: GatewayProcess, *, check: bool = True) -> dict[str, object]:
+def upgrade(gw: GatewayProcess, *, check: bool = True, to: str = RELEASE) -> dict[str, Any]:
     """``sgw gateway upgrade`` against the gateway's admin socket; its JSON answer."""
     res = subprocess.run(
         [
-            *(SGW, "gateway", "upgrade", "--to", RELEASE),
+            *(SGW, "gateway", "upgrade", "--to", to),
             *("--data-dir", str(gw.data_dir), "--output", "json"),
         ],
         capture_output=True,
@@ -222,6 +223,7 @@ class FioLoop:
                     *("--rw=randwrite", "--bs=16k", "--iodepth=8", "--size=128M"),
                     *("--verify=crc32c", "--verify_backlog=64", "--verify_fatal=1"),
                     *("--fsync=32", "--time_based", "--runtime=5", "--output-format=json"),
+                    "--verify_state_save=0",  # no local-*-verify.state in the working dir
                 ],
                 capture_output=True,
                 text=True,
@@ -271,7 +273,7 @@ def test_twenty_swaps_under_load_fail_no_io(tmp_path: Path, fio: str) -> None:
             wait_for(lambda: writers.writes > 50, 60, what="the writers to get going")
             for _ in range(20):
                 answer = upgrade(gw)
-                pauses.append(float(answer["pause_s"]))  # type: ignore[arg-type]
+                pauses.append(float(answer["pause_s"]))
                 print(f"swap {len(pauses)}: pause {pauses[-1]:.4f} s, writes {writers.writes}")
                 [pid] = serving(gw)  # exactly one daemon serves after a swap
                 descriptors.append(len(os.listdir(f"/proc/{pid}/fd")))
@@ -368,6 +370,121 @@ def test_blue_killed_after_go_green_serves(faulted: Faulted) -> None:
     assert faulted.gw.proc is not None
     faulted.gw.proc.wait(30)
     _after_fault(faulted, blue_serves=False)
+
+
+def test_a_swap_to_a_release_slot_makes_it_current(tmp_path: Path) -> None:
+    """Release slots as on the appliance (``ROOT/releases/VERSION``, ``ROOT/current``;
+    both slots this virtualenv): once green serves, ``current`` names its slot and the
+    previous slot stays; a release that is not a slot leaves ``current`` alone."""
+    root = tmp_path / "opt"
+    (root / "releases").mkdir(parents=True)
+    for version in ("1", "2"):
+        os.symlink(RELEASE, root / "releases" / version)
+    os.symlink(root / "releases" / "1", root / "current")
+    gw = make_gateway(tmp_path, log_size="129M")
+    writers = Writers([gw.uri("vol0")], 64 * MIB // BLOCK).start()
+    try:
+        wait_for(lambda: writers.writes > 20, 60, what="the writer to get going")
+        answer = upgrade(gw, to=str(root / "releases" / "2"))
+        assert answer["current"] == {
+            "switched": True,
+            "link": str(root / "current"),
+            "release": str(root / "releases" / "2"),
+            "previous": str(root / "releases" / "1"),
+            "reason": "",
+        }
+        assert os.readlink(root / "current") == str(root / "releases" / "2")
+        [pid] = serving(gw)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert str(root / "releases" / "2" / "bin" / "sgw").encode() in f.read().split(b"\0")
+        # Not a slot: swapped all the same, current unchanged.
+        answer = upgrade(gw)
+        assert answer["current"]["switched"] is False
+        assert "is not a release slot" in answer["current"]["reason"]
+        assert os.readlink(root / "current") == str(root / "releases" / "2")
+        assert os.path.islink(root / "releases" / "1")
+        _wait_for_writes(writers)
+        writers.stop()
+        assert not writers.errors, writers.errors[:5]
+        verify(gw.uri("vol0"), writers.flushed)
+    finally:
+        writers.stop()
+        stop_all(gw)
+
+
+def remote_version(gw: GatewayProcess) -> int:
+    """The map version the gateway last recorded committing vol0 at (volumes.json)."""
+    registry = json.loads((gw.data_dir / "volumes.json").read_text())
+    return int(registry["vol0"].get("remote_version") or 0)
+
+
+@pytest.mark.timeout(300)
+def test_blue_commits_while_green_indexes_and_green_uploads_on_top(
+    tmp_path: Path, provider_factory: type[ProviderProcess]
+) -> None:
+    """Blue's destager commits to the provider after green read the volume registry (green
+    dawdles before it reports the log indexed): green must upload on top of blue's last
+    commit, not refuse the provider's map as a foreign writer's."""
+    provider = provider_factory(tmp_path / "provider").start()
+    config = tmp_path / "gateway.toml"
+    config.write_text('[destage]\nstart_fill = 0.01\nidle_seconds = 0.2\nbatch = "1M"\n')
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        ["vol0:64M"],
+        log_size="129M",
+        extra_args=["--config", str(config), "--provider", provider.url],
+    )
+    gw.data_dir.mkdir()
+    os.environ["SGW_SWAP_FAULTS"] = "green-before-indexed=sleep:10"
+    try:
+        gw.start()
+    finally:
+        os.environ.pop("SGW_SWAP_FAULTS", None)
+    writers = Writers([gw.uri("vol0")], 64 * MIB // BLOCK).start()
+    swap: subprocess.Popen[str] | None = None
+    try:
+        wait_for(lambda: remote_version(gw) > 0, 60, what="the first commit")
+        swap = subprocess.Popen(
+            [
+                *(SGW, "gateway", "upgrade", "--to", RELEASE),
+                *("--data-dir", str(gw.data_dir), "--output", "json"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        # Green has read the registry once it sleeps at its fault point; blue commits on.
+        wait_for(
+            lambda: "swap fault point reached" in gw.log_messages(), 60, what="green to dawdle"
+        )
+        read_by_green = remote_version(gw)
+        wait_for(
+            lambda: remote_version(gw) > read_by_green,
+            8,
+            what="blue to commit while green dawdles",
+        )
+        out, _ = swap.communicate(timeout=120)
+        assert swap.returncode == 0, gw.log_text()
+        assert json.loads(out)["version"]
+        [pid] = serving(gw)
+        assert gw.proc is not None and pid != gw.proc.pid
+        committed = remote_version(gw)
+        wait_for(lambda: remote_version(gw) > committed, 60, what="green to commit on top of blue")
+        writers.stop()
+        assert not writers.errors, writers.errors[:5]
+
+        def destaged() -> bool:
+            volumes: Any = admin_status(gw)["volumes"]
+            return bool(volumes[0]["dirty_bytes"] == 0)
+
+        wait_for(destaged, 60, what="green to destage everything")
+        destager: Any = admin_status(gw)["destager"]
+        assert destager["failures"] == 0 and destager["last_error"] is None, destager
+        verify(gw.uri("vol0"), writers.flushed)
+    finally:
+        if swap is not None and swap.poll() is None:
+            swap.kill()
+        writers.stop()
+        stop_all(gw)
 
 
 def test_a_second_daemon_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:

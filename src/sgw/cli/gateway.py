@@ -57,11 +57,15 @@ def register(areas: Any) -> None:
         help="swap the running daemon for another release, without failing any I/O",
         description=(
             "Start the release's daemon beside the running one and hand it every "
-            "connection (blue-green swap); initiators see a pause, not an error."
+            "connection (blue-green swap); initiators see a pause, not an error. A release "
+            "slot (ROOT/releases/VERSION) becomes ROOT/current once its daemon serves."
         ),
     )
     upgrade.add_argument(
-        "--to", required=True, metavar="DIR", help="the release directory (with bin/sgw)"
+        "--to",
+        required=True,
+        metavar="DIR",
+        help="the release directory (with bin/sgw), e.g. /opt/sgw/releases/VERSION",
     )
     upgrade.add_argument("--data-dir", metavar="DIR", default="/var/lib/sgw")
     upgrade.add_argument("--output", choices=("table", "json"), default="table")
@@ -160,6 +164,11 @@ def _upgrade(args: argparse.Namespace) -> int:
         pause = answer.get("pause_s")
         shown = "unknown" if pause is None else f"{pause * 1000:.1f} ms"
         print(f"swapped to sgw {answer.get('version')} (pid {answer.get('pid')}); pause {shown}")
+        current = answer.get("current") or {}
+        if current.get("switched"):
+            print(f"{current['link']} -> {current['release']} (was {current['previous']})")
+        else:
+            print(f"release slots unchanged: {current.get('reason')}")
     return 0
 
 

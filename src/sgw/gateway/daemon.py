@@ -328,8 +328,10 @@ class Gateway:
         return record, fds
 
     async def prepare_standby(self, timeout: float) -> None:
-        """Green, once blue is quiet: loads the cached volumes' maps (blue commits
-        nothing meanwhile). HandoverError if the provider does not answer in time."""
+        """Green, once blue is quiet: takes the registry as blue left it, loads the cached
+        volumes' maps (blue commits nothing meanwhile). HandoverError if blue's volumes
+        changed or the provider does not answer in time."""
+        await asyncio.to_thread(self.engine.reload_registry)
         if not self.cached:
             return
         assert self.uploader is not None

@@ -2,7 +2,8 @@
 
 ``SGW_SWAP_FAULTS`` (environment) lists ``point=action`` pairs separated by commas, e.g.
 ``green-before-ready=exit``; the actions are ``exit`` (the process dies at once, as if
-killed) and ``hang`` (it stops answering). Unset, as in production, every point is a
+killed), ``hang`` (it stops answering) and ``sleep:SECONDS`` (it dawdles: the other
+daemon goes on meanwhile). Unset, as in production, every point is a
 dictionary lookup that finds nothing. The points are named where they are hit in
 sgw.gateway.handover.swap.
 """
@@ -40,6 +41,8 @@ async def hit(point: str) -> None:
         os._exit(97)
     if action == "hang":
         await asyncio.Event().wait()
+    if action.startswith("sleep:"):
+        await asyncio.sleep(float(action.removeprefix("sleep:")))
 
 
 def active(point: str) -> bool:

@@ -20,6 +20,9 @@ Until blue sends ``go`` green has read, sent and written nothing, so any failure
 it (green refusing, dying, not answering in time, blue unable to fence) ends with green
 killed and blue serving again as before. After ``go`` blue exits; if green then dies,
 the service manager restarts the daemon, which recovers from the log and reattaches.
+Once green said ``owned``, blue points the release slots' ``current`` link at green's
+release (sgw.gateway.handover.slots), so that a restart starts the release that serves;
+if green never said it, ``current`` stays (a restart starts the release that served).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sgw.common.errors import HandoverError, HandoverRefusedError
-from sgw.gateway.handover import faults
+from sgw.gateway.handover import faults, slots
 from sgw.gateway.handover.record import READS, VERSION, HandoverRecord
 from sgw.gateway.handover.wire import Channel
 
@@ -88,14 +91,21 @@ class Green(Protocol):
 
 @dataclass(frozen=True)
 class SwapResult:
-    """A swap that happened: green's pid and version, and the pause it measured."""
+    """A swap that happened: green's pid and version, the pause it measured, and what
+    became of the release slots' ``current`` link."""
 
     pid: int
     version: str
     pause_s: float | None
+    current: slots.CurrentSwitch
 
     def describe(self) -> dict[str, Any]:
-        return {"pid": self.pid, "version": self.version, "pause_s": self.pause_s}
+        return {
+            "pid": self.pid,
+            "version": self.version,
+            "pause_s": self.pause_s,
+            "current": self.current.describe(),
+        }
 
 
 async def upgrade(
@@ -178,12 +188,22 @@ async def upgrade(
     except (HandoverError, KeyError, TypeError, ValueError) as exc:
         LOG.error("swap: green did not confirm that it serves: %s", exc)
         green_version = str(hello.get("version", ""))
+        current = slots.CurrentSwitch(
+            False, None, release, None, f"green did not confirm that it serves: {exc}"
+        )
+    else:
+        current = await asyncio.to_thread(slots.make_current, release)
     channel.close()
     LOG.info(
         "swap done: green serves",
-        extra={"green_pid": proc.pid, "version": green_version, "pause_s": pause},
+        extra={
+            "green_pid": proc.pid,
+            "version": green_version,
+            "pause_s": pause,
+            "current": current.link if current.switched else current.reason,
+        },
     )
-    return SwapResult(proc.pid, green_version, pause)
+    return SwapResult(proc.pid, green_version, pause, current)
 
 
 async def standby(

@@ -1,10 +1,12 @@
 """``python -m sgw.gateway.lio cleanup|status --config FILE``.
 
 ``cleanup`` removes the gateway's LIO objects and detaches its NBD devices: the
-appliance's unit runs it after the daemon exits (ExecStopPost), so that a daemon that
-died leaves nothing behind that would hang the shutdown. ``status`` prints the gateway's
-live LIO targets as JSON (each with its access: ``closed``, ``chap N``, ``acl N`` or
-``OPEN``; LIO does not know why a target is open, ``sgw gateway status`` does).
+appliance runs it at shutdown, after the gateway's unit stopped (sgw-lio-cleanup.service),
+so that a daemon that died leaves nothing behind that would hang the shutdown; never when
+the daemon merely exits (a swap's successor, or the restarted daemon, serves the same
+devices). ``status`` prints the gateway's live LIO targets as JSON (each with its access:
+``closed``, ``chap N``, ``acl N`` or ``OPEN``; LIO does not know why a target is open,
+``sgw gateway status`` does).
 """
 
 from __future__ import annotations

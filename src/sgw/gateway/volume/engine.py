@@ -217,6 +217,24 @@ class VolumeEngine:
         if records:
             LOG.info("write log replayed", extra={"records": len(records)})
 
+    def reload_registry(self) -> None:
+        """A standby, once the running daemon is quiet (it saved its registry and changes it
+        no more): takes the registry as that daemon left it. The copy read at open is
+        stale: the running daemon's destager went on committing (map versions, pending
+        batches) while this one indexed the log. HandoverError if its volumes changed
+        meanwhile (created or deleted): the swap is called off."""
+        if self._standby_records is None:
+            raise HandoverError("this engine is not a standby: its registry is its own")
+        assert self.registry_path is not None
+        saved = _load_registry(self.registry_path)
+        if {n: e.id for n, e in saved.items()} != {n: e.id for n, e in self.registry.items()}:
+            raise HandoverError(
+                "the running daemon's volumes changed while the new one indexed the log "
+                f"(now {sorted(saved)}, then {sorted(self.registry)}); swap again"
+            )
+        for name, entry in self.registry.items():  # in place: restores hold their entry
+            vars(entry).update(vars(saved[name]))
+
     def catch_up(self, state: LogState, snapshots: Iterable[SnapshotRequest]) -> int:
         """Takes over the log from the daemon that ran it (a standby engine, at the swap):
         forgets what that daemon destaged since the standby indexed the log, indexes what

@@ -1,0 +1,279 @@
+"""The blue-green swap on the booted appliance: a second release of the same code (built
+with ``image/build-release`` under a local version, copied in with scp and unpacked into
+/opt/sgw/releases/) takes over from the image's with ``sudo /opt/sgw/current/bin/sgw
+gateway upgrade --to SLOT`` while an initiator on the host writes (FUA) and reads back
+through iSCSI with CHAP; then the image's release takes over again the same way.
+
+Each swap must leave: no failed or mismatched command and none slower than a Linux
+initiator's 15 s timeout (libiscsi has none of its own, so each command's time is
+measured: qemu-io reports it), the data written before it intact, one daemon, running the
+new slot, which systemd tracks as the service's main process (no restart), ``current``
+naming the new slot, LIO's targets as they were, and no I/O error on the guest's nbd
+devices. Runs before test_shutdown.py (which ends the session's appliance)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from tests.fixtures.appliance import DIST, ROOT, Appliance
+from tests.fixtures.waiting import wait_for
+
+pytestmark = [pytest.mark.appliance, pytest.mark.timeout(900)]
+
+RELEASES = "/opt/sgw/releases"
+CURRENT = "/opt/sgw/current"
+# A Linux initiator aborts a SCSI command after 15 s (the sd driver's default timeout).
+SCSI_TIMEOUT = 15.0
+# The loop's part of vol0 (256 MiB), clear of what the other tests write and read.
+IO_START = 128 << 20
+IO_SPAN = 32 << 20
+IO_BLOCK = 256 << 10
+PAIRS = 8  # write+read pairs per qemu-io run (one iSCSI login each)
+# Written once before the first swap, read back after each.
+KEPT_OFFSET = 192 << 20
+KEPT_LENGTH = 4 << 20
+KEPT_PATTERN = 0xA5
+# The swap under TCG: green's start (imports, the log's index) takes tens of seconds.
+SWAP_TIMEOUT = 300.0
+_SECONDS = re.compile(r"; ((?:\d+:)*\d+\.\d+) sec")
+
+
+def _seconds(text: str) -> float:
+    """qemu-io's duration (``00.05``, ``1:02.50``, ``1:00:02.50``) in seconds."""
+    total = 0.0
+    for part in text.split(":"):
+        total = total * 60 + float(part)
+    return total
+
+
+@dataclass
+class IscsiLoop:
+    """qemu-io runs, one after another until stopped, each logging in with CHAP and
+    doing ``PAIRS`` writes with FUA and read-verifies of 256 KiB blocks in the loop's part
+    of the volume, each run with its own pattern. Every command's time as qemu-io reports
+    it is kept; any failure, mismatch or hang is an error."""
+
+    qemu_io: str
+    url: str
+    runs: list[tuple[float, float]] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> IscsiLoop:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            pattern = i % 250 + 1
+            commands: list[str] = []
+            for k in range(PAIRS):
+                offset = IO_START + ((i * PAIRS + k) * IO_BLOCK) % IO_SPAN
+                commands += ["-c", f"write -f -P {pattern:#x} {offset} {IO_BLOCK}"]
+                commands += ["-c", f"read -P {pattern:#x} {offset} {IO_BLOCK}"]
+            start = time.monotonic()
+            try:
+                res = subprocess.run(
+                    [self.qemu_io, "-f", "raw", *commands, self.url],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                self.errors.append(f"run {i}: qemu-io hung for 120 s")
+                return
+            end = time.monotonic()
+            times = [_seconds(t) for t in _SECONDS.findall(res.stdout)]
+            self.latencies += times
+            if res.returncode != 0 or "failed" in res.stdout or len(times) != 2 * PAIRS:
+                self.errors.append(
+                    f"run {i}: qemu-io exited {res.returncode}: {res.stdout[-600:]} "
+                    f"{res.stderr[-600:]}"
+                )
+            self.runs.append((start, end))
+            i += 1
+
+    def wait_runs(self, more: int) -> None:
+        """Positive evidence that I/O goes on: ``more`` runs completed from now on."""
+        target = len(self.runs) + more
+        wait_for(
+            lambda: len(self.runs) >= target or bool(self.errors) or not self.alive(),
+            120,
+            what=f"{more} more iSCSI runs",
+        )
+        assert not self.errors, self.errors[:3]
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def spanning(self, start: float, end: float) -> int:
+        """Runs that were in progress at some point between ``start`` and ``end``."""
+        return sum(1 for s, e in self.runs if s < end and e > start)
+
+    def stop(self) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(180)
+        assert not self._thread.is_alive(), "qemu-io hung"
+
+
+@dataclass(frozen=True)
+class Releases:
+    first: str  # the image's release
+    second: str  # the same code under a local version, unpacked on the appliance
+    install_seconds: float
+
+
+@pytest.fixture(scope="module")
+def releases(appliance: Appliance) -> Releases:
+    """The second release slot: built on the host, copied in with scp, unpacked."""
+    first = str(json.loads((DIST / "manifest.json").read_text())["version"])
+    second = first + (".swap1" if "+" in first else "+swap1")
+    start = time.monotonic()
+    packed = appliance.workdir / f"sgw-{second}.tar.zst"
+    res = subprocess.run(
+        [str(ROOT / "image" / "build-release"), "--version", second, str(packed)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert res.returncode == 0, f"image/build-release: {res.stderr[-2000:]}"
+    res = subprocess.run(
+        ["scp", "-q", "-F", str(appliance.ssh_config), str(packed), "appliance:release.tar.zst"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert res.returncode == 0, f"scp: {res.stderr}"
+    appliance.ssh(
+        "sudo tar --zstd -xf release.tar.zst -C / && rm release.tar.zst && "
+        f"test -x {RELEASES}/{second}/bin/sgw",
+        timeout=600,
+    )
+    return Releases(first, second, time.monotonic() - start)
+
+
+def service(appliance: Appliance) -> dict[str, str]:
+    out = appliance.ssh(
+        "systemctl show -p MainPID,ActiveState,SubState,NRestarts sgw-gateway"
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def daemons(appliance: Appliance) -> list[int]:
+    """The pids of every ``sgw gateway serve`` process on the appliance."""
+    # [s]: the pattern does not match the shell that runs pgrep.
+    out = appliance.ssh("pgrep -f 'bin/sgw gateway [s]erve' || true").stdout
+    return sorted(int(pid) for pid in out.split())
+
+
+def nbd_io_errors(appliance: Appliance) -> list[str]:
+    out = appliance.ssh("sudo dmesg").stdout
+    return [line for line in out.splitlines() if "I/O error" in line and "nbd" in line]
+
+
+def swap_to(appliance: Appliance, loop: IscsiLoop, version: str) -> dict[str, Any]:
+    """``sgw gateway upgrade --to`` the slot of ``version`` while ``loop`` runs; checks
+    everything a swap must leave; returns the answer."""
+    slot = f"{RELEASES}/{version}"
+    before = service(appliance)
+    targets = appliance.targets()
+    errors = nbd_io_errors(appliance)
+    loop.wait_runs(2)
+    start = time.monotonic()
+    res = appliance.ssh(
+        f"sudo {CURRENT}/bin/sgw gateway upgrade --to {slot} --output json",
+        check=False,
+        timeout=SWAP_TIMEOUT,
+    )
+    end = time.monotonic()
+    if res.returncode != 0:
+        journal = appliance.ssh("sudo journalctl -u sgw-gateway -n 80 --no-pager", check=False)
+        raise AssertionError(f"upgrade: {res.stderr}\n{journal.stdout}")
+    answer: dict[str, Any] = json.loads(res.stdout)
+    loop.wait_runs(3)
+    # The initiator was at work across the swap, and not one command failed or stalled.
+    assert loop.spanning(start, end) >= 1
+    assert not loop.errors, loop.errors[:3]
+    # The new daemon serves from the slot and is the service's main process.
+    assert answer["version"] == version
+    pid = int(answer["pid"])
+    wait_for(lambda: daemons(appliance) == [pid], 30, what="the previous daemon to exit")
+    argv = appliance.ssh(f"sudo cat /proc/{pid}/cmdline").stdout.split("\0")
+    assert argv[:2] == [f"{slot}/bin/python", f"{slot}/bin/sgw"], argv
+    after = service(appliance)
+    assert after["MainPID"] == str(pid), after
+    assert (after["ActiveState"], after["SubState"]) == ("active", "running"), after
+    assert after["NRestarts"] == before["NRestarts"], (before, after)
+    # current names the new slot; the previous one stays.
+    assert answer["current"]["switched"] is True, answer
+    assert appliance.ssh(f"readlink {CURRENT}").stdout.strip() == slot
+    assert appliance.ssh(f"{CURRENT}/bin/sgw --version").stdout.strip() == f"sgw {version}"
+    previous = answer["current"]["previous"]
+    assert appliance.ssh(f"test -x {previous}/bin/sgw", check=False).returncode == 0
+    # LIO's targets untouched; no I/O error on the nbd devices.
+    assert appliance.targets() == targets
+    assert nbd_io_errors(appliance) == errors
+    return answer
+
+
+def test_swap_to_another_release_and_back_under_iscsi_io(
+    appliance: Appliance, vol0: str, releases: Releases
+) -> None:
+    qemu_io = shutil.which("qemu-io")
+    assert qemu_io is not None
+    url = appliance.iscsi_url(vol0)
+    assert appliance.ssh(f"readlink {CURRENT}").stdout.strip() == f"{RELEASES}/{releases.first}"
+    assert nbd_io_errors(appliance) == [], "I/O errors on nbd before the swaps"
+    kept = ["-c", f"write -f -P {KEPT_PATTERN:#x} {KEPT_OFFSET} {KEPT_LENGTH}"]
+    verify_kept = ["-c", f"read -P {KEPT_PATTERN:#x} {KEPT_OFFSET} {KEPT_LENGTH}"]
+    res = subprocess.run(
+        [qemu_io, "-f", "raw", *kept, url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    loop = IscsiLoop(qemu_io, url).start()
+    answers = []
+    try:
+        for version in (releases.second, releases.first):
+            answers.append(swap_to(appliance, loop, version))
+            res = subprocess.run(
+                [qemu_io, "-f", "raw", *verify_kept, url],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert res.returncode == 0 and "failed" not in res.stdout, res.stdout
+    finally:
+        loop.stop()
+    assert not loop.errors, loop.errors[:3]
+    slowest = max(loop.latencies)
+    pauses = [a["pause_s"] for a in answers]
+    print(
+        f"appliance swap: release {releases.second} installed in "
+        f"{releases.install_seconds:.1f} s; pauses {pauses} s; {len(loop.latencies)} "
+        f"iSCSI commands, slowest {slowest:.2f} s"
+    )
+    assert slowest < SCSI_TIMEOUT
+    assert all(isinstance(p, float) and p > 0 for p in pauses), pauses
