@@ -175,7 +175,7 @@ class CommandError(SgwError):
 
 class IscsiExportError(SgwError):
     """A volume cannot be exported over iSCSI: LIO (configfs, rtslib-fb) or its /dev/nbdN
-    attachment (nbd-client) failed or is missing."""
+    attachment (NBD netlink) failed or is missing."""
 
 
 class HandoverError(SgwError):

@@ -345,7 +345,7 @@ class CommandRunner:
 
     async def _connections_after_detach(self, name: str) -> int:
         """The NBD connections to the volume left once a detached /dev/nbdN's connection
-        has closed (it closes shortly after ``nbd-client -d``)."""
+        has closed (it closes shortly after the netlink disconnect)."""
         deadline = time.monotonic() + DETACH_WAIT_S
         users = self.host.connections_to(name)
         while users and self.host.iscsi and time.monotonic() < deadline:

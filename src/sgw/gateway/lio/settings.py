@@ -62,7 +62,7 @@ class LioConfig:
     iqn_base: str | None = None  # None: derived from the gateway's identity key
     portal_host: str = "0.0.0.0"
     portal_port: int = 3260
-    block_size: int = 512  # bytes; the LUN's logical block size (nbd-client -b)
+    block_size: int = 512  # bytes; the LUN's logical block size (the NBD device's block size)
     max_sectors_kb: int = 1024  # KiB; /sys/block/nbdN/queue/max_sectors_kb
     cmdsn_depth: int = 128  # the TPG's default_cmdsn_depth
     max_recv_data_segment_length: int = 262144  # bytes
