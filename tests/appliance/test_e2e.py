@@ -214,9 +214,10 @@ def test_64mib_write_and_read_verify_through_iscsi(appliance: Appliance, vol0: s
     assert guest.stdout.split()[0] == hashlib.md5(bytes([PATTERN]) * (64 * MIB)).hexdigest()
 
 
-@pytest.mark.appliance_full
 def test_chap_and_acls(appliance: Appliance) -> None:
-    """CHAP and mutual CHAP set with `sgw volumes chap-set` reach the appliance's LIO."""
+    """CHAP and mutual CHAP set with `sgw volumes chap-set` reach the appliance's LIO and
+    are enforced: the right secret logs in; a wrong secret, an unknown initiator, an
+    anonymous login and a forged mutual CHAP answer are refused (in `make test`)."""
     vol = appliance.create_volume("vol2", 16 * MIB)
     res = appliance.sgw(
         *("volumes", "chap-set", vol["id"], "--initiator", MUTUAL_INITIATOR, "--mutual"),

@@ -271,11 +271,18 @@ def test_twenty_swaps_under_load_fail_no_io(tmp_path: Path, fio: str) -> None:
         descriptors = []
         try:
             wait_for(lambda: writers.writes > 50, 60, what="the writers to get going")
+            [before] = serving(gw)
             for _ in range(20):
                 answer = upgrade(gw)
                 pauses.append(float(answer["pause_s"]))
                 print(f"swap {len(pauses)}: pause {pauses[-1]:.4f} s, writes {writers.writes}")
                 [pid] = serving(gw)  # exactly one daemon serves after a swap
+                # The serving daemon says whom it took over from and the pause.
+                daemon: Any = admin_status(gw)["daemon"]
+                assert daemon["pid"] == pid == answer["pid"], (daemon, pid, answer)
+                assert daemon["took_over"]["from_pid"] == before
+                assert daemon["took_over"]["pause_s"] == pytest.approx(pauses[-1], abs=1e-5)
+                before = pid
                 descriptors.append(len(os.listdir(f"/proc/{pid}/fd")))
                 _wait_for_writes(writers)
         finally:

@@ -215,6 +215,16 @@ def _admin_socket(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(answer, indent=2))
     elif args.command == "status":
+        daemon = answer.get("daemon")
+        if daemon:
+            line = f"daemon: pid {daemon['pid']}, version {daemon['version']}"
+            swap = daemon.get("took_over")
+            if swap:
+                line += (
+                    f", took over from pid {swap['from_pid']} ({swap['from_version']}), "
+                    f"pause {swap['pause_s'] * 1000:.1f} ms"
+                )
+            print(line)
         for vol in answer["volumes"]:
             reason = f" ({vol['reason']})" if vol.get("reason") else ""
             print(f"{vol['name']:16} {vol['mode']:7} {vol['size']:>16} {vol['status']}{reason}")

@@ -55,6 +55,9 @@ class AdminOps:
         # The blue-green swap to a release directory (set by the service that runs the
         # daemon; None where nothing can take over, e.g. in-process tests).
         self.upgrade: Callable[[str], Awaitable[dict[str, Any]]] | None = None
+        # The serving process: pid, version and, after a swap, whom it took over from and
+        # the pause (set by the service; for the health reporter and the admin).
+        self.daemon: dict[str, Any] = {}
 
     def status(self) -> dict[str, Any]:
         """Volumes, write log, destager and snapshots, as plain data."""
@@ -75,6 +78,7 @@ class AdminOps:
                 item.update(self.extra_status(vol.name))
             volumes.append(item)
         return {
+            "daemon": self.daemon or None,
             "volumes": volumes,
             "write_log": {
                 "size": log.data_size,

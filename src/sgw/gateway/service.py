@@ -57,6 +57,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    took_over: dict[str, Any] | None = None
     if standby_fd is None:
         gateway = Gateway(config)
         await gateway.start()
@@ -66,9 +67,14 @@ async def serve(
         async def open_green() -> Green:
             return Gateway(config, standby=True)
 
-        green = await standby(standby_fd, version(), open_green, notify, timeouts)
+        def owned(facts: dict[str, Any]) -> None:
+            nonlocal took_over
+            took_over = facts
+
+        green = await standby(standby_fd, version(), open_green, notify, timeouts, on_owned=owned)
         assert isinstance(green, Gateway)
         gateway = green
+    gateway.admin.ops.daemon = {"pid": os.getpid(), "version": version(), "took_over": took_over}
     LOG.info(
         "gateway ready",
         extra={

@@ -212,11 +212,14 @@ async def standby(
     open_green: Callable[[], Awaitable[Green]],
     notify: Callable[[str], None],
     timeouts: SwapTimeouts = DEFAULT_TIMEOUTS,
+    *,
+    on_owned: Callable[[dict[str, Any]], None] | None = None,
 ) -> Green:
     """Green's side: from ``hello`` to serving. ``open_green`` opens the standby daemon
-    (indexes the log); ``notify`` tells the service manager (``MAINPID=``, ``READY=1``).
-    Returns the daemon, serving; HandoverError if the swap was called off (green then
-    exits: blue serves)."""
+    (indexes the log); ``notify`` tells the service manager (``MAINPID=``, ``READY=1``);
+    ``on_owned`` is given the swap's facts once green serves (blue's pid and version, the
+    pause). Returns the daemon, serving; HandoverError if the swap was called off (green
+    then exits: blue serves)."""
     channel = Channel(socket.socket(fileno=fd))
     blue = os.pidfd_open(os.getppid())  # readable once blue has exited
     await channel.send({"op": "hello", "version": version, "reads": list(READS)})
@@ -259,6 +262,15 @@ async def standby(
         "swap: this daemon serves",
         extra={"blue_pid": record.blue_pid, "pause_s": round(pause, 4), "caught_up": caught_up},
     )
+    if on_owned is not None:
+        on_owned(
+            {
+                "from_pid": record.blue_pid,
+                "from_version": record.blue_version,
+                "pause_s": round(pause, 6),
+                "at": time.time(),
+            }
+        )
     with contextlib.suppress(HandoverError):
         await channel.send({"op": "owned", "version": version, "pause_s": pause})
     channel.close()
