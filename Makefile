@@ -35,8 +35,8 @@ run-gateway: $(STAMP)
 	exec $(VENV)/bin/sgw gateway serve --data-dir $(RUN_DIR) --volume vol0:1G \
 		--nbd unix:$(CURDIR)/$(RUN_DIR)/nbd.sock --nbd tcp:127.0.0.1:10809
 
-PY_SCRIPTS := bench/datapath bench/remote bench/restore bench/control scripts/run-appliance image \
-	scripts/mutation
+PY_SCRIPTS := bench/datapath bench/remote bench/restore bench/control bench/swap \
+	scripts/run-appliance image scripts/mutation
 
 # ruff (lint and format), and the import contracts of pyproject.toml (docs/layout.md).
 lint: $(STAMP)
