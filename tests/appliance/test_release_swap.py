@@ -7,7 +7,7 @@ through iSCSI with CHAP; then the image's release takes over again the same way.
 Each swap must leave: no failed or mismatched command and none slower than a Linux
 initiator's 15 s timeout (libiscsi has none of its own, so each command's time is
 measured: qemu-io reports it), the data written before it intact, one daemon, running the
-new slot, which systemd tracks as the service's main process (no restart), ``current``
+new slot, a child of the service's main process, the supervisor (no restart), ``current``
 naming the new slot, LIO's targets as they were, and no I/O error on the guest's nbd
 devices. Runs before test_shutdown.py (which ends the session's appliance)."""
 
@@ -217,8 +217,11 @@ def swap_to(appliance: Appliance, loop: IscsiLoop, version: str) -> dict[str, An
     wait_for(lambda: daemons(appliance) == [pid], 30, what="the previous daemon to exit")
     argv = appliance.ssh(f"sudo cat /proc/{pid}/cmdline").stdout.split("\0")
     assert argv[:2] == [f"{slot}/bin/python", f"{slot}/bin/sgw"], argv
+    # The service's main process is still the supervisor, now the new daemon's parent.
     after = service(appliance)
-    assert after["MainPID"] == str(pid), after
+    assert after["MainPID"] == before["MainPID"], (before, after)
+    ppid = appliance.ssh(f"ps -o ppid= -p {pid}").stdout.strip()
+    assert ppid == after["MainPID"], (ppid, after)
     assert (after["ActiveState"], after["SubState"]) == ("active", "running"), after
     assert after["NRestarts"] == before["NRestarts"], (before, after)
     # current names the new slot; the previous one stays.

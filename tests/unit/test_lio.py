@@ -508,6 +508,29 @@ def test_exporter_clears_what_a_crashed_run_left(tmp_path: Path) -> None:
     assert log == ["lio remove vol0", "detach /dev/nbd4"]
 
 
+def test_the_cleanup_after_a_dead_daemon_detaches_the_devices_first(tmp_path: Path) -> None:
+    """A device whose daemon died holds LIO's requests for a reattach; detached first,
+    it fails them, so that LIO can let go of its backstore at once."""
+    log: list[str] = []
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lio-exports.json").write_text(json.dumps({"devices": {"vol0": "/dev/nbd4"}}))
+    lio = FakeLio(log)
+    lio.targets = dict(state(("vol0",)))
+    config = LioConfig(enabled=True, iqn_base=BASE, runtime_dir=str(run))
+    nbd = FakeNbd(log, alive={"/dev/nbd4"})
+    exporter = LioExporter(
+        config,
+        str(tmp_path),
+        "ab" * 32,
+        backend=lio,
+        attacher=nbd,  # type: ignore[arg-type]
+    )
+    asyncio.run(exporter.clear(devices_first=True))
+    assert log == ["detach /dev/nbd4", "lio remove vol0"]
+    assert not nbd.alive and not lio.targets
+
+
 def test_exporter_fails_closed_on_a_damaged_chap_file(tmp_path: Path) -> None:
     log: list[str] = []
     (tmp_path / "chap.json").write_text("{not json")

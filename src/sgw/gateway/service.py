@@ -3,8 +3,10 @@ a blue-green swap, signals, the service manager's notifications, and the swap on
 (the admin socket's ``upgrade``: sgw.gateway.handover.swap).
 
 systemd follows the swap through ``Type=notify`` with ``NotifyAccess=all``: the daemon
-says ``READY=1`` once it serves, and a successor that took over says ``MAINPID=`` with its
-own pid before its predecessor exits, so the service never looks stopped.
+says ``READY=1`` once it serves. On the appliance the service's main process is the
+supervisor (sgw.gateway.supervisor), which a successor outlives its predecessor under;
+run without it, a successor that took over says ``MAINPID=`` with its own pid before its
+predecessor exits, so the service never looks stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sgw.common.errors import HandoverRefusedError
 from sgw.gateway.config import GatewayConfig
 from sgw.gateway.daemon import Gateway, set_io_flusher
 from sgw.gateway.handover.swap import DEFAULT_TIMEOUTS, Green, SwapTimeouts, standby, upgrade
+from sgw.gateway.supervisor import SUPERVISED_ENV
 
 LOG = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ def notify(state: str) -> None:
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return
+    if os.environ.get(SUPERVISED_ENV) == "1":  # the supervisor stays the main process
+        state = "\n".join(x for x in state.split("\n") if not x.startswith("MAINPID="))
     if path.startswith("@"):
         path = "\0" + path[1:]
     try:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             from sgw.gateway.lio.exporter import LioExporter
 
             exporter = LioExporter(settings, "", "0" * 12)
-            asyncio.run(exporter.clear())
+            asyncio.run(exporter.clear(devices_first=True))  # no daemon serves them
             return 0
         from sgw.gateway.lio.kernel import RtslibLio
 

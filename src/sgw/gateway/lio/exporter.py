@@ -338,10 +338,16 @@ class LioExporter:
             await self._converge(backend, volumes, self.devices, rules)
             self._save()
 
-    async def clear(self) -> None:
-        """Removes every LIO object of the gateway, then detaches every device."""
+    async def clear(self, *, devices_first: bool = False) -> None:
+        """Removes every LIO object of the gateway, then detaches every device. With
+        ``devices_first`` (the clean-up after a daemon that died) the devices go first: a
+        device whose daemon is gone holds its requests for a reattach (up to its
+        dead-connection timeout), and LIO cannot remove a backstore with requests in
+        flight; detached, the device fails them at once."""
         async with self._lock:
             self._load_state()
+            if devices_first:
+                await self._detach_all()
             try:
                 backend = await self._get_backend()
             except IscsiExportError as exc:
@@ -353,13 +359,16 @@ class LioExporter:
                     LOG.error("LIO not cleared: %s", exc)
             # Even if LIO refused to let go, the devices are detached: LIO's I/O then
             # fails instead of waiting for a server that is about to stop.
-            for name in sorted(self.devices):
-                try:
-                    await self._detach(name)
-                except IscsiExportError as exc:
-                    self._failed(name, exc)
+            await self._detach_all()
             self.iqns.clear()
             self._save()
+
+    async def _detach_all(self) -> None:
+        for name in sorted(self.devices):
+            try:
+                await self._detach(name)
+            except IscsiExportError as exc:
+                self._failed(name, exc)
 
     def status(self) -> dict[str, Any]:
         """What is exported, for status output and tests."""
