@@ -115,9 +115,18 @@ def test_gateway_control_urls_follow_the_remote_rule(tmp_path: Path) -> None:
         _gateway(tmp_path, '[control]\nurls = ["ftp://p2.example"]\n')
 
 
-def _provider(host: str, **flags: bool) -> provider_config.ProviderConfig:
+def _provider(
+    host: str, *, insecure_dev: bool = False, insecure_http: bool = False
+) -> provider_config.ProviderConfig:
+    """A provider without TLS files listening on ``host``."""
     return provider_config.ProviderConfig(
-        "/nonexistent", host, 8480, "sqlite://", "file:///x", **flags
+        "/nonexistent",
+        host,
+        8480,
+        "sqlite://",
+        "file:///x",
+        insecure_dev=insecure_dev,
+        insecure_http=insecure_http,
     )
 
 
@@ -129,9 +138,9 @@ def test_insecure_dev_serves_loopback(host: str) -> None:
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.2", "provider.example.net"])
 def test_insecure_dev_refuses_any_other_address(host: str) -> None:
-    for flags in ({}, {"insecure_http": True}):
+    for insecure_http in (False, True):
         with pytest.raises(ConfigError) as refused:
-            _provider(host, insecure_dev=True, **flags).check_transport()
+            _provider(host, insecure_dev=True, insecure_http=insecure_http).check_transport()
         message = str(refused.value)
         assert message.startswith(f"--listen {host}:8480 is not loopback, and --insecure-dev ")
         assert "listen on 127.0.0.1" in message
