@@ -84,7 +84,12 @@ def backoff(failures: int, rng: Callable[[], float] = random.random) -> float:
 
 
 class ControlChannel:
-    """Polls for commands, runs them through ``execute`` and delivers the replies."""
+    """Polls for commands, runs them through ``execute`` and delivers the replies.
+
+    ``urls``: the provider's URL first, then other control servers; ``insecure_http``:
+    ``remote.insecure_http`` (plain http beyond loopback allowed), for the servers the
+    provider names.
+    """
 
     def __init__(
         self,
