@@ -72,7 +72,13 @@ def channel(
     provider: ProviderSim,
     execute: Callable[[Command], Awaitable[dict[str, Any]]],
     sleeps: list[float] | None = None,
+    *,
+    url: str = URL,
+    insecure_http: bool = True,
 ) -> ControlChannel:
+    """A channel to the simulated provider at ``url``; by default a development one over
+    plain http to another host, which the gateway allows with remote.insecure_http."""
+
     async def sleep(delay: float) -> None:
         if sleeps is not None:
             sleeps.append(delay)
@@ -80,8 +86,9 @@ def channel(
 
     return ControlChannel(
         str(tmp_path),
-        [URL],
+        [url],
         execute,
+        insecure_http=insecure_http,
         wait=5.0,
         transport=httpx.MockTransport(provider),
         rng=lambda: 0.0,
@@ -261,6 +268,78 @@ def test_quick_failures_back_off_and_a_long_poll_that_ends_does_not(tmp_path: Pa
         await ch3.stop()
         assert sleeps3[:3] == [BACKOFF_FIRST_S * 0.5 * 2**i for i in range(3)]
 
+    asyncio.run(main())
+
+
+REFUSED_EVERYWHERE = [
+    "ftp://p3.test",  # not http(s)
+    "p4.test:8480",  # no scheme
+    "https://p5.test/?next=x",  # not a base URL
+    "https://user@p6.test",
+    "https://p7.test:99999",  # no such port
+    "https://",  # no host
+]
+
+
+def test_advertised_servers_never_downgrade_an_https_provider(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        provider = ProviderSim([])
+        provider.servers = [
+            "https://provider.test",
+            "https://p2.test:8480/",
+            "http://p2.test:8480",  # a downgrade: refused even with insecure_http
+            "http://127.0.0.1:8480",  # a downgrade, also to loopback
+            *REFUSED_EVERYWHERE,
+        ]
+        ch = channel(tmp_path, provider, Recorder(), url="https://provider.test")
+        await ch.start()
+        await until(lambda: provider.polls >= 3)
+        await ch.stop()
+        assert ch.urls == ["https://provider.test", "https://p2.test:8480"]
+        warned = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+        # Each refused server is warned about once, however many answers named it.
+        assert len(warned) == len(provider.servers) - 2
+        assert "control server http://p2.test:8480 ignored: plain http where the provider " in (
+            "\n".join(warned)
+        )
+        assert any("ftp://p3.test ignored: scheme 'ftp'" in w for w in warned)
+
+    caplog.set_level("WARNING", logger="sgw.gateway.link.channel")
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("insecure_http", [False, True])
+def test_advertised_plain_http_follows_the_remote_rule(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, insecure_http: bool
+) -> None:
+    async def main() -> None:
+        provider = ProviderSim([])
+        provider.servers = [
+            "http://127.0.0.1:8480",
+            "http://[::1]:8481",
+            "http://localhost:8482",
+            "https://p2.test",
+            "http://p3.test",  # beyond loopback: only with insecure_http
+            *REFUSED_EVERYWHERE,
+        ]
+        ch = channel(
+            tmp_path, provider, Recorder(), url="http://127.0.0.1:8480", insecure_http=insecure_http
+        )
+        await ch.start()
+        await until(lambda: provider.polls >= 2)
+        await ch.stop()
+        adopted = ["http://127.0.0.1:8480", "http://[::1]:8481", "http://localhost:8482"]
+        adopted += ["https://p2.test", *(["http://p3.test"] if insecure_http else [])]
+        assert ch.urls == adopted
+        warned = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+        assert len(warned) == len(REFUSED_EVERYWHERE) + (0 if insecure_http else 1)
+        assert insecure_http or any(
+            "http://p3.test ignored: plain http to another machine" in w for w in warned
+        )
+
+    caplog.set_level("WARNING", logger="sgw.gateway.link.channel")
     asyncio.run(main())
 
 

@@ -20,19 +20,19 @@ def register(areas: Any) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.get_account())
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.list_accounts(), ["id", "name", "operator", "created"])
     return 0
 
 
 def _create(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         new = client.create_account(args.name)
     emit(args, {**new["account"], "token": new["token"]["token"]})
     warn_token_shown_once(args)

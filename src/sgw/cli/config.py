@@ -6,6 +6,9 @@ mode 0600)::
     endpoint = "https://provider.example.net:8480"
     token = "sgw_..."
     ca = "/etc/sgw/provider-ca.pem"
+
+The token goes over https, or plain http to this machine (loopback); plain http to another
+machine only with ``--insecure-http`` or ``SGW_INSECURE_HTTP=1`` (development networks).
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ from typing import Any
 
 from sgw.cli.client import ApiClient
 from sgw.common.errors import ConfigError
+from sgw.common.transport import BEYOND_LOOPBACK, transport_refusal
 
 DEFAULT_CONFIG = "~/.config/sgw/config.toml"
+INSECURE_HTTP_ENV = "SGW_INSECURE_HTTP"
+_YES = ("1", "true", "yes")
+_NO = ("", "0", "false", "no")
 
 
 @dataclass(frozen=True)
@@ -56,14 +63,43 @@ def load_settings(endpoint_flag: str | None) -> ClientSettings:
     return ClientSettings(str(endpoint).rstrip("/"), token and str(token), ca and str(ca))
 
 
-def open_client(endpoint_flag: str | None) -> ApiClient:
-    """A client of the provider the settings name; it needs a token, and pins the CA if
-    one is set (else the system's CAs verify the provider)."""
+def insecure_http_allowed(flag: bool) -> bool:
+    """True if ``--insecure-http`` was given or ``SGW_INSECURE_HTTP`` says yes."""
+    text = os.environ.get(INSECURE_HTTP_ENV, "").strip().lower()
+    if text not in _YES + _NO:
+        raise ConfigError(
+            f"{INSECURE_HTTP_ENV}={text!r}: set it to 1 (allow plain http) or 0, or unset it"
+        )
+    return flag or text in _YES
+
+
+def check_endpoint(endpoint: str, *, insecure_http: bool) -> None:
+    """ConfigError unless the endpoint may carry the API token (sgw.common.transport):
+    https, or plain http to loopback or with ``insecure_http``."""
+    why = transport_refusal(endpoint, insecure_http=insecure_http)
+    if why is None:
+        return
+    if why == BEYOND_LOOPBACK:
+        raise ConfigError(
+            f"endpoint {endpoint} is plain http to another machine, which would send the "
+            "API token unencrypted: use https:// (with SGW_CA, the provider's tls/ca.pem), "
+            f"or pass --insecure-http (or set {INSECURE_HTTP_ENV}=1) on a development network"
+        )
+    raise ConfigError(
+        f"endpoint {endpoint!r}: {why}; give a URL like https://provider.example.net:8480"
+    )
+
+
+def open_client(endpoint_flag: str | None, *, insecure_http: bool = False) -> ApiClient:
+    """A client of the provider the settings name; it needs a token, which it sends only
+    where ``check_endpoint`` allows, and pins the CA if one is set (else the system's CAs
+    verify the provider). ``insecure_http``: the ``--insecure-http`` flag."""
     settings = load_settings(endpoint_flag)
     if not settings.token:
         raise ConfigError(
             "no API token: set SGW_TOKEN or token = ... in the config file (`sgw provider "
             "init` printed the first one)"
         )
+    check_endpoint(settings.endpoint, insecure_http=insecure_http_allowed(insecure_http))
     verify = ssl.create_default_context(cafile=settings.ca) if settings.ca else True
     return ApiClient(settings.endpoint, settings.token, verify=verify)

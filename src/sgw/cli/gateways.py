@@ -72,20 +72,20 @@ def register(areas: Any) -> None:
 
 
 def _activate(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.activate(args.key, args.name, args.timezone))
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
     cols = ["id", "name", "status", "volumes", "last_seen", "activated"]
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.list_gateways(), cols)
     return 0
 
 
 def _describe(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         gateway = client.get_gateway(args.id)
         conn = client.get_connection(args.id)
     gateway["online"] = conn["online"]
@@ -95,25 +95,25 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def _rename(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.rename_gateway(args.id, args.name))
     return 0
 
 
 def _set_timezone(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.set_gateway_timezone(args.id, args.timezone))
     return 0
 
 
 def _deactivate(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.deactivate_gateway(args.id))
     return 0
 
 
 def _local_state(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         done = run_on_gateway(client, args.id, "describe", {}, timeout=args.timeout, label="asking")
     state = result_of(done)
     if args.output == "json":
@@ -129,7 +129,7 @@ def _local_state(args: argparse.Namespace) -> int:
 
 
 def _bandwidth(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         limits = {
             k: _rate_arg(v, f"--{k}")
             for k, v in (("upload", args.upload), ("download", args.download))
@@ -145,7 +145,7 @@ def _bandwidth(args: argparse.Namespace) -> int:
 
 
 def _diagnostics(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         done = run_on_gateway(
             client, args.id, "diagnostics", {}, timeout=args.timeout, label="collecting diagnostics"
         )
@@ -154,7 +154,7 @@ def _diagnostics(args: argparse.Namespace) -> int:
 
 
 def _commands(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         rows: list[dict[str, Any]] = [dict(r) for r in client.list_commands(args.id, args.limit)]
     cols = ["id", "type", "status", "created", "completed", "error"]
     emit(args, [{k: r[k] for k in cols} for r in rows], cols)

@@ -1,6 +1,6 @@
 """Parser pieces the admin groups share: the flags every admin command takes
-(``--endpoint``, ``--output``), ``--timeout`` of commands a gateway carries out, and a
-command group (``sgw GROUP COMMAND``) whose commands each name their handler."""
+(``--endpoint``, ``--insecure-http``, ``--output``), ``--timeout`` of commands a gateway
+carries out, and a command group (``sgw GROUP COMMAND``) whose commands each name their handler."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from sgw.cli.config import INSECURE_HTTP_ENV
 from sgw.cli.gateway_commands import COMMAND_TIMEOUT_S
 
 Handler = Callable[[argparse.Namespace], int]
@@ -16,9 +17,17 @@ AddCommand = Callable[[str, str, Handler], argparse.ArgumentParser]
 
 
 def common_flags() -> argparse.ArgumentParser:
-    """A parent parser with ``--endpoint`` and ``--output``."""
+    """A parent parser with ``--endpoint``, ``--insecure-http`` and ``--output``."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--endpoint", metavar="URL", help="provider URL (or SGW_ENDPOINT)")
+    parent.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help=(
+            "development networks only: send the API token over plain http:// to another "
+            f"machine (or {INSECURE_HTTP_ENV}=1)"
+        ),
+    )
     parent.add_argument(
         "--output", choices=("table", "json"), default="table", help="table (default) or json"
     )

@@ -35,19 +35,19 @@ def register(areas: Any) -> None:
 
 def _list(args: argparse.Namespace) -> int:
     cols = ["id", "volume_id", "status", "description", "created", "scheduled_for"]
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.list_snapshots(args.volume), cols)
     return 0
 
 
 def _describe(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.get_snapshot(args.id))
     return 0
 
 
 def _create(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         volume = client.get_volume(args.volume_id)
         if volume.get("gateway_id") is None:  # the provider snapshots the map it holds
             emit(args, client.snapshot_volume(args.volume_id, args.description))
@@ -79,7 +79,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         client.delete_snapshot(args.id)
     done(args, f"snapshot {args.id} deleted")
     return 0

@@ -20,20 +20,20 @@ def register(areas: Any) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.list_tokens(), ["id", "name", "created", "last_used"])
     return 0
 
 
 def _create(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.create_token(args.name))
     warn_token_shown_once(args)
     return 0
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         client.revoke_token(args.id)
     done(args, f"token {args.id} revoked")
     return 0

@@ -115,7 +115,7 @@ def register(areas: Any) -> None:
 
 def _list(args: argparse.Namespace) -> int:
     cols = ["id", "name", "gateway_id", "mode", "size", "access", "map_version", "created"]
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         volumes = client.list_volumes(args.gateway)
     emit(args, volumes, cols)
     _warn_open(args, volumes)
@@ -123,7 +123,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         volume = client.get_volume(args.id)
         access = client.get_access(args.id)
         volume["access"] = access["access"]
@@ -143,7 +143,7 @@ def _describe(args: argparse.Namespace) -> int:
 def _create(args: argparse.Namespace) -> int:
     from sgw.gateway.config import parse_size
 
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         size = parse_size(args.size, "SIZE")
         if args.gateway is None:  # a volume at the provider only (the block API's)
             made = client.create_volume(
@@ -172,7 +172,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         volume = client.get_volume(args.id)
         gateway_id = volume.get("gateway_id")
         if gateway_id is None:
@@ -191,7 +191,7 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _chap_set(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         secret, target = _read_secrets(args.mutual)
         emit(args, client.set_chap(args.id, args.initiator, secret, target))
         _sync_access(client, args)
@@ -199,13 +199,13 @@ def _chap_set(args: argparse.Namespace) -> int:
 
 
 def _chap_list(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.list_chap(args.id), ["initiator", "mutual", "updated"])
     return 0
 
 
 def _chap_delete(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         client.delete_chap(args.id, args.initiator)
         _sync_access(client, args)
     done(args, f"CHAP credentials of {args.initiator} removed from volume {args.id}")
@@ -213,20 +213,20 @@ def _chap_delete(args: argparse.Namespace) -> int:
 
 
 def _acl_add(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.add_acl(args.id, args.initiator))
         _sync_access(client, args)
     return 0
 
 
 def _acl_list(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         emit(args, client.list_acl(args.id), ["initiator", "updated"])
     return 0
 
 
 def _acl_delete(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         client.delete_acl(args.id, args.initiator)
         _sync_access(client, args)
     done(args, f"initiator {args.initiator} no longer allowed on volume {args.id}")
@@ -234,7 +234,7 @@ def _acl_delete(args: argparse.Namespace) -> int:
 
 
 def _set_open(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         access = client.set_open(args.id, args.open)
         _sync_access(client, args)
     emit(args, {k: v for k, v in access.items() if k not in ("chap", "acl")})
@@ -249,7 +249,7 @@ def _set_open(args: argparse.Namespace) -> int:
 
 
 def _schedule_set(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         schedule = client.set_snapshot_schedule(
             args.id,
             args.start_hour,
@@ -262,7 +262,7 @@ def _schedule_set(args: argparse.Namespace) -> int:
 
 
 def _schedule_delete(args: argparse.Namespace) -> int:
-    with open_client(args.endpoint) as client:
+    with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         client.delete_snapshot_schedule(args.id)
     done(args, f"snapshot schedule of volume {args.id} removed")
     return 0

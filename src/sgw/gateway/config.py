@@ -25,7 +25,8 @@ Example (every key optional except what a volume needs)::
     pack_chunks = 4                       # chunks per upload request (1: one each)
     bandwidth = "100M"                    # bytes per second (default: unlimited)
     ca = "/etc/sgw/provider-ca.pem"       # pin the provider's CA (https URLs)
-    insecure_http = false                 # allow http:// beyond loopback (development)
+    insecure_http = false                 # allow http:// beyond loopback (development),
+                                          # for this url and [control] urls
 
     [activation]                          # while not activated (docs/gateway.md)
     listen = "0.0.0.0:80"                 # the activation page (default: none)
@@ -33,6 +34,7 @@ Example (every key optional except what a volume needs)::
 
     [control]                             # commands from the provider's console
     urls = ["https://p2.example.net:8480"]  # more control servers to fail over to
+                                          # (http:// as for [remote] url; not after https)
     wait = 50                             # seconds a long-poll is held at most
 
     [cache]                               # the chunk cache of cached volumes
@@ -50,7 +52,6 @@ Example (every key optional except what a volume needs)::
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -60,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sgw.common.errors import ConfigError
+from sgw.common.transport import DOWNGRADE, HTTPS, transport_refusal
 from sgw.gateway.lio.settings import LIO_KEYS, LioConfig, parse_lio
 from sgw.gateway.volume.engine import MODE_CACHED, MODE_STORED, MODES, VolumeSpec
 from sgw.gateway.volume.wal import DATA_START, MIN_DATA_SIZE
@@ -355,7 +357,7 @@ def load(
             "no volumes: pass --volume NAME:SIZE or add [[volumes]] to the config (or "
             "connect a provider with [remote] url to create them from its console)"
         )
-    control = _control(_table(doc, "control", {"urls", "wait"}))
+    control = _control(_table(doc, "control", {"urls", "wait"}), remote)
     cached = [s.name for s in specs if s.mode == MODE_CACHED]
     if cached and remote is None:
         raise ConfigError(
@@ -391,14 +393,35 @@ def load(
     )
 
 
-def _control(table: dict[str, Any]) -> ControlConfig:
+def _control(table: dict[str, Any], remote: RemoteConfig | None) -> ControlConfig:
     urls = table.get("urls", [])
     if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
         raise ConfigError('control.urls: must be a list of URLs like ["https://p2:8480"]')
     wait = table.get("wait", 50.0)
     if isinstance(wait, bool) or not isinstance(wait, int | float) or not 1 <= wait <= 60:
         raise ConfigError(f"control.wait: {wait!r} must be 1 to 60 seconds")
-    return ControlConfig(tuple(check_url(u, "control.urls") for u in urls), float(wait))
+    checked = tuple(check_url(u, "control.urls") for u in urls)
+    if remote is not None:
+        https_only = urllib.parse.urlsplit(remote.url).scheme == HTTPS
+        for url in checked:
+            _check_transport(url, "control.urls", remote.insecure_http, https_only)
+    return ControlConfig(checked, float(wait))
+
+
+def _check_transport(url: str, what: str, insecure_http: bool, https_only: bool) -> None:
+    """ConfigError if the gateway's requests to ``url`` would go in plain http where that
+    is not allowed (sgw.common.transport: loopback, or remote.insecure_http; never after
+    an https provider URL)."""
+    why = transport_refusal(url, insecure_http=insecure_http, https_only=https_only)
+    if why is None:
+        return
+    if why == DOWNGRADE:
+        fix = "use https, as remote.url does"
+    else:
+        fix = (
+            "use https (with remote.ca) or set remote.insecure_http = true on a development network"
+        )
+    raise ConfigError(f"{what}: {url} is {why}; {fix}")
 
 
 def _cache(table: dict[str, Any], ddir: str) -> CacheConfig:
@@ -447,15 +470,6 @@ def _activation(table: dict[str, Any], listen: str | None) -> ActivationConfig:
     return ActivationConfig(host, int(port), float(interval))
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _remote(
     table: dict[str, Any], provider: str | None, provider_ca: str | None = None
 ) -> RemoteConfig | None:
@@ -490,12 +504,7 @@ def _remote(
     if not isinstance(insecure, bool):
         raise ConfigError("remote.insecure_http: must be true or false")
     url = check_url(url, what)
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "http" and not insecure and not _loopback(parts.hostname or ""):
-        raise ConfigError(
-            f"{what}: {url} is plain http to another machine; use https (with remote.ca) "
-            "or set remote.insecure_http = true on a development network"
-        )
+    _check_transport(url, what, insecure, https_only=False)
     return RemoteConfig(
         url,
         concurrency=conc,

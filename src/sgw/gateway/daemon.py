@@ -182,6 +182,7 @@ class Gateway:
             self.commands,
             auth=self.auth,
             verify=tls_verify(config.remote),
+            insecure_http=config.remote.insecure_http,
             wait=config.control.wait,
             ready=self.activation.activated,
         )

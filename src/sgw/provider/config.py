@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 from dataclasses import dataclass
 
 from sgw.common.errors import ConfigError
+from sgw.common.transport import is_loopback
 from sgw.provider.auth.tls import tls_files
 
 DEFAULT_LISTEN = "127.0.0.1:8480"
@@ -20,9 +20,9 @@ class ProviderConfig:
     ``db_url`` is an SQLAlchemy URL (SQLite by default, PostgreSQL when one machine is
     outgrown); ``store_url`` names the object store (``file:///dir`` or ``s3://bucket``).
     ``insecure_dev``: requests without credentials act for the built-in account ``dev``
-    (development machines only). ``tls_cert``/``tls_key``: serve HTTPS with them (made by
-    ``sgw provider init``); plain HTTP is served only on loopback or with
-    ``insecure_http``.
+    (development machines only, so it listens on loopback only). ``tls_cert``/``tls_key``:
+    serve HTTPS with them (made by ``sgw provider init``); plain HTTP is served only on
+    loopback or with ``insecure_http``.
     """
 
     data_dir: str
@@ -55,23 +55,22 @@ class ProviderConfig:
         return f"{self.scheme}://{host}:{self.port}"
 
     def check_transport(self) -> None:
-        """ConfigError if the API would be served in plain HTTP beyond this machine."""
-        if self.tls_cert or self.insecure_http or self.insecure_dev or _loopback(self.host):
+        """ConfigError if the API would be served without authentication, or in plain
+        HTTP, beyond this machine."""
+        if self.insecure_dev and not is_loopback(self.host):
+            raise ConfigError(
+                f"--listen {self.host}:{self.port} is not loopback, and --insecure-dev "
+                "serves every caller without authentication: listen on 127.0.0.1 (or ::1) "
+                "in development, or serve without --insecure-dev (`sgw provider init` makes "
+                "the first API token)"
+            )
+        if self.tls_cert or self.insecure_http or is_loopback(self.host):
             return
         raise ConfigError(
             f"--listen {self.host}:{self.port} is not loopback and there is no TLS "
             f"certificate in {self.data_dir}/tls: run `sgw provider init`, or pass "
             "--insecure-http on a development network"
         )
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load(

@@ -16,6 +16,12 @@ answer long before the wait was up) counts as an error and the next try waits a 
 exponentially growing time (and goes to the next known control server); a poll that was
 held for a while and then ended, even by a dropped connection, is normal, and the next
 one goes out at once.
+
+Control servers the provider names in its answers are adopted only over a transport the
+gateway's own configuration allows (``sgw.common.transport``): https; plain http only
+where the provider URL is plain http too, and then to loopback or with
+``remote.insecure_http``. Any other is ignored with a warning: a provider, or whoever
+can alter its answers, cannot move the gateway's signed requests off TLS.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import logging
 import random
 import ssl
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -34,6 +41,7 @@ from typing import Any
 import httpx
 
 from sgw.common.errors import ControlChannelError, SgwError
+from sgw.common.transport import HTTPS, transport_refusal
 from sgw.gateway.link.journal import Command, ControlJournal, Reply
 
 LOG = logging.getLogger(__name__)
@@ -49,6 +57,8 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 # Control servers remembered from the provider's answers (to fail over to).
 MAX_URLS = 16
+# Refused control server URLs remembered so that each is warned about once (at most).
+MAX_REFUSED = 64
 
 Executor = Callable[[Command], Awaitable[dict[str, Any]]]
 # Commands that change nothing: each runs on its own, beside whatever else runs.
@@ -74,7 +84,12 @@ def backoff(failures: int, rng: Callable[[], float] = random.random) -> float:
 
 
 class ControlChannel:
-    """Polls for commands, runs them through ``execute`` and delivers the replies."""
+    """Polls for commands, runs them through ``execute`` and delivers the replies.
+
+    ``urls``: the provider's URL first, then other control servers; ``insecure_http``:
+    ``remote.insecure_http`` (plain http beyond loopback allowed), for the servers the
+    provider names.
+    """
 
     def __init__(
         self,
@@ -84,6 +99,7 @@ class ControlChannel:
         *,
         auth: httpx.Auth | None = None,
         verify: ssl.SSLContext | bool = True,
+        insecure_http: bool = False,
         wait: float = 50.0,
         ready: asyncio.Event | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -94,6 +110,10 @@ class ControlChannel:
         if not urls:
             raise ValueError("the control channel needs the provider's URL")
         self.urls = [u.rstrip("/") for u in urls]
+        self.insecure_http = insecure_http
+        # The provider's URL (the first) sets the floor: after https, never plain http.
+        self.https_only = urllib.parse.urlsplit(self.urls[0]).scheme == HTTPS
+        self._refused: set[str] = set()
         self.execute = execute
         self.wait = wait
         self.journal = ControlJournal(data_dir, clock=clock)
@@ -242,8 +262,30 @@ class ControlChannel:
         self.server = str(server) if server else self.url
         for item in doc.get("servers") or []:
             url = str(item).rstrip("/")
-            if url and url not in self.urls and len(self.urls) < MAX_URLS:
+            if not url or url in self.urls or len(self.urls) >= MAX_URLS:
+                continue
+            why = self.refusal(url)
+            if why is None:
                 self.urls.append(url)
+            elif url not in self._refused and len(self._refused) < MAX_REFUSED:
+                self._refused.add(url)
+                LOG.warning(
+                    "control server %s ignored: %s",
+                    url,
+                    why,
+                    extra={"server": url, "provider": self.urls[0]},
+                )
+
+    def refusal(self, url: str) -> str | None:
+        """Why a control server the provider named is not adopted, or None if it is."""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            return "not a URL"
+        if parts.query or parts.fragment or parts.username or parts.password:
+            return "not a base URL (it has a query, fragment or user name)"
+        return transport_refusal(url, insecure_http=self.insecure_http, https_only=self.https_only)
 
     async def _receive(self, commands: list[Command]) -> None:
         try:
