@@ -352,3 +352,56 @@ def test_a_volumes_gateway_is_trusted_from_the_cache_for_a_few_seconds(
     assert not gateways.owns_volume_known("gw-a", vol)  # stale: asked again
     assert gateways.owns_volume("gw-a", vol)
     assert gateways.owns_volume_known("gw-a", vol)
+
+
+def test_a_chosen_volume_id_returns_the_volume_only_to_the_request_that_made_it(
+    secure_provider: SecureProvider,
+) -> None:
+    """A caller may choose a new volume's id and ask again after a lost reply. Only the
+    same request (account, gateway, name, size, mode) gets the volume back: a second
+    gateway of the account, another account's gateway or admin, or a different volume
+    get 409 and the same words, which say nothing of whose the id is."""
+    p = secure_provider
+    one, two = activate(p, p.token, "gw-1"), activate(p, p.token, "gw-2")
+    _other, other_token = new_account(p, "other")
+    stranger = activate(p, other_token, "gw-x")
+    vid = str(uuid.uuid4())
+    body = {"id": vid, "name": "v", "size": MIB, "mode": "cached"}
+    made = p.client(auth=one.auth()).post("/v1/volumes", json=body)
+    assert made.status_code == 201, made.text
+    assert made.json()["gateway_id"] == one.gateway_id
+    again = p.client(auth=one.auth()).post("/v1/volumes", json=body)
+    assert again.status_code == 201 and again.json() == made.json()
+
+    refused = {
+        "another gateway of the account": p.client(auth=two.auth()).post("/v1/volumes", json=body),
+        "another account's gateway": p.client(auth=stranger.auth()).post("/v1/volumes", json=body),
+        "another account's admin": p.client(other_token).post("/v1/volumes", json=body),
+        "the account's admin, no gateway": p.admin().post("/v1/volumes", json=body),
+        "the same gateway, another size": p.client(auth=one.auth()).post(
+            "/v1/volumes", json={**body, "size": 2 * MIB}
+        ),
+        "the same gateway, another mode": p.client(auth=one.auth()).post(
+            "/v1/volumes", json={**body, "mode": "stored"}
+        ),
+    }
+    expected = {
+        "error": "name_taken",
+        "message": f"volume id {vid} is not available: choose another (a new UUID)",
+    }
+    for who, r in refused.items():
+        assert r.status_code == 409, (who, r.text)
+        assert r.json() == expected, who  # the same words whoever holds the id
+        for secret in (one.gateway_id, p.account_id, '"v"', "'v'"):
+            assert secret not in r.text, (who, secret)
+    # With ids of their own: the account's second gateway is refused for the name (names
+    # are per account), the other account's gateway gets its volume.
+    own = p.client(auth=two.auth()).post("/v1/volumes", json={**body, "id": str(uuid.uuid4())})
+    assert own.status_code == 409 and "already has a volume named 'v'" in own.text
+    mine = p.client(auth=stranger.auth()).post(
+        "/v1/volumes", json={**body, "id": str(uuid.uuid4())}
+    )
+    assert mine.status_code == 201 and mine.json()["gateway_id"] == stranger.gateway_id
+    # Nothing of the first volume changed.
+    kept = p.client(auth=one.auth()).get(f"/v1/volumes/{vid}")
+    assert kept.status_code == 200 and kept.json() == made.json()

@@ -15,9 +15,11 @@ import httpx
 from sqlalchemy import text
 
 from sgw.common import signing
+from sgw.provider.auth import nonces
 from sgw.provider.auth.nonces import NonceLedger
 from sgw.provider.db import schema
 from sgw.provider.management.gateways import KEY_TRUST_S
+from tests.fixtures.clock import FakeClock
 from tests.fixtures.management import FakeGateway, SecureProvider, activate, start_servers
 
 
@@ -250,4 +252,64 @@ def test_expired_nonces_leave_the_table_and_live_ones_stay(empty_db_url: str) ->
         assert live == 30, "an unexpired nonce was deleted"
     finally:
         ledger.close()
+        engine.dispose()
+
+
+def test_a_nonce_outlives_the_skew_window_so_no_clock_ahead_frees_a_replay(
+    empty_db_url: str,
+) -> None:
+    """Provider processes share the nonces but not a clock. A process whose clock runs
+    ahead deletes expired nonces by its clock while one whose clock runs behind still
+    accepts the request's timestamp: a nonce is kept until its timestamp + twice the
+    window + a margin, so a replay to the slow process after the old deletion time
+    (timestamp + window + 1 s, by the fast clock) is refused; later the nonce goes."""
+    url = empty_db_url
+    schema.upgrade(url)
+    engine = schema.make_engine(url)
+    ts = int(time.time())
+    # The slow process's clock: the last second at which it accepts ``ts``.
+    slow = FakeClock(ts + signing.CLOCK_SKEW_S)
+    assert abs(ts - slow()) <= signing.CLOCK_SKEW_S  # the Authenticator's test
+    # The fast one's: 30 s ahead, well past the old deletion time.
+    fast = FakeClock(ts + signing.CLOCK_SKEW_S + 30)
+    first, purger, replay_to = (
+        NonceLedger(url, clock=slow),
+        NonceLedger(url, clock=fast),
+        NonceLedger(url, clock=slow),
+    )
+    after = FakeClock(ts + nonces.KEEP_S + 1)
+    later = NonceLedger(url, clock=after)
+    nonce = uuid.uuid4().hex
+
+    def stored(n: str) -> bool:
+        with engine.connect() as c:
+            query = text("SELECT count(*) FROM request_nonces WHERE nonce = :n")
+            return bool(c.execute(query, {"n": n}).scalar_one())
+
+    async def run() -> tuple[bool, bool, bool, bool, bool]:
+        accepted = await first.first_use_async("gw:a", nonce, nonces.expiry(ts))
+        # Expired by the fast clock, not the slow one: evidence that the fast process
+        # deleted what it saw expired.
+        stale_expiry = datetime.fromtimestamp(ts + signing.CLOCK_SKEW_S + 10, UTC)
+        stale = await first.first_use_async("gw:a", "stale", stale_expiry)
+        assert accepted and stale and stored("stale")
+        # The fast process writes a nonce of its own, deleting what it sees expired.
+        await purger.first_use_async("gw:a", uuid.uuid4().hex, nonces.expiry(int(fast())))
+        purged, kept = not stored("stale"), stored(nonce)
+        # The replay, to a third process (whose memory never saw it), in time by its clock.
+        replayed = await replay_to.first_use_async("gw:a", nonce, nonces.expiry(ts))
+        # Once the nonce's time is over, a write deletes it: the table does not grow.
+        await later.first_use_async("gw:a", uuid.uuid4().hex, nonces.expiry(int(after())))
+        return accepted, purged, kept, replayed, stored(nonce)
+
+    try:
+        accepted, purged, kept, replayed, still = asyncio.run(run())
+        assert accepted
+        assert purged, "the fast process deleted nothing: the moment under test was not reached"
+        assert not replayed, "a replay was accepted after its nonce was deleted"
+        assert kept, "a nonce within timestamp + 2 x skew was deleted"
+        assert not still, "a nonce past timestamp + 2 x skew + margin stayed"
+    finally:
+        for ledger in (first, purger, replay_to, later):
+            ledger.close()
         engine.dispose()

@@ -470,3 +470,49 @@ def test_tls_is_pinned_and_plain_http_needs_loopback_or_a_flag(
         check=False,
     )
     assert res.returncode == 2 and "--insecure-http" in res.stderr
+
+
+def test_a_volume_name_ending_in_a_newline_is_refused_everywhere(
+    secure_provider: SecureProvider,
+) -> None:
+    """``re.match`` with ``$`` let "vol\\n" pass as a gateway's volume name. The provider
+    refuses it (a create_volume command, a volume bound to a gateway, any volume: not
+    printable), and so does the CLI before sending anything; nothing is made."""
+    p = secure_provider
+    gw = activate(p, p.token, "gw")
+    admin = p.admin()
+    before = admin.get("/v1/volumes").json()
+
+    # The command, refused before the (offline) gateway matters or a record is made.
+    r = admin.post(
+        f"/v1/gateways/{gw.gateway_id}/commands",
+        json={"type": "create_volume", "args": {"name": "vol\n", "size": 16 * MIB}},
+    )
+    assert r.status_code == 400, r.text
+    assert "volume name 'vol\\n': a gateway's volumes are named with 1 to 64" in r.json()["message"]
+    # A volume bound to a gateway, made by the gateway itself or by an admin: not
+    # printable, or printable but not by the gateway's rule.
+    for client, extra in (
+        (p.client(auth=gw.auth()), {}),
+        (admin, {"gateway_id": gw.gateway_id}),
+    ):
+        for name, words in (
+            ("vol\n", "give 1 to 255 printable characters"),
+            ("../vol", "a volume on a gateway is named with 1 to 64"),
+        ):
+            r = client.post(
+                "/v1/volumes", json={"name": name, "size": MIB, "mode": "cached", **extra}
+            )
+            assert r.status_code == 400, r.text
+            assert words in r.json()["message"]
+    # Any volume: printable characters only.
+    r = admin.post("/v1/volumes", json={"name": "vol\n", "size": MIB, "mode": "cached"})
+    assert r.status_code == 400 and "printable characters" in r.json()["message"], r.text
+
+    # The CLI, with and without a gateway (exit status 2: the command line is wrong).
+    for flags in (["--gateway", gw.gateway_id], []):
+        res = p.sgw("volumes", "create", "vol\n", "16M", *flags)
+        assert res.returncode == 2, res.stderr
+        assert "volume name 'vol\\n'" in res.stderr
+    assert admin.get("/v1/volumes").json() == before
+    assert admin.get(f"/v1/gateways/{gw.gateway_id}/commands").json() == []  # none sent

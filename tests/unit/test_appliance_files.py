@@ -67,6 +67,4 @@ def test_templates_render_with_the_roles_variables() -> None:
     unit = env.from_string(
         (APPLIANCE / "etc/systemd/system/sgw-gateway.service.j2").read_text()
     ).render(variables)
-    assert (
-        "ExecStart=/opt/sgw/current/bin/python -m sgw.gateway.supervisor --config" in unit
-    )
+    assert "ExecStart=/opt/sgw/current/bin/python -m sgw.gateway.supervisor --config" in unit

@@ -312,6 +312,24 @@ def test_create_volume_refuses_an_unknown_mode(host: FakeHost) -> None:
     assert host.calls == []
 
 
+@pytest.mark.parametrize("name", ["data\n", "../../etc/cron.d/x", "data.img/..", " data"])
+def test_create_volume_refuses_a_name_the_gateway_would_not_give(host: FakeHost, name: str) -> None:
+    """The gateway checks a name the provider sent by its own rule (the name becomes a
+    disk file's and an NBD export's): nothing is made, nothing is written."""
+    with pytest.raises(CommandError, match="is not a volume name"):
+        execute(CommandRunner(host), "create_volume", create_args(name=name))
+    assert host.calls == []
+    assert not (Path(host.data_dir) / "volumes").exists()
+
+
+@pytest.mark.parametrize("type_", ["snapshot", "delete_volume", "sync_chap"])
+def test_commands_on_a_volume_refuse_a_name_with_a_newline(host: FakeHost, type_: str) -> None:
+    host.add("data")
+    with pytest.raises(CommandError, match="'volume' 'data\\\\n' is not a volume name"):
+        execute(CommandRunner(host), type_, {"volume": "data\n", "volume_id": "vol-1"})
+    assert host.calls == []
+
+
 def test_a_volume_that_cannot_bind_is_removed_again(host: FakeHost) -> None:
     host.bind_error = RemoteError("the provider's volume vol-9 has another size")
     with pytest.raises(CommandError, match="volume data not created: the provider's volume"):

@@ -30,6 +30,7 @@ from sgw.common.commands import (
     SyncChapArgs,
 )
 from sgw.common.errors import CommandError
+from sgw.common.names import VOLUME_NAME, is_volume_name
 from sgw.provider.blockstore.maps import VolumeInfo, VolumeMode
 from sgw.provider.blockstore.service import BlockService
 from sgw.provider.control.planner import CommandPlanner
@@ -38,6 +39,8 @@ from sgw.provider.management.gateways import Gateways
 from sgw.provider.management.volume_settings import VolumeSettings
 
 names = st.text(min_size=1, max_size=20)
+# A volume's name on the gateway (sgw.common.names), which ``from_args`` checks.
+volume_names = st.from_regex(VOLUME_NAME, fullmatch=True)
 rates = st.none() | st.integers(min_value=0, max_value=(1 << 63) - 1)
 
 any_args = st.one_of(
@@ -46,21 +49,23 @@ any_args = st.one_of(
     st.builds(SetBandwidthArgs, upload=rates, download=rates),
     st.builds(
         SnapshotArgs,
-        volume=names,
+        volume=volume_names,
         volume_id=st.none() | names,
         description=st.none() | st.text(max_size=255),
         wait=st.booleans(),
     ),
     st.builds(
         CreateVolumeArgs,
-        name=names,
+        name=volume_names,
         size=st.integers(min_value=1, max_value=(1 << 63) - 1),
         mode=st.sampled_from(["stored", "cached"]),
         volume_id=names,
         snapshot_id=st.none() | names,
     ),
-    st.builds(DeleteVolumeArgs, volume=names, volume_id=st.none() | names, drain=st.booleans()),
-    st.builds(SyncChapArgs, volume=names, volume_id=names),
+    st.builds(
+        DeleteVolumeArgs, volume=volume_names, volume_id=st.none() | names, drain=st.booleans()
+    ),
+    st.builds(SyncChapArgs, volume=volume_names, volume_id=names),
 )
 
 
@@ -72,6 +77,14 @@ def test_what_is_sent_parses_back_to_the_same_arguments(args: CommandArgs) -> No
 
 def test_every_type_has_a_schema() -> None:
     assert set(SCHEMAS) == set(TYPES)
+
+
+@given(st.text(max_size=70))
+def test_a_volume_name_is_the_whole_text_and_nothing_more(text: str) -> None:
+    """``fullmatch``: no newline (or anything else) may follow a good name."""
+    good = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text) is not None
+    assert is_volume_name(text) == good
+    assert not is_volume_name(text + "\n")
 
 
 def test_unknown_keys_are_skipped() -> None:
@@ -120,6 +133,24 @@ def test_defaults_are_what_the_gateway_assumed_before() -> None:
             CreateVolumeArgs,
             {"name": "v", "mode": "cached", "size": 4096, "volume_id": "x", "snapshot_id": 7},
             "'snapshot_id' is int, not text",
+        ),
+        # A volume's name, by the gateway's rule, whoever sent it: a name ending in a
+        # newline (which re.match with "$" let through), a path, a space.
+        *(
+            (
+                CreateVolumeArgs,
+                {"name": bad, "mode": "cached", "size": 4096, "volume_id": "x"},
+                f"the command's 'name' {bad!r} is not a volume name: give 1 to 64 letters",
+            )
+            for bad in ("vol\n", "../etc/x", "a b", "-v", "v" * 65)
+        ),
+        *(
+            (
+                schema,
+                {"volume": "vol\n", "volume_id": "x"},
+                "the command's 'volume' 'vol\\n' is not a volume name",
+            )
+            for schema in (SnapshotArgs, DeleteVolumeArgs, SyncChapArgs)
         ),
         (SetBandwidthArgs, {"upload": -1}, "upload bandwidth -1: give bytes per second"),
         (SetBandwidthArgs, {"download": "10M"}, "download bandwidth '10M': give bytes per"),

@@ -75,6 +75,7 @@ path = "{tmp_path}/db.img"
         ({"volumes": ["vol0"]}, "NAME:SIZE"),
         ({"volumes": ["vol0:abc"]}, "not a size"),
         ({"volumes": ["bad/name:1G"]}, "not valid"),
+        ({"volumes": ["vol0\n:1G"]}, "volume name 'vol0\\\\n' is not valid"),
         ({"volumes": ["a:1G", "a:2G"]}, "configured twice"),
         ({"volumes": ["a:1000"]}, "multiple of 4 KiB"),
         ({"volumes": []}, "no volumes"),
@@ -102,6 +103,7 @@ def test_no_data_dir() -> None:
         ('data_dir = "/x"\n[destage]\nstart_fill = 2', "destage.start_fill"),
         ('data_dir = "/x"\n[[volumes]]\nname = "a"', "needs a name and a size"),
         ('data_dir = "/x"\n[write_log]\nsize = "1M"', "too small"),
+        ('data_dir = "/x"\n[[volumes]]\nname = "a\\n"\nsize = "1G"', "name 'a\\\\n' is not valid"),
     ],
 )
 def test_bad_toml(tmp_path: Path, body: str, message: str) -> None:

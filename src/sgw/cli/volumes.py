@@ -21,6 +21,7 @@ from sgw.cli.options import add_timeout, group
 from sgw.cli.output import done, emit
 from sgw.common.errors import ConfigError
 from sgw.common.iscsi import LEGACY_OPEN, OPEN
+from sgw.common.names import VOLUME_NAME_HELP, is_volume_name
 
 
 def register(areas: Any) -> None:
@@ -143,6 +144,7 @@ def _describe(args: argparse.Namespace) -> int:
 def _create(args: argparse.Namespace) -> int:
     from sgw.gateway.config import parse_size
 
+    _check_name(args.name, on_gateway=args.gateway is not None)
     with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
         size = parse_size(args.size, "SIZE")
         if args.gateway is None:  # a volume at the provider only (the block API's)
@@ -169,6 +171,16 @@ def _create(args: argparse.Namespace) -> int:
     volume["status"] = result_of(finished).get("status")
     emit(args, volume)
     return 0
+
+
+def _check_name(name: str, *, on_gateway: bool) -> None:
+    """Refuses, before anything is sent, a name the provider would refuse too."""
+    if on_gateway and not is_volume_name(name):
+        raise ConfigError(
+            f"volume name {name[:80]!r}: a gateway's volumes are named with " + VOLUME_NAME_HELP
+        )
+    if not name.isprintable():
+        raise ConfigError(f"volume name {name[:80]!r}: give printable characters only")
 
 
 def _delete(args: argparse.Namespace) -> int:

@@ -18,7 +18,10 @@ changed only compatibly.
 | delete_volume  | volume_id, drain, volume                                  |
 | sync_chap      | volume_id, volume                                         |
 
-``volume`` is the volume's name on the gateway, ``volume_id`` its id at the provider.
+``volume`` is the volume's name on the gateway, ``volume_id`` its id at the provider. A
+volume's name (``name``, ``volume``) is checked against the gateway's rule
+(sgw.common.names) by ``from_args`` too: the gateway trusts no name it did not check,
+whoever sent it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Self
 
 from sgw.common.errors import CommandError
+from sgw.common.names import VOLUME_NAME_HELP, is_volume_name
 
 TYPES = (
     "describe",
@@ -114,7 +118,7 @@ class SnapshotArgs:
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> Self:
         return cls(
-            volume=_text(args, "volume"),
+            volume=_volume_name(args, "volume"),
             volume_id=_optional_text(args, "volume_id"),
             description=_optional_text(args, "description"),
             wait=_flag(args, "wait"),
@@ -142,7 +146,7 @@ class CreateVolumeArgs:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> Self:
-        name, mode = _text(args, "name"), _text(args, "mode")
+        name, mode = _volume_name(args, "name"), _text(args, "mode")
         size, volume_id = _whole(args, "size"), _text(args, "volume_id")
         snapshot_id = _optional_text(args, "snapshot_id")
         for known in MODES:
@@ -172,7 +176,7 @@ class DeleteVolumeArgs:
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> Self:
         return cls(
-            volume=_text(args, "volume"),
+            volume=_volume_name(args, "volume"),
             volume_id=_optional_text(args, "volume_id"),
             drain=_flag(args, "drain"),
         )
@@ -191,7 +195,7 @@ class SyncChapArgs:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> Self:
-        return cls(volume=_text(args, "volume"), volume_id=_text(args, "volume_id"))
+        return cls(volume=_volume_name(args, "volume"), volume_id=_text(args, "volume_id"))
 
     def to_args(self) -> dict[str, Any]:
         return {"volume_id": self.volume_id, "volume": self.volume}
@@ -212,6 +216,16 @@ def _text(args: Mapping[str, Any], key: str) -> str:
     value = args.get(key)
     if not isinstance(value, str) or not value:
         raise CommandError(f"the command lacks {key!r}")
+    return value
+
+
+def _volume_name(args: Mapping[str, Any], key: str) -> str:
+    """A volume's name on the gateway (CommandError if it breaks the rule)."""
+    value = _text(args, key)
+    if not is_volume_name(value):
+        raise CommandError(
+            f"the command's {key!r} {value[:80]!r} is not a volume name: give " + VOLUME_NAME_HELP
+        )
     return value
 
 

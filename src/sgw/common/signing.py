@@ -40,8 +40,8 @@ PUBLIC_KEY_PREFIX = "pk:"
 # id is the SHA-256 of its plaintext), so that the signer does not hash the body again.
 BODY_DIGEST_EXTENSION = "sgw_body_sha256"
 _HEADER = re.compile(
-    rf"^{SCHEME}\s+key=([!-~]{{1,80}}?),\s*ts=([0-9]{{1,12}}),\s*"
-    rf"nonce=([0-9a-f]{{{NONCE_HEX}}}),\s*sig=([A-Za-z0-9_-]{{86}})$"
+    rf"{SCHEME}\s+key=([!-~]{{1,80}}?),\s*ts=([0-9]{{1,12}}),\s*"
+    rf"nonce=([0-9a-f]{{{NONCE_HEX}}}),\s*sig=([A-Za-z0-9_-]{{86}})"
 )
 
 
@@ -110,7 +110,7 @@ def is_signed(header: str) -> bool:
 
 def parse_header(header: str) -> SignedHeader | None:
     """The parts of a header value of this scheme; None if it is malformed."""
-    m = _HEADER.match(header.strip())
+    m = _HEADER.fullmatch(header.strip())
     if m is None:
         return None
     try:

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sgw.common.errors import ConfigError
+from sgw.common.names import VOLUME_NAME_HELP, is_volume_name
 from sgw.common.transport import DOWNGRADE, HTTPS, transport_refusal
 from sgw.gateway.lio.settings import LIO_KEYS, LioConfig, parse_lio
 from sgw.gateway.volume.engine import MODE_CACHED, MODE_STORED, MODES, VolumeSpec
@@ -68,7 +69,6 @@ from sgw.gateway.volume.wal import DATA_START, MIN_DATA_SIZE
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LOG_SIZE = 1 << 30
 # Most chunks the uploads may hold in memory at once ([remote] concurrency x pack_chunks):
@@ -84,7 +84,7 @@ def parse_size(text: str | int, what: str) -> int:
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
-        m = _SIZE.match(str(text))
+        m = _SIZE.fullmatch(str(text))
         if not m:
             raise ConfigError(f"{what}: {text!r} is not a size (examples: 4096, 512M, 10G)")
         value = int(m.group(1)) * _UNITS[m.group(2).lower()]
@@ -233,10 +233,8 @@ def _check_snapshot(value: object, what: str) -> str:
 
 
 def _check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise ConfigError(
-            f"volume name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-'"
-        )
+    if not is_volume_name(name):
+        raise ConfigError(f"volume name {name!r} is not valid: use {VOLUME_NAME_HELP}")
     return name
 
 

@@ -41,7 +41,7 @@ from sgw.common.errors import StorageError
 
 LOG = logging.getLogger(__name__)
 
-_ID = re.compile(r"^[0-9a-f]{64}$")
+_ID = re.compile(r"[0-9a-f]{64}")
 _TMP_SUFFIX = ".tmp"
 # Bytes hashed per read while verifying a file (bounds memory for any chunk size).
 _VERIFY_READ = 1 << 20
@@ -105,7 +105,7 @@ class ChunkCache:
         for dirpath, _dirs, files in os.walk(path):
             for name in files:
                 full = os.path.join(dirpath, name)
-                if _ID.match(name) and dirpath == os.path.join(path, name[:2]):
+                if _ID.fullmatch(name) and dirpath == os.path.join(path, name[:2]):
                     try:
                         st = os.stat(full)
                     except FileNotFoundError:

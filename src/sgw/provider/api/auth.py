@@ -36,7 +36,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -55,6 +54,7 @@ from sgw.common.errors import (
     UnauthenticatedError,
 )
 from sgw.provider.auth.nonces import NonceLedger
+from sgw.provider.auth.nonces import expiry as nonce_expiry
 from sgw.provider.db.models import Account, GatewayStatus
 from sgw.provider.management.accounts import TOKEN_PREFIX, Accounts, token_hash
 from sgw.provider.management.gateways import DEACTIVATED_POLL_S, GatewayKey, Gateways
@@ -246,7 +246,9 @@ class Authenticator:
         parsed, principal = head.parsed, head.principal
         key_id = parsed.key_id
         self._verify(parsed, head.verifier, method, target, digest or signing.body_digest(body))
-        if not await self.nonces.first_use_async(key_id, parsed.nonce, _nonce_expiry(parsed)):
+        if not await self.nonces.first_use_async(
+            key_id, parsed.nonce, nonce_expiry(parsed.timestamp)
+        ):
             raise _replayed(parsed)
         if (
             principal.gateway_id is not None
@@ -334,10 +336,6 @@ def _gateway_signer(key: GatewayKey) -> Principal:
             f"gateway {key.gateway_id} is {key.status}: its credentials are revoked"
         )
     return Principal(Kind.GATEWAY, key.account_id, gateway_id=key.gateway_id)
-
-
-def _nonce_expiry(parsed: signing.SignedHeader) -> datetime:
-    return datetime.fromtimestamp(parsed.timestamp + signing.CLOCK_SKEW_S + 1, UTC)
 
 
 def _replayed(parsed: signing.SignedHeader) -> UnauthenticatedError:

@@ -66,7 +66,7 @@ from sgw.provider.control.planner import CommandPlanner
 LOG = logging.getLogger(__name__)
 
 _COMMANDS_PREFIX = "/v1/gateways/"
-_WAIT = re.compile(r"^[0-9]{1,5}(\.[0-9]{1,9})?$")
+_WAIT = re.compile(r"[0-9]{1,5}(\.[0-9]{1,9})?")
 _JSON = (b"content-type", b"application/json")
 # The framework's default for ``wait`` of the poll (api.control.poll_messages).
 _DEFAULT_POLL_WAIT = 20.0
@@ -263,7 +263,7 @@ def _wait(value: str | None, default: float) -> float | None:
     """A ``wait`` within 0 to ``MAX_WAIT_S`` (None: the framework refuses it)."""
     if value is None:
         return default
-    if not _WAIT.match(value):
+    if not _WAIT.fullmatch(value):
         return None
     wait = float(value)
     return wait if wait <= MAX_WAIT_S else None

@@ -10,6 +10,14 @@ group; on SQLite on the loop's own thread when that need not wait) and answers e
 its group is committed, so a request is never acted on before its nonce is in the
 database.
 
+A nonce is kept until ``KEEP_S`` after its request's timestamp (``expiry``): twice the
+clock-skew window and a margin. A request is accepted while its timestamp is within the
+window of the clock of the process that checks it, and expired nonces are deleted by
+whichever process writes next, by its own clock: kept only one window long, a nonce
+deleted by a process whose clock runs ahead could be replayed, still in time, to one
+whose clock runs behind. Kept this long, the processes' clocks may differ by up to the
+window and the margin.
+
 A nonce is written without waiting for the disk (SQLite ``synchronous=NORMAL`` in WAL
 mode, PostgreSQL ``synchronous_commit=off``): losing the last few after a power cut only
 reopens a replay window of the requests of those seconds, which are then also refused
@@ -25,12 +33,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Table, delete, event, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from sgw.common.signing import CLOCK_SKEW_S
 from sgw.provider.db.batching import GroupRunner
 from sgw.provider.db.models import RequestNonce
 from sgw.provider.db.raw import ThreadConnections, WouldBlock
@@ -38,6 +47,11 @@ from sgw.provider.db.schema import make_engine, write_lock
 
 LOG = logging.getLogger(__name__)
 
+# Seconds beyond twice the clock-skew window a nonce is kept: room for the provider
+# processes' clocks to differ by more than the window (NTP keeps them far closer).
+MARGIN_S = 60
+# Seconds a nonce is kept after its request's timestamp (see the module's text).
+KEEP_S = 2 * CLOCK_SKEW_S + MARGIN_S
 # Expired nonces are deleted at most this often (seconds), at most PURGE_ROWS at a time:
 # a delete of a minute's nonces at once held the database's writers up for a second.
 PURGE_EVERY_S = 1.0
@@ -55,8 +69,10 @@ class NonceLedger:
     """Remembers (key id, nonce) pairs until they expire; ``first_use_async`` says if
     new."""
 
-    def __init__(self, db_url: str) -> None:
+    def __init__(self, db_url: str, clock: Callable[[], float] = time.time) -> None:
+        """``clock``: the wall clock (Unix seconds) that says which nonces expired."""
         self._engine = make_engine(db_url)
+        self._clock = clock
         self._postgres = self._engine.dialect.name == "postgresql"
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine, "connect", _sqlite_no_fsync)
@@ -113,7 +129,7 @@ class NonceLedger:
                     return False
             keys = self._seen.get(bucket)
             if keys is None:
-                now = int(time.time()) // _BUCKET_S
+                now = int(self._clock()) // _BUCKET_S
                 for old in [b for b in self._seen if b < now]:
                     del self._seen[old]
                 keys = self._seen[bucket] = set()
@@ -201,8 +217,11 @@ class NonceLedger:
         cur.execute(
             "DELETE FROM request_nonces WHERE rowid IN (SELECT rowid FROM "
             "request_nonces WHERE expires < ? LIMIT ?)",
-            (self._to_db(datetime.now(UTC) - timedelta(seconds=1)), 2 * written + 8),
+            (self._to_db(self._now()), 2 * written + 8),
         )
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
 
     def _maybe_purge(self) -> None:
         now = time.monotonic()
@@ -210,7 +229,7 @@ class NonceLedger:
             if now - self._last_purge < PURGE_EVERY_S:
                 return
             self._last_purge = now
-        cutoff = datetime.now(UTC) - timedelta(seconds=1)
+        cutoff = self._now()
         table: Table = RequestNonce.__table__  # type: ignore[assignment]
         expired = (
             select(table.c.key_id, table.c.nonce).where(table.c.expires < cutoff).limit(PURGE_ROWS)
@@ -220,6 +239,11 @@ class NonceLedger:
                 delete(table).where(tuple_(table.c.key_id, table.c.nonce).in_(expired))
             )
         LOG.debug("expired nonces purged", extra={"rows": getattr(gone, "rowcount", None)})
+
+
+def expiry(timestamp: int) -> datetime:
+    """When the nonce of a request signed at ``timestamp`` (Unix seconds) may go."""
+    return datetime.fromtimestamp(timestamp + KEEP_S, UTC)
 
 
 class _SeenBeforeError(Exception):

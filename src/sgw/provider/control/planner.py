@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,6 +47,7 @@ from sgw.common.commands import (
 )
 from sgw.common.errors import BadRequestError, NotFoundError
 from sgw.common.iscsi import LEGACY_OPEN
+from sgw.common.names import VOLUME_NAME_HELP, is_volume_name
 from sgw.provider.blockstore.maps import VolumeInfo, VolumeMode
 from sgw.provider.blockstore.service import BlockService
 from sgw.provider.control.store import EXPIRED, FAILED, SUCCEEDED, MessageInfo
@@ -61,8 +61,6 @@ LOG = logging.getLogger(__name__)
 INTERACTIVE_TTL_S = 120.0
 # CHAP credentials are desired state: delivered whenever the gateway comes back.
 QUEUED_TTL_S = 7 * 86400.0
-# Volume names on a gateway: what its NBD exports and disk files accept.
-_GATEWAY_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _INT64_MAX = (1 << 63) - 1
 _GATEWAY_MODES: dict[VolumeMode, Mode] = {VolumeMode.CACHED: "cached", VolumeMode.STORED: "stored"}
 
@@ -171,12 +169,20 @@ class CommandPlanner:
         if model is None:
             raise BadRequestError(f"unknown command {type_!r}; known: {', '.join(TYPES)}")
         try:
-            return model.model_validate(args)
+            checked = model.model_validate(args)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {e['msg']}" for e in exc.errors()
             )
             raise BadRequestError(f"command {type_}: {problems}") from None
+        # The gateway checks the name by the same rule (sgw.common.commands): refused here
+        # first, before the gateway needs to be online or a volume record is made.
+        if isinstance(checked, _CreateVolume) and not is_volume_name(checked.name):
+            raise BadRequestError(
+                f"volume name {checked.name[:80]!r}: a gateway's volumes are named with "
+                + VOLUME_NAME_HELP
+            )
+        return checked
 
     def prepare(
         self, account_id: str, gateway_id: str, type_: str, args: dict[str, Any]
@@ -211,11 +217,6 @@ class CommandPlanner:
     def _create_volume(
         self, account_id: str, gateway_id: str, a: _CreateVolume
     ) -> CreateVolumeArgs:
-        if not _GATEWAY_VOLUME_NAME.match(a.name):
-            raise BadRequestError(
-                f"volume name {a.name[:80]!r}: a gateway's volumes are named with 1 to 64 "
-                "letters, digits, '.', '_' or '-' (starting with a letter or digit)"
-            )
         if a.size % 4096:
             raise BadRequestError(f"size {a.size}: give a multiple of 4 KiB (e.g. 10G)")
         vol = self.blocks.create_volume(

@@ -388,8 +388,8 @@ class UsedActivationKey(Base):
 
 
 class RequestNonce(Base):
-    """A signed request's nonce, kept while its timestamp is inside the clock-skew window
-    so that a replay of the request is refused."""
+    """A signed request's nonce, kept for twice the clock-skew window and a margin after
+    its timestamp (sgw.provider.auth.nonces) so that a replay of the request is refused."""
 
     __tablename__ = "request_nonces"
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 
 from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from sgw.common.errors import NameTakenError, NotFoundError, SnapshotStateError
+from sgw.common.names import VOLUME_NAME_HELP, is_volume_name
 from sgw.provider.blockstore.maps.records import (
     DEFAULT_CHUNK_SIZE,
     VolumeInfo,
@@ -31,6 +34,7 @@ from sgw.provider.db.models import (
     Account,
     CommitRecord,
     Gateway,
+    Snapshot,
     SnapshotSegment,
     SnapshotStatus,
     Volume,
@@ -42,6 +46,10 @@ from sgw.provider.db.models import (
 LOG = logging.getLogger(__name__)
 
 _VOLUME_BY_ID = select(Volume.__table__).where(Volume.__table__.c.id == bindparam("id"))
+# The answer to a chosen volume id that names a volume the request did not make: the same
+# whether that volume is of another account, another gateway or merely different, so that
+# it tells no caller which ids exist elsewhere.
+UNAVAILABLE = "volume id {volume_id} is not available: choose another (a new UUID)"
 
 
 class VolumeMaps(MapStorage):
@@ -66,34 +74,73 @@ class VolumeMaps(MapStorage):
         shares the snapshot's key scope (its chunks are the snapshot's). A new empty
         volume starts a key scope of its own, named by its id. A caller may choose the id
         (``volume_id``, a UUID): asking again for the same volume returns it, so a retry
-        after a lost reply does not fail or leave an orphan behind.
+        after a lost reply does not fail or leave an orphan behind. Only the same request
+        gets it back (account, gateway, name, size, mode, chunk size, snapshot or none);
+        any other is refused with ``UNAVAILABLE``, which says nothing of whose the id is.
+        A volume on a gateway (``gateway_id``) is named by the gateway's rule
+        (sgw.common.names); any other with 1 to NAME_MAX printable characters.
         """
+        if not name or len(name) > NAME_MAX or not name.isprintable():
+            raise ValueError(
+                f"volume name {name[:80]!r}: give 1 to {NAME_MAX} printable characters"
+            )
+        if gateway_id is not None and not is_volume_name(name):
+            raise ValueError(
+                f"volume name {name[:80]!r}: a volume on a gateway is named with "
+                + VOLUME_NAME_HELP
+            )
+        request = _Request(
+            account_id, gateway_id, name, size, VolumeMode(mode), chunk_size, from_snapshot_id
+        )
         if volume_id is not None:
             volume_id = check_uuid(volume_id, "volume id")
-            with self._sessions() as s:
-                existing = s.get(Volume, volume_id)
-                if existing is not None:
-                    same = (
-                        existing.account_id == account_id
-                        and existing.name == name
-                        and existing.size == size
-                        and existing.mode == VolumeMode(mode).value
-                    )
-                    if not same:
-                        raise NameTakenError(
-                            f"volume id {volume_id} is taken by another volume; choose another"
-                        )
-                    return volume_info(existing)
-        if not name or len(name) > NAME_MAX:
-            raise ValueError(f"volume name {name!r}: give 1 to {NAME_MAX} characters")
-        mode = VolumeMode(mode)
+            found = self._made_before(request, volume_id)
+            if found is not None:
+                return found
         if size <= 0:
             raise ValueError(f"volume {name!r}: size {size} must be a positive number of bytes")
+        try:
+            info = self._insert(request, volume_id)
+        except IntegrityError as e:
+            # Another request made the id or the name first: a retry that ran beside the
+            # first gets the volume; anything else is refused as above.
+            if volume_id is not None:
+                found = self._made_before(request, volume_id)
+                if found is not None:
+                    return found
+            raise NameTakenError(
+                f"account {account_id} already has a volume named {name!r}; pick another name"
+            ) from e
+        LOG.info(
+            "volume created",
+            extra={"volume": info.id, "account": account_id, "size": size, "mode": info.mode.value},
+        )
+        return info
+
+    def _made_before(self, request: _Request, volume_id: str) -> VolumeInfo | None:
+        """The volume ``volume_id`` if ``request`` made it, None if there is none;
+        NameTakenError(UNAVAILABLE) if it is another's (of this account or another: the
+        answer is the same, so that no caller learns which ids other accounts hold)."""
+        with self._sessions() as s:
+            existing = s.get(Volume, volume_id)
+            if existing is None:
+                return None
+            if not request.made(s, existing):
+                LOG.info(
+                    "volume id refused: it names another volume",
+                    extra={"volume": volume_id, "account": request.account_id},
+                )
+                raise NameTakenError(UNAVAILABLE.format(volume_id=volume_id))
+            return volume_info(existing)
+
+    def _insert(self, r: _Request, volume_id: str | None) -> VolumeInfo:
+        """The new volume's record (and its map's pointers, from a snapshot)."""
+        name, chunk_size, from_snapshot_id = r.name, r.chunk_size, r.from_snapshot_id
         with self._sessions.begin() as s:
             source = None
             if from_snapshot_id is not None:
                 source = lock_snapshot(s, from_snapshot_id)
-                if source.account_id != account_id:
+                if source.account_id != r.account_id:
                     raise NotFoundError(f"snapshot {from_snapshot_id} not found")
                 if source.status != SnapshotStatus.COMPLETED:
                     raise SnapshotStateError(
@@ -106,54 +153,46 @@ class VolumeMaps(MapStorage):
                         f"volume {name!r}: chunk size {chunk_size} differs from snapshot "
                         f"{from_snapshot_id}'s {source.chunk_size}; omit it to inherit"
                     )
-                if size < source.volume_size:
+                if r.size < source.volume_size:
                     raise ValueError(
-                        f"volume {name!r}: size {size} is smaller than snapshot "
+                        f"volume {name!r}: size {r.size} is smaller than snapshot "
                         f"{from_snapshot_id}'s {source.volume_size} bytes"
                     )
             chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
             check_chunk_size(chunk_size)
-            if s.get(Account, account_id) is None:
-                raise NotFoundError(f"account {account_id} does not exist")
-            if gateway_id is not None:
-                gateway = s.get(Gateway, gateway_id)
-                if gateway is None or gateway.account_id != account_id:
-                    raise NotFoundError(f"gateway {gateway_id} not found in account {account_id}")
-            taken = select(Volume.id).where(Volume.account_id == account_id, Volume.name == name)
+            if s.get(Account, r.account_id) is None:
+                raise NotFoundError(f"account {r.account_id} does not exist")
+            if r.gateway_id is not None:
+                gateway = s.get(Gateway, r.gateway_id)
+                if gateway is None or gateway.account_id != r.account_id:
+                    raise NotFoundError(
+                        f"gateway {r.gateway_id} not found in account {r.account_id}"
+                    )
+            taken = select(Volume.id).where(Volume.account_id == r.account_id, Volume.name == name)
             if s.scalar(taken) is not None:
                 raise NameTakenError(
-                    f"account {account_id} already has a volume named {name!r}; pick another name"
+                    f"account {r.account_id} already has a volume named {name!r}; pick another name"
                 )
             volume_id = volume_id or str(uuid.uuid4())
             volume = Volume(
                 id=volume_id,
-                account_id=account_id,
-                gateway_id=gateway_id,
+                account_id=r.account_id,
+                gateway_id=r.gateway_id,
                 name=name,
-                size=size,
+                size=r.size,
                 chunk_size=chunk_size,
-                mode=mode.value,
+                mode=r.mode.value,
                 map_version=0,
                 key_scope=volume_id if source is None else source.key_scope,
                 created=utcnow(),
             )
             s.add(volume)
-            try:
-                s.flush()
-            except IntegrityError as e:
-                raise NameTakenError(
-                    f"account {account_id} already has a volume named {name!r}; pick another name"
-                ) from e
+            s.flush()
             if from_snapshot_id is not None:
                 copy_pointers(
                     s, Owner(SnapshotSegment, from_snapshot_id), Owner(VolumeSegment, volume.id)
                 )
-            info = volume_info(volume)
-        LOG.info(
-            "volume created",
-            extra={"volume": info.id, "account": account_id, "size": size, "mode": mode.value},
-        )
-        return info
+            return volume_info(volume)
 
     def get_volume(self, account_id: str, volume_id: str) -> VolumeInfo:
         """The volume, if it exists and belongs to ``account_id``."""
@@ -174,3 +213,35 @@ class VolumeMaps(MapStorage):
             s.execute(delete(Volume).where(Volume.id == volume_id))
             drop_orphans(s, dropped)
         LOG.info("volume deleted", extra={"volume": volume_id})
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What a volume creation asks for: the volume it made, if asked again, has all of it."""
+
+    account_id: str
+    gateway_id: str | None
+    name: str
+    size: int
+    mode: VolumeMode
+    chunk_size: int | None
+    from_snapshot_id: str | None
+
+    def made(self, s: Session, v: Volume) -> bool:
+        """True if ``v`` is the volume this request makes (asked before)."""
+        if (v.account_id, v.gateway_id, v.name, v.size, v.mode) != (
+            self.account_id,
+            self.gateway_id,
+            self.name,
+            self.size,
+            self.mode.value,
+        ):
+            return False
+        if self.chunk_size is not None and v.chunk_size != self.chunk_size:
+            return False
+        if self.from_snapshot_id is None:
+            return v.key_scope == v.id  # an empty volume has a key scope of its own
+        source = s.get(Snapshot, self.from_snapshot_id)
+        if source is None:  # deleted since: the volume still shares its key scope
+            return v.key_scope != v.id
+        return source.account_id == self.account_id and v.key_scope == source.key_scope
