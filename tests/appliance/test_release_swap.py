@@ -100,9 +100,15 @@ class IscsiLoop:
             times = [_seconds(t) for t in _SECONDS.findall(res.stdout)]
             self.latencies += times
             if res.returncode != 0 or "failed" in res.stdout or len(times) != 2 * PAIRS:
+                odd = [
+                    line
+                    for line in (res.stdout + res.stderr).splitlines()
+                    if "fail" in line.lower() or "error" in line.lower()
+                ]
                 self.errors.append(
-                    f"run {i}: qemu-io exited {res.returncode}: {res.stdout[-600:]} "
-                    f"{res.stderr[-600:]}"
+                    f"run {i}: qemu-io exited {res.returncode}, {len(times)} of {2 * PAIRS} "
+                    f"commands timed; {odd[:5]}; stdout {res.stdout[:400]!r} ... "
+                    f"{res.stdout[-300:]!r}; stderr {res.stderr[-600:]!r}"
                 )
             self.runs.append((start, end))
             i += 1
