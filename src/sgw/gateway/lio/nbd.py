@@ -20,9 +20,10 @@ The kernel's rules (drivers/block/nbd.c, Linux 6.1) that set the numbers:
   socket dead too: the daemon sees its end close and reattaches at once.
 
 The budget (docs/appliance.md, "Crash reattach"): a Linux initiator aborts a command after
-about 15 s, so a daemon back within ``IO_TIMEOUT_S`` (8 s) shows no error; between that and
-``DEAD_CONN_TIMEOUT_S`` the initiator may abort and retry commands (no data lost: nothing
-acknowledged is lost, the requests wait); beyond it the devices fail.
+about 15 s; a request on the dead socket is sent again at the later of its ``IO_TIMEOUT_S``
+(8 s) timer and the daemon's return, so a daemon back within about 14 s shows no error;
+between that and ``DEAD_CONN_TIMEOUT_S`` the initiator may abort and retry commands
+(nothing acknowledged is lost, the requests wait); beyond it the devices fail.
 """
 
 from __future__ import annotations
