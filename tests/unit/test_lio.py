@@ -87,6 +87,7 @@ def test_settings_defaults_and_values() -> None:
         ({"enabled": "yes"}, "lio.enabled"),
         ({"iqn_base": "iqn.2024-01.Example.com:X"}, "lio.iqn_base"),
         ({"iqn_base": "iqn.2024-01.example_com"}, "lio.iqn_base"),
+        ({"iqn_base": "iqn.2024-01.com.example:gw1\n"}, "lio.iqn_base"),
         ({"portal": "example.com:3260"}, "lio.portal"),
         ({"portal": "0.0.0.0"}, "lio.portal"),
         ({"block_size": 1024}, "lio.block_size"),

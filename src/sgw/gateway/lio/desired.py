@@ -108,7 +108,7 @@ def default_iqn_base(gateway_key_hex: str) -> str:
 def target_iqn(iqn_base: str, volume: str) -> str:
     """The volume's target name: lower case, '_' (not allowed in IQNs) as '-'."""
     iqn = f"{iqn_base}:{_NOT_IN_IQN.sub('-', volume.lower())}"
-    if not IQN.match(iqn) or len(iqn) > 223:
+    if not IQN.fullmatch(iqn) or len(iqn) > 223:
         raise ConfigError(f"volume {volume}: {iqn!r} is not a valid iSCSI name (223 at most)")
     return iqn
 

@@ -47,7 +47,7 @@ IO_TIMEOUT_S = 8
 DEAD_CONN_TIMEOUT_S = 120
 # How long a disconnected device may take to show as free (seconds).
 DETACH_SETTLE = 5.0
-_NBD = re.compile(r"^nbd(\d+)$")
+_NBD = re.compile(r"nbd(\d+)")  # fullmatch
 
 # Serves the daemon's end of a device's socket pair: (volume, device, socket).
 Serve = Callable[[str, str, socket.socket], Awaitable[None]]
@@ -91,7 +91,7 @@ class NbdAttacher:
             names = os.listdir(self.sys_block)
         except FileNotFoundError:
             return []
-        found = sorted((int(m.group(1)), n) for n in names if (m := _NBD.match(n)))
+        found = sorted((int(m.group(1)), n) for n in names if (m := _NBD.fullmatch(n)))
         return [os.path.join(self.dev_dir, name) for _, name in found]
 
     def connected(self, device: str) -> bool:
@@ -202,7 +202,7 @@ class NbdAttacher:
 
 
 def _index(device: str) -> int:
-    m = _NBD.match(os.path.basename(device))
+    m = _NBD.fullmatch(os.path.basename(device))
     if m is None:
         raise IscsiExportError(f"{device} is not an NBD device")
     return int(m.group(1))

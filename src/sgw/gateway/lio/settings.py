@@ -29,7 +29,8 @@ from typing import Any
 from sgw.common.errors import ConfigError
 
 # An iSCSI qualified name as RFC 3720 and rtslib-fb accept it (lower case, no '_').
-IQN = re.compile(r"^iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9][a-z0-9.-]*(:[a-z0-9][a-z0-9.:-]*)?$")
+# Checked with fullmatch: ``$`` would also accept a trailing newline.
+IQN = re.compile(r"iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9][a-z0-9.-]*(:[a-z0-9][a-z0-9.:-]*)?")
 # RFC 3720 bounds of the data segment and burst lengths (bytes).
 _MIN_LENGTH = 512
 _MAX_LENGTH = (1 << 24) - 1
@@ -83,7 +84,7 @@ def parse_lio(table: dict[str, Any]) -> LioConfig | None:
     if not isinstance(enabled, bool):
         raise ConfigError("lio.enabled: must be true or false")
     base = table.get("iqn_base")
-    if base is not None and (not isinstance(base, str) or not IQN.match(base)):
+    if base is not None and (not isinstance(base, str) or not IQN.fullmatch(base)):
         raise ConfigError(
             f"lio.iqn_base: {base!r} is not an iSCSI qualified name in lower case, "
             'e.g. "iqn.2024-01.com.example:gw1"'
