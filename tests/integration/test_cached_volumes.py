@@ -149,10 +149,14 @@ def test_read_back_through_an_empty_and_a_small_cache(
     assert sum(cache_files(tmp_path / "cache").values()) <= 16 * MIB
     assert gw.stop() == 0
 
-    # A corrupted cache file is detected at its first use and fetched again.
-    victim = next(f for f in (tmp_path / "cache").rglob("*") if f.is_file())
-    with open(victim, "r+b") as f:
-        f.write(b"\x00garbage\x00")
+    # A corrupted cache file is detected at its first use and fetched again. Every chunk
+    # file is corrupted: one alone may be evicted (the cache is smaller than the volume)
+    # before the read reaches its chunk, and then nothing would use it.
+    victims = [f for f in (tmp_path / "cache").rglob("*") if f.is_file() and len(f.name) == 64]
+    assert victims
+    for victim in victims:
+        with open(victim, "r+b") as f:
+            f.write(b"\x00garbage\x00")
     gw.start()
     assert read_all(gw) == model
     assert "cache file does not match its chunk id" in full_log(gw)
