@@ -19,25 +19,11 @@ from pathlib import Path
 import nbd
 import pytest
 
+from sgw.gateway.supervisor import children
 from tests.fixtures.daemons import SGW
 from tests.fixtures.waiting import wait_for
 
 RELEASE = str(Path(sys.executable).parent.parent)  # this virtualenv: a dir with bin/sgw
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
 
 
 @dataclass

@@ -45,7 +45,7 @@ def _set_subreaper() -> None:
 
 
 def children(pid: int) -> list[int]:
-    """The pids of ``pid``'s children (from /proc)."""
+    """The pids of ``pid``'s living children (from /proc; zombies left out)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -55,7 +55,7 @@ def children(pid: int) -> list[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:
+        if int(fields[1]) == pid and fields[0] != "Z":
             found.append(int(entry))
     return found
 
