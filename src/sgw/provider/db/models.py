@@ -527,3 +527,27 @@ class ControlMessage(Base):
     completed: Mapped[datetime | None] = mapped_column(UtcDateTime())
     result: Mapped[str | None] = mapped_column(Text)  # JSON object
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class Release(Base):
+    """A release of the appliance's software published at this provider: a TUF target
+    (sgw.provider.releases) in one channel, with its manifest; revoked releases are
+    removed from the signed targets and kept here for the record."""
+
+    __tablename__ = "releases"
+    __table_args__ = (
+        CheckConstraint("channel IN ('canary', 'stable')", name="channel"),
+        CheckConstraint("severity IN ('normal', 'emergency')", name="severity"),
+        CheckConstraint("length > 0", name="length"),
+    )
+
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    severity: Mapped[str] = mapped_column(String(16), default="normal", server_default="normal")
+    # The TUF target path of the bundle, its length and SHA-256 (hex).
+    target: Mapped[str] = mapped_column(String(KEY_MAX))
+    length: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(DIGEST_HEX))
+    manifest: Mapped[str] = mapped_column(Text)  # JSON object (sgw.common.releases)
+    published: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    revoked: Mapped[datetime | None] = mapped_column(UtcDateTime())
