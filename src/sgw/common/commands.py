@@ -17,6 +17,7 @@ changed only compatibly.
 | create_volume  | name, size, mode, volume_id, snapshot_id                  |
 | delete_volume  | volume_id, drain, volume                                  |
 | sync_chap      | volume_id, volume                                         |
+| update         | version (optional), now                                   |
 
 ``volume`` is the volume's name on the gateway, ``volume_id`` its id at the provider. A
 volume's name (``name``, ``volume``) is checked against the gateway's rule
@@ -41,6 +42,7 @@ TYPES = (
     "create_volume",
     "delete_volume",
     "sync_chap",
+    "update",
 )
 
 Mode = Literal["stored", "cached"]
@@ -103,6 +105,24 @@ class SetBandwidthArgs:
         if self.download is not None:
             out["download"] = self.download
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateArgs:
+    """``update``: the gateway's update agent checks at once which release the provider
+    wants it to run (``version``, when the provider names it; the agent verifies whatever
+    it installs against the signed release metadata, never against this). With ``now``
+    it installs and swaps to it at once instead of inside the maintenance window."""
+
+    version: str | None = None
+    now: bool = False
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> Self:
+        return cls(version=_optional_text(args, "version"), now=_flag(args, "now"))
+
+    def to_args(self) -> dict[str, Any]:
+        return {"version": self.version, "now": self.now}
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +229,7 @@ SCHEMAS: dict[str, type[CommandArgs]] = {
     "create_volume": CreateVolumeArgs,
     "delete_volume": DeleteVolumeArgs,
     "sync_chap": SyncChapArgs,
+    "update": UpdateArgs,
 }
 
 
