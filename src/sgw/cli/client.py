@@ -9,9 +9,12 @@ message; what that means to a user (exit status, wording) is the caller's busine
 from __future__ import annotations
 
 import logging
+import os
 import ssl
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Literal, TypedDict, cast
+from urllib.parse import quote
 
 import httpx
 
@@ -22,6 +25,8 @@ LOG = logging.getLogger(__name__)
 # Per request (seconds). A call that asks the provider to wait for an outcome (``wait``)
 # must ask for less than this, or the client gives up first (the CLI asks for 20 s at most).
 DEFAULT_TIMEOUT_S = 30.0
+# A release upload: the provider reads the whole bundle (hash, manifest) before it answers.
+UPLOAD_TIMEOUT_S = 600.0
 
 CommandStatus = Literal["queued", "delivered", "acknowledged", "succeeded", "failed", "expired"]
 
@@ -333,6 +338,42 @@ class ApiClient:
 
     # The call
 
+    # Releases (docs/updates.md)
+
+    def publish_release(
+        self, bundle: str, channel: str, severity: str = "normal"
+    ) -> dict[str, Any]:
+        """Publishes the bundle file (streamed) as a signed release (operator only)."""
+
+        def chunks() -> Iterator[bytes]:
+            with open(bundle, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        try:
+            resp = self._http.post(
+                "/v1/releases",
+                content=chunks(),
+                params={"channel": channel, "severity": severity},
+                headers={
+                    "content-type": "application/octet-stream",
+                    "content-length": str(os.path.getsize(bundle)),
+                },
+                timeout=UPLOAD_TIMEOUT_S,
+            )
+        except httpx.HTTPError as e:
+            raise ProviderUnreachableError(str(e)) from e
+        return cast(dict[str, Any], self._answer("POST", "/v1/releases", resp))
+
+    def list_releases(self) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self._call("GET", "/v1/releases"))
+
+    def revoke_release(self, version: str) -> dict[str, Any]:
+        """Removes the release from the signed targets (operator only)."""
+        return cast(
+            dict[str, Any], self._call("POST", f"/v1/releases/{quote(version, safe='')}/revoke")
+        )
+
     def _call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
         """Makes the call; its JSON answer (None for an empty one). Query parameters that
         are None are left out."""
@@ -341,6 +382,11 @@ class ApiClient:
             resp = self._http.request(method, path, json=body, params=query)
         except httpx.HTTPError as e:
             raise ProviderUnreachableError(str(e)) from e
+        return self._answer(method, path, resp)
+
+    @staticmethod
+    def _answer(method: str, path: str, resp: httpx.Response) -> Any:
+        """A response's JSON answer (None for an empty one), or ApiError."""
         LOG.debug("%s %s: %d", method, path, resp.status_code)
         if resp.status_code < 300:
             return None if resp.status_code == 204 or not resp.content else resp.json()

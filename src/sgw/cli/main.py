@@ -16,7 +16,7 @@ import warnings
 from typing import NoReturn
 
 from sgw import __version__
-from sgw.cli import accounts, gateway, gateways, provider, snapshots, tokens, volumes
+from sgw.cli import accounts, gateway, gateways, provider, releases, snapshots, tokens, volumes
 from sgw.cli.client import ApiError
 from sgw.cli.errors import CommandError, exit_status
 from sgw.common.errors import ConfigError, SgwError
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateways.register(areas)
     volumes.register(areas)
     snapshots.register(areas)
+    releases.register(areas)
     return parser
 
 

@@ -1,5 +1,6 @@
 """``sgw provider``: the provider side on its own machine: ``init`` (database, operator
-account, TLS files), ``serve`` (the HTTP API) and ``gc`` (one garbage collection pass)."""
+account, TLS files), ``serve`` (the HTTP API), ``releases-init`` (the release keys' online
+part) and ``gc`` (one garbage collection pass)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,20 @@ def register(areas: Any) -> None:
     init.add_argument("--output", choices=("table", "json"), default="table")
     init.set_defaults(handler=_init)
 
+    rinit = pcmds.add_parser(
+        "releases-init",
+        help="install the release signing keys' online part (from `sgw releases keys init`)",
+        description=(
+            "Copy root.json and the online keys (targets, snapshot, timestamp) from DIR "
+            "into the provider's data directory, never the root key; the provider then "
+            "signs and serves releases (docs/updates.md). Run it again with a new root.json "
+            "to rotate keys."
+        ),
+    )
+    rinit.add_argument("--data-dir", metavar="DIR", help="the provider's state directory")
+    rinit.add_argument("--keys", metavar="DIR", required=True, help="from `sgw releases keys init`")
+    rinit.set_defaults(handler=_releases_init)
+
     gc = pcmds.add_parser(
         "gc",
         help="delete chunk objects no volume or snapshot references",
@@ -127,6 +142,20 @@ def _init(args: argparse.Namespace) -> int:
     if result.tls:
         print(f"CA certificate for gateways and the CLI: {result.tls.ca_cert}")
     print("Next: sgw provider serve --data-dir ... ; export SGW_ENDPOINT=... SGW_TOKEN=...")
+    return 0
+
+
+def _releases_init(args: argparse.Namespace) -> int:
+    from sgw.provider import config as pcfg
+    from sgw.provider.releases.keys import install_online_keys
+
+    config = pcfg.load(args.data_dir)
+    fingerprint = install_online_keys(args.keys, config.data_dir)
+    print(
+        f"Release keys installed in {config.data_dir}/releases (the root key stays in {args.keys})."
+    )
+    print(f"Root fingerprint (gateways show it at activation): {fingerprint}")
+    print("Restart `sgw provider serve` to serve releases.")
     return 0
 
 

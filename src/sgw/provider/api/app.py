@@ -40,7 +40,7 @@ from sgw.common.errors import (
     UnsupportedEncodingError,
     VersionConflictError,
 )
-from sgw.provider.api import accounts, blocks, control, gateways, volume_settings
+from sgw.provider.api import accounts, blocks, control, gateways, releases, volume_settings
 from sgw.provider.api.auth import (
     DEV_ACCOUNT_ID,
     DEV_ACCOUNT_NAME,
@@ -72,6 +72,8 @@ from sgw.provider.db import schema
 from sgw.provider.management.accounts import Accounts
 from sgw.provider.management.gateways import Gateways
 from sgw.provider.management.volume_settings import SecretBox, VolumeSettings
+from sgw.provider.releases.keys import load_online_keys
+from sgw.provider.releases.repository import RefreshTask, open_repository
 
 LOG = logging.getLogger(__name__)
 
@@ -143,13 +145,25 @@ def create_app(config: ProviderConfig) -> FastAPI:
     scheduler = SnapshotScheduler(sessions, service.maps, hub)
 
     authenticator = Authenticator(account_repo, gateway_repo, nonces)
+    # Releases: served once the operator installed the online keys (releases-init).
+    release_keys = load_online_keys(config.data_dir)
+    release_repo = (
+        open_repository(store, sessions, config.data_dir, release_keys)
+        if release_keys is not None
+        else None
+    )
+    refresh = RefreshTask(release_repo) if release_repo is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await hub.start()
         await authenticator.start()
         scheduler.start()
+        if refresh is not None:
+            refresh.start()
         yield
+        if refresh is not None:
+            await refresh.stop()
         await scheduler.stop()
         await hub.stop()
         await authenticator.stop()
@@ -171,11 +185,13 @@ def create_app(config: ProviderConfig) -> FastAPI:
     app.state.volume_settings = settings
     app.state.control = hub
     app.state.commands = planner
+    app.state.releases = release_repo
     app.include_router(blocks.router)
     app.include_router(control.router)
     app.include_router(accounts.router)
     app.include_router(gateways.router)
     app.include_router(volume_settings.router)
+    app.include_router(releases.router)
     # In front of the routes: authentication (the gate, before it, caps the bodies).
     app.add_middleware(AuthMiddleware, authenticator=authenticator, limit=MAX_REQUEST_BODY)
 

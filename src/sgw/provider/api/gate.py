@@ -52,9 +52,11 @@ from sgw.provider.api.auth import (
 from sgw.provider.api.blocks import MAX_PACK_BODY
 from sgw.provider.api.control import REPLIES_PATH
 from sgw.provider.api.gateways import CREDENTIALS_PATH
+from sgw.provider.api.releases import RELEASES_PATH
 from sgw.provider.blockstore.service import zstd_bound
 from sgw.provider.control import peers
 from sgw.provider.management.accounts import TOKEN_PREFIX
+from sgw.provider.releases.repository import MAX_BUNDLE
 
 LOG = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ CHUNK_BODY = BodyCap(
     zstd_bound(MAX_CHUNK_SIZE), "chunk and block uploads", "send at most one chunk per request"
 )
 PACK_BODY = BodyCap(MAX_PACK_BODY, "chunk packs", "send fewer chunks per pack")
+# A release bundle, streamed to a file as it arrives (an operator's call).
+RELEASE_BODY = BodyCap(MAX_BUNDLE, "release bundles", "a release slot is some 100 MiB; check it")
 # A gateway that is not activated yet makes one call, a GET of its credentials without a
 # body; a little room for a client that sends an empty document.
 CANDIDATE_BODY = BodyCap(
@@ -148,6 +152,8 @@ def body_cap(method: str, path: str) -> BodyCap:
     elif method == "POST":
         if path == REPLIES_PATH:
             return REPLIES_BODY
+        if path == RELEASES_PATH:
+            return RELEASE_BODY
         if path.startswith("/v1/volumes/"):
             parts = path.split("/")
             if len(parts) == 5 and parts[4] == "chunk-packs":

@@ -15,6 +15,8 @@ Every provider process may publish and re-sign: a lock file under the data direc
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -438,3 +440,37 @@ def open_repository(
     repository = ReleaseRepository(store, sessions, keys, str(lock))
     repository.ensure_initialized()
     return repository
+
+
+# How often every provider process looks for metadata to re-sign (seconds): well inside
+# the half of the timestamp's day that remains when it is due.
+REFRESH_EVERY_S = 600.0
+
+
+class RefreshTask:
+    """Re-signs expiring metadata every ``every_s`` in this process (``refresh`` takes the
+    repository's lock and re-reads the store, so processes doing the same never sign twice
+    for one expiry)."""
+
+    def __init__(self, repository: ReleaseRepository, every_s: float = REFRESH_EVERY_S) -> None:
+        self.repository = repository
+        self.every_s = every_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="release-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.repository.refresh)
+            except Exception as exc:
+                LOG.warning("release metadata: re-signing failed, retried later: %s", exc)
+            await asyncio.sleep(self.every_s)

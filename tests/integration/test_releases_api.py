@@ -1,0 +1,114 @@
+"""Releases through a real provider process and the `sgw` command: keys made offline and
+their online part installed, bundles published, listed and revoked by the operator, and
+fetched and verified by an activated gateway over its signed requests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sgw.common.releases import root_fingerprint
+from sgw.gateway.updates.trust import ReleaseTrust, UpdateRefused, install_root
+from sgw.provider.api.gate import RELEASE_BODY, body_cap
+from sgw.provider.releases.repository import MAX_BUNDLE
+from tests.fixtures.management import (
+    SecureProvider,
+    activate,
+    cli_json,
+    new_account,
+)
+from tests.fixtures.releases import make_bundle
+
+
+def _set_up_releases(p: SecureProvider, keys: Path) -> Any:
+    made = cli_json(p, "releases", "keys", "init", str(keys))
+    res = p.sgw("provider", "releases-init", "--keys", str(keys), "--data-dir", str(p.data_dir))
+    assert res.returncode == 0, res.stderr
+    assert made["root_fingerprint"] in res.stdout
+    p.stop()
+    p.start()
+    return made
+
+
+def test_publish_list_fetch_revoke(tmp_path: Path, secure_provider: SecureProvider):
+    p = secure_provider
+    # Before the operator installs the keys, the provider says what to do.
+    r = p.admin().get("/v1/releases")
+    assert r.status_code == 404 and "releases-init" in r.json()["message"]
+
+    keys = tmp_path / "keys"
+    made = _set_up_releases(p, keys)
+    assert made["root_fingerprint"] == root_fingerprint((keys / "root.json").read_bytes())
+    for name in ("root.key.pem", "targets.key.pem", "snapshot.key.pem", "timestamp.key.pem"):
+        assert os.stat(keys / name).st_mode & 0o777 == 0o600
+    installed = sorted(os.listdir(p.data_dir / "releases"))
+    assert "root.key.pem" not in installed  # the root key stays offline
+    assert {"root.json", "targets.key.pem", "snapshot.key.pem", "timestamp.key.pem"} <= set(
+        installed
+    )
+
+    bundle = make_bundle(tmp_path, "2.0.0")
+    published = cli_json(
+        p, "releases", "publish", str(bundle), "--channel", "canary", "--severity", "emergency"
+    )
+    assert published["version"] == "2.0.0"
+    assert published["channel"] == "canary" and published["severity"] == "emergency"
+    listed = cli_json(p, "releases", "list")
+    assert [(r["version"], r["revoked"]) for r in listed] == [("2.0.0", None)]
+
+    # An activated gateway fetches and verifies it with its signed requests.
+    gw = activate(p, p.token, "gw1")
+    metadata = tmp_path / "gw" / "updates" / "metadata"
+    install_root(metadata, (keys / "root.json").read_bytes())
+    with httpx.Client(verify=p.tls, auth=gw.auth(), timeout=30) as http:
+        trust = ReleaseTrust(metadata, tmp_path / "gw" / "cache", p.url, http)
+        release = trust.fetch("2.0.0")
+        assert release.bundle.read_bytes() == bundle.read_bytes()
+        assert release.severity == "emergency"
+
+        cli_json(p, "releases", "revoke", "2.0.0")
+        try:
+            trust.fetch("2.0.0")
+        except UpdateRefused as e:
+            assert e.reason == "revoked", e
+        else:
+            raise AssertionError("a revoked release was handed out")
+    assert cli_json(p, "releases", "list")[0]["revoked"] is not None
+
+
+def test_who_may_read_and_publish(tmp_path: Path, secure_provider: SecureProvider):
+    p = secure_provider
+    _set_up_releases(p, tmp_path / "keys")
+    _, token = new_account(p, "tenant")
+    tenant = p.client(token)
+    # Another account's admin may list, but neither publish nor read the repository.
+    assert tenant.get("/v1/releases").status_code == 200
+    r = tenant.post("/v1/releases", params={"channel": "stable"}, content=b"x")
+    assert r.status_code == 403, r.text
+    assert tenant.get("/v1/updates/metadata/timestamp.json").status_code == 403
+    # Without credentials: nothing.
+    assert p.client().get("/v1/updates/metadata/timestamp.json").status_code == 401
+    # The operator may read it (timestamp.json is signed metadata).
+    r = p.admin().get("/v1/updates/metadata/timestamp.json")
+    assert r.status_code == 200 and json.loads(r.content)["signed"]["_type"] == "timestamp"
+
+
+def test_a_bad_bundle_is_refused_with_its_reason(tmp_path: Path, secure_provider: SecureProvider):
+    p = secure_provider
+    _set_up_releases(p, tmp_path / "keys")
+    junk = tmp_path / "junk.tar.zst"
+    junk.write_bytes(b"not a bundle" * 100)
+    res = p.sgw("releases", "publish", str(junk), "--channel", "stable")
+    assert res.returncode != 0
+    assert "zstd tar" in res.stderr
+    bundle = make_bundle(tmp_path, "2.0.0")
+    cli_json(p, "releases", "publish", str(bundle), "--channel", "stable")
+    again = p.sgw("releases", "publish", str(bundle), "--channel", "stable")
+    assert again.returncode != 0 and "already published" in again.stderr
+    # Over the cap: refused from the request's head (the gate), the body never read.
+    assert body_cap("POST", "/v1/releases") == RELEASE_BODY
+    assert RELEASE_BODY.limit == MAX_BUNDLE
