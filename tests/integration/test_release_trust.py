@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import httpx
 import pytest
 
 from sgw.common.releases import bundle_name, target_path
-from sgw.gateway.updates.trust import ReleaseTrust, UpdateRefused, install_root
-from sgw.provider.releases.repository import METADATA_PREFIX, TARGETS_PREFIX
+from sgw.gateway.updates.root import install_root
+from sgw.gateway.updates.trust import ReleaseTrust, UpdateRefused
+from sgw.provider.releases.repository import METADATA_PREFIX, TARGETS_PREFIX, ReleaseRepository
 from tests.fixtures.releases import ServedRepository, make_bundle, served
 
 
@@ -164,3 +166,24 @@ def test_without_a_trusted_root_nothing_is_fetched(tmp_path, repo, http):
     _publish(tmp_path, repo, "1.0.0")
     trust = ReleaseTrust(tmp_path / "empty", tmp_path / "cache", repo.url, http)
     _refused(trust, "1.0.0", "untrusted")
+
+
+def test_processes_refreshing_at_once_sign_once(tmp_path, repo, http):
+    """Two repositories over the same store and lock file (two provider processes) re-sign
+    an expiring timestamp once between them; an expiring targets re-signs all three."""
+    repo.clock.now -= timedelta(hours=20)
+    _publish(tmp_path, repo, "1.0.0")
+    repo.clock.now += timedelta(hours=20)
+    other = ReleaseRepository(
+        repo.store,
+        repo.repository.sessions,
+        repo.repository.keys,
+        repo.repository.lock_path,
+        clock=repo.clock,
+    )
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda r: r.refresh(), [repo.repository, other] * 4))
+    assert sorted(map(tuple, results)) == [()] * 7 + [("timestamp",)]
+    repo.clock.now += timedelta(days=16)  # targets (30 days) past half its life
+    assert other.refresh() == ["targets", "snapshot", "timestamp"]
+    assert _trust(tmp_path, repo, http).fetch("1.0.0").version == "1.0.0"

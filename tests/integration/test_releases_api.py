@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from sgw.common.releases import root_fingerprint
-from sgw.gateway.updates.trust import ReleaseTrust, UpdateRefused, install_root
+from sgw.gateway.updates.root import install_root
+from sgw.gateway.updates.trust import ReleaseTrust, UpdateRefused
 from sgw.provider.api.gate import RELEASE_BODY, body_cap
 from sgw.provider.releases.repository import MAX_BUNDLE
+from tests.fixtures.daemons import SGW, GatewayProcess
 from tests.fixtures.management import (
     SecureProvider,
     activate,
@@ -22,6 +25,7 @@ from tests.fixtures.management import (
     new_account,
 )
 from tests.fixtures.releases import make_bundle
+from tests.fixtures.waiting import wait_for
 
 
 def _set_up_releases(p: SecureProvider, keys: Path) -> Any:
@@ -92,6 +96,15 @@ def test_who_may_read_and_publish(tmp_path: Path, secure_provider: SecureProvide
     assert tenant.get("/v1/updates/metadata/timestamp.json").status_code == 403
     # Without credentials: nothing.
     assert p.client().get("/v1/updates/metadata/timestamp.json").status_code == 401
+    # The API's description documents the routes.
+    paths = p.client().get("/openapi.json").json()["paths"]
+    for path in (
+        "/v1/releases",
+        "/v1/releases/{version}/revoke",
+        "/v1/updates/metadata/{name}",
+        "/v1/updates/targets/{path}",
+    ):
+        assert path in paths, path
     # The operator may read it (timestamp.json is signed metadata).
     r = p.admin().get("/v1/updates/metadata/timestamp.json")
     assert r.status_code == 200 and json.loads(r.content)["signed"]["_type"] == "timestamp"
@@ -112,3 +125,31 @@ def test_a_bad_bundle_is_refused_with_its_reason(tmp_path: Path, secure_provider
     # Over the cap: refused from the request's head (the gate), the body never read.
     assert body_cap("POST", "/v1/releases") == RELEASE_BODY
     assert RELEASE_BODY.limit == MAX_BUNDLE
+
+
+def test_activation_pins_the_providers_root(
+    tmp_path: Path, secure_provider: SecureProvider, gateway_factory: type[GatewayProcess]
+):
+    """A real gateway gets the root with its credentials and pins it; `sgw activate`
+    shows the fingerprint the operator got from `sgw releases keys init`."""
+    p = secure_provider
+    made = _set_up_releases(p, tmp_path / "keys")
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(
+        f'[remote]\nurl = "{p.url}"\nca = "{p.ca}"\n\n[activation]\npoll_interval = 0.2\n'
+    )
+    gw = gateway_factory(tmp_path / "gw", ["vol0:16M"], extra_args=["--config", str(conf)])
+    gw.start()
+    key = subprocess.run(
+        [SGW, "gateway", "activation-key", "--data-dir", str(gw.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    act = cli_json(p, "activate", key, "--name", "edge")
+    assert act["release_root_fingerprint"] == made["root_fingerprint"]
+    pinned = gw.data_dir / "updates" / "metadata" / "root.json"
+    wait_for(pinned.exists, timeout=20, what="the pinned root")
+    assert root_fingerprint(pinned.read_bytes()) == made["root_fingerprint"]
+    assert gw.stop() == 0

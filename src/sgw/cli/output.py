@@ -22,7 +22,7 @@ def emit(args: argparse.Namespace, data: Any, columns: Sequence[str] | None = No
     if isinstance(data, dict):
         table = Table(show_header=False, box=None)
         table.add_column(style="bold")
-        table.add_column()
+        table.add_column(overflow="fold")  # whole values (a fingerprint), wrapped
         for key, value in data.items():
             table.add_row(key, _cell(value))
     else:

@@ -13,19 +13,23 @@ While the gateway has no credentials it:
 Once an admin has activated the key (``sgw activate KEY --name NAME``), the next poll
 gets the credentials: they are stored (mode 0600), every later request is signed with
 them, and the activation page closes for good (it is not started again once the
-credentials exist).
+credentials exist). The credentials carry the provider's TUF root, pinned then as the
+trusted root of updates unless the image has one of its own (``updates.trust.pin_root``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import ssl
 import time
 import urllib.parse
 from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
 
 import h11
 import httpx
@@ -36,6 +40,7 @@ from sgw.gateway.config import ActivationConfig, RemoteConfig
 from sgw.gateway.link.identity import Credentials, read_credentials, write_credentials
 from sgw.gateway.link.request_signing import GatewayAuth
 from sgw.gateway.listening import Listener
+from sgw.gateway.updates.root import BAKED_ROOT, metadata_dir, pin_root
 
 LOG = logging.getLogger(__name__)
 
@@ -162,8 +167,10 @@ class Activation:
         remote: RemoteConfig | None,
         config: ActivationConfig,
         auth: GatewayAuth,
+        baked_root: Path = BAKED_ROOT,
     ) -> None:
         self.data_dir = data_dir
+        self.baked_root = baked_root
         self.remote = remote
         self.config = config
         self.auth = auth
@@ -245,7 +252,7 @@ class Activation:
                         wait = min(_POLL_BACKOFF_MAX_S, wait * 2)
                 await asyncio.sleep(wait)
 
-    async def _activated(self, doc: dict[str, str]) -> None:
+    async def _activated(self, doc: dict[str, Any]) -> None:
         assert self.remote is not None
         credentials = Credentials(
             gateway_id=str(doc["gateway_id"]),
@@ -254,6 +261,11 @@ class Activation:
             key_id=str(doc["key_id"]),
             provider_url=self.remote.url,
             timezone=doc.get("timezone"),
+        )
+        root = doc.get("release_root")
+        delivered = None if root is None else json.dumps(root).encode()
+        fingerprint = await asyncio.to_thread(
+            pin_root, metadata_dir(self.data_dir), delivered, self.baked_root
         )
         await asyncio.to_thread(write_credentials, self.data_dir, credentials)
         self.credentials = credentials
@@ -264,5 +276,9 @@ class Activation:
         self.activated.set()
         LOG.info(
             "gateway activated: credentials stored, activation page closed",
-            extra={"gateway": credentials.gateway_id, "gateway_name": credentials.name},
+            extra={
+                "gateway": credentials.gateway_id,
+                "gateway_name": credentials.name,
+                "release_root": fingerprint,
+            },
         )

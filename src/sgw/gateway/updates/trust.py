@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
@@ -244,22 +244,3 @@ class _RemovedOnError:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.path.unlink(missing_ok=True)
-
-
-def install_root(metadata_dir: Path, root_json: bytes) -> None:
-    """Makes ``root_json`` the trusted root in an empty metadata directory (activation).
-    Does not replace a root already trusted: later roots arrive signed by it, through
-    ngclient."""
-    Metadata[Root].from_bytes(root_json)  # raises on anything that is not a root
-    metadata_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = metadata_dir / "root.json.tmp"
-    with open(tmp, "wb") as f:
-        f.write(root_json)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, metadata_dir / "root.json")
-    fd = os.open(metadata_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

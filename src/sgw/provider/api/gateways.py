@@ -3,18 +3,21 @@ gateway fetches its own credentials (signed with its identity key)."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from sgw.common.errors import ForbiddenError, NotFoundError, UnauthenticatedError
+from sgw.common.releases import root_fingerprint
 from sgw.common.signing import GATEWAY_PREFIX
 from sgw.provider.api.accounts import errors
 from sgw.provider.api.auth import AdminPrincipal, CurrentPrincipal, Kind
 from sgw.provider.db.models import GatewayStatus
 from sgw.provider.management.gateways import GatewayInfo, Gateways
+from sgw.provider.releases.repository import ReleaseRepository
 
 # The one call a gateway that is not activated yet may make (signed with its public key).
 CREDENTIALS_PATH = "/v1/gateway/credentials"
@@ -63,12 +66,28 @@ class GatewayOut(BaseModel):
         )
 
 
+class ActivatedOut(GatewayOut):
+    release_root_fingerprint: str | None = Field(
+        description=(
+            "SHA-256 of the provider's TUF root (canonical signed bytes) that the gateway "
+            "pins for its updates; null if this provider publishes no releases"
+        )
+    )
+
+
 class Credentials(BaseModel):
     gateway_id: str
     account_id: str
     name: str
     timezone: str | None
     key_id: str = Field(description="what the gateway signs its requests with")
+    release_root: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "the provider's TUF root (root.json) the gateway pins for its updates, "
+            "delivered over the CA-pinned channel; null if it publishes no releases"
+        ),
+    )
 
 
 def _gateways(request: Request) -> Gateways:
@@ -81,10 +100,23 @@ router = APIRouter(prefix="/v1", tags=["gateways"])
 
 
 @router.post("/activations", status_code=201, responses=errors(400, 409, 422))
-def activate(body: ActivationIn, principal: AdminPrincipal, repo: Repo) -> GatewayOut:
-    """Activates the gateway that made the key into the token's account."""
+def activate(
+    body: ActivationIn, principal: AdminPrincipal, repo: Repo, request: Request
+) -> ActivatedOut:
+    """Activates the gateway that made the key into the token's account; answers the
+    fingerprint of the release root it will pin (compare it with the operator's)."""
     gateway = repo.activate(principal.account_id, body.activation_key, body.name, body.timezone)
-    return GatewayOut.of(gateway)
+    root = _release_root(request)
+    return ActivatedOut(
+        **GatewayOut.of(gateway).model_dump(),
+        release_root_fingerprint=None if root is None else root_fingerprint(root),
+    )
+
+
+def _release_root(request: Request) -> bytes | None:
+    """This provider's TUF root.json, if it publishes releases."""
+    releases: ReleaseRepository | None = request.app.state.releases
+    return None if releases is None else releases.keys.root_bytes
 
 
 @router.get("/gateways", responses=errors())
@@ -114,7 +146,9 @@ def deactivate_gateway(gateway_id: str, principal: AdminPrincipal, repo: Repo) -
 
 
 @router.get(CREDENTIALS_PATH.removeprefix("/v1"), tags=["gateway"], responses=errors(404))
-def credentials(principal: CurrentPrincipal, repo: Repo, response: Response) -> Credentials:
+def credentials(
+    principal: CurrentPrincipal, repo: Repo, request: Request, response: Response
+) -> Credentials:
     """A gateway's own credentials, once an admin activated it (the gateway polls this)."""
     if principal.kind is Kind.GATEWAY and principal.gateway_id is not None:
         gateway = repo.by_id(principal.gateway_id)
@@ -127,10 +161,12 @@ def credentials(principal: CurrentPrincipal, repo: Repo, response: Response) -> 
     if gateway.status != GatewayStatus.ACTIVE.value:
         raise ForbiddenError(f"gateway {gateway.id} is deactivated; its credentials are revoked")
     response.headers["cache-control"] = "no-store"
+    root = _release_root(request)
     return Credentials(
         gateway_id=gateway.id,
         account_id=gateway.account_id,
         name=gateway.name,
         timezone=gateway.timezone,
         key_id=GATEWAY_PREFIX + gateway.id,
+        release_root=None if root is None else json.loads(root),
     )
