@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sgw.common.releases import MANIFEST_NAME, Manifest, tree_digest
+from sgw.provider.releases.repository import read_bundle_manifest
 from tests.fixtures.daemons import SGW
 
 pytestmark = [
@@ -51,6 +52,9 @@ def test_building_twice_gives_the_same_manifest(tmp_path: Path):
     slot = unpacked / "opt/sgw/releases/0.1.0+build1"
     assert Manifest.from_json(json.loads((slot / MANIFEST_NAME).read_text())) == manifest
     assert tree_digest(slot) == manifest.tree_sha256
+    # The provider accepts it: its files match the manifest, read from the tar stream.
+    with open(bundle, "rb") as f:
+        assert read_bundle_manifest(f) == manifest
     # Same bytes too: sorted, root-owned entries dated at the commit.
     a = (tmp_path / "a" / "sgw-0.1.0+build1.tar.zst").read_bytes()
     b = (tmp_path / "b" / "sgw-0.1.0+build1.tar.zst").read_bytes()

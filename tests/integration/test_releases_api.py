@@ -96,6 +96,10 @@ def test_who_may_read_and_publish(tmp_path: Path, secure_provider: SecureProvide
     assert tenant.get("/v1/updates/metadata/timestamp.json").status_code == 403
     # Without credentials: nothing.
     assert p.client().get("/v1/updates/metadata/timestamp.json").status_code == 401
+    # Names outside the repository are not found (not a store error).
+    for path in ("/v1/updates/metadata/.timestamp.json", "/v1/updates/targets/releases/.x/y"):
+        r = p.admin().get(path)
+        assert r.status_code == 404, (path, r.text)
     # The API's description documents the routes.
     paths = p.client().get("/openapi.json").json()["paths"]
     for path in (

@@ -1,5 +1,5 @@
-"""Release manifests, the slot digest and root pinning (sgw.common.releases,
-sgw.gateway.updates.root)."""
+"""Release manifests, the slot digest, the provider's check of a bundle and root pinning
+(sgw.common.releases, sgw.provider.releases, sgw.gateway.updates.root)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sgw.common.errors import BadRequestError
 from sgw.common.releases import (
     MANIFEST_NAME,
     Manifest,
@@ -21,7 +22,8 @@ from sgw.common.releases import (
 )
 from sgw.gateway.updates.root import pin_root
 from sgw.provider.releases.keys import init_keys
-from tests.fixtures.releases import make_slot
+from sgw.provider.releases.repository import read_bundle_manifest
+from tests.fixtures.releases import make_bundle, make_slot, pack
 
 
 def test_target_path_is_the_contracts():
@@ -113,3 +115,29 @@ def test_a_delivered_root_is_pinned_once(tmp_path: Path):
     # A later delivery (another activation) does not replace what is trusted.
     assert pin_root(metadata, b, absent) == root_fingerprint(a)
     assert (metadata / "root.json").read_bytes() == a
+
+
+def _refused(bundle: Path, match: str) -> None:
+    with open(bundle, "rb") as f, pytest.raises(BadRequestError, match=match):
+        read_bundle_manifest(f)
+
+
+def test_a_bundle_is_checked_against_its_manifest(tmp_path: Path):
+    good = make_bundle(tmp_path, "1.0.0")
+    with open(good, "rb") as f:
+        assert read_bundle_manifest(f).version == "1.0.0"
+    # A slot edited after its manifest was written.
+    slot = make_slot(tmp_path / "edited", "1.0.0")
+    (slot / "lib" / "app.py").write_bytes(b"import os; os.system('evil')\n")
+    _refused(pack(tmp_path / "edited", tmp_path / "edited.tar.zst"), "tree_sha256")
+    # A slot under another version's name.
+    slot = make_slot(tmp_path / "renamed", "1.0.0")
+    slot.rename(slot.with_name("2.0.0"))
+    _refused(
+        pack(tmp_path / "renamed", tmp_path / "renamed.tar.zst"),
+        "does not match its manifest's version",
+    )
+    # A member outside the slot.
+    make_slot(tmp_path / "outside", "1.0.0")
+    (tmp_path / "outside" / "opt" / "evil").write_text("x")
+    _refused(pack(tmp_path / "outside", tmp_path / "outside.tar.zst"), "outside")

@@ -140,29 +140,44 @@ def tree_digest(slot_dir: str | os.PathLike[str]) -> str:
     bits and contents (a symlink's target), the manifest file left out. Times and owners
     do not count, so two builds of the same tree agree."""
     root = Path(slot_dir)
-    entries: list[str] = []
+    digest = TreeDigest()
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
         for name in dirnames + filenames:
-            rel = os.path.relpath(os.path.join(dirpath, name), root)
-            if rel != MANIFEST_NAME:
-                entries.append(rel)
-    digest = hashlib.sha256()
-    for rel in sorted(entries):
-        path = root / rel
-        st = path.lstat()
-        mode = stat.S_IMODE(st.st_mode)
-        if stat.S_ISLNK(st.st_mode):
-            kind, body = "l", os.readlink(path).encode()
-        elif stat.S_ISDIR(st.st_mode):
-            kind, body = "d", b""
-        elif stat.S_ISREG(st.st_mode):
-            kind, body = "f", _file_sha256(path).encode()
-        else:
-            raise ManifestError(f"{path} is neither a file, a directory nor a symlink")
-        digest.update(f"{kind} {mode:04o} {len(rel.encode())}:".encode() + rel.encode())
-        digest.update(len(body).to_bytes(8, "big") + body)
+            path = Path(dirpath, name)
+            rel = os.path.relpath(path, root)
+            st = path.lstat()
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                digest.add(rel, "l", mode, os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                digest.add(rel, "d", mode, "")
+            elif stat.S_ISREG(st.st_mode):
+                digest.add(rel, "f", mode, _file_sha256(path))
+            else:
+                raise ManifestError(f"{path} is neither a file, a directory nor a symlink")
     return digest.hexdigest()
+
+
+class TreeDigest:
+    """``tree_digest`` from entries given in any order (a directory walk, a tar stream):
+    ``add(path, kind, mode, body)`` with kind "f" (body: the contents' SHA-256 hex), "d"
+    (body empty) or "l" (body: the link's target)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[str, int, str]] = {}
+
+    def add(self, rel: str, kind: str, mode: int, body: str) -> None:
+        if rel != MANIFEST_NAME:
+            self.entries[rel] = (kind, mode, body)
+
+    def hexdigest(self) -> str:
+        digest = hashlib.sha256()
+        for rel in sorted(self.entries):
+            kind, mode, text = self.entries[rel]
+            body = text.encode()
+            digest.update(f"{kind} {mode:04o} {len(rel.encode())}:".encode() + rel.encode())
+            digest.update(len(body).to_bytes(8, "big") + body)
+        return digest.hexdigest()
 
 
 def _file_sha256(path: Path) -> str:

@@ -52,15 +52,17 @@ from sgw.common.errors import (
     NameTakenError,
     NotFoundError,
     ObjectNotFoundError,
+    ObjectStoreError,
 )
 from sgw.common.releases import (
     MANIFEST_NAME,
     RELEASES_DIR,
     Manifest,
     ManifestError,
+    TreeDigest,
     target_path,
 )
-from sgw.provider.blockstore.objects import ObjectStore
+from sgw.provider.blockstore.objects import ObjectStore, check_key
 from sgw.provider.db.models import Release
 from sgw.provider.releases.keys import OnlineKeys
 
@@ -117,9 +119,13 @@ class ReleaseInfo:
 
 def read_bundle_manifest(bundle: BinaryIO) -> Manifest:
     """The manifest inside a bundle, after checking that every member lies in its own
-    slot (``opt/sgw/releases/<version>/``); BadRequestError naming what is wrong."""
+    slot (``opt/sgw/releases/<version>/``) and that the slot's files match the manifest's
+    ``tree_sha256`` (a bundle damaged or edited after its build is refused here, before
+    any gateway downloads it); BadRequestError naming what is wrong."""
     found: bytes | None = None
     prefix: str | None = None
+    tree = TreeDigest()
+    files: dict[str, str] = {}  # member name -> SHA-256 of its contents (for hard links)
     try:
         with (
             zstandard.ZstdDecompressor().stream_reader(bundle, closefd=False) as raw,
@@ -142,9 +148,35 @@ def read_bundle_manifest(bundle: BinaryIO) -> Manifest:
                     raise BadRequestError(
                         f"bundle holds two slots ({prefix} and {slot}); one release per bundle"
                     )
-                if name == f"{prefix}/{MANIFEST_NAME}" and member.isfile():
+                if name == slot:
+                    continue  # the slot's own directory
+                rel = name[len(slot) + 1 :]
+                mode = member.mode & 0o7777
+                if member.isfile():
                     extracted = tar.extractfile(member)
-                    found = extracted.read() if extracted is not None else None
+                    assert extracted is not None
+                    data = extracted.read()
+                    if rel == MANIFEST_NAME:
+                        found = data
+                    files[name] = hashlib.sha256(data).hexdigest()
+                    tree.add(rel, "f", mode, files[name])
+                elif member.islnk():
+                    target = member.linkname.removeprefix("./")
+                    if target not in files:
+                        raise BadRequestError(
+                            f"bundle member {member.name!r} links to {member.linkname!r}, "
+                            "not a file before it in the bundle"
+                        )
+                    files[name] = files[target]
+                    tree.add(rel, "f", mode, files[name])
+                elif member.isdir():
+                    tree.add(rel, "d", mode, "")
+                elif member.issym():
+                    tree.add(rel, "l", 0o777, member.linkname)
+                else:
+                    raise BadRequestError(
+                        f"bundle member {member.name!r} is neither a file, a directory nor a link"
+                    )
     except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
         raise BadRequestError(f"the bundle is not a zstd tar: {e}") from e
     if found is None or prefix is None:
@@ -159,6 +191,11 @@ def read_bundle_manifest(bundle: BinaryIO) -> Manifest:
     if prefix != f"{RELEASES_DIR}/{manifest.version}":
         raise BadRequestError(
             f"the bundle's slot {prefix} does not match its manifest's version {manifest.version}"
+        )
+    if tree.hexdigest() != manifest.tree_sha256:
+        raise BadRequestError(
+            "the bundle's files do not match its manifest's tree_sha256 (the slot was "
+            "changed after `sgw releases build`, or the bundle is damaged): rebuild it"
         )
     return manifest
 
@@ -201,10 +238,12 @@ class ReleaseRepository:
 
     def _get(self, key: str, what: str) -> bytes:
         try:
+            check_key(key)
+        except ObjectStoreError as e:  # a name no store holds ("..", a dot-name)
+            raise NotFoundError(f"{what} not found") from e
+        try:
             return self.store.get(key)
         except ObjectNotFoundError as e:
-            raise NotFoundError(f"{what} not found") from e
-        except ValueError as e:  # check_key: not a key our store holds
             raise NotFoundError(f"{what} not found") from e
 
     # Operator's calls
