@@ -136,10 +136,11 @@ def test_a_repository_signed_by_other_keys_is_refused(tmp_path, http):
 def test_a_revoked_release_is_refused_and_others_still_served(tmp_path, repo, http):
     _publish(tmp_path, repo, "1.0.0")
     _publish(tmp_path, repo, "1.1.0")
+    trust = _trust(tmp_path, repo, http)
+    assert trust.fetch("1.1.0").bundle.exists()  # verified and cached before the revocation
     revoked = repo.repository.revoke("1.1.0")
     assert revoked.revoked is not None
-    trust = _trust(tmp_path, repo, http)
-    _refused(trust, "1.1.0", "revoked")
+    _refused(trust, "1.1.0", "revoked")  # and no longer in the cache
     assert trust.fetch("1.0.0").version == "1.0.0"
     assert [r.version for r in repo.repository.list_releases()] == ["1.0.0", "1.1.0"]
 

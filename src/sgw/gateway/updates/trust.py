@@ -112,7 +112,16 @@ class ReleaseTrust:
     def fetch(self, version: str, *, running: str | None = None) -> VerifiedRelease:
         """The verified bundle of ``version``, or UpdateRefused. With ``running`` (the
         version this gateway runs), a release that cannot be swapped to from it is
-        refused ("incompatible")."""
+        refused ("incompatible"). A refused version's bundle is removed from the cache
+        (one verified before and revoked since included)."""
+        try:
+            return self._fetch(version, running)
+        except UpdateRefused as e:
+            (self.cache_dir / bundle_name(version)).unlink(missing_ok=True)
+            LOG.warning("release refused", extra={"version": version, "reason": e.reason})
+            raise
+
+    def _fetch(self, version: str, running: str | None) -> VerifiedRelease:
         root = self.metadata_dir / "root.json"
         if not root.exists():
             raise UpdateRefused(
@@ -135,22 +144,19 @@ class ReleaseTrust:
             info = updater.get_targetinfo(target_path(version))
             if info is None:
                 raise self._missing(version)
-            custom = _custom(info.custom, version)
-            if running is not None and not custom[1].swappable(running):
+            severity, manifest = _custom(info.custom, version)
+            if running is not None and not manifest.swappable(running):
                 raise UpdateRefused(
                     "incompatible",
                     f"release {version} cannot be swapped to from {running} (it reads "
-                    f"handover records {list(custom[1].handover_versions)}, from versions "
-                    f"{custom[1].swappable_from}); update to an intermediate release first",
+                    f"handover records {list(manifest.handover_versions)}, from versions "
+                    f"{manifest.swappable_from}); update to an intermediate release first",
                 )
             destination = self.cache_dir / bundle_name(version)
             partial = destination.with_name(destination.name + ".partial")
             with _RemovedOnError(partial):
                 updater.download_target(info, str(partial))
                 os.replace(partial, destination)
-        except UpdateRefused as e:
-            LOG.warning("release refused", extra={"version": version, "reason": e.reason})
-            raise
         except tuf_errors.ExpiredMetadataError as e:
             raise self._refused(
                 "expired", version, f"the provider's signed metadata expired ({e})"
@@ -183,11 +189,11 @@ class ReleaseTrust:
                 "unreachable", version, f"cannot reach {self.base_url} ({e})"
             ) from e
         return VerifiedRelease(
-            version=version, severity=custom[0], bundle=destination, manifest=custom[1]
+            version=version, severity=severity, bundle=destination, manifest=manifest
         )
 
-    def _refused(self, reason: str, version: str, message: str) -> UpdateRefused:
-        LOG.warning("release refused", extra={"version": version, "reason": reason})
+    @staticmethod
+    def _refused(reason: str, version: str, message: str) -> UpdateRefused:
         return UpdateRefused(reason, f"release {version} refused: {message}")
 
     def _missing(self, version: str) -> UpdateRefused:
