@@ -18,7 +18,7 @@ from sgw.common.releases import bundle_name, target_path
 from sgw.gateway.updates.root import install_root
 from sgw.gateway.updates.trust import ReleaseTrust, UpdateRefused
 from sgw.provider.releases.repository import METADATA_PREFIX, TARGETS_PREFIX, ReleaseRepository
-from tests.fixtures.releases import ServedRepository, make_bundle, served
+from tests.fixtures.releases import ServedRepository, make_bundle, open_repository, served
 
 
 @pytest.fixture
@@ -188,3 +188,20 @@ def test_processes_refreshing_at_once_sign_once(tmp_path, repo, http):
     repo.clock.now += timedelta(days=16)  # targets (30 days) past half its life
     assert other.refresh() == ["targets", "snapshot", "timestamp"]
     assert _trust(tmp_path, repo, http).fetch("1.0.0").version == "1.0.0"
+
+
+def test_processes_on_two_machines_sign_once(tmp_path, postgres_url):
+    """Two repositories sharing a PostgreSQL database and a store but not a lock file
+    (providers on two machines) re-sign an expiring timestamp once between them."""
+    with open_repository(tmp_path / "one", db_url=postgres_url) as (first, clock):
+        clock.now -= timedelta(hours=20)
+        with open(make_bundle(tmp_path, "1.0.0"), "rb") as f:
+            first.publish(f, "stable", "normal")
+        clock.now += timedelta(hours=20)
+        (tmp_path / "two").mkdir()
+        second = ReleaseRepository(
+            first.store, first.sessions, first.keys, str(tmp_path / "two" / "lock"), clock
+        )
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda r: r.refresh(), [first, second] * 4))
+    assert sorted(map(tuple, results)) == [()] * 7 + [("timestamp",)]

@@ -10,7 +10,8 @@ targets from them (revoked rows left out, and named in the targets' ``x-sgw-revo
 gateway can tell "revoked" from "never published").
 
 Every provider process may publish and re-sign: a lock file under the data directory
-(``lock``) serializes them, and each re-reads the current state from the store under it.
+(``lock``) serializes those of one machine, a PostgreSQL advisory lock those of several,
+and each re-reads the current state from the store under them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import zstandard
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from tuf.api.metadata import (
@@ -86,6 +87,8 @@ REVOKED_FIELD = "x-sgw-revoked"
 CHANNELS = ("canary", "stable")
 SEVERITIES = ("normal", "emergency")
 _HASH_CHUNK = 1 << 20
+# PostgreSQL advisory lock key of the release signing (any constant no other lock uses).
+_PG_LOCK_KEY = 0x5367_5245_4C53  # "SgRELS"
 
 
 @dataclass(frozen=True)
@@ -442,10 +445,21 @@ class ReleaseRepository:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        """Held while signing: the lock file (this machine's processes and threads) and,
+        on PostgreSQL, an advisory lock (processes on other machines)."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            with self.sessions() as s:
+                if s.get_bind().dialect.name != "postgresql":
+                    yield
+                    return
+                # Session-level: held by this session's connection until unlocked.
+                s.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    s.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
         finally:
             os.close(fd)
 
