@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ from sgw.common.releases import root_fingerprint
 from sgw.gateway.updates.root import install_root
 from sgw.gateway.updates.trust import ReleaseTrust, UpdateRefused
 from sgw.provider.api.gate import RELEASE_BODY, body_cap
-from sgw.provider.releases.repository import MAX_BUNDLE
+from sgw.provider.blockstore.objects import DirectoryStore
+from sgw.provider.db import schema
+from sgw.provider.releases.keys import load_online_keys
+from sgw.provider.releases.repository import MAX_BUNDLE, ReleaseRepository
 from tests.fixtures.daemons import SGW, GatewayProcess
 from tests.fixtures.management import (
     SecureProvider,
@@ -157,3 +161,42 @@ def test_activation_pins_the_providers_root(
     wait_for(pinned.exists, timeout=20, what="the pinned root")
     assert root_fingerprint(pinned.read_bytes()) == made["root_fingerprint"]
     assert gw.stop() == 0
+
+
+def test_a_starting_provider_re_signs_an_expiring_timestamp(
+    tmp_path: Path, secure_provider: SecureProvider
+):
+    """The refresh task runs in the provider's process: a timestamp signed 20 hours ago
+    (4 left of its day) is re-signed by its first pass."""
+    p = secure_provider
+    _set_up_releases(p, tmp_path / "keys")
+    p.stop()
+    keys = load_online_keys(str(p.data_dir))
+    assert keys is not None
+    engine = schema.make_engine(f"sqlite:///{p.data_dir / 'provider.db'}")
+    try:
+        old = ReleaseRepository(
+            DirectoryStore(str(p.data_dir / "objects")),
+            schema.session_factory(engine),
+            keys,
+            str(p.data_dir / "releases" / "lock"),
+            clock=lambda: datetime.now(UTC) - timedelta(hours=20),
+        )
+        assert old.resign("timestamp") == ["timestamp"]
+    finally:
+        engine.dispose()
+    version_then = int(_timestamp(p)["signed"]["version"])
+    p.start()
+
+    def re_signed() -> bool:
+        return int(_timestamp(p)["signed"]["version"]) > version_then
+
+    wait_for(re_signed, timeout=30, what="the timestamp re-signed")
+    expires = datetime.fromisoformat(_timestamp(p)["signed"]["expires"].replace("Z", "+00:00"))
+    assert expires - datetime.now(UTC) > timedelta(hours=23)
+
+
+def _timestamp(p: SecureProvider) -> Any:
+    return json.loads(
+        (p.data_dir / "objects" / "updates" / "metadata" / "timestamp.json").read_bytes()
+    )

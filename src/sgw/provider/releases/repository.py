@@ -354,6 +354,12 @@ class ReleaseRepository:
                 return self._sign(self._rows(), "timestamp")
             return []
 
+    def resign(self, top: str) -> list[str]:
+        """Signs new metadata from ``top`` ("targets", "snapshot" or "timestamp") down,
+        whether due or not; the roles signed."""
+        with self._locked():
+            return self._sign(self._rows(), top)
+
     # Signing
 
     def _rows(self) -> list[Release]:
