@@ -40,7 +40,7 @@ from sgw.common.errors import (
     UnsupportedEncodingError,
     VersionConflictError,
 )
-from sgw.provider.api import accounts, blocks, control, gateways, volume_settings
+from sgw.provider.api import accounts, blocks, control, gateways, updates, volume_settings
 from sgw.provider.api.auth import (
     DEV_ACCOUNT_ID,
     DEV_ACCOUNT_NAME,
@@ -72,6 +72,9 @@ from sgw.provider.db import schema
 from sgw.provider.management.accounts import Accounts
 from sgw.provider.management.gateways import Gateways
 from sgw.provider.management.volume_settings import SecretBox, VolumeSettings
+from sgw.provider.updates.policy import Policies
+from sgw.provider.updates.rollouts import RolloutEvaluator, Rollouts
+from sgw.provider.updates.service import Updates
 
 LOG = logging.getLogger(__name__)
 
@@ -141,6 +144,8 @@ def create_app(config: ProviderConfig) -> FastAPI:
         on_finished=follow_up,
     )
     scheduler = SnapshotScheduler(sessions, service.maps, hub)
+    rollouts = Rollouts(sessions)
+    evaluator = RolloutEvaluator(rollouts)
 
     authenticator = Authenticator(account_repo, gateway_repo, nonces)
 
@@ -149,7 +154,9 @@ def create_app(config: ProviderConfig) -> FastAPI:
         await hub.start()
         await authenticator.start()
         scheduler.start()
+        evaluator.start()
         yield
+        await evaluator.stop()
         await scheduler.stop()
         await hub.stop()
         await authenticator.stop()
@@ -171,11 +178,15 @@ def create_app(config: ProviderConfig) -> FastAPI:
     app.state.volume_settings = settings
     app.state.control = hub
     app.state.commands = planner
+    app.state.update_policies = Policies(sessions)
+    app.state.rollouts = rollouts
+    app.state.updates = Updates(sessions, rollouts)
     app.include_router(blocks.router)
     app.include_router(control.router)
     app.include_router(accounts.router)
     app.include_router(gateways.router)
     app.include_router(volume_settings.router)
+    app.include_router(updates.router)
     # In front of the routes: authentication (the gate, before it, caps the bodies).
     app.add_middleware(AuthMiddleware, authenticator=authenticator, limit=MAX_REQUEST_BODY)
 

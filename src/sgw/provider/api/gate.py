@@ -52,6 +52,7 @@ from sgw.provider.api.auth import (
 from sgw.provider.api.blocks import MAX_PACK_BODY
 from sgw.provider.api.control import REPLIES_PATH
 from sgw.provider.api.gateways import CREDENTIALS_PATH
+from sgw.provider.api.updates import REPORTS_PATH
 from sgw.provider.blockstore.service import zstd_bound
 from sgw.provider.control import peers
 from sgw.provider.management.accounts import TOKEN_PREFIX
@@ -121,6 +122,9 @@ CHUNK_BODY = BodyCap(
     zstd_bound(MAX_CHUNK_SIZE), "chunk and block uploads", "send at most one chunk per request"
 )
 PACK_BODY = BodyCap(MAX_PACK_BODY, "chunk packs", "send fewer chunks per pack")
+# An update agent's report: two versions, a state, a time and a reason of at most 4096
+# characters (JSON-escaped, up to 6 bytes each): 32 KiB holds the largest with room.
+REPORT_BODY = BodyCap(32 * KIB, "update reports", "shorten the reason (at most 4096 characters)")
 # A gateway that is not activated yet makes one call, a GET of its credentials without a
 # body; a little room for a client that sends an empty document.
 CANDIDATE_BODY = BodyCap(
@@ -148,6 +152,8 @@ def body_cap(method: str, path: str) -> BodyCap:
     elif method == "POST":
         if path == REPLIES_PATH:
             return REPLIES_BODY
+        if path == REPORTS_PATH:
+            return REPORT_BODY
         if path.startswith("/v1/volumes/"):
             parts = path.split("/")
             if len(parts) == 5 and parts[4] == "chunk-packs":
