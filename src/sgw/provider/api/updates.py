@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -134,6 +134,47 @@ class ReportIn(BaseModel):
 class NowOut(BaseModel):
     version: str
     command: CommandOut
+
+
+class RolloutOut(BaseModel):
+    id: str
+    version: str
+    severity: str
+    channel: str
+    state: Literal["running", "halted", "completed", "superseded"]
+    phase: int = Field(description="1 canary, 2 the share, 3 everyone")
+    phase_started: datetime
+    share: int
+    soak_minutes: float
+    max_failures: int
+    heartbeat_timeout_minutes: float
+    halt_reason: str | None
+    halted: datetime | None
+    started: datetime = Field(description="when it started, or was last resumed")
+    completed: datetime | None
+
+
+class GatewayUpdateOut(BaseModel):
+    gateway_id: str
+    name: str
+    running: str | None = Field(description="the release it runs, by its last report")
+    planned: str | None = Field(description="the release its plan names")
+    now: bool
+    state: str | None = Field(description="its last report's state")
+    version: str | None = Field(description="its last report's release")
+    reason: str | None
+    last_report: datetime | None
+    pause_s: float | None = Field(description="the pause of its last swap (seconds)")
+    channel: str
+    automatic: str
+    window: str
+    timezone: str | None
+    next_window: datetime | None
+
+
+class StatusOut(BaseModel):
+    gateways: list[GatewayUpdateOut]
+    rollouts: list[RolloutOut]
 
 
 class RolloutIn(BaseModel):
@@ -308,14 +349,14 @@ def status(
     principal: AdminPrincipal,
     updates: UpdatesDep,
     gateway_id: Annotated[str | None, Query(description="one gateway only")] = None,
-) -> dict[str, Any]:
+) -> StatusOut:
     """Per gateway: the release it runs, the one planned, its last report and the swap's
     pause, its window's next opening; and the newest rollouts."""
     try:
         updates.rollouts.evaluate()
     except Exception as exc:
         LOG.warning("rollouts: evaluation for the status failed: %s", exc)
-    return updates.status(principal.account_id, gateway_id)
+    return StatusOut.model_validate(updates.status(principal.account_id, gateway_id))
 
 
 # The operator
@@ -324,7 +365,7 @@ def status(
 @router.post("/rollouts", status_code=201, tags=["updates"], responses=errors(400, 404, 422))
 def start_rollout(
     body: RolloutIn, _principal: OperatorPrincipal, rollouts: RolloutsDep
-) -> dict[str, Any]:
+) -> RolloutOut:
     """Starts a rollout of a published release (a running or halted one is superseded)."""
     info = rollouts.start(
         body.version,
@@ -334,7 +375,7 @@ def start_rollout(
         heartbeat_timeout_s=body.heartbeat_timeout_minutes * 60,
     )
     rollouts.evaluate()
-    return rollouts.get(info.id).to_json()
+    return RolloutOut(**rollouts.get(info.id).to_json())
 
 
 @router.get("/rollouts", tags=["updates"], responses=errors())
@@ -342,23 +383,21 @@ def list_rollouts(
     _principal: OperatorPrincipal,
     rollouts: RolloutsDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-) -> list[dict[str, Any]]:
+) -> list[RolloutOut]:
     """The newest rollouts, newest first (evaluated first)."""
     rollouts.evaluate()
-    return [r.to_json() for r in rollouts.recent(limit)]
+    return [RolloutOut(**r.to_json()) for r in rollouts.recent(limit)]
 
 
 @router.post("/rollouts/halt", tags=["updates"], responses=errors(404, 422))
-def halt_rollout(
-    body: HaltIn, _principal: OperatorPrincipal, rollouts: RolloutsDep
-) -> dict[str, Any]:
+def halt_rollout(body: HaltIn, _principal: OperatorPrincipal, rollouts: RolloutsDep) -> RolloutOut:
     """Halts the running rollout: gateways that have not swapped stay where they are."""
-    return rollouts.stop(body.version, body.reason).to_json()
+    return RolloutOut(**rollouts.stop(body.version, body.reason).to_json())
 
 
 @router.post("/rollouts/resume", tags=["updates"], responses=errors(404, 422))
 def resume_rollout(
     body: ResumeIn, _principal: OperatorPrincipal, rollouts: RolloutsDep
-) -> dict[str, Any]:
+) -> RolloutOut:
     """Runs the halted rollout again from the phase it halted in."""
-    return rollouts.resume(body.version).to_json()
+    return RolloutOut(**rollouts.resume(body.version).to_json())
