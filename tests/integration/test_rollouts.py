@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from sgw.common.errors import BadRequestError
 from sgw.provider.db import schema
 from sgw.provider.db.models import Account, Gateway, Release, UpdatePolicy, utcnow
 from sgw.provider.updates.rollouts import Rollouts
@@ -144,3 +145,30 @@ def test_a_revoked_release_halts_its_rollout(world: World) -> None:
         s.execute(update(Release).where(Release.version == "2.0").values(revoked=utcnow()))
     assert rollouts.evaluate() == ["halted: release 2.0 was revoked"]
     assert {world.updates.plan(g).version for g in world.canaries} == {None}
+
+
+def test_update_now_never_hands_out_the_release_of_a_halted_rollout(world: World) -> None:
+    rollouts = world.updates.rollouts
+    gateway = world.canaries[0]
+    rollouts.start("2.0", soak_s=600)
+    rollouts.halt("cohort alert")
+    with pytest.raises(BadRequestError, match="rollout is halted"):
+        world.updates.mark_now("acct", gateway)
+    with world.sessions.begin() as s:
+        s.add(
+            Release(
+                version="1.5",
+                channel="stable",
+                target="releases/1.5/sgw-1.5.tar.zst",
+                length=1,
+                sha256="0" * 64,
+                manifest="{}",
+            )
+        )
+    assert world.updates.mark_now("acct", gateway) == "1.5"
+    plan = world.updates.plan(gateway)
+    assert (plan.version, plan.now) == ("1.5", True)
+    # Resumed, the rollout's release is the gateway's plan again once `now` is done.
+    world.updates.record(gateway, Report("1.5", "1.0", "done", None, 0.1, datetime.now(UTC)))
+    rollouts.resume()
+    assert world.updates.plan(gateway).version == "2.0"

@@ -111,6 +111,16 @@ class Updates:
         """Keeps the report (False: it was kept before) and updates the gateway's state."""
         if report.state not in UPDATE_STATES:
             raise BadRequestError(f"state {report.state!r}: give one of {', '.join(UPDATE_STATES)}")
+        for attempt in range(2):
+            try:
+                return self._record(gateway_id, report)
+            except IntegrityError:
+                # Another report of the gateway made its state row first: once more.
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _record(self, gateway_id: str, report: Report) -> bool:
         received = utcnow()
         try:
             with self._sessions.begin() as s:
@@ -186,11 +196,12 @@ class Updates:
             running = self._state(s, gateway_id).running
             version = plan.version if plan.version and plan.version != running else None
             if version is None:
-                version = self._newest(s, plan.policy.channel)
+                version = self._newest(s, plan.policy.channel, self._halted(s))
             if version is None:
                 raise BadRequestError(
-                    f"no release for the {plan.policy.channel} channel is published: publish "
-                    "one with `sgw releases publish BUNDLE`"
+                    f"no release for the {plan.policy.channel} channel is published (or its "
+                    "rollout is halted): publish one with `sgw releases publish BUNDLE`, or "
+                    "`sgw updates resume` the halted rollout"
                 )
             if running is not None and at_least(running, version):
                 raise BadRequestError(
@@ -289,18 +300,26 @@ class Updates:
         state = s.get(GatewayUpdate, gateway_id)
         return state if state is not None else GatewayUpdate(gateway_id=gateway_id)
 
+    def _halted(self, s: Session) -> str | None:
+        """The release of the halted rollout, if the rollout in effect is halted."""
+        current = self.rollouts.current(s)
+        return current[0].version if current and current[0].state == HALTED else None
+
     @staticmethod
-    def _newest(s: Session, channel: str) -> str | None:
+    def _newest(s: Session, channel: str, halted: str | None) -> str | None:
         """The newest release a gateway of ``channel`` takes (canary gateways take stable
-        releases too), by PEP 440 order, else by publication."""
+        releases too), by PEP 440 order, else by publication; never a revoked one nor the
+        release of a halted rollout."""
         channels = ("canary", "stable") if channel == "canary" else ("stable",)
-        rows = list(
-            s.scalars(
+        rows = [
+            v
+            for v in s.scalars(
                 select(Release.version)
                 .where(Release.channel.in_(channels), Release.revoked.is_(None))
                 .order_by(Release.published.desc())
             )
-        )
+            if v != halted
+        ]
         best: str | None = None
         for version in rows:
             if best is None or newer(version, best):
