@@ -451,6 +451,15 @@ def test_openapi_describes_the_management_api(secure_provider: SecureProvider, p
         "/v1/gateway/volumes/{volume_id}/access",
         "/v1/volumes/{volume_id}/snapshot-schedule",
         "/v1/snapshots",
+        "/v1/updates/plan",
+        "/v1/updates/reports",
+        "/v1/updates/policy",
+        "/v1/updates/status",
+        "/v1/gateways/{gateway_id}/update-policy",
+        "/v1/gateways/{gateway_id}/updates/now",
+        "/v1/rollouts",
+        "/v1/rollouts/halt",
+        "/v1/rollouts/resume",
     ):
         assert route in spec["paths"], route
 

@@ -336,6 +336,81 @@ class ApiClient:
     def delete_snapshot(self, snapshot_id: str) -> None:
         self._call("DELETE", f"/v1/snapshots/{snapshot_id}")
 
+    # Updates (docs/updates.md)
+
+    def get_update_policy(self, gateway_id: str | None = None) -> dict[str, Any]:
+        """The gateway's update policy in effect, or the account's default (None)."""
+        path = f"/v1/gateways/{gateway_id}/update-policy" if gateway_id else "/v1/updates/policy"
+        return cast(dict[str, Any], self._call("GET", path))
+
+    def set_update_policy(
+        self,
+        gateway_id: str | None,
+        *,
+        channel: str | None = None,
+        window: dict[str, Any] | None = None,
+        automatic: str | None = None,
+    ) -> dict[str, Any]:
+        """Sets the given fields of the gateway's policy, or of the account's default
+        (``gateway_id`` None); the others keep the values in effect."""
+        body = {
+            k: v
+            for k, v in (("channel", channel), ("window", window), ("automatic", automatic))
+            if v is not None
+        }
+        path = f"/v1/gateways/{gateway_id}/update-policy" if gateway_id else "/v1/updates/policy"
+        return cast(dict[str, Any], self._call("PUT", path, body))
+
+    def clear_update_policy(self, gateway_id: str) -> dict[str, Any]:
+        """Drops the gateway's own policy (the account's default applies again)."""
+        path = f"/v1/gateways/{gateway_id}/update-policy"
+        return cast(dict[str, Any], self._call("DELETE", path))
+
+    def update_now(self, gateway_id: str) -> dict[str, Any]:
+        """Swaps the gateway to its planned release at once: ``{version, command}``."""
+        path = f"/v1/gateways/{gateway_id}/updates/now"
+        return cast(dict[str, Any], self._call("POST", path))
+
+    def update_status(self, gateway_id: str | None = None) -> dict[str, Any]:
+        """``{gateways: [...], rollouts: [...]}``."""
+        return cast(dict[str, Any], self._call("GET", "/v1/updates/status", gateway_id=gateway_id))
+
+    def start_rollout(
+        self,
+        version: str,
+        *,
+        share: int | None = None,
+        soak_minutes: float | None = None,
+        max_failures: int | None = None,
+        heartbeat_timeout_minutes: float | None = None,
+    ) -> dict[str, Any]:
+        """Starts a rollout of a published release (the operator's call)."""
+        body: dict[str, Any] = {"version": version}
+        for key, value in (
+            ("share", share),
+            ("soak_minutes", soak_minutes),
+            ("max_failures", max_failures),
+            ("heartbeat_timeout_minutes", heartbeat_timeout_minutes),
+        ):
+            if value is not None:
+                body[key] = value
+        return cast(dict[str, Any], self._call("POST", "/v1/rollouts", body))
+
+    def list_rollouts(self, limit: int | None = None) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self._call("GET", "/v1/rollouts", limit=limit))
+
+    def halt_rollout(self, version: str | None, reason: str | None = None) -> dict[str, Any]:
+        """Halts the running rollout (of ``version``)."""
+        body: dict[str, Any] = {"version": version}
+        if reason:
+            body["reason"] = reason
+        return cast(dict[str, Any], self._call("POST", "/v1/rollouts/halt", body))
+
+    def resume_rollout(self, version: str | None) -> dict[str, Any]:
+        """Runs the halted rollout (of ``version``) again."""
+        body = {"version": version}
+        return cast(dict[str, Any], self._call("POST", "/v1/rollouts/resume", body))
+
     # The call
 
     # Releases (docs/updates.md)

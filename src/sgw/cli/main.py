@@ -3,7 +3,8 @@ with an exit status for every error a user can cause.
 
 Each command group is a module of ``sgw.cli``: ``gateway`` and ``provider`` (the daemons
 and their local tools), then the admin groups over the provider's management API
-(``gateways`` with ``activate``, ``accounts``, ``tokens``, ``volumes``, ``snapshots``),
+(``gateways`` with ``activate``, ``accounts``, ``tokens``, ``volumes``, ``snapshots``,
+``updates``),
 which share ``client`` (the typed API client), ``config``, ``options``, ``output`` and
 ``gateway_commands``; their exit statuses are in ``errors``.
 """
@@ -16,7 +17,7 @@ import warnings
 from typing import NoReturn
 
 from sgw import __version__
-from sgw.cli import accounts, gateway, gateways, provider, releases, snapshots, tokens, volumes
+from sgw.cli import accounts, gateway, gateways, provider, releases, snapshots, tokens, updates, volumes
 from sgw.cli.client import ApiError
 from sgw.cli.errors import CommandError, exit_status
 from sgw.common.errors import ConfigError, SgwError
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     volumes.register(areas)
     snapshots.register(areas)
     releases.register(areas)
+    updates.register(areas)
     return parser
 
 

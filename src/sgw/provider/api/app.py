@@ -40,7 +40,7 @@ from sgw.common.errors import (
     UnsupportedEncodingError,
     VersionConflictError,
 )
-from sgw.provider.api import accounts, blocks, control, gateways, releases, volume_settings
+from sgw.provider.api import accounts, blocks, control, gateways, releases, updates, volume_settings
 from sgw.provider.api.auth import (
     DEV_ACCOUNT_ID,
     DEV_ACCOUNT_NAME,
@@ -74,6 +74,9 @@ from sgw.provider.management.gateways import Gateways
 from sgw.provider.management.volume_settings import SecretBox, VolumeSettings
 from sgw.provider.releases.keys import load_online_keys
 from sgw.provider.releases.repository import RefreshTask, open_repository
+from sgw.provider.updates.policy import Policies
+from sgw.provider.updates.rollouts import RolloutEvaluator, Rollouts
+from sgw.provider.updates.service import Updates
 
 LOG = logging.getLogger(__name__)
 
@@ -143,6 +146,8 @@ def create_app(config: ProviderConfig) -> FastAPI:
         on_finished=follow_up,
     )
     scheduler = SnapshotScheduler(sessions, service.maps, hub)
+    rollouts = Rollouts(sessions)
+    evaluator = RolloutEvaluator(rollouts)
 
     authenticator = Authenticator(account_repo, gateway_repo, nonces)
     # Releases: served once the operator installed the online keys (releases-init).
@@ -161,7 +166,9 @@ def create_app(config: ProviderConfig) -> FastAPI:
         scheduler.start()
         if refresh is not None:
             refresh.start()
+        evaluator.start()
         yield
+        await evaluator.stop()
         if refresh is not None:
             await refresh.stop()
         await scheduler.stop()
@@ -186,12 +193,16 @@ def create_app(config: ProviderConfig) -> FastAPI:
     app.state.control = hub
     app.state.commands = planner
     app.state.releases = release_repo
+    app.state.update_policies = Policies(sessions)
+    app.state.rollouts = rollouts
+    app.state.updates = Updates(sessions, rollouts)
     app.include_router(blocks.router)
     app.include_router(control.router)
     app.include_router(accounts.router)
     app.include_router(gateways.router)
     app.include_router(volume_settings.router)
     app.include_router(releases.router)
+    app.include_router(updates.router)
     # In front of the routes: authentication (the gate, before it, caps the bodies).
     app.add_middleware(AuthMiddleware, authenticator=authenticator, limit=MAX_REQUEST_BODY)
 

@@ -53,6 +53,7 @@ from sgw.provider.api.blocks import MAX_PACK_BODY
 from sgw.provider.api.control import REPLIES_PATH
 from sgw.provider.api.gateways import CREDENTIALS_PATH
 from sgw.provider.api.releases import RELEASES_PATH
+from sgw.provider.api.updates import REPORTS_PATH
 from sgw.provider.blockstore.service import zstd_bound
 from sgw.provider.control import peers
 from sgw.provider.management.accounts import TOKEN_PREFIX
@@ -125,6 +126,9 @@ CHUNK_BODY = BodyCap(
 PACK_BODY = BodyCap(MAX_PACK_BODY, "chunk packs", "send fewer chunks per pack")
 # A release bundle, streamed to a file as it arrives (an operator's call).
 RELEASE_BODY = BodyCap(MAX_BUNDLE, "release bundles", "a release slot is some 100 MiB; check it")
+# An update agent's report: two versions, a state, a time and a reason of at most 4096
+# characters (JSON-escaped, up to 6 bytes each): 32 KiB holds the largest with room.
+REPORT_BODY = BodyCap(32 * KIB, "update reports", "shorten the reason (at most 4096 characters)")
 # A gateway that is not activated yet makes one call, a GET of its credentials without a
 # body; a little room for a client that sends an empty document.
 CANDIDATE_BODY = BodyCap(
@@ -154,6 +158,8 @@ def body_cap(method: str, path: str) -> BodyCap:
             return REPLIES_BODY
         if path == RELEASES_PATH:
             return RELEASE_BODY
+        if path == REPORTS_PATH:
+            return REPORT_BODY
         if path.startswith("/v1/volumes/"):
             parts = path.split("/")
             if len(parts) == 5 and parts[4] == "chunk-packs":

@@ -11,6 +11,7 @@ records, and followed up when the gateway's reply (or the deadline) comes.
 |                |                                     | (made here), snapshot_id               |
 | delete_volume  | volume_id, drain                    | ``DeleteVolumeArgs``: + volume         |
 | sync_chap      | volume_id                           | ``SyncChapArgs``: + volume             |
+| update         | version, now                        | ``UpdateArgs``: the same               |
 
 What the admin gives is validated here (pydantic: the API's 400 messages); what the
 gateway gets is built with the shared schema of sgw.common.commands (``to_args()``),
@@ -25,6 +26,8 @@ gateway fetch the volume's iSCSI access rules, secrets included, with a signed r
 ``describe`` answer says which of the gateway's volumes it exports legacy open: recorded
 for the volumes' listing. Snapshot schedules post ``snapshot`` commands
 of their own (sgw.provider.control.schedules), under idempotency keys admins may not use.
+``update`` asks the gateway's update agent to check at once; ``sgw updates now`` sends it
+after marking the release in the gateway's plan (sgw.provider.updates.service).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from sgw.common.commands import (
     SetBandwidthArgs,
     SnapshotArgs,
     SyncChapArgs,
+    UpdateArgs,
 )
 from sgw.common.errors import BadRequestError, NotFoundError
 from sgw.common.iscsi import LEGACY_OPEN
@@ -100,6 +104,11 @@ class _SyncChap(_Args):
     volume_id: str
 
 
+class _Update(_Args):
+    version: str | None = Field(None, min_length=1, max_length=64)
+    now: bool = False
+
+
 _MODELS: dict[str, type[_Args]] = {
     "describe": _NoArgs,
     "diagnostics": _NoArgs,
@@ -108,6 +117,7 @@ _MODELS: dict[str, type[_Args]] = {
     "create_volume": _CreateVolume,
     "delete_volume": _DeleteVolume,
     "sync_chap": _SyncChap,
+    "update": _Update,
 }
 
 
@@ -209,6 +219,9 @@ class CommandPlanner:
             vol = self._gateway_volume(account_id, gateway_id, a.volume_id)
             out = SyncChapArgs(volume=vol.name, volume_id=vol.id).to_args()
             return Prepared(type_, out, QUEUED_TTL_S, requires_online(type_))
+        if isinstance(a, _Update):
+            out = UpdateArgs(version=a.version, now=a.now).to_args()
+            return Prepared(type_, out, INTERACTIVE_TTL_S, True)
         if isinstance(a, _CreateVolume):
             out = self._create_volume(account_id, gateway_id, a).to_args()
             return Prepared(type_, out, INTERACTIVE_TTL_S, True)

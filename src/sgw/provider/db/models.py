@@ -44,6 +44,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -54,7 +55,7 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 from sqlalchemy.types import DateTime, TypeDecorator
 
 # Chunk indexes per map segment: 1 GiB of volume at the default 1 MiB chunk, at most
@@ -551,3 +552,143 @@ class Release(Base):
     manifest: Mapped[str] = mapped_column(Text)  # JSON object (sgw.common.releases)
     published: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     revoked: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+# What update reports and policies may say (sgw.provider.updates; docs/updates.md).
+UPDATE_STATES = (
+    "downloading",
+    "verified",
+    "installed",
+    "waiting",
+    "swapping",
+    "done",
+    "failed",
+    "refused",
+)
+ROLLOUT_STATES = ("running", "halted", "completed", "superseded")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class _PolicyColumns:
+    """An update policy (sgw.provider.updates.policy): the channel whose releases a gateway
+    takes, its maintenance window (sgw.common.maintenance.Window, in the gateway's time
+    zone) and whether it swaps to every release in it or to emergency ones only."""
+
+    channel: Mapped[str] = mapped_column(String(16))
+    window_kind: Mapped[str] = mapped_column(String(16))
+    window_day: Mapped[int] = mapped_column(Integer)
+    window_hour: Mapped[int] = mapped_column(Integer)
+    window_minute: Mapped[int] = mapped_column(Integer)
+    window_minutes: Mapped[int] = mapped_column(Integer)
+    automatic: Mapped[str] = mapped_column(String(16))
+    updated: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple[CheckConstraint, ...]:  # noqa: N805
+        return (
+            CheckConstraint("channel IN ('canary', 'stable')", name="channel"),
+            CheckConstraint("automatic IN ('all', 'emergency')", name="automatic"),
+            CheckConstraint("window_kind IN ('weekly', 'monthly')", name="window_kind"),
+        )
+
+
+class UpdatePolicy(_PolicyColumns, Base):
+    """A gateway's own update policy (over its account's default)."""
+
+    __tablename__ = "update_policies"
+
+    gateway_id: Mapped[str] = mapped_column(
+        ForeignKey("gateways.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class AccountUpdatePolicy(_PolicyColumns, Base):
+    """The update policy of an account's gateways that have none of their own."""
+
+    __tablename__ = "account_update_policies"
+
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class Rollout(Base):
+    """A release handed out to the fleet in phases (sgw.provider.updates.rollouts):
+    1 the canary channel's gateways, 2 ``share`` percent of the rest, 3 everyone. A phase
+    advances once its gateways are done and stayed healthy for ``soak_s``; the rollout
+    halts by itself on ``max_failures`` failed swaps or on a gateway silent for
+    ``heartbeat_timeout_s`` after its swap. Every provider process evaluates it; each
+    step is a conditional update, so it happens once."""
+
+    __tablename__ = "rollouts"
+    __table_args__ = (
+        CheckConstraint(_in("state", ROLLOUT_STATES), name="state"),
+        CheckConstraint("phase >= 1 AND phase <= 3", name="phase"),
+        CheckConstraint("share >= 0 AND share <= 100", name="share"),
+        CheckConstraint("soak_s >= 0", name="soak_s"),
+        CheckConstraint("max_failures >= 1", name="max_failures"),
+        CheckConstraint("heartbeat_timeout_s > 0", name="heartbeat_timeout_s"),
+        Index(None, "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    version: Mapped[str] = mapped_column(ForeignKey("releases.version"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    phase: Mapped[int] = mapped_column(Integer)
+    phase_started: Mapped[datetime] = mapped_column(UtcDateTime())
+    share: Mapped[int] = mapped_column(Integer)
+    soak_s: Mapped[float] = mapped_column(Float)
+    max_failures: Mapped[int] = mapped_column(Integer)
+    heartbeat_timeout_s: Mapped[float] = mapped_column(Float)
+    halt_reason: Mapped[str | None] = mapped_column(Text)
+    halted: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    started: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    completed: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    updated: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class UpdateReport(Base):
+    """One progress report of a gateway's update agent (``POST /v1/updates/reports``):
+    the history. A report sent again (same gateway, version, state and time) is one row."""
+
+    __tablename__ = "update_reports"
+    __table_args__ = (
+        CheckConstraint(_in("state", UPDATE_STATES), name="state"),
+        UniqueConstraint("gateway_id", "version", "state", "at"),
+        Index(None, "version", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(_SERIAL, primary_key=True, autoincrement=True)
+    gateway_id: Mapped[str] = mapped_column(ForeignKey("gateways.id", ondelete="CASCADE"))
+    version: Mapped[str] = mapped_column(String(64))
+    from_version: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    # The swap's pause (seconds), on a done report.
+    pause_s: Mapped[float | None] = mapped_column(Float)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())  # the gateway's clock
+    received: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class GatewayUpdate(Base):
+    """A gateway's update state: its latest report (by the time the gateway gave it), the
+    version it runs by that report, and the release an admin asked it to swap to at once
+    (``sgw updates now``) until it reports that release done or failed."""
+
+    __tablename__ = "gateway_updates"
+
+    gateway_id: Mapped[str] = mapped_column(
+        ForeignKey("gateways.id", ondelete="CASCADE"), primary_key=True
+    )
+    running: Mapped[str | None] = mapped_column(String(64))
+    version: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    pause_s: Mapped[float | None] = mapped_column(Float)
+    at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    received: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    now_version: Mapped[str | None] = mapped_column(String(64))
+    now_set: Mapped[datetime | None] = mapped_column(UtcDateTime())
