@@ -44,6 +44,7 @@ import httpx
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from sgw import version
 from sgw.common.errors import ConfigError, HandoverRefusedError, SgwError
 from sgw.gateway import admin_socket
 from sgw.gateway.config import GatewayConfig
@@ -551,10 +552,11 @@ class AgentServer:
                 "error": "the update agent waits for the gateway's activation (no credentials)",
             }
         if op == "status":
-            return {"ok": True, **self.agent.describe()}
-        version = req.get("version")
+            agent = {"pid": os.getpid(), "version": version()}
+            return {"ok": True, **self.agent.describe(), "agent": agent}
+        asked = req.get("version")
         answer = await self.agent.check_answer(
-            version=None if version is None else str(version), now=bool(req.get("now"))
+            version=None if asked is None else str(asked), now=bool(req.get("now"))
         )
         return {"ok": True, **answer}
 
