@@ -255,7 +255,9 @@ def test_the_agent_killed_at_each_step_resumes_and_finishes(
         app.assert_bootable()
         assert app.provider.states().count("done") == 1 and app.provider.rejected == 0
         wait_for_agent_socket(app.socket)
-        assert app.state().state == "done" and app.state().reports == []
+        # The provider has the last report before the agent records it as sent.
+        wait_for(lambda: app.state().reports == [], 60, what="the reports to be recorded sent")
+        assert app.state().state == "done"
         assert len(serving(app.gw.data_dir)) == 1
     finally:
         agent.stop()
@@ -279,6 +281,6 @@ def test_reports_are_kept_while_the_provider_refuses_them_and_sent_after_a_resta
     try:
         wait_for(lambda: _done(app), 120, what=f"the kept reports\n{agent.log_text()}")
         assert app.provider.states() == kept
-        assert app.state().reports == []
+        wait_for(lambda: app.state().reports == [], 60, what="the reports to be recorded sent")
     finally:
         agent.stop()

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -430,3 +431,71 @@ def test_bundles_that_would_write_elsewhere_are_refused(
         install.install(str(rig.root), bad)
     assert err.value.reason == "tampered"
     assert os.listdir(rig.root / "releases") == []
+
+
+def test_a_check_asked_during_another_is_queued_not_lost(rig: Rig) -> None:
+    """A periodic pass read a plan without "now"; the console's "now" arrives meanwhile:
+    the answer says busy at once, and the queued pass applies the release."""
+    rig.publish("2.0.0")
+    rig.provider.plan_doc = plan(now=False)  # window closed: the first pass waits
+
+    class Gate(FakeDaemon):
+        gate: asyncio.Event | None = None
+        entered: asyncio.Event | None = None
+
+        async def status(self) -> DaemonInfo:
+            if self.gate is not None and self.entered is not None:
+                self.entered.set()
+                await self.gate.wait()
+                self.gate = None
+            return await super().status()
+
+    daemon = Gate()
+    rig.daemon = daemon
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        daemon.gate, daemon.entered = asyncio.Event(), asyncio.Event()
+        agent = rig.agent()
+        first = asyncio.create_task(agent.check())
+        await daemon.entered.wait()  # the first pass runs, holding the lock
+        rig.provider.plan_doc = plan(now=True)
+        answer = await agent.check_answer(version="2.0.0", now=True)
+        daemon.gate.set()
+        await first
+        async with agent.settled():
+            pass
+        while agent._tasks:  # the queued pass
+            await asyncio.gather(*agent._tasks)
+        return answer, agent.describe()
+
+    answer, final = asyncio.run(scenario())
+    assert answer["busy"] is True
+    assert final["state"] == "done" and rig.daemon.swaps == [str(rig.root / "releases" / "2.0.0")]
+
+
+def test_the_answer_to_a_check_comes_before_the_download(rig: Rig) -> None:
+    """The download waits until the check was answered: were the answer held up by the
+    download, the fetch would find no answer and say so."""
+    rig.publish("2.0.0")
+    rig.provider.plan_doc = plan(now=True)
+    answered = threading.Event()
+    seen: list[bool] = []
+
+    class Watching(CountingTrust):
+        def fetch(self, version: str) -> VerifiedRelease:
+            seen.append(answered.wait(30))
+            return super().fetch(version)
+
+    rig.trust = Watching(rig.trust.inner)
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        agent = rig.agent()
+        answer = await agent.check_answer(version="2.0.0", now=True)
+        answered.set()
+        while agent._tasks:
+            await asyncio.gather(*agent._tasks)
+        return answer, agent.describe()
+
+    answer, final = asyncio.run(scenario())
+    assert answer["state"] == "downloading" and answer["version"] == "2.0.0"
+    assert seen == [True] and final["state"] == "done"

@@ -202,6 +202,7 @@ class UpdateAgent:
         self.last_error: str | None = None
         self._lock = asyncio.Lock()
         self._decided: asyncio.Future[dict[str, Any]] | None = None
+        self._tasks: set[asyncio.Task[dict[str, Any]]] = set()  # checks the socket asked for
 
     def recover(self) -> None:
         """At start: removes half-unpacked slots an interrupted install left."""
@@ -214,9 +215,18 @@ class UpdateAgent:
         """Held while a check runs (``async with agent.settled()`` waits for it)."""
         return self._lock
 
-    async def check(self, *, version: str | None = None, now: bool = False) -> dict[str, Any]:
-        """One pass: plan, decision, and whatever step is due; the state after it."""
+    async def check(
+        self,
+        *,
+        version: str | None = None,
+        now: bool = False,
+        decided: asyncio.Future[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """One pass: plan, decision, and whatever step is due; the state after it.
+        ``decided`` is given the state once the pass has decided (before a download or a
+        swap). Passes run one at a time, in the order they were asked for."""
         async with self._lock:
+            self._decided = decided
             try:
                 await self._pass(version, now)
                 self.last_error = None
@@ -225,17 +235,22 @@ class UpdateAgent:
                 LOG.warning("update agent: check failed: %s", exc)
             finally:
                 self._decide()
+                self._decided = None
         return self.describe()
 
     async def check_answer(self, *, version: str | None, now: bool) -> dict[str, Any]:
-        """Starts a pass (unless one runs) and answers once it has decided: before a
-        download or a swap, so that the answer is not held up by them."""
-        if self._lock.locked():
-            return {**self.describe(), "busy": True}
-        self._decided = asyncio.get_running_loop().create_future()
-        decided = self._decided
-        task = asyncio.create_task(self.check(version=version, now=now))
+        """Starts a pass and answers once it has decided, so that the answer is not held
+        up by a download or a swap. While another pass runs, this one is queued behind it
+        (a "now" must not be lost to a pass that read the plan before it) and the answer,
+        at once, says so."""
+        busy = self._lock.locked()
+        decided: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self.check(version=version, now=now, decided=decided))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_crash)
+        if busy:
+            return {**self.describe(), "busy": True}
         try:
             return await asyncio.wait_for(asyncio.shield(decided), CHECK_ANSWER_S)
         except TimeoutError:
@@ -281,7 +296,6 @@ class UpdateAgent:
             return
         slot = await self._installed_slot(target)
         if slot is None:
-            self._decide()
             fetched = await self._fetch_and_install(target, running.version)
             if fetched is None:
                 return
@@ -308,6 +322,7 @@ class UpdateAgent:
 
     async def _fetch_and_install(self, target: str, running: str) -> str | None:
         await self._set("downloading")
+        self._decide()  # the answer to a check: what follows may take minutes
         faults.hit("downloading")
         try:
             release = await asyncio.to_thread(self.trust.fetch, target)
