@@ -284,3 +284,53 @@ def test_reports_are_kept_while_the_provider_refuses_them_and_sent_after_a_resta
         wait_for(lambda: app.state().reports == [], 60, what="the reports to be recorded sent")
     finally:
         agent.stop()
+
+
+def test_the_agent_waits_for_activation_then_updates(appliance: Appliance) -> None:
+    app = appliance
+    creds = app.gw.data_dir / "credentials.json"
+    saved = creds.read_bytes()
+    creds.unlink()
+    agent = app.agent()
+    try:
+        wait_for_agent_socket(app.socket)
+        answer = agent_call(app.socket, {"op": "check", "version": NEW, "now": True})
+        assert answer == {
+            "ok": False,
+            "error": "the update agent waits for the gateway's activation (no credentials)",
+        }
+        assert app.provider.plans_served == 0 and app.provider.rejected == 0
+        fd = os.open(creds, os.O_WRONLY | os.O_CREAT, 0o600)  # activated now
+        os.write(fd, saved)
+        os.close(fd)
+        wait_for(lambda: _done(app), 180, what=f"the swap after activation\n{agent.log_text()}")
+        assert app.daemon_version() == NEW
+    finally:
+        agent.stop()
+
+
+def test_updates_disabled_checks_nothing(appliance: Appliance) -> None:
+    app = appliance
+    app.config.write_text(app.config.read_text() + "enabled = false\n")
+    agent = app.agent()
+    try:
+        wait_for(
+            lambda: (
+                "updates are disabled ([updates] enabled = false): checking nothing"
+                in agent.messages()
+            ),
+            60,
+            what=f"the agent to start\n{agent.log_text()}",
+        )
+        status = agent_call(app.socket, {"op": "status"})
+        assert status["ok"] and status["state"] == "idle"
+        answer = agent_call(app.socket, {"op": "check", "version": NEW, "now": True})
+        assert answer == {
+            "ok": False,
+            "error": "updates are disabled on this gateway: set [updates] enabled = true in "
+            "its gateway.toml and restart sgw-update-agent",
+        }
+        assert app.provider.plans_served == 0 and app.provider.reports == []
+        assert not (app.root / "releases" / NEW).exists()
+    finally:
+        agent.stop()

@@ -520,9 +520,10 @@ def _daemon_info(daemon: Any) -> DaemonInfo:
 class AgentServer:
     """The agent's local socket (mode 0600): what the daemon's ``update`` command asks."""
 
-    def __init__(self, agent: UpdateAgent | None, path: str) -> None:
+    def __init__(self, agent: UpdateAgent | None, path: str, *, enabled: bool = True) -> None:
         self.agent = agent  # None until the gateway is activated
         self.path = path
+        self.enabled = enabled  # [updates] enabled: False answers status only
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -569,6 +570,12 @@ class AgentServer:
         if op == "status":
             agent = {"pid": os.getpid(), "version": version()}
             return {"ok": True, **self.agent.describe(), "agent": agent}
+        if not self.enabled:
+            return {
+                "ok": False,
+                "error": "updates are disabled on this gateway: set [updates] enabled = true "
+                "in its gateway.toml and restart sgw-update-agent",
+            }
         asked = req.get("version")
         answer = await self.agent.check_answer(
             version=None if asked is None else str(asked), now=bool(req.get("now"))
@@ -608,7 +615,7 @@ async def run(config: GatewayConfig, trust_factory: TrustFactory = default_trust
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = AgentServer(None, updates.socket)
+    server = AgentServer(None, updates.socket, enabled=updates.enabled)
     await server.start()
     LOG.info("update agent listening", extra={"socket": updates.socket, "root": updates.root})
     try:
