@@ -280,6 +280,19 @@ def test_a_refusal_of_the_trust_installs_nothing_and_is_reported(rig: Rig, reaso
     assert rig.trust.calls == 1
 
 
+def test_an_older_release_is_refused_as_a_rollback_without_downloading(rig: Rig) -> None:
+    rig.publish("0.9.0")
+    rig.provider.plan_doc = plan("0.9.0", now=True)
+    got = check(rig.agent())
+    assert got["state"] == "refused" and got["reason"] == "rollback"
+    assert got["message"] == (
+        "release 0.9.0 is older than the running 1.0.0: the agent refuses rollbacks "
+        "(publish a newer release with the fix instead)"
+    )
+    assert rig.provider.states() == ["refused"] and rig.trust.calls == 0
+    assert rig.daemon.swaps == []
+
+
 def test_an_unpacked_tree_unlike_its_manifest_is_refused_as_tampered(rig: Rig) -> None:
     rig.publish("2.0.0", tamper=True)
     rig.provider.plan_doc = plan(now=True)

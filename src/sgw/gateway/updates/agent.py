@@ -168,6 +168,22 @@ def compatible(swappable_from: str, running: str) -> str | None:
     return f"it can be swapped to only from versions {swappable_from}, not from {running}"
 
 
+def downgrade(target: str, running: str) -> str | None:
+    """Why going from ``running`` to ``target`` is refused as a rollback (an older
+    release, DESIGN.md section 4), or None. Going back by hand stays possible on the
+    appliance: ``sgw gateway upgrade --to`` the previous slot."""
+    try:
+        older = Version(target) < Version(running)
+    except InvalidVersion:
+        return None  # not comparable: the manifest's swappable_from decides
+    if not older:
+        return None
+    return (
+        f"release {target} is older than the running {running}: the agent refuses "
+        "rollbacks (publish a newer release with the fix instead)"
+    )
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -287,6 +303,10 @@ class UpdateAgent:
             st.from_version = running.version
         if st.state in ("failed", "refused") and st.reason != "unreachable" and not now:
             return  # retried when the console says "now" again
+        older = downgrade(target, running.version)
+        if older is not None:
+            await self._set("refused", reason="rollback", message=older)
+            return
         if not worth_fetching(plan, now):
             await self._set(
                 "waiting",
