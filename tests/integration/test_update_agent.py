@@ -18,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import nbd
 import pytest
 
 from sgw import version
@@ -164,6 +167,45 @@ def appliance(tmp_path: Path) -> Iterator[Appliance]:
                 gw.proc = None
 
 
+BLOCK = 64 * 1024
+
+
+class Writer(threading.Thread):
+    """A libnbd client writing random 64 KiB blocks and flushing after each, until told to
+    stop; every flushed block's data in ``flushed``, every error in ``errors``."""
+
+    def __init__(self, uri: str, blocks: int) -> None:
+        super().__init__(daemon=True)
+        self.uri, self.blocks = uri, blocks
+        self.flushed: dict[int, bytes] = {}
+        self.errors: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        rng = random.Random(7)
+        h = nbd.NBD()
+        try:
+            h.connect_uri(self.uri)
+            while not self.halt.is_set():
+                block, data = rng.randrange(self.blocks), rng.randbytes(BLOCK)
+                h.pwrite(data, block * BLOCK)
+                h.flush()
+                self.flushed[block] = data
+            h.shutdown()
+        except nbd.Error as exc:
+            self.errors.append(str(exc))
+
+    def stop_and_verify(self) -> None:
+        self.halt.set()
+        self.join(60)
+        assert not self.errors, self.errors
+        h = nbd.NBD()
+        h.connect_uri(self.uri)
+        bad = [b for b, d in self.flushed.items() if h.pread(BLOCK, b * BLOCK) != d]
+        h.shutdown()
+        assert not bad, f"{len(bad)} flushed blocks differ"
+
+
 def _done(app: Appliance) -> bool:
     return "done" in app.provider.states()
 
@@ -172,17 +214,21 @@ def test_the_agent_swaps_the_daemon_to_a_published_release_and_follows_it(
     appliance: Appliance,
 ) -> None:
     """Window closed: installed, waiting. The console's "update now" (the daemon's update
-    command handler, on the agent's socket): the daemon swaps, ``current`` moves, the
-    reports arrive signed, the agent re-executes itself from the new release."""
+    command handler, on the agent's socket): the daemon swaps while a client writes and
+    flushes (no error, every flushed write read back), ``current`` moves, the reports
+    arrive signed, the agent re-executes itself from the new release."""
     app = appliance
     app.provider.plan["now"] = False
     agent = app.agent()
+    writer = Writer(app.gw.uri("vol0"), 64 * (1 << 20) // BLOCK)
     try:
         wait_for(lambda: "waiting" in app.provider.states(), 120, what="the agent to wait")
         assert app.provider.states() == ["downloading", "verified", "installed", "waiting"]
         assert app.daemon_version() == OLD and app.current() == str(app.root / "releases" / OLD)
         assert (app.root / "releases" / NEW / "bin" / "sgw").exists()
 
+        writer.start()
+        wait_for(lambda: len(writer.flushed) > 20, 60, what="the writer to get going")
         app.provider.plan["now"] = True  # `sgw updates now`, then its command:
         runner = CommandRunner(cast(Any, None), update_socket=app.socket)
         command = Command("c1", "update", {"version": NEW, "now": True}, "k1", 0.0)
@@ -195,6 +241,9 @@ def test_the_agent_swaps_the_daemon_to_a_published_release_and_follows_it(
         assert done["from_version"] == OLD and isinstance(done["pause_s"], float)
         assert done["at"].endswith("Z") and app.provider.rejected == 0
         assert app.daemon_version() == NEW
+        written = len(writer.flushed)
+        wait_for(lambda: len(writer.flushed) > written + 20, 60, what="writes after the swap")
+        writer.stop_and_verify()  # no I/O error across the swap, every flushed write there
         assert app.current() == str(app.root / "releases" / NEW)  # moved by the daemon
         assert os.readlink(app.root / "releases" / OLD) == VENV  # the previous slot stays
 
@@ -211,6 +260,7 @@ def test_the_agent_swaps_the_daemon_to_a_published_release_and_follows_it(
         assert status["state"] == "done" and status["pending_reports"] == 0
         assert "update agent: re-executing from the new release" in agent.messages()
     finally:
+        writer.halt.set()
         agent.stop()
 
 
