@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sgw.common.releases import bundle_name, target_path
-from sgw.gateway.updates.root import install_root
+from sgw.gateway.link.release_root import install_root
 from sgw.gateway.updates.trust import ReleaseTrust, UpdateRefused
 from sgw.provider.releases.repository import METADATA_PREFIX, TARGETS_PREFIX, ReleaseRepository
 from tests.fixtures.releases import ServedRepository, make_bundle, open_repository, served

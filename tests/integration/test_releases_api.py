@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from sgw.common.releases import root_fingerprint
-from sgw.gateway.updates.root import install_root
+from sgw.gateway.link.release_root import install_root
 from sgw.gateway.updates.trust import ReleaseTrust, UpdateRefused
 from sgw.provider.api.gate import RELEASE_BODY, body_cap
 from sgw.provider.blockstore.objects import DirectoryStore

@@ -611,3 +611,71 @@ def test_a_gateway_without_provider_has_no_upload_limit(tmp_path: Path) -> None:
     with pytest.raises(CommandError, match=r"uploads nothing \(no \[remote\]\): no upload limit"):
         execute(runner, "set_bandwidth", {"upload": 1000})
     assert execute(runner, "set_bandwidth", {"download": 50}) == {"upload": None, "download": 50}
+
+
+# -- update ------------------------------------------------------------------------------
+
+
+def test_update_is_handed_to_the_update_agent_and_replies_its_answer(
+    host: FakeHost, tmp_path: Path
+) -> None:
+    """The runner sends the agent's socket one "check" line and replies what it answers."""
+    path = str(tmp_path / "agent.sock")
+    asked: list[dict[str, Any]] = []
+
+    async def scenario() -> Any:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            asked.append(json.loads(await reader.readline()))
+            answer = {"ok": True, "state": "downloading", "version": "2.0.0"}
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(serve, path)
+        try:
+            runner = CommandRunner(host, update_socket=path)
+            return await runner(Command("c1", "update", {"version": "2.0.0", "now": True}, "k", 0))
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    got = run(scenario())
+    assert asked == [{"op": "check", "version": "2.0.0", "now": True}]
+    assert got == {"state": "downloading", "version": "2.0.0"}
+
+
+def test_update_without_an_agent_names_the_socket_and_the_fix(
+    host: FakeHost, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "none.sock")
+    with pytest.raises(CommandError) as err:
+        execute(CommandRunner(host, update_socket=path), "update", {"now": True})
+    assert str(err.value) == (
+        f"no update agent listens at {path}: start it (systemctl start sgw-update-agent on "
+        "the appliance) or check [updates] socket"
+    )
+    with pytest.raises(CommandError, match="runs no update agent"):
+        execute(CommandRunner(host), "update", {})
+
+
+def test_an_agent_refusal_becomes_the_commands_failure(host: FakeHost, tmp_path: Path) -> None:
+    path = str(tmp_path / "agent.sock")
+
+    async def scenario() -> Any:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            writer.write(b'{"ok": false, "error": "not activated"}\n')
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(serve, path)
+        try:
+            return await CommandRunner(host, update_socket=path)(
+                Command("c1", "update", {}, "k", 0)
+            )
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    with pytest.raises(CommandError, match="the update agent refused: not activated"):
+        run(scenario())

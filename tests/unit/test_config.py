@@ -152,3 +152,33 @@ def test_chunks_in_flight_are_bounded(tmp_path: Path) -> None:
     conf = _remote_toml(tmp_path, "concurrency = 16\npack_chunks = 64\n")
     with pytest.raises(ConfigError, match=r"concurrency x remote\.pack_chunks = 1024: at most 512"):
         load(conf, data_dir=str(tmp_path), volumes=["a:1G"])
+
+
+def test_updates_section_defaults_and_values(tmp_path: Path) -> None:
+    cfg = load(data_dir=str(tmp_path), volumes=["a:1G"])
+    assert cfg.updates.enabled and cfg.updates.check_interval == 900.0
+    assert cfg.updates.socket == "/run/sgw/update-agent.sock"
+    assert cfg.updates.root == "/opt/sgw"
+    f = tmp_path / "gw.toml"
+    f.write_text(
+        '[updates]\nenabled = false\ncheck_interval = 60\nsocket = "run/a.sock"\nroot = "/x"\n'
+    )
+    cfg = load(str(f), data_dir=str(tmp_path), volumes=["a:1G"])
+    assert not cfg.updates.enabled and cfg.updates.check_interval == 60.0
+    assert cfg.updates.socket == str(Path("run/a.sock").resolve()) and cfg.updates.root == "/x"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("check_interval = 0", "updates.check_interval: 0 must be 0.1 to 86400 seconds"),
+        ("enabled = 1", "updates.enabled: must be true or false"),
+        ("root = 3", 'updates.root: must be a path like "/opt/sgw"'),
+        ("interval = 3", r"\[updates\] has unknown key\(s\) \['interval'\]"),
+    ],
+)
+def test_bad_updates_values(tmp_path: Path, body: str, message: str) -> None:
+    f = tmp_path / "gw.toml"
+    f.write_text(f"[updates]\n{body}\n")
+    with pytest.raises(ConfigError, match=message):
+        load(str(f), data_dir=str(tmp_path), volumes=["a:1G"])

@@ -1,5 +1,5 @@
 """Release manifests, the slot digest, the provider's check of a bundle and root pinning
-(sgw.common.releases, sgw.provider.releases, sgw.gateway.updates.root)."""
+(sgw.common.releases, sgw.provider.releases, sgw.gateway.link.release_root)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from sgw.common.releases import (
     target_path,
     tree_digest,
 )
-from sgw.gateway.updates.root import pin_root
+from sgw.gateway.link.release_root import pin_root
 from sgw.provider.releases.keys import init_keys
 from sgw.provider.releases.repository import read_bundle_manifest
 from tests.fixtures.releases import make_bundle, make_slot, pack

@@ -17,7 +17,17 @@ import warnings
 from typing import NoReturn
 
 from sgw import __version__
-from sgw.cli import accounts, gateway, gateways, provider, releases, snapshots, tokens, updates, volumes
+from sgw.cli import (
+    accounts,
+    gateway,
+    gateways,
+    provider,
+    releases,
+    snapshots,
+    tokens,
+    updates,
+    volumes,
+)
 from sgw.cli.client import ApiError
 from sgw.cli.errors import CommandError, exit_status
 from sgw.common.errors import ConfigError, SgwError

@@ -42,6 +42,12 @@ Example (every key optional except what a volume needs)::
     size = "4G"                           # bytes of chunk data it keeps (LRU)
     read_ahead = 4                        # chunks fetched ahead of sequential reads
 
+    [updates]                             # the update agent (docs/updates.md)
+    enabled = true                        # false: the agent checks nothing, installs nothing
+    check_interval = 900                  # seconds between its checks of the provider's plan
+    socket = "/run/sgw/update-agent.sock" # where it listens for the daemon's `update` command
+    root = "/opt/sgw"                     # the release slots' root (releases/, current)
+
     [[volumes]]
     name = "vol0"
     size = "10G"
@@ -178,6 +184,22 @@ class CacheConfig:
     read_ahead: int = 4  # chunks fetched ahead of a sequential reader; 0: off
 
 
+DEFAULT_UPDATE_SOCKET = "/run/sgw/update-agent.sock"
+
+
+@dataclass(frozen=True)
+class UpdatesConfig:
+    """The update agent (sgw.gateway.updates.agent): how often it asks the provider which
+    release to run, where the daemon reaches it, and where release slots live."""
+
+    enabled: bool = True
+    # Seconds between checks of the provider's plan: 15 minutes, so that a window of an
+    # hour is not missed; `sgw updates now` reaches the agent at once through the daemon.
+    check_interval: float = 900.0
+    socket: str = DEFAULT_UPDATE_SOCKET
+    root: str = "/opt/sgw"  # <root>/releases/<version>, <root>/current
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """Everything ``sgw gateway serve`` needs."""
@@ -194,6 +216,7 @@ class GatewayConfig:
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     lio: LioConfig | None = None  # [lio]: iSCSI export through LIO (the appliance)
+    updates: UpdatesConfig = field(default_factory=UpdatesConfig)
 
 
 def parse_volume_flag(text: str) -> tuple[str, int]:
@@ -262,7 +285,7 @@ def load(
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
     known = {
         *("data_dir", "log_level", "write_log", "destage", "nbd", "volumes", "remote", "cache"),
-        *("activation", "control", "lio"),
+        *("activation", "control", "lio", "updates"),
     }
     for key in doc:
         if key not in known:
@@ -388,7 +411,29 @@ def load(
         activation=activation,
         control=control,
         lio=parse_lio(_table(doc, "lio", LIO_KEYS)),
+        updates=_updates(_table(doc, "updates", {"enabled", "check_interval", "socket", "root"})),
     )
+
+
+def _updates(table: dict[str, Any]) -> UpdatesConfig:
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError("updates.enabled: must be true or false")
+    interval = table.get("check_interval", 900.0)
+    if isinstance(interval, bool) or not isinstance(interval, int | float):
+        interval = -1
+    if not 0.1 <= interval <= 86400:
+        raise ConfigError(
+            f"updates.check_interval: {table.get('check_interval')!r} must be 0.1 to 86400 "
+            "seconds (default 900)"
+        )
+    paths = {}
+    for key, default in (("socket", DEFAULT_UPDATE_SOCKET), ("root", "/opt/sgw")):
+        value = table.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f'updates.{key}: must be a path like "{default}"')
+        paths[key] = os.path.abspath(value)
+    return UpdatesConfig(enabled, float(interval), paths["socket"], paths["root"])
 
 
 def _control(table: dict[str, Any], remote: RemoteConfig | None) -> ControlConfig:

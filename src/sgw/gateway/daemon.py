@@ -158,7 +158,9 @@ class Gateway:
             socket_path(config.data_dir),
         )
         # The control channel: commands from the provider's console (once activated).
-        self.commands = CommandRunner(GatewayCommandHost(self))
+        self.commands = CommandRunner(
+            GatewayCommandHost(self), update_socket=self.config.updates.socket
+        )
         self.control = self._control_channel()
         # iSCSI through LIO (the appliance): each volume on /dev/nbdN, one target each.
         self.lio = LioExporter.from_config(
@@ -275,7 +277,9 @@ class Gateway:
         self._quieted = False
         self._start_background()
         self.destager.resume()
-        self.commands = CommandRunner(GatewayCommandHost(self))
+        self.commands = CommandRunner(
+            GatewayCommandHost(self), update_socket=self.config.updates.socket
+        )
         self.commands.install()
         self.control = self._control_channel()
         if self.control is not None:

@@ -38,9 +38,9 @@ from sgw.common import activation_key
 from sgw.common.errors import SgwError
 from sgw.gateway.config import ActivationConfig, RemoteConfig
 from sgw.gateway.link.identity import Credentials, read_credentials, write_credentials
+from sgw.gateway.link.release_root import BAKED_ROOT, metadata_dir, pin_root
 from sgw.gateway.link.request_signing import GatewayAuth
 from sgw.gateway.listening import Listener
-from sgw.gateway.updates.root import BAKED_ROOT, metadata_dir, pin_root
 
 LOG = logging.getLogger(__name__)
 

@@ -37,6 +37,7 @@ from sgw.common.commands import (
     SetBandwidthArgs,
     SnapshotArgs,
     SyncChapArgs,
+    UpdateArgs,
 )
 from sgw.common.errors import CommandError, ConfigError, SgwError
 from sgw.common.files import write_atomically
@@ -60,6 +61,8 @@ DETACH_WAIT_S = 5.0
 # Seconds between the checks of those two waits.
 DRAIN_POLL_S = 0.1
 DETACH_POLL_S = 0.05
+# How long the update agent may take to decide a check (it answers before downloading).
+UPDATE_AGENT_TIMEOUT_S = 120.0
 
 
 class VolumeView(Protocol):
@@ -208,9 +211,15 @@ class CommandRunner:
     """Executes the control channel's commands on a running gateway."""
 
     def __init__(
-        self, host: CommandHost, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        host: CommandHost,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        update_socket: str | None = None,
     ) -> None:
         self.host = host
+        # The update agent's socket ([updates] socket); None: this gateway has no agent.
+        self.update_socket = update_socket
         self.logs = LogRing()
         self.started = time.monotonic()
         self._transport = transport  # for the provider's CHAP requests (tests)
@@ -223,6 +232,7 @@ class CommandRunner:
             "create_volume": _handler(CreateVolumeArgs, self._create_volume),
             "delete_volume": _handler(DeleteVolumeArgs, self._delete_volume),
             "sync_chap": _handler(SyncChapArgs, self._sync_chap),
+            "update": _handler(UpdateArgs, self._update),
         }
 
     def install(self) -> None:
@@ -281,6 +291,41 @@ class CommandRunner:
 
     async def _snapshot(self, a: SnapshotArgs) -> dict[str, Any]:
         return await self.host.snapshot(a.volume, a.description, a.wait)
+
+    async def _update(self, a: UpdateArgs) -> dict[str, Any]:
+        """Hands the command to the update agent (its own process: it outlives the swap
+        that replaces this daemon) and replies with its answer: the plan's decision. The
+        agent reports the update's progress to the provider itself."""
+        path = self.update_socket
+        if path is None:
+            raise CommandError("this gateway runs no update agent, so it cannot update itself")
+        request = {"op": "check", "version": a.version, "now": a.now}
+        try:
+            reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise CommandError(
+                f"no update agent listens at {path}: start it (systemctl start "
+                "sgw-update-agent on the appliance) or check [updates] socket"
+            ) from exc
+        try:
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), UPDATE_AGENT_TIMEOUT_S)
+        except TimeoutError:
+            raise CommandError(
+                f"the update agent at {path} did not answer in {UPDATE_AGENT_TIMEOUT_S:g} s"
+            ) from None
+        finally:
+            writer.close()
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise CommandError(f"the update agent at {path} closed without a proper answer")
+        if not answer.pop("ok", False):
+            raise CommandError(f"the update agent refused: {answer.get('error')}")
+        return answer
 
     # -- volumes -------------------------------------------------------------------------
 
