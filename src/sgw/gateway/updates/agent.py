@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import importlib
 import json
 import logging
 import os
@@ -45,15 +44,17 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from sgw import version
-from sgw.common.errors import ConfigError, HandoverRefusedError, SgwError
+from sgw.common.errors import HandoverRefusedError, SgwError
 from sgw.common.maintenance import Window
 from sgw.gateway import admin_socket
 from sgw.gateway.config import GatewayConfig
 from sgw.gateway.config import load as load_config
 from sgw.gateway.link.activation import tls_verify
 from sgw.gateway.link.identity import load_or_create_key, read_credentials
+from sgw.gateway.link.release_root import metadata_dir
 from sgw.gateway.link.request_signing import GatewayAuth
 from sgw.gateway.updates import faults, install, state
+from sgw.gateway.updates import trust as tuf_trust
 from sgw.gateway.updates.state import AgentState
 from sgw.gateway.updates.trust import UpdateRefused, VerifiedRelease
 
@@ -610,20 +611,15 @@ TrustFactory = Callable[[GatewayConfig, httpx.Client], ReleaseTrust]
 
 
 def default_trust(config: GatewayConfig, http: httpx.Client) -> ReleaseTrust:
-    """The TUF client (part A: sgw.gateway.updates.trust), its metadata kept under the
-    data directory so that rollback and freeze protection hold across reboots."""
-    try:
-        tuf_trust = importlib.import_module("sgw.gateway.updates.trust")
-    except ImportError as exc:
-        raise ConfigError(
-            "this release has no TUF client (sgw.gateway.updates.trust): it cannot verify "
-            "releases, so it installs none; install a release that has one"
-        ) from exc
-    base = Path(config.data_dir) / "updates"
-    built: ReleaseTrust = tuf_trust.ReleaseTrust(
-        base / "metadata", base / "cache", str(http.base_url), http
+    """The TUF client (sgw.gateway.updates.trust), its metadata kept under the data
+    directory (where activation pinned the root) so that rollback and freeze protection
+    hold across reboots."""
+    return tuf_trust.ReleaseTrust(
+        metadata_dir(config.data_dir),
+        Path(config.data_dir) / "updates" / "cache",
+        str(http.base_url),
+        http,
     )
-    return built
 
 
 async def run(config: GatewayConfig, trust_factory: TrustFactory = default_trust) -> int:
