@@ -5,16 +5,35 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run run-gateway test test-appliance lint typecheck unit check setup bench clean image mutation
+.PHONY: run run-gateway test test-appliance lint typecheck unit check setup bench clean image mutation lock audit
 
-$(STAMP): pyproject.toml scripts/install-host-deps
+# Every Python dependency comes from the lock files (exact versions and their hashes; pip
+# refuses anything else), then the project itself without dependencies.
+$(STAMP): pyproject.toml requirements/dev.lock scripts/install-host-deps
 	./scripts/install-host-deps
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -r requirements/dev.lock
+	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The lock files from pyproject.toml's dependencies (after changing them): runtime.lock
+# for the appliance's release slots and the provider, dev.lock adds the development tools.
+# Both resolved with Debian 12's Python, the appliance's.
+LOCK := $(VENV)/bin/pip-compile -q --generate-hashes --strip-extras --allow-unsafe \
+	--no-emit-index-url --no-emit-find-links
+lock: $(STAMP)
+	$(LOCK) -o requirements/runtime.lock pyproject.toml
+	$(LOCK) --extra dev -o requirements/dev.lock pyproject.toml
+
+# Known vulnerabilities in the locked runtime dependencies (pip-audit against PyPI's
+# advisory data). Run before every release build (`make release`); not a CI gate, so that
+# an advisory published today does not block unrelated work. --strict: a dependency that
+# could not be checked is a failure, not a pass.
+audit: $(STAMP)
+	$(VENV)/bin/pip-audit --strict --disable-pip -r requirements/runtime.lock
 
 # The appliance on this machine (scripts/run-appliance): the image (built if dist/ has
 # none), a provider on 127.0.0.1 (sgw provider init/serve in run-data/appliance/), the
