@@ -14,127 +14,30 @@ devices. Runs before test_shutdown.py (which ends the session's appliance)."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from tests.fixtures.appliance import DIST, ROOT, Appliance
+from tests.fixtures.iscsi_loop import (
+    KEPT_LENGTH,
+    KEPT_OFFSET,
+    KEPT_PATTERN,
+    SCSI_TIMEOUT,
+    IscsiLoop,
+)
 from tests.fixtures.waiting import wait_for
 
 pytestmark = [pytest.mark.appliance, pytest.mark.timeout(900)]
 
 RELEASES = "/opt/sgw/releases"
 CURRENT = "/opt/sgw/current"
-# A Linux initiator aborts a SCSI command after 15 s (the sd driver's default timeout).
-SCSI_TIMEOUT = 15.0
-# The loop's part of vol0 (256 MiB), clear of what the other tests write and read.
-IO_START = 128 << 20
-IO_SPAN = 32 << 20
-IO_BLOCK = 256 << 10
-PAIRS = 8  # write+read pairs per qemu-io run (one iSCSI login each)
-# Written once before the first swap, read back after each.
-KEPT_OFFSET = 192 << 20
-KEPT_LENGTH = 4 << 20
-KEPT_PATTERN = 0xA5
 # The swap under TCG: green's start (imports, the log's index) takes tens of seconds.
 SWAP_TIMEOUT = 300.0
-_SECONDS = re.compile(r"; ((?:\d+:)*\d+\.\d+) sec")
-
-
-def _seconds(text: str) -> float:
-    """qemu-io's duration (``00.05``, ``1:02.50``, ``1:00:02.50``) in seconds."""
-    total = 0.0
-    for part in text.split(":"):
-        total = total * 60 + float(part)
-    return total
-
-
-@dataclass
-class IscsiLoop:
-    """qemu-io runs, one after another until stopped, each logging in with CHAP and
-    doing ``PAIRS`` writes with FUA and read-verifies of 256 KiB blocks in the loop's part
-    of the volume, each run with its own pattern. Every command's time as qemu-io reports
-    it is kept; any failure, mismatch or hang is an error."""
-
-    qemu_io: str
-    url: str
-    runs: list[tuple[float, float]] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> IscsiLoop:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            pattern = i % 250 + 1
-            commands: list[str] = []
-            for k in range(PAIRS):
-                offset = IO_START + ((i * PAIRS + k) * IO_BLOCK) % IO_SPAN
-                commands += ["-c", f"write -f -P {pattern:#x} {offset} {IO_BLOCK}"]
-                commands += ["-c", f"read -P {pattern:#x} {offset} {IO_BLOCK}"]
-            start = time.monotonic()
-            try:
-                res = subprocess.run(
-                    [self.qemu_io, "-f", "raw", *commands, self.url],
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                self.errors.append(f"run {i}: qemu-io hung for 120 s")
-                return
-            end = time.monotonic()
-            times = [_seconds(t) for t in _SECONDS.findall(res.stdout)]
-            self.latencies += times
-            if res.returncode != 0 or "failed" in res.stdout or len(times) != 2 * PAIRS:
-                odd = [
-                    line
-                    for line in (res.stdout + res.stderr).splitlines()
-                    if "fail" in line.lower() or "error" in line.lower()
-                ]
-                self.errors.append(
-                    f"run {i}: qemu-io exited {res.returncode}, {len(times)} of {2 * PAIRS} "
-                    f"commands timed; {odd[:5]}; stdout {res.stdout[:400]!r} ... "
-                    f"{res.stdout[-300:]!r}; stderr {res.stderr[-600:]!r}"
-                )
-            self.runs.append((start, end))
-            i += 1
-
-    def wait_runs(self, more: int) -> None:
-        """Positive evidence that I/O goes on: ``more`` runs completed from now on."""
-        target = len(self.runs) + more
-        wait_for(
-            lambda: len(self.runs) >= target or bool(self.errors) or not self.alive(),
-            120,
-            what=f"{more} more iSCSI runs",
-        )
-        assert not self.errors, self.errors[:3]
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def spanning(self, start: float, end: float) -> int:
-        """Runs that were in progress at some point between ``start`` and ``end``."""
-        return sum(1 for s, e in self.runs if s < end and e > start)
-
-    def stop(self) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(180)
-        assert not self._thread.is_alive(), "qemu-io hung"
 
 
 @dataclass(frozen=True)
