@@ -5,7 +5,7 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run run-gateway test test-appliance lint typecheck unit check setup bench clean image mutation lock audit
+.PHONY: run run-gateway test test-appliance lint typecheck unit check setup bench clean image mutation lock audit release
 
 # Every Python dependency comes from the lock files (exact versions and their hashes; pip
 # refuses anything else), then the project itself without dependencies.
@@ -34,6 +34,12 @@ lock: $(STAMP)
 # could not be checked is a failure, not a pass.
 audit: $(STAMP)
 	$(VENV)/bin/pip-audit --strict --disable-pip -r requirements/runtime.lock
+
+# A release bundle for the provider to sign and publish (docs/updates.md): the audit first,
+# then `sgw releases build` (as root) into dist/releases/. VERSION defaults to
+# pyproject.toml's; publish with `sgw releases publish dist/releases/sgw-VERSION.tar.zst`.
+release: audit
+	$(VENV)/bin/sgw releases build $(if $(VERSION),--version $(VERSION)) dist/releases
 
 # The appliance on this machine (scripts/run-appliance): the image (built if dist/ has
 # none), a provider on 127.0.0.1 (sgw provider init/serve in run-data/appliance/), the
