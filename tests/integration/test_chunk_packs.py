@@ -43,7 +43,7 @@ from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.blockstore.objects import DirectoryStore, ObjectStore
 from sgw.provider.blockstore.packs import Location, PackIndex, new_pack_id, pack_key, read_index
 from sgw.provider.blockstore.service import MAX_PACK_DATA, BlockService, PackStored
-from sgw.provider.db.models import ChunkLocation, ChunkPack, utcnow
+from sgw.provider.db.models import ChunkLocation, ChunkPack, Volume, utcnow
 from sgw.provider.db.schema import bound_engine, make_engine, session_factory
 from tests.fixtures.block_api import SMALL, Api, start_provider_on
 from tests.fixtures.block_service import ACCOUNT, Env, put_pack, race_with_collector
@@ -95,8 +95,16 @@ class PackApi(Api):
             headers={"content-type": MEDIA_TYPE, **headers},
         )
 
-    def packs(self, scope: str) -> dict[str, tuple[int, bool]]:
-        """The scope's pack rows: id -> (size, written)."""
+    def scope(self, volume_id: str) -> str:
+        """The volume's key scope (made by the provider, not its id)."""
+        with self.sessions() as s:
+            scope = s.scalar(select(Volume.key_scope).where(Volume.id == volume_id))
+            assert scope is not None, f"no volume {volume_id}"
+            return scope
+
+    def packs(self, volume_id: str) -> dict[str, tuple[int, bool]]:
+        """The pack rows of the volume's scope: id -> (size, written)."""
+        scope = self.scope(volume_id)
         with self.sessions() as s:
             rows = s.execute(
                 select(ChunkPack.id, ChunkPack.size, ChunkPack.written).where(
@@ -105,8 +113,9 @@ class PackApi(Api):
             )
             return {i: (n, w) for i, n, w in rows}
 
-    def locations(self, scope: str) -> dict[str, tuple[str, int, int]]:
-        """The scope's chunk locations: chunk id -> (pack id, offset, length)."""
+    def locations(self, volume_id: str) -> dict[str, tuple[str, int, int]]:
+        """The chunk locations of the volume's scope: chunk id -> (pack id, offset, length)."""
+        scope = self.scope(volume_id)
         with self.sessions() as s:
             rows = s.execute(
                 select(
@@ -118,7 +127,9 @@ class PackApi(Api):
             )
             return {c: (p, o, n) for c, p, o, n in rows}
 
-    def pack_keys(self, scope: str) -> set[str]:
+    def pack_keys(self, volume_id: str) -> set[str]:
+        """The pack objects of the volume's scope."""
+        scope = self.scope(volume_id)
         return {k for k in self.keys() if k.startswith(f"packs/{scope}/")}
 
     def read(self, volume_id: str, chunk_id: str) -> httpx.Response:
@@ -172,8 +183,11 @@ def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
     after = api.keys()
     (key,) = after - before
     match = PACK_KEY.fullmatch(key)
-    assert match is not None and match["scope"] == vid, key
-    assert not any(k.startswith(f"chunks/{vid}/") for k in after)  # nothing loose
+    assert match is not None, key
+    scope = match["scope"]
+    # The provider named the volume's scope: its account and random, not the volume's id.
+    assert scope != vid and re.fullmatch(r"[0-9a-z-]+\.[0-9a-f]{32}", scope), scope
+    assert not any(k.startswith("chunks/") for k in after - before)  # nothing loose
 
     # The object: the chunks in request order, each encrypted under the scope's key; a
     # plaintext chunk stored raw even where zstd would shrink it, a one-frame zstd chunk
@@ -188,7 +202,7 @@ def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
         OVERHEAD + len(short),
         OVERHEAD + len(noise),
     ]
-    scope_key = derive_key((api.data_dir / "master.key").read_bytes(), vid)
+    scope_key = derive_key((api.data_dir / "master.key").read_bytes(), scope)
     for (cid, offset, length), data in zip(index, datas, strict=True):
         info = check_chunk(obj[offset : offset + length])
         assert info.encrypted and info.plaintext_length == len(data)
@@ -223,7 +237,7 @@ def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
         "stored": [sha256_hex(more)],
         "present": [],
     }
-    assert api.pack_keys(copy) == set()
+    assert api.scope(copy) == api.scope(vid)
     assert len(api.pack_keys(vid)) == 2 and sha256_hex(more) in api.locations(vid)
     assert api.read(copy, sha256_hex(more)).content == more
 
@@ -413,8 +427,8 @@ def test_refused_packs_store_nothing(api: PackApi) -> None:
         assert conn.recv(65536).startswith(b"HTTP/1.1 413")
 
     assert api.keys() == before
-    for scope in (vid, big):
-        assert api.packs(scope) == {} and api.locations(scope) == {}
+    for volume in (vid, big):
+        assert api.packs(volume) == {} and api.locations(volume) == {}
     for data in (good, other):
         missing = api.read(vid, sha256_hex(data))
         assert missing.status_code == 404, missing.text

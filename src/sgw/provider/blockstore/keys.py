@@ -1,10 +1,14 @@
 """The provider's chunk keys: one master key on disk, one derived key per key scope.
 
 Chunks are encrypted at rest (AES-256-GCM, ``sgw.common.chunks``) with a key derived from
-the master key and the chunk's *key scope*: the id of the volume or snapshot that started
-the lineage (a volume made from a snapshot, and every snapshot of a volume, share the
-scope of where they came from, so no chunk is ever re-encrypted). Deriving instead of
-storing per-scope keys leaves exactly one secret to protect and back up.
+the master key and the chunk's *key scope*, the lineage's name (a volume made from a
+snapshot, and every snapshot of a volume, share the scope of where they came from, so no
+chunk is ever re-encrypted). The provider names every new lineage itself (``new_scope``:
+the account's id and 128 random bits), never after an id a caller chose, so no caller can
+put a volume into another tenant's scope; the account is in the key's derivation and in
+the objects' names through it. Lineages started before that keep the id of the volume or
+snapshot that started them. Deriving instead of storing per-scope keys leaves exactly one
+secret to protect and back up.
 
 The master key is ``DATA_DIR/master.key``: 32 random bytes, mode 0600, made at first
 start. Losing it makes every stored chunk unreadable; the provider refuses to make a new
@@ -32,6 +36,11 @@ MASTER_KEY_FILE = "master.key"
 MASTER_KEY_SIZE = 32
 # HKDF "info" prefix; the scope follows. Changing it changes every key: never do that.
 _INFO_PREFIX = b"sgw chunk key "
+
+
+def new_scope(account_id: str) -> str:
+    """A new lineage's key scope: ``<account id>.<32 random hex digits>``."""
+    return f"{account_id}.{secrets.token_hex(16)}"
 
 
 class KeyRing:

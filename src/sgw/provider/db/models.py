@@ -67,8 +67,10 @@ SEGMENT_FORMAT = 1
 # Longest names (accounts, gateways, volumes) and idempotency keys, in characters.
 NAME_MAX = 255
 KEY_MAX = 255
-# Longest key scope: scopes are the id of the volume or snapshot that started them.
-KEY_SCOPE_MAX = 36
+# Longest key scope: ``<account id>.<32 hex digits>`` (69 characters), made by the provider
+# for every new lineage (sgw.provider.blockstore.keys.new_scope); lineages started before
+# migration 0010 keep the id of the volume or snapshot that started them (36).
+KEY_SCOPE_MAX = 80
 # A raw 32-byte Ed25519 public key, or a SHA-256 digest, in hex.
 PUBLIC_KEY_HEX = 64
 DIGEST_HEX = 64
@@ -85,6 +87,10 @@ NAMING_CONVENTION = {
 
 # An integer primary key that autoincrements on both backends (SQLite only does so for
 # INTEGER PRIMARY KEY).
+# SQLite keeps the length the first schema declared (36) and does not enforce it; changing
+# a column's declared type there means copying the table, which would cascade to every row
+# that names a volume (migration 0010).
+_KEY_SCOPE = String(KEY_SCOPE_MAX).with_variant(String(36), "sqlite")
 _SERIAL = BigInteger().with_variant(Integer(), "sqlite")
 
 
@@ -202,7 +208,10 @@ class Volume(Base):
     map_version: Mapped[int] = mapped_column(BigInteger, default=0)
     # Which chunk key encrypts this volume's chunks, and the object-key prefix they live
     # under: the volume's own id, or that of the snapshot it was made from (see KeyRing).
-    key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX))
+    key_scope: Mapped[str] = mapped_column(_KEY_SCOPE)
+    # The snapshot the volume was made from (kept after that snapshot is deleted); None
+    # for an empty volume, and for every volume made before migration 0010.
+    source_snapshot_id: Mapped[str | None] = mapped_column(String(36))
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     # iSCSI access (sgw.common.iscsi; the initiators are in chap_credentials and
     # initiator_acls): the admin's open flag (any initiator, no authentication: labs), and
@@ -221,7 +230,7 @@ class GcGeneration(Base):
 
     __tablename__ = "gc_generations"
 
-    key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX), primary_key=True)
+    key_scope: Mapped[str] = mapped_column(_KEY_SCOPE, primary_key=True)
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
@@ -237,7 +246,7 @@ class ChunkPack(Base):
     __tablename__ = "chunk_packs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX), index=True)
+    key_scope: Mapped[str] = mapped_column(_KEY_SCOPE, index=True)
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     written: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
@@ -249,7 +258,7 @@ class ChunkLocation(Base):
 
     __tablename__ = "chunk_locations"
 
-    key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX), primary_key=True)
+    key_scope: Mapped[str] = mapped_column(_KEY_SCOPE, primary_key=True)
     chunk_id: Mapped[str] = mapped_column(String(DIGEST_HEX), primary_key=True)
     pack_id: Mapped[str] = mapped_column(
         ForeignKey("chunk_packs.id", ondelete="CASCADE"), index=True
@@ -315,7 +324,7 @@ class Snapshot(Base):
     map_version: Mapped[int | None] = mapped_column(BigInteger)
     description: Mapped[str | None] = mapped_column(String(NAME_MAX))
     # The key scope of its chunks: its volume's, its parent's, or its own id.
-    key_scope: Mapped[str] = mapped_column(String(KEY_SCOPE_MAX))
+    key_scope: Mapped[str] = mapped_column(_KEY_SCOPE)
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     completed: Mapped[datetime | None] = mapped_column(UtcDateTime())
     # The slot of its volume's snapshot schedule it was taken for (UTC); None for one
@@ -692,3 +701,16 @@ class GatewayUpdate(Base):
     received: Mapped[datetime | None] = mapped_column(UtcDateTime())
     now_version: Mapped[str | None] = mapped_column(String(64))
     now_set: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class RetiredId(Base):
+    """The id of a deleted volume or snapshot: never given to anything again (a caller
+    may choose a volume's or a snapshot's id; one that named something else, now or before,
+    is refused with the same answer as a taken one)."""
+
+    __tablename__ = "retired_ids"
+    __table_args__ = (CheckConstraint("kind IN ('volume', 'snapshot')", name="kind"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    retired: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

@@ -10,7 +10,8 @@ import uuid
 
 from sqlalchemy import delete, update
 
-from sgw.common.errors import NotFoundError, SnapshotStateError
+from sgw.common.errors import NameTakenError, NotFoundError, SnapshotStateError
+from sgw.provider.blockstore.keys import new_scope
 from sgw.provider.blockstore.maps.records import (
     DEFAULT_CHUNK_SIZE,
     ChunkChanges,
@@ -32,6 +33,7 @@ from sgw.provider.blockstore.maps.storage import (
     decode,
     delete_pointers,
     drop_orphans,
+    id_used,
     lock_snapshot,
     lock_volume,
     pointer_ids,
@@ -40,6 +42,7 @@ from sgw.provider.blockstore.maps.storage import (
 from sgw.provider.db.models import (
     SEGMENT_CHUNKS,
     Account,
+    RetiredId,
     Snapshot,
     SnapshotSegment,
     SnapshotStatus,
@@ -76,6 +79,10 @@ class SnapshotMaps(MapStorage):
             volume = lock_volume(s, volume_id)
             if snapshot_id is not None:
                 existing = s.get(Snapshot, snapshot_id)
+                if existing is None and id_used(s, snapshot_id):
+                    raise NameTakenError(
+                        f"snapshot id {snapshot_id} is not available: choose another (a new UUID)"
+                    )
                 if existing is not None:
                     if existing.volume_id != volume_id or (
                         map_version is not None and existing.map_version != map_version
@@ -125,14 +132,15 @@ class SnapshotMaps(MapStorage):
         """A pending snapshot to put chunks into (block API); its id.
 
         With a parent, it starts as a copy of the parent's map (incremental upload) and
-        shares the parent's key scope; without one it starts a key scope named by its id.
+        shares the parent's key scope; without one it starts a key scope of its own
+        (``new_scope``).
         """
         check_description(description)
         check_chunk_size(chunk_size)
         if volume_size <= 0:
             raise ValueError(f"snapshot volume size {volume_size} must be a positive number")
         snapshot_id = str(uuid.uuid4())
-        key_scope = snapshot_id
+        key_scope = new_scope(account_id)
         with self._sessions.begin() as s:
             if parent_snapshot_id is not None:
                 parent = lock_snapshot(s, parent_snapshot_id)
@@ -225,6 +233,7 @@ class SnapshotMaps(MapStorage):
             dropped = set(pointer_ids(s, owner).values())
             s.execute(delete_pointers(owner))
             s.execute(delete(Snapshot).where(Snapshot.id == snapshot_id))
+            s.add(RetiredId(id=snapshot_id, kind="snapshot", retired=utcnow()))
             drop_orphans(s, dropped)
         LOG.info("snapshot deleted", extra={"snapshot": snapshot_id})
 

@@ -38,6 +38,7 @@ from sgw.provider.db.models import (
     SEGMENT_CHUNKS,
     SEGMENT_FORMAT,
     MapSegment,
+    RetiredId,
     Snapshot,
     SnapshotSegment,
     Volume,
@@ -241,6 +242,12 @@ def snapshot_segments(
     if not rows or (volume_id is not None and rows[0][0].volume_id != volume_id):
         raise NotFoundError(f"snapshot {snapshot_id} not found")
     return rows[0][0], [(i, data) for _, i, data in rows if i is not None]
+
+
+def id_used(s: Session, id_: str) -> bool:
+    """True if ``id_`` names a volume or a snapshot, or named one that was deleted: a
+    caller-chosen id must name nothing else, now or before."""
+    return any(s.get(model, id_) is not None for model in (Volume, Snapshot, RetiredId))
 
 
 def lock_volume(s: Session, volume_id: str) -> Row[str, int, int, int, str]:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from sgw.common.errors import NameTakenError, NotFoundError, SnapshotStateError
 from sgw.common.names import VOLUME_NAME_HELP, is_volume_name
+from sgw.provider.blockstore.keys import new_scope
 from sgw.provider.blockstore.maps.records import (
     DEFAULT_CHUNK_SIZE,
     VolumeInfo,
@@ -25,6 +26,7 @@ from sgw.provider.blockstore.maps.storage import (
     copy_pointers,
     delete_pointers,
     drop_orphans,
+    id_used,
     lock_snapshot,
     lock_volume,
     pointer_ids,
@@ -34,6 +36,7 @@ from sgw.provider.db.models import (
     Account,
     CommitRecord,
     Gateway,
+    RetiredId,
     Snapshot,
     SnapshotSegment,
     SnapshotStatus,
@@ -76,7 +79,8 @@ class VolumeMaps(MapStorage):
         (``volume_id``, a UUID): asking again for the same volume returns it, so a retry
         after a lost reply does not fail or leave an orphan behind. Only the same request
         gets it back (account, gateway, name, size, mode, chunk size, snapshot or none);
-        any other is refused with ``UNAVAILABLE``, which says nothing of whose the id is.
+        any other is refused with ``UNAVAILABLE``, which says nothing of whose the id is,
+        and so is an id that names a snapshot or a deleted volume or snapshot.
         A volume on a gateway (``gateway_id``) is named by the gateway's rule
         (sgw.common.names); any other with 1 to NAME_MAX printable characters.
         """
@@ -124,6 +128,12 @@ class VolumeMaps(MapStorage):
         with self._sessions() as s:
             existing = s.get(Volume, volume_id)
             if existing is None:
+                if id_used(s, volume_id):
+                    LOG.info(
+                        "volume id refused: it names a snapshot or a deleted volume or snapshot",
+                        extra={"volume": volume_id, "account": request.account_id},
+                    )
+                    raise NameTakenError(UNAVAILABLE.format(volume_id=volume_id))
                 return None
             if not request.made(s, existing):
                 LOG.info(
@@ -183,7 +193,8 @@ class VolumeMaps(MapStorage):
                 chunk_size=chunk_size,
                 mode=r.mode.value,
                 map_version=0,
-                key_scope=volume_id if source is None else source.key_scope,
+                key_scope=new_scope(r.account_id) if source is None else source.key_scope,
+                source_snapshot_id=from_snapshot_id,
                 created=utcnow(),
             )
             s.add(volume)
@@ -211,6 +222,7 @@ class VolumeMaps(MapStorage):
             s.execute(delete_pointers(owner))
             s.execute(delete(CommitRecord).where(CommitRecord.volume_id == volume_id))
             s.execute(delete(Volume).where(Volume.id == volume_id))
+            s.add(RetiredId(id=volume_id, kind="volume", retired=utcnow()))
             drop_orphans(s, dropped)
         LOG.info("volume deleted", extra={"volume": volume_id})
 
@@ -240,8 +252,13 @@ class _Request:
         if self.chunk_size is not None and v.chunk_size != self.chunk_size:
             return False
         if self.from_snapshot_id is None:
-            return v.key_scope == v.id  # an empty volume has a key scope of its own
+            # An empty volume started a key scope of its own: named by the provider
+            # (``<account>.<random>``), or by its id before that.
+            return v.source_snapshot_id is None and (v.key_scope == v.id or "." in v.key_scope)
+        if v.source_snapshot_id is not None:
+            return v.source_snapshot_id == self.from_snapshot_id
+        # Made before volumes recorded their snapshot: it shares the snapshot's scope.
         source = s.get(Snapshot, self.from_snapshot_id)
         if source is None:  # deleted since: the volume still shares its key scope
-            return v.key_scope != v.id
+            return v.key_scope != v.id and "." not in v.key_scope
         return source.account_id == self.account_id and v.key_scope == source.key_scope
