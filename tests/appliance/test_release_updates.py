@@ -91,10 +91,16 @@ def agent_version(appliance: Appliance) -> str | None:
         return None
 
 
-def wait_state(appliance: Appliance, states: tuple[str, ...], version: str) -> dict[str, Any]:
+def wait_state(
+    appliance: Appliance, states: tuple[str, ...], version: str, after: str | None = None
+) -> dict[str, Any]:
+    """The appliance's status once its report for ``version`` is one of ``states`` and
+    newer than ``after`` (the last report before the update was asked for)."""
+
     def reached() -> bool:
         row = status(appliance)
-        return row.get("version") == version and row.get("state") in states
+        fresh = after is None or (row.get("last_report") or "") > after
+        return fresh and row.get("version") == version and row.get("state") in states
 
     try:
         wait_for(reached, UPDATE_TIMEOUT, what=f"the update to reach {states}")
@@ -157,8 +163,9 @@ def test_an_update_is_refused_when_tampered_and_applied_under_iscsi_io(
     try:
         loop.wait_runs(2)
         start = time.monotonic()
+        last = status(appliance)["last_report"]
         appliance.sgw_json("updates", "now", appliance.gateway_id)
-        done = wait_state(appliance, ("done", "failed", "refused"), version)
+        done = wait_state(appliance, ("done", "failed", "refused"), version, after=last)
         end = time.monotonic()
         loop.wait_runs(3)
     finally:
