@@ -513,7 +513,7 @@ def test_frames_inflating_past_the_chunk_size_or_the_pack_limit_are_refused(
     # The same through a single chunk PUT: refused, nothing stored.
     r = api.client.put(
         f"/v1/volumes/{vid}/chunks/{bombs[0].id}",
-        content=bombs[0].body,
+        content=bytes(bombs[0].body),
         headers={"content-encoding": "zstd", "x-sgw-sha256": bombs[0].id},
     )
     assert r.status_code == 413 and f"larger than {MIB} bytes" in r.json()["message"], r.text
