@@ -27,7 +27,7 @@ LOG = logging.getLogger(__name__)
 # Requests per second an account may send to one provider process unless the operator
 # set its rate: generous (a busy gateway sends a few hundred: chunk uploads, commits,
 # polls), so only a runaway or hostile client meets it.
-DEFAULT_RATE = 1000.0
+DEFAULT_RATE = 10000.0
 # The lowest rate the operator may set (requests per second): an account always gets
 # some requests through, to see why the rest are refused.
 MIN_RATE = 1.0
