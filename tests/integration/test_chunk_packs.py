@@ -67,7 +67,7 @@ def one_frame(data: bytes) -> PackedChunk:
 
 
 def two_frames(data: bytes) -> PackedChunk:
-    """The chunk as two concatenated zstd frames (inflated, then stored as plaintext)."""
+    """The chunk as two concatenated zstd frames (inflated, then compressed again)."""
     zc = zstandard.ZstdCompressor(level=1)
     half = len(data) // 2
     return PackedChunk(sha256_hex(data), zc.compress(data[:half]) + zc.compress(data[half:]), True)
@@ -191,14 +191,15 @@ def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
 
     # The object: the chunks in request order, each encrypted under the scope's key; a
     # plaintext chunk stored raw even where zstd would shrink it, a one-frame zstd chunk
-    # stored as that frame, a multi-frame one inflated and stored raw.
+    # stored as that frame, a multi-frame one inflated and compressed again (one frame).
     obj = api.raw(key)
     index = read_index(obj)
     assert [c for c, _, _ in index] == ids
+    recompressed = zstandard.ZstdCompressor(level=3).compress(multi)
     assert [n for _, _, n in index] == [
         OVERHEAD + len(compressible),
         OVERHEAD + len(sent[1].body),
-        OVERHEAD + len(multi),
+        OVERHEAD + len(recompressed),
         OVERHEAD + len(short),
         OVERHEAD + len(noise),
     ]
@@ -206,7 +207,7 @@ def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
     for (cid, offset, length), data in zip(index, datas, strict=True):
         info = check_chunk(obj[offset : offset + length])
         assert info.encrypted and info.plaintext_length == len(data)
-        assert info.compressed == (cid == sha256_hex(framed))
+        assert info.compressed == (cid in (sha256_hex(framed), sha256_hex(multi)))
         assert decode_chunk(obj[offset : offset + length], scope_key, expected_id=cid) == data
     assert compressible[:32] not in obj and noise[:32] not in obj
     # The rows: one written pack of the object's size, a location per chunk as indexed.
@@ -450,6 +451,98 @@ def test_a_pack_of_exactly_the_data_limit_is_stored(api: PackApi) -> None:
     for h in halves:
         got = api.read(big, sha256_hex(h))
         assert got.status_code == 200 and len(got.content) == len(h) and got.content == h
+
+
+def frames_of(data: bytes, n: int) -> bytes:
+    """``data`` as ``n`` concatenated zstd frames."""
+    zc = zstandard.ZstdCompressor(level=1)
+    step = -(-len(data) // n)
+    return b"".join(zc.compress(data[i : i + step]) for i in range(0, len(data), step))
+
+
+def test_a_pack_of_multi_frame_chunks_is_stored_compressed(api: PackApi) -> None:
+    # The amplification attack: 64 chunks of 1 MiB, each a few dozen bytes of zstd in
+    # several frames, so a few KB on the wire. Once inflated they were stored raw (64 MiB
+    # in the store); now each is compressed again, and the work is bounded by the pack's
+    # data limit (MAX_PACK_DATA: exactly reached here, so the pack is accepted).
+    vid = api.volume(size=64 * MIB, chunk_size=MIB)["id"]
+    datas = [bytes([i + 1]) * MIB for i in range(MAX_PACK_CHUNKS)]
+    assert sum(map(len, datas)) == MAX_PACK_DATA
+    sent = [PackedChunk(sha256_hex(d), frames_of(d, 4), True) for d in datas]
+    body = encode_pack(sent)
+    assert len(body) < 16 * 1024  # what the attacker sends
+    before = api.keys()
+
+    r = api.post_pack(vid, body)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"stored": [c.id for c in sent], "present": []}
+    (key,) = api.keys() - before
+    obj = api.raw(key)
+    assert len(obj) < 64 * 1024, len(obj)  # stored compressed: not 64 MiB
+    index = read_index(obj)
+    assert [c for c, _, _ in index] == [c.id for c in sent]
+    for cid, offset, length in index:
+        info = check_chunk(obj[offset : offset + length])
+        assert info.compressed and info.plaintext_length == MIB, cid
+    for i in (0, MAX_PACK_CHUNKS - 1):  # the read path returns the same bytes
+        got = api.read(vid, sha256_hex(datas[i]))
+        assert got.status_code == 200 and got.content == datas[i]
+
+
+def test_frames_inflating_past_the_chunk_size_or_the_pack_limit_are_refused(
+    api: PackApi,
+) -> None:
+    vid = api.volume(size=64 * MIB, chunk_size=MIB)["id"]
+    big = api.volume(size=128 * MIB, chunk_size=2 * MIB)["id"]
+    ok = content("amp-ok")
+    # Frames that each declare little but together inflate past the chunk size.
+    bomb = bytes(MIB) + b"\x01"
+    bombs = [PackedChunk(sha256_hex(bomb), frames_of(bomb, 8), True)]
+    # 33 chunks of 2 MiB: 66 MiB, past the pack's data limit; the last is refused before
+    # it is inflated (nothing of the pack's budget is left for it).
+    over = [bytes([i + 1]) * (2 * MIB) for i in range(33)]
+    before = api.keys()
+
+    r = api.post_pack(vid, [plain(ok), *bombs])
+    assert r.status_code == 413, r.text
+    assert r.json()["error"] == "payload_too_large"
+    assert f"chunk 1 of the pack ({bombs[0].id}) is larger than {MIB} bytes" in r.json()["message"]
+    r = api.post_pack(big, [PackedChunk(sha256_hex(d), frames_of(d, 2), True) for d in over])
+    assert r.status_code == 413, r.text
+    assert f"more than {MAX_PACK_DATA} bytes of data; send fewer chunks" in r.json()["message"]
+    # The same through a single chunk PUT: refused, nothing stored.
+    r = api.client.put(
+        f"/v1/volumes/{vid}/chunks/{bombs[0].id}",
+        content=bytes(bombs[0].body),
+        headers={"content-encoding": "zstd", "x-sgw-sha256": bombs[0].id},
+    )
+    assert r.status_code == 413 and f"larger than {MIB} bytes" in r.json()["message"], r.text
+    assert api.keys() == before
+    assert api.packs(vid) == {} and api.packs(big) == {}
+
+
+def test_a_frame_asking_for_a_huge_window_is_refused(api: PackApi) -> None:
+    # A frame that declares no content size and a 128 MiB window: the decoder would
+    # reserve the window; the provider caps it (docs/block-api.md, "Limits").
+    vid = api.volume(size=64 * MIB, chunk_size=MIB)["id"]
+    data = content("amp-window")
+    params = zstandard.ZstdCompressionParameters.from_level(
+        3, window_log=27, write_content_size=False
+    )
+    stream = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    body = stream.compress(data) + stream.flush()
+    before = api.keys()
+    r = api.post_pack(vid, [PackedChunk(sha256_hex(data), body, True)])
+    assert r.status_code == 400 and "not valid zstd" in r.json()["message"], r.text
+    assert "too much memory" in r.json()["message"]
+    assert api.keys() == before
+    # The same data in a frame with an ordinary window is stored (compressed).
+    params = zstandard.ZstdCompressionParameters.from_level(3, write_content_size=False)
+    stream = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    r = api.post_pack(
+        vid, [PackedChunk(sha256_hex(data), stream.compress(data) + stream.flush(), True)]
+    )
+    assert r.status_code == 200 and r.json()["stored"] == [sha256_hex(data)], r.text
 
 
 @pytest.mark.parametrize("store", ["dir", "s3"])

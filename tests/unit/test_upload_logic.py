@@ -92,7 +92,7 @@ def test_classification() -> None:
     assert not is_retryable(ValueError())
 
 
-@pytest.mark.parametrize("failure", ["503", "connect", "timeout", "broken"])
+@pytest.mark.parametrize("failure", ["503", "429", "connect", "timeout", "broken"])
 def test_5xx_timeouts_and_broken_connections_are_retried(failure: str) -> None:
     calls: list[httpx.Request] = []
 
@@ -101,6 +101,8 @@ def test_5xx_timeouts_and_broken_connections_are_retried(failure: str) -> None:
         if len(calls) < 3:
             if failure == "503":
                 return httpx.Response(503, json={"error": "busy", "message": "try later"})
+            if failure == "429":  # the account's rate quota: it refills
+                return httpx.Response(429, json={"error": "rate_limited", "message": "wait"})
             if failure == "connect":
                 raise httpx.ConnectError("refused", request=request)
             if failure == "timeout":

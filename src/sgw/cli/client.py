@@ -151,6 +151,11 @@ class ApiClient:
         """A new account and its first token (operator only)."""
         return cast(NewAccount, self._call("POST", "/v1/accounts", {"name": name}))
 
+    def set_quotas(self, account_id: str, quotas: dict[str, int | float | None]) -> dict[str, Any]:
+        """Sets the account's quotas named in ``quotas`` (None lifts one; operator only)."""
+        path = f"/v1/accounts/{account_id}/quotas"
+        return cast(dict[str, Any], self._call("PATCH", path, quotas))
+
     def list_tokens(self) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], self._call("GET", "/v1/tokens"))
 

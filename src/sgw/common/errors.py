@@ -149,6 +149,20 @@ class ForbiddenError(RequestError):
     calling an admin endpoint."""
 
 
+class QuotaExceededError(ForbiddenError):
+    """The account's quota (volumes, provisioned bytes) does not allow the call (a 403);
+    the message names the quota, its value and how the operator raises it."""
+
+
+class RateLimitedError(RequestError):
+    """The account sent more requests per second than its rate quota allows (a 429);
+    ``retry_after`` is when a request will be accepted again (seconds)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ActivationKeyError(RequestError):
     """An activation key is malformed, forged, expired or already used."""
 

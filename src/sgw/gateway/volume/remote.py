@@ -320,7 +320,7 @@ def _error(resp: httpx.Response, what: str) -> RemoteError:
     text = f"{what}: the provider answered {status}: {message}"
     if status == 401:
         text += " (start the provider with --insecure-dev until tokens exist)"
-    if status >= 500:
+    if status >= 500 or status == 429:  # 429: the account's rate quota refills; retry
         return RemoteUnavailableError(text, status=status, code=code)
     if status == 409:
         return RemoteConflictError(text, status=status, code=code)

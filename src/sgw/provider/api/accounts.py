@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sgw.provider.api.auth import AdminPrincipal, OperatorPrincipal
 from sgw.provider.api.blocks import ErrorOut
+from sgw.provider.auth.rates import DEFAULT_RATE, MIN_RATE, RateLimiter
 from sgw.provider.management.accounts import AccountInfo, Accounts, TokenInfo
 
 
@@ -23,10 +24,40 @@ class AccountOut(BaseModel):
     name: str
     operator: bool
     created: datetime
+    quota_volumes: int | None = Field(description="most volumes; null: unlimited")
+    quota_bytes: int | None = Field(
+        description="most provisioned bytes (sum of volume sizes); null: unlimited"
+    )
+    quota_rate: float | None = Field(
+        description=f"most requests per second per provider process; null: {DEFAULT_RATE:g}"
+    )
 
     @classmethod
     def of(cls, a: AccountInfo) -> AccountOut:
-        return cls(id=a.id, name=a.name, operator=a.operator, created=a.created)
+        q = a.quotas
+        return cls(
+            id=a.id,
+            name=a.name,
+            operator=a.operator,
+            created=a.created,
+            quota_volumes=q.volumes,
+            quota_bytes=q.bytes,
+            quota_rate=q.rate,
+        )
+
+
+class QuotasIn(BaseModel):
+    """Quotas to set; a field left out stays as it is, null lifts it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    volumes: int | None = Field(None, ge=0, description="most volumes; null: unlimited")
+    bytes: int | None = Field(None, ge=0, description="most provisioned bytes; null: unlimited")
+    rate: float | None = Field(
+        None,
+        ge=MIN_RATE,
+        description="most requests per second per provider process; null: the default",
+    )
 
 
 class AccountCreate(BaseModel):
@@ -89,6 +120,19 @@ def create_account(body: AccountCreate, _principal: OperatorPrincipal, repo: Rep
     record, token = repo.create_token(account.id, "initial")
     new = NewToken(**TokenOut.of(record).model_dump(), token=token)
     return NewAccount(account=AccountOut.of(account), token=new)
+
+
+@router.patch("/accounts/{account_id}/quotas", responses=errors(400, 404, 422))
+def set_quotas(
+    account_id: str, body: QuotasIn, _principal: OperatorPrincipal, repo: Repo, request: Request
+) -> AccountOut:
+    """Sets an account's quotas (operator only; docs/provider.md, "Quotas")."""
+    changes = {field: getattr(body, field) for field in body.model_fields_set}
+    account = repo.set_quotas(account_id, changes)
+    if "rate" in changes:  # this process at once; the others at their next refresh
+        rates: RateLimiter = request.app.state.rates
+        rates.set_rate(account_id, account.quotas.rate)
+    return AccountOut.of(account)
 
 
 @router.get("/tokens", responses=errors())

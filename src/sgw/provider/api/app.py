@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import ssl
 import uuid
@@ -34,6 +35,8 @@ from sgw.common.errors import (
     NotFoundError,
     ObjectStoreError,
     PayloadTooLargeError,
+    QuotaExceededError,
+    RateLimitedError,
     SgwError,
     StoredChunkError,
     UnauthenticatedError,
@@ -83,6 +86,8 @@ LOG = logging.getLogger(__name__)
 # Our exceptions -> (HTTP status, error code); the first match in order wins.
 _STATUS: list[tuple[type[SgwError], int, str]] = [
     (UnauthenticatedError, 401, "unauthenticated"),
+    (QuotaExceededError, 403, "quota_exceeded"),
+    (RateLimitedError, 429, "rate_limited"),
     (ForbiddenError, 403, "forbidden"),
     (ActivationKeyError, 400, "activation_key_invalid"),
     (AlreadyActivatedError, 409, "already_activated"),
@@ -188,6 +193,7 @@ def create_app(config: ProviderConfig) -> FastAPI:
     app.state.config = config
     app.state.blocks = service
     app.state.accounts = account_repo
+    app.state.rates = authenticator.rates
     app.state.gateways = gateway_repo
     app.state.volume_settings = settings
     app.state.control = hub
@@ -249,6 +255,8 @@ def error_response(exc: SgwError, path: str) -> JSONResponse:
         LOG.error("request failed", exc_info=exc, extra={"path": path})
         return _error(500, "internal", "internal error; see the provider's log")
     headers = {"WWW-Authenticate": 'Bearer realm="sgw"'} if status == 401 else None
+    if isinstance(exc, RateLimitedError):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     message = str(exc)
     if status >= 500:
         LOG.error("request failed", exc_info=exc, extra={"path": path})

@@ -32,6 +32,7 @@ import contextlib
 import enum
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -51,10 +52,12 @@ from sgw.common.errors import (
     DatabaseError,
     ForbiddenError,
     NotFoundError,
+    RateLimitedError,
     UnauthenticatedError,
 )
 from sgw.provider.auth.nonces import NonceLedger
 from sgw.provider.auth.nonces import expiry as nonce_expiry
+from sgw.provider.auth.rates import RateLimiter
 from sgw.provider.db.models import Account, GatewayStatus
 from sgw.provider.management.accounts import TOKEN_PREFIX, Accounts, token_hash
 from sgw.provider.management.gateways import DEACTIVATED_POLL_S, GatewayKey, Gateways
@@ -139,6 +142,8 @@ class Authenticator:
         self._revocations = accounts.revocations
         self._task: asyncio.Task[None] | None = None
         self._flushing = False  # last-seen times being written in a worker thread
+        # The request rate quota of each account, in memory (sgw.provider.auth.rates).
+        self.rates = RateLimiter()
 
     # Lifecycle (the event loop's helpers)
 
@@ -168,6 +173,13 @@ class Authenticator:
         if dropped:
             LOG.info("deactivated gateways refused from now", extra={"gateways": dropped[:20]})
         self.gateways.flush_seen()
+        self.rates.replace(self.accounts.rate_quotas())
+
+    def throttle(self, principal: Principal) -> None:
+        """Counts an authenticated request against its account's rate quota;
+        RateLimitedError (429) past it. In memory: no database query per request."""
+        if principal.account_id and principal.kind in (Kind.TOKEN, Kind.GATEWAY):
+            self.rates.take(principal.account_id)
 
     # API tokens
 
@@ -399,6 +411,11 @@ class AuthMiddleware:
         except UnauthenticatedError as exc:
             await refuse(scope, send, exc)
             return
+        try:
+            self.auth.throttle(principal)
+        except RateLimitedError as exc:
+            await throttled(scope, send, exc)
+            return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
 
@@ -416,6 +433,13 @@ async def refuse(scope: Scope, send: Send, exc: UnauthenticatedError) -> None:
         },
     )
     await reply(scope, send, 401, "unauthenticated", str(exc))
+
+
+async def throttled(scope: Scope, send: Send, exc: RateLimitedError) -> None:
+    """Answers 429 naming the quota, with Retry-After; the body is not read further."""
+    LOG.info("request refused: %s", exc, extra={"method": scope["method"], "path": scope["path"]})
+    retry = str(max(1, math.ceil(exc.retry_after)))
+    await reply(scope, send, 429, "rate_limited", str(exc), headers={"Retry-After": retry})
 
 
 class BodyTooLarge(HTTPException):
@@ -465,10 +489,19 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def reply(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+async def reply(
+    scope: Scope,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+) -> None:
     """Answers with our error document (``{"error", "message"}``) and ``status``; the
     request's body is not read."""
-    headers = {"WWW-Authenticate": 'Bearer realm="sgw"'} if status == 401 else None
+    if status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="sgw"'}
     response = JSONResponse({"error": code, "message": message}, status, headers=headers)
 
     async def nothing() -> Message:

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sgw.common import signing
-from sgw.common.errors import SgwError, UnauthenticatedError
+from sgw.common.errors import RateLimitedError, SgwError, UnauthenticatedError
 from sgw.provider.api.auth import (
     SIGNED_HEADER,
     Authenticator,
@@ -45,6 +45,7 @@ from sgw.provider.api.auth import (
     refuse,
     replay,
     reply,
+    throttled,
 )
 from sgw.provider.api.control import (
     MAX_WAIT_S,
@@ -129,6 +130,10 @@ class LeanControl:
             return await refuse(scope, send, exc)
         except BodyTooLarge as exc:  # more than Content-Length said: uvicorn prevents it
             return await reply(scope, send, 413, "payload_too_large", str(exc.detail))
+        try:
+            self.auth.throttle(principal)
+        except RateLimitedError as exc:
+            return await throttled(scope, send, exc)
         if principal.kind is Kind.GATEWAY and principal.gateway_id is not None:
             try:
                 if await handler(scope, receive, send, principal, body):
@@ -172,6 +177,10 @@ class LeanControl:
             principal = await self.auth.bearer_async(header[7:].strip())
         except UnauthenticatedError as exc:
             return await refuse(scope, send, exc)
+        try:
+            self.auth.throttle(principal)
+        except RateLimitedError as exc:
+            return await throttled(scope, send, exc)
         try:
             body = await read_body(receive, limit)
         except BodyTooLarge as exc:  # more than Content-Length said: uvicorn prevents it

@@ -116,8 +116,14 @@ REFRESH_AGE = 3600.0
 # Tries of a block put whose chunk garbage collection removed between store and record
 # (and of a chunk pack whose row it removed before the pack was finished).
 _PUT_BLOCK_TRIES = 3
-# Most bytes of chunk data in one chunk pack request (their plaintext, summed).
+# Most bytes of chunk data in one chunk pack request (their plaintext, summed): also the
+# most zstd output one pack request may make the provider inflate, hash and compress.
 MAX_PACK_DATA = 64 << 20
+# The window a zstd frame of a chunk body may need (bytes): the chunk size rounded up to
+# a power of two, at least zstd's level-19 streaming window (8 MiB, for clients that
+# compress without declaring the size), at most MAX_CHUNK_SIZE's.
+_MIN_WINDOW = 8 << 20
+_MAX_WINDOW = 64 << 20
 # Packed chunk locations cached per process.
 _LOCATIONS_MAX = 1 << 18
 
@@ -266,20 +272,32 @@ class BlockService:
         already (stored within ``REFRESH_AGE``) are not stored again.
         """
         volume = self.get_volume(account, volume_id)
-        checked: list[tuple[str, BytesLike, BytesLike | None]] = []
+        checked: list[_Checked] = []
         total = 0
         for i, chunk in enumerate(decode_pack(body)):
             what = f"chunk {i} of the pack ({chunk.id})"
-            if any(chunk.id == c for c, _, _ in checked):
+            if any(chunk.id == c.id for c in checked):
                 raise BadRequestError(f"{what} is in the pack twice; send each chunk once")
-            data, frame = _checked_body(volume, chunk.id, chunk.body, zstd=chunk.zstd, what=what)
+            # The pack's inflated total is bounded before this chunk is inflated: at most
+            # MAX_PACK_DATA bytes of zstd output per request, whatever its frames claim.
+            limit = min(volume.chunk_size, MAX_PACK_DATA - total)
+            if limit <= 0:
+                raise pack_too_large()
+            try:
+                data, frame = _checked_body(
+                    volume, chunk.id, chunk.body, zstd=chunk.zstd, what=what, inflate_limit=limit
+                )
+            except PayloadTooLargeError:
+                if limit < volume.chunk_size:  # the pack's bound, not the chunk's
+                    raise pack_too_large() from None
+                raise
             total += len(data)
             if total > MAX_PACK_DATA:
-                raise PayloadTooLargeError(
-                    f"chunk pack holds more than {MAX_PACK_DATA} bytes of data; send fewer "
-                    "chunks per pack"
-                )
-            checked.append((chunk.id, data, frame))
+                raise pack_too_large()
+            # A zstd chunk that is not one frame declaring its size was inflated: it is
+            # compressed again (one frame), so a few bytes on the wire never become a
+            # chunk's size in the store. A plaintext chunk is stored as sent (see below).
+            checked.append(_Checked(chunk.id, data, frame, recompress=chunk.zstd and not frame))
         return self._store_pack(volume.key_scope, checked)
 
     def get_chunk(self, account: str, volume_id: str, chunk_id: str) -> bytes:
@@ -530,12 +548,10 @@ class BlockService:
         )
         return info is None or damaged
 
-    def _store_pack(
-        self, scope: str, chunks: list[tuple[str, BytesLike, BytesLike | None]]
-    ) -> PackStored:
-        """Stores checked chunks ``(id, plaintext, zstd frame or None)`` of a scope in one
-        pack object, leaving out those packed there recently (see ``packs``)."""
-        ids = [c for c, _, _ in chunks]
+    def _store_pack(self, scope: str, chunks: list[_Checked]) -> PackStored:
+        """Stores checked chunks of a scope in one pack object, leaving out those packed
+        there recently (see ``packs``)."""
+        ids = [c.id for c in chunks]
         for attempt in range(1, _PUT_BLOCK_TRIES + 1):
             fresh_after = utcnow() - timedelta(seconds=REFRESH_AGE)
             pack_id, new = self.maps.packs.begin(scope, ids, fresh_after)
@@ -545,9 +561,9 @@ class BlockService:
             # A chunk sent as plaintext is stored as such: the gateway sends every chunk
             # that compresses as zstd, so trying again would only cost CPU.
             payloads = [
-                (c, prepare_payload(data, frame=frame, compress=False))
-                for c, data, frame in chunks
-                if c in wanted
+                (c.id, prepare_payload(c.data, frame=c.frame, compress=c.recompress))
+                for c in chunks
+                if c.id in wanted
             ]
             obj, entries = encode_pack(payloads, self.keys.key(scope))
             try:
@@ -706,6 +722,17 @@ class BlockService:
         return list(self._pool.map(self.store.exists, keys))
 
 
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A chunk of a pack, checked (``_checked_body``): its plaintext, the zstd frame to
+    store as its payload (or None) and whether to compress the plaintext again."""
+
+    id: str
+    data: BytesLike
+    frame: BytesLike | None
+    recompress: bool
+
+
 def _checked_body(
     volume: VolumeInfo,
     chunk_id: str,
@@ -714,17 +741,23 @@ def _checked_body(
     zstd: bool,
     what: str,
     body_sha256: str | None = None,
+    inflate_limit: int | None = None,
 ) -> tuple[BytesLike, BytesLike | None]:
     """A chunk body checked for the volume: its plaintext, and the body itself if that is
-    one zstd frame declaring its size (stored as sent); see ``BlockService.put_chunk``."""
+    one zstd frame declaring its size (stored as sent); see ``BlockService.put_chunk``.
+
+    A zstd body inflates to at most ``inflate_limit`` bytes (default: the chunk size),
+    however many frames it holds and whatever they declare; past it, PayloadTooLargeError.
+    """
     if len(body) > (zstd_bound(volume.chunk_size) if zstd else volume.chunk_size):
         raise body_too_large(what, volume.chunk_size)
+    limit = volume.chunk_size if inflate_limit is None else inflate_limit
     frame: BytesLike | None = None
     data = body
     if zstd:
-        inflated = inflate_frame(body, volume.chunk_size)
+        inflated = inflate_frame(body, limit)
         if inflated is None:
-            data = inflate_body(body, volume.chunk_size, what)
+            data = inflate_body(body, limit, what)
         else:
             data, frame = inflated, body
     if len(data) > volume.chunk_size:
@@ -748,7 +781,11 @@ def inflate_body(body: BytesLike, limit: int, what: str) -> bytes:
     than ``limit`` bytes of output (PayloadTooLargeError) and invalid zstd (400)."""
     out = bytearray()
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
+        # The window a frame may ask for is capped too: a frame that declares no content
+        # size makes the decoder allocate its window, up to 128 MiB by zstd's default.
+        window = max(_MIN_WINDOW, 1 << max(limit - 1, 1).bit_length())
+        decompressor = zstandard.ZstdDecompressor(max_window_size=min(window, _MAX_WINDOW))
+        reader = decompressor.stream_reader(body, read_across_frames=True)
         with reader:
             while piece := reader.read(limit + 1 - len(out)):
                 out += piece
@@ -778,6 +815,13 @@ def zstd_bound(size: int) -> int:
     """The most bytes a zstd stream of ``size`` bytes of data may take (with framing)."""
     small = ((128 << 10) - size) >> 11 if size < (128 << 10) else 0
     return size + (size >> 8) + small + _ZSTD_FRAMING
+
+
+def pack_too_large() -> PayloadTooLargeError:
+    """The refusal of a pack whose chunks inflate past MAX_PACK_DATA (413)."""
+    return PayloadTooLargeError(
+        f"chunk pack holds more than {MAX_PACK_DATA} bytes of data; send fewer chunks per pack"
+    )
 
 
 def body_too_large(what: str, limit: int) -> PayloadTooLargeError:

@@ -154,6 +154,12 @@ class Account(Base):
     created: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     # The provider's operator account (made by ``sgw provider init``) may create accounts.
     operator: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Quotas the operator sets (``sgw accounts quota-set``; docs/provider.md, "Quotas"):
+    # most volumes, most provisioned bytes (sum of volume sizes), most requests per second
+    # per provider process. None: unlimited (volumes, bytes), the default rate (rate).
+    quota_volumes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    quota_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    quota_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Gateway(Base):

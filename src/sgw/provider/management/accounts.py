@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sgw.common.errors import BadRequestError, NameTakenError, NotFoundError
+from sgw.provider.auth.rates import MIN_RATE
 from sgw.provider.db.models import NAME_MAX, Account, ApiToken, utcnow
 
 LOG = logging.getLogger(__name__)
@@ -28,6 +30,21 @@ TOKEN_PREFIX = "sgw_"
 # A token's last-use time is written at most this often (seconds): it is for humans
 # auditing tokens, not worth a database write per request.
 LAST_USED_EVERY_S = 60.0
+# Quota fields of the API -> the account's columns.
+_QUOTA_FIELDS = {"volumes": "quota_volumes", "bytes": "quota_bytes", "rate": "quota_rate"}
+# The largest quota value: what a 64-bit column holds.
+_QUOTA_MAX = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """An account's quotas (docs/provider.md, "Quotas"): most volumes, most provisioned
+    bytes (sum of volume sizes), most requests per second per provider process. None:
+    unlimited volumes or bytes, the default rate."""
+
+    volumes: int | None = None
+    bytes: int | None = None
+    rate: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +53,7 @@ class AccountInfo:
     name: str
     operator: bool
     created: datetime
+    quotas: Quotas = Quotas()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +117,38 @@ class Accounts:
     def list_accounts(self) -> list[AccountInfo]:
         with self._sessions() as s:
             return [_account(a) for a in s.scalars(select(Account).order_by(Account.created))]
+
+    def set_quotas(self, account_id: str, changes: Mapping[str, int | float | None]) -> AccountInfo:
+        """Sets the quotas named in ``changes`` (``volumes``, ``bytes``, ``rate``; None
+        lifts one); the others stay. Quotas already exceeded refuse only new volumes."""
+        for field, value in changes.items():
+            if field not in _QUOTA_FIELDS:
+                raise BadRequestError(f"unknown quota {field!r}: use volumes, bytes or rate")
+            low = MIN_RATE if field == "rate" else 0
+            if value is not None and not low <= value <= _QUOTA_MAX:
+                raise BadRequestError(
+                    f"{field} quota {value}: give {low:g} to {_QUOTA_MAX}, or null to lift it"
+                )
+        with self._sessions.begin() as s:
+            account = s.get(Account, account_id, with_for_update=True)
+            if account is None:
+                raise NotFoundError(f"account {account_id} not found")
+            for field, value in changes.items():
+                setattr(account, _QUOTA_FIELDS[field], value)
+            info = _account(account)
+        LOG.info(
+            "account quotas set",
+            extra={"account": account_id, "quotas": {k: changes[k] for k in sorted(changes)}},
+        )
+        return info
+
+    def rate_quotas(self) -> dict[str, float]:
+        """The accounts whose request rate the operator set, with that rate."""
+        with self._sessions() as s:
+            rows = s.execute(
+                select(Account.id, Account.quota_rate).where(Account.quota_rate.is_not(None))
+            )
+            return {account_id: float(rate) for account_id, rate in rows if rate is not None}
 
     def has_operator(self) -> bool:
         """True once ``sgw provider init`` made the operator account."""
@@ -166,7 +216,8 @@ class Accounts:
 
 
 def _account(a: Account) -> AccountInfo:
-    return AccountInfo(a.id, a.name, bool(a.operator), a.created)
+    quotas = Quotas(a.quota_volumes, a.quota_bytes, a.quota_rate)
+    return AccountInfo(a.id, a.name, bool(a.operator), a.created, quotas)
 
 
 def _token(t: ApiToken) -> TokenInfo:

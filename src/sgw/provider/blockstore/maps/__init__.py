@@ -29,6 +29,7 @@ from sgw.provider.blockstore.maps.commits import MapCommits
 from sgw.provider.blockstore.maps.records import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
+    MAX_VOLUME_SIZE,
     MIN_CHUNK_SIZE,
     ChunkChanges,
     ChunkCheck,
@@ -43,6 +44,7 @@ from sgw.provider.db.models import SnapshotStatus, VolumeMode
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_CHUNK_SIZE",
+    "MAX_VOLUME_SIZE",
     "MIN_CHUNK_SIZE",
     "ChunkChanges",
     "ChunkCheck",

@@ -22,6 +22,10 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 # write's upload cheap, large enough to keep maps small.
 MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 64 << 20
+# The largest volume (and block API snapshot) in bytes: 64 TiB, what one volume of the
+# largest common SAN arrays holds; 2**26 map entries at 1 MiB chunks. Bounds what one
+# create may cost (the map's segments, a restore's tree, a listing's pages).
+MAX_VOLUME_SIZE = 64 << 40
 _CHUNK_ID = re.compile(r"[0-9a-f]{64}")
 
 # Changes to a map: chunk index -> new chunk id, or None for "all zero now".
@@ -137,6 +141,15 @@ def check_indexes(name: str, size: int, chunk_size: int, indexes: Iterable[int])
         raise ValueError(
             f"{name} has chunks 0 to {count - 1} ({size} bytes in {chunk_size}-byte chunks); "
             f"chunk index {min(bad)} is out of range"
+        )
+
+
+def check_volume_size(size: int, what: str) -> None:
+    """ValueError unless ``size`` is 1 to MAX_VOLUME_SIZE bytes."""
+    if not 0 < size <= MAX_VOLUME_SIZE:
+        raise ValueError(
+            f"{what}: size {size} must be a positive number of bytes, at most "
+            f"{MAX_VOLUME_SIZE} (64 TiB, the provider's limit)"
         )
 
 

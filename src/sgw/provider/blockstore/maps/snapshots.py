@@ -21,6 +21,7 @@ from sgw.provider.blockstore.maps.records import (
     check_description,
     check_indexes,
     check_uuid,
+    check_volume_size,
     parse_changes,
     snapshot_info,
 )
@@ -137,8 +138,7 @@ class SnapshotMaps(MapStorage):
         """
         check_description(description)
         check_chunk_size(chunk_size)
-        if volume_size <= 0:
-            raise ValueError(f"snapshot volume size {volume_size} must be a positive number")
+        check_volume_size(volume_size, "snapshot volume")
         snapshot_id = str(uuid.uuid4())
         key_scope = new_scope(account_id)
         with self._sessions.begin() as s:

@@ -6,11 +6,16 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from sgw.common.errors import NameTakenError, NotFoundError, SnapshotStateError
+from sgw.common.errors import (
+    NameTakenError,
+    NotFoundError,
+    QuotaExceededError,
+    SnapshotStateError,
+)
 from sgw.common.names import VOLUME_NAME_HELP, is_volume_name
 from sgw.provider.blockstore.keys import new_scope
 from sgw.provider.blockstore.maps.records import (
@@ -18,6 +23,7 @@ from sgw.provider.blockstore.maps.records import (
     VolumeInfo,
     check_chunk_size,
     check_uuid,
+    check_volume_size,
     volume_info,
 )
 from sgw.provider.blockstore.maps.storage import (
@@ -101,8 +107,7 @@ class VolumeMaps(MapStorage):
             found = self._made_before(request, volume_id)
             if found is not None:
                 return found
-        if size <= 0:
-            raise ValueError(f"volume {name!r}: size {size} must be a positive number of bytes")
+        check_volume_size(size, f"volume {name!r}")
         try:
             info = self._insert(request, volume_id)
         except IntegrityError as e:
@@ -170,8 +175,12 @@ class VolumeMaps(MapStorage):
                     )
             chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
             check_chunk_size(chunk_size)
-            if s.get(Account, r.account_id) is None:
+            # Locked (PostgreSQL): creates of one account are serialised, so two of them
+            # cannot both pass its quotas (SQLite serialises every writer anyway).
+            account = s.get(Account, r.account_id, with_for_update=True)
+            if account is None:
                 raise NotFoundError(f"account {r.account_id} does not exist")
+            _check_quotas(s, account, r.size)
             if r.gateway_id is not None:
                 gateway = s.get(Gateway, r.gateway_id)
                 if gateway is None or gateway.account_id != r.account_id:
@@ -262,3 +271,28 @@ class _Request:
         if source is None:  # deleted since: the volume still shares its key scope
             return v.key_scope != v.id and "." not in v.key_scope
         return source.account_id == self.account_id and v.key_scope == source.key_scope
+
+
+def _check_quotas(s: Session, account: Account, size: int) -> None:
+    """QuotaExceededError if a new volume of ``size`` bytes would take the account past
+    its volume or provisioned-bytes quota (docs/provider.md, "Quotas")."""
+    fix = f"`sgw accounts quota-set {account.id}"
+    if account.quota_volumes is not None:
+        count = s.scalar(select(func.count(Volume.id)).where(Volume.account_id == account.id))
+        if (count or 0) >= account.quota_volumes:
+            raise QuotaExceededError(
+                f"account {account.id} has {count} volume(s), its volume quota is "
+                f"{account.quota_volumes}: delete a volume, or the provider's operator raises "
+                f"the quota with {fix} --volumes N`"
+            )
+    if account.quota_bytes is not None:
+        total = s.scalar(
+            select(func.coalesce(func.sum(Volume.size), 0)).where(Volume.account_id == account.id)
+        )
+        if (total or 0) + size > account.quota_bytes:
+            raise QuotaExceededError(
+                f"account {account.id} has {total} bytes of volumes provisioned; {size} more "
+                f"would exceed its byte quota of {account.quota_bytes}: make the volume "
+                f"smaller or delete one, or the provider's operator raises the quota with "
+                f"{fix} --bytes SIZE`"
+            )
