@@ -5,8 +5,10 @@ signed uploads; and activation keys that must be refused."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
+import struct
 import subprocess
 import time
 import urllib.parse
@@ -14,11 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sgw.common import activation_key
 from sgw.common.errors import ActivationKeyError
 from tests.fixtures.daemons import SGW, GatewayProcess, free_port, need
-from tests.fixtures.management import FakeGateway, SecureProvider, activate
+from tests.fixtures.management import FakeGateway, SecureProvider, activate, code_of
 from tests.fixtures.waiting import wait_for
 
 MIB = 1 << 20
@@ -95,7 +98,19 @@ def test_activation_end_to_end(
     )
     assert done.returncode == 0, done.stderr
 
-    act = p.sgw("activate", key, "--name", "edge-1", "--timezone", "UTC", "--output", "json")
+    code = code_of(gw)  # what the appliance's console shows
+    act = p.sgw(
+        "activate",
+        key,
+        "--name",
+        "edge-1",
+        "--timezone",
+        "UTC",
+        "--code",
+        code,
+        "--output",
+        "json",
+    )
     assert act.returncode == 0, act.stderr
     gateway_id = json.loads(act.stdout)["id"]
 
@@ -115,7 +130,7 @@ def test_activation_end_to_end(
     vols = p.admin().get("/v1/volumes").json()
     assert [(v["name"], v["gateway_id"]) for v in vols] == [("vol0", gateway_id)]
     assert p.admin().get(f"/v1/gateways/{gateway_id}").json()["last_seen"] is not None
-    refused = p.sgw("activate", key, "--name", "again")
+    refused = p.sgw("activate", key, "--name", "again", "--code", code)
     assert refused.returncode == 1 and "used already" in refused.stderr
     no_more = subprocess.run(
         [SGW, "gateway", "activation-key", "--data-dir", str(gw.data_dir)],
@@ -154,11 +169,14 @@ def test_activation_end_to_end(
 def test_expired_forged_and_reused_keys_are_refused(secure_provider: SecureProvider) -> None:
     p = secure_provider
     admin = p.admin()
+    gw = FakeGateway()
 
     def try_key(key: str, name: str = "g") -> httpx.Response:
-        return admin.post("/v1/activations", json={"activation_key": key, "name": name})
+        return admin.post(
+            "/v1/activations",
+            json={"activation_key": key, "name": name, "confirmation_code": gw.code},
+        )
 
-    gw = FakeGateway()
     expired = gw.activation_key(now=time.time() - 31 * 60)
     r = try_key(expired)
     assert r.status_code == 400 and "expired" in r.json()["message"]
@@ -204,7 +222,12 @@ def test_a_key_activates_into_one_account_only(secure_provider: SecureProvider) 
     r = p.client(other_token).get(f"/v1/gateways/{gw.gateway_id}")
     assert r.status_code == 404
     stolen = p.client(other_token).post(
-        "/v1/activations", json={"activation_key": gw.activation_key(), "name": "theirs"}
+        "/v1/activations",
+        json={
+            "activation_key": gw.activation_key(),
+            "name": "theirs",
+            "confirmation_code": gw.code,
+        },
     )
     assert stolen.status_code == 409
 
@@ -219,3 +242,74 @@ def test_identity_key_with_loose_mode_is_refused(
     key_file.chmod(0o644)
     with pytest.raises(RuntimeError, match="chmod 600"):
         gw.start(timeout=20)
+
+
+def _legacy_key(gw: FakeGateway, now: float) -> str:
+    """A key as gateways minted before confirmation codes (``sgw1.``: no commitment)."""
+    public = gw.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    payload = struct.pack(">32sQ16s", public, int(now) + activation_key.VALIDITY_S, os.urandom(16))
+    signature = gw.key.sign(b"sgw activation key v1\x00" + payload)
+    return f"sgw1.{activation_key._b64(payload)}.{activation_key._b64(signature)}"
+
+
+def test_an_intruder_with_a_key_but_not_the_code_cannot_activate(
+    tmp_path: Path, secure_provider: SecureProvider, gateway_factory: type[GatewayProcess]
+) -> None:
+    """Anyone on the appliance's network can take a key from its activation page; only
+    who saw its console has the confirmation code. Without it, or with a wrong one, the
+    key activates nothing (and stays good for the admin who has the code)."""
+    from tests.fixtures.management import new_account
+
+    p = secure_provider
+    port = free_port()
+    gw = gateway_factory(
+        tmp_path / "gw",
+        ["vol0:16M"],
+        extra_args=["--config", str(gateway_config(tmp_path, p, port))],
+    )
+    gw.start()
+    wait_for(lambda: port_open(port), timeout=20, what="the activation page")
+    page = httpx.get(f"http://127.0.0.1:{port}/")
+    key = urllib.parse.parse_qs(urllib.parse.urlsplit(page.headers["location"]).query)[
+        "activationKey"
+    ][0]
+    # The page never shows the code.
+    code = code_of(gw)
+    assert code.replace("-", "") not in page.text + page.headers["location"]
+    assert stat.S_IMODE((gw.data_dir / "activation-code").stat().st_mode) == 0o600
+
+    _, intruder_token = new_account(p, "intruder")
+    intruder = p.client(intruder_token)
+    wrong = "0000-0000-0000" if code != "0000-0000-0000" else "1111-1111-1111"
+    for body in (
+        {"activation_key": key, "name": "mine"},
+        {"activation_key": key, "name": "mine", "confirmation_code": wrong},
+        {"activation_key": key, "name": "mine", "confirmation_code": "nonsense"},
+        {"activation_key": key, "name": "mine", "unconfirmed": True},
+    ):
+        r = intruder.post("/v1/activations", json=body)
+        assert r.status_code == 403, (body, r.text)
+        assert "confirmation code" in r.json()["message"], r.text
+    assert intruder.get("/v1/gateways").json() == []
+    # The CLI says the same, and what to do.
+    res = p.sgw("activate", key, "--name", "edge")
+    assert res.returncode != 0 and "console" in res.stderr, res.stderr
+    # The admin who read the console activates with the same key (typed in any case).
+    act = p.sgw("activate", key, "--name", "edge", "--code", code.lower(), "--output", "json")
+    assert act.returncode == 0, act.stderr
+    wait_for((gw.data_dir / "credentials.json").exists, 20, what="credentials")
+
+
+def test_a_key_of_a_gateway_from_before_codes_needs_an_explicit_flag(
+    secure_provider: SecureProvider,
+) -> None:
+    p = secure_provider
+    gw = FakeGateway()
+    key = _legacy_key(gw, time.time())
+    assert activation_key.check(key, time.time()).commitment is None
+    refused = p.admin().post("/v1/activations", json={"activation_key": key, "name": "old"})
+    assert refused.status_code == 400 and "--unconfirmed" in refused.json()["message"]
+    ok = p.admin().post(
+        "/v1/activations", json={"activation_key": key, "name": "old", "unconfirmed": True}
+    )
+    assert ok.status_code == 201, ok.text

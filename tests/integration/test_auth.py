@@ -274,7 +274,10 @@ def test_unactivated_gateway_may_only_ask_for_its_credentials(
         cand.post("/v1/volumes", json={"name": "x", "size": MIB, "mode": "cached"}).status_code
         == 401
     )
-    r = p.admin().post("/v1/activations", json={"activation_key": gw.activation_key(), "name": "g"})
+    r = p.admin().post(
+        "/v1/activations",
+        json={"activation_key": gw.activation_key(), "name": "g", "confirmation_code": gw.code},
+    )
     assert r.status_code == 201
     creds = cand.get("/v1/gateway/credentials")
     assert creds.status_code == 200 and creds.json()["key_id"] == "gw:" + r.json()["id"]

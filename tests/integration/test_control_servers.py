@@ -38,6 +38,7 @@ from tests.fixtures.management import (
     SecureProvider,
     activate,
     cli_json,
+    code_of,
     online,
     start_servers,
 )
@@ -167,7 +168,7 @@ def test_three_servers_route_commands_and_survive_losing_one(
         timeout=30,
         check=True,
     ).stdout.strip()
-    real_id = str(cli_json(a, "activate", key, "--name", "real")["id"])
+    real_id = str(cli_json(a, "activate", key, "--name", "real", "--code", code_of(real))["id"])
     gateways = [*sims, real_id]
 
     deadline = time.monotonic() + 30

@@ -210,7 +210,10 @@ def test_a_candidate_key_may_only_fetch_its_credentials(secure_provider: SecureP
     assert a.status == 413 and "1024 bytes" in a.message, a.body
     # Without one: answered (not activated yet), then with its credentials once activated.
     assert cand.get(target).status_code == 404
-    r = p.admin().post("/v1/activations", json={"activation_key": gw.activation_key(), "name": "g"})
+    r = p.admin().post(
+        "/v1/activations",
+        json={"activation_key": gw.activation_key(), "name": "g", "confirmation_code": gw.code},
+    )
     assert r.status_code == 201
     assert cand.get(target).json()["key_id"] == "gw:" + r.json()["id"]
 

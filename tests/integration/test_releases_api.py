@@ -26,6 +26,7 @@ from tests.fixtures.management import (
     SecureProvider,
     activate,
     cli_json,
+    code_of,
     new_account,
 )
 from tests.fixtures.releases import make_bundle
@@ -155,7 +156,7 @@ def test_activation_pins_the_providers_root(
         timeout=30,
         check=True,
     ).stdout.strip()
-    act = cli_json(p, "activate", key, "--name", "edge")
+    act = cli_json(p, "activate", key, "--name", "edge", "--code", code_of(gw))
     assert act["release_root_fingerprint"] == made["root_fingerprint"]
     pinned = gw.data_dir / "updates" / "metadata" / "root.json"
     wait_for(pinned.exists, timeout=20, what="the pinned root")

@@ -58,10 +58,27 @@ def test_requests_have_the_method_path_query_and_body_the_api_expects() -> None:
         (lambda: client.create_token("ci"), "POST", "/v1/tokens", {"name": "ci"}),
         (lambda: client.revoke_token("t1"), "DELETE", "/v1/tokens/t1", None),
         (
-            lambda: client.activate("KEY", "edge", None),
+            lambda: client.activate("KEY", "edge", None, "ABCD-EFGH-JKMN"),
             "POST",
             "/v1/activations",
-            {"activation_key": "KEY", "name": "edge", "timezone": None},
+            {
+                "activation_key": "KEY",
+                "name": "edge",
+                "timezone": None,
+                "confirmation_code": "ABCD-EFGH-JKMN",
+            },
+        ),
+        (
+            lambda: client.activate("KEY", "edge", None, unconfirmed=True),
+            "POST",
+            "/v1/activations",
+            {
+                "activation_key": "KEY",
+                "name": "edge",
+                "timezone": None,
+                "confirmation_code": None,
+                "unconfirmed": True,
+            },
         ),
         (lambda: client.rename_gateway("g1", "new"), "PATCH", "/v1/gateways/g1", {"name": "new"}),
         (

@@ -21,6 +21,7 @@ from sgw.common.errors import ActivationKeyError, ConfigError, IdentityError
 from sgw.gateway import config as cfg
 from sgw.gateway.link.identity import (
     Credentials,
+    load_or_create_code,
     load_or_create_key,
     read_credentials,
     write_credentials,
@@ -107,27 +108,62 @@ def test_verify_takes_a_verifier_and_refuses_a_malformed_key() -> None:
     assert not signing.verify(b"", parsed, "GET", b"/v1/x", digest)
 
 
+CODE = activation_key.new_code()
+
+
+def mint(key: Ed25519PrivateKey, now: float, region: str = "") -> str:
+    return activation_key.mint(key, now, region, code=CODE)
+
+
+def test_a_key_commits_to_the_console_code_and_only_to_it() -> None:
+    """The code is never in the key; the key's signed commitment tells the right code
+    (in any case, with or without dashes, O/0 and I/L/1 alike) from every other."""
+    key = Ed25519PrivateKey.generate()
+    now = time.time()
+    text = mint(key, now)
+    assert text.startswith("sgw2.") and CODE not in text
+    checked = activation_key.check(text, now)
+    shown = activation_key.show_code(CODE)
+    assert len(shown) == 14 and shown.count("-") == 2
+    for typed in (CODE, shown, shown.lower(), " " + shown.replace("-", " ") + " "):
+        assert checked.confirms(typed), typed
+    other = activation_key.new_code()
+    assert other != CODE and not checked.confirms(other)
+    for bad in ("", "short", CODE + "0", "U" * 12, CODE[:-1] + "!"):
+        assert not checked.confirms(bad), bad
+    readable = "0O1IL" + CODE[5:]
+    assert activation_key.normalize_code(readable) == "00111" + CODE[5:]
+    # The commitment is signed: a changed one makes the key not genuine.
+    prefix, payload, sig = text.split(".")
+    raw = bytearray(activation_key._unb64(payload))
+    raw[56] ^= 1  # the commitment's first byte (after key, expiry and nonce)
+    with pytest.raises(ActivationKeyError, match="not genuine"):
+        activation_key.check(f"{prefix}.{activation_key._b64(bytes(raw))}.{sig}", now)
+    with pytest.raises(ValueError, match="confirmation code"):
+        activation_key.mint(key, now, code="not a code")
+
+
 def test_activation_key_round_trip_and_refusals() -> None:
     key = Ed25519PrivateKey.generate()
     now = time.time()
-    text = activation_key.mint(key, now, "eu-1")
+    text = mint(key, now, "eu-1")
     checked = activation_key.check(text, now + 60)
     assert checked.public_key.hex() == signing.public_key_hex(key)
     assert checked.region == "eu-1" and len(checked.digest) == 64
     with pytest.raises(ActivationKeyError, match="expired"):
         activation_key.check(text, now + activation_key.VALIDITY_S + 1)
     with pytest.raises(ActivationKeyError, match="30 minutes"):
-        activation_key.check(activation_key.mint(key, now + 7200), now)
+        activation_key.check(mint(key, now + 7200), now)
     prefix, payload, sig = text.split(".")
     other = Ed25519PrivateKey.generate()
-    resigned = activation_key.mint(other, now, "eu-1").split(".")[2]
+    resigned = mint(other, now, "eu-1").split(".")[2]
     with pytest.raises(ActivationKeyError, match="not genuine"):
         activation_key.check(f"{prefix}.{payload}.{resigned}", now)
     for bad in ("", "sgw1", "sgw2.a.b", "sgw1.!!.??", f"{prefix}.{payload[:-4]}.{sig}"):
         with pytest.raises(ActivationKeyError):
             activation_key.check(bad, now)
     # Two keys of one gateway differ (a new nonce each) and are used up separately.
-    assert activation_key.check(activation_key.mint(key, now), now).digest != checked.digest
+    assert activation_key.check(mint(key, now), now).digest != checked.digest
 
 
 def test_activation_key_limits_are_exact() -> None:
@@ -135,7 +171,7 @@ def test_activation_key_limits_are_exact() -> None:
     edge; each refusal says what is wrong."""
     key = Ed25519PrivateKey.generate()
     minted_at = 1_800_000_000
-    text = activation_key.mint(key, minted_at)
+    text = mint(key, minted_at)
     expires = minted_at + activation_key.VALIDITY_S
     assert activation_key.check(text, expires - 0.5).expires == expires
     with pytest.raises(ActivationKeyError, match="expired"):
@@ -145,9 +181,9 @@ def test_activation_key_limits_are_exact() -> None:
     with pytest.raises(ActivationKeyError, match="clock is wrong"):
         activation_key.check(text, earliest - 1)
     longest = "r" * 64
-    assert activation_key.check(activation_key.mint(key, minted_at, longest), expires - 1).region
+    assert activation_key.check(mint(key, minted_at, longest), expires - 1).region
     with pytest.raises(ValueError, match="longer than 64 bytes"):
-        activation_key.mint(key, minted_at, longest + "r")
+        mint(key, minted_at, longest + "r")
     prefix, payload, sig = text.split(".")
     # Characters outside base64url are refused, not skipped by a lenient decoder (four, so
     # that the padding still fits and only the alphabet check can refuse the key).
@@ -160,13 +196,24 @@ def test_activation_key_limits_are_exact() -> None:
             activation_key.check(bad, minted_at)
     # A genuine signature over a region that is not UTF-8.
     public = bytes.fromhex(signing.public_key_hex(key))
-    raw = struct.pack(">32sQ16s", public, expires, b"\0" * 16) + b"\xff"
+    raw = struct.pack(">32sQ16s", public, expires, b"\0" * 16) + b"\0" * 16 + b"\xff"
     signature = key.sign(b"sgw activation key v1\0" + raw)
     forged = ".".join(
         [prefix, *(base64.urlsafe_b64encode(b).decode().rstrip("=") for b in (raw, signature))]
     )
     with pytest.raises(ActivationKeyError, match="bad region"):
         activation_key.check(forged, minted_at)
+
+
+def test_the_activation_code_is_private_and_stable(tmp_path: Path) -> None:
+    code = load_or_create_code(str(tmp_path))
+    path = tmp_path / "activation-code"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert activation_key.normalize_code(code) == code
+    assert load_or_create_code(str(tmp_path)) == code
+    path.write_text("damaged\n")
+    with pytest.raises(IdentityError, match="damaged"):
+        load_or_create_code(str(tmp_path))
 
 
 def test_identity_key_and_credentials_are_private(tmp_path: Path) -> None:

@@ -168,9 +168,25 @@ class ApiClient:
 
     # Gateways
 
-    def activate(self, activation_key: str, name: str, timezone: str | None) -> dict[str, Any]:
-        """Activates the gateway that handed out ``activation_key`` into the account."""
-        body = {"activation_key": activation_key, "name": name, "timezone": timezone}
+    def activate(
+        self,
+        activation_key: str,
+        name: str,
+        timezone: str | None,
+        code: str | None = None,
+        *,
+        unconfirmed: bool = False,
+    ) -> dict[str, Any]:
+        """Activates the gateway that handed out ``activation_key`` into the account;
+        ``code``: the confirmation code on the gateway's console."""
+        body: dict[str, Any] = {
+            "activation_key": activation_key,
+            "name": name,
+            "timezone": timezone,
+            "confirmation_code": code,
+        }
+        if unconfirmed:
+            body["unconfirmed"] = True
         return cast(dict[str, Any], self._call("POST", "/v1/activations", body))
 
     def list_gateways(self) -> list[dict[str, Any]]:

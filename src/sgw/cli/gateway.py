@@ -81,6 +81,22 @@ def register(areas: Any) -> None:
     key.add_argument("--region", default="", help="activation region to bind the key to")
     key.set_defaults(handler=_activation_key)
 
+    code = gcmds.add_parser(
+        "activation-code",
+        help="print this gateway's activation confirmation code (for `sgw activate --code`)",
+        description="Print the confirmation code that `sgw activate` must be given with this "
+        "gateway's keys. It is shown on the appliance's console and is never served over "
+        "the network: whoever activates the gateway must have seen it there.",
+    )
+    code.add_argument("--config", metavar="FILE", help="the gateway's TOML configuration")
+    code.add_argument("--data-dir", metavar="DIR", help="the gateway's state directory")
+    code.add_argument(
+        "--issue",
+        action="store_true",
+        help="print it as a login-prompt banner (for /run/issue.d)",
+    )
+    code.set_defaults(handler=_activation_code)
+
     status = gcmds.add_parser(
         "status",
         help="show the running gateway's volumes, write log and snapshots",
@@ -172,17 +188,21 @@ def _upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def _activation_key(args: argparse.Namespace) -> int:
-    from sgw.common import activation_key
-    from sgw.gateway.link.identity import load_or_create_key, read_credentials
-
+def _data_dir(args: argparse.Namespace) -> str:
     data_dir = args.data_dir
     if not data_dir and args.config:
         with open(args.config, "rb") as f:
             data_dir = tomllib.load(f).get("data_dir")
     if not data_dir:
         raise ConfigError("no data directory: pass --data-dir DIR or --config FILE")
-    data_dir = os.path.abspath(data_dir)
+    return os.path.abspath(str(data_dir))
+
+
+def _activation_key(args: argparse.Namespace) -> int:
+    from sgw.common import activation_key
+    from sgw.gateway.link.identity import load_or_create_code, load_or_create_key, read_credentials
+
+    data_dir = _data_dir(args)
     credentials = read_credentials(data_dir)
     if credentials is not None:
         raise ConfigError(
@@ -190,7 +210,25 @@ def _activation_key(args: argparse.Namespace) -> int:
             f"{credentials.name!r}); it hands out no more activation keys"
         )
     key = load_or_create_key(data_dir)
-    print(activation_key.mint(key, time.time(), args.region))
+    code = load_or_create_code(data_dir)
+    print(activation_key.mint(key, time.time(), args.region, code=code))
+    return 0
+
+
+def _activation_code(args: argparse.Namespace) -> int:
+    from sgw.common.activation_key import show_code
+    from sgw.gateway.link.identity import load_or_create_code, read_credentials
+
+    data_dir = _data_dir(args)
+    credentials = read_credentials(data_dir)
+    code = show_code(load_or_create_code(data_dir))
+    if not args.issue:
+        print(code)
+    elif credentials is None:
+        print(f"sgw gateway: not activated. Activation confirmation code: {code}")
+        print("Give it to `sgw activate --code` (or the console's activation page).\n")
+    else:
+        print(f"sgw gateway: activated as {credentials.name!r} ({credentials.gateway_id}).\n")
     return 0
 
 

@@ -31,6 +31,17 @@ def register_activate(areas: Any) -> None:
     act.add_argument("key", help="the activation key (valid 30 minutes, once)")
     act.add_argument("--name", required=True, help="the gateway's name in the account")
     act.add_argument("--timezone", help="IANA time zone, e.g. Europe/Berlin")
+    act.add_argument(
+        "--code",
+        metavar="CODE",
+        help="the confirmation code shown on the appliance's console (XXXX-XXXX-XXXX)",
+    )
+    act.add_argument(
+        "--unconfirmed",
+        action="store_true",
+        help="a gateway from before confirmation codes (its key starts sgw1.): activate "
+        "without one, after checking the key came from that gateway",
+    )
     act.set_defaults(handler=_activate)
 
 
@@ -73,7 +84,10 @@ def register(areas: Any) -> None:
 
 def _activate(args: argparse.Namespace) -> int:
     with open_client(args.endpoint, insecure_http=args.insecure_http) as client:
-        emit(args, client.activate(args.key, args.name, args.timezone))
+        answer = client.activate(
+            args.key, args.name, args.timezone, args.code, unconfirmed=args.unconfirmed
+        )
+        emit(args, answer)
     return 0
 
 

@@ -37,7 +37,12 @@ import httpx
 from sgw.common import activation_key
 from sgw.common.errors import SgwError
 from sgw.gateway.config import ActivationConfig, RemoteConfig
-from sgw.gateway.link.identity import Credentials, read_credentials, write_credentials
+from sgw.gateway.link.identity import (
+    Credentials,
+    load_or_create_code,
+    read_credentials,
+    write_credentials,
+)
 from sgw.gateway.link.release_root import BAKED_ROOT, metadata_dir, pin_root
 from sgw.gateway.link.request_signing import GatewayAuth
 from sgw.gateway.listening import Listener
@@ -65,9 +70,10 @@ def tls_verify(remote: RemoteConfig) -> ssl.SSLContext | bool:
 class ActivationPage:
     """The activation HTTP endpoint: redirects a browser to the console with a new key."""
 
-    def __init__(self, auth: GatewayAuth, console_url: str) -> None:
+    def __init__(self, auth: GatewayAuth, console_url: str, code: str) -> None:
         self.auth = auth
         self.console_url = console_url.rstrip("/")
+        self.code = code  # the confirmation code its keys commit to (never served)
         self.listener: Listener | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
@@ -105,7 +111,7 @@ class ActivationPage:
             return 404, {"content-type": "text/plain"}, b"not found\n"
         query = urllib.parse.parse_qs(parts.query)
         region = query.get("activationRegion", [""])[0][:64]
-        key = activation_key.mint(self.auth.key, time.time(), region)
+        key = activation_key.mint(self.auth.key, time.time(), region, code=self.code)
         location = f"{self.console_url}/?" + urllib.parse.urlencode(
             {"activationKey": key, "activationRegion": region}
         )
@@ -202,8 +208,13 @@ class Activation:
         if self.remote is None:
             LOG.info("gateway not activated and no provider configured: no activation")
             return
+        code = await asyncio.to_thread(load_or_create_code, self.data_dir)
+        LOG.info(
+            "gateway not activated: activate it with a key from its page and the "
+            "confirmation code on its console (`sgw gateway activation-code`)"
+        )
         if self.config.host is not None:
-            self.page = ActivationPage(self.auth, self.remote.url)
+            self.page = ActivationPage(self.auth, self.remote.url, code)
             await self.page.listen(self.config.host, self.config.port, page_socket)
         self._poll = asyncio.get_running_loop().create_task(self._poll_loop(), name="activation")
 

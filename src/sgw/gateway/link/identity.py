@@ -25,6 +25,9 @@ LOG = logging.getLogger(__name__)
 
 IDENTITY_FILE = "identity.key"
 CREDENTIALS_FILE = "credentials.json"
+# The activation confirmation code (sgw.common.activation_key.new_code): shown on the
+# appliance's console, never served over the network; keys commit to it.
+CODE_FILE = "activation-code"
 _KEY_SIZE = 32
 
 
@@ -58,6 +61,31 @@ def load_or_create_key(data_dir: str) -> Ed25519PrivateKey:
         return load_or_create_key(data_dir)
     LOG.info("gateway identity key created", extra={"path": path})
     return key
+
+
+def load_or_create_code(data_dir: str) -> str:
+    """The gateway's activation confirmation code, made (0600) if there is none yet."""
+    from sgw.common.activation_key import new_code, normalize_code
+
+    path = os.path.join(data_dir, CODE_FILE)
+    try:
+        code = normalize_code(_read_private(path, 64).decode("ascii", "replace").strip())
+    except FileNotFoundError:
+        code = None
+    else:
+        if code is None:
+            raise IdentityError(f"{path} is damaged: delete it (a new code is made)")
+        return code
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    code = new_code()
+    try:
+        created = create_exclusively(path, code.encode() + b"\n")
+    except OSError as e:
+        raise IdentityError(f"cannot create the activation code {path}: {e.strerror or e}") from e
+    if not created:  # another process made it first: use that one
+        return load_or_create_code(data_dir)
+    LOG.info("gateway activation code created", extra={"path": path})
+    return code
 
 
 def read_credentials(data_dir: str) -> Credentials | None:

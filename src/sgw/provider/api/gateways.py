@@ -29,6 +29,17 @@ class ActivationIn(BaseModel):
     activation_key: str = Field(max_length=512, description="from the gateway, valid 30 min")
     name: str = Field(description="unique within the account, 1 to 255 characters")
     timezone: str | None = Field(None, description="IANA time zone, e.g. Europe/Berlin")
+    confirmation_code: str | None = Field(
+        None,
+        max_length=32,
+        description="shown on the appliance's console (`sgw gateway activation-code`); "
+        "required for every key of a gateway that has one",
+    )
+    unconfirmed: bool = Field(
+        False,
+        description="activate a key of a gateway from before confirmation codes (`sgw1.`), "
+        "which has none: only after checking the key came from that gateway",
+    )
 
 
 class GatewayUpdate(BaseModel):
@@ -99,13 +110,20 @@ Repo = Annotated[Gateways, Depends(_gateways)]
 router = APIRouter(prefix="/v1", tags=["gateways"])
 
 
-@router.post("/activations", status_code=201, responses=errors(400, 409, 422))
+@router.post("/activations", status_code=201, responses=errors(400, 403, 409, 422))
 def activate(
     body: ActivationIn, principal: AdminPrincipal, repo: Repo, request: Request
 ) -> ActivatedOut:
     """Activates the gateway that made the key into the token's account; answers the
     fingerprint of the release root it will pin (compare it with the operator's)."""
-    gateway = repo.activate(principal.account_id, body.activation_key, body.name, body.timezone)
+    gateway = repo.activate(
+        principal.account_id,
+        body.activation_key,
+        body.name,
+        body.timezone,
+        code=body.confirmation_code,
+        unconfirmed=body.unconfirmed,
+    )
     root = _release_root(request)
     return ActivatedOut(
         **GatewayOut.of(gateway).model_dump(),

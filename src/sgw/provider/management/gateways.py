@@ -43,6 +43,7 @@ from sgw.common.errors import (
     ActivationKeyError,
     AlreadyActivatedError,
     BadRequestError,
+    ForbiddenError,
     NameTakenError,
     NotFoundError,
 )
@@ -145,13 +146,48 @@ class Gateways:
         self._owners: dict[str, tuple[str, float]] = {}  # volume id: (gateway id, read at)
 
     def activate(
-        self, account_id: str, key_text: str, name: str, timezone: str | None = None
+        self,
+        account_id: str,
+        key_text: str,
+        name: str,
+        timezone: str | None = None,
+        *,
+        code: str | None = None,
+        unconfirmed: bool = False,
     ) -> GatewayInfo:
-        """Activates the gateway that minted ``key_text`` into the account."""
+        """Activates the gateway that minted ``key_text`` into the account, if ``code`` is
+        the confirmation code the key commits to (shown on the gateway's console only). A
+        key of a gateway from before codes has none: it needs ``unconfirmed``."""
         name = check_gateway_name(name)
         timezone = check_timezone(timezone)
         now = datetime.now(UTC)
         key = activation_key.check(key_text, now.timestamp())
+        if key.commitment is None:
+            if not unconfirmed:
+                raise ActivationKeyError(
+                    "this key comes from a gateway release without confirmation codes, so "
+                    "nothing proves it was taken from the appliance's console and not by "
+                    "someone on its network: update the appliance, or activate with "
+                    "--unconfirmed after checking the key came from it"
+                )
+            LOG.warning(
+                "activation without a confirmation code (a gateway from before codes)",
+                extra={"account": account_id},
+            )
+        elif code is None:
+            raise ForbiddenError(
+                "give the gateway's confirmation code (--code): it is shown on the "
+                "appliance's console (or `sgw gateway activation-code` on it)"
+            )
+        elif not key.confirms(code):
+            LOG.warning(
+                "activation refused: wrong confirmation code", extra={"account": account_id}
+            )
+            raise ForbiddenError(
+                "the confirmation code does not match this key's gateway: read it again on "
+                "the appliance's console (`sgw gateway activation-code`) and get a new key "
+                "from that appliance"
+            )
         gateway = Gateway(
             id=str(uuid.uuid4()),
             account_id=account_id,
