@@ -93,7 +93,7 @@ def register(areas: Any) -> None:
     code.add_argument(
         "--issue",
         action="store_true",
-        help="print it as a login-prompt banner (for /run/issue.d)",
+        help="print it as a login-prompt banner (for /etc/issue.d)",
     )
     code.set_defaults(handler=_activation_code)
 
