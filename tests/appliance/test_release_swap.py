@@ -9,7 +9,8 @@ initiator's 15 s timeout (libiscsi has none of its own, so each command's time i
 measured: qemu-io reports it), the data written before it intact, one daemon, running the
 new slot, a child of the service's main process, the supervisor (no restart), ``current``
 naming the new slot, LIO's targets as they were, and no I/O error on the guest's nbd
-devices. Runs before test_shutdown.py (which ends the session's appliance)."""
+devices. Runs before test_shutdown.py (which ends the session's appliance); in `make
+test-appliance` only (marked appliance_full)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ from tests.fixtures.iscsi_loop import (
 )
 from tests.fixtures.waiting import wait_for
 
-pytestmark = [pytest.mark.appliance, pytest.mark.timeout(900)]
+# In make test-appliance only: make test's subset proves the swap on the appliance through
+# the update agent (test_release_updates.py: the same checks under iSCSI I/O); this one
+# adds the manual `sgw gateway upgrade` and the swap back.
+pytestmark = [pytest.mark.appliance, pytest.mark.appliance_full, pytest.mark.timeout(900)]
 
 RELEASES = "/opt/sgw/releases"
 CURRENT = "/opt/sgw/current"
