@@ -95,6 +95,23 @@ def status(p: SecureProvider, gateway_id: str) -> dict[str, Any]:
     return dict(row)
 
 
+def serving(data_dir: Path) -> list[int]:
+    """The pids of the live ``sgw gateway serve`` processes of this data directory (after
+    a swap the serving daemon is not the process the test started)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat[0] != "Z" and b"serve" in argv and str(data_dir).encode() in argv:
+            pids.append(int(entry))
+    return pids
+
+
 @pytest.fixture
 def agent_env(tmp_path: Path) -> Iterator[dict[str, Any]]:
     procs: list[subprocess.Popen[bytes]] = []
@@ -106,6 +123,10 @@ def agent_env(tmp_path: Path) -> Iterator[dict[str, Any]]:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    # The daemon the swap started is nobody's child here: stop it too.
+    for pid in serving(tmp_path / "gw"):
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not serving(tmp_path / "gw"), 60, what="the gateway daemons to stop")
 
 
 def test_a_published_release_reaches_the_gateway_and_a_tampered_one_does_not(
