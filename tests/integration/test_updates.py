@@ -132,18 +132,22 @@ def test_policies_from_the_cli_reach_the_gateways_plan(secure_provider: SecurePr
         "minute": 30,
         "duration_minutes": 120,
     }
+    # A weekday three days off in Berlin, so that the window is not open now (an open
+    # window's next opening is now: the test once ran inside "tue 01:15 45m").
+    day = (datetime.now(zoneinfo.ZoneInfo("Europe/Berlin")) + timedelta(days=3)).weekday()
+    names = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
     flags = cli_json(
         p,
-        *("updates", "policy-set", gw.gateway_id, "--kind", "weekly", "--day", "tue"),
+        *("updates", "policy-set", gw.gateway_id, "--kind", "weekly", "--day", names[day]),
         *("--at", "01:15", "--duration", "45", "--automatic", "emergency"),
     )
-    assert (flags["window"], flags["automatic"]) == ("weekly tue 01:15 45m", "emergency")
+    assert (flags["window"], flags["automatic"]) == (f"weekly {names[day]} 01:15 45m", "emergency")
     assert agent.plan()["automatic"] == "emergency"
     status = cli_json(p, "updates", "status", "--gateway", gw.gateway_id)
     (row,) = status["gateways"]
     opens = datetime.fromisoformat(row["next_window"]).astimezone(UTC)
     local = opens.astimezone(zoneinfo.ZoneInfo("Europe/Berlin"))
-    assert (local.weekday(), local.hour, local.minute) == (1, 1, 15)
+    assert (local.weekday(), local.hour, local.minute) == (day, 1, 15)
 
     # Dropped: the account's default again.
     cleared = cli_json(p, "updates", "policy-clear", gw.gateway_id)
