@@ -82,13 +82,6 @@ def releases(appliance: Appliance) -> Releases:
     return Releases(first, second, time.monotonic() - start)
 
 
-def service(appliance: Appliance) -> dict[str, str]:
-    out = appliance.ssh(
-        "systemctl show -p MainPID,ActiveState,SubState,NRestarts sgw-gateway"
-    ).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
 def daemons(appliance: Appliance) -> list[int]:
     """The pids of every ``sgw gateway serve`` process on the appliance."""
     # [s]: the pattern does not match the shell that runs pgrep.
@@ -96,18 +89,13 @@ def daemons(appliance: Appliance) -> list[int]:
     return sorted(int(pid) for pid in out.split())
 
 
-def nbd_io_errors(appliance: Appliance) -> list[str]:
-    out = appliance.ssh("sudo dmesg").stdout
-    return [line for line in out.splitlines() if "I/O error" in line and "nbd" in line]
-
-
 def swap_to(appliance: Appliance, loop: IscsiLoop, version: str) -> dict[str, Any]:
     """``sgw gateway upgrade --to`` the slot of ``version`` while ``loop`` runs; checks
     everything a swap must leave; returns the answer."""
     slot = f"{RELEASES}/{version}"
-    before = service(appliance)
+    before = appliance.service()
     targets = appliance.targets()
-    errors = nbd_io_errors(appliance)
+    errors = appliance.nbd_io_errors()
     loop.wait_runs(2)
     start = time.monotonic()
     res = appliance.ssh(
@@ -131,7 +119,7 @@ def swap_to(appliance: Appliance, loop: IscsiLoop, version: str) -> dict[str, An
     argv = appliance.ssh(f"sudo cat /proc/{pid}/cmdline").stdout.split("\0")
     assert argv[:2] == [f"{slot}/bin/python", f"{slot}/bin/sgw"], argv
     # The service's main process is still the supervisor, now the new daemon's parent.
-    after = service(appliance)
+    after = appliance.service()
     assert after["MainPID"] == before["MainPID"], (before, after)
     ppid = appliance.ssh(f"ps -o ppid= -p {pid}").stdout.strip()
     assert ppid == after["MainPID"], (ppid, after)
@@ -145,7 +133,7 @@ def swap_to(appliance: Appliance, loop: IscsiLoop, version: str) -> dict[str, An
     assert appliance.ssh(f"test -x {previous}/bin/sgw", check=False).returncode == 0
     # LIO's targets untouched; no I/O error on the nbd devices.
     assert appliance.targets() == targets
-    assert nbd_io_errors(appliance) == errors
+    assert appliance.nbd_io_errors() == errors
     return answer
 
 
@@ -156,7 +144,7 @@ def test_swap_to_another_release_and_back_under_iscsi_io(
     assert qemu_io is not None
     url = appliance.iscsi_url(vol0)
     assert appliance.ssh(f"readlink {CURRENT}").stdout.strip() == f"{RELEASES}/{releases.first}"
-    assert nbd_io_errors(appliance) == [], "I/O errors on nbd before the swaps"
+    assert appliance.nbd_io_errors() == [], "I/O errors on nbd before the swaps"
     kept = ["-c", f"write -f -P {KEPT_PATTERN:#x} {KEPT_OFFSET} {KEPT_LENGTH}"]
     verify_kept = ["-c", f"read -P {KEPT_PATTERN:#x} {KEPT_OFFSET} {KEPT_LENGTH}"]
     res = subprocess.run(

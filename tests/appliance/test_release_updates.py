@@ -51,18 +51,6 @@ def status(appliance: Appliance) -> dict[str, Any]:
     return dict(row)
 
 
-def service(appliance: Appliance) -> dict[str, str]:
-    out = appliance.ssh(
-        "systemctl show -p MainPID,ActiveState,SubState,NRestarts sgw-gateway"
-    ).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def nbd_io_errors(appliance: Appliance) -> list[str]:
-    out = appliance.ssh("sudo dmesg").stdout
-    return [line for line in out.splitlines() if "I/O error" in line and "nbd" in line]
-
-
 def journal(appliance: Appliance) -> str:
     res = appliance.ssh(
         "sudo journalctl -u sgw-update-agent -u sgw-gateway -n 60 --no-pager", check=False
@@ -156,9 +144,9 @@ def test_an_update_is_refused_when_tampered_and_applied_under_iscsi_io(
         [qemu_io, "-f", "raw", *kept, url], capture_output=True, text=True, timeout=120, check=False
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    before = service(appliance)
+    before = appliance.service()
     targets = appliance.targets()
-    errors = nbd_io_errors(appliance)
+    errors = appliance.nbd_io_errors()
     loop = IscsiLoop(qemu_io, url).start()
     try:
         loop.wait_runs(2)
@@ -187,11 +175,11 @@ def test_an_update_is_refused_when_tampered_and_applied_under_iscsi_io(
     assert isinstance(done["pause_s"], float) and done["pause_s"] > 0, done
     assert appliance.ssh(f"readlink {CURRENT}").stdout.strip() == f"{RELEASES}/{version}"
     assert appliance.ssh(f"{CURRENT}/bin/sgw --version").stdout.strip() == f"sgw {version}"
-    after = service(appliance)
+    after = appliance.service()
     assert after["MainPID"] == before["MainPID"] and after["NRestarts"] == before["NRestarts"]
     assert (after["ActiveState"], after["SubState"]) == ("active", "running"), after
     assert appliance.targets() == targets
-    assert nbd_io_errors(appliance) == errors
+    assert appliance.nbd_io_errors() == errors
     # The agent re-executed itself from the new release.
     wait_for(lambda: agent_version(appliance) == version, 120, what="the agent on the new release")
     print(

@@ -25,7 +25,7 @@ from typing import Any
 import nbd
 import pytest
 
-from tests.fixtures.daemons import SGW, GatewayProcess, ProviderProcess, free_port, need
+from tests.fixtures.daemons import SGW, GatewayProcess, ProviderProcess, free_port, need, serving
 from tests.fixtures.waiting import wait_for
 
 MIB = 1 << 20
@@ -57,26 +57,6 @@ def upgrade(gw: GatewayProcess, *, check: bool = True, to: str = RELEASE) -> dic
     return {"returncode": res.returncode, "stderr": res.stderr}
 
 
-def serving(gw: GatewayProcess) -> list[int]:
-    """The pids of the ``sgw gateway serve`` processes of this gateway's data directory."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state == "Z":
-            continue
-        if b"serve" in argv and str(gw.data_dir).encode() in argv:
-            pids.append(int(entry))
-    return pids
-
-
 def admin_status(gw: GatewayProcess) -> dict[str, object]:
     res = subprocess.run(
         [SGW, "gateway", "status", "--data-dir", str(gw.data_dir), "--output", "json"],
@@ -90,9 +70,9 @@ def admin_status(gw: GatewayProcess) -> dict[str, object]:
 
 def stop_all(gw: GatewayProcess) -> None:
     """SIGTERM to whichever process serves now (a successor is not the test's child)."""
-    for pid in serving(gw):
+    for pid in serving(gw.data_dir):
         os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not serving(gw), 60, what="the gateway to stop")
+    wait_for(lambda: not serving(gw.data_dir), 60, what="the gateway to stop")
     if gw.proc is not None:
         gw.proc.wait(10)
         gw.proc = None
@@ -271,12 +251,12 @@ def test_twenty_swaps_under_load_fail_no_io(tmp_path: Path, fio: str) -> None:
         descriptors = []
         try:
             wait_for(lambda: writers.writes > 50, 60, what="the writers to get going")
-            [before] = serving(gw)
+            [before] = serving(gw.data_dir)
             for _ in range(20):
                 answer = upgrade(gw)
                 pauses.append(float(answer["pause_s"]))
                 print(f"swap {len(pauses)}: pause {pauses[-1]:.4f} s, writes {writers.writes}")
-                [pid] = serving(gw)  # exactly one daemon serves after a swap
+                [pid] = serving(gw.data_dir)  # exactly one daemon serves after a swap
                 # The serving daemon says whom it took over from and the pause.
                 daemon: Any = admin_status(gw)["daemon"]
                 assert daemon["pid"] == pid == answer["pid"], (daemon, pid, answer)
@@ -297,9 +277,9 @@ def test_twenty_swaps_under_load_fail_no_io(tmp_path: Path, fio: str) -> None:
         assert descriptors[-1] <= descriptors[0] + 2, descriptors
         # Everything flushed is there, also after the last green is killed outright.
         verify(gw.uri("vol0"), writers.flushed)
-        for pid in serving(gw):
+        for pid in serving(gw.data_dir):
             os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not serving(gw), 30, what="the killed gateway to go")
+        wait_for(lambda: not serving(gw.data_dir), 30, what="the killed gateway to go")
         assert gw.proc is not None
         gw.proc.wait(30)  # the first daemon, gone since the first swap
         gw.proc = None
@@ -333,7 +313,7 @@ def faulted(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Faulted]
 def _after_fault(f: Faulted, *, blue_serves: bool) -> None:
     """Exactly one daemon serves, the writers go on without an error, flushed data is
     all there."""
-    pids = serving(f.gw)
+    pids = serving(f.gw.data_dir)
     assert len(pids) == 1, f"daemons serving: {pids}\n{f.gw.log_text()}"
     assert f.gw.proc is not None
     assert (pids[0] == f.gw.proc.pid) == blue_serves, f.gw.log_text()
@@ -401,7 +381,7 @@ def test_a_swap_to_a_release_slot_makes_it_current(tmp_path: Path) -> None:
             "reason": "",
         }
         assert os.readlink(root / "current") == str(root / "releases" / "2")
-        [pid] = serving(gw)
+        [pid] = serving(gw.data_dir)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             assert str(root / "releases" / "2" / "bin" / "sgw").encode() in f.read().split(b"\0")
         # Not a slot: swapped all the same, current unchanged.
@@ -472,7 +452,7 @@ def test_blue_commits_while_green_indexes_and_green_uploads_on_top(
         out, _ = swap.communicate(timeout=120)
         assert swap.returncode == 0, gw.log_text()
         assert json.loads(out)["version"]
-        [pid] = serving(gw)
+        [pid] = serving(gw.data_dir)
         assert gw.proc is not None and pid != gw.proc.pid
         committed = remote_version(gw)
         wait_for(lambda: remote_version(gw) > committed, 60, what="green to commit on top of blue")
@@ -510,6 +490,6 @@ def test_a_second_daemon_on_the_same_data_directory_is_refused(tmp_path: Path) -
         )
         assert second.returncode != 0
         assert "another gateway daemon serves" in second.stderr
-        assert len(serving(gw)) == 1
+        assert len(serving(gw.data_dir)) == 1
     finally:
         stop_all(gw)

@@ -18,16 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import nbd
 import pytest
 
 from sgw import version
@@ -37,7 +34,8 @@ from sgw.gateway.link.journal import Command
 from sgw.gateway.updates import faults
 from sgw.gateway.updates.state import AgentState
 from tests.fixtures.agent_releases import publish, runnable_slot
-from tests.fixtures.daemons import GatewayProcess, gateway_status
+from tests.fixtures.daemons import GatewayProcess, gateway_status, serving
+from tests.fixtures.nbd_writer import BLOCK, Writer
 from tests.fixtures.update_agent import (
     AgentProcess,
     UpdateProvider,
@@ -98,22 +96,6 @@ class Appliance:
         return [n for n in os.listdir(self.root / "releases") if n.endswith(".partial")]
 
 
-def serving(data_dir: Path) -> list[int]:
-    """The pids of the ``sgw gateway serve`` processes of this data directory."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if stat[0] != "Z" and b"serve" in argv and str(data_dir).encode() in argv:
-            pids.append(int(entry))
-    return pids
-
-
 @pytest.fixture
 def appliance(tmp_path: Path) -> Iterator[Appliance]:
     root = tmp_path / "opt"
@@ -165,45 +147,6 @@ def appliance(tmp_path: Path) -> Iterator[Appliance]:
             if gw.proc is not None:
                 gw.proc.wait(10)
                 gw.proc = None
-
-
-BLOCK = 64 * 1024
-
-
-class Writer(threading.Thread):
-    """A libnbd client writing random 64 KiB blocks and flushing after each, until told to
-    stop; every flushed block's data in ``flushed``, every error in ``errors``."""
-
-    def __init__(self, uri: str, blocks: int) -> None:
-        super().__init__(daemon=True)
-        self.uri, self.blocks = uri, blocks
-        self.flushed: dict[int, bytes] = {}
-        self.errors: list[str] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        rng = random.Random(7)
-        h = nbd.NBD()
-        try:
-            h.connect_uri(self.uri)
-            while not self.halt.is_set():
-                block, data = rng.randrange(self.blocks), rng.randbytes(BLOCK)
-                h.pwrite(data, block * BLOCK)
-                h.flush()
-                self.flushed[block] = data
-            h.shutdown()
-        except nbd.Error as exc:
-            self.errors.append(str(exc))
-
-    def stop_and_verify(self) -> None:
-        self.halt.set()
-        self.join(60)
-        assert not self.errors, self.errors
-        h = nbd.NBD()
-        h.connect_uri(self.uri)
-        bad = [b for b, d in self.flushed.items() if h.pread(BLOCK, b * BLOCK) != d]
-        h.shutdown()
-        assert not bad, f"{len(bad)} flushed blocks differ"
 
 
 def _done(app: Appliance) -> bool:

@@ -19,23 +19,21 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nbd
 import pytest
 
 from sgw import version
 from sgw.common.releases import root_fingerprint, tree_digest
 from tests.fixtures.agent_releases import make_bundle, runnable_slot
-from tests.fixtures.daemons import GatewayProcess, gateway_status
+from tests.fixtures.daemons import GatewayProcess, gateway_status, serving
 from tests.fixtures.management import SecureProvider, activated_gateway, cli_json
+from tests.fixtures.nbd_writer import Writer
 from tests.fixtures.update_agent import agent_call, wait_for_agent_socket
 from tests.fixtures.waiting import wait_for
 
@@ -45,46 +43,6 @@ ROOT = Path(__file__).resolve().parents[2]
 OLD = version()
 GOOD, BAD = "2.0.0", "2.0.1"
 VENV = str(Path(sys.executable).parent.parent)
-BLOCK = 64 * 1024
-
-
-class Writer(threading.Thread):
-    """A libnbd client writing random 64 KiB blocks and flushing after each until told
-    to stop; what was flushed, and every error."""
-
-    def __init__(self, uri: str, blocks: int) -> None:
-        super().__init__(daemon=True)
-        self.uri, self.blocks = uri, blocks
-        self.flushed: dict[int, bytes] = {}
-        self.errors: list[str] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        rng = random.Random(17)
-        h = nbd.NBD()
-        try:
-            h.connect_uri(self.uri)
-            while not self.halt.is_set():
-                block, data = rng.randrange(self.blocks), rng.randbytes(BLOCK)
-                h.pwrite(data, block * BLOCK)
-                h.flush()
-                self.flushed[block] = data
-            h.shutdown()
-        except nbd.Error as exc:
-            self.errors.append(str(exc))
-
-    def stop_and_verify(self) -> None:
-        self.halt.set()
-        self.join(60)
-        assert not self.is_alive() and not self.errors, self.errors
-        assert self.flushed, "nothing was written"
-        h = nbd.NBD()
-        h.connect_uri(self.uri)
-        try:
-            for block, data in self.flushed.items():
-                assert h.pread(BLOCK, block * BLOCK) == data, f"block {block}"
-        finally:
-            h.shutdown()
 
 
 def status(p: SecureProvider, gateway_id: str) -> dict[str, Any]:
@@ -93,23 +51,6 @@ def status(p: SecureProvider, gateway_id: str) -> dict[str, Any]:
     rows = doc["gateways"] if isinstance(doc, dict) else doc
     (row,) = [r for r in rows if r.get("gateway_id", r.get("id")) == gateway_id]
     return dict(row)
-
-
-def serving(data_dir: Path) -> list[int]:
-    """The pids of the live ``sgw gateway serve`` processes of this data directory (after
-    a swap the serving daemon is not the process the test started)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if stat[0] != "Z" and b"serve" in argv and str(data_dir).encode() in argv:
-            pids.append(int(entry))
-    return pids
 
 
 @pytest.fixture
@@ -188,7 +129,7 @@ def test_a_published_release_reaches_the_gateway_and_a_tampered_one_does_not(
 
     # Revoked, it is out of the plan; the next `now` brings the good one, under I/O.
     cli_json(p, "releases", "revoke", BAD)
-    writer = Writer(gw.uri(), 256)
+    writer = Writer(gw.uri(), 256, seed=17)
     writer.start()
     wait_for(lambda: len(writer.flushed) > 20 or bool(writer.errors), 60, what="writes")
     cli_json(p, "updates", "now", gateway_id)
