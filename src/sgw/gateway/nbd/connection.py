@@ -88,6 +88,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._payload_view: memoryview | None = None
         self._payload_got = 0
         self._payload_req: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._payload_t0 = 0
+        # When the batch being parsed arrived (perf_counter_ns): the start of the latency
+        # of each request in it that is answered later (see _read_reply, _do_write).
+        self._t0 = 0
         self._out: list[bytes | bytearray | memoryview] = []
         self._stalls = 0  # writes of this connection waiting for log space
         self._write_paused = False
@@ -172,7 +176,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             payload, flags, cookie, offset = self._payload_view, *self._payload_req[:3]
             self._payload_view = None
             self._out_begin()
-            self._write(flags, cookie, offset, payload)
+            self._write(flags, cookie, offset, payload, t0=self._payload_t0)
             self._out_flush()
             if not self._stalled:
                 self._process()
@@ -323,8 +327,19 @@ class NbdConnection(asyncio.BufferedProtocol):
         try:
             if self._negotiation is not None:
                 self._handshake()
-            if self._volume is not None:
+            vol = self._volume
+            if vol is not None:
+                # Latency per received batch, not per request (a clock read costs about
+                # as much as the rest of a 4 KiB read's accounting): every request the
+                # batch answers inline is answered by the end of it, in one writelines.
+                io = vol.io
+                reads, writes = io.reads, io.writes
+                t0 = self._t0 = _now()
                 self._transmission()
+                if io.reads != reads or io.writes != writes:
+                    dt = _now() - t0
+                    io.read_ns += dt * (io.reads - reads)
+                    io.write_ns += dt * (io.writes - writes)
         finally:
             self._out_flush()
         if self._start == self._end:
@@ -387,6 +402,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self._payload_view = payload
                     self._payload_got = have
                     self._payload_req = (flags, cookie, offset, length)
+                    self._payload_t0 = self._t0
                     pos = end
                     break
                 data = view[pos + _REQ : pos + _REQ + length]
@@ -458,7 +474,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         vol = self._volume
         assert vol is not None
-        self._read_from(vol, flags, cookie, offset, length, t0=_now())
+        self._read_from(vol, flags, cookie, offset, length, t0=0)
 
     def _read_from(
         self,
@@ -471,8 +487,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         t0: int,
         attempt: int = 0,
     ) -> None:
-        """Reads and replies (now, or once the base's chunks are local); ``t0``: when the
-        request was parsed (perf_counter_ns), for the volume's latency total."""
+        """Reads and replies (now, or once the base's chunks are local). ``t0``: when the
+        request arrived (perf_counter_ns), for the volume's latency total; 0: in the batch
+        being parsed, answered inline (the batch's time counts, see _process)."""
         if flags & ~_READ_FLAGS or length > p.MAX_PAYLOAD or offset + length > vol.size:
             self._error(cookie, p.EINVAL, True, "read out of range or bad flags")
             return
@@ -500,7 +517,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                     return
                 self._inflight += 1
                 task = asyncio.get_running_loop().create_task(cached.ensure(spans))
-                req = (flags, cookie, offset, length, attempt, t0)
+                req = (flags, cookie, offset, length, attempt, t0 or self._t0)
                 task.add_done_callback(lambda t: self._fetched(t, vol, cached, req))
                 return
         restore = vol.restore
@@ -510,7 +527,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             if spans and not all(restore.is_restored(o, n) for o, n in spans):
                 self._inflight += 1
                 rtask = asyncio.get_running_loop().create_task(_ensure_all(restore, spans))
-                req = (flags, cookie, offset, length, attempt, t0)
+                req = (flags, cookie, offset, length, attempt, t0 or self._t0)
                 rtask.add_done_callback(lambda t: self._restored(t, vol, req))
                 return
         if length >= _OFFLOAD_READ and not vol.index.touches(offset >> 12, (length + 4095) >> 12):
@@ -520,8 +537,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             fut = asyncio.get_running_loop().run_in_executor(
                 self.server.read_pool, vol.base.read, offset, length
             )
+            start = t0 or self._t0
             fut.add_done_callback(
-                lambda f: self._read_done(f, cookie, offset, length, io=vol.io, t0=t0)
+                lambda f: self._read_done(f, cookie, offset, length, io=vol.io, t0=start)
             )
             return
         try:
@@ -617,7 +635,8 @@ class NbdConnection(asyncio.BufferedProtocol):
     ) -> None:
         io.reads += 1
         io.read_bytes += length
-        io.read_ns += _now() - t0
+        if t0:  # answered later than its batch
+            io.read_ns += _now() - t0
         if self._structured:
             hdr = _structured(
                 p.STRUCTURED_REPLY_MAGIC,
@@ -631,10 +650,12 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._out.append(_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie))
         self._out.append(data)
 
-    def _write(self, flags: int, cookie: int, offset: int, data: memoryview | bytearray) -> None:
+    def _write(
+        self, flags: int, cookie: int, offset: int, data: memoryview | bytearray, t0: int = 0
+    ) -> None:
+        """``t0``: when the request arrived; 0: in the batch being parsed (see _read_from)."""
         vol = self._volume
         assert vol is not None
-        t0 = _now()
         self.server.requests += 1
         length = len(data)
         if flags & ~_WRITE_FLAGS:
@@ -647,12 +668,13 @@ class NbdConnection(asyncio.BufferedProtocol):
             # A partial block of a cached or restoring volume: the rest of the block comes
             # from the provider first (off this inline path).
             held = bytearray(data)
+            start = t0 or self._t0
             self._after_edges(
                 vol,
                 offset,
                 length,
                 cookie,
-                lambda: self._write_now(vol, flags, cookie, offset, held, t0=t0),
+                lambda: self._write_now(vol, flags, cookie, offset, held, t0=start),
             )
             return
         self._write_now(vol, flags, cookie, offset, data, t0=t0)
@@ -672,6 +694,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if delay:
             # Backpressure, not a cliff: the fuller the log, the later the reply.
             held_data = bytearray(data) if isinstance(data, memoryview) else data
+            start = t0 or self._t0
             self.server.throttled += 1
             self._inflight += 1
 
@@ -680,7 +703,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 if self._transport is None:
                     return
                 self._out_begin()
-                self._write_now(vol, flags, cookie, offset, held_data, t0=t0, throttled=True)
+                self._write_now(vol, flags, cookie, offset, held_data, t0=start, throttled=True)
                 self._out_flush()
                 self._maybe_close()
 
@@ -690,7 +713,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self.log.space_waiters or not self.log.fits(need):
             # Copy the payload: the receive buffer is reused while this write waits.
             held = bytearray(data) if isinstance(data, memoryview) else data
-            self._stall(need, lambda: self._do_write(vol, flags, cookie, offset, held, t0=t0))
+            start = t0 or self._t0
+            self._stall(need, lambda: self._do_write(vol, flags, cookie, offset, held, t0=start))
             return
         self._do_write(vol, flags, cookie, offset, data, t0=t0)
 
@@ -785,7 +809,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         io = vol.io
         io.writes += 1
         io.write_bytes += len(data)
-        io.write_ns += _now() - t0
+        if t0:  # answered later than its batch
+            io.write_ns += _now() - t0
         self._written(flags, cookie)
 
     def _written(self, flags: int, cookie: int) -> None:
