@@ -1,0 +1,210 @@
+"""The gateway's health on a real ``sgw gateway serve``: the local /metrics endpoint
+(bearer token, values that move with real NBD I/O from qemu-io) and the health reports
+it uploads to a provider (a real HTTP server implementing the upload contract:
+tests/fixtures/health_receiver.py), kept on disk while the provider is away and across a
+kill -9."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+
+import httpx
+import pytest
+
+from tests.fixtures.daemons import GatewayProcess, free_port, need
+from tests.fixtures.health_receiver import HealthReceiver, ReceiverServer
+from tests.fixtures.waiting import wait_for
+
+TOKEN = "0123456789abcdef-health-token"
+
+
+def _config(tmp_path, *, port: int | None = None, token_mode: int = 0o600) -> str:
+    lines = ["[health]", "interval = 0.3"]
+    if port is not None:
+        token = tmp_path / "metrics.token"
+        token.write_text(TOKEN + "\n")
+        os.chmod(token, token_mode)
+        lines += [
+            "[metrics]",
+            f'listen = "127.0.0.1:{port}"',
+            f'token_file = "{token}"',
+            'allow = ["10.0.0.0/8"]',
+        ]
+    path = tmp_path / "gateway.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _qemu_io(uri: str, *cmds: str) -> None:
+    args = [need("qemu-io"), "-f", "raw", uri]
+    for c in cmds:
+        args += ["-c", c]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True)
+    assert "failed" not in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def _scrape(port: int, token: str | None = TOKEN) -> httpx.Response:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", headers=headers, timeout=10)
+
+
+def _value(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    assert m is not None, f"{name}{labels} not in the scrape"
+    return float(m.group(1))
+
+
+@pytest.fixture
+def metrics_gateway(tmp_path):
+    port = free_port()
+    gw = GatewayProcess(
+        tmp_path / "gw", ["vol0:64M"], extra_args=["--config", _config(tmp_path, port=port)]
+    )
+    gw.start()
+    wait_for(lambda: "metrics endpoint listening" in gw.log_messages(), what="metrics listener")
+    yield gw, port
+    if gw.alive():
+        gw.stop()
+
+
+def test_metrics_need_the_token(metrics_gateway):
+    _gw, port = metrics_gateway
+    assert _scrape(port, None).status_code == 401
+    assert _scrape(port, "not-the-token-at-all-0000").status_code == 401
+    resp = httpx.get(f"http://127.0.0.1:{port}/other", timeout=10)
+    assert resp.status_code == 401  # no token: 401 whatever is asked
+    resp = _scrape(port)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+
+
+def test_metrics_move_with_nbd_io(metrics_gateway):
+    gw, port = metrics_gateway
+    before = _scrape(port).text
+    for name in (
+        "sgw_build_info",
+        "sgw_log_used_percent",
+        "sgw_log_used_bytes",
+        "sgw_queued_write_bytes",
+        "sgw_queued_write_oldest_seconds",
+        "sgw_read_bytes_total",
+        "sgw_write_bytes_total",
+        "sgw_read_latency_seconds",
+        "sgw_write_latency_seconds",
+        "sgw_recovery_point_age_seconds",
+        "sgw_nbd_connections",
+        "sgw_nbd_requests_in_flight",
+        "sgw_disk_errors_total",
+        "sgw_destage_errors_total",
+        "sgw_io_wait_seconds_total",
+        "sgw_uptime_seconds",
+        "sgw_volume_size_bytes",
+        "sgw_volume_passthrough",
+    ):
+        assert re.search(rf"^{name}\b", before, re.MULTILINE), name
+    assert _value(before, "sgw_volume_size_bytes", '{volume="vol0"}') == 64 << 20
+    written0 = _value(before, "sgw_write_bytes_total")
+    read0 = _value(before, "sgw_read_bytes_total")
+    writes0 = _value(before, "sgw_writes_total")
+
+    _qemu_io(gw.uri(), "write -P 0xab 0 1M", "flush", "read -P 0xab 0 1M")
+
+    after = _scrape(port).text
+    assert _value(after, "sgw_write_bytes_total") - written0 == 1 << 20
+    assert _value(after, "sgw_read_bytes_total") - read0 >= 1 << 20
+    assert _value(after, "sgw_volume_write_bytes_total", '{volume="vol0"}') >= 1 << 20
+    assert _value(after, "sgw_writes_total") > writes0
+    assert _value(after, "sgw_write_seconds_total") > 0
+    assert _value(after, "sgw_write_latency_seconds") > 0  # writes since the last scrape
+    # The write is in the log until the destager (idle 1 s) moves it to the volume disk.
+    build = re.search(r"^sgw_build_info\{(.*)\} 1\.0$", after, re.MULTILINE)
+    assert build is not None and 'version="' in build.group(1)
+
+
+def test_token_file_readable_by_others_keeps_the_listener_off(tmp_path):
+    port = free_port()
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        ["vol0:64M"],
+        extra_args=["--config", _config(tmp_path, port=port, token_mode=0o644)],
+    )
+    gw.start()
+    try:
+        wait_for(
+            lambda: any("metrics endpoint not started" in m for m in gw.log_messages()),
+            what="the refusal",
+        )
+        assert "chmod 600" in gw.log_text()
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
+            pass
+        _qemu_io(gw.uri(), "write 0 4k")  # the gateway serves regardless
+    finally:
+        gw.stop()
+
+
+def _buffered(gw: GatewayProcess) -> list[int]:
+    path = gw.data_dir / "health" / "reports.jsonl"
+    if not path.exists():
+        return []
+    seqs = []
+    for line in path.read_bytes().splitlines():
+        with contextlib.suppress(ValueError):
+            seqs.append(int(json.loads(line)["seq"]))
+    return seqs
+
+
+def test_reports_reach_the_provider_and_survive_its_absence_and_a_kill(tmp_path):
+    receiver = HealthReceiver()
+    server = ReceiverServer(receiver).start()
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        ["vol0:64M"],
+        extra_args=["--config", _config(tmp_path), "--provider", server.url],
+    )
+    try:
+        gw.start()
+        wait_for(lambda: len(receiver.stored) >= 3, what="three reports at the provider")
+        first = receiver.stored[min(receiver.stored)]
+        assert "started" in [e["kind"] for e in first["events"]]
+        assert first["version"] and "vol0" in first["volumes"]
+        assert first["volumes"]["vol0"]["size_bytes"] == 64 << 20
+        assert "log_used_percent" in first["gateway"]
+
+        server.stop()  # the provider is away: reports wait on disk
+        wait_for(lambda: len(_buffered(gw)) >= 3, what="reports buffered on disk")
+        waiting = _buffered(gw)
+        gw.kill()
+        assert set(waiting).isdisjoint(receiver.stored)
+
+        gw.start()
+        server.start()
+        wait_for(lambda: set(waiting) <= set(receiver.stored), what="the buffered reports uploaded")
+        wait_for(
+            lambda: any(
+                e["kind"] == "restart_after_crash"
+                for r in receiver.stored.values()
+                for e in r["events"]
+            ),
+            what="the restart after the kill reported",
+        )
+        seqs = sorted(receiver.stored)
+        assert seqs == sorted(set(receiver.arrived))  # nothing accepted went up twice
+        assert len(receiver.arrived) == len(set(receiver.arrived))
+        # seq grows across the kill: the new daemon's reports come after the old ones.
+        new = [
+            s
+            for s, r in receiver.stored.items()
+            if any(e["kind"] == "restart_after_crash" for e in r["events"])
+        ]
+        assert min(new) > max(waiting)
+        wait_for(lambda: not _buffered(gw), what="the buffer emptied once accepted")
+    finally:
+        if gw.alive():
+            gw.stop()
+        server.stop()
+    assert not (gw.data_dir / "running").exists()  # a clean stop leaves no marker
