@@ -4,6 +4,7 @@ endpoint, and starts and stops them with the daemon."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import platform
@@ -73,12 +74,15 @@ class HealthMonitor:
             return
         self._running = True
         data_dir = self.config.data_dir
+        # Files off the event loop: a swap's successor starts this while it serves.
         if not self._marked:  # once per process: a resumed swap is not a restart
-            check_previous_run(data_dir, self.detector, standby=self.standby)
+            await asyncio.to_thread(
+                check_previous_run, data_dir, self.detector, standby=self.standby
+            )
             self.detector.note("started", "info", f"sgw {version()} started (pid {os.getpid()})")
             self._marked = True
         if self.buffer is None:
-            self.buffer = ReportBuffer(data_dir)
+            self.buffer = await asyncio.to_thread(ReportBuffer, data_dir)
         self.reporter = HealthReporter(
             self.sampler,
             self.detector,
