@@ -179,3 +179,24 @@ def test_upload_to_a_real_provider(tmp_path):
         asyncio.run(run())
     finally:
         provider.stop()
+
+
+def test_a_refused_batch_is_dropped_not_retried_forever(tmp_path, receiver):
+    rec, server = receiver
+
+    async def run() -> None:
+        rep = _reporter(tmp_path, server.url)
+        try:
+            seq = rep.buffer.take_seq()
+            rep.buffer.append(seq, {"seq": seq, "at": "not a time"})  # the provider's 400
+            report = await rep.sample()
+            assert await rep.upload() == 0  # the bad batch went, dropped, nothing accepted
+            assert rep.buffer.dropped == 2 and len(rep.buffer) == 0
+            await rep.sample()
+            assert await rep.upload() == 1
+            assert report.seq == 1
+        finally:
+            await rep.stop()
+
+    asyncio.run(run())
+    assert sorted(rec.stored) == [2]

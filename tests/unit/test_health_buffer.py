@@ -93,3 +93,11 @@ def test_forget_through_keeps_the_newer_reports(tmp_path):
     assert buf.forget_through(1) == 2
     assert buf.forget_through(1) == 0
     assert ReportBuffer(str(tmp_path)).seqs() == [2, 3, 4]
+
+
+def test_reports_dropped_unsent_are_counted_durably(tmp_path):
+    buf = ReportBuffer(str(tmp_path))
+    _add(buf, 3)
+    assert buf.drop_through(1) == 2
+    again = ReportBuffer(str(tmp_path))
+    assert again.dropped == 2 and again.seqs() == [2]

@@ -121,6 +121,15 @@ class ReportBuffer:
             self._rewrite()
         return n
 
+    def drop_through(self, seq: int) -> int:
+        """Drops every report up to ``seq`` unsent (the provider refused them), counted
+        in ``dropped``; how many."""
+        n = self.forget_through(seq)
+        if n:
+            self.dropped += n
+            self._save_state()
+        return n
+
     # -- files ----------------------------------------------------------------------
 
     def _load(self) -> None:

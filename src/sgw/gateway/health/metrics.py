@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from sgw.common.health import MAX_VOLUMES_PER_REPORT
 from sgw.gateway.nbd.server import NbdServer
 from sgw.gateway.volume.chunk_cache import ChunkCache
 from sgw.gateway.volume.destager import Destager
@@ -223,7 +224,7 @@ class Sampler:
         committed = {} if src.uploader is None else src.uploader.committed_at
         volumes: dict[str, dict[str, float]] = {}
         worst_rpo = 0.0
-        for vol in vols:
+        for vol in sorted(vols, key=lambda v: v.name)[:MAX_VOLUMES_PER_REPORT]:
             io = vol.io
             key = f"volume:{vol.name}:"
             vraw = {

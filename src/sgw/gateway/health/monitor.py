@@ -32,6 +32,7 @@ def hypervisor() -> str:
                 value = f.read().strip()
         except OSError:
             continue
+        value = "".join(c for c in value if c.isprintable())
         if value:
             return value[:100]
     return ""
@@ -56,7 +57,7 @@ class HealthMonitor:
         self.sampler = Sampler(sources)
         self.labels = {
             "version": version(),
-            "kernel": platform.release()[:100],
+            "kernel": "".join(c for c in platform.release() if c.isprintable())[:100],
             "hypervisor": hypervisor(),
         }
         self.registry = build_registry(self.sampler, lambda: dict(self.labels))

@@ -39,6 +39,10 @@ class HealthUploadError(Exception):
     """The provider did not take a batch (unreachable, or an error status)."""
 
 
+class HealthRefusedError(HealthUploadError):
+    """The provider refused a batch as malformed (400): sending it again cannot help."""
+
+
 class HealthReporter:
     """Samples, buffers and uploads; ``report_now`` does all three at once."""
 
@@ -129,7 +133,18 @@ class HealthReporter:
         async with self._lock:
             while len(self.buffer):
                 batch = self.buffer.pending(MAX_REPORTS_PER_BATCH)
-                through = await self._send(batch)
+                try:
+                    through = await self._send(batch)
+                except HealthRefusedError as exc:
+                    # Kept, it would block every later report for good: dropped, loudly.
+                    last = int(str(batch[-1]["seq"]))
+                    await asyncio.to_thread(self.buffer.drop_through, last)
+                    LOG.error(
+                        "health reports refused by the provider, dropped: %s",
+                        exc,
+                        extra={"first": batch[0]["seq"], "last": last},
+                    )
+                    continue
                 n = await asyncio.to_thread(self.buffer.forget_through, through)
                 accepted += n
                 if n == 0:
@@ -152,6 +167,8 @@ class HealthReporter:
                 f"cannot reach the provider: {exc or type(exc).__name__}"
             ) from exc
         self.detector.observe_date(resp.headers.get("date"), sent, time.time())
+        if resp.status_code == 400:
+            raise HealthRefusedError(f"the provider refused the batch: {resp.text[:300]}")
         if resp.status_code != 200:
             raise HealthUploadError(f"the provider answered {resp.status_code}: {resp.text[:300]}")
         try:
@@ -178,6 +195,8 @@ class HealthReporter:
                     await self.sample()
                 except OSError as exc:  # a full or failing disk: the next interval tries again
                     LOG.error("health report not kept: %s", exc)
+                except Exception:  # a bug must not end reporting for good
+                    LOG.exception("health report failed")
                 next_report = now + self.interval
             wait = next_report - time.monotonic()
             if self._make_client is not None and len(self.buffer):
