@@ -80,7 +80,7 @@ async def serve(
         assert isinstance(green, Gateway)
         gateway = green
         if took_over is not None:
-            gateway.health.detector.note(
+            gateway.health.event_now(
                 "swap_done",
                 "info",
                 f"took over from sgw {took_over['from_version']} (pid {took_over['from_pid']}); "
@@ -108,7 +108,7 @@ async def serve(
             try:
                 result = await upgrade(gateway, release, serve_args, version(), timeouts)
             except SgwError as exc:
-                gateway.health.detector.note("swap_failed", "error", f"swap to {release}: {exc}")
+                gateway.health.event_now("swap_failed", "error", f"swap to {release}: {exc}")
                 raise
         gateway.admin.after_answer = swapped.set
         return result.describe()

@@ -104,6 +104,12 @@ class HealthMonitor:
             else:
                 self.metrics = server
 
+    def event_now(self, kind: str, severity: str, detail: str) -> None:
+        """Records an event and has it reported at once, not at the next interval."""
+        self.detector.note(kind, severity, detail)
+        if self.reporter is not None and self._running:
+            self.reporter.report_soon()
+
     async def pause(self) -> None:
         """Stops reporting and /metrics (the swap: the successor binds the port and
         reports from now on; ``start`` again if the swap is called off)."""

@@ -71,6 +71,7 @@ class HealthReporter:
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
+        self._report_soon = False
         self.failures = 0
         self.last_error = ""
         self.uploaded = 0  # reports the provider accepted since start
@@ -123,6 +124,12 @@ class HealthReporter:
                 LOG.warning("health report not uploaded yet: %s", exc)
                 self._kick.set()
         return report
+
+    def report_soon(self) -> None:
+        """Samples the next report now instead of at the interval (an event worth telling
+        at once: a swap done or failed)."""
+        self._report_soon = True
+        self._kick.set()
 
     async def upload(self) -> int:
         """Sends every buffered report, batch by batch; returns how many were accepted.
@@ -190,7 +197,8 @@ class HealthReporter:
         next_report = time.monotonic()
         while True:
             now = time.monotonic()
-            if now >= next_report:
+            if now >= next_report or self._report_soon:
+                self._report_soon = False
                 try:
                     await self.sample()
                 except OSError as exc:  # a full or failing disk: the next interval tries again
