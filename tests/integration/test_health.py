@@ -7,6 +7,7 @@ kill -9."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from sgw.common.health import HealthReport
-from tests.fixtures.daemons import GatewayProcess, free_port, need
+from tests.fixtures.daemons import GatewayProcess, free_port, need, non_loopback_address
 from tests.fixtures.health_receiver import HealthReceiver, ReceiverServer
 from tests.fixtures.management import activated_gateway
 from tests.fixtures.waiting import wait_for
@@ -26,7 +27,14 @@ from tests.fixtures.waiting import wait_for
 TOKEN = "0123456789abcdef-health-token"
 
 
-def _config(tmp_path, *, port: int | None = None, token_mode: int = 0o600) -> str:
+def _config(
+    tmp_path,
+    *,
+    port: int | None = None,
+    token_mode: int = 0o600,
+    host: str = "127.0.0.1",
+    allow: str = "198.51.100.0/24",
+) -> str:
     lines = ["[health]", "interval = 0.3"]
     if port is not None:
         token = tmp_path / "metrics.token"
@@ -34,9 +42,9 @@ def _config(tmp_path, *, port: int | None = None, token_mode: int = 0o600) -> st
         os.chmod(token, token_mode)
         lines += [
             "[metrics]",
-            f'listen = "127.0.0.1:{port}"',
+            f'listen = "{host}:{port}"',
             f'token_file = "{token}"',
-            'allow = ["10.0.0.0/8"]',
+            f'allow = ["{allow}"]',
         ]
     path = tmp_path / "gateway.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -146,6 +154,35 @@ def test_token_file_readable_by_others_keeps_the_listener_off(tmp_path):
         with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
             pass
         _qemu_io(gw.uri(), "write 0 4k")  # the gateway serves regardless
+    finally:
+        gw.stop()
+
+
+def test_sources_outside_allow_get_no_answer(tmp_path):
+    """Loopback and the allow networks are let in; another source is closed on at once,
+    token or not (as the appliance's firewall would drop it)."""
+    addr = non_loopback_address()
+    if addr is None:
+        pytest.fail("this host has no non-loopback IPv4 address to connect from")
+    # A documentation network that is not this host's.
+    nets = ["198.51.100.0/24", "203.0.113.0/24"]
+    allow = next(n for n in nets if ipaddress.ip_address(addr) not in ipaddress.ip_network(n))
+    port = free_port()
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        ["vol0:64M"],
+        extra_args=["--config", _config(tmp_path, port=port, host="0.0.0.0", allow=allow)],
+    )
+    gw.start()
+    try:
+        wait_for(lambda: "metrics endpoint listening" in gw.log_messages(), what="the listener")
+        assert _scrape(port).status_code == 200  # loopback
+        with pytest.raises(httpx.TransportError):  # closed on, nothing read or answered
+            httpx.get(
+                f"http://{addr}:{port}/metrics",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=10,
+            )
     finally:
         gw.stop()
 
