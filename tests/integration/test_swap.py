@@ -25,7 +25,15 @@ from typing import Any
 import nbd
 import pytest
 
-from tests.fixtures.daemons import SGW, GatewayProcess, ProviderProcess, free_port, need, serving
+from tests.fixtures.daemons import (
+    SGW,
+    GatewayProcess,
+    ProviderProcess,
+    buffered_health_events,
+    free_port,
+    need,
+    serving,
+)
 from tests.fixtures.waiting import wait_for
 
 MIB = 1 << 20
@@ -340,6 +348,11 @@ def test_a_swap_called_off_leaves_blue_serving(faulted: Faulted) -> None:
     assert answer["returncode"] != 0, "the swap should have been called off"
     assert "swap" in str(answer["stderr"]) or "daemon" in str(answer["stderr"]), answer
     _after_fault(faulted, blue_serves=True)
+    wait_for(
+        lambda: "swap_failed" in buffered_health_events(faulted.gw.data_dir),
+        what="swap_failed reported",
+    )
+    assert "restart_after_crash" not in buffered_health_events(faulted.gw.data_dir)
 
 
 @pytest.mark.parametrize("faulted", ["blue-after-handover=exit"], indirect=True)
@@ -381,6 +394,10 @@ def test_a_swap_to_a_release_slot_makes_it_current(tmp_path: Path) -> None:
             "reason": "",
         }
         assert os.readlink(root / "current") == str(root / "releases" / "2")
+        # Green reports the swap at once (no provider here: the report waits on disk).
+        wait_for(
+            lambda: "swap_done" in buffered_health_events(gw.data_dir), what="swap_done reported"
+        )
         [pid] = serving(gw.data_dir)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             assert str(root / "releases" / "2" / "bin" / "sgw").encode() in f.read().split(b"\0")

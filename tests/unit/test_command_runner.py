@@ -57,6 +57,7 @@ class FakeHost:
     log_data: set[str] = field(default_factory=set)  # volumes the write log holds data of
     hurries_to_drain: int = 2  # hurry_destager calls until the log is drained
     connections: dict[str, int] = field(default_factory=dict)
+    health_reports: int = 0
     bind_error: BaseException | None = None
     destage_error: str = ""
     calls: list[tuple[Any, ...]] = field(default_factory=list)
@@ -88,6 +89,10 @@ class FakeHost:
 
     def control_info(self) -> dict[str, Any]:
         return {"connected": True}
+
+    async def health_report(self) -> dict[str, Any]:
+        self.health_reports += 1
+        return {"seq": self.health_reports - 1, "report": {"seq": self.health_reports - 1}}
 
     def volume(self, name: str) -> FakeVolume | None:
         return self.volumes.get(name)
@@ -202,6 +207,22 @@ def test_describe_adds_the_gateway_facts_to_its_status(host: FakeHost) -> None:
     assert gateway["version"] == __version__ and gateway["uptime_s"] >= 0
     assert gateway["bandwidth"] == {"upload": 1000, "download": None}
     assert gateway["control"] == {"connected": True}
+
+
+def test_health_report_samples_through_the_host_each_time(host: FakeHost) -> None:
+    runner = CommandRunner(host)
+    assert execute(runner, "health_report") == {"seq": 0, "report": {"seq": 0}}
+    assert execute(runner, "health_report")["seq"] == 1
+    assert host.health_reports == 2
+
+
+def test_health_report_runs_beside_other_commands() -> None:
+    from sgw.gateway.link.channel import lane_of
+    from sgw.gateway.link.journal import Command
+
+    cmds = [Command(str(i), "health_report", {}, str(i), 0.0) for i in range(2)]
+    assert lane_of(cmds[0]) != lane_of(cmds[1])
+    assert lane_of(cmds[0]) != "gateway"
 
 
 def test_diagnostics_bundle_holds_state_configuration_and_logs(host: FakeHost) -> None:

@@ -25,6 +25,7 @@ from sgw.common.commands import (
     DeleteVolumeArgs,
     DescribeArgs,
     DiagnosticsArgs,
+    HealthReportArgs,
     SetBandwidthArgs,
     SnapshotArgs,
     SyncChapArgs,
@@ -46,6 +47,7 @@ rates = st.none() | st.integers(min_value=0, max_value=(1 << 63) - 1)
 any_args = st.one_of(
     st.builds(DescribeArgs),
     st.builds(DiagnosticsArgs),
+    st.builds(HealthReportArgs),
     st.builds(SetBandwidthArgs, upload=rates, download=rates),
     st.builds(
         SnapshotArgs,

@@ -18,6 +18,7 @@ changed only compatibly.
 | delete_volume  | volume_id, drain, volume                                  |
 | sync_chap      | volume_id, volume                                         |
 | update         | version (optional), now                                   |
+| health_report  | -  (replies {"seq": N, "report": the report's JSON})      |
 
 ``volume`` is the volume's name on the gateway, ``volume_id`` its id at the provider. A
 volume's name (``name``, ``volume``) is checked against the gateway's rule
@@ -43,6 +44,7 @@ TYPES = (
     "delete_volume",
     "sync_chap",
     "update",
+    "health_report",
 )
 
 Mode = Literal["stored", "cached"]
@@ -77,6 +79,19 @@ class DescribeArgs:
 @dataclass(frozen=True, slots=True)
 class DiagnosticsArgs:
     """``diagnostics``: a bundle of logs, state and configuration; no arguments."""
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> Self:
+        return cls()
+
+    def to_args(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReportArgs:
+    """``health_report``: the gateway samples a health report now, uploads it at once and
+    replies with it (sgw.common.health); no arguments."""
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> Self:
@@ -230,6 +245,7 @@ SCHEMAS: dict[str, type[CommandArgs]] = {
     "delete_volume": DeleteVolumeArgs,
     "sync_chap": SyncChapArgs,
     "update": UpdateArgs,
+    "health_report": HealthReportArgs,
 }
 
 

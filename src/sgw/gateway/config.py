@@ -48,6 +48,14 @@ Example (every key optional except what a volume needs)::
     socket = "/run/sgw/update-agent.sock" # where it listens for the daemon's `update` command
     root = "/opt/sgw"                     # the release slots' root (releases/, current)
 
+    [health]                              # the health reporter (docs/health.md)
+    interval = 60                         # seconds between reports to the provider
+
+    [metrics]                             # a local Prometheus /metrics (default: off)
+    listen = "192.0.2.10:9750"            # ADDR:PORT to serve it on
+    token_file = "/etc/sgw/metrics.token" # the bearer token scrapers send (mode 0600)
+    allow = ["192.0.2.0/24"]              # source networks (the appliance's firewall)
+
     [[volumes]]
     name = "vol0"
     size = "10G"
@@ -58,6 +66,7 @@ Example (every key optional except what a volume needs)::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -201,6 +210,25 @@ class UpdatesConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """The health reporter (sgw.gateway.health): how often it samples and uploads."""
+
+    # Seconds between reports: the provider notices a silent gateway after a few of them
+    # (its heartbeat), and 1,440 reports a day stay well inside the on-disk buffer.
+    interval: float = 60.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The optional local Prometheus endpoint (off unless ``listen`` is set)."""
+
+    host: str | None = None
+    port: int = 0
+    token_file: str = ""
+    allow: tuple[str, ...] = ()  # source networks (CIDR); empty: nobody beyond loopback
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything ``sgw gateway serve`` needs."""
 
@@ -217,6 +245,8 @@ class GatewayConfig:
     control: ControlConfig = field(default_factory=ControlConfig)
     lio: LioConfig | None = None  # [lio]: iSCSI export through LIO (the appliance)
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def parse_volume_flag(text: str) -> tuple[str, int]:
@@ -285,7 +315,7 @@ def load(
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
     known = {
         *("data_dir", "log_level", "write_log", "destage", "nbd", "volumes", "remote", "cache"),
-        *("activation", "control", "lio", "updates"),
+        *("activation", "control", "lio", "updates", "health", "metrics"),
     }
     for key in doc:
         if key not in known:
@@ -412,7 +442,50 @@ def load(
         control=control,
         lio=parse_lio(_table(doc, "lio", LIO_KEYS)),
         updates=_updates(_table(doc, "updates", {"enabled", "check_interval", "socket", "root"})),
+        health=_health(_table(doc, "health", {"interval"})),
+        metrics=_metrics(_table(doc, "metrics", {"listen", "token_file", "allow"})),
     )
+
+
+def _health(table: dict[str, Any]) -> HealthConfig:
+    interval = table.get("interval", 60.0)
+    if isinstance(interval, bool) or not isinstance(interval, int | float):
+        interval = -1
+    if not 0.1 <= interval <= 3600:
+        raise ConfigError(
+            f"health.interval: {table.get('interval')!r} must be 0.1 to 3600 seconds (default 60)"
+        )
+    return HealthConfig(float(interval))
+
+
+def _metrics(table: dict[str, Any]) -> MetricsConfig:
+    listen = table.get("listen")
+    if listen is None:
+        if table:
+            raise ConfigError('[metrics] needs listen = "ADDR:PORT" (or remove the table)')
+        return MetricsConfig()
+    host, sep, port = str(listen).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"metrics.listen {listen!r}: expected ADDR:PORT, e.g. 192.0.2.10:9750")
+    token_file = table.get("token_file")
+    if not isinstance(token_file, str) or not token_file:
+        raise ConfigError(
+            "metrics.token_file: give the file (mode 0600) that holds the bearer token "
+            "scrapers must send; /metrics is never served without one"
+        )
+    allow = table.get("allow", [])
+    if not isinstance(allow, list):
+        raise ConfigError('metrics.allow: must be a list of networks like ["192.0.2.0/24"]')
+    nets = []
+    for item in allow:
+        try:
+            nets.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError:
+            raise ConfigError(
+                f"metrics.allow: {item!r} is not a network (CIDR, e.g. 192.0.2.0/24)"
+            ) from None
+    return MetricsConfig(host, int(port), os.path.abspath(token_file), tuple(nets))
 
 
 def _updates(table: dict[str, Any]) -> UpdatesConfig:

@@ -30,6 +30,8 @@ from sgw.gateway.admin_socket import AdminOps, AdminServer, socket_path
 from sgw.gateway.config import GatewayConfig, RemoteConfig
 from sgw.gateway.handover.record import VERSION as RECORD_VERSION
 from sgw.gateway.handover.record import HandoverRecord, SnapshotRecord
+from sgw.gateway.health.metrics import Sources
+from sgw.gateway.health.monitor import HealthMonitor
 from sgw.gateway.link.activation import Activation, tls_verify
 from sgw.gateway.link.channel import ControlChannel
 from sgw.gateway.link.command_runner import CommandRunner
@@ -162,6 +164,23 @@ class Gateway:
             GatewayCommandHost(self), update_socket=self.config.updates.socket
         )
         self.control = self._control_channel()
+        # Metrics, events and the health reporter (sgw.gateway.health).
+        self.health = HealthMonitor(
+            config,
+            Sources(
+                engine=self.engine,
+                destager=self.destager,
+                server=self.server,
+                uploader=self.uploader,
+                cache=self.cache,
+                downloads=lambda: [] if self.read_client is None else [self.read_client],
+                control_connected=lambda: None if self.control is None else self.control.connected,
+                swap_pause=self._swap_pause,
+                disk_paths=self._disk_paths,
+            ),
+            client=None if config.remote is None else self._health_client,
+            standby=standby,
+        )
         # iSCSI through LIO (the appliance): each volume on /dev/nbdN, one target each.
         self.lio = LioExporter.from_config(
             config,
@@ -188,6 +207,28 @@ class Gateway:
             wait=config.control.wait,
             ready=self.activation.activated,
         )
+
+    def _health_client(self) -> httpx.AsyncClient:
+        """The health reporter's signed client to the provider."""
+        r = self.config.remote
+        assert r is not None
+        return httpx.AsyncClient(
+            base_url=r.url,
+            auth=self.auth,
+            verify=tls_verify(r),
+            timeout=httpx.Timeout(30.0, connect=5.0),
+        )
+
+    def _swap_pause(self) -> float | None:
+        """The I/O pause of the swap that made this daemon serve (None: not a swap)."""
+        took_over = self.admin.ops.daemon.get("took_over")
+        return None if not took_over else float(took_over["pause_s"])
+
+    def _disk_paths(self) -> list[str]:
+        """The files whose disks' I/O wait the metrics report."""
+        c = self.config
+        paths = [c.data_dir, c.log_path, *(s.path for s in c.volumes if s.path)]
+        return paths if c.cache is None else [*paths, c.cache.path]
 
     def take_lock(self) -> None:
         """Takes the data directory's lock: one daemon serves it. A swap's successor
@@ -235,6 +276,7 @@ class Gateway:
         self.commands.install()
         if self.control is not None:
             await self.control.start()
+        await self.health.start()
 
     def _start_background(self) -> None:
         """The restores, the cached volumes' map loads and the status monitor."""
@@ -259,6 +301,7 @@ class Gateway:
         write log (the destager at a safe point, the control channel, restores and map
         loads) and saves the registry; the NBD path goes on serving."""
         self._quieted = True
+        await self.health.pause()
         await self.destager.pause(grace)
         if self.control is not None:
             await self.control.stop(grace)
@@ -284,6 +327,7 @@ class Gateway:
         self.control = self._control_channel()
         if self.control is not None:
             await self.control.start()
+        await self.health.start()
 
     async def fence(self, deadline: float) -> float:
         """Blue, green ready: makes the log durable while still serving, then stops
@@ -411,6 +455,7 @@ class Gateway:
             await self.lio.stop()
         if self.control is not None:
             await self.control.stop()
+        await self.health.stop()
         await self.commands.close()
         await self.admin.stop()
         await self.server.shutdown()
@@ -620,6 +665,13 @@ class GatewayCommandHost:
     def control_info(self) -> dict[str, Any]:
         control = self._gw.control
         return {} if control is None else control.info()
+
+    async def health_report(self) -> dict[str, Any]:
+        reporter = self._gw.health.reporter
+        if reporter is None:
+            raise SgwError("the health reporter is not running (the daemon is starting)")
+        report = await reporter.report_now()
+        return {"seq": report.seq, "report": report.to_json()}
 
     @property
     def registry(self) -> Mapping[str, RegistryEntry]:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sgw import version
-from sgw.common.errors import HandoverRefusedError
+from sgw.common.errors import HandoverRefusedError, SgwError
 from sgw.gateway.config import GatewayConfig
 from sgw.gateway.daemon import Gateway, set_io_flusher
 from sgw.gateway.handover.swap import DEFAULT_TIMEOUTS, Green, SwapTimeouts, standby, upgrade
@@ -79,6 +79,13 @@ async def serve(
         green = await standby(standby_fd, version(), open_green, notify, timeouts, on_owned=owned)
         assert isinstance(green, Gateway)
         gateway = green
+        if took_over is not None:
+            gateway.health.event_now(
+                "swap_done",
+                "info",
+                f"took over from sgw {took_over['from_version']} (pid {took_over['from_pid']}); "
+                f"I/O paused {took_over['pause_s']:.3f} s",
+            )
     gateway.admin.ops.daemon = {"pid": os.getpid(), "version": version(), "took_over": took_over}
     LOG.info(
         "gateway ready",
@@ -98,7 +105,11 @@ async def serve(
         if swapping.locked():
             raise HandoverRefusedError("a swap of this daemon is in progress already")
         async with swapping:
-            result = await upgrade(gateway, release, serve_args, version(), timeouts)
+            try:
+                result = await upgrade(gateway, release, serve_args, version(), timeouts)
+            except SgwError as exc:
+                gateway.health.event_now("swap_failed", "error", f"swap to {release}: {exc}")
+                raise
         gateway.admin.after_answer = swapped.set
         return result.describe()
 

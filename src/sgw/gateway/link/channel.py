@@ -62,7 +62,7 @@ MAX_REFUSED = 64
 
 Executor = Callable[[Command], Awaitable[dict[str, Any]]]
 # Commands that change nothing: each runs on its own, beside whatever else runs.
-READ_ONLY = frozenset({"describe", "diagnostics"})
+READ_ONLY = frozenset({"describe", "diagnostics", "health_report"})
 
 
 def lane_of(cmd: Command) -> str:

@@ -34,6 +34,7 @@ from sgw.common.commands import (
     DeleteVolumeArgs,
     DescribeArgs,
     DiagnosticsArgs,
+    HealthReportArgs,
     SetBandwidthArgs,
     SnapshotArgs,
     SyncChapArgs,
@@ -110,6 +111,10 @@ class CommandHost(Protocol):
 
     def control_info(self) -> dict[str, Any]:
         """The control channel's state; empty without one."""
+        ...
+
+    async def health_report(self) -> dict[str, Any]:
+        """Samples a health report now and uploads it: ``{"seq": N, "report": {...}}``."""
         ...
 
     # -- volumes ----------------------------------------------------------------------
@@ -233,6 +238,7 @@ class CommandRunner:
             "delete_volume": _handler(DeleteVolumeArgs, self._delete_volume),
             "sync_chap": _handler(SyncChapArgs, self._sync_chap),
             "update": _handler(UpdateArgs, self._update),
+            "health_report": _handler(HealthReportArgs, self._health_report),
         }
 
     def install(self) -> None:
@@ -288,6 +294,9 @@ class CommandRunner:
             "sha256": hashlib.sha256(bundle).hexdigest(),
             "files": [*sorted(files), "logs.jsonl"],
         }
+
+    async def _health_report(self, _a: HealthReportArgs) -> dict[str, Any]:
+        return await self.host.health_report()
 
     async def _snapshot(self, a: SnapshotArgs) -> dict[str, Any]:
         return await self.host.snapshot(a.volume, a.description, a.wait)

@@ -17,6 +17,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
+from time import perf_counter_ns as _now
 from typing import TYPE_CHECKING, Any, cast
 
 from sgw.common.errors import HandoverError, SgwError
@@ -25,7 +26,7 @@ from sgw.gateway.nbd.negotiation import Negotiation, greeting
 from sgw.gateway.nbd.state import HANDSHAKE, TRANSMISSION, ConnectionState
 from sgw.gateway.volume.cached_base import CachedBaseStore
 from sgw.gateway.volume.index import BLOCK
-from sgw.gateway.volume.volume import LazyRestore, Volume
+from sgw.gateway.volume.volume import IoStats, LazyRestore, Volume
 
 if TYPE_CHECKING:
     from sgw.gateway.nbd.server import NbdServer
@@ -87,6 +88,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._payload_view: memoryview | None = None
         self._payload_got = 0
         self._payload_req: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._payload_t0 = 0
+        # When the batch being parsed arrived (perf_counter_ns): the start of the latency
+        # of each request in it that is answered later (see _read_reply, _do_write).
+        self._t0 = 0
         self._out: list[bytes | bytearray | memoryview] = []
         self._stalls = 0  # writes of this connection waiting for log space
         self._write_paused = False
@@ -105,6 +110,11 @@ class NbdConnection(asyncio.BufferedProtocol):
     def transport(self) -> asyncio.Transport | None:
         """The connection's transport (None once closed)."""
         return self._transport
+
+    @property
+    def in_flight(self) -> int:
+        """Requests taken and not answered yet (the health metrics read it)."""
+        return self._inflight
 
     @property
     def volume(self) -> Volume | None:
@@ -166,7 +176,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             payload, flags, cookie, offset = self._payload_view, *self._payload_req[:3]
             self._payload_view = None
             self._out_begin()
-            self._write(flags, cookie, offset, payload)
+            self._write(flags, cookie, offset, payload, t0=self._payload_t0)
             self._out_flush()
             if not self._stalled:
                 self._process()
@@ -317,8 +327,19 @@ class NbdConnection(asyncio.BufferedProtocol):
         try:
             if self._negotiation is not None:
                 self._handshake()
-            if self._volume is not None:
+            vol = self._volume
+            if vol is not None:
+                # Latency per received batch, not per request (a clock read costs about
+                # as much as the rest of a 4 KiB read's accounting): every request the
+                # batch answers inline is answered by the end of it, in one writelines.
+                io = vol.io
+                reads, writes = io.reads, io.writes
+                t0 = self._t0 = _now()
                 self._transmission()
+                if io.reads != reads or io.writes != writes:
+                    dt = _now() - t0
+                    io.read_ns += dt * (io.reads - reads)
+                    io.write_ns += dt * (io.writes - writes)
         finally:
             self._out_flush()
         if self._start == self._end:
@@ -381,6 +402,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self._payload_view = payload
                     self._payload_got = have
                     self._payload_req = (flags, cookie, offset, length)
+                    self._payload_t0 = self._t0
                     pos = end
                     break
                 data = view[pos + _REQ : pos + _REQ + length]
@@ -441,6 +463,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             error = p.ESHUTDOWN
         elif task.exception() is not None:
             LOG.error("flush failed", exc_info=task.exception(), extra={"peer": self.peer})
+            if isinstance(task.exception(), OSError):
+                self.server.disk_errors += 1
             error = p.EIO
         self._send_now(_simple(p.SIMPLE_REPLY_MAGIC, error, cookie))
         self._maybe_close()
@@ -450,11 +474,22 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         vol = self._volume
         assert vol is not None
-        self._read_from(vol, flags, cookie, offset, length)
+        self._read_from(vol, flags, cookie, offset, length, t0=0)
 
     def _read_from(
-        self, vol: Volume, flags: int, cookie: int, offset: int, length: int, *, attempt: int = 0
+        self,
+        vol: Volume,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        *,
+        t0: int,
+        attempt: int = 0,
     ) -> None:
+        """Reads and replies (now, or once the base's chunks are local). ``t0``: when the
+        request arrived (perf_counter_ns), for the volume's latency total; 0: in the batch
+        being parsed, answered inline (the batch's time counts, see _process)."""
         if flags & ~_READ_FLAGS or length > p.MAX_PAYLOAD or offset + length > vol.size:
             self._error(cookie, p.EINVAL, True, "read out of range or bad flags")
             return
@@ -482,7 +517,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                     return
                 self._inflight += 1
                 task = asyncio.get_running_loop().create_task(cached.ensure(spans))
-                req = (flags, cookie, offset, length, attempt)
+                req = (flags, cookie, offset, length, attempt, t0 or self._t0)
                 task.add_done_callback(lambda t: self._fetched(t, vol, cached, req))
                 return
         restore = vol.restore
@@ -492,7 +527,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             if spans and not all(restore.is_restored(o, n) for o, n in spans):
                 self._inflight += 1
                 rtask = asyncio.get_running_loop().create_task(_ensure_all(restore, spans))
-                req = (flags, cookie, offset, length, attempt)
+                req = (flags, cookie, offset, length, attempt, t0 or self._t0)
                 rtask.add_done_callback(lambda t: self._restored(t, vol, req))
                 return
         if length >= _OFFLOAD_READ and not vol.index.touches(offset >> 12, (length + 4095) >> 12):
@@ -502,26 +537,31 @@ class NbdConnection(asyncio.BufferedProtocol):
             fut = asyncio.get_running_loop().run_in_executor(
                 self.server.read_pool, vol.base.read, offset, length
             )
-            fut.add_done_callback(lambda f: self._read_done(f, cookie, offset, length))
+            start = t0 or self._t0
+            fut.add_done_callback(
+                lambda f: self._read_done(f, cookie, offset, length, io=vol.io, t0=start)
+            )
             return
         try:
             data = vol.read(offset, length)
         except (OSError, SgwError) as exc:
             LOG.error("read failed", extra={"volume": vol.name, "error": str(exc)})
+            if isinstance(exc, OSError):
+                self.server.disk_errors += 1
             self._error(cookie, p.EIO, True, "read failed")
             return
-        self._read_reply(cookie, offset, length, data)
+        self._read_reply(cookie, offset, length, data, io=vol.io, t0=t0)
 
     def _fetched(
         self,
         task: asyncio.Task[list[str]],
         vol: Volume,
         cached: CachedBaseStore,
-        req: tuple[int, int, int, int, int],
+        req: tuple[int, int, int, int, int, int],
     ) -> None:
         """The chunks of a cached read are fetched and pinned: the read runs inline now."""
         self._inflight -= 1
-        flags, cookie, offset, length, attempt = req
+        flags, cookie, offset, length, attempt, t0 = req
         self._out_begin()
         if task.cancelled():
             self._error(cookie, p.ESHUTDOWN, True, "shutting down")
@@ -534,18 +574,18 @@ class NbdConnection(asyncio.BufferedProtocol):
         else:
             pinned = task.result()
             try:
-                self._read_from(vol, flags, cookie, offset, length, attempt=attempt + 1)
+                self._read_from(vol, flags, cookie, offset, length, t0=t0, attempt=attempt + 1)
             finally:
                 cached.unpin(pinned)
         self._out_flush()
         self._maybe_close()
 
     def _restored(
-        self, task: asyncio.Task[None], vol: Volume, req: tuple[int, int, int, int, int]
+        self, task: asyncio.Task[None], vol: Volume, req: tuple[int, int, int, int, int, int]
     ) -> None:
         """The chunks of a read are restored from the snapshot: the read runs now."""
         self._inflight -= 1
-        flags, cookie, offset, length, attempt = req
+        flags, cookie, offset, length, attempt, t0 = req
         self._out_begin()
         if task.cancelled():
             self._error(cookie, p.ESHUTDOWN, True, "shutting down")
@@ -556,23 +596,47 @@ class NbdConnection(asyncio.BufferedProtocol):
             )
             self._error(cookie, p.EIO, True, "restore from the snapshot failed")
         else:
-            self._read_from(vol, flags, cookie, offset, length, attempt=attempt + 1)
+            self._read_from(vol, flags, cookie, offset, length, t0=t0, attempt=attempt + 1)
         self._out_flush()
         self._maybe_close()
 
-    def _read_done(self, fut: asyncio.Future[bytes], cookie: int, offset: int, length: int) -> None:
+    def _read_done(
+        self,
+        fut: asyncio.Future[bytes],
+        cookie: int,
+        offset: int,
+        length: int,
+        *,
+        io: IoStats,
+        t0: int,
+    ) -> None:
         self._inflight -= 1
         self._out_begin()
         exc = fut.exception()
         if exc is not None:
             LOG.error("read failed", extra={"offset": offset, "error": str(exc)})
+            if isinstance(exc, OSError):
+                self.server.disk_errors += 1
             self._error(cookie, p.EIO, True, "read failed")
         else:
-            self._read_reply(cookie, offset, length, fut.result())
+            self._read_reply(cookie, offset, length, fut.result(), io=io, t0=t0)
         self._out_flush()
         self._maybe_close()
 
-    def _read_reply(self, cookie: int, offset: int, length: int, data: bytes | bytearray) -> None:
+    def _read_reply(
+        self,
+        cookie: int,
+        offset: int,
+        length: int,
+        data: bytes | bytearray,
+        *,
+        io: IoStats,
+        t0: int,
+    ) -> None:
+        io.reads += 1
+        io.read_bytes += length
+        if t0:  # answered later than its batch
+            io.read_ns += _now() - t0
         if self._structured:
             hdr = _structured(
                 p.STRUCTURED_REPLY_MAGIC,
@@ -586,7 +650,10 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._out.append(_simple(p.SIMPLE_REPLY_MAGIC, 0, cookie))
         self._out.append(data)
 
-    def _write(self, flags: int, cookie: int, offset: int, data: memoryview | bytearray) -> None:
+    def _write(
+        self, flags: int, cookie: int, offset: int, data: memoryview | bytearray, t0: int = 0
+    ) -> None:
+        """``t0``: when the request arrived; 0: in the batch being parsed (see _read_from)."""
         vol = self._volume
         assert vol is not None
         self.server.requests += 1
@@ -601,15 +668,16 @@ class NbdConnection(asyncio.BufferedProtocol):
             # A partial block of a cached or restoring volume: the rest of the block comes
             # from the provider first (off this inline path).
             held = bytearray(data)
+            start = t0 or self._t0
             self._after_edges(
                 vol,
                 offset,
                 length,
                 cookie,
-                lambda: self._write_now(vol, flags, cookie, offset, held),
+                lambda: self._write_now(vol, flags, cookie, offset, held, t0=start),
             )
             return
-        self._write_now(vol, flags, cookie, offset, data)
+        self._write_now(vol, flags, cookie, offset, data, t0=t0)
 
     def _write_now(
         self,
@@ -619,12 +687,14 @@ class NbdConnection(asyncio.BufferedProtocol):
         offset: int,
         data: memoryview | bytearray,
         *,
+        t0: int,
         throttled: bool = False,
     ) -> None:
         delay = 0.0 if throttled else throttle_delay(self.log.used / self.log.data_size)
         if delay:
             # Backpressure, not a cliff: the fuller the log, the later the reply.
             held_data = bytearray(data) if isinstance(data, memoryview) else data
+            start = t0 or self._t0
             self.server.throttled += 1
             self._inflight += 1
 
@@ -633,7 +703,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 if self._transport is None:
                     return
                 self._out_begin()
-                self._write_now(vol, flags, cookie, offset, held_data, throttled=True)
+                self._write_now(vol, flags, cookie, offset, held_data, t0=start, throttled=True)
                 self._out_flush()
                 self._maybe_close()
 
@@ -643,9 +713,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self.log.space_waiters or not self.log.fits(need):
             # Copy the payload: the receive buffer is reused while this write waits.
             held = bytearray(data) if isinstance(data, memoryview) else data
-            self._stall(need, lambda: self._do_write(vol, flags, cookie, offset, held))
+            start = t0 or self._t0
+            self._stall(need, lambda: self._do_write(vol, flags, cookie, offset, held, t0=start))
             return
-        self._do_write(vol, flags, cookie, offset, data)
+        self._do_write(vol, flags, cookie, offset, data, t0=t0)
 
     @staticmethod
     def _edge_spans(vol: Volume, offset: int, length: int) -> list[tuple[int, int]]:
@@ -718,14 +789,28 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._maybe_close()
 
     def _do_write(
-        self, vol: Volume, flags: int, cookie: int, offset: int, data: memoryview | bytearray
+        self,
+        vol: Volume,
+        flags: int,
+        cookie: int,
+        offset: int,
+        data: memoryview | bytearray,
+        *,
+        t0: int,
     ) -> None:
         try:
             vol.write(offset, data)
         except (OSError, SgwError) as exc:
             LOG.error("write failed", extra={"volume": vol.name, "error": str(exc)})
+            if isinstance(exc, OSError):
+                self.server.disk_errors += 1
             self._error(cookie, p.EIO)
             return
+        io = vol.io
+        io.writes += 1
+        io.write_bytes += len(data)
+        if t0:  # answered later than its batch
+            io.write_ns += _now() - t0
         self._written(flags, cookie)
 
     def _written(self, flags: int, cookie: int) -> None:

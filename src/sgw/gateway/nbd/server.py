@@ -49,6 +49,7 @@ class NbdServer:
         self.shutting_down = False
         self.requests = 0
         self.throttled = 0  # writes held back because the log was filling up
+        self.disk_errors = 0  # requests failed by an OSError of the log or a local disk
 
     # -- exports ----------------------------------------------------------------------
 

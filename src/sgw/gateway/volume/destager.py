@@ -214,6 +214,7 @@ class Destager:
         self._uploading: asyncio.Future[Any] | None = None
         self.failures = 0  # consecutive failed batches
         self.last_error = ""  # why the last batch failed (while failures > 0)
+        self.errors_total = 0  # failed passes since the start (the health metrics)
         self.last_append = time.monotonic()
         self.batches = 0
         self.bytes_destaged = 0
@@ -346,6 +347,7 @@ class Destager:
     def _failed(self, exc: Exception) -> float:
         """Counts and logs a failed pass; returns how long to wait before the next try."""
         self.failures += 1
+        self.errors_total += 1
         self.last_error = str(exc) or type(exc).__name__
         if self._failing_since is None:
             self._failing_since = time.monotonic()

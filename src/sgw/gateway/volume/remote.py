@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,11 @@ class BlockApiClient:
         self.retry = retry or RetryPolicy()
         # Called with the size of every chunk downloaded (a bandwidth limit's acquire).
         self.read_throttle: Callable[[int], Awaitable[None]] | None = None
+        # Chunks downloaded (get_chunk): how many, their bytes and the seconds they took,
+        # for the health metrics.
+        self.downloads = 0
+        self.downloaded_bytes = 0
+        self.download_seconds = 0.0
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
@@ -224,9 +230,13 @@ class BlockApiClient:
 
     async def get_chunk(self, volume_id: str, chunk_id: str) -> bytes:
         """A chunk's plaintext."""
+        started = time.monotonic()
         resp = await self._call(
             "GET", f"/v1/volumes/{volume_id}/chunks/{chunk_id}", f"chunk {chunk_id[:12]}"
         )
+        self.downloads += 1
+        self.downloaded_bytes += len(resp.content)
+        self.download_seconds += time.monotonic() - started
         if self.read_throttle is not None:
             await self.read_throttle(len(resp.content))
         return resp.content

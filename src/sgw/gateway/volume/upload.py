@@ -222,6 +222,10 @@ class Uploader:
         self.chunks_uploaded = 0
         self.bytes_sent = 0
         self.commits = 0
+        self.errors = 0  # chunk uploads and map commits that failed (the health metrics)
+        # Each volume's last committed upload (time.time(), by volume name): its recovery
+        # point at the provider.
+        self.committed_at: dict[str, float] = {}
 
     async def close(self) -> None:
         """Closes the HTTP client."""
@@ -513,10 +517,14 @@ class Uploader:
                 return
             nbytes = sum(len(chunk.body) for chunk in send)
             await self.bucket.acquire(nbytes)
-            if len(send) == 1:
-                await self.client.put_chunk(binding.remote_id, send[0])
-            else:
-                await self.client.put_chunk_pack(binding.remote_id, send)
+            try:
+                if len(send) == 1:
+                    await self.client.put_chunk(binding.remote_id, send[0])
+                else:
+                    await self.client.put_chunk_pack(binding.remote_id, send)
+            except Exception:
+                self.errors += 1
+                raise
             self.chunks_uploaded += len(send)
             self.bytes_sent += nbytes
         finally:
@@ -552,7 +560,9 @@ class Uploader:
                 continue
             except RemoteRejectedError:  # refused: nothing was applied
                 raise
-            except BaseException:  # no answer: the commit may or may not have happened
+            except BaseException as exc:  # no answer: the commit may or may not have happened
+                if isinstance(exc, Exception):
+                    self.errors += 1
                 self._unanswered.add(vol.id)
                 raise
             self._unanswered.discard(vol.id)
@@ -567,6 +577,7 @@ class Uploader:
                 else:
                     binding.chunks[i] = c
         binding.map_version = version
+        self.committed_at[vol.name] = time.time()
         done = (version, None, True)
         if (
             (entry.remote_version, entry.remote_pending, entry.remote_synced) != done

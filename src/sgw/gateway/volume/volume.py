@@ -46,6 +46,22 @@ _MASK = BLOCK - 1
 LOADING_MAP = "loading the remote chunk map"
 
 
+class IoStats:
+    """A volume's running I/O totals as its NBD clients see them: counted where the
+    requests are answered (plain attribute increments, no lock: one event loop), read by
+    the health metrics (sgw.gateway.health) when they sample."""
+
+    __slots__ = ("read_bytes", "read_ns", "reads", "write_bytes", "write_ns", "writes")
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.read_bytes = 0
+        self.read_ns = 0  # summed latency: request parsed to reply queued
+        self.writes = 0
+        self.write_bytes = 0
+        self.write_ns = 0  # summed latency: request parsed to data in the log
+
+
 class VolumeStatus(enum.StrEnum):
     """What a volume can do right now (reported to the provider by the control channel)."""
 
@@ -88,6 +104,7 @@ class Volume:
         # Sequence number of the volume's newest log record (-1: none): the log holds
         # records of the volume while this is at or past the log's tail.
         self.last_seq = -1
+        self.io = IoStats()
 
     @property
     def mode(self) -> str:

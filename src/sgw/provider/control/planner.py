@@ -12,6 +12,7 @@ records, and followed up when the gateway's reply (or the deadline) comes.
 | delete_volume  | volume_id, drain                    | ``DeleteVolumeArgs``: + volume         |
 | sync_chap      | volume_id                           | ``SyncChapArgs``: + volume             |
 | update         | version, now                        | ``UpdateArgs``: the same               |
+| health_report  | -                                   | ``HealthReportArgs``: -                |
 
 What the admin gives is validated here (pydantic: the API's 400 messages); what the
 gateway gets is built with the shared schema of sgw.common.commands (``to_args()``),
@@ -118,6 +119,7 @@ _MODELS: dict[str, type[_Args]] = {
     "delete_volume": _DeleteVolume,
     "sync_chap": _SyncChap,
     "update": _Update,
+    "health_report": _NoArgs,
 }
 
 
