@@ -40,7 +40,9 @@ class FixedSampler:
         pass
 
 
-def _reporter(tmp_path, url: str, detector: EventDetector | None = None) -> HealthReporter:
+def _reporter(
+    tmp_path, url: str, detector: EventDetector | None = None, ready: asyncio.Event | None = None
+) -> HealthReporter:
     return HealthReporter(
         FixedSampler(),  # type: ignore[arg-type]
         detector or EventDetector(),
@@ -49,6 +51,7 @@ def _reporter(tmp_path, url: str, detector: EventDetector | None = None) -> Heal
         labels={"version": "1.2.3", "kernel": "6.1", "hypervisor": "QEMU"},
         client=lambda: httpx.AsyncClient(base_url=url, timeout=5),
         remote=True,
+        ready=ready,
     )
 
 
@@ -79,6 +82,25 @@ def test_reports_go_up_once_and_are_forgotten(tmp_path, receiver):
     assert rec.arrived == [0, 1, 2, 3]
     assert rec.stored[3]["version"] == "1.2.3"
     assert ReportBuffer(str(tmp_path)).seqs() == []
+
+
+def test_nothing_is_sent_before_activation(tmp_path, receiver):
+    rec, server = receiver
+
+    async def run() -> None:
+        activated = asyncio.Event()
+        rep = _reporter(tmp_path, server.url, ready=activated)
+        try:
+            await rep.report_now()
+            assert await rep.upload() == 0
+            assert len(rep.buffer) == 1  # kept on disk meanwhile
+            activated.set()
+            assert await rep.upload() == 1
+        finally:
+            await rep.stop()
+
+    asyncio.run(run())
+    assert rec.arrived == [0]
 
 
 def test_refused_then_accepted_and_a_lost_answer_resent_harmlessly(tmp_path, receiver):

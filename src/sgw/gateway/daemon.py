@@ -180,6 +180,7 @@ class Gateway:
             ),
             client=None if config.remote is None else self._health_client,
             standby=standby,
+            ready=self.activation.activated,
         )
         # iSCSI through LIO (the appliance): each volume on /dev/nbdN, one target each.
         self.lio = LioExporter.from_config(

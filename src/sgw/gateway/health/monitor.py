@@ -48,8 +48,11 @@ class HealthMonitor:
         *,
         client: Callable[[], httpx.AsyncClient] | None,
         standby: bool = False,
+        ready: asyncio.Event | None = None,
     ) -> None:
+        """``ready``: set once the gateway is activated (reports are uploaded from then)."""
         self.config = config
+        self._ready = ready
         self.standby = standby
         self.detector = EventDetector()
         if sources.clock_skew() is None:
@@ -92,6 +95,7 @@ class HealthMonitor:
             labels=self.labels,
             client=self._client,
             remote=self.config.remote is not None,
+            ready=self._ready,
         )
         await self.reporter.start()
         m = self.config.metrics

@@ -56,15 +56,19 @@ class HealthReporter:
         labels: dict[str, str],
         client: Callable[[], httpx.AsyncClient] | None,
         remote: bool,
+        ready: asyncio.Event | None = None,
     ) -> None:
         """``client``: makes the signed client to the provider (base URL set); None: no
-        provider, reports stay on disk (bounded)."""
+        provider, reports stay on disk (bounded). ``ready``: set once the gateway is
+        activated; before that nothing is sent (the provider would refuse an unsigned
+        upload) and the reports wait on disk."""
         self.sampler = sampler
         self.detector = detector
         self.buffer = buffer
         self.interval = interval
         self.labels = labels
         self._make_client = client
+        self._ready = ready
         self._http: httpx.AsyncClient | None = None
         self.remote = remote
         self._baseline = Baseline()
@@ -117,7 +121,7 @@ class HealthReporter:
         """A fresh report, uploaded at once with whatever waits (the upload's failure is
         logged and retried later; the report is in the buffer either way)."""
         report = await self.sample()
-        if self._make_client is not None:
+        if self.can_send():
             try:
                 await self.upload()
             except HealthUploadError as exc:
@@ -134,7 +138,7 @@ class HealthReporter:
     async def upload(self) -> int:
         """Sends every buffered report, batch by batch; returns how many were accepted.
         HealthUploadError if the provider did not take one."""
-        if self._make_client is None:
+        if not self.can_send():
             return 0
         accepted = 0
         async with self._lock:
@@ -161,6 +165,10 @@ class HealthReporter:
                     )
         self.uploaded += accepted
         return accepted
+
+    def can_send(self) -> bool:
+        """True if there is a provider and the gateway may talk to it (activated)."""
+        return self._make_client is not None and (self._ready is None or self._ready.is_set())
 
     async def _send(self, batch: list[dict[str, object]]) -> int:
         if self._http is None:
@@ -207,7 +215,7 @@ class HealthReporter:
                     LOG.exception("health report failed")
                 next_report = now + self.interval
             wait = next_report - time.monotonic()
-            if self._make_client is not None and len(self.buffer):
+            if self.can_send() and len(self.buffer):
                 try:
                     await self.upload()
                     self.failures, self.last_error = 0, ""
