@@ -9,11 +9,17 @@ import datetime
 import hashlib
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from http_message_signatures import HTTPMessageSigner, MappingKeyResolver, algorithms
+from http_message_signatures import (
+    HTTPMessageSigner,
+    HTTPMessageVerifier,
+    MappingKeyResolver,
+    algorithms,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -217,3 +223,32 @@ def test_digest_of_reads_rfc_9530_fields() -> None:
     assert ms.digest_of(f"{sha512}, {ms.content_digest(sha)}") == sha
     with pytest.raises(ms.SignatureError, match="sha-256"):
         ms.digest_of(sha512)
+
+
+def test_the_worked_example_in_the_block_api_docs_verifies_with_the_library() -> None:
+    """docs/block-api.md's example (key 00..1f): what sgw signs is what the library
+    accepts, and the docs' headers are the ones sgw makes."""
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    key_id = "gw:5f0c8a52-0d7e-4c8e-9d1a-3b6f2e9a7c41"
+    body = b'{"name": "app-vol", "size": 1073741824, "mode": "cached"}'
+    ours = ms.sign_headers(
+        key,
+        key_id,
+        "POST",
+        "provider.example:8480",
+        b"/v1/volumes",
+        body_sha256=hashlib.sha256(body).digest(),
+        created=1796600000,
+        nonce="8f1d2c3b4a5968778695a4b3c2d1e0f0",
+    )
+    docs = (Path(__file__).parents[2] / "docs" / "block-api.md").read_text()
+    for name, value in ours.items():
+        assert f"{name}: {value}\n" in docs, name
+    headers = httpx.Headers({"host": "provider.example:8480", **ours})
+    library = HTTPMessageVerifier(
+        signature_algorithm=algorithms.ED25519,
+        key_resolver=MappingKeyResolver(public_keys={key_id: key.public_key()}, private_keys={}),
+    )
+    message = _Message("POST", "https://provider.example:8480/v1/volumes", headers)
+    (result,) = library.verify(message, max_age=None, body=body)
+    assert result.parameters["nonce"] == "8f1d2c3b4a5968778695a4b3c2d1e0f0"

@@ -124,6 +124,8 @@ class SignedHead:
 # process that revoked it).
 TOKEN_TRUST_S = 5.0
 _TOKEN_CACHE_MAX = 10_000
+# Key ids remembered as signing with the old scheme (one log line each); a fleet's worth.
+_LEGACY_SEEN_MAX = 100_000
 # What a signed request's key id may be: an activated gateway's id, or a public key.
 _KEY_ID = re.compile(
     rf"{signing.GATEWAY_PREFIX}[!-~]+|{signing.PUBLIC_KEY_PREFIX}[0-9a-fA-F]{{64}}"
@@ -149,6 +151,9 @@ class Authenticator:
         self.nonces = nonces
         self.clock = clock
         self.accept_legacy = accept_legacy
+        # Key ids seen signing with the old scheme (logged once each per process, so the
+        # operator can tell when --refuse-legacy-signatures may be turned on).
+        self._legacy_seen: set[str] = set()
         # sha256(token) -> (principal, monotonic time checked); cleared on a revocation
         self._tokens: dict[str, tuple[Principal, float]] = {}
         self._revocations = accounts.revocations
@@ -289,7 +294,15 @@ class Authenticator:
         parsed = head.parsed
         assert isinstance(parsed, signing.SignedHeader)
         self._verify(parsed, head.verifier, method, target, digest or signing.body_digest(body))
-        return await self._spend(head)
+        principal = await self._spend(head)
+        if parsed.key_id not in self._legacy_seen and len(self._legacy_seen) < _LEGACY_SEEN_MAX:
+            self._legacy_seen.add(parsed.key_id)
+            LOG.info(
+                "signed with the legacy %s scheme (a gateway before 0.2.0)",
+                signing.SCHEME,
+                extra={"key_id": parsed.key_id},
+            )
+        return principal
 
     async def signed_message_async(
         self, head: SignedHead, scope: Scope, body: bytes, body_sha256: bytes | None = None
