@@ -4,8 +4,11 @@ Two kinds of credentials (docs/adr/0003-gateway-authentication.md):
 
 - ``Authorization: Bearer sgw_...``: an admin API token of an account (``sgw provider
   init`` makes the first). It may call everything of its account.
-- ``Authorization: SGW1-Ed25519 ...``: a gateway's request, signed with its identity key
-  (``sgw.common.signing``), within the clock-skew window, each nonce once. It acts for
+- A gateway's request signed with its identity key: HTTP Message Signatures
+  (``Signature-Input``/``Signature``, RFC 9421, ``sgw.common.message_signatures``), or
+  during the transition the old ``Authorization: SGW1-Ed25519 ...`` (``sgw.common.signing``;
+  docs/adr/0010-http-message-signatures.md), within the clock-skew window, each nonce
+  once. It acts for
   the gateway's account but touches only the volumes bound to the gateway and their
   snapshots (anything else is 404 to it), and no admin call (403). A not yet activated
   gateway signs with its bare public key and may only fetch its credentials.

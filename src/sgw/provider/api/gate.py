@@ -12,7 +12,8 @@ request line and headers alone it
 - lets the control servers' doorbell through on its own header (``x-sgw-peer``), checked
   here for its form and age and by the route for its HMAC over the body;
 - refuses with 401 a request without credentials (unless ``--insecure-dev``), with an
-  unknown scheme, a malformed API token or signed header, a timestamp outside the clock
+  unknown scheme, a malformed API token or signature (``SGW1-Ed25519`` or RFC 9421's
+  ``Signature-Input``/``Signature``), a timestamp outside the clock
   window, the key id of an unknown or deactivated gateway, or a not-yet-activated
   gateway's ``pk:`` key on any call but its credentials;
 - caps the body by route (``body_cap``): 413 naming the limit when Content-Length is over
