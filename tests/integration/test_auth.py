@@ -13,7 +13,7 @@ import httpx
 import pytest
 import zstandard
 
-from sgw.common import signing
+from sgw.common import message_signatures, signing
 from sgw.gateway.link.request_signing import GatewayAuth
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.db import schema
@@ -300,36 +300,62 @@ def test_insecure_dev_still_acts_for_dev_but_checks_credentials_sent(
     assert bad.status_code == 401  # credentials, when sent, are checked even here
 
 
+def checked(req: httpx.Request, key: FakeGateway, **override: object) -> str | None:
+    """``message_signatures.verify`` of a request GatewayAuth signed, as the provider
+    checks it (``override``: method or target as if the request were altered)."""
+    head = message_signatures.parse(req.headers["signature-input"], req.headers["signature"])
+    verifier = signing.Verifier(bytes.fromhex(signing.public_key_hex(key.key)))
+    return message_signatures.verify(
+        verifier,
+        head,
+        method=str(override.get("method", req.method)),
+        authority=req.headers["host"],
+        target=bytes(override.get("target", req.url.raw_path)),  # type: ignore[call-overload]
+        headers=[(k.lower(), v) for k, v in req.headers.raw],
+        scheme="https",
+    )
+
+
 def test_gateway_auth_signs_each_retry_anew() -> None:
     gw = FakeGateway(gateway_id=str(uuid.uuid4()))
     auth = GatewayAuth(gw.key, "gw:" + gw.gateway_id)
     req = httpx.Request("PUT", "https://p/v1/volumes/x/chunks/y?a=1", content=b"data")
-    one = next(auth.sync_auth_flow(req)).headers["authorization"]
-    two = next(auth.sync_auth_flow(req)).headers["authorization"]
-    assert one != two
-    parsed = signing.parse_header(one)
-    assert parsed is not None
-    public = bytes.fromhex(signing.public_key_hex(gw.key))
-    digest = signing.body_digest(b"data")
-    assert signing.verify(public, parsed, "PUT", b"/v1/volumes/x/chunks/y?a=1", digest)
-    assert not signing.verify(public, parsed, "PUT", b"/v1/volumes/x/chunks/y?a=2", digest)
-    assert not signing.verify(public, parsed, "GET", b"/v1/volumes/x/chunks/y?a=1", digest)
+    one = next(auth.sync_auth_flow(req)).headers["signature"]
+    signed = next(auth.sync_auth_flow(req))
+    assert signed.headers["signature"] != one
+    assert "authorization" not in signed.headers
+    digest = message_signatures.content_digest(hashlib.sha256(b"data").digest())
+    assert checked(signed, gw) == digest == signed.headers["content-digest"]
+    for override in ({"target": b"/v1/volumes/x/chunks/y?a=2"}, {"method": "GET"}):
+        with pytest.raises(message_signatures.SignatureError):
+            checked(signed, gw, **override)
 
 
 def test_gateway_auth_signs_the_digest_its_caller_gives() -> None:
     """A chunk PUT hands its id (the plaintext's SHA-256) to the signer instead of having
-    the body hashed again: the signature covers that digest."""
+    the body hashed again: the Content-Digest the signature covers is that digest."""
     gw = FakeGateway(gateway_id=str(uuid.uuid4()))
     auth = GatewayAuth(gw.key, "gw:" + gw.gateway_id)
-    public = bytes.fromhex(signing.public_key_hex(gw.key))
-    given = signing.body_digest(b"other")
+    given = hashlib.sha256(b"other").digest()
     req = httpx.Request(
-        "PUT", "https://p/c", content=b"data", extensions={signing.BODY_DIGEST_EXTENSION: given}
+        "PUT",
+        "https://p/c",
+        content=b"data",
+        extensions={signing.BODY_DIGEST_EXTENSION: given.hex()},
     )
-    parsed = signing.parse_header(next(auth.sync_auth_flow(req)).headers["authorization"])
-    assert parsed is not None
-    assert signing.verify(public, parsed, "PUT", b"/c", given)
-    assert not signing.verify(public, parsed, "PUT", b"/c", signing.body_digest(b"data"))
+    signed = next(auth.sync_auth_flow(req))
+    assert checked(signed, gw) == message_signatures.content_digest(given)
+
+
+def test_gateway_auth_covers_no_digest_without_a_body() -> None:
+    gw = FakeGateway(gateway_id=str(uuid.uuid4()))
+    signed = next(
+        GatewayAuth(gw.key, "gw:" + gw.gateway_id).sync_auth_flow(
+            httpx.Request("GET", "https://p/v1/gateway/messages?wait=5")
+        )
+    )
+    assert "content-digest" not in signed.headers
+    assert checked(signed, gw) is None
 
 
 def test_a_volumes_gateway_is_trusted_from_the_cache_for_a_few_seconds(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from sgw.common import signing
+from sgw.common import message_signatures, signing
 from sgw.provider.control import peers
 from tests.fixtures.daemons import ProviderProcess
 from tests.fixtures.management import FakeGateway, SecureProvider, activate
@@ -185,6 +185,54 @@ def test_malformed_credentials_are_refused_before_the_body(
     log = p.stderr_path.read_text()
     for word in ("malformed SGW1-Ed25519", "stale request", "malformed API token", "revoked"):
         assert word in log, word
+
+
+def test_malformed_message_signatures_are_refused_before_the_body(
+    secure_provider: SecureProvider,
+) -> None:
+    """RFC 9421 headers (docs/adr/0010): their form, created, the key id and its key are
+    judged from the head; so is a pk: key outside the credentials call."""
+    p = secure_provider
+    gw = activate(p, p.token, "gw")
+    now = int(time.time())
+
+    def headers(key_id: str, created: int = now, gateway: FakeGateway = gw) -> dict[str, str]:
+        return message_signatures.sign_headers(
+            gateway.key,
+            key_id,
+            "POST",
+            p.url.split("://", 1)[1],
+            b"/v1/volumes",
+            body_sha256=bytes(32),
+            created=created,
+        )
+
+    good = headers("gw:" + gw.gateway_id)
+    stranger = FakeGateway()
+    cases: list[tuple[dict[str, str], str]] = [
+        ({**good, "Signature-Input": "sgw=("}, "malformed Signature-Input"),
+        ({"Signature-Input": good["Signature-Input"]}, "without Signature"),
+        (
+            {**good, "Signature-Input": good["Signature-Input"].replace('"@path" ', "")},
+            "does not cover @path",
+        ),
+        (headers("gw:" + gw.gateway_id, now - signing.CLOCK_SKEW_S - 60), "stale request"),
+        (headers(f"gw:{uuid.uuid4()}"), "unknown gateway"),
+        (headers("xx:abc"), "expected gw:GATEWAY-ID"),
+        (
+            headers(
+                signing.PUBLIC_KEY_PREFIX + signing.public_key_hex(stranger.key), now, stranger
+            ),
+            "may only fetch its credentials",
+        ),
+    ]
+    for sent, reason in cases:
+        for chunked in (False, True):
+            a = send_partially(p.url, p.tls, "POST", "/v1/volumes", sent, chunked=chunked)
+            assert a.status == 401 and reason in a.message, (reason, a.body)
+    assert p.admin().post(f"/v1/gateways/{gw.gateway_id}/deactivate").status_code == 200
+    a = send_partially(p.url, p.tls, "POST", "/v1/volumes", good)
+    assert a.status == 401 and "credentials are revoked" in a.message, a.body
 
 
 def test_a_candidate_key_may_only_fetch_its_credentials(secure_provider: SecureProvider) -> None:

@@ -93,6 +93,36 @@ _AUTHORIZATION = st.one_of(
     ),
 )
 
+_NONCE = st.one_of(st.from_regex(r"[0-9a-f]{32}", fullmatch=True), _TOKEN_CHARS)
+# RFC 9421 signature headers (Signature-Input, Signature) a caller without a key may send:
+# garbage, the canonical form with forged parameters and signature, other forms.
+_SIGNATURE = st.one_of(
+    st.none(),
+    st.tuples(_TOKEN_CHARS, _TOKEN_CHARS),
+    st.builds(
+        lambda comps, created, key, nonce, sig: (
+            f'sgw=({comps});created={created};keyid="{key}";alg="ed25519";nonce="{nonce}"',
+            f"sgw=:{base64.b64encode(sig).decode()}:",
+        ),
+        st.sampled_from(
+            [
+                '"@method" "@authority" "@path" "@query"',
+                '"@method" "@authority" "@path" "@query" "content-digest"',
+                '"@path" "@method" "@query" "@authority" "content-type"',
+                '"@method"',
+                "",
+            ]
+        ),
+        st.one_of(st.integers(-(2**40), 2**40), st.just(int(time.time()))),
+        st.one_of(
+            st.from_regex(r"gw:[0-9a-f-]{1,40}", fullmatch=True),
+            st.from_regex(r"pk:[0-9a-f]{0,70}", fullmatch=True),
+        ),
+        _NONCE,
+        st.binary(min_size=0, max_size=70),
+    ),
+)
+
 
 def test_the_provider_serves_nothing_without_credentials(
     provider: tuple[SecureProvider, list[str]],
@@ -113,6 +143,7 @@ def test_the_provider_serves_nothing_without_credentials(
             st.from_regex(r"/[ -~]{0,40}", fullmatch=True).map(lambda s: s.replace("#", "")),
         ),
         authorization=_AUTHORIZATION,
+        signature=_SIGNATURE,
         peer=st.one_of(st.none(), _TOKEN_CHARS),
         body=st.one_of(st.just(b""), st.binary(max_size=2048), st.just(b'{"name": "x"}')),
     )
@@ -123,11 +154,19 @@ def test_the_provider_serves_nothing_without_credentials(
         suppress_health_check=list(HealthCheck),
     )
     def call(
-        method: str, path: str, authorization: str | None, peer: str | None, body: bytes
+        *,
+        method: str,
+        path: str,
+        authorization: str | None,
+        signature: tuple[str, str] | None,
+        peer: str | None,
+        body: bytes,
     ) -> None:
         headers = {"content-type": "application/json"}
         if authorization is not None:
             headers["authorization"] = authorization
+        if signature is not None:
+            headers["signature-input"], headers["signature"] = signature
         if peer is not None:
             headers["x-sgw-peer"] = peer
         try:
@@ -144,7 +183,8 @@ def test_the_provider_serves_nothing_without_credentials(
         served = 200 <= res.status_code < 300
         if res.status_code >= 500 or (served and not (plain in OPEN and method in ("GET", "HEAD"))):
             bad.append(
-                f"{method} {path!r} auth={authorization!r}: {res.status_code} {res.text[:200]}"
+                f"{method} {path!r} auth={authorization!r} sig={signature!r}: "
+                f"{res.status_code} {res.text[:200]}"
             )
         elif not served and res.status_code not in REFUSALS:
             bad.append(f"{method} {path!r}: unexpected {res.status_code} {res.text[:200]}")

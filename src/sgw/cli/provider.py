@@ -38,6 +38,12 @@ def register(areas: Any) -> None:
         help="development only: plain HTTP beyond loopback even with TLS files",
     )
     serve.add_argument(
+        "--refuse-legacy-signatures",
+        action="store_true",
+        help="refuse the old SGW1-Ed25519 request signatures (gateways before 0.2); "
+        "accept only HTTP Message Signatures (RFC 9421)",
+    )
+    serve.add_argument(
         "--advertise-url",
         metavar="URL",
         help="where the other control servers reach this one (default: the --listen address)",
@@ -116,6 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         insecure_dev=args.insecure_dev,
         insecure_http=args.insecure_http,
         advertise_url=args.advertise_url,
+        accept_legacy_signatures=not args.refuse_legacy_signatures,
     )
     setup_logging(args.log_level)
     return serve(config)

@@ -22,7 +22,10 @@ class ProviderConfig:
     ``insecure_dev``: requests without credentials act for the built-in account ``dev``
     (development machines only, so it listens on loopback only). ``tls_cert``/``tls_key``:
     serve HTTPS with them (made by ``sgw provider init``); plain HTTP is served only on
-    loopback or with ``insecure_http``.
+    loopback or with ``insecure_http``. ``accept_legacy_signatures``: accept gateways'
+    old ``SGW1-Ed25519`` signatures besides HTTP Message Signatures (RFC 9421) during the
+    transition (docs/adr/0010-http-message-signatures.md); ``--refuse-legacy-signatures``
+    turns it off.
     """
 
     data_dir: str
@@ -37,6 +40,7 @@ class ProviderConfig:
     # Where the other control servers reach this one (``--advertise-url``); default: the
     # listening address (this machine's name when it listens on every address).
     advertise_url: str | None = None
+    accept_legacy_signatures: bool = True
 
     @property
     def scheme(self) -> str:
@@ -82,6 +86,7 @@ def load(
     insecure_dev: bool = False,
     insecure_http: bool = False,
     advertise_url: str | None = None,
+    accept_legacy_signatures: bool = True,
 ) -> ProviderConfig:
     """Builds the configuration from flags, with embedded defaults under ``data_dir``."""
     if not data_dir:
@@ -103,4 +108,5 @@ def load(
         tls_key=None if insecure_http or not tls.exist() else tls.server_key,
         insecure_http=insecure_http,
         advertise_url=advertise_url,
+        accept_legacy_signatures=accept_legacy_signatures,
     )

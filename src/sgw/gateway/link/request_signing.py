@@ -1,4 +1,5 @@
-"""Signs the gateway's requests to the provider (``sgw.common.signing``) as an httpx Auth.
+"""Signs the gateway's requests to the provider as an httpx Auth: HTTP Message Signatures
+(RFC 9421, Ed25519) with a Content-Digest (RFC 9530), ``sgw.common.message_signatures``.
 
 One ``GatewayAuth`` is shared by every client of a gateway. Until activation it has no
 key id and sends requests unsigned (a development provider in ``--insecure-dev`` mode
@@ -9,18 +10,19 @@ which only the call that fetches the credentials accepts.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Generator
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sgw.common import signing
+from sgw.common import message_signatures, signing
 
 
 class GatewayAuth(httpx.Auth):
-    """Adds ``Authorization: SGW1-Ed25519 ...`` to each request (a new nonce every time,
-    so a retried request is signed anew)."""
+    """Adds ``Signature-Input``, ``Signature`` and (with a body) ``Content-Digest`` to each
+    request (a new nonce every time, so a retried request is signed anew)."""
 
     requires_request_body = True
 
@@ -40,13 +42,22 @@ class GatewayAuth(httpx.Auth):
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if self.key_id is not None:
-            request.headers["Authorization"] = signing.sign(
-                self.key,
-                self.key_id,
-                request.method,
-                request.url.raw_path,
-                request.content,
-                timestamp=int(self.clock()),
-                digest=request.extensions.get(signing.BODY_DIGEST_EXTENSION),
+            body = request.content
+            known = request.extensions.get(signing.BODY_DIGEST_EXTENSION)
+            sha256: bytes | None = None
+            if known is not None:  # a plaintext chunk's id is its body's SHA-256
+                sha256 = bytes.fromhex(known)
+            elif body:
+                sha256 = hashlib.sha256(body).digest()
+            request.headers.update(
+                message_signatures.sign_headers(
+                    self.key,
+                    self.key_id,
+                    request.method,
+                    request.headers["host"],
+                    request.url.raw_path,
+                    body_sha256=sha256,
+                    created=int(self.clock()),
+                )
             )
         yield request

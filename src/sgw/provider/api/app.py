@@ -154,7 +154,12 @@ def create_app(config: ProviderConfig) -> FastAPI:
     rollouts = Rollouts(sessions)
     evaluator = RolloutEvaluator(rollouts)
 
-    authenticator = Authenticator(account_repo, gateway_repo, nonces)
+    authenticator = Authenticator(
+        account_repo,
+        gateway_repo,
+        nonces,
+        accept_legacy=config.accept_legacy_signatures,
+    )
     # Releases: served once the operator installed the online keys (releases-init).
     release_keys = load_online_keys(config.data_dir)
     release_repo = (

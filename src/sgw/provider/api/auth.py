@@ -4,8 +4,11 @@ Two kinds of credentials (docs/adr/0003-gateway-authentication.md):
 
 - ``Authorization: Bearer sgw_...``: an admin API token of an account (``sgw provider
   init`` makes the first). It may call everything of its account.
-- ``Authorization: SGW1-Ed25519 ...``: a gateway's request, signed with its identity key
-  (``sgw.common.signing``), within the clock-skew window, each nonce once. It acts for
+- A gateway's request signed with its identity key: HTTP Message Signatures
+  (``Signature-Input``/``Signature``, RFC 9421, ``sgw.common.message_signatures``), or
+  during the transition the old ``Authorization: SGW1-Ed25519 ...`` (``sgw.common.signing``;
+  docs/adr/0010-http-message-signatures.md), within the clock-skew window, each nonce
+  once. It acts for
   the gateway's account but touches only the volumes bound to the gateway and their
   snapshots (anything else is 404 to it), and no admin call (403). A not yet activated
   gateway signs with its bare public key and may only fetch its credentials.
@@ -47,7 +50,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sgw.common import signing
+from sgw.common import message_signatures, signing
 from sgw.common.errors import (
     DatabaseError,
     ForbiddenError,
@@ -80,6 +83,13 @@ NO_CREDENTIALS = (
 )
 
 
+LEGACY_REFUSED = (
+    f"the {signing.SCHEME} signature scheme is refused by this provider (it runs with "
+    "--refuse-legacy-signatures): sign with HTTP Message Signatures (RFC 9421; sgw 0.2 "
+    "gateways do; docs/block-api.md, Signing requests)"
+)
+
+
 class Kind(enum.StrEnum):
     TOKEN = "token"  # an admin API token
     GATEWAY = "gateway"  # an activated gateway's signed request
@@ -107,7 +117,7 @@ class SignedHead:
     """A signed request's header, checked without the body (``Authenticator.check_head``):
     its parts, who signs with its key id, and that key."""
 
-    parsed: signing.SignedHeader
+    parsed: signing.SignedHeader | message_signatures.SignatureHead
     principal: Principal
     verifier: signing.Verifier
 
@@ -117,6 +127,8 @@ class SignedHead:
 # process that revoked it).
 TOKEN_TRUST_S = 5.0
 _TOKEN_CACHE_MAX = 10_000
+# Key ids remembered as signing with the old scheme (one log line each); a fleet's worth.
+_LEGACY_SEEN_MAX = 100_000
 # What a signed request's key id may be: an activated gateway's id, or a public key.
 _KEY_ID = re.compile(
     rf"{signing.GATEWAY_PREFIX}[!-~]+|{signing.PUBLIC_KEY_PREFIX}[0-9a-fA-F]{{64}}"
@@ -132,11 +144,19 @@ class Authenticator:
         gateways: Gateways,
         nonces: NonceLedger,
         clock: Callable[[], float] = time.time,
+        *,
+        accept_legacy: bool = True,
     ) -> None:
+        """``accept_legacy``: accept the old ``SGW1-Ed25519`` scheme too (the transition,
+        docs/adr/0010-http-message-signatures.md)."""
         self.accounts = accounts
         self.gateways = gateways
         self.nonces = nonces
         self.clock = clock
+        self.accept_legacy = accept_legacy
+        # Key ids seen signing with the old scheme (logged once each per process, so the
+        # operator can tell when --refuse-legacy-signatures may be turned on).
+        self._legacy_seen: set[str] = set()
         # sha256(token) -> (principal, monotonic time checked); cleared on a revocation
         self._tokens: dict[str, tuple[Principal, float]] = {}
         self._revocations = accounts.revocations
@@ -228,6 +248,25 @@ class Authenticator:
         a public key. UnauthenticatedError naming what is wrong otherwise."""
         if parsed is None:
             parsed = self.parse(header)
+        return await self._head(parsed)
+
+    async def check_message_head(self, signature_input: str, signature: str) -> SignedHead:
+        """``check_head`` for an RFC 9421 signature (``sgw.common.message_signatures``):
+        its form, ``created`` (and ``expires``) against the clock, its key id's key."""
+        try:
+            parsed = message_signatures.parse(signature_input, signature)
+        except message_signatures.SignatureError as exc:
+            raise UnauthenticatedError(f"{exc} (docs/block-api.md, Signing requests)") from None
+        self._check_key_id_and_clock(parsed)
+        if parsed.expires is not None and parsed.expires < self.clock():
+            raise UnauthenticatedError(
+                f"expired request: its signature expired at {parsed.expires}; sign it anew"
+            )
+        return await self._head(parsed)
+
+    async def _head(
+        self, parsed: signing.SignedHeader | message_signatures.SignatureHead
+    ) -> SignedHead:
         key_id = parsed.key_id
         if key_id.startswith(signing.GATEWAY_PREFIX):
             key = self.gateways.signing_key(key_id[len(signing.GATEWAY_PREFIX) :])
@@ -255,9 +294,60 @@ class Authenticator:
         ``head``: ``check_head(header)`` if the caller (the gate) did it already."""
         if head is None:
             head = await self.check_head(header)
+        parsed = head.parsed
+        assert isinstance(parsed, signing.SignedHeader)
+        self._verify(parsed, head.verifier, method, target, digest or signing.body_digest(body))
+        principal = await self._spend(head)
+        if parsed.key_id not in self._legacy_seen and len(self._legacy_seen) < _LEGACY_SEEN_MAX:
+            self._legacy_seen.add(parsed.key_id)
+            LOG.info(
+                "signed with the legacy %s scheme (a gateway before 0.2.0)",
+                signing.SCHEME,
+                extra={"key_id": parsed.key_id},
+            )
+        return principal
+
+    async def signed_message_async(
+        self, head: SignedHead, scope: Scope, body: bytes, body_sha256: bytes | None = None
+    ) -> Principal:
+        """An RFC 9421 signed request's principal (``head``: ``check_message_head``): the
+        signature checked, the Content-Digest it covers compared with the body's SHA-256
+        (``body_sha256`` if the caller hashed the body as it arrived), the nonce spent."""
+        parsed = head.parsed
+        assert isinstance(parsed, message_signatures.SignatureHead)
+        try:
+            covered = message_signatures.verify(
+                head.verifier,
+                parsed,
+                method=scope["method"],
+                authority=authority(scope),
+                target=target(scope),
+                headers=scope["headers"],
+                scheme=scope.get("scheme", "http"),
+            )
+            if covered is None:
+                if body:
+                    raise message_signatures.SignatureError(
+                        "the request has a body but its signature does not cover "
+                        "content-digest: send Content-Digest (RFC 9530) and cover it"
+                    )
+            else:
+                sha256 = body_sha256 or hashlib.sha256(body).digest()
+                if message_signatures.digest_of(covered) != sha256:
+                    raise message_signatures.SignatureError(
+                        "Content-Digest does not match the body: the body was altered or "
+                        "its digest computed over other bytes (send the SHA-256 of the "
+                        "body as sent, before any transfer coding)"
+                    )
+        except message_signatures.SignatureError as exc:
+            raise UnauthenticatedError(f"bad signature from {parsed.key_id}: {exc}") from None
+        return await self._spend(head)
+
+    async def _spend(self, head: SignedHead) -> Principal:
+        """Spends a checked signature's nonce (refused if seen before) and notes the
+        gateway as seen."""
         parsed, principal = head.parsed, head.principal
         key_id = parsed.key_id
-        self._verify(parsed, head.verifier, method, target, digest or signing.body_digest(body))
         if not await self.nonces.first_use_async(
             key_id, parsed.nonce, nonce_expiry(parsed.timestamp)
         ):
@@ -282,7 +372,10 @@ class Authenticator:
     def parse(self, header: str) -> signing.SignedHeader:
         """The parts of a signed request's header, refused (UnauthenticatedError) if it is
         malformed, its key id neither ``gw:ID`` nor ``pk:`` and 64 hex digits, or its
-        timestamp outside the clock-skew window: what can be told without the body."""
+        timestamp outside the clock-skew window: what can be told without the body; or
+        refused outright when this provider no longer accepts the scheme."""
+        if not self.accept_legacy:
+            raise UnauthenticatedError(LEGACY_REFUSED)
         parsed = signing.parse_header(header)
         if parsed is None:
             raise UnauthenticatedError(
@@ -290,6 +383,12 @@ class Authenticator:
                 "key=KEY-ID, ts=UNIX-SECONDS, nonce=32-HEX-DIGITS, sig=86-BASE64URL-CHARACTERS' "
                 "(docs/adr/0003-gateway-authentication.md)"
             )
+        self._check_key_id_and_clock(parsed)
+        return parsed
+
+    def _check_key_id_and_clock(
+        self, parsed: signing.SignedHeader | message_signatures.SignatureHead
+    ) -> None:
         if not _KEY_ID.fullmatch(parsed.key_id):
             raise UnauthenticatedError(
                 f"key id {parsed.key_id[:80]!r}: expected gw:GATEWAY-ID or pk: and the "
@@ -301,7 +400,6 @@ class Authenticator:
                 f"stale request: its timestamp is {skew:+.0f} s from the provider's clock, "
                 f"more than the {signing.CLOCK_SKEW_S} s allowed; set the gateway's clock (NTP)"
             )
-        return parsed
 
     @staticmethod
     def _verify(
@@ -350,7 +448,9 @@ def _gateway_signer(key: GatewayKey) -> Principal:
     return Principal(Kind.GATEWAY, key.account_id, gateway_id=key.gateway_id)
 
 
-def _replayed(parsed: signing.SignedHeader) -> UnauthenticatedError:
+def _replayed(
+    parsed: signing.SignedHeader | message_signatures.SignatureHead,
+) -> UnauthenticatedError:
     return UnauthenticatedError(
         f"replayed request: nonce {parsed.nonce} of {parsed.key_id} was used before; "
         "sign every request with a new nonce"
@@ -375,19 +475,33 @@ class AuthMiddleware:
         header = next(
             (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None
         )
-        # None: no credentials; or checked already by the fast path (sgw.provider.api.lean),
-        # which hands a call it does not serve itself on with its principal.
-        if header is None or "principal" in scope.get("state", ()):
+        # Checked already by the fast path (sgw.provider.api.lean), which hands a call it
+        # does not serve itself on with its principal.
+        if "principal" in scope.get("state", ()):
             await self.app(scope, receive, send)
             return
         method = scope["method"]
-        target = scope.get("raw_path") or scope["path"].encode()
-        if scope.get("query_string"):
-            target += b"?" + scope["query_string"]
+        signature = message_signature(scope) if header is None else None
+        if header is None and signature is None:
+            await self.app(scope, receive, send)
+            return
         try:
-            if header[:7].lower() == "bearer ":
+            if signature is not None:
+                head = scope.get("state", {}).get(SIGNED_HEADER)
+                if head is None:
+                    head = await self.auth.check_message_head(*signature)
+                hasher = hashlib.sha256()
+                try:
+                    body = await read_body(receive, self.limit, hasher)
+                except BodyTooLarge as exc:
+                    await reply(scope, send, 413, "payload_too_large", str(exc.detail))
+                    return
+                receive = replay(body, receive)
+                principal = await self.auth.signed_message_async(head, scope, body, hasher.digest())
+                scope.setdefault("state", {})[BODY_SHA256] = hasher.hexdigest()
+            elif header is not None and header[:7].lower() == "bearer ":
                 principal = await run_in_threadpool(self.auth.bearer, header[7:].strip())
-            elif signing.is_signed(header):
+            elif header is not None and signing.is_signed(header):
                 head = scope.get("state", {}).get(SIGNED_HEADER)
                 if head is None:
                     head = await self.auth.check_head(header)  # before the body is read
@@ -400,14 +514,11 @@ class AuthMiddleware:
                 receive = replay(body, receive)
                 digest = hasher.hexdigest()
                 principal = await self.auth.signed_async(
-                    header, method, target, body, digest=digest, head=head
+                    header, method, target(scope), body, digest=digest, head=head
                 )
                 scope.setdefault("state", {})[BODY_SHA256] = digest
             else:
-                raise UnauthenticatedError(
-                    f"unknown Authorization scheme {header.split(' ', 1)[0][:40]!r}: use "
-                    f"Bearer (API tokens) or {signing.SCHEME} (gateways)"
-                )
+                raise UnauthenticatedError(unknown_scheme(header or ""))
         except UnauthenticatedError as exc:
             await refuse(scope, send, exc)
             return
@@ -418,6 +529,44 @@ class AuthMiddleware:
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
+
+
+def unknown_scheme(header: str) -> str:
+    """What a refusal of an Authorization header of no known scheme says."""
+    return (
+        f"unknown Authorization scheme {header.split(' ', 1)[0][:40]!r}: use Bearer (API "
+        "tokens) or, for gateways and applications that sign, HTTP Message Signatures "
+        "(Signature-Input and Signature, no Authorization; docs/block-api.md)"
+    )
+
+
+def message_signature(scope: Scope) -> tuple[str, str] | None:
+    """A request's RFC 9421 ``(Signature-Input, Signature)`` headers, if it has both
+    (repeated lines joined, as RFC 9110 combines them)."""
+    found: dict[bytes, list[str]] = {}
+    for name, value in scope["headers"]:
+        if name in (b"signature-input", b"signature"):
+            found.setdefault(name, []).append(value.decode("latin-1"))
+    if len(found) != 2:
+        return None
+    return ", ".join(found[b"signature-input"]), ", ".join(found[b"signature"])
+
+
+def target(scope: Scope) -> bytes:
+    """The request target as sent: path (percent-encoding kept) and query."""
+    path: bytes = scope.get("raw_path") or scope["path"].encode()
+    if scope.get("query_string"):
+        path += b"?" + scope["query_string"]
+    return path
+
+
+def authority(scope: Scope) -> str:
+    """The request's authority (its Host header) as RFC 9421's ``@authority``: lowercase,
+    without the scheme's default port."""
+    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+    host = host.strip().lower()
+    default = ":443" if scope.get("scheme") == "https" else ":80"
+    return host.removesuffix(default)
 
 
 async def refuse(scope: Scope, send: Send, exc: UnauthenticatedError) -> None:

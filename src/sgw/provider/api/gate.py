@@ -12,7 +12,8 @@ request line and headers alone it
 - lets the control servers' doorbell through on its own header (``x-sgw-peer``), checked
   here for its form and age and by the route for its HMAC over the body;
 - refuses with 401 a request without credentials (unless ``--insecure-dev``), with an
-  unknown scheme, a malformed API token or signed header, a timestamp outside the clock
+  unknown scheme, a malformed API token or signature (``SGW1-Ed25519`` or RFC 9421's
+  ``Signature-Input``/``Signature``), a timestamp outside the clock
   window, the key id of an unknown or deactivated gateway, or a not-yet-activated
   gateway's ``pk:`` key on any call but its credentials;
 - caps the body by route (``body_cap``): 413 naming the limit when Content-Length is over
@@ -46,8 +47,11 @@ from sgw.provider.api.auth import (
     SIGNED_HEADER,
     Authenticator,
     BodyTooLarge,
+    SignedHead,
+    message_signature,
     refuse,
     reply,
+    unknown_scheme,
 )
 from sgw.provider.api.blocks import MAX_PACK_BODY
 from sgw.provider.api.control import REPLIES_PATH
@@ -183,9 +187,12 @@ class Gate:
             return await self.app(scope, receive, send)
         authorization = peer = length = None
         chunked = False  # Transfer-Encoding: the body's length is not announced
+        signed = False  # Signature-Input: an RFC 9421 signature
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
+            elif name == b"signature-input":
+                signed = True
             elif name == b"content-length":
                 length = value
             elif name == b"transfer-encoding":
@@ -193,7 +200,7 @@ class Gate:
             elif name == b"x-sgw-peer":
                 peer = value
         try:
-            cap = await self._admit(scope, authorization, peer)
+            cap = await self._admit(scope, authorization, peer, signed)
         except _NoCredentialsError as exc:
             return await reply(scope, send, 401, "unauthenticated", str(exc))
         except UnauthenticatedError as exc:
@@ -207,7 +214,7 @@ class Gate:
         return await self.app(scope, receive, send)
 
     async def _admit(
-        self, scope: Scope, authorization: bytes | None, peer: bytes | None
+        self, scope: Scope, authorization: bytes | None, peer: bytes | None, signed: bool
     ) -> BodyCap:
         """The body cap of a request that may go on; UnauthenticatedError otherwise."""
         method: str = scope["method"]
@@ -224,6 +231,15 @@ class Gate:
                     "with DATA_DIR/control.secret; their clocks must agree)"
                 )
             return JSON_BODY
+        if authorization is None and signed:
+            signature = message_signature(scope)
+            if signature is None:
+                raise UnauthenticatedError(
+                    "Signature-Input without Signature: send both (RFC 9421; "
+                    "docs/block-api.md, Signing requests)"
+                )
+            head = await self.auth.check_message_head(*signature)
+            return self._signed_cap(scope, head, method, path)
         if authorization is None:
             if self.insecure_dev:
                 return body_cap(method, path)
@@ -238,21 +254,23 @@ class Gate:
             return body_cap(method, path)
         if signing.is_signed(header):
             parsed = self.auth.parse(header)
-            if parsed.key_id.startswith(signing.PUBLIC_KEY_PREFIX):
-                if method != "GET" or path != CREDENTIALS_PATH:
-                    raise UnauthenticatedError(_CANDIDATE_ONLY)
-                cap = CANDIDATE_BODY
-            else:
-                cap = body_cap(method, path)
             # An unknown or deactivated gateway is refused here too (its key is cached for
             # the gateways that call; read in a thread otherwise), not after its body.
             head = await self.auth.check_head(header, parsed)
-            scope.setdefault("state", {})[SIGNED_HEADER] = head
-            return cap
-        raise UnauthenticatedError(
-            f"unknown Authorization scheme {header.split(' ', 1)[0][:40]!r}: use Bearer (API "
-            f"tokens) or {signing.SCHEME} (gateways)"
-        )
+            return self._signed_cap(scope, head, method, path)
+        raise UnauthenticatedError(unknown_scheme(header))
+
+    @staticmethod
+    def _signed_cap(scope: Scope, head: SignedHead, method: str, path: str) -> BodyCap:
+        """The body cap of a signed request whose head was checked; the head handed on."""
+        if head.parsed.key_id.startswith(signing.PUBLIC_KEY_PREFIX):
+            if method != "GET" or path != CREDENTIALS_PATH:
+                raise UnauthenticatedError(_CANDIDATE_ONLY)
+            cap = CANDIDATE_BODY
+        else:
+            cap = body_cap(method, path)
+        scope.setdefault("state", {})[SIGNED_HEADER] = head
+        return cap
 
 
 class _NoCredentialsError(UnauthenticatedError):

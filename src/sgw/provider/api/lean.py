@@ -41,10 +41,12 @@ from sgw.provider.api.auth import (
     BodyTooLarge,
     Kind,
     Principal,
+    message_signature,
     read_body,
     refuse,
     replay,
     reply,
+    target,
     throttled,
 )
 from sgw.provider.api.control import (
@@ -114,18 +116,23 @@ class LeanControl:
         """A gateway's call: authenticated here, served by ``handler`` (False: by the
         framework)."""
         header = _header(scope, b"authorization")
+        signature = message_signature(scope) if header is None else None
         limit = self._plain_body(scope)
-        if header is None or not signing.is_signed(header) or limit is None:
+        legacy = header is not None and signing.is_signed(header)
+        if not (legacy or signature) or limit is None:
             return await self.app(scope, receive, send)
-        target = scope.get("raw_path") or scope["path"].encode()
-        if scope.get("query_string"):
-            target += b"?" + scope["query_string"]
         head = scope.get("state", {}).get(SIGNED_HEADER)
         try:
             body = await read_body(receive, limit)
-            principal = await self.auth.signed_async(
-                header, scope["method"], target, body, head=head
-            )
+            if signature is not None:
+                if head is None:
+                    head = await self.auth.check_message_head(*signature)
+                principal = await self.auth.signed_message_async(head, scope, body)
+            else:
+                assert header is not None
+                principal = await self.auth.signed_async(
+                    header, scope["method"], target(scope), body, head=head
+                )
         except UnauthenticatedError as exc:
             return await refuse(scope, send, exc)
         except BodyTooLarge as exc:  # more than Content-Length said: uvicorn prevents it
