@@ -55,6 +55,11 @@ def _reporter(
     )
 
 
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 def receiver():
     rec = HealthReceiver(clock_offset=-30.0)  # the provider's clock 30 s behind
@@ -94,13 +99,14 @@ def test_nothing_is_sent_before_activation(tmp_path, receiver):
             await rep.report_now()
             assert await rep.upload() == 0
             assert len(rep.buffer) == 1  # kept on disk meanwhile
+            await rep.start()  # its loop waits for activation, then sends at once
             activated.set()
-            assert await rep.upload() == 1
+            await asyncio.wait_for(_until(lambda: len(rep.buffer) == 0), 30)
         finally:
             await rep.stop()
 
     asyncio.run(run())
-    assert rec.arrived == [0]
+    assert rec.arrived == [0, 1]  # the one before, and the one its loop took at start
 
 
 def test_refused_then_accepted_and_a_lost_answer_resent_harmlessly(tmp_path, receiver):

@@ -86,6 +86,8 @@ class HealthReporter:
             loop.create_task(self._tick_loop(), name="health-tick"),
             loop.create_task(self._run(), name="health-report"),
         ]
+        if self._ready is not None and not self._ready.is_set():
+            self._tasks.append(loop.create_task(self._upload_once_ready(), name="health-ready"))
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -195,6 +197,13 @@ class HealthReporter:
         return through
 
     # -- loops ------------------------------------------------------------------------
+
+    async def _upload_once_ready(self) -> None:
+        """Wakes the upload as soon as the gateway is activated (what waited goes up then,
+        not an interval later)."""
+        assert self._ready is not None
+        await self._ready.wait()
+        self._kick.set()
 
     async def _tick_loop(self) -> None:
         while True:
