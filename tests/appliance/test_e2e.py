@@ -90,6 +90,28 @@ def test_activated_with_its_key(appliance: Appliance) -> None:
     assert "request refused" not in appliance.provider.log_text()
 
 
+def test_the_provider_shows_the_appliances_health(appliance: Appliance) -> None:
+    """The appliance's health reporter uploads over its own signed connection once
+    activated: the provider shows its newest report (its version and kernel) and its start;
+    the firewall's /metrics sets exist and stay empty while [metrics] is off."""
+    docs: list[dict[str, Any]] = []
+
+    def reported() -> bool:
+        docs.append(appliance.sgw_json("health", appliance.gateway_id))
+        return docs[-1]["latest"] is not None
+
+    wait_for(reported, 180, "a health report at the provider", every=2.0)
+    latest = docs[-1]["latest"]
+    assert latest["kernel"] == appliance.ssh("uname -r").stdout.strip()
+    assert latest["version"] and "log_used_percent" in latest["gateway"], latest
+    assert "started" in [e["kind"] for e in docs[-1]["events"]], docs[-1]["events"]
+    for name in ("metrics_port", "metrics_v4", "metrics_v6"):
+        res = appliance.ssh(f"sudo nft list set inet filter {name}", check=False)
+        assert res.returncode == 0 and "elements" not in res.stdout, (name, res)
+    log = appliance.ssh("sudo journalctl -u sgw-gateway -o cat --no-pager").stdout
+    assert "metrics firewall" not in log, log[-2000:]
+
+
 def test_volumes_created_through_the_control_channel(
     appliance: Appliance, vol0: str, vol1: str
 ) -> None:
