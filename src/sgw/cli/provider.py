@@ -42,6 +42,17 @@ def register(areas: Any) -> None:
         metavar="URL",
         help="where the other control servers reach this one (default: the --listen address)",
     )
+    for kind, default, what in (
+        ("raw", 7, "raw health samples"),
+        ("hourly", 396, "hourly health aggregates"),
+        ("events", 396, "health events"),
+    ):
+        serve.add_argument(
+            f"--health-{kind}-days",
+            type=float,
+            metavar="DAYS",
+            help=f"keep {what} this long (default {default}; docs/health.md)",
+        )
     serve.add_argument("--log-level", metavar="LEVEL", default="info", help="log level")
     serve.set_defaults(handler=_serve)
 
@@ -116,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
         insecure_dev=args.insecure_dev,
         insecure_http=args.insecure_http,
         advertise_url=args.advertise_url,
+        health_days=(args.health_raw_days, args.health_hourly_days, args.health_events_days),
     )
     setup_logging(args.log_level)
     return serve(config)

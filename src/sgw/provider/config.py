@@ -37,6 +37,11 @@ class ProviderConfig:
     # Where the other control servers reach this one (``--advertise-url``); default: the
     # listening address (this machine's name when it listens on every address).
     advertise_url: str | None = None
+    # How long health data is kept (days; docs/health.md, "Retention"): raw samples, their
+    # hourly aggregates, events (``--health-raw-days`` and so on).
+    health_raw_days: float = 7.0
+    health_hourly_days: float = 396.0
+    health_events_days: float = 396.0
 
     @property
     def scheme(self) -> str:
@@ -82,6 +87,7 @@ def load(
     insecure_dev: bool = False,
     insecure_http: bool = False,
     advertise_url: str | None = None,
+    health_days: tuple[float | None, float | None, float | None] = (None, None, None),
 ) -> ProviderConfig:
     """Builds the configuration from flags, with embedded defaults under ``data_dir``."""
     if not data_dir:
@@ -103,4 +109,9 @@ def load(
         tls_key=None if insecure_http or not tls.exist() else tls.server_key,
         insecure_http=insecure_http,
         advertise_url=advertise_url,
+        **{
+            f"health_{kind}_days": days
+            for kind, days in zip(("raw", "hourly", "events"), health_days, strict=True)
+            if days is not None
+        },
     )
