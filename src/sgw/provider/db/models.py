@@ -750,7 +750,7 @@ class HealthSample(Base):
     both databases)."""
 
     __tablename__ = "health_samples"
-    __table_args__ = (Index(None, "at"), {"sqlite_with_rowid": False})
+    __table_args__ = (Index(None, "at"),)
 
     gw: Mapped[int] = mapped_column(
         ForeignKey("health_gateways.num", ondelete="CASCADE"), primary_key=True
@@ -765,7 +765,7 @@ class HealthHour(Base):
     metric, per gateway and per volume, and how many samples (kept ``hourly_days``)."""
 
     __tablename__ = "health_hours"
-    __table_args__ = (Index(None, "hour"), {"sqlite_with_rowid": False})
+    __table_args__ = (Index(None, "hour"),)
 
     gw: Mapped[int] = mapped_column(
         ForeignKey("health_gateways.num", ondelete="CASCADE"), primary_key=True

@@ -5,8 +5,10 @@ Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-08
 
-Only adds tables. Samples and hours are SQLite ``WITHOUT ROWID`` tables (their primary
-key is the table: no second copy of the key in a rowid index).
+Only adds tables. Samples and hours are plain rowid tables on SQLite, not ``WITHOUT
+ROWID``: their rows (0.3 to 5 KB) are larger than such a table keeps in its b-tree pages
+(about 1 KB at 4 KiB pages), and each spilled into an overflow page of its own (measured:
+4.7 KB stored per 1.3 KB hourly row).
 """
 
 from __future__ import annotations
@@ -66,7 +68,6 @@ def upgrade() -> None:
         sa.Column("at", sa.BigInteger(), nullable=False),
         sa.Column("data", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("gw", "seq", name=op.f("pk_health_samples")),
-        sqlite_with_rowid=False,
     )
     op.create_index(op.f("ix_health_samples_at"), "health_samples", ["at"])
     op.create_table(
@@ -76,7 +77,6 @@ def upgrade() -> None:
         sa.Column("samples", sa.Integer(), nullable=False),
         sa.Column("data", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("gw", "hour", name=op.f("pk_health_hours")),
-        sqlite_with_rowid=False,
     )
     op.create_index(op.f("ix_health_hours_hour"), "health_hours", ["hour"])
     op.create_table(
