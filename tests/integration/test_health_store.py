@@ -1,13 +1,15 @@
 """The provider's health store (sgw.provider.health.store) on real databases, SQLite file
-and PostgreSQL server: ingest stores each report once, the hourly aggregates equal the raw
-samples they summarise, retention deletes what is past its window, and the retention pass
-runs once however many stores race for it."""
+and PostgreSQL server: ingest stores each report once (also after its hour was blocked),
+the hourly and daily aggregates equal what the raw samples give (counters' rates across
+a reset), retention deletes each tier past its window, and the retention pass runs once
+however many stores race for it."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 
 import pytest
 import sqlalchemy as sa
@@ -18,11 +20,11 @@ from sgw.provider.db import schema
 from sgw.provider.db.models import (
     Account,
     Gateway,
+    HealthBlock,
     HealthEventRow,
-    HealthHour,
     HealthSample,
 )
-from sgw.provider.health.store import HealthStore, Retention
+from sgw.provider.health.store import HealthStore, Retention, Step
 
 T0 = datetime(2026, 11, 2, 10, 0, tzinfo=UTC)  # on the hour
 
@@ -84,61 +86,130 @@ def test_a_batch_sent_again_changes_nothing(sessions: sessionmaker[Session]) -> 
     assert events[0].volume == "vol0" and events[0].detail == "#40"
 
 
-def test_hourly_aggregates_equal_the_raw_samples_and_retention_deletes_the_old(
-    sessions: sessionmaker[Session],
-) -> None:
-    store = HealthStore(sessions, Retention(raw_days=1, hourly_days=3, events_days=2))
-    reports = [report(i) for i in range(150)]  # 10:00 to 12:29
-    for i in range(0, 150, 50):
-        store.ingest("gw-a", reports[i : i + 50])
-    now = T0 + timedelta(hours=2, minutes=40)
-    result = store.maintain(now)
-    assert result is not None and result.hours == 2  # 10:00 and 11:00; 12:00 is not over
+def counter(seq: int) -> float:
+    """read_bytes_total at report ``seq``: grows by 1 to 7 KB a minute in bursts; the
+    gateway restarts at seq 700 (counts from 0 again)."""
+    if seq < 700:
+        return float(sum((i % 7 + 1) * 1000 for i in range(seq + 1)))
+    return float(sum((i % 7 + 1) * 1000 for i in range(700, seq + 1)))
 
-    def expected(hour: int, values: list[float]) -> dict[str, float]:
-        return {
-            "at": T0 + timedelta(hours=hour),  # type: ignore[dict-item]
-            "min": min(values),
-            "max": max(values),
-            "mean": sum(values) / len(values),
-            "last": values[-1],
-            "samples": 60,
-        }
 
-    def values(key: str, hour: int, volume: bool = False) -> list[float]:
-        hours = reports[hour * 60 : (hour + 1) * 60]
-        if volume:
-            return [r.volumes["vol0"][key] for r in hours]
-        return [r.gateway[key] for r in hours]
-
-    series = store.series("gw-a", "log_used_percent", since=T0, until=now, step="hour")
-    assert series == [expected(h, values("log_used_percent", h)) for h in (0, 1)]
-    vseries = store.series(
-        "gw-a", "queued_write_bytes", since=T0, until=now, step="hour", volume="vol0"
+def day_report(seq: int) -> HealthReport:
+    """A report a minute from T0 with a gauge, a counter that resets and a volume."""
+    at = T0 + timedelta(minutes=seq)
+    return HealthReport(
+        seq,
+        at,
+        "1.0",
+        gateway={
+            "log_used_percent": round((seq * 37) % 1000 / 10, 1),
+            "read_bytes_total": counter(seq),
+        },
+        volumes={"vol0": {"queued_write_bytes": float(seq % 13) * 1000}},
     )
-    assert vseries == [expected(h, values("queued_write_bytes", h, True)) for h in (0, 1)]
-    raw = store.series("gw-a", "uptime_seconds", since=T0, until=now)
-    assert [p["value"] for p in raw] == [60.0 * i for i in range(150)]
-    # A late report for 11:00 (its raw samples all kept) changes that hour's aggregate.
-    store.ingest("gw-a", [HealthReport(1000, T0 + timedelta(hours=1, minutes=59, seconds=30),
-                                       "1.0", gateway={"log_used_percent": 99.75})])  # fmt: skip
-    assert store.maintain(now) is None  # not due yet: another pass ran 5 minutes ago
-    again = store.run_retention(now + timedelta(minutes=1))
-    assert again.hours == 1 and again.raw == 0
-    late = store.series("gw-a", "log_used_percent", since=T0, until=now, step="hour")[1]
-    assert late["samples"] == 61 and late["max"] == 99.75 and late["last"] == 99.75
-    # A day later: raw before the hour a day ago is gone (whole hours: 10:00), the hours
-    # stay, and 12:00, over now, is aggregated.
+
+
+def expected(
+    samples: list[HealthReport], name: str, volume: str | None = None
+) -> dict[str, object]:
+    """What a bucket of ``samples`` says of a metric, computed from the samples."""
+    xs = [r.volumes[volume][name] if volume else r.gateway[name] for r in samples]
+    if name.endswith("_total"):
+        inc = sum(b - a if b >= a else b for a, b in pairwise(xs))
+        span = (samples[-1].at - samples[0].at).total_seconds()
+        return {"last": xs[-1], "rate": pytest.approx(inc / span), "samples": len(xs)}
+    mean = pytest.approx(sum(xs) / len(xs))
+    return {"min": min(xs), "max": max(xs), "mean": mean, "samples": len(xs)}
+
+
+def test_each_tier_equals_what_the_raw_samples_give(sessions: sessionmaker[Session]) -> None:
+    store = HealthStore(sessions, Retention(raw_days=3, hourly_days=3, daily_days=10))
+    reports = [day_report(i) for i in range(26 * 60)]  # 11-02 10:00 to 11-03 11:59
+    raw_before: dict[str, list[dict[str, object]]] = {}
+    for i in range(0, len(reports), 200):
+        store.ingest("gw-a", reports[i : i + 200])
+    until = T0 + timedelta(days=2)
+    for m in ("log_used_percent", "read_bytes_total"):
+        raw_before[m] = store.series("gw-a", m, since=T0, until=until)
+    now = T0 + timedelta(hours=26, minutes=10)
+    result = store.maintain(now)
+    assert result is not None and (result.hours, result.days) == (26, 2)
+    assert count(sessions, HealthSample) == 0  # all moved into raw blocks
+
+    # Raw: the same points from the blocks, a counter's rate per second across the reset.
+    for m in ("log_used_percent", "read_bytes_total"):
+        assert store.series("gw-a", m, since=T0, until=until) == raw_before[m]
+    rates = [p["rate"] for p in raw_before["read_bytes_total"]]
+    assert rates[0] is None
+    assert rates[1:] == [(i % 7 + 1) * 1000 / 60 for i in range(1, len(reports))]
+
+    def check(step: Step, buckets: list[list[HealthReport]]) -> None:
+        for name, volume in (
+            ("log_used_percent", None),
+            ("read_bytes_total", None),
+            ("queued_write_bytes", "vol0"),
+        ):
+            points = store.series("gw-a", name, since=T0, until=until, step=step, volume=volume)
+            want = [expected(b, name, volume) for b in buckets]
+            assert [{k: v for k, v in p.items() if k != "at"} for p in points] == want
+            assert [p["at"] for p in points] == [
+                b[0].at.replace(minute=0) if step == "hour" else b[0].at.replace(hour=0, minute=0)
+                for b in buckets
+            ]
+
+    check("hour", [reports[h * 60 : (h + 1) * 60] for h in range(26)])
+    check("day", [reports[: 14 * 60], reports[14 * 60 :]])  # 11-02 from 10:00; 11-03 so far
+
+    # The same reports again (their hours are blocked): nothing changes.
+    store.ingest("gw-a", reports[100:300])
+    again = store.run_retention(now + timedelta(minutes=5))
+    assert again.hours == 4
+    for m in ("log_used_percent", "read_bytes_total"):
+        assert store.series("gw-a", m, since=T0, until=until) == raw_before[m]
+    check("hour", [reports[h * 60 : (h + 1) * 60] for h in range(26)])
+    check("day", [reports[: 14 * 60], reports[14 * 60 :]])
+
+    # A late report for 11:00 (its raw block kept) changes that hour and its day.
+    late = HealthReport(
+        5000, T0 + timedelta(hours=1, minutes=59, seconds=30), "1.0",
+        gateway={"log_used_percent": 99.7},
+    )  # fmt: skip
+    store.ingest("gw-a", [late])
+    assert store.run_retention(now + timedelta(minutes=10)).hours == 1
+    hour = store.series("gw-a", "log_used_percent", since=T0, until=until, step="hour")[1]
+    assert hour["samples"] == 61 and hour["max"] == 99.7
+    day = store.series("gw-a", "log_used_percent", since=T0, until=until, step="day")[0]
+    xs = [r.gateway["log_used_percent"] for r in reports[: 14 * 60]] + [99.7]
+    assert day["samples"] == 14 * 60 + 1 and day["mean"] == pytest.approx(sum(xs) / len(xs))
+
+
+def test_retention_deletes_each_tier_past_its_window(sessions: sessionmaker[Session]) -> None:
+    store = HealthStore(sessions, Retention(raw_days=1, hourly_days=2, daily_days=3, events_days=2))
+    reports = [report(i) for i in range(150)]  # 11-02 10:00 to 12:29
+    store.ingest("gw-a", reports)
+    first = store.run_retention(T0 + timedelta(hours=2, minutes=40))
+    assert (first.hours, first.days, first.raw) == (2, 1, 0)
+
+    def points(step: Step) -> int:
+        until = T0 + timedelta(days=9)
+        return len(store.series("gw-a", "uptime_seconds", since=T0, until=until, step=step))
+
+    assert (points("raw"), points("hour"), points("day")) == (150, 2, 1)
+    # A day later: raw before the hour a day ago is gone (whole hours: 10:00); 12:00 is
+    # aggregated.
     day = store.run_retention(T0 + timedelta(days=1, hours=1, minutes=30))
-    assert day.raw == 60 and day.hours == 1
-    left = store.series("gw-a", "uptime_seconds", since=T0, until=now)
+    assert (day.raw, day.hours) == (1, 1)
+    left = store.series("gw-a", "uptime_seconds", since=T0, until=T0 + timedelta(days=2))
     assert [p["value"] for p in left] == [60.0 * i for i in range(60, 150)]
-    assert len(store.series("gw-a", "log_used_percent", since=T0, until=now, step="hour")) == 3
+    assert (points("hour"), points("day")) == (3, 1)
     assert count(sessions, HealthEventRow) == 15
-    # Past the events' and the hours' windows, they go too.
-    end = store.run_retention(T0 + timedelta(days=3, hours=1))
-    assert (end.raw, end.events, end.hourly) == (91, 15, 1)
-    assert count(sessions, HealthHour) == 2 and count(sessions, HealthEventRow) == 0
+    # Hours go two days after their day ended, days three days after, events after two.
+    later = store.run_retention(T0 + timedelta(days=2, hours=15))
+    assert (later.raw, later.hourly, later.daily, later.events) == (2, 1, 0, 15)
+    assert (points("raw"), points("hour"), points("day")) == (0, 0, 1)
+    last = store.run_retention(T0 + timedelta(days=3, hours=15))
+    assert last.daily == 1 and points("day") == 0
+    assert count(sessions, HealthBlock) == 0 and count(sessions, HealthEventRow) == 0
 
 
 def test_the_retention_pass_runs_once_when_stores_race(
@@ -165,7 +236,8 @@ def test_the_retention_pass_runs_once_when_stores_race(
         e.dispose()
     ran = [r for r in results if r is not None]
     assert len(ran) == 1, results
-    assert count(sessions, HealthHour) == 2
+    hours = store.series("gw-a", "uptime_seconds", since=T0, until=now, step="hour")
+    assert [p["samples"] for p in hours] == [60, 60]
     # Due again once the period passed, for one of them.
     assert store.maintain(now + timedelta(minutes=4)) is None
     assert store.maintain(now + timedelta(minutes=5)) is not None
@@ -176,3 +248,5 @@ def test_settings_that_cannot_work_are_refused() -> None:
         Retention(raw_days=30, hourly_days=7).check()
     with pytest.raises(Exception, match="at least an hour"):
         Retention(raw_days=0).check()
+    with pytest.raises(Exception, match="at most the daily retention"):
+        Retention(hourly_days=60, daily_days=30).check()

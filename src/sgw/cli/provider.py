@@ -43,8 +43,9 @@ def register(areas: Any) -> None:
         help="where the other control servers reach this one (default: the --listen address)",
     )
     for kind, default, what in (
-        ("raw", 7, "raw health samples"),
-        ("hourly", 396, "hourly health aggregates"),
+        ("raw", 2, "raw health samples"),
+        ("hourly", 31, "hourly health aggregates"),
+        ("daily", 396, "daily health aggregates"),
         ("events", 396, "health events"),
     ):
         serve.add_argument(
@@ -127,7 +128,12 @@ def _serve(args: argparse.Namespace) -> int:
         insecure_dev=args.insecure_dev,
         insecure_http=args.insecure_http,
         advertise_url=args.advertise_url,
-        health_days=(args.health_raw_days, args.health_hourly_days, args.health_events_days),
+        health_days=(
+            args.health_raw_days,
+            args.health_hourly_days,
+            args.health_events_days,
+            args.health_daily_days,
+        ),
     )
     setup_logging(args.log_level)
     return serve(config)

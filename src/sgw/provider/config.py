@@ -38,10 +38,11 @@ class ProviderConfig:
     # listening address (this machine's name when it listens on every address).
     advertise_url: str | None = None
     # How long health data is kept (days; docs/health.md, "Retention"): raw samples, their
-    # hourly aggregates, events (``--health-raw-days`` and so on).
-    health_raw_days: float = 7.0
-    health_hourly_days: float = 396.0
+    # hourly aggregates, events, daily aggregates (``--health-raw-days`` and so on).
+    health_raw_days: float = 2.0
+    health_hourly_days: float = 31.0
     health_events_days: float = 396.0
+    health_daily_days: float = 396.0
 
     @property
     def scheme(self) -> str:
@@ -87,7 +88,7 @@ def load(
     insecure_dev: bool = False,
     insecure_http: bool = False,
     advertise_url: str | None = None,
-    health_days: tuple[float | None, float | None, float | None] = (None, None, None),
+    health_days: tuple[float | None, ...] = (None, None, None, None),
 ) -> ProviderConfig:
     """Builds the configuration from flags, with embedded defaults under ``data_dir``."""
     if not data_dir:
@@ -111,7 +112,7 @@ def load(
         advertise_url=advertise_url,
         **{
             f"health_{kind}_days": days
-            for kind, days in zip(("raw", "hourly", "events"), health_days, strict=True)
+            for kind, days in zip(("raw", "hourly", "events", "daily"), health_days, strict=False)
             if days is not None
         },
     )

@@ -168,7 +168,12 @@ def create_app(config: ProviderConfig) -> FastAPI:
     evaluator = RolloutEvaluator(rollouts)
     health_store = HealthStore(
         sessions,
-        Retention(config.health_raw_days, config.health_hourly_days, config.health_events_days),
+        Retention(
+            config.health_raw_days,
+            config.health_hourly_days,
+            config.health_events_days,
+            config.health_daily_days,
+        ),
     )
     retention: Periodic[MaintainResult | None] = Periodic(
         "health-retention", health_store.maintain, None, tick_s=HEALTH_TICK_S

@@ -198,11 +198,13 @@ def gateway_health(
 
 
 Since = Annotated[
-    datetime | None, Query(description="from (ISO 8601; default: a day ago, raw; 30 days, hour)")
+    datetime | None,
+    Query(description="from (ISO 8601; default: a day ago, raw; 30 days, hour; 396, day)"),
 ]
 Until = Annotated[datetime | None, Query(description="to (ISO 8601; default: now)")]
 StepQ = Annotated[
-    Literal["raw", "hour"], Query(description="raw samples, or hourly min/max/mean/last")
+    Literal["raw", "hour", "day"],
+    Query(description="raw samples, or hourly or daily aggregates (docs/health.md)"),
 ]
 MetricQ = Annotated[str, Query(description="a metric name (sgw.common.health)", max_length=64)]
 
@@ -210,7 +212,8 @@ MetricQ = Annotated[str, Query(description="a metric name (sgw.common.health)", 
 def _since(since: datetime | None, step: str) -> datetime:
     if since is not None and since.tzinfo is None:
         raise BadRequestError("since: give the time with its zone (UTC: ...Z or +00:00)")
-    return since or utcnow() - (timedelta(days=1) if step == "raw" else timedelta(days=30))
+    default = {"raw": timedelta(days=1), "hour": timedelta(days=30), "day": timedelta(days=396)}
+    return since or utcnow() - default[step]
 
 
 @router.get("/gateways/{gateway_id}/health/series", tags=["health"], responses=errors(400, 404))

@@ -50,6 +50,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -745,7 +746,8 @@ class HealthGateway(Base):
 
 
 class HealthSample(Base):
-    """One report's metrics, as received (kept ``raw_days``). ``at``: the gateway's clock,
+    """One report's metrics, as received, until the retention pass moves its hour into a
+    raw block (``HealthBlock``). ``at``: the gateway's clock,
     in whole seconds since the epoch (an integer: compact, and hours are ``at / 3600`` on
     both databases)."""
 
@@ -760,19 +762,20 @@ class HealthSample(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)  # sgw.provider.health.codec
 
 
-class HealthHour(Base):
-    """One hour of a gateway's samples, downsampled: min, max, mean and last of each
-    metric, per gateway and per volume, and how many samples (kept ``hourly_days``)."""
+class HealthBlock(Base):
+    """A block of a gateway's health data (sgw.provider.health.store): ``tier`` 0, an hour
+    of raw samples; 1, a day of hourly buckets; 2, 32 days of daily buckets, from ``start``
+    (epoch seconds); ``data``: columnar and compressed (sgw.provider.health.codec)."""
 
-    __tablename__ = "health_hours"
-    __table_args__ = (Index(None, "hour"),)
+    __tablename__ = "health_blocks"
+    __table_args__ = (Index(None, "tier", "start"),)
 
     gw: Mapped[int] = mapped_column(
         ForeignKey("health_gateways.num", ondelete="CASCADE"), primary_key=True
     )
-    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # epoch seconds / 3600
-    samples: Mapped[int] = mapped_column(Integer)
-    data: Mapped[bytes] = mapped_column(LargeBinary)  # sgw.provider.health.codec
+    tier: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class HealthEventRow(Base):

@@ -1,14 +1,15 @@
-"""The health store: each gateway's newest report and labels, raw samples, hourly
-aggregates, events, and the periodic jobs' schedule (docs/health.md, "At the provider").
+"""The health store: each gateway's newest report and labels, recent raw samples, blocks
+of samples and of hourly and daily aggregates, events, and the periodic jobs' schedule
+(docs/health.md, "At the provider").
 
 Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-08
 
-Only adds tables. Samples and hours are plain rowid tables on SQLite, not ``WITHOUT
-ROWID``: their rows (0.3 to 5 KB) are larger than such a table keeps in its b-tree pages
-(about 1 KB at 4 KiB pages), and each spilled into an overflow page of its own (measured:
-4.7 KB stored per 1.3 KB hourly row).
+Only adds tables. Samples and blocks are plain rowid tables on SQLite, not ``WITHOUT
+ROWID``: their rows (0.3 to 10 KB) are larger than such a table keeps in its b-tree pages
+(about 1 KB at 4 KiB pages), and each would spill into an overflow page of its own
+(measured: 4.7 KB stored per 1.3 KB row).
 """
 
 from __future__ import annotations
@@ -71,14 +72,14 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_health_samples_at"), "health_samples", ["at"])
     op.create_table(
-        "health_hours",
-        *_gw("health_hours"),
-        sa.Column("hour", sa.BigInteger(), nullable=False),
-        sa.Column("samples", sa.Integer(), nullable=False),
+        "health_blocks",
+        *_gw("health_blocks"),
+        sa.Column("tier", sa.SmallInteger(), nullable=False),
+        sa.Column("start", sa.BigInteger(), nullable=False),
         sa.Column("data", sa.LargeBinary(), nullable=False),
-        sa.PrimaryKeyConstraint("gw", "hour", name=op.f("pk_health_hours")),
+        sa.PrimaryKeyConstraint("gw", "tier", "start", name=op.f("pk_health_blocks")),
     )
-    op.create_index(op.f("ix_health_hours_hour"), "health_hours", ["hour"])
+    op.create_index(op.f("ix_health_blocks_tier_start"), "health_blocks", ["tier", "start"])
     op.create_table(
         "health_events",
         *_gw("health_events"),
@@ -107,8 +108,8 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_health_events_gw_at"), table_name="health_events")
     op.drop_index(op.f("ix_health_events_at"), table_name="health_events")
     op.drop_table("health_events")
-    op.drop_index(op.f("ix_health_hours_hour"), table_name="health_hours")
-    op.drop_table("health_hours")
+    op.drop_index(op.f("ix_health_blocks_tier_start"), table_name="health_blocks")
+    op.drop_table("health_blocks")
     op.drop_index(op.f("ix_health_samples_at"), table_name="health_samples")
     op.drop_table("health_samples")
     op.drop_table("health_gateways")
