@@ -15,7 +15,8 @@ bucket of time, a column per (scope, metric, statistic) plus whole-number column
 own (``seq``, ``samples``, ...). Stored as one zstd frame of varints: each column's
 values are scaled to whole numbers at the fewest decimals that hold them exactly (a
 gateway's 0.1 % or whole bytes cost a scale of 1 or 0; a value no scale holds makes the
-column 8-byte floats), delta-coded down the rows and zigzag-varint written, so steady
+column 8-byte floats), divided by their steps' greatest common divisor (bytes moved in
+4 KiB blocks), delta-coded down the rows and zigzag-varint written, so steady
 gauges and steadily growing counters cost about a byte a value before zstd. Metric and
 statistic names are numbers (``_NAMES_V1``, ``STATS``): both tuples only ever grow at the
 end.
@@ -24,6 +25,7 @@ end.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -195,7 +197,10 @@ def _values(out: bytearray, values: Sequence[float | None], n: int) -> None:
     if k == _FLOAT:
         out += struct.pack(f"<{len(present)}d", *present)
     else:
-        _ints(out, [round(v * 10**k) for v in present])
+        ints = [round(v * 10**k) for v in present]
+        step = math.gcd(*(b - a for a, b in zip([0, *ints], ints, strict=False))) or 1
+        _uvarint(out, step)
+        _ints(out, [v // step for v in ints])
 
 
 def _ints(out: bytearray, values: Sequence[int]) -> None:
@@ -270,7 +275,7 @@ class _Reader:
             present = list(struct.unpack_from(f"<{count}d", self.buf, self.pos))
             self.pos += 8 * count
         else:
-            m = 10**k
-            present = [v / m if k else float(v) for v in self.ints(count)]
+            m, step = 10**k, self.uvarint()
+            present = [v * step / m if k else float(v * step) for v in self.ints(count)]
         it = iter(present)
         return [next(it) if p else None for p in mask]
