@@ -122,6 +122,7 @@ BODY_CALLS = [
     ("POST", "/v1/accounts"),
     ("POST", "/v1/activations"),
     ("POST", "/v1/gateway/messages/replies"),
+    ("POST", "/v1/gateway/health"),
     ("POST", "/v1/gateways/gw-1/commands?wait=1"),
     ("PUT", "/v1/volumes/v-1/chunks/" + "0" * 64),
     ("POST", "/v1/volumes/v-1/chunk-packs"),

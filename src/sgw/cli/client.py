@@ -470,6 +470,14 @@ class ApiClient:
             dict[str, Any], self._call("POST", f"/v1/releases/{quote(version, safe='')}/revoke")
         )
 
+    # Health
+
+    def gateway_health(self, gateway_id: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self._call("GET", f"/v1/gateways/{gateway_id}/health"))
+
+    def fleet_health(self) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self._call("GET", "/v1/health/fleet"))
+
     def _call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
         """Makes the call; its JSON answer (None for an empty one). Query parameters that
         are None are left out."""

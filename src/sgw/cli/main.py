@@ -4,7 +4,7 @@ with an exit status for every error a user can cause.
 Each command group is a module of ``sgw.cli``: ``gateway`` and ``provider`` (the daemons
 and their local tools), then the admin groups over the provider's management API
 (``gateways`` with ``activate``, ``accounts``, ``tokens``, ``volumes``, ``snapshots``,
-``updates``),
+``updates``, ``health``),
 which share ``client`` (the typed API client), ``config``, ``options``, ``output`` and
 ``gateway_commands``; their exit statuses are in ``errors``.
 """
@@ -21,6 +21,7 @@ from sgw.cli import (
     accounts,
     gateway,
     gateways,
+    health,
     provider,
     releases,
     snapshots,
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     snapshots.register(areas)
     releases.register(areas)
     updates.register(areas)
+    health.register(areas)
     return parser
 
 

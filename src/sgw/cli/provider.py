@@ -48,6 +48,18 @@ def register(areas: Any) -> None:
         metavar="URL",
         help="where the other control servers reach this one (default: the --listen address)",
     )
+    for kind, default, what in (
+        ("raw", 2, "raw health samples"),
+        ("hourly", 31, "hourly health aggregates"),
+        ("daily", 396, "daily health aggregates"),
+        ("events", 396, "health events"),
+    ):
+        serve.add_argument(
+            f"--health-{kind}-days",
+            type=float,
+            metavar="DAYS",
+            help=f"keep {what} this long (default {default}; docs/health.md)",
+        )
     serve.add_argument("--log-level", metavar="LEVEL", default="info", help="log level")
     serve.set_defaults(handler=_serve)
 
@@ -123,6 +135,12 @@ def _serve(args: argparse.Namespace) -> int:
         insecure_http=args.insecure_http,
         advertise_url=args.advertise_url,
         accept_legacy_signatures=not args.refuse_legacy_signatures,
+        health_days=(
+            args.health_raw_days,
+            args.health_hourly_days,
+            args.health_events_days,
+            args.health_daily_days,
+        ),
     )
     setup_logging(args.log_level)
     return serve(config)

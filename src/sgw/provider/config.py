@@ -41,6 +41,12 @@ class ProviderConfig:
     # listening address (this machine's name when it listens on every address).
     advertise_url: str | None = None
     accept_legacy_signatures: bool = True
+    # How long health data is kept (days; docs/health.md, "Retention"): raw samples, their
+    # hourly aggregates, events, daily aggregates (``--health-raw-days`` and so on).
+    health_raw_days: float = 2.0
+    health_hourly_days: float = 31.0
+    health_events_days: float = 396.0
+    health_daily_days: float = 396.0
 
     @property
     def scheme(self) -> str:
@@ -87,6 +93,7 @@ def load(
     insecure_http: bool = False,
     advertise_url: str | None = None,
     accept_legacy_signatures: bool = True,
+    health_days: tuple[float | None, ...] = (None, None, None, None),
 ) -> ProviderConfig:
     """Builds the configuration from flags, with embedded defaults under ``data_dir``."""
     if not data_dir:
@@ -109,4 +116,9 @@ def load(
         insecure_http=insecure_http,
         advertise_url=advertise_url,
         accept_legacy_signatures=accept_legacy_signatures,
+        **{
+            f"health_{kind}_days": days
+            for kind, days in zip(("raw", "hourly", "events", "daily"), health_days, strict=False)
+            if days is not None
+        },
     )

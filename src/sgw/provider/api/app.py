@@ -43,7 +43,16 @@ from sgw.common.errors import (
     UnsupportedEncodingError,
     VersionConflictError,
 )
-from sgw.provider.api import accounts, blocks, control, gateways, releases, updates, volume_settings
+from sgw.provider.api import (
+    accounts,
+    blocks,
+    control,
+    gateways,
+    releases,
+    updates,
+    volume_settings,
+)
+from sgw.provider.api import health as health_api
 from sgw.provider.api.auth import (
     DEV_ACCOUNT_ID,
     DEV_ACCOUNT_NAME,
@@ -72,6 +81,10 @@ from sgw.provider.control.planner import CommandPlanner
 from sgw.provider.control.schedules import SnapshotScheduler
 from sgw.provider.control.store import ControlStore, MessageInfo
 from sgw.provider.db import schema
+from sgw.provider.db.periodic import Periodic
+from sgw.provider.health import metrics as health_metrics
+from sgw.provider.health.store import TICK_S as HEALTH_TICK_S
+from sgw.provider.health.store import HealthStore, MaintainResult, Retention
 from sgw.provider.management.accounts import Accounts
 from sgw.provider.management.gateways import Gateways
 from sgw.provider.management.volume_settings import SecretBox, VolumeSettings
@@ -153,6 +166,18 @@ def create_app(config: ProviderConfig) -> FastAPI:
     scheduler = SnapshotScheduler(sessions, service.maps, hub)
     rollouts = Rollouts(sessions)
     evaluator = RolloutEvaluator(rollouts)
+    health_store = HealthStore(
+        sessions,
+        Retention(
+            config.health_raw_days,
+            config.health_hourly_days,
+            config.health_events_days,
+            config.health_daily_days,
+        ),
+    )
+    retention: Periodic[MaintainResult | None] = Periodic(
+        "health-retention", health_store.maintain, None, tick_s=HEALTH_TICK_S
+    )
 
     authenticator = Authenticator(
         account_repo,
@@ -177,7 +202,9 @@ def create_app(config: ProviderConfig) -> FastAPI:
         if refresh is not None:
             refresh.start()
         evaluator.start()
+        retention.start()
         yield
+        await retention.stop()
         await evaluator.stop()
         if refresh is not None:
             await refresh.stop()
@@ -207,6 +234,8 @@ def create_app(config: ProviderConfig) -> FastAPI:
     app.state.update_policies = Policies(sessions)
     app.state.rollouts = rollouts
     app.state.updates = Updates(sessions, rollouts)
+    app.state.health = health_store
+    app.state.health_metrics = health_metrics.registry(health_store)
     app.include_router(blocks.router)
     app.include_router(control.router)
     app.include_router(accounts.router)
@@ -214,6 +243,8 @@ def create_app(config: ProviderConfig) -> FastAPI:
     app.include_router(volume_settings.router)
     app.include_router(releases.router)
     app.include_router(updates.router)
+    app.include_router(health_api.router)
+    app.include_router(health_api.metrics_router)
     # In front of the routes: authentication (the gate, before it, caps the bodies).
     app.add_middleware(AuthMiddleware, authenticator=authenticator, limit=MAX_REQUEST_BODY)
 

@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sgw.common import signing
 from sgw.common.chunks import MAX_CHUNK_SIZE
 from sgw.common.errors import UnauthenticatedError
+from sgw.common.health import HEALTH_PATH, MAX_REPORTS_PER_BATCH
 from sgw.provider.api.auth import (
     NO_CREDENTIALS,
     SIGNED_HEADER,
@@ -133,6 +134,14 @@ RELEASE_BODY = BodyCap(MAX_BUNDLE, "release bundles", "a release slot is some 10
 # An update agent's report: two versions, a state, a time and a reason of at most 4096
 # characters (JSON-escaped, up to 6 bytes each): 32 KiB holds the largest with room.
 REPORT_BODY = BodyCap(32 * KIB, "update reports", "shorten the reason (at most 4096 characters)")
+# A gateway's batch of health reports (sgw.common.health): a report of 25 gateway metrics
+# and 3 volumes is some 2 KB of JSON, so 1 MiB holds a full batch of 200 such; a gateway
+# with many volumes sends fewer reports per batch.
+HEALTH_BODY = BodyCap(
+    MIB,
+    "health report batches",
+    f"send fewer reports per batch (at most {MAX_REPORTS_PER_BATCH}, fewer with many volumes)",
+)
 # A gateway that is not activated yet makes one call, a GET of its credentials without a
 # body; a little room for a client that sends an empty document.
 CANDIDATE_BODY = BodyCap(
@@ -164,6 +173,8 @@ def body_cap(method: str, path: str) -> BodyCap:
             return RELEASE_BODY
         if path == REPORTS_PATH:
             return REPORT_BODY
+        if path == HEALTH_PATH:
+            return HEALTH_BODY
         if path.startswith("/v1/volumes/"):
             parts = path.split("/")
             if len(parts) == 5 and parts[4] == "chunk-packs":

@@ -50,6 +50,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -720,3 +721,87 @@ class RetiredId(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     retired: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class HealthGateway(Base):
+    """A gateway's health at a glance (``sgw.provider.health``): the labels and metrics of
+    its newest report, when it came, and the highest ``seq`` stored (what the gateway may
+    forget). ``num`` is a small number that the sample rows name instead of the gateway's
+    36-character id (the samples are most of the health store's bytes)."""
+
+    __tablename__ = "health_gateways"
+
+    num: Mapped[int] = mapped_column(_SERIAL, primary_key=True, autoincrement=True)
+    gateway_id: Mapped[str] = mapped_column(
+        ForeignKey("gateways.id", ondelete="CASCADE"), unique=True
+    )
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+    last_at: Mapped[datetime] = mapped_column(UtcDateTime())  # the gateway's clock
+    received: Mapped[datetime] = mapped_column(UtcDateTime())  # the provider's
+    version: Mapped[str] = mapped_column(String(100))
+    kernel: Mapped[str] = mapped_column(String(100))
+    hypervisor: Mapped[str] = mapped_column(String(100))
+    site: Mapped[str] = mapped_column(String(100))
+    latest: Mapped[bytes] = mapped_column(LargeBinary)  # sgw.provider.health.codec
+
+
+class HealthSample(Base):
+    """One report's metrics, as received, until the retention pass moves its hour into a
+    raw block (``HealthBlock``). ``at``: the gateway's clock,
+    in whole seconds since the epoch (an integer: compact, and hours are ``at / 3600`` on
+    both databases)."""
+
+    __tablename__ = "health_samples"
+    __table_args__ = (Index(None, "at"),)
+
+    gw: Mapped[int] = mapped_column(
+        ForeignKey("health_gateways.num", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    at: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # sgw.provider.health.codec
+
+
+class HealthBlock(Base):
+    """A block of a gateway's health data (sgw.provider.health.store): ``tier`` 0, an hour
+    of raw samples; 1, a day of hourly buckets; 2, 32 days of daily buckets, from ``start``
+    (epoch seconds); ``data``: columnar and compressed (sgw.provider.health.codec)."""
+
+    __tablename__ = "health_blocks"
+    __table_args__ = (Index(None, "tier", "start"),)
+
+    gw: Mapped[int] = mapped_column(
+        ForeignKey("health_gateways.num", ondelete="CASCADE"), primary_key=True
+    )
+    tier: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class HealthEventRow(Base):
+    """An event a gateway reported: the ``n``-th of report ``seq`` (so it is stored once)."""
+
+    __tablename__ = "health_events"
+    __table_args__ = (Index(None, "at"), Index(None, "gw", "at"))
+
+    gw: Mapped[int] = mapped_column(
+        ForeignKey("health_gateways.num", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    kind: Mapped[str] = mapped_column(String(32))
+    severity: Mapped[str] = mapped_column(String(16))
+    volume: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+
+
+class PeriodicJob(Base):
+    """When a job that every provider process runs is due next: a process runs it only
+    when its conditional update of ``due`` takes (sgw.provider.db.periodic)."""
+
+    __tablename__ = "periodic_jobs"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    due: Mapped[datetime] = mapped_column(UtcDateTime())
+    holder: Mapped[str | None] = mapped_column(String(64))

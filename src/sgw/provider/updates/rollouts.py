@@ -32,8 +32,6 @@ see it at once, it happens once, and only the process whose update took logs it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import uuid
@@ -56,6 +54,7 @@ from sgw.provider.db.models import (
     UpdateReport,
     utcnow,
 )
+from sgw.provider.db.periodic import Periodic
 from sgw.provider.updates.policy import Policy, effective_policies
 
 LOG = logging.getLogger(__name__)
@@ -489,33 +488,9 @@ def _info(row: Rollout, release: Release | None) -> RolloutInfo:
     )
 
 
-class RolloutEvaluator:
+class RolloutEvaluator(Periodic[list[str]]):
     """Evaluates the running rollout every ``tick_s`` in this provider process."""
 
     def __init__(self, rollouts: Rollouts, *, tick_s: float = TICK_S) -> None:
+        super().__init__("rollouts", rollouts.evaluate, [], tick_s=tick_s)
         self.rollouts = rollouts
-        self.tick_s = tick_s
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="rollouts")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def run_once(self) -> list[str]:
-        """One evaluation, in a worker thread; a failure is logged, not raised."""
-        try:
-            return await asyncio.to_thread(self.rollouts.evaluate)
-        except Exception as exc:
-            LOG.warning("rollouts: the evaluation failed, tried again at the next: %s", exc)
-            return []
-
-    async def _loop(self) -> None:
-        while True:
-            await self.run_once()
-            await asyncio.sleep(self.tick_s)
