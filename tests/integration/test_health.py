@@ -1,8 +1,7 @@
 """The gateway's health on a real ``sgw gateway serve``: the local /metrics endpoint
 (bearer token, values that move with real NBD I/O from qemu-io) and the health reports
-it uploads to a provider (a real HTTP server implementing the upload contract:
-tests/fixtures/health_receiver.py), kept on disk while the provider is away and across a
-kill -9."""
+it uploads to a real provider (``sgw provider serve``), kept on disk while the provider is
+away and across a kill -9."""
 
 from __future__ import annotations
 
@@ -14,14 +13,14 @@ import re
 import socket
 import subprocess
 import uuid
+from datetime import datetime
 
 import httpx
 import pytest
 
 from sgw.common.health import HealthReport
 from tests.fixtures.daemons import GatewayProcess, free_port, need, non_loopback_address
-from tests.fixtures.health_receiver import HealthReceiver, ReceiverServer
-from tests.fixtures.management import activated_gateway
+from tests.fixtures.management import SecureProvider, activated_gateway
 from tests.fixtures.waiting import wait_for
 
 TOKEN = "0123456789abcdef-health-token"
@@ -187,75 +186,76 @@ def test_sources_outside_allow_get_no_answer(tmp_path):
         gw.stop()
 
 
-def _buffered(gw: GatewayProcess) -> list[int]:
+def _at(value: str) -> int:
+    """A report's time in whole seconds (as the provider keeps it)."""
+    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+
+
+def _stored(p: SecureProvider, gid: str) -> list[int]:
+    """When each report the provider holds for the gateway was sampled (its raw points of
+    a metric every report carries), oldest first."""
+    doc = p.admin().get(
+        f"/v1/gateways/{gid}/health/series", params={"metric": "uptime_seconds", "step": "raw"}
+    )
+    assert doc.status_code == 200, doc.text
+    return [_at(point["at"]) for point in doc.json()["points"]]
+
+
+def _buffered_at(gw: GatewayProcess) -> list[int]:
     path = gw.data_dir / "health" / "reports.jsonl"
     if not path.exists():
         return []
-    seqs = []
+    out = []
     for line in path.read_bytes().splitlines():
-        with contextlib.suppress(ValueError):
-            seqs.append(int(json.loads(line)["seq"]))
-    return seqs
+        with contextlib.suppress(ValueError, KeyError):
+            out.append(_at(json.loads(line)["at"]))
+    return out
 
 
-def test_reports_reach_the_provider_and_survive_its_absence_and_a_kill(tmp_path):
-    receiver = HealthReceiver()
-    server = ReceiverServer(receiver).start()
-    gw = GatewayProcess(
-        tmp_path / "gw",
-        ["vol0:64M"],
-        extra_args=["--config", _config(tmp_path), "--provider", server.url],
+def test_reports_reach_the_provider_and_survive_its_absence_and_a_kill(
+    tmp_path, secure_provider, gateway_factory
+):
+    """A real provider: reports go up once activated; while the provider is stopped they
+    wait on disk, also across the gateway's kill -9; after both restart every one of them
+    arrives, none twice, and the restart after the kill is reported."""
+    p = secure_provider
+    gw, gid = activated_gateway(
+        tmp_path, p, gateway_factory, ["vol0:64M"], extra="\n[health]\ninterval = 1.1\n"
+    )  # over a second apart: each report its own second at the provider
+    admin = p.admin()
+    wait_for(lambda: len(_stored(p, gid)) >= 3, what="three reports at the provider")
+    doc = admin.get(f"/v1/gateways/{gid}/health").json()
+    assert doc["latest"]["version"] and doc["latest"]["volumes"]["vol0"]["size_bytes"] == 64 << 20
+    assert "log_used_percent" in doc["latest"]["gateway"]
+    assert "started" in [e["kind"] for e in doc["events"]]
+
+    p.stop()  # the provider is away: reports wait on disk
+    wait_for(lambda: len(_buffered_at(gw)) >= 3, what="reports buffered on disk")
+    gw.kill()
+    waiting = _buffered_at(gw)
+    gw.start()
+    p.start()
+    wait_for(lambda: set(waiting) <= set(_stored(p, gid)), 60, "the buffered reports uploaded")
+    wait_for(
+        lambda: (
+            "restart_after_crash"
+            in [e["kind"] for e in p.admin().get(f"/v1/gateways/{gid}/health").json()["events"]]
+        ),
+        60,
+        "the restart after the kill reported",
     )
-    try:
-        gw.start()
-        wait_for(lambda: len(receiver.stored) >= 3, what="three reports at the provider")
-        first = receiver.stored[min(receiver.stored)]
-        assert "started" in [e["kind"] for e in first["events"]]
-        assert first["version"] and "vol0" in first["volumes"]
-        assert first["volumes"]["vol0"]["size_bytes"] == 64 << 20
-        assert "log_used_percent" in first["gateway"]
-
-        server.stop()  # the provider is away: reports wait on disk
-        wait_for(lambda: len(_buffered(gw)) >= 3, what="reports buffered on disk")
-        waiting = _buffered(gw)
-        gw.kill()
-        assert set(waiting).isdisjoint(receiver.stored)
-
-        gw.start()
-        server.start()
-        wait_for(lambda: set(waiting) <= set(receiver.stored), what="the buffered reports uploaded")
-        wait_for(
-            lambda: any(
-                e["kind"] == "restart_after_crash"
-                for r in receiver.stored.values()
-                for e in r["events"]
-            ),
-            what="the restart after the kill reported",
-        )
-        seqs = sorted(receiver.stored)
-        assert seqs == sorted(set(receiver.arrived))  # nothing accepted went up twice
-        assert len(receiver.arrived) == len(set(receiver.arrived))
-        # seq grows across the kill: the new daemon's reports come after the old ones.
-        new = [
-            s
-            for s, r in receiver.stored.items()
-            if any(e["kind"] == "restart_after_crash" for e in r["events"])
-        ]
-        assert min(new) > max(waiting)
-        wait_for(lambda: not _buffered(gw), what="the buffer emptied once accepted")
-    finally:
-        if gw.alive():
-            gw.stop()
-        server.stop()
+    wait_for(lambda: not _buffered_at(gw), 60, "the buffer emptied once accepted")
+    stored = _stored(p, gid)
+    assert len(stored) == len(set(stored))  # none twice
+    gw.stop()
     assert not (gw.data_dir / "running").exists()  # a clean stop leaves no marker
 
 
 def test_health_report_command_from_the_console(tmp_path, secure_provider, gateway_factory):
-    """The console's ``health_report``: the gateway samples a report at once and replies
-    with it (the provider of this branch has no health endpoint yet: the report stays in
-    the gateway's buffer, to go up once there is one)."""
+    """The console's ``health_report``: the gateway samples a report at once, uploads it
+    and replies with it."""
     p = secure_provider
-    gw, gid = activated_gateway(
+    _, gid = activated_gateway(
         tmp_path, p, gateway_factory, ["vol0:16M"], extra="\n[health]\ninterval = 3600\n"
     )
     admin = p.admin()
@@ -276,4 +276,7 @@ def test_health_report_command_from_the_console(tmp_path, secure_provider, gatew
     assert report.seq == result["seq"] >= 1  # seq 0 was sampled at start
     assert report.gateway["control_channel_connected"] == 1.0
     assert report.volumes["vol0"]["size_bytes"] == 16 << 20
-    assert result["seq"] in _buffered(gw)
+    wait_for(
+        lambda: admin.get(f"/v1/gateways/{gid}/health").json()["latest"]["seq"] >= result["seq"],
+        what="the report at the provider",
+    )

@@ -3,8 +3,7 @@ contract (tests/fixtures/health_receiver.py): batches, ``accepted_through``, ret
 the provider refuses or is away, a lost answer resent without harm, and nothing sent
 again once accepted.
 
-``test_upload_to_a_real_provider`` is the same against ``sgw provider serve`` once the
-provider's ``POST /v1/gateway/health`` is on this branch (it skips until then, saying so).
+The same against a real ``sgw provider serve`` with a real daemon: test_health.py.
 """
 
 from __future__ import annotations
@@ -180,33 +179,6 @@ def test_clock_skew_measured_from_the_providers_date(tmp_path, receiver):
             await rep.stop()
 
     asyncio.run(run())
-
-
-def test_upload_to_a_real_provider(tmp_path):
-    """To enable once the provider side (POST /v1/gateway/health) is merged: the same
-    reporter against ``sgw provider serve --insecure-dev``."""
-    try:
-        from sgw.provider.api import health  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        pytest.skip("the provider's POST /v1/gateway/health is not on this branch yet")
-    from tests.fixtures.daemons import ProviderProcess
-
-    provider = ProviderProcess(tmp_path / "provider").start()
-    try:
-
-        async def run() -> None:
-            rep = _reporter(tmp_path / "gw", provider.url)
-            try:
-                for _ in range(3):
-                    await rep.sample()
-                assert await rep.upload() == 3
-                assert rep.buffer.seqs() == []
-            finally:
-                await rep.stop()
-
-        asyncio.run(run())
-    finally:
-        provider.stop()
 
 
 def test_a_refused_batch_is_dropped_not_retried_forever(tmp_path, receiver):
