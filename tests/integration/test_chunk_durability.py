@@ -46,7 +46,7 @@ class Env:
     scope: str
 
     def path(self, chunk_id: str) -> Path:
-        return Path(self.store.path(chunk_key(self.scope, chunk_id)))
+        return Path(self.store.path(chunk_key(self.blocks.keys, self.scope, chunk_id)))
 
     def put(self, data: bytes) -> str:
         self.blocks.put_chunk(ACCOUNT, self.volume, sha256_hex(data), data)
