@@ -105,7 +105,8 @@ def test_uploads_sync_nothing_and_a_commit_syncs_exactly_its_chunks(
     directories = {p for p in fsyncs if p not in files}
     root = Path(env.store.root)
     expected = {str(env.path(a).parent), str(env.path(b).parent)}
-    expected |= {str(root / "chunks" / env.scope), str(root / "chunks"), str(root)}
+    scope = root / "chunks" / env.scope
+    expected |= {str(scope / "k"), str(scope), str(root / "chunks"), str(root)}
     assert directories == expected
     # Uploading a chunk that is there already syncs it (after checking it), and no other.
     fsyncs.clear()
