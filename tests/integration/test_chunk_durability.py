@@ -46,7 +46,7 @@ class Env:
     scope: str
 
     def path(self, chunk_id: str) -> Path:
-        return Path(self.store.path(chunk_key(self.scope, chunk_id)))
+        return Path(self.store.path(chunk_key(self.blocks.keys, self.scope, chunk_id)))
 
     def put(self, data: bytes) -> str:
         self.blocks.put_chunk(ACCOUNT, self.volume, sha256_hex(data), data)
@@ -105,7 +105,8 @@ def test_uploads_sync_nothing_and_a_commit_syncs_exactly_its_chunks(
     directories = {p for p in fsyncs if p not in files}
     root = Path(env.store.root)
     expected = {str(env.path(a).parent), str(env.path(b).parent)}
-    expected |= {str(root / "chunks" / env.scope), str(root / "chunks"), str(root)}
+    scope = root / "chunks" / env.scope
+    expected |= {str(scope / "k"), str(scope), str(root / "chunks"), str(root)}
     assert directories == expected
     # Uploading a chunk that is there already syncs it (after checking it), and no other.
     fsyncs.clear()

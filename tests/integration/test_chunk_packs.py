@@ -194,7 +194,7 @@ def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
     # stored as that frame, a multi-frame one inflated and compressed again (one frame).
     obj = api.raw(key)
     index = read_index(obj)
-    assert [c for c, _, _ in index] == ids
+    assert [n for n, _, _ in index] == [api.name(scope, c) for c in ids]  # keyed names
     recompressed = zstandard.ZstdCompressor(level=3).compress(multi)
     assert [n for _, _, n in index] == [
         OVERHEAD + len(compressible),
@@ -204,7 +204,7 @@ def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
         OVERHEAD + len(noise),
     ]
     scope_key = derive_key((api.data_dir / "master.key").read_bytes(), scope)
-    for (cid, offset, length), data in zip(index, datas, strict=True):
+    for (_, offset, length), cid, data in zip(index, ids, datas, strict=True):
         info = check_chunk(obj[offset : offset + length])
         assert info.encrypted and info.plaintext_length == len(data)
         assert info.compressed == (cid in (sha256_hex(framed), sha256_hex(multi)))
@@ -213,7 +213,9 @@ def test_a_pack_is_one_object_and_each_chunk_reads_back(api: PackApi) -> None:
     # The rows: one written pack of the object's size, a location per chunk as indexed.
     pack_id = match["pack"]
     assert api.packs(vid) == {pack_id: (len(obj), True)}
-    assert api.locations(vid) == {c: (pack_id, o, n) for c, o, n in index}
+    assert api.locations(vid) == {
+        c: (pack_id, o, n) for c, (_, o, n) in zip(ids, index, strict=True)
+    }
 
     for cid, data in zip(ids, datas, strict=True):
         got = api.read(vid, cid)
@@ -266,7 +268,9 @@ def test_sending_a_pack_again_answers_present_and_writes_nothing(api: PackApi) -
         mixed.text
     )
     (new,) = api.keys() - keys
-    assert [cid for cid, _, _ in read_index(api.raw(new))] == [sha256_hex(c)]
+    assert [n for n, _, _ in read_index(api.raw(new))] == [
+        api.name(new.split("/")[1], sha256_hex(c))
+    ]
     located = api.locations(vid)
     assert (
         located[sha256_hex(a)] == locations[sha256_hex(a)]
@@ -480,7 +484,8 @@ def test_a_pack_of_multi_frame_chunks_is_stored_compressed(api: PackApi) -> None
     obj = api.raw(key)
     assert len(obj) < 64 * 1024, len(obj)  # stored compressed: not 64 MiB
     index = read_index(obj)
-    assert [c for c, _, _ in index] == [c.id for c in sent]
+    scope = key.split("/")[1]
+    assert [n for n, _, _ in index] == [api.name(scope, c.id) for c in sent]
     for cid, offset, length in index:
         info = check_chunk(obj[offset : offset + length])
         assert info.compressed and info.plaintext_length == MIB, cid

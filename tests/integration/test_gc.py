@@ -21,7 +21,7 @@ from sgw.provider.blockstore import gc, service
 from sgw.provider.blockstore.keys import KeyRing
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.blockstore.objects import DirectoryStore
-from sgw.provider.blockstore.service import BlockService, chunk_key
+from sgw.provider.blockstore.service import BlockService, chunk_key, legacy_chunk_key
 from sgw.provider.db.schema import make_engine, session_factory
 from tests.fixtures.block_service import ACCOUNT, CHUNK, Env, race_with_collector
 from tests.fixtures.chunk_data import content, sha256_hex
@@ -140,7 +140,9 @@ def test_a_commit_asks_the_store_only_after_a_collection_deleted_in_the_scope(
     with pytest.raises(MissingChunksError) as refused:
         env.commit(vol, {1: b})
     assert refused.value.chunk_ids == [b]
-    assert asked == [chunk_key(env.scope(vol), b)]
+    # Under its keyed name, then under the name a store from before keyed names used.
+    scope = env.scope(vol)
+    assert asked == [chunk_key(env.blocks.keys, scope, b), legacy_chunk_key(scope, b)]
     assert env.dangling() == []
 
 
@@ -150,7 +152,7 @@ def test_putting_an_old_chunk_again_renews_its_time(
     """An upload that reuses old, unreferenced content must not find it collected before
     its commit: the provider rewrites an old object instead of just saying "have it"."""
     vol = env.volume()
-    key = chunk_key(env.scope(vol), env.put(vol, content("old")))
+    key = chunk_key(env.blocks.keys, env.scope(vol), env.put(vol, content("old")))
     first = env.store.get(key)
 
     class Later:  # the provider's clock two hours on: the object is old now

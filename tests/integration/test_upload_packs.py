@@ -34,11 +34,13 @@ import nbd
 import pytest
 
 from sgw.common.chunk_packs import decode_pack
+from sgw.common.chunks import decode_chunk
 from sgw.common.errors import RemoteRejectedError
 from sgw.gateway.volume.destager import Destager
 from sgw.gateway.volume.engine import VolumeEngine, VolumeSpec
 from sgw.gateway.volume.remote import BlockApiClient, RetryPolicy
 from sgw.gateway.volume.upload import DEFAULT_PACK_CHUNKS, TokenBucket, Uploader
+from sgw.provider.blockstore.keys import derive_key, derive_name_key, object_name
 from tests.fixtures.chunk_data import sha256_hex
 from tests.fixtures.clock import no_sleep
 from tests.fixtures.daemons import (
@@ -297,7 +299,15 @@ def provider_state(provider: ProviderProcess) -> ProviderState:
     finally:
         con.close()
     objects = provider.data_dir / "objects"
-    loose = [p.name for p in (objects / "chunks").rglob("*") if p.is_file() and len(p.name) == 64]
+    master = (provider.data_dir / "master.key").read_bytes()
+    loose = []
+    for path in (objects / "chunks").rglob("*"):
+        if path.is_file() and len(path.name) == 64:
+            # Named by a keyed hash: the chunk id is the SHA-256 of what it decrypts to.
+            scope = path.relative_to(objects / "chunks").parts[0]
+            data = decode_chunk(path.read_bytes(), derive_key(master, scope))
+            loose.append(sha256_hex(data))
+            assert path.name == object_name(derive_name_key(master, scope), loose[-1])
     packed = [p.name for p in (objects / "packs").rglob("*") if p.is_file() and len(p.name) == 32]
     return ProviderState(packs, locations, sorted(loose), sorted(packed))
 

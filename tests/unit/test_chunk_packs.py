@@ -29,11 +29,31 @@ from sgw.common.errors import (
     ObjectNotFoundError,
     ObjectStoreError,
 )
+from sgw.provider.blockstore.keys import object_name
 from sgw.provider.blockstore.objects import MemoryStore
-from sgw.provider.blockstore.packs import build_pack, new_pack_id, pack_key, read_index
+from sgw.provider.blockstore.packs import (
+    build_pack,
+    index_bytes,
+    new_pack_id,
+    pack_format,
+    pack_key,
+    read_index,
+)
 from tests.fixtures.chunk_data import sha256_hex
 
 KEY = bytes(range(32))
+NAME_KEY = bytes(range(32, 64))
+
+
+def name_of(chunk_id: str) -> str:
+    return object_name(NAME_KEY, chunk_id)
+
+
+def named(entries: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """What a pack's index says of ``entries`` (chunk id, offset, length): object names."""
+    return [(name_of(c), off, n) for c, off, n in entries]
+
+
 HEADER = struct.Struct(">4sBBH")
 ENTRY = struct.Struct(">32sBI")
 PACK_ENTRY = struct.Struct(">32sQI")
@@ -191,29 +211,31 @@ def blob(tag: object, size: int = 200) -> bytearray:
 
 def sample(n: int = 3) -> tuple[bytes, list[tuple[str, int, int]], list[bytearray]]:
     blobs = [blob(i, 100 + 50 * i) for i in range(n)]
-    obj, entries = build_pack([(sha256_hex(bytes([i])), b) for i, b in enumerate(blobs)])
+    obj, entries = build_pack(
+        [(sha256_hex(bytes([i])), b) for i, b in enumerate(blobs)], name_of=name_of
+    )
     return obj, entries, blobs
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.binary(max_size=200), max_size=10))
 def test_build_pack_and_read_index_round_trip(payloads: list[bytes]) -> None:
-    named = [(sha256_hex(p + bytes([i])), p) for i, p in enumerate(payloads)]
-    obj, entries = build_pack(named)
-    assert [c for c, _, _ in entries] == [c for c, _ in named]
+    chunks = [(sha256_hex(p + bytes([i])), p) for i, p in enumerate(payloads)]
+    obj, entries = build_pack(chunks, name_of=name_of)
+    assert [c for c, _, _ in entries] == [c for c, _ in chunks]
     offset = 0
-    for (_, off, length), (_, payload) in zip(entries, named, strict=True):
+    for (_, off, length), (_, payload) in zip(entries, chunks, strict=True):
         assert (off, length) == (offset, len(payload))
         assert obj[off : off + length] == payload
         offset += length
-    assert len(obj) == offset + len(named) * PACK_ENTRY.size + PACK_TRAILER
-    assert read_index(bytes(obj)) == entries
+    assert len(obj) == offset + len(chunks) * PACK_ENTRY.size + PACK_TRAILER
+    assert read_index(bytes(obj)) == named(entries)
 
 
 def test_pack_of_encrypted_chunks_reads_back_by_range() -> None:
     obj, entries, blobs = sample()
-    assert obj[-8:-4] == b"SGWP" and obj[-4:] == b"\x01\x00\x00\x00"
-    assert read_index(bytes(obj)) == entries
+    assert obj[-8:-4] == b"SGWP" and obj[-4:] == b"\x02\x00\x00\x00"
+    assert read_index(bytes(obj)) == named(entries)
     for (_, off, length), original in zip(entries, blobs, strict=True):
         piece = obj[off : off + length]
         assert piece == original
@@ -234,7 +256,7 @@ def reindex(obj: bytes, entries: list[tuple[bytes, int, int]], count: int | None
     body = obj[: len(obj) - PACK_TRAILER - old_count * PACK_ENTRY.size]
     index = b"".join(PACK_ENTRY.pack(*e) for e in entries)
     n = len(entries) if count is None else count
-    return bytes(body + index + struct.pack(">II4sB3x", n, crc32c(index), b"SGWP", 1))
+    return bytes(body + index + struct.pack(">II4sB3x", n, crc32c(index), b"SGWP", 2))
 
 
 def test_damage_to_the_index_or_trailer_is_detected() -> None:
@@ -244,7 +266,7 @@ def test_damage_to_the_index_or_trailer_is_detected() -> None:
         "empty": (b"", "0 bytes is shorter than its trailer"),
         "shorter than trailer": (bytes(obj[-15:]), "15 bytes is shorter than its trailer"),
         "bad magic": (bytes(obj[:-8]) + b"SGWK" + bytes(obj[-4:]), "magic b'SGWK'"),
-        "bad version": (bytes(obj[:-4]) + b"\x02\x00\x00\x00", "version 2"),
+        "bad version": (bytes(obj[:-4]) + b"\x03\x00\x00\x00", "version 3"),
         "count too large": (reindex(obj, [], count=10**6), "1000000 entries does not fit"),
         "entry past the chunks": (
             reindex(obj, [(first, 0, len(obj))]),
@@ -282,14 +304,14 @@ def test_damage_to_a_packed_chunk_is_left_to_its_own_checksum() -> None:
     _, off, length = entries[1]
     damaged = bytearray(obj)
     damaged[off + length // 2] ^= 0x10
-    assert read_index(bytes(damaged)) == entries  # the index is intact ...
+    assert read_index(bytes(damaged)) == named(entries)  # the index is intact ...
     with pytest.raises(ChunkCorruptError):  # ... the chunk's own CRC32C catches it
         check_chunk(damaged[off : off + length])
     check_chunk(damaged[entries[0][1] : entries[0][1] + entries[0][2]])
 
 
 def test_an_empty_pack_has_an_empty_index() -> None:
-    obj, entries = build_pack([])
+    obj, entries = build_pack([], name_of=name_of)
     assert entries == [] and len(obj) == PACK_TRAILER
     assert read_index(bytes(obj)) == []
 
@@ -315,3 +337,23 @@ def test_memory_store_get_range() -> None:
     for offset, length in ((-1, 1), (0, -1)):
         with pytest.raises(ObjectStoreError, match="must be >= 0"):
             store.get_range("packs/s/p", offset, length)
+
+
+def test_a_pack_index_names_no_chunk_id() -> None:
+    """The attack: whoever reads a pack object looks for the SHA-256 of content they know
+    (raw or hex) in it; the index holds keyed names instead, which only the name key
+    maps back (format 2)."""
+    obj, entries, _ = sample()
+    assert pack_format(bytes(obj)) == 2
+    for chunk_id, _, _ in entries:
+        assert bytes.fromhex(chunk_id) not in obj
+        assert chunk_id.encode() not in obj
+    assert [n for n, _, _ in read_index(bytes(obj))] == [name_of(c) for c, _, _ in entries]
+
+
+def test_a_format_1_pack_still_reads() -> None:
+    """Packs written before keyed names list chunk ids (format 1): still a valid index."""
+    obj, entries, _ = sample()
+    legacy = bytes(obj[: len(obj) - len(index_bytes(entries))]) + index_bytes(entries, 1)
+    assert pack_format(legacy) == 1
+    assert read_index(legacy) == entries

@@ -1,6 +1,7 @@
 """``sgw provider``: the provider side on its own machine: ``init`` (database, operator
 account, TLS files), ``serve`` (the HTTP API), ``releases-init`` (the release keys' online
-part) and ``gc`` (one garbage collection pass)."""
+part), ``gc`` (one garbage collection pass) and ``migrate-object-names`` (renames objects
+stored under plaintext hashes)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,22 @@ def register(areas: Any) -> None:
     gc.add_argument("--log-level", metavar="LEVEL", default="warning", help="log level")
     gc.set_defaults(handler=_gc)
 
+    names = pcmds.add_parser(
+        "migrate-object-names",
+        help="rename chunk objects and pack indexes stored under plaintext hashes",
+        description=(
+            "Rename what a store written before keyed object names holds under chunk ids "
+            "(the plaintext's SHA-256) to keyed names, so a bucket listing reveals no "
+            "content; safe while the provider serves, to interrupt and to run again. Run it "
+            "once every provider server runs this version. Prints a one-line summary."
+        ),
+    )
+    names.add_argument("--data-dir", metavar="DIR", help="the provider's state directory")
+    names.add_argument("--store", metavar="URL", help="object store: file:///dir or s3://bucket")
+    names.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    names.add_argument("--log-level", metavar="LEVEL", default="warning", help="log level")
+    names.set_defaults(handler=_migrate_object_names)
+
 
 def _serve(args: argparse.Namespace) -> int:
     from sgw.common.logs import setup_logging
@@ -188,6 +205,7 @@ def _gc(args: argparse.Namespace) -> int:
     from sgw.common.logs import setup_logging
     from sgw.provider import config as pcfg
     from sgw.provider.blockstore import gc
+    from sgw.provider.blockstore.keys import open_keyring
     from sgw.provider.blockstore.maps import ChunkMaps
     from sgw.provider.blockstore.objects import open_store
     from sgw.provider.db import schema
@@ -201,14 +219,34 @@ def _gc(args: argparse.Namespace) -> int:
     if grace < 0:
         raise ConfigError(f"--grace {args.grace}: give 0 or more seconds")
     setup_logging(args.log_level)
+    keys = open_keyring(config.data_dir, may_create=False)  # names the referenced objects
     schema.upgrade(config.db_url)
     engine = schema.make_engine(config.db_url)
     try:
         maps = ChunkMaps(schema.session_factory(engine))
         report = gc.collect(
-            maps, open_store(config.store_url), grace_seconds=grace, dry_run=args.dry_run
+            maps, open_store(config.store_url), keys, grace_seconds=grace, dry_run=args.dry_run
         )
     finally:
         engine.dispose()
     print(report.summary())
     return 1 if report.errors else 0
+
+
+def _migrate_object_names(args: argparse.Namespace) -> int:
+    from sgw.common.logs import setup_logging
+    from sgw.provider import config as pcfg
+    from sgw.provider.blockstore.keys import open_keyring
+    from sgw.provider.blockstore.object_names import migrate_object_names
+    from sgw.provider.blockstore.objects import open_store
+
+    config = pcfg.load(args.data_dir, store_url=args.store)
+    if not os.path.isdir(config.data_dir):
+        raise ConfigError(
+            f"--data-dir {config.data_dir} does not exist: give the provider's state directory"
+        )
+    setup_logging(args.log_level)
+    keys = open_keyring(config.data_dir, may_create=False)
+    report = migrate_object_names(open_store(config.store_url), keys, dry_run=args.dry_run)
+    print(report.summary())
+    return 1 if report.left else 0

@@ -2,9 +2,12 @@
 
 A pass (``collect``) first sweeps map segments no map names (``sweep_segments``), then
 walks the store's chunk objects one key scope at a time (keys are
-``chunks/<scope>/<id[:2]>/<id>``, so a sorted listing groups them by scope) and compares
-them with the chunk ids the maps *of that scope* reference. The same content stored under
-two scopes is two objects, and each is judged by its own scope's maps.
+``chunks/<scope>/k/<name[:2]>/<name>``, and ``chunks/<scope>/<id[:2]>/<id>`` for objects
+stored before keyed names, so a sorted listing groups them by scope) and compares them
+with the chunks the maps *of that scope* reference: an object named by a keyed hash
+(``KeyRing.object_name``) with the names of the referenced chunk ids, an object named by
+its chunk id with the ids. The same content stored under two scopes is two objects, and
+each is judged by its own scope's maps.
 
 An object is deleted only if it is unreferenced and older than the grace period. Safety
 against writers running at the same time does not rest on the grace period: every
@@ -38,10 +41,17 @@ from datetime import UTC, datetime
 from sqlalchemy.exc import OperationalError
 
 from sgw.common.errors import ObjectStoreError
+from sgw.provider.blockstore.keys import KeyRing
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.blockstore.objects import ObjectInfo, ObjectStore
 from sgw.provider.blockstore.packs import PACKS_PREFIX, build_pack, is_sparse, pack_key
-from sgw.provider.blockstore.service import chunk_key, is_intact
+from sgw.provider.blockstore.service import (
+    CHUNKS_PREFIX,
+    chunk_key,
+    is_intact,
+    legacy_chunk_key,
+    parse_chunk_key,
+)
 
 __all__ = ["DEFAULT_GRACE_SECONDS", "GcReport", "collect"]
 
@@ -56,8 +66,6 @@ DEFAULT_GRACE_SECONDS = 24 * 3600.0
 # references once.
 DELETE_BATCH = 500
 
-_CHUNKS_PREFIX = "chunks/"
-_CHUNK_ID = re.compile(r"[0-9a-f]{64}")
 _PACK_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -106,6 +114,7 @@ class GcReport:
 def collect(
     maps: ChunkMaps,
     store: ObjectStore,
+    keys: KeyRing,
     *,
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
     dry_run: bool = False,
@@ -115,7 +124,8 @@ def collect(
 
     Safe to run while the provider serves (and in several processes at once). ``dry_run``
     deletes nothing, sweeps no segments and reports what a pass would delete now.
-    ``clock`` (POSIX seconds) is what object times are compared with.
+    ``clock`` (POSIX seconds) is what object times are compared with. ``keys`` names the
+    objects of referenced chunks (the provider's master key).
     """
     if grace_seconds < 0:
         raise ValueError(f"grace period {grace_seconds} s: give 0 or more seconds")
@@ -128,11 +138,11 @@ def collect(
     for scope, infos in itertools.groupby(_chunk_objects(store, report), key=lambda p: p[0]):
         report.scopes += 1
         try:
-            _collect_scope(maps, store, scope, infos, cutoff=cutoff, report=report)
+            _collect_scope(maps, store, keys, scope, infos, cutoff=cutoff, report=report)
         except OperationalError as e:  # e.g. a PostgreSQL deadlock victim: next pass
             report.errors += 1
             LOG.warning("gc skipped the rest of a key scope: %s", e, extra={"scope": scope})
-    _collect_packs(maps, store, cutoff=cutoff, report=report)
+    _collect_packs(maps, store, keys, cutoff=cutoff, report=report)
     report.seconds = time.monotonic() - started
     LOG.info(report.summary())
     return report
@@ -141,30 +151,41 @@ def collect(
 def _collect_scope(
     maps: ChunkMaps,
     store: ObjectStore,
+    keys: KeyRing,
     scope: str,
     infos: Iterator[tuple[str, str, ObjectInfo]],
     *,
     cutoff: float,
     report: GcReport,
 ) -> None:
-    # A prefilter only: the locked re-check in delete_unreferenced_chunks decides.
-    referenced = set(maps.referenced_chunk_ids(scope))
+    # A prefilter only: the locked re-check in delete_unreferenced_chunks decides. An
+    # object's key is compared with both keys a referenced chunk may be stored under.
+    def keys_of(chunk_id: str) -> tuple[str, str]:
+        return (chunk_key(keys, scope, chunk_id), legacy_chunk_key(scope, chunk_id))
+
+    referenced = {k for c in maps.referenced_chunk_ids(scope) for k in keys_of(c)}
     candidates: dict[str, int] = {}
-    for _, chunk_id, info in infos:
-        if chunk_id in referenced:
+    for _, key, info in infos:
+        if key in referenced:
             report.referenced += 1
         elif info.modified > cutoff:
             report.young += 1
         else:
-            candidates[chunk_id] = info.size
+            candidates[key] = info.size
             if len(candidates) >= DELETE_BATCH:
-                _delete(maps, store, scope, candidates, report)
+                _delete(maps, store, scope, candidates, report, keys_of=keys_of)
                 candidates = {}
-    _delete(maps, store, scope, candidates, report)
+    _delete(maps, store, scope, candidates, report, keys_of=keys_of)
 
 
 def _delete(
-    maps: ChunkMaps, store: ObjectStore, scope: str, candidates: dict[str, int], report: GcReport
+    maps: ChunkMaps,
+    store: ObjectStore,
+    scope: str,
+    candidates: dict[str, int],
+    report: GcReport,
+    *,
+    keys_of: Callable[[str], tuple[str, str]],
 ) -> None:
     if not candidates:
         return
@@ -174,14 +195,14 @@ def _delete(
         return
     failed: list[str] = []
 
-    def delete(chunk_id: str) -> None:
+    def delete(key: str) -> None:
         try:
-            store.delete(chunk_key(scope, chunk_id))
+            store.delete(key)
         except ObjectStoreError as e:
-            failed.append(chunk_id)
+            failed.append(key)
             LOG.warning("gc could not delete a chunk: %s", e, extra={"scope": scope})
 
-    called = maps.delete_unreferenced_chunks(scope, candidates, delete)
+    called = maps.delete_unreferenced_chunks(scope, candidates, delete, names_of=keys_of)
     not_deleted = set(failed)
     deleted = [c for c in called if c not in not_deleted]
     report.deleted += len(deleted)
@@ -195,7 +216,9 @@ def _delete(
         )
 
 
-def _collect_packs(maps: ChunkMaps, store: ObjectStore, *, cutoff: float, report: GcReport) -> None:
+def _collect_packs(
+    maps: ChunkMaps, store: ObjectStore, keys: KeyRing, *, cutoff: float, report: GcReport
+) -> None:
     """Packed chunks: drops the locations of unreferenced chunks stored before the
     cutoff, then deletes the packs left without any (row first, then object: see
     ``packs``), then pack objects that have no row at all."""
@@ -221,7 +244,7 @@ def _collect_packs(maps: ChunkMaps, store: ObjectStore, *, cutoff: float, report
                     continue
                 report.packs_deleted += 1
                 report.pack_bytes_deleted += size
-            _rewrite_sparse_packs(maps, store, scope, before, report)
+            _rewrite_sparse_packs(maps, store, keys, scope, before, report=report)
         except OperationalError as e:
             report.errors += 1
             LOG.warning("gc skipped a key scope's packs: %s", e, extra={"scope": scope})
@@ -243,7 +266,13 @@ def _dry_run_packs(
 
 
 def _rewrite_sparse_packs(
-    maps: ChunkMaps, store: ObjectStore, scope: str, before: datetime, report: GcReport
+    maps: ChunkMaps,
+    store: ObjectStore,
+    keys: KeyRing,
+    scope: str,
+    before: datetime,
+    *,
+    report: GcReport,
 ) -> None:
     """Copies the live chunks of packs that are less than half live into a new pack
     each and moves their locations there; the old pack, left without locations, goes in
@@ -267,7 +296,7 @@ def _rewrite_sparse_packs(
                 extra={"scope": scope, "pack": sparse.id, "chunks": damaged[:10]},
             )
             continue
-        obj, entries = build_pack(blobs)
+        obj, entries = build_pack(blobs, name_of=lambda c: keys.object_name(scope, c))
         new_id = maps.packs.new_row(scope)
         try:
             store.put(pack_key(scope, new_id), obj, durable=True)
@@ -319,16 +348,12 @@ def _sweep_orphan_packs(
 
 
 def _chunk_objects(store: ObjectStore, report: GcReport) -> Iterator[tuple[str, str, ObjectInfo]]:
-    """(scope, chunk id, info) of every chunk object, grouped by scope (sorted keys)."""
-    for info in store.list_with_times(_CHUNKS_PREFIX):
-        parts = info.key.split("/")
-        if (
-            len(parts) != 4
-            or not _CHUNK_ID.fullmatch(parts[3])
-            or parts[2] != parts[3][:2]
-            or chunk_key(parts[1], parts[3]) != info.key
-        ):
+    """(scope, object key, info) of every chunk object, keyed or legacy name, grouped by
+    scope (sorted keys)."""
+    for info in store.list_with_times(CHUNKS_PREFIX):
+        scope = parse_chunk_key(info.key)
+        if scope is None:
             report.foreign += 1
             continue
         report.objects += 1
-        yield parts[1], parts[3], info
+        yield scope, info.key, info

@@ -10,6 +10,11 @@ the objects' names through it. Lineages started before that keep the id of the v
 snapshot that started them. Deriving instead of storing per-scope keys leaves exactly one
 secret to protect and back up.
 
+Each scope has a second derived key, its *name key* (another HKDF label): objects are named
+in the store by ``HMAC-SHA256(name key, chunk id)`` (``object_name``), not by the chunk id,
+so a bucket listing does not tell whoever reads it which known content is stored
+(docs/adr/0009-object-names-and-customer-keys.md).
+
 The master key is ``DATA_DIR/master.key``: 32 random bytes, mode 0600, made at first
 start. Losing it makes every stored chunk unreadable; the provider refuses to make a new
 one when the store already holds chunks (see ``open_keyring``).
@@ -17,6 +22,8 @@ one when the store already holds chunks (see ``open_keyring``).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -36,6 +43,8 @@ MASTER_KEY_FILE = "master.key"
 MASTER_KEY_SIZE = 32
 # HKDF "info" prefix; the scope follows. Changing it changes every key: never do that.
 _INFO_PREFIX = b"sgw chunk key "
+# The name key's prefix: a different label, so it is independent of the chunk key.
+_NAME_INFO_PREFIX = b"sgw object name key "
 
 
 def new_scope(account_id: str) -> str:
@@ -53,6 +62,7 @@ class KeyRing:
             )
         self._master = bytes(master_key)
         self._keys: dict[str, bytes] = {}
+        self._name_keys: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -69,14 +79,45 @@ class KeyRing:
                 self._keys[scope] = key
             return key
 
+    def name_key(self, scope: str) -> bytes:
+        """The 32-byte name key of ``scope``: HKDF-SHA256(master, info=name prefix + scope)."""
+        if not scope:
+            raise ValueError("key scope is empty")
+        with self._lock:
+            key = self._name_keys.get(scope)
+            if key is None:
+                key = derive_name_key(self._master, scope)
+                self._name_keys[scope] = key
+            return key
+
+    def object_name(self, scope: str, chunk_id: str) -> str:
+        """The name of a chunk's object in the store (64 hex digits): the HMAC-SHA256 of
+        the chunk id under the scope's name key. Without the master key nobody can tell
+        which chunk id, hence which content, it stands for."""
+        return object_name(self.name_key(scope), chunk_id)
+
+
+def object_name(name_key: bytes, chunk_id: str) -> str:
+    """``HMAC-SHA256(name_key, raw chunk id)`` in hex (see ``KeyRing.object_name``)."""
+    return hmac.digest(name_key, bytes.fromhex(chunk_id), hashlib.sha256).hex()
+
 
 def derive_key(master_key: bytes, scope: str) -> bytes:
     """The chunk key of ``scope`` under ``master_key`` (also what tests use to check)."""
+    return _derive(master_key, _INFO_PREFIX, scope)
+
+
+def derive_name_key(master_key: bytes, scope: str) -> bytes:
+    """The name key of ``scope`` under ``master_key`` (see ``KeyRing.name_key``)."""
+    return _derive(master_key, _NAME_INFO_PREFIX, scope)
+
+
+def _derive(master_key: bytes, prefix: bytes, scope: str) -> bytes:
     hkdf = HKDF(
         algorithm=hashes.SHA256(),
         length=KEY_SIZE,
         salt=None,
-        info=_INFO_PREFIX + scope.encode("utf-8"),
+        info=prefix + scope.encode("utf-8"),
     )
     return hkdf.derive(master_key)
 

@@ -4,12 +4,17 @@ database rows that say which pack holds which chunk (docs/adr/0005-chunk-packs.m
 Object layout (``packs/<key scope>/<pack id>``; integers big-endian)::
 
     the encoded chunks (``sgw.common.chunks``), one after the other
-    per chunk: chunk id (32 bytes), offset (8 bytes), length (4 bytes)
+    per chunk: object name (32 bytes), offset (8 bytes), length (4 bytes)
     trailer (16 bytes): number of chunks (4), CRC32C of the index entries (4),
                         magic b"SGWP", format version (1), reserved zero (3)
 
 Each chunk keeps its own header and CRC32C, so a ranged read checks what it got; the
-index makes a pack readable without the database (``read_index``).
+index makes a pack readable without the database (``read_index``). Format 2 indexes name
+each chunk by its object name (``KeyRing.object_name``: a keyed hash of the chunk id), so
+a pack read by someone without the master key does not say which content it holds; format
+1 packs, written before, name the chunk ids themselves (the plaintext's SHA-256) and are
+rewritten to format 2 by ``sgw provider migrate-object-names``. The two index the same
+bytes at the same offsets: only the 32-byte names differ.
 
 Life of a pack (``PackIndex``): a row is made (``begin``) before the object is written,
 so an object without a row is garbage whatever its age; once the object is durable the
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import secrets
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -40,7 +45,9 @@ from sgw.provider.db.schema import upsert_insert
 
 PACKS_PREFIX = "packs/"
 MAGIC = b"SGWP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 (chunk ids in the index) is still read; nothing writes it any more.
+LEGACY_FORMAT = 1
 
 _ENTRY = struct.Struct(">32sQI")
 _TRAILER = struct.Struct(">II4sB3s")
@@ -85,30 +92,32 @@ class Location:
 
 
 def build_pack(
-    blobs: Sequence[tuple[str, bytes | bytearray]],
+    blobs: Sequence[tuple[str, bytes | bytearray]], *, name_of: Callable[[str], str]
 ) -> tuple[bytes, list[tuple[str, int, int]]]:
     """The pack object of encoded chunks ``(chunk id, blob)``, and (id, offset, length)
-    of each (one copy of the blobs)."""
+    of each (one copy of the blobs); ``name_of`` gives a chunk id's object name for the
+    index."""
     entries: list[tuple[str, int, int]] = []
     offset = 0
     for chunk_id, blob in blobs:
         entries.append((chunk_id, offset, len(blob)))
         offset += len(blob)
-    return b"".join([*(blob for _, blob in blobs), _index(entries)]), entries
+    return b"".join([*(blob for _, blob in blobs), _index(entries, name_of)]), entries
 
 
 def encode_pack(
-    chunks: Sequence[tuple[str, Payload]], key: bytes | None
+    chunks: Sequence[tuple[str, Payload]], key: bytes | None, *, name_of: Callable[[str], str]
 ) -> tuple[bytearray, list[tuple[str, int, int]]]:
     """The pack object of chunks ``(chunk id, payload)`` encoded with ``key`` straight
-    into it (one buffer, each byte written once), and (id, offset, length) of each."""
+    into it (one buffer, each byte written once), and (id, offset, length) of each;
+    ``name_of`` as in ``build_pack``."""
     entries: list[tuple[str, int, int]] = []
     offset = 0
     for chunk_id, payload in chunks:
         size = payload.encoded_size(key is not None)
         entries.append((chunk_id, offset, size))
         offset += size
-    index = _index(entries)
+    index = _index(entries, name_of)
     out = bytearray(offset + len(index))
     with memoryview(out) as view:
         for (_, payload), (_, start, size) in zip(chunks, entries, strict=True):
@@ -117,22 +126,36 @@ def encode_pack(
     return out, entries
 
 
-def _index(entries: Sequence[tuple[str, int, int]]) -> bytes:
-    """The index entries and the trailer that end a pack."""
+def _index(entries: Sequence[tuple[str, int, int]], name_of: Callable[[str], str]) -> bytes:
+    """The index entries (by object name) and the trailer that end a pack."""
+    return index_bytes([(name_of(c), off, n) for c, off, n in entries])
+
+
+def index_bytes(entries: Sequence[tuple[str, int, int]], version: int = FORMAT_VERSION) -> bytes:
+    """The index and trailer of a pack whose entries are (32-byte hex name, offset, length)."""
     index = b"".join(_ENTRY.pack(bytes.fromhex(c), off, n) for c, off, n in entries)
-    return index + _TRAILER.pack(len(entries), crc32c(index), MAGIC, FORMAT_VERSION, bytes(3))
+    return index + _TRAILER.pack(len(entries), crc32c(index), MAGIC, version, bytes(3))
 
 
-def read_index(data: bytes) -> list[tuple[str, int, int]]:
-    """(chunk id, offset, length) of every chunk in a pack object; ChunkCorruptError if
-    its index is damaged or does not fit the object."""
+def pack_format(data: bytes) -> int:
+    """The format version in a pack object's trailer (1 or 2); ChunkCorruptError if the
+    trailer is not a pack's."""
     if len(data) < _TRAILER.size:
         raise ChunkCorruptError(f"pack object of {len(data)} bytes is shorter than its trailer")
-    count, crc, magic, version, reserved = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
-    if magic != MAGIC or version != FORMAT_VERSION or reserved != bytes(3):
+    _, _, magic, version, reserved = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
+    if magic != MAGIC or version not in (LEGACY_FORMAT, FORMAT_VERSION) or reserved != bytes(3):
         raise ChunkCorruptError(
             f"pack trailer has magic {magic!r}, version {version}, reserved {reserved.hex()}"
         )
+    return int(version)
+
+
+def read_index(data: bytes) -> list[tuple[str, int, int]]:
+    """(name, offset, length) of every chunk in a pack object, the name being its object
+    name (format 2) or its chunk id (format 1, see ``pack_format``); ChunkCorruptError if
+    its index is damaged or does not fit the object."""
+    pack_format(data)
+    count, crc, _, _, _ = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
     start = len(data) - _TRAILER.size - count * _ENTRY.size
     if start < 0:
         raise ChunkCorruptError(f"pack index of {count} entries does not fit the object")
@@ -341,8 +364,10 @@ __all__ = [
     "Location",
     "PackIndex",
     "build_pack",
+    "index_bytes",
     "located",
     "new_pack_id",
+    "pack_format",
     "pack_key",
     "read_index",
 ]

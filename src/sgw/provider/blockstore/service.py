@@ -5,8 +5,14 @@ nothing), keeps chunk objects and chunk maps consistent (a map only ever names c
 store holds: upload first, then commit) and turns the repository's ``ValueError`` into
 ``BadRequestError``, so each client mistake reaches HTTP as a 4xx naming the fix.
 
-Chunk objects live under ``chunks/<key scope>/<id[:2]>/<id>``, encoded by
-``sgw.common.chunks`` and encrypted with the scope's key (``KeyRing``); chunks uploaded
+Chunk objects live under ``chunks/<key scope>/k/<name[:2]>/<name>``, encoded by
+``sgw.common.chunks`` and encrypted with the scope's key (``KeyRing``). The name is the
+chunk id's keyed hash (``KeyRing.object_name``), never the id itself: a chunk id is the
+plaintext's SHA-256, so a listing of ids would tell a bucket reader whether content it
+knows is stored (docs/adr/0009-object-names-and-customer-keys.md). Objects stored before
+are named by the id (``chunks/<key scope>/<id[:2]>/<id>``, ``legacy_chunk_key``): reads,
+commits and garbage collection still find them, and ``sgw provider migrate-object-names``
+renames them. Chunks uploaded
 in a chunk pack (``put_chunk_pack``) are byte ranges of one pack object instead, found
 through their locations (``packs``). Pack objects are durable when the request is
 answered, so a commit accepts a chunk with a location without asking the store; the
@@ -128,9 +134,36 @@ _MAX_WINDOW = 64 << 20
 _LOCATIONS_MAX = 1 << 18
 
 
-def chunk_key(scope: str, chunk_id: str) -> str:
-    """The object key of a chunk in the store."""
-    return f"chunks/{scope}/{chunk_id[:2]}/{chunk_id}"
+CHUNKS_PREFIX = "chunks/"
+# The folder of keyed names inside a scope's folder: not two hex digits, so no legacy key
+# (``legacy_chunk_key``) looks like one.
+NAMED_FOLDER = "k"
+
+
+def chunk_key(keys: KeyRing, scope: str, chunk_id: str) -> str:
+    """The object key of a chunk in the store: under its keyed name."""
+    return named_key(scope, keys.object_name(scope, chunk_id))
+
+
+def named_key(scope: str, name: str) -> str:
+    """The object key of the chunk object named ``name`` (``KeyRing.object_name``)."""
+    return f"{CHUNKS_PREFIX}{scope}/{NAMED_FOLDER}/{name[:2]}/{name}"
+
+
+def legacy_chunk_key(scope: str, chunk_id: str) -> str:
+    """Where a chunk object stored before keyed names is: under its chunk id."""
+    return f"{CHUNKS_PREFIX}{scope}/{chunk_id[:2]}/{chunk_id}"
+
+
+def parse_chunk_key(key: str) -> str | None:
+    """The scope of a chunk object's key (keyed or legacy name); None if ``key`` is not
+    one."""
+    parts = key.split("/")
+    if len(parts) == 5 and parts[2] == NAMED_FOLDER and _CHUNK_ID.fullmatch(parts[4]):
+        return parts[1] if named_key(parts[1], parts[4]) == key else None
+    if len(parts) == 4 and _CHUNK_ID.fullmatch(parts[3]):
+        return parts[1] if legacy_chunk_key(parts[1], parts[3]) == key else None
+    return None
 
 
 def check_chunk_id(value: str, what: str) -> str:
@@ -521,7 +554,7 @@ class BlockService:
         makes it so (``_require_chunks``). Replacing an object (an old or a damaged copy)
         is durable at once, since a committed map may name it already.
         """
-        key = chunk_key(scope, chunk_id)
+        key = chunk_key(self.keys, scope, chunk_id)
         generation = self._generation(scope)  # read before the put
         put_new = getattr(self.store, "put_new", None)
         if put_new is not None:  # one request where the store can (S3): no look first
@@ -565,7 +598,11 @@ class BlockService:
                 for c in chunks
                 if c.id in wanted
             ]
-            obj, entries = encode_pack(payloads, self.keys.key(scope))
+            obj, entries = encode_pack(
+                payloads,
+                self.keys.key(scope),
+                name_of=lambda c: self.keys.object_name(scope, c),
+            )
             try:
                 self.store.put(pack_key(scope, pack_id), obj, durable=True)
             except BaseException:
@@ -631,7 +668,16 @@ class BlockService:
                 location = self._location(scope, chunk_id, fresh=True)
                 if location is not None:
                     return self._read_range(scope, location)
-        return self.store.get(chunk_key(scope, chunk_id))
+        key = chunk_key(self.keys, scope, chunk_id)
+        try:
+            return self.store.get(key)
+        except ObjectNotFoundError:
+            pass
+        try:
+            return self.store.get(legacy_chunk_key(scope, chunk_id))
+        except ObjectNotFoundError:
+            # ``migrate-object-names`` may have renamed it between the two reads.
+            return self.store.get(key)
 
     def _read_range(self, scope: str, location: Location) -> bytes:
         return self.store.get_range(
@@ -681,13 +727,13 @@ class BlockService:
         scope = owner.key_scope
         with self._fresh_lock:
             trusted = {c for c in chunk_ids if self._fresh.get((scope, c)) == generation}
-        ask = [c for c in chunk_ids if c not in trusted]
-        present = dict(zip(ask, self._exist(scope, ask), strict=True))
-        missing = [c for c in chunk_ids if c not in trusted and not present[c]]
+        found = {c: chunk_key(self.keys, scope, c) for c in trusted}
+        found.update(self._find(scope, [c for c in chunk_ids if c not in trusted]))
+        missing = [c for c in chunk_ids if c not in found]
         if not missing:
             # Chunks are put without fsync; here, before a map names them, they are made
             # durable, and checked: a put cut short by a power loss leaves a damaged file.
-            keys = [chunk_key(owner.key_scope, c) for c in chunk_ids]
+            keys = [found[c] for c in chunk_ids]
             failed = set(self.store.sync(keys, check=is_intact))
             missing = [c for c, k in zip(chunk_ids, keys, strict=True) if k in failed]
             if missing:
@@ -715,8 +761,19 @@ class BlockService:
             missing,
         )
 
-    def _exist(self, scope: str, chunk_ids: list[str]) -> list[bool]:
-        keys = [chunk_key(scope, c) for c in chunk_ids]
+    def _find(self, scope: str, chunk_ids: list[str]) -> dict[str, str]:
+        """The object key of each of ``chunk_ids`` that the store holds loose: its keyed
+        name, or else its legacy name (asked only for those not under a keyed name)."""
+        keyed = [chunk_key(self.keys, scope, c) for c in chunk_ids]
+        found = {c: k for c, k, ok in zip(chunk_ids, keyed, self._exist(keyed), strict=True) if ok}
+        rest = [c for c in chunk_ids if c not in found]
+        legacy = [legacy_chunk_key(scope, c) for c in rest]
+        found.update(
+            (c, k) for c, k, ok in zip(rest, legacy, self._exist(legacy), strict=True) if ok
+        )
+        return found
+
+    def _exist(self, keys: list[str]) -> list[bool]:
         if len(keys) <= 1:
             return [self.store.exists(k) for k in keys]
         return list(self._pool.map(self.store.exists, keys))

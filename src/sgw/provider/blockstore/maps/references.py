@@ -57,10 +57,16 @@ class ChunkReferences(MapStorage):
             yield from _referenced(s, key_scope)
 
     def delete_unreferenced_chunks(
-        self, key_scope: str, chunk_ids: Iterable[str], delete: Callable[[str], None]
+        self,
+        key_scope: str,
+        chunk_ids: Iterable[str],
+        delete: Callable[[str], None],
+        names_of: Callable[[str], Iterable[str]] = lambda chunk_id: (chunk_id,),
     ) -> list[str]:
         """Calls ``delete`` for each of ``chunk_ids`` that no map of ``key_scope``
-        references; the ids it was called for.
+        references; the ids it was called for. With ``names_of`` the candidates are names
+        instead (the store names objects by a keyed hash of the chunk id): a candidate is
+        referenced if it is one of the names of a referenced chunk id.
 
         Runs in one transaction that first locks the row of every volume and snapshot of
         the scope, so writers of the scope (commits, snapshot puts, pointer copies) wait
@@ -75,7 +81,7 @@ class ChunkReferences(MapStorage):
         deleted: list[str] = []
         with self._sessions.begin() as s:
             _lock_scope(s, key_scope)
-            referenced = set(_referenced(s, key_scope))
+            referenced = {n for c in _referenced(s, key_scope) for n in names_of(c)}
             doomed = [c for c in wanted if c not in referenced]
             if doomed:  # before any object goes: commits locked out until we are done
                 _bump_gc_generation(s, key_scope)
