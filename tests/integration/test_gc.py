@@ -5,7 +5,6 @@ missing chunk. Then the ``sgw provider gc`` command against a running provider."
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import threading
@@ -18,7 +17,7 @@ import pytest
 
 from sgw.common.errors import MissingChunksError
 from sgw.provider.blockstore import gc, service
-from sgw.provider.blockstore.keys import KeyRing
+from sgw.provider.blockstore.keys import open_keyring
 from sgw.provider.blockstore.maps import ChunkMaps
 from sgw.provider.blockstore.objects import DirectoryStore
 from sgw.provider.blockstore.service import BlockService, chunk_key, legacy_chunk_key
@@ -282,7 +281,11 @@ def test_gateway_uploads_converge_while_gc_runs_with_zero_grace(
     engine = make_engine(f"sqlite:///{provider.data_dir / 'provider.db'}")
     store = DirectoryStore(provider.data_dir / "objects")
     checker = Env(
-        BlockService(ChunkMaps(session_factory(engine)), store, KeyRing(os.urandom(32))),
+        BlockService(
+            ChunkMaps(session_factory(engine)),
+            store,
+            open_keyring(str(provider.data_dir), may_create=False),  # its object names
+        ),
         store,
         session_factory(engine),
     )
