@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 import httpx
 
+from sgw.common.backoff import jittered
 from sgw.common.health import HEALTH_PATH, MAX_REPORTS_PER_BATCH, HealthReport
 from sgw.gateway.health.buffer import ReportBuffer
 from sgw.gateway.health.events import EventDetector
@@ -231,8 +231,7 @@ class HealthReporter:
                 except (HealthUploadError, OSError) as exc:
                     self.failures += 1
                     self.last_error = str(exc)
-                    retry = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0 ** (self.failures - 1))
-                    retry *= 0.5 + 0.5 * random.random()
+                    retry = jittered(self.failures, BACKOFF_FIRST_S, BACKOFF_MAX_S)
                     LOG.warning(
                         "health upload failed: %s",
                         exc,

@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from sgw.common.backoff import jittered
 from sgw.common.errors import ControlChannelError, SgwError
 from sgw.common.transport import HTTPS, transport_refusal
 from sgw.gateway.link.journal import Command, ControlJournal, Reply
@@ -79,8 +80,7 @@ def lane_of(cmd: Command) -> str:
 
 def backoff(failures: int, rng: Callable[[], float] = random.random) -> float:
     """The wait before the next try after ``failures`` consecutive errors (seconds)."""
-    base = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0 ** max(0, failures - 1))
-    return base * (0.5 + 0.5 * rng())
+    return jittered(failures, BACKOFF_FIRST_S, BACKOFF_MAX_S, rng)
 
 
 class ControlChannel:

@@ -89,7 +89,7 @@ from sgw.provider.management.accounts import Accounts
 from sgw.provider.management.gateways import Gateways
 from sgw.provider.management.volume_settings import SecretBox, VolumeSettings
 from sgw.provider.releases.keys import load_online_keys
-from sgw.provider.releases.repository import RefreshTask, open_repository
+from sgw.provider.releases.repository import open_repository, refresh_task
 from sgw.provider.updates.policy import Policies
 from sgw.provider.updates.rollouts import RolloutEvaluator, Rollouts
 from sgw.provider.updates.service import Updates
@@ -192,7 +192,7 @@ def create_app(config: ProviderConfig) -> FastAPI:
         if release_keys is not None
         else None
     )
-    refresh = RefreshTask(release_repo) if release_repo is not None else None
+    refresh = refresh_task(release_repo) if release_repo is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -16,8 +16,6 @@ and each re-reads the current state from the store under them.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -65,6 +63,7 @@ from sgw.common.releases import (
 )
 from sgw.provider.blockstore.objects import ObjectStore, check_key
 from sgw.provider.db.models import Release
+from sgw.provider.db.periodic import Periodic
 from sgw.provider.releases.keys import OnlineKeys
 
 LOG = logging.getLogger(__name__)
@@ -506,30 +505,10 @@ def open_repository(
 REFRESH_EVERY_S = 600.0
 
 
-class RefreshTask:
+def refresh_task(
+    repository: ReleaseRepository, every_s: float = REFRESH_EVERY_S
+) -> Periodic[list[str]]:
     """Re-signs expiring metadata every ``every_s`` in this process (``refresh`` takes the
     repository's lock and re-reads the store, so processes doing the same never sign twice
     for one expiry)."""
-
-    def __init__(self, repository: ReleaseRepository, every_s: float = REFRESH_EVERY_S) -> None:
-        self.repository = repository
-        self.every_s = every_s
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="release-refresh")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await asyncio.to_thread(self.repository.refresh)
-            except Exception as exc:
-                LOG.warning("release metadata: re-signing failed, retried later: %s", exc)
-            await asyncio.sleep(self.every_s)
+    return Periodic("release-refresh", repository.refresh, [], tick_s=every_s)
