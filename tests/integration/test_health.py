@@ -221,7 +221,7 @@ def test_reports_reach_the_provider_and_survive_its_absence_and_a_kill(
     p = secure_provider
     gw, gid = activated_gateway(
         tmp_path, p, gateway_factory, ["vol0:64M"], extra="\n[health]\ninterval = 1.1\n"
-    )  # over a second apart: each report its own second at the provider
+    )
     admin = p.admin()
     wait_for(lambda: len(_stored(p, gid)) >= 3, what="three reports at the provider")
     doc = admin.get(f"/v1/gateways/{gid}/health").json()
@@ -246,7 +246,11 @@ def test_reports_reach_the_provider_and_survive_its_absence_and_a_kill(
     )
     wait_for(lambda: not _buffered_at(gw), 60, "the buffer emptied once accepted")
     stored = _stored(p, gid)
-    assert len(stored) == len(set(stored))  # none twice
+    newest = admin.get(f"/v1/gateways/{gid}/health").json()["latest"]["seq"]
+    # None twice: no more points than the gateway numbered reports (seq 0 up; a seq taken
+    # just before the kill may never have been sampled). Times are whole seconds at the
+    # provider, so two reports may share one: counting them is the check, not their times.
+    assert len(stored) <= newest + 1, (len(stored), newest)
     gw.stop()
     assert not (gw.data_dir / "running").exists()  # a clean stop leaves no marker
 
